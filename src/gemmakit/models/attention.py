@@ -1,0 +1,108 @@
+"""Multi-head attention with grouped KV heads, for global and sliding-window layers.
+
+A layer does not know whether it is "global" or "local" beyond which :class:`StepContext` it is
+handed: the context carries the rotary tables, the mask and where to write into the cache, all
+computed once per forward step by the decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemmakit.models.cache import LayerCache
+from gemmakit.models.config import ModelConfig
+from gemmakit.models.layers import RMSNorm, apply_rope, softcap
+
+
+@dataclass
+class StepContext:
+    """What one kind of attention layer needs for this step (shared by all layers of the kind)."""
+
+    cos: torch.Tensor  # [B, 1, T, D]
+    sin: torch.Tensor  # [B, 1, T, D]
+    mask: torch.Tensor  # [B, 1, T, S] bool, True = may attend
+    ring: bool  # True: cache is a ring (local layer); False: append at cache_start
+    cache_start: int = 0  # first timeline column written by this step
+    ring_slots: torch.Tensor | None = None  # ring indices receiving the last new keys
+    ring_skip: int = 0  # how many of the new keys fall out of the window before being stored
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask ``[B, 1, T, S]`` from query positions ``[B, T]`` and key positions ``[B, S]``.
+
+    A key is visible when it is real (position >= 0), not in the future, and, for sliding-window
+    layers, fewer than ``window`` positions back (the reference keeps exactly ``window`` keys,
+    the query's own included). Padding queries (position < 0) may see everything so that their
+    softmax stays finite; their outputs are never read.
+    """
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= (q - k) < window
+    visible |= q < 0
+    return visible[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.attention_scale
+        self.logit_softcap = config.attn_logit_softcap
+        d, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: LayerCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if cache is not None:
+            k, v = _update_cache(cache, k, v, ctx)
+        out = self._attend(q, k, v, ctx.mask)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.logit_softcap is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+            )
+        # Soft-capping sits between the scores and the softmax, which SDPA cannot express.
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * self.scale, self.logit_softcap)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
+
+
+def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
+                  ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store this step's keys/values and return all keys/values the step may attend to."""
+    T = k.shape[2]
+    if not ctx.ring:
+        end = ctx.cache_start + T
+        cache.keys[:, :, ctx.cache_start:end] = k
+        cache.values[:, :, ctx.cache_start:end] = v
+        return cache.keys[:, :, :end], cache.values[:, :, :end]
+    # Ring: attend to what the ring held before this step plus the new keys, then keep the newest.
+    all_k = torch.cat([cache.keys, k], dim=2)
+    all_v = torch.cat([cache.values, v], dim=2)
+    cache.keys[:, :, ctx.ring_slots] = k[:, :, ctx.ring_skip:]
+    cache.values[:, :, ctx.ring_slots] = v[:, :, ctx.ring_skip:]
+    return all_k, all_v

@@ -1,0 +1,71 @@
+"""Explicit KV caches, sized from the config.
+
+Global layers keep every position up to ``max_len``. Local (sliding-window) layers keep only the
+last ``sliding_window`` positions in a ring buffer, so a 32K-token context costs local layers no
+more than their window: the memory follows the real maths of the model.
+
+Each slot remembers the absolute position it holds (``-1`` = empty or padding). Masks are then a
+pure function of query and key positions, whatever order the ring happens to be in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gemmakit.models.config import ModelConfig
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of one attention layer: ``[B, kv_heads, slots, head_dim]``."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class KVCache:
+    """Per-layer key/value storage plus the positions each slot holds.
+
+    ``length`` counts the timeline columns written so far (padding included); with left padding
+    the columns of different rows hold different positions, which is why positions are stored.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.batch = batch
+        self.max_len = max_len
+        self.window = min(config.sliding_window or max_len, max_len)
+        self.length = 0
+        shape = (batch, config.num_kv_heads)
+        self.layers: list[LayerCache | None] = []
+        for kind in config.layer_kinds:
+            slots = self.window if kind == "local" else max_len
+            self.layers.append(LayerCache(
+                keys=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
+                values=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
+            ))
+        self.global_positions = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
+        self.ring_positions = torch.full((batch, self.window), -1, dtype=torch.long, device=device)
+
+    def nbytes(self) -> int:
+        """Bytes held by keys and values (what `gemmakit info` reports)."""
+        return sum(c.keys.nbytes + c.values.nbytes for c in self.layers if c is not None)
+
+    def ring_slots(self, num_new: int) -> tuple[torch.Tensor, int]:
+        """Ring indices for the last ``min(num_new, window)`` of the new columns, and how many to skip."""
+        keep = min(num_new, self.window)
+        first_col = self.length + num_new - keep
+        slots = torch.arange(first_col, first_col + keep, device=self.ring_positions.device) % self.window
+        return slots, num_new - keep
+
+    def check_room(self, num_new: int) -> None:
+        if self.length + num_new > self.max_len:
+            from gemmakit.errors import InvalidRequestError
+
+            raise InvalidRequestError(
+                f"sequence of {self.length + num_new} tokens exceeds the cache size {self.max_len}; "
+                "use a shorter prompt or fewer new tokens"
+            )

@@ -1,0 +1,72 @@
+"""The small building blocks every Gemma decoder shares: RMSNorm, GeGLU, RoPE, soft-capping.
+
+Numerics follow the reference implementations exactly, because float32 parity to 1e-4 is a goal:
+RMSNorm is computed in float32 and scales by ``1 + weight``; RoPE angles are computed in float32
+and rotate the two halves of each head (not interleaved pairs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)``, computed in float32.
+
+    The weight is stored as the offset from one (zero-initialised), as in the reference
+    checkpoints; GGUF files store ``1 + weight`` and the loader subtracts the one.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class GeGLU(nn.Module):
+    """Gated MLP: ``down(gelu_tanh(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(x / cap)``: bounds logits smoothly (Gemma 2)."""
+    if cap is None:
+        return x
+    return torch.tanh(x / cap) * cap
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos/sin tables for integer positions ``[B, T]`` -> two ``[B, 1, T, head_dim]``.
+
+    Linear scaling divides the frequencies (equivalently, the positions) by ``scaling``.
+    Negative positions (left padding) produce finite junk that the attention mask hides.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    inv_freq = inv_freq / scaling
+    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, H, T, D]`` by the tables: half-split convention (``rotate_half``)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
