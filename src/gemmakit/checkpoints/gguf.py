@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader
@@ -64,7 +65,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
         num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=int(get("context_length")),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        # stored as float32: take its shortest decimal form (1e-06, not 9.99999997e-07)
+        rms_norm_eps=float(str(np.float32(get("attention.layer_norm_rms_epsilon", 1e-6)))),
         name=str(m.get("general.name", Path(f.path).stem)),
     )
     if arch == "gemma":

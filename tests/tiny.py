@@ -1,0 +1,132 @@
+"""Small random-weight Gemma models and the files that hold them, built for tests.
+
+Nothing here is mocked: the models are real GemmaModels with random weights, written into real
+GGUF files (with gguf's own writer) or Hugging Face directories (with transformers), and read back
+through gemmakit's loaders.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gemmakit.models.config import ModelConfig, alternating
+from gemmakit.models.decoder import GemmaModel
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary: specials, 256 byte-fallback pieces, then letters and merges."""
+    tokens = list(SPECIALS)
+    types = [3, 3, 3, 2, 3, 3]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    normal = ["\u2581"] + list(string.ascii_lowercase) + ["\u2581" + c for c in "tahswi"] + ["th", "he", "in", "er"]
+    tokens += normal
+    types += [1] * len(normal)
+    scores = [0.0] * len(SPECIALS) + [0.0] * 256 + [-float(i) for i in range(len(normal))]
+    return tokens, scores, types
+
+
+VOCAB_SIZE = len(tiny_vocab()[0])
+
+
+def tiny_config(family: str = "gemma3", **overrides) -> ModelConfig:
+    """A few-layer config of the given family that exercises every switch of it."""
+    layers = overrides.pop("num_layers", 7)
+    base = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_layers=layers, num_heads=4,
+                num_kv_heads=2, head_dim=24, max_position_embeddings=128, query_pre_attn_scalar=24.0)
+    if family == "gemma":
+        cfg = ModelConfig(family="gemma", layer_kinds=("global",) * layers, **base)
+    elif family == "gemma2":
+        cfg = ModelConfig(family="gemma2", layer_kinds=alternating(layers, 2), sliding_window=8, post_norms=True,
+                          attn_logit_softcap=50.0, final_logit_softcap=30.0, **base)
+    else:
+        cfg = ModelConfig(family="gemma3", layer_kinds=alternating(layers, 6), sliding_window=8,
+                          rope_theta=1_000_000.0, qk_norm=True, post_norms=True, **base)
+    return cfg.replace(**overrides)
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> GemmaModel:
+    """A model whose every weight, norms included, is random (so a wrong mapping shows)."""
+    torch.manual_seed(seed)
+    model = GemmaModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.3 if "norm" in name else 0.05)
+    return model.eval()
+
+
+def _gguf_name(ours: str) -> str:
+    table = {"attn_norm": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v",
+             "attn.o_proj": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
+             "post_attn_norm": "post_attention_norm", "mlp_norm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "post_mlp_norm": "post_ffw_norm"}
+    if ours == "embed.weight":
+        return "token_embd.weight"
+    if ours == "final_norm.weight":
+        return "output_norm.weight"
+    _, index, rest = ours.split(".", 2)
+    return f"blk.{index}.{table[rest.removesuffix('.weight')]}.weight"
+
+
+def write_gguf(path: Path, model: GemmaModel, arch: str | None = None, quant: str | None = None,
+               with_tokenizer: bool = True) -> Path:
+    """Write ``model`` as a llama.cpp-style GGUF (norms stored as 1 + w, as the converter does)."""
+    import gguf
+
+    c = model.config
+    if c.query_pre_attn_scalar != c.head_dim:
+        raise ValueError("GGUF has no key for query_pre_attn_scalar; llama.cpp assumes head_dim")
+    arch = arch or c.family
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny-" + arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    if c.sliding_window:
+        w.add_sliding_window(c.sliding_window)
+    if c.attn_logit_softcap:
+        w.add_attn_logit_softcapping(c.attn_logit_softcap)
+    if c.final_logit_softcap:
+        w.add_final_logit_softcapping(c.final_logit_softcap)
+    if c.rope_scaling_factor != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(c.rope_scaling_factor)
+    if with_tokenizer:
+        tokens, scores, types = tiny_vocab()
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(2)
+        w.add_eos_token_id(1)
+        w.add_unk_token_id(3)
+        w.add_pad_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_space_prefix(False)
+    for name, p in model.state_dict().items():
+        data = p.detach().float().numpy()
+        if "norm" in name:
+            data = data + 1.0
+        qtype = getattr(gguf.GGMLQuantizationType, quant) if quant and data.ndim == 2 else None
+        if qtype is not None:
+            w.add_tensor(_gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(_gguf_name(name), np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
