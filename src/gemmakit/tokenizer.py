@@ -52,7 +52,8 @@ class Tokenizer:
 
     def __init__(self, *, pieces: list[str], types: list[int], encode_plain: Callable[[str], list[int]],
                  bos_id: int, eos_id: int, pad_id: int, unk_id: int | None = None,
-                 model_proto: bytes | None = None, tokenizer_json: str | None = None, source: str = "") -> None:
+                 model_proto: bytes | None = None, tokenizer_json: Callable[[], str] | None = None,
+                 source: str = "") -> None:
         """Use the ``from_*`` classmethods; this takes an already-consistent vocabulary and backend."""
         self.vocab_size = len(pieces)
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
@@ -99,9 +100,11 @@ class Tokenizer:
 
     def stop_ids(self) -> frozenset[int]:
         """Ids that end a generation: ``<eos>`` plus end-of-turn / end-of-file tokens when present."""
-        ids = {self.eos_id}
+        ids = {self.eos_id} if self.eos_id >= 0 else set()
         for piece in _STOP_PIECES:
-            i = self.token_to_id(piece)
+            i = self._special_by_text.get(piece)
+            if i is None:
+                i = self.token_to_id(piece)
             if i is not None:
                 ids.add(i)
         return frozenset(ids)
@@ -110,6 +113,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of ``text``; special-token strings in it (``<start_of_turn>``) become their ids."""
+        if add_bos and self.bos_id < 0:
+            raise TokenizerError(f"{self.source or 'this tokenizer'} has no <bos> token; encode with add_bos=False")
         ids = [self.bos_id] if add_bos else []
         pos = 0
         if self._special_re is not None:
@@ -210,9 +215,8 @@ class Tokenizer:
         except ImportError:
             raise TokenizerError(f"{path}: reading tokenizer.json needs the tokenizers package; "
                                  "run `pip install tokenizers`") from None
-        text = path.read_text(encoding="utf-8")
         try:
-            hf = HFTokenizer.from_str(text)
+            hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
             raise TokenizerError(f"{path}: not a valid tokenizer.json ({_first_line(e)})") from None
         n = hf.get_vocab_size(with_added_tokens=True)
@@ -220,7 +224,7 @@ class Tokenizer:
         for piece, i in hf.get_vocab(with_added_tokens=True).items():
             if 0 <= i < n:
                 pieces[i] = piece
-        types = [BYTE if _BYTE_PIECE.fullmatch(p) else NORMAL for p in pieces]
+        types = [BYTE if p.startswith("<0x") and _BYTE_PIECE.fullmatch(p) else NORMAL for p in pieces]
         for i, added in hf.get_added_tokens_decoder().items():
             if 0 <= i < n:
                 types[i] = CONTROL if added.special else USER_DEFINED
@@ -238,7 +242,7 @@ class Tokenizer:
         unk = special_id("unk", "<unk>")
         return cls(pieces=pieces, types=types, encode_plain=encode_plain, bos_id=special_id("bos", "<bos>"),
                    eos_id=special_id("eos", "<eos>"), pad_id=special_id("pad", "<pad>"),
-                   unk_id=unk if unk >= 0 else None, tokenizer_json=text, source=str(path))
+                   unk_id=unk if unk >= 0 else None, tokenizer_json=hf.to_str, source=str(path))
 
     @classmethod
     def from_directory(cls, path: str | Path) -> Tokenizer | None:
@@ -284,12 +288,14 @@ class Tokenizer:
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write tokenizer.model (or tokenizer.json) plus the configs transformers' AutoTokenizer reads."""
+        if self._model_proto is None and self._tokenizer_json is None:
+            raise TokenizerError("this tokenizer has no tokenizer.model or tokenizer.json to save")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self._model_proto is not None:
             (directory / "tokenizer.model").write_bytes(self._model_proto)
-        else:
-            (directory / "tokenizer.json").write_text(self._tokenizer_json or "", encoding="utf-8")
+        elif self._tokenizer_json is not None:
+            (directory / "tokenizer.json").write_text(self._tokenizer_json(), encoding="utf-8")
         named = {name: self._pieces[i] for name, i in
                  (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id),
                   ("unk_token", self.unk_id if self.unk_id is not None else -1)) if 0 <= i < self.vocab_size}

@@ -39,8 +39,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     """Create the model without allocating random weights, then fill it tensor by tensor."""
     with torch.device("meta"):
         model = GemmaModel(checkpoint.config)
-    model = model.to_empty(device=device).to(dtype)
-    expected = dict(model.named_parameters())
+    expected = {name: p for name, p in model.named_parameters()}
     missing = sorted(set(expected) - set(checkpoint.tensors))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -58,14 +57,15 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     with torch.no_grad():
         for name in iterator:
             tensor = checkpoint.tensors[name]()
-            param = expected[name]
-            if tuple(tensor.shape) != tuple(param.shape):
+            if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise CheckpointError(
                     f"{checkpoint.source}: tensor {name} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(param.shape)}"
+                    f"expected {tuple(expected[name].shape)}"
                 )
-            param.copy_(tensor)
-            del tensor
+            # Assign rather than copy: the loader's fresh tensor becomes the parameter, so no
+            # second buffer of the model's size is ever allocated or touched.
+            tensor = tensor.to(device=device, dtype=dtype).contiguous()
+            module_name, _, param_name = name.rpartition(".")
+            setattr(model.get_submodule(module_name), param_name, torch.nn.Parameter(tensor, requires_grad=False))
     model.eval()
-    model.requires_grad_(False)
     return model
