@@ -17,34 +17,9 @@ import gemmakit
 from gemmakit.checkpoints import open_checkpoint
 from gemmakit.errors import CheckpointError
 from gemmakit.models.config import PRESETS
-from tiny import write_ckpt
+from tiny import random_hf_model as hf_model, write_ckpt
 
 transformers = pytest.importorskip("transformers")
-
-COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=24, max_position_embeddings=256)
-
-
-def hf_model(kind: str):
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
-                              GemmaForCausalLM)
-
-    torch.manual_seed(0)
-    if kind == "gemma":  # MQA, as Gemma 2B
-        model = GemmaForCausalLM(GemmaConfig(**{**COMMON, "num_key_value_heads": 1}, hidden_act="gelu_pytorch_tanh"))
-    elif kind == "gemma2":
-        model = Gemma2ForCausalLM(Gemma2Config(**COMMON, hidden_activation="gelu_pytorch_tanh", sliding_window=8,
-                                               query_pre_attn_scalar=20, attn_logit_softcapping=5.0,
-                                               final_logit_softcapping=3.0))
-    else:
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, hidden_activation="gelu_pytorch_tanh", sliding_window=8,
-                                                   query_pre_attn_scalar=20,
-                                                   rope_scaling={"rope_type": "linear", "factor": 8.0}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=["gemma", "gemma2", "gemma3"])

@@ -168,3 +168,33 @@ def write_ckpt(path: Path, hf_state: dict[str, torch.Tensor], **extra) -> Path:
     state.update(extra)  # e.g. freqs_cis, vision-tower tensors the loader must skip
     torch.save({"model_state_dict": state}, path)
     return path
+
+
+HF_COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=24, max_position_embeddings=256)
+
+
+def random_hf_model(kind: str):
+    """A transformers Gemma / Gemma 2 / Gemma 3 causal LM with random weights, norms included.
+
+    MQA for Gemma 1, GQA with a sliding window of 8, soft-caps, query_pre_attn_scalar != head_dim
+    and linear RoPE scaling for the others: every switch the generation has."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                              GemmaForCausalLM)
+
+    torch.manual_seed(0)
+    if kind == "gemma":  # MQA, as Gemma 2B
+        model = GemmaForCausalLM(GemmaConfig(**{**HF_COMMON, "num_key_value_heads": 1}, hidden_act="gelu_pytorch_tanh"))
+    elif kind == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**HF_COMMON, hidden_activation="gelu_pytorch_tanh", sliding_window=8,
+                                               query_pre_attn_scalar=20, attn_logit_softcapping=5.0,
+                                               final_logit_softcapping=3.0))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**HF_COMMON, hidden_activation="gelu_pytorch_tanh", sliding_window=8,
+                                                   query_pre_attn_scalar=20,
+                                                   rope_scaling={"rope_type": "linear", "factor": 8.0}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)
+    return model.eval()

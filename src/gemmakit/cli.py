@@ -1,4 +1,4 @@
-"""The ``gemmakit`` command line: generate, chat, tokenize, info.
+"""The ``gemmakit`` command line: generate, chat, tokenize, info, convert.
 
 Every user error becomes one line on stderr and exit status 2 (see gemmakit.errors); a model
 source is a .gguf file, a checkpoint directory, or (for ``info``) a preset name, and defaults to
@@ -74,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--list", action="store_true", help="list the preset names")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("convert", help="write any supported checkpoint as a Hugging Face directory",
+                       description="Convert SRC (.gguf, gemma_pytorch .ckpt or checkpoint directory) into a "
+                                   "Hugging Face directory DST (config.json, safetensors, tokenizer files) that "
+                                   "transformers loads with AutoModelForCausalLM.")
+    v.add_argument("source", metavar="SRC")
+    v.add_argument("destination", metavar="DST", help="a new (or empty) directory")
+    v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep each tensor's dtype; GGUF quants become float32)")
+    v.add_argument("--config", metavar="PRESET", default=None, help="architecture preset of a .ckpt source")
+    v.add_argument("--shard-size", type=float, default=5.0, metavar="GB",
+                   help="largest safetensors shard in GB (default 5)")
+    v.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -178,6 +191,19 @@ def cmd_info(args) -> int:
         return 0
     report = describe(args.model, args.context)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from gemmakit.api import parse_dtype
+    from gemmakit.convert import convert
+
+    if args.shard_size <= 0:
+        raise _invalid("--shard-size must be positive")
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    out = convert(args.source, args.destination, dtype=dtype, config=args.config,
+                  max_shard_bytes=int(args.shard_size * 1e9))
+    print(out)
     return 0
 
 
