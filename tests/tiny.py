@@ -130,3 +130,71 @@ def write_gguf(path: Path, model: GemmaModel, arch: str | None = None, quant: st
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def gemma_pytorch_state(hf_state: dict[str, torch.Tensor], embed_name: str = "embedder.weight") -> dict:
+    """transformers' Gemma tensor names -> the layout of google/gemma_pytorch's ``.ckpt`` files.
+
+    Written from gemma_pytorch's model.py by hand (not from gemmakit's loader) so that a mistake in
+    the loader cannot be mirrored here: q, k and v are fused into one ``qkv_proj`` (queries, keys,
+    values), the embedding is ``embedder.weight``, QK-norms are ``query_norm``/``key_norm``.
+    Tensors that all have stride 0 (shape-only placeholders) stay placeholders when fused.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in hf_state.items():
+        if name == "lm_head.weight":
+            continue
+        if name == "model.embed_tokens.weight":
+            out[embed_name] = t
+        elif ".self_attn.q_proj." in name:
+            k, v = hf_state[name.replace("q_proj", "k_proj")], hf_state[name.replace("q_proj", "v_proj")]
+            fused_rows = t.shape[0] + k.shape[0] + v.shape[0]
+            if all(x.stride() == (0, 0) for x in (t, k, v)):
+                fused = torch.zeros(1, dtype=t.dtype).expand(fused_rows, t.shape[1])
+            else:
+                fused = torch.cat([t, k, v], dim=0)
+            out[name.replace("q_proj", "qkv_proj")] = fused
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        else:
+            out[name.replace("self_attn.q_norm", "self_attn.query_norm")
+                .replace("self_attn.k_norm", "self_attn.key_norm")] = t
+    return out
+
+
+def write_ckpt(path: Path, hf_state: dict[str, torch.Tensor], **extra) -> Path:
+    """Save ``hf_state`` as gemma_pytorch does: ``torch.save({"model_state_dict": ...})``."""
+    state = gemma_pytorch_state(hf_state, extra.pop("embed_name", "embedder.weight"))
+    state.update(extra)  # e.g. freqs_cis, vision-tower tensors the loader must skip
+    torch.save({"model_state_dict": state}, path)
+    return path
+
+
+HF_COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=24, max_position_embeddings=256)
+
+
+def random_hf_model(kind: str):
+    """A transformers Gemma / Gemma 2 / Gemma 3 causal LM with random weights, norms included.
+
+    MQA for Gemma 1, GQA with a sliding window of 8, soft-caps, query_pre_attn_scalar != head_dim
+    and linear RoPE scaling for the others: every switch the generation has."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                              GemmaForCausalLM)
+
+    torch.manual_seed(0)
+    if kind == "gemma":  # MQA, as Gemma 2B
+        model = GemmaForCausalLM(GemmaConfig(**{**HF_COMMON, "num_key_value_heads": 1}, hidden_act="gelu_pytorch_tanh"))
+    elif kind == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**HF_COMMON, hidden_activation="gelu_pytorch_tanh", sliding_window=8,
+                                               query_pre_attn_scalar=20, attn_logit_softcapping=5.0,
+                                               final_logit_softcapping=3.0))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**HF_COMMON, hidden_activation="gelu_pytorch_tanh", sliding_window=8,
+                                                   query_pre_attn_scalar=20,
+                                                   rope_scaling={"rope_type": "linear", "factor": 8.0}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)
+    return model.eval()

@@ -34,13 +34,15 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
-         device: str | torch.device = "cpu", progress: bool = False):
-    """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, or the default model.
+         device: str | torch.device = "cpu", progress: bool = False, config=None):
+    """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, a gemma_pytorch
+    ``.ckpt``, or the default model.
 
-    The tokenizer is ``None`` when the source carries no tokenizer files.
+    The tokenizer is ``None`` when the source carries no tokenizer files. ``config`` (a preset name
+    or ModelConfig) names the architecture of a ``.ckpt``, which stores none.
     """
     t0 = time.perf_counter()
-    checkpoint = open_checkpoint(source)
+    checkpoint = open_checkpoint(source, config)
     model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress)
     model.load_seconds = time.perf_counter() - t0
     model.source = checkpoint.source

