@@ -41,6 +41,10 @@ def open_checkpoint(source: str | Path | None) -> Checkpoint:
             from gemmakit.checkpoints.gguf import open_gguf_checkpoint
 
             return open_gguf_checkpoint(path)
+        if path.suffix in (".pt", ".pth", ".ckpt"):  # official RecurrentGemma PyTorch state dict
+            from gemmakit.checkpoints.recurrentgemma_torch import open_recurrentgemma_torch
+
+            return open_recurrentgemma_torch(path)
         raise UnsupportedModelError(f"{path}: not a model file gemmakit can read (expected .gguf or a checkpoint directory)")
     if path.is_dir():
         return _open_directory(path)
@@ -59,6 +63,9 @@ def _open_directory(path: Path) -> Checkpoint:
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return open_checkpoint(ggufs[0])
+    state_dicts = [p for suffix in (".pt", ".pth", ".ckpt") for p in sorted(path.glob(f"*{suffix}"))]
+    if not ggufs and len(state_dicts) == 1:
+        return open_checkpoint(state_dicts[0])
     raise UnsupportedModelError(f"{path}: directory has no config.json (Hugging Face layout) or single .gguf file")
 
 
