@@ -2,6 +2,8 @@
 
 Weight memory is parameters x bytes per parameter; KV-cache memory is, per layer, 2 (keys and
 values) x kv_heads x head_dim x positions held x bytes, where a local layer holds at most its window.
+Recurrent models (RecurrentGemma) report their generation *state* instead: the local layers' rings
+plus each recurrent layer's RG-LRU and Conv1D state, a size that does not change with the context.
 """
 
 from __future__ import annotations
@@ -53,7 +55,17 @@ def describe(source: str | None, context: int | None = None) -> dict[str, Any]:
         "context": context,
         "kv_cache_bytes": {name: config.kv_cache_bytes(context, bytes_per_value=b)
                            for name, b in (("float32", 4.0), ("bfloat16", 2.0), ("int8", 1.0))},
-    }
+    } | _state(config, context)
+
+
+def _state(config: ModelConfig, context: int) -> dict[str, Any]:
+    """State memory of models with recurrent layers (constant in the context when no layer is global)."""
+    if "recurrent" not in config.layer_kinds:
+        return {}
+    return {"state_bytes": {name: config.kv_cache_bytes(context, bytes_per_value=b)
+                            + config.recurrent_state_bytes(bytes_per_value=b)
+                            for name, b in (("float32", 4.0), ("bfloat16", 2.0))},
+            "state_is_constant": "global" not in config.layer_kinds}
 
 
 def _gib(n: float) -> str:
@@ -73,6 +85,13 @@ def format_report(r: dict[str, Any]) -> str:
     if "file_bytes" in r:
         lines.append(f"file         {_gib(r['file_bytes'])}")
     lines.append("weights      " + ", ".join(f"{k} {_gib(v)}" for k, v in r["weight_bytes"].items()))
+    if "state_bytes" in r:
+        when = "at any context" if r["state_is_constant"] else f"at {r['context']} tokens"
+        lines.append(f"state        {when} (attention rings + recurrent state): "
+                     + ", ".join(f"{k} {_gib(v)}" for k, v in r["state_bytes"].items()))
+        bf16 = r["weight_bytes"]["bfloat16"] + r["state_bytes"]["bfloat16"]
+        lines.append(f"total        bfloat16 weights + state: {_gib(bf16)}")
+        return "\n".join(lines)
     lines.append(f"KV cache at {r['context']} tokens: "
                  + ", ".join(f"{k} {_gib(v)}" for k, v in r["kv_cache_bytes"].items()))
     bf16 = r["weight_bytes"]["bfloat16"] + r["kv_cache_bytes"]["bfloat16"]

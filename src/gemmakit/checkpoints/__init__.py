@@ -46,9 +46,9 @@ def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None 
 
             return open_gguf_checkpoint(path)
         if path.suffix in _TORCH_SUFFIXES or _has_zip_magic(path):
-            from gemmakit.checkpoints.gemma_pytorch import open_gemma_pytorch_checkpoint
-            return open_gemma_pytorch_checkpoint(path, config)
-        raise UnsupportedModelError(f"{path}: not a model file gemmakit can read (expected .gguf, a gemma_pytorch .ckpt or a checkpoint directory)")
+            return _open_torch_state_dict(path, config)
+        raise UnsupportedModelError(f"{path}: not a model file gemmakit can read (expected .gguf, a PyTorch .ckpt "
+                                    "or a checkpoint directory)")
     if path.is_dir():
         return _open_directory(path)
     if str(source) in PRESETS:
@@ -66,6 +66,9 @@ def _open_directory(path: Path) -> Checkpoint:
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return open_checkpoint(ggufs[0])
+    state_dicts = [p for suffix in (".pt", ".pth", ".ckpt") for p in sorted(path.glob(f"*{suffix}"))]
+    if not ggufs and len(state_dicts) == 1:
+        return open_checkpoint(state_dicts[0])
     raise UnsupportedModelError(f"{path}: directory has no config.json (Hugging Face layout) or single .gguf file")
 
 
@@ -87,3 +90,30 @@ def _has_gguf_magic(path: Path) -> bool:
             return fh.read(4) == b"GGUF"
     except OSError as exc:
         raise GemmakitError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _open_torch_state_dict(path: Path, config) -> Checkpoint:
+    """A PyTorch state dict: the official RecurrentGemma layout or google/gemma_pytorch's, told apart by names."""
+    if "embedder.input_embedding" in _state_dict_names(path):
+        from gemmakit.checkpoints.recurrentgemma_torch import open_recurrentgemma_torch
+
+        return open_recurrentgemma_torch(path)
+    from gemmakit.checkpoints.gemma_pytorch import open_gemma_pytorch_checkpoint
+
+    return open_gemma_pytorch_checkpoint(path, config)
+
+
+def _state_dict_names(path: Path) -> set[str]:
+    """Top-level names of a torch.save'd dict (memory-mapped, so cheap); empty if unreadable.
+
+    An unreadable file falls through to the gemma_pytorch adapter, whose errors explain the problem.
+    """
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return set()
+    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        obj = obj["model_state_dict"]
+    return set(obj) if isinstance(obj, dict) else set()

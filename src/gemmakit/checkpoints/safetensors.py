@@ -56,13 +56,18 @@ def read_config_json(path: Path) -> dict[str, Any]:
 def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Translate a transformers config dict (text part) into our ModelConfig."""
     model_type = raw.get("model_type")
+    if model_type == "recurrent_gemma":
+        from gemmakit.checkpoints import recurrent_gemma
+
+        return recurrent_gemma.config_from_hf(raw, source)
     if model_type == "gemma3" and "text_config" in raw:
         raw = {**raw["text_config"], "model_type": "gemma3_text"}
         model_type = "gemma3_text"
     family = TEXT_MODEL_TYPES.get(model_type or "")
     if family is None:
         raise UnsupportedModelError(
-            f"{source}: model_type {model_type!r} is not supported; gemmakit reads {', '.join(TEXT_MODEL_TYPES)}"
+            f"{source}: model_type {model_type!r} is not supported; "
+            f"gemmakit reads {', '.join([*TEXT_MODEL_TYPES, 'recurrent_gemma'])}"
         )
     try:
         layers = int(raw["num_hidden_layers"])
@@ -134,6 +139,10 @@ def _linear_factor(rope: dict[str, Any]) -> float:
 
 def hf_names(config: ModelConfig, prefix: str = "model.") -> dict[str, str]:
     """Our parameter name -> the transformers name, for every parameter of ``config``."""
+    if config.family == "recurrentgemma":
+        from gemmakit.checkpoints import recurrent_gemma
+
+        return recurrent_gemma.hf_names(config, prefix)
     names = {"embed.weight": f"{prefix}embed_tokens.weight", "final_norm.weight": f"{prefix}norm.weight"}
     per_layer = {**(_LAYER_NAMES_V1 if config.family == "gemma" else _LAYER_NAMES_V23), **_SHARED_LAYER_NAMES}
     for i in range(config.num_layers):
@@ -199,6 +208,10 @@ def open_hf_directory(directory: Path) -> Checkpoint:
         raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"
                               + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     tensors: dict[str, TensorLoader] = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in mapping.items()}
+    if config.family == "recurrentgemma":
+        from gemmakit.checkpoints.recurrent_gemma import from_hf_tensor
+
+        tensors = {ours: (lambda o=ours, n=theirs: from_hf_tensor(o, files.get(n))) for ours, theirs in mapping.items()}
     from gemmakit.tokenizer import Tokenizer
 
     return Checkpoint(config=config, tensors=tensors, source=str(directory),

@@ -60,7 +60,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=config.attn_out_bias)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
 

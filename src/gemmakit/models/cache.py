@@ -6,6 +6,10 @@ more than their window: the memory follows the real maths of the model.
 
 Each slot remembers the absolute position it holds (``-1`` = empty or padding). Masks are then a
 pure function of query and key positions, whatever order the ring happens to be in.
+
+Recurrent (Griffin) layers hold a :class:`RecurrentState` instead: the RG-LRU state and the Conv1D's
+last inputs. A model with no global layers (RecurrentGemma) therefore has a state whose size does
+not depend on how many tokens it has seen.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ class LayerCache:
     values: torch.Tensor
 
 
+@dataclass
+class RecurrentState:
+    """State of one recurrent layer: ``rg_lru [B, lru_width]`` (float32), ``conv [B, conv1d_width - 1, lru_width]``."""
+
+    rg_lru: torch.Tensor
+    conv: torch.Tensor
+
+
 class KVCache:
     """Per-layer key/value storage plus the positions each slot holds.
 
@@ -40,19 +52,34 @@ class KVCache:
         self.window = min(config.sliding_window or max_len, max_len)
         self.length = 0
         shape = (batch, config.num_kv_heads)
-        self.layers: list[LayerCache | None] = []
+        self.layers: list[LayerCache | RecurrentState | None] = []
         for kind in config.layer_kinds:
+            if kind == "recurrent":
+                width = config.recurrent_width
+                self.layers.append(RecurrentState(
+                    rg_lru=torch.zeros(batch, width, dtype=torch.float32, device=device),
+                    conv=torch.zeros(batch, config.conv1d_width - 1, width, dtype=dtype, device=device),
+                ))
+                continue
             slots = self.window if kind == "local" else max_len
             self.layers.append(LayerCache(
                 keys=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
                 values=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
             ))
-        self.global_positions = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
+        self.has_global = "global" in config.layer_kinds
+        global_slots = max_len if self.has_global else 0  # without global layers nothing grows with max_len
+        self.global_positions = torch.full((batch, global_slots), -1, dtype=torch.long, device=device)
         self.ring_positions = torch.full((batch, self.window), -1, dtype=torch.long, device=device)
 
     def nbytes(self) -> int:
-        """Bytes held by keys and values (what `gemmakit info` reports)."""
-        return sum(c.keys.nbytes + c.values.nbytes for c in self.layers if c is not None)
+        """Bytes held by keys and values and recurrent states (what `gemmakit info` reports)."""
+        total = 0
+        for c in self.layers:
+            if isinstance(c, RecurrentState):
+                total += c.rg_lru.nbytes + c.conv.nbytes
+            elif c is not None:
+                total += c.keys.nbytes + c.values.nbytes
+        return total
 
     def ring_slots(self, num_new: int) -> tuple[torch.Tensor, int]:
         """Ring indices for the last ``min(num_new, window)`` of the new columns, and how many to skip."""
@@ -62,7 +89,9 @@ class KVCache:
         return slots, num_new - keep
 
     def check_room(self, num_new: int) -> None:
-        if self.length + num_new > self.max_len:
+        # Global layers fill a buffer of max_len; a ring that holds the full window never runs out.
+        bounded = self.has_global or self.window < (self.config.sliding_window or 0)
+        if bounded and self.length + num_new > self.max_len:
             from gemmakit.errors import InvalidRequestError
 
             raise InvalidRequestError(

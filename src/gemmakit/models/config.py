@@ -10,6 +10,8 @@ Sources for the preset numbers (checked against each other where both exist):
   [g3]  Gemma 3 technical report (arXiv 2503.19786), Table 1 and section 2
   [g2]  Gemma 2 technical report (arXiv 2408.00118), Table 1
   [g1]  Gemma technical report (arXiv 2403.08295), Table 1
+  [rg]  google-deepmind/recurrentgemma ``recurrentgemma/common.py`` (Preset.RECURRENT_GEMMA_*_V1) and
+        the RecurrentGemma report (arXiv 2404.07839), Table 1; [hf] google/recurrentgemma-{2b,9b}
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     name: str = "custom"
     extra: tuple[tuple[str, object], ...] = field(default=())  # format-specific facts kept for export
+    # Griffin (RecurrentGemma) switches; the defaults leave Gemma 1/2/3 untouched.
+    lru_width: int | None = None  # width of the RG-LRU and its Conv1D (None = hidden_size)
+    conv1d_width: int = 4  # temporal width of the causal Conv1D before the RG-LRU
+    rope_fraction: float = 1.0  # share of each head's dims that RoPE rotates (RecurrentGemma: 0.5)
+    embed_scale_bf16: bool = False  # sqrt(hidden) rounded to bfloat16 before scaling (as RecurrentGemma trained)
+    mlp_bias: bool = False  # biases on the MLP projections (RecurrentGemma)
+    attn_out_bias: bool = False  # bias on the attention output projection (RecurrentGemma)
 
     def __post_init__(self) -> None:
         if len(self.layer_kinds) != self.num_layers:
@@ -59,6 +68,8 @@ class ModelConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if "local" in self.layer_kinds and not self.sliding_window:
             raise ValueError("local layers need a sliding_window")
+        if "recurrent" in self.layer_kinds and self.recurrent_width % self.num_heads:
+            raise ValueError(f"lru_width {self.recurrent_width} is not a multiple of num_heads {self.num_heads}")
 
     def replace(self, **changes: object) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -67,13 +78,30 @@ class ModelConfig:
     def attention_scale(self) -> float:
         return self.query_pre_attn_scalar**-0.5
 
+    @property
+    def recurrent_width(self) -> int:
+        return self.lru_width or self.hidden_size
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates (the rest pass through unchanged)."""
+        return int(self.head_dim * self.rope_fraction)
+
     def num_parameters(self) -> int:
         """Parameter count computed from the shapes (the LM head is tied to the embedding)."""
         d, h = self.hidden_size, self.head_dim
         attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
         norms_per_layer = d * (4 if self.post_norms else 2) + (2 * h if self.qk_norm else 0)
         mlp = 3 * d * self.intermediate_size
-        return self.vocab_size * d + self.num_layers * (attn + mlp + norms_per_layer) + d
+        if "recurrent" not in self.layer_kinds and not (self.mlp_bias or self.attn_out_bias):
+            return self.vocab_size * d + self.num_layers * (attn + mlp + norms_per_layer) + d
+        # Griffin: attention and recurrent blocks differ in size; biases count too.
+        w, k = self.recurrent_width, self.conv1d_width
+        attn += d if self.attn_out_bias else 0
+        mlp += (2 * self.intermediate_size + d) if self.mlp_bias else 0
+        recurrent = 3 * d * w + 2 * w + d + (k * w + w) + 2 * (w * w // self.num_heads + w) + w
+        mixers = sum(recurrent if kind == "recurrent" else attn for kind in self.layer_kinds)
+        return self.vocab_size * d + mixers + self.num_layers * (mlp + norms_per_layer) + d
 
     def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_value: float = 2.0) -> int:
         """KV-cache size at a context length: local layers hold only their window."""
@@ -84,6 +112,11 @@ class ModelConfig:
             elif kind == "global":
                 total_positions += context
         return int(2 * batch * total_positions * self.num_kv_heads * self.head_dim * bytes_per_value)
+
+    def recurrent_state_bytes(self, batch: int = 1, bytes_per_value: float = 2.0) -> int:
+        """Recurrent layers' state, the same at any context: RG-LRU state (float32) + Conv1D history."""
+        per_layer = self.recurrent_width * (4 + (self.conv1d_width - 1) * bytes_per_value)
+        return int(batch * per_layer * self.layer_kinds.count("recurrent"))
 
 
 def alternating(num_layers: int, period: int) -> tuple[LayerKind, ...]:
@@ -126,6 +159,28 @@ def _gemma3(name: str, hidden: int, inter: int, layers: int, heads: int, kv: int
     )
 
 
+def griffin_pattern(num_layers: int) -> tuple[LayerKind, ...]:
+    """RecurrentGemma's residual pattern: recurrent, recurrent, local attention, repeated."""
+    return tuple("local" if (i + 1) % 3 == 0 else "recurrent" for i in range(num_layers))
+
+
+def _recurrentgemma(name: str, hidden: int, layers: int, heads: int) -> ModelConfig:
+    # [rg] Preset.RECURRENT_GEMMA_{2B,9B}_V1: width, 3*width MLP, heads, lru_width = width, pattern
+    # (R, R, A) cycled, embeddings scaled by sqrt(width) (rounded to bfloat16 in the reference), window 2048,
+    # logits soft-cap 30; local attention is multi-query (one KV head, [hf] num_key_value_heads 1) with
+    # head_dim = width / heads and RoPE (base 10k) on the first half of each head ([hf] partial_rotary_factor 0.5).
+    # The state does not grow with the context, so there is no architectural limit: max_position_embeddings
+    # is set far beyond the 8192-token training sequences ([rg] report section 3) and only bounds requests.
+    return ModelConfig(
+        family="recurrentgemma", name=name, vocab_size=256_000, hidden_size=hidden, intermediate_size=3 * hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=1, head_dim=hidden // heads,
+        layer_kinds=griffin_pattern(layers), max_position_embeddings=1 << 20, query_pre_attn_scalar=hidden // heads,
+        sliding_window=2048, rope_theta=10_000.0, rope_local_theta=10_000.0, final_logit_softcap=30.0,
+        lru_width=hidden, conv1d_width=4, rope_fraction=0.5, embed_scale_bf16=True, mlp_bias=True,
+        attn_out_bias=True,
+    )
+
+
 def _presets() -> dict[str, ModelConfig]:
     table = [
         _gemma1("gemma-2b", 2048, 16384, 18, 8, 1),  # MQA
@@ -140,11 +195,14 @@ def _presets() -> dict[str, ModelConfig]:
         _gemma3("gemma3-4b", 2560, 10240, 34, 8, 4, 256, 256, 1024, 131_072, 262_208, 8.0),
         _gemma3("gemma3-12b", 3840, 15360, 48, 16, 8, 256, 256, 1024, 131_072, 262_208, 8.0),
         _gemma3("gemma3-27b", 5376, 21504, 62, 32, 16, 128, 168, 1024, 131_072, 262_208, 8.0),
+        _recurrentgemma("recurrentgemma-2b", 2560, 26, 10),
+        _recurrentgemma("recurrentgemma-9b", 4096, 38, 16),
     ]
     presets = {c.name: c for c in table}
     # Instruction-tuned variants differ only in weights.
     for base in ["gemma-2b", "gemma-7b", "codegemma-7b", "gemma2-2b", "gemma2-9b", "gemma2-27b",
-                 "gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b"]:
+                 "gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b",
+                 "recurrentgemma-2b", "recurrentgemma-9b"]:
         presets[base + "-it"] = presets[base].replace(name=base + "-it")
     return presets
 

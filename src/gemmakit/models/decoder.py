@@ -1,8 +1,8 @@
 """The one Gemma decoder: embedding, N residual blocks of per-layer kinds, final norm, tied head.
 
-Gemma 1, Gemma 2 and Gemma 3 are all this module; :class:`~gemmakit.models.config.ModelConfig`
-decides which layers are global or local, whether post-norms and QK-norms exist, the soft-caps
-and the RoPE settings. Nothing here branches on a model name.
+Gemma 1, Gemma 2, Gemma 3 and RecurrentGemma are all this module; :class:`~gemmakit.models.config.ModelConfig`
+decides which layers are global, local or recurrent (Griffin), whether post-norms and QK-norms exist,
+the soft-caps and the RoPE settings. Nothing here branches on a model name.
 """
 
 from __future__ import annotations
@@ -14,25 +14,33 @@ from torch import nn
 from gemmakit.models.attention import Attention, StepContext, attention_mask
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
+from gemmakit.models.griffin import RecurrentBlock, RecurrentContext
 from gemmakit.models.layers import GeGLU, RMSNorm, rope_cos_sin, softcap
 
 
 class DecoderBlock(nn.Module):
-    """pre-norm -> attention -> (post-norm) -> residual; pre-norm -> GeGLU -> (post-norm) -> residual."""
+    """pre-norm -> mixer -> (post-norm) -> residual; pre-norm -> GeGLU -> (post-norm) -> residual.
+
+    The mixer is attention for global/local layers and Griffin's recurrent block for recurrent ones.
+    """
 
     def __init__(self, config: ModelConfig, kind: str) -> None:
         super().__init__()
         self.kind = kind
         eps = config.rms_norm_eps
         self.attn_norm = RMSNorm(config.hidden_size, eps)
-        self.attn = Attention(config)
+        if kind == "recurrent":
+            self.recurrent = RecurrentBlock(config)
+        else:
+            self.attn = Attention(config)
         self.post_attn_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else nn.Identity()
         self.mlp_norm = RMSNorm(config.hidden_size, eps)
-        self.mlp = GeGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = GeGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.post_mlp_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else nn.Identity()
 
     def forward(self, h: torch.Tensor, ctx: StepContext, cache) -> torch.Tensor:
-        h = h + self.post_attn_norm(self.attn(self.attn_norm(h), ctx, cache))
+        mixer = self.recurrent if self.kind == "recurrent" else self.attn
+        h = h + self.post_attn_norm(mixer(self.attn_norm(h), ctx, cache))
         return h + self.post_mlp_norm(self.mlp(self.mlp_norm(h)))
 
 
@@ -71,7 +79,9 @@ class GemmaModel(nn.Module):
         if cache is not None:
             cache.check_room(T)
         h = self.embed(input_ids)
-        h = h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype)  # normaliser in compute dtype
+        # The normaliser is rounded to the compute dtype (or first to bfloat16, as RecurrentGemma was trained).
+        scale_dtype = torch.bfloat16 if self.config.embed_scale_bf16 else h.dtype
+        h = h * torch.tensor(self.config.hidden_size**0.5, dtype=scale_dtype).to(h.dtype)
         contexts = self._contexts(positions, cache, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, contexts[layer.kind], cache.layers[i] if cache is not None else None)
@@ -82,13 +92,16 @@ class GemmaModel(nn.Module):
         h = self.final_norm(h)
         return softcap(F.linear(h, self.embed.weight), self.config.final_logit_softcap)
 
-    def _contexts(self, positions: torch.Tensor, cache: KVCache | None, dtype: torch.dtype) -> dict[str, StepContext]:
+    def _contexts(self, positions: torch.Tensor, cache: KVCache | None,
+                  dtype: torch.dtype) -> dict[str, StepContext | RecurrentContext]:
         """Rotary tables and masks for each layer kind, built once per step."""
         c = self.config
         kinds = set(c.layer_kinds)
-        out: dict[str, StepContext] = {}
+        out: dict[str, StepContext | RecurrentContext] = {}
+        if "recurrent" in kinds:
+            out["recurrent"] = RecurrentContext(positions)
         if "global" in kinds:
-            cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+            cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
             if cache is None:
                 k_pos = positions
             else:
@@ -97,7 +110,7 @@ class GemmaModel(nn.Module):
             out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None), ring=False,
                                         cache_start=cache.length if cache is not None else 0)
         if "local" in kinds:
-            cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_local_theta, 1.0, dtype)
+            cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
             if cache is None:
                 out["local"] = StepContext(cos, sin, attention_mask(positions, positions, c.sliding_window), ring=True)
             else:

@@ -1,0 +1,154 @@
+"""Griffin's recurrent mixer (RecurrentGemma): a gated linear recurrence in place of attention.
+
+A recurrent block has two branches over the normalised input ``x``:
+
+    y = gelu_tanh(linear_y(x))                                   gate branch
+    u = rg_lru(conv1d(linear_x(x)))                              recurrent branch
+    out = linear_out(u * y)
+
+The RG-LRU (real-gated linear recurrent unit) keeps one float32 number per channel:
+
+    h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * u_t)
+    a_t = sigmoid(Λ) ** (c * r_t),  i.e.  log a_t = -c * r_t * softplus(-Λ),  c = 8
+
+(computed in log space; checkpoints store ``a_param = -Λ``, so ``log a_t = -c * r_t * softplus(a_param)``),
+
+where ``i_t`` (input gate) and ``r_t`` (recurrence gate) are sigmoids of block-diagonal linear maps
+of ``u_t``. At a sequence start (position 0) the state is dropped and the input is not rescaled, so
+every sequence begins from the same place whatever came before it in the batch row (left padding).
+
+Because ``h_t`` is linear in ``h_{t-1}``, a whole prompt is computed with a parallel scan over
+(a, b) pairs in log2(T) vectorised steps instead of a Python loop over tokens; decoding is the same
+scan with T = 1 starting from the cached state. The short causal Conv1D needs the last
+``width - 1`` inputs, which is the rest of the state: nothing here grows with the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemmakit.models.cache import RecurrentState
+from gemmakit.models.config import ModelConfig
+
+# c in a = sigmoid(Λ)^(c·r): sharpens the recurrence gate's range (Griffin paper, section 2.4).
+RG_LRU_C = 8.0
+
+
+@dataclass
+class RecurrentContext:
+    """What recurrent layers need for this step: where each token sits in its sequence."""
+
+    positions: torch.Tensor  # [B, T]; 0 = sequence start (state reset), -1 = left padding
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """All states of ``h_t = a_t * h_{t-1} + b_t`` for ``a, b [B, T, W]`` from ``h0 [B, W]``.
+
+    A Hillis-Steele inclusive scan: after the step with offset ``d`` each position holds the
+    composition of the last ``2d`` updates, so ``ceil(log2 T)`` vectorised steps cover the sequence.
+    Composing an earlier update (a1, b1) with a later one (a2, b2) gives (a2 * a1, a2 * b1 + b2).
+    """
+    if h0 is not None:
+        b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], dim=1)
+    T = b.shape[1]
+    d = 1
+    while d < T:
+        b = torch.cat([b[:, :d], b[:, d:] + a[:, d:] * b[:, :-d]], dim=1)
+        a = torch.cat([a[:, :d], a[:, d:] * a[:, :-d]], dim=1)
+        d *= 2
+    return b  # [B, T, W]
+
+
+class BlockDiagonalLinear(nn.Module):
+    """``num_blocks`` independent square linear maps over equal slices of the channels."""
+
+    def __init__(self, width: int, num_blocks: int) -> None:
+        super().__init__()
+        self.num_blocks = num_blocks
+        block = width // num_blocks
+        self.weight = nn.Parameter(torch.zeros(num_blocks, block, block))  # [H, in, out]
+        self.bias = nn.Parameter(torch.zeros(num_blocks, block))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, W = x.shape
+        xb = x.view(B, T, self.num_blocks, W // self.num_blocks)
+        return (torch.einsum("bthi,hij->bthj", xb, self.weight) + self.bias).reshape(B, T, W)
+
+
+class CausalConv1D(nn.Module):
+    """Depthwise causal convolution of temporal width ``K``: ``out_t = bias + sum_s w[K-1-s] * x_{t-s}``.
+
+    A tap never reaches back past the start of the token's sequence (``s <= position_t``), which is
+    the reference's document masking and what makes left padding harmless.
+    """
+
+    def __init__(self, width: int, temporal_width: int) -> None:
+        super().__init__()
+        self.temporal_width = temporal_width
+        self.weight = nn.Parameter(torch.zeros(temporal_width, width))  # [K, W]; row K-1 multiplies x_t
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                history: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, T, W]``, ``history [B, K-1, W]`` (previous inputs) -> output and the new history."""
+        B, T, W = x.shape
+        K = self.temporal_width
+        if history is None:
+            history = x.new_zeros(B, K - 1, W)
+        ext = torch.cat([history.to(x.dtype), x], dim=1)  # [B, K-1+T, W]
+        out = x * self.weight[K - 1] + self.bias
+        for shift in range(1, K):  # K is small (4): a loop over taps, each vectorised over all tokens
+            same_sequence = (positions >= shift)[..., None].to(x.dtype)  # [B, T, 1]
+            out = out + ext[:, K - 1 - shift:K - 1 - shift + T] * self.weight[K - 1 - shift] * same_sequence
+        return out, ext[:, ext.shape[1] - (K - 1):]
+
+
+class RGLRU(nn.Module):
+    """The real-gated linear recurrent unit; the recurrence runs in float32 whatever the compute dtype."""
+
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.a_param = nn.Parameter(torch.zeros(width))  # Λ: softplus(Λ) is the per-channel base decay rate
+        self.input_gate = BlockDiagonalLinear(width, num_heads)
+        self.a_gate = BlockDiagonalLinear(width, num_heads)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, T, W]`` -> outputs ``[B, T, W]`` and the last state ``[B, W]`` (float32)."""
+        gate_x = torch.sigmoid(self.input_gate(x))
+        gate_a = torch.sigmoid(self.a_gate(x))
+        log_a = -RG_LRU_C * gate_a * F.softplus(self.a_param)  # log-space: a = exp(log_a) in (0, 1]
+        a = torch.exp(log_a)
+        start = (positions == 0)[..., None]  # [B, T, 1]
+        # sqrt(1 - a^2) keeps the state's scale independent of the decay; not applied at a sequence start.
+        multiplier = torch.where(start, torch.ones_like(a), torch.sqrt(1 - torch.exp(2 * log_a)))
+        b = (x * gate_x * multiplier.to(x.dtype)).masked_fill((positions < 0)[..., None], 0.0)
+        a = a.masked_fill((positions <= 0)[..., None], 0.0)  # reset: forget whatever came before (padding)
+        h = linear_scan(a.float(), b.float(), h0)
+        return h.to(x.dtype), h[:, -1]
+
+
+class RecurrentBlock(nn.Module):
+    """Griffin's temporal-mixing block: gate branch times Conv1D + RG-LRU branch, projected back."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, w = config.hidden_size, config.recurrent_width
+        self.linear_y = nn.Linear(d, w)
+        self.linear_x = nn.Linear(d, w)
+        self.linear_out = nn.Linear(w, d)
+        self.conv1d = CausalConv1D(w, config.conv1d_width)
+        self.rg_lru = RGLRU(w, config.num_heads)
+
+    def forward(self, x: torch.Tensor, ctx: RecurrentContext, state: RecurrentState | None) -> torch.Tensor:
+        y = F.gelu(self.linear_y(x), approximate="tanh")  # [B, T, W]
+        u, history = self.conv1d(self.linear_x(x), ctx.positions, state.conv if state is not None else None)
+        u, last = self.rg_lru(u, ctx.positions, state.rg_lru if state is not None else None)
+        if state is not None:
+            state.conv.copy_(history)
+            state.rg_lru.copy_(last)
+        return self.linear_out(u * y)
