@@ -49,6 +49,10 @@ class KVCache:
             ))
         self.global_positions = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
         self.ring_positions = torch.full((batch, self.window), -1, dtype=torch.long, device=device)
+        # Attention group of each slot (-1 = causal text); see attention_mask. Carried like positions
+        # so that a bidirectional group split over two forward calls still sees its cached half.
+        self.global_groups = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
+        self.ring_groups = torch.full((batch, self.window), -1, dtype=torch.long, device=device)
 
     def nbytes(self) -> int:
         """Bytes held by keys and values (what `gemmakit info` reports)."""
