@@ -38,7 +38,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu", progress: bool = False) -> GemmaModel:
     """Create the model without allocating random weights, then fill it tensor by tensor."""
     with torch.device("meta"):
-        model = GemmaModel(checkpoint.config)
+        model = _model_class(checkpoint.config)(checkpoint.config)
     model = model.to_empty(device=device).to(dtype)
     expected = dict(model.named_parameters())
     missing = sorted(set(expected) - set(checkpoint.tensors))
@@ -69,3 +69,10 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _model_class(config) -> type:
+    """A vision-language config (models/multimodal.py) builds the decoder with its vision add-on."""
+    from gemmakit.models.multimodal import MultimodalConfig, VisionLanguageModel
+
+    return VisionLanguageModel if isinstance(config, MultimodalConfig) else GemmaModel
