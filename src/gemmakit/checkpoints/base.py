@@ -38,7 +38,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu", progress: bool = False) -> GemmaModel:
     """Create the model without allocating random weights, then fill it tensor by tensor."""
     with torch.device("meta"):
-        model = GemmaModel(checkpoint.config)
+        model = _model_class(checkpoint.config)(checkpoint.config)
     expected = {name: p for name, p in model.named_parameters()}
     missing = sorted(set(expected) - set(checkpoint.tensors))
     if missing:
@@ -69,3 +69,10 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
             setattr(model.get_submodule(module_name), param_name, torch.nn.Parameter(tensor, requires_grad=False))
     model.eval()
     return model
+
+
+def _model_class(config) -> type:
+    """A vision-language config (models/multimodal.py) builds the decoder with its vision add-on."""
+    from gemmakit.models.multimodal import MultimodalConfig, VisionLanguageModel
+
+    return VisionLanguageModel if isinstance(config, MultimodalConfig) else GemmaModel

@@ -196,7 +196,12 @@ class _ShardedFiles:
 
 
 def open_hf_directory(directory: Path) -> Checkpoint:
-    config = config_from_hf(read_config_json(directory), str(directory / "config.json"))
+    raw = read_config_json(directory)
+    from gemmakit.checkpoints.hf_vision import is_vision_config, open_hf_vision_directory
+
+    if is_vision_config(raw):  # PaliGemma / Gemma 3 with its vision tower
+        return open_hf_vision_directory(directory, raw)
+    config = config_from_hf(raw, str(directory / "config.json"))
     files = _ShardedFiles(directory)
     available = files.names()
     prefix = next((p for p in _PREFIXES if f"{p}embed_tokens.weight" in available), None)

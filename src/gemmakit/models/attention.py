@@ -31,19 +31,39 @@ class StepContext:
     ring_skip: int = 0  # how many of the new keys fall out of the window before being stored
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+                   q_group: torch.Tensor | None = None, k_group: torch.Tensor | None = None,
+                   group_bypasses_window: bool = False) -> torch.Tensor:
     """Boolean mask ``[B, 1, T, S]`` from query positions ``[B, T]`` and key positions ``[B, S]``.
 
     A key is visible when it is real (position >= 0), not in the future, and, for sliding-window
     layers, fewer than ``window`` positions back (the reference keeps exactly ``window`` keys,
     the query's own included). Padding queries (position < 0) may see everything so that their
     softmax stays finite; their outputs are never read.
+
+    Optional *groups* (``[B, T]`` / ``[B, S]``, -1 = none) make attention non-causal: a query sees
+    every key of its own group >= 0 in both directions (one image for Gemma 3, the image + prefix
+    for PaliGemma's prefix-LM). Whether the sliding window still bounds a group differs by model:
+    Gemma 3 applies the window on top (``window AND (causal OR group)``); PaliGemma 2 lets the
+    group through whole (``(causal AND window) OR group``, ``group_bypasses_window``).
     """
     q = q_pos[:, :, None]
     k = k_pos[:, None, :]
     visible = (k >= 0) & (k <= q)
+    same_group = None
+    if q_group is not None and k_group is not None:
+        qg, kg = q_group[:, :, None], k_group[:, None, :]
+        same_group = (qg >= 0) & (qg == kg) & (k >= 0)
     if window is not None:
-        visible &= (q - k) < window
+        in_window = (q - k) < window
+        if same_group is None:
+            visible &= in_window
+        elif group_bypasses_window:
+            visible = (visible & in_window) | same_group
+        else:
+            visible = (visible | same_group) & in_window
+    elif same_group is not None:
+        visible |= same_group
     visible |= q < 0
     return visible[:, None]
 

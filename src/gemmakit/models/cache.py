@@ -70,6 +70,10 @@ class KVCache:
         global_slots = max_len if self.has_global else 0  # without global layers nothing grows with max_len
         self.global_positions = torch.full((batch, global_slots), -1, dtype=torch.long, device=device)
         self.ring_positions = torch.full((batch, self.window), -1, dtype=torch.long, device=device)
+        # Attention group of each slot (-1 = causal text); see attention_mask. Carried like positions
+        # so that a bidirectional group split over two forward calls still sees its cached half.
+        self.global_groups = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
+        self.ring_groups = torch.full((batch, self.window), -1, dtype=torch.long, device=device)
 
     def nbytes(self) -> int:
         """Bytes held by keys and values and recurrent states (what `gemmakit info` reports)."""

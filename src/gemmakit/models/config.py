@@ -51,6 +51,9 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # Gemma 2: 50
     final_logit_softcap: float | None = None  # Gemma 2: 30
     rms_norm_eps: float = 1e-6
+    # Vision prompts (models/multimodal.py): whether a bidirectional group of tokens ignores the
+    # sliding window (PaliGemma 2's prefix-LM) or stays bounded by it (Gemma 3's images).
+    group_bypasses_window: bool = False
     name: str = "custom"
     extra: tuple[tuple[str, object], ...] = field(default=())  # format-specific facts kept for export
     # Griffin (RecurrentGemma) switches; the defaults leave Gemma 1/2/3 untouched.

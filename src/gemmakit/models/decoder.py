@@ -65,63 +65,82 @@ class GemmaModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [B, T]
-        cache: KVCache | None = None,
-        positions: torch.Tensor | None = None,  # [B, T]; -1 marks left padding
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        if cache is not None:
-            cache.check_room(T)
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[B, T, hidden]`` scaled by sqrt(hidden), as the first block sees them.
+
+        Callers that splice in other embeddings (image soft tokens) start from this and pass the
+        result as ``inputs_embeds``; the spliced features are *not* scaled (as in the reference).
+        """
         h = self.embed(input_ids)
         # The normaliser is rounded to the compute dtype (or first to bfloat16, as RecurrentGemma was trained).
         scale_dtype = torch.bfloat16 if self.config.embed_scale_bf16 else h.dtype
-        h = h * torch.tensor(self.config.hidden_size**0.5, dtype=scale_dtype).to(h.dtype)
-        contexts = self._contexts(positions, cache, h.dtype)
+        return h * torch.tensor(self.config.hidden_size**0.5, dtype=scale_dtype).to(h.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,  # [B, T]
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,  # [B, T]; -1 marks left padding
+        last_only: bool = False,
+        inputs_embeds: torch.Tensor | None = None,  # [B, T, hidden], already scaled; replaces input_ids
+        groups: torch.Tensor | None = None,  # [B, T]; tokens sharing a group >= 0 attend both ways
+    ) -> torch.Tensor:
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = h.shape[:2]
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=h.device).expand(B, T)
+        if cache is not None:
+            cache.check_room(T)
+        contexts = self._contexts(positions, cache, h.dtype, groups)
         for i, layer in enumerate(self.layers):
             h = layer(h, contexts[layer.kind], cache.layers[i] if cache is not None else None)
         if cache is not None:
-            self._advance(cache, positions)
+            self._advance(cache, positions, groups)
         if last_only:
             h = h[:, -1:]
         h = self.final_norm(h)
         return softcap(F.linear(h, self.embed.weight), self.config.final_logit_softcap)
 
-    def _contexts(self, positions: torch.Tensor, cache: KVCache | None,
-                  dtype: torch.dtype) -> dict[str, StepContext | RecurrentContext]:
+    def _contexts(self, positions: torch.Tensor, cache: KVCache | None, dtype: torch.dtype,
+                  groups: torch.Tensor | None = None) -> dict[str, StepContext | RecurrentContext]:
         """Rotary tables and masks for each layer kind, built once per step."""
         c = self.config
         kinds = set(c.layer_kinds)
         out: dict[str, StepContext | RecurrentContext] = {}
+        bypass = c.group_bypasses_window
         if "recurrent" in kinds:
             out["recurrent"] = RecurrentContext(positions)
         if "global" in kinds:
             cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+            k_groups = groups
             if cache is None:
                 k_pos = positions
             else:
-                cache.global_positions[:, cache.length:cache.length + positions.shape[1]] = positions
-                k_pos = cache.global_positions[:, :cache.length + positions.shape[1]]
-            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None), ring=False,
-                                        cache_start=cache.length if cache is not None else 0)
+                end = cache.length + positions.shape[1]
+                cache.global_positions[:, cache.length:end] = positions
+                k_pos = cache.global_positions[:, :end]
+                if groups is not None:
+                    cache.global_groups[:, cache.length:end] = groups
+                    k_groups = cache.global_groups[:, :end]
+            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, groups, k_groups),
+                                        ring=False, cache_start=cache.length if cache is not None else 0)
         if "local" in kinds:
             cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
             if cache is None:
-                out["local"] = StepContext(cos, sin, attention_mask(positions, positions, c.sliding_window), ring=True)
+                mask = attention_mask(positions, positions, c.sliding_window, groups, groups, bypass)
+                out["local"] = StepContext(cos, sin, mask, ring=True)
             else:
                 k_pos = torch.cat([cache.ring_positions, positions], dim=1)
+                k_groups = None if groups is None else torch.cat([cache.ring_groups, groups], dim=1)
                 slots, skip = cache.ring_slots(positions.shape[1])
-                out["local"] = StepContext(cos, sin, attention_mask(positions, k_pos, c.sliding_window), ring=True,
-                                           ring_slots=slots, ring_skip=skip)
+                mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, bypass)
+                out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, ring_skip=skip)
         return out
 
     @staticmethod
-    def _advance(cache: KVCache, positions: torch.Tensor) -> None:
+    def _advance(cache: KVCache, positions: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         slots, skip = cache.ring_slots(positions.shape[1])
         cache.ring_positions[:, slots] = positions[:, skip:]
+        cache.ring_groups[:, slots] = -1 if groups is None else groups[:, skip:]
         cache.length += positions.shape[1]

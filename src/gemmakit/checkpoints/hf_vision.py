@@ -1,0 +1,115 @@
+"""Hugging Face vision-language directories: PaliGemmaForConditionalGeneration (PaliGemma 1 and 2)
+and Gemma3ForConditionalGeneration (Gemma 3 4B/12B/27B with its SigLIP tower).
+
+The decoder's names come from :mod:`gemmakit.checkpoints.safetensors`; this module adds the vision
+tower and the projector, in both the layout transformers >= 4.52 saves (``model.vision_tower...``)
+and the one the hub checkpoints were published in (``vision_tower...``, ``language_model.model...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gemmakit.checkpoints.base import Checkpoint, TensorLoader
+from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles, config_from_hf, hf_names
+from gemmakit.errors import CheckpointError, UnsupportedModelError
+from gemmakit.models.multimodal import (GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE_TOKEN, PALIGEMMA_IMAGE_TOKEN,
+                                        MultimodalConfig)
+from gemmakit.models.siglip import SiglipConfig
+
+VISION_MODEL_TYPES = ("paligemma", "gemma3")
+_VISION_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.",
+                    "vision_tower.")
+_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+
+def is_vision_config(raw: dict[str, Any]) -> bool:
+    return raw.get("model_type") in VISION_MODEL_TYPES and isinstance(raw.get("vision_config"), dict)
+
+
+def siglip_config_from_hf(raw: dict[str, Any], source: str) -> SiglipConfig:
+    try:
+        return SiglipConfig(
+            image_size=int(raw.get("image_size", 224)), patch_size=int(raw.get("patch_size", 16)),
+            hidden_size=int(raw.get("hidden_size", 768)), intermediate_size=int(raw.get("intermediate_size", 3072)),
+            num_layers=int(raw.get("num_hidden_layers", 12)), num_heads=int(raw.get("num_attention_heads", 12)),
+            layer_norm_eps=float(raw.get("layer_norm_eps", 1e-6)), num_channels=int(raw.get("num_channels", 3)))
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: invalid vision_config ({exc})") from None
+
+
+def multimodal_config_from_hf(raw: dict[str, Any], source: str = "config.json") -> MultimodalConfig:
+    kind = raw["model_type"]
+    vision_raw = raw["vision_config"]
+    if vision_raw.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+        raise UnsupportedModelError(f"{source}: vision tower {vision_raw.get('model_type')!r} is not SigLIP")
+    # An attention-pooling head, if the file has one, is never used: the decoder takes every patch.
+    vision = siglip_config_from_hf(vision_raw, source)
+    text_raw = dict(raw.get("text_config") or {})
+    name = str(raw.get("_name_or_path") or kind)
+    if kind == "paligemma":
+        text_raw.setdefault("model_type", "gemma")
+        text = config_from_hf(text_raw, source).replace(group_bypasses_window=True, name=name)
+        return MultimodalConfig(
+            text=text, vision=vision, layout="paligemma", projector="linear", image_attention="prefix",
+            tokens_per_image=vision.num_patches, position_offset=1, name=name,
+            image_token_id=int(raw.get("image_token_id", raw.get("image_token_index", PALIGEMMA_IMAGE_TOKEN))))
+    text_raw["model_type"] = "gemma3_text"
+    text = config_from_hf(text_raw, source).replace(name=name)
+    return MultimodalConfig(
+        text=text, vision=vision, layout="gemma3", projector="pooled_rmsnorm", image_attention="per_image",
+        tokens_per_image=int(raw.get("mm_tokens_per_image", 256)), name=name,
+        image_token_id=int(raw.get("image_token_id", raw.get("image_token_index", GEMMA3_IMAGE_TOKEN))),
+        boi_token_id=int(raw.get("boi_token_id", raw.get("boi_token_index", GEMMA3_BOI))),
+        eoi_token_id=int(raw.get("eoi_token_id", raw.get("eoi_token_index", GEMMA3_EOI))))
+
+
+def vision_names(config: MultimodalConfig, vision_prefix: str, projector_prefix: str) -> dict[str, str]:
+    """Our names of the vision tower and projector -> the transformers names."""
+    v = vision_prefix
+    names = {"vision.patch_embedding.weight": f"{v}embeddings.patch_embedding.weight",
+             "vision.patch_embedding.bias": f"{v}embeddings.patch_embedding.bias",
+             "vision.position_embedding.weight": f"{v}embeddings.position_embedding.weight",
+             "vision.post_layernorm.weight": f"{v}post_layernorm.weight",
+             "vision.post_layernorm.bias": f"{v}post_layernorm.bias"}
+    for i in range(config.vision.num_layers):
+        for part in ("layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
+            for t in ("weight", "bias"):
+                names[f"vision.layers.{i}.{part}.{t}"] = f"{v}encoder.layers.{i}.{part}.{t}"
+    p = projector_prefix
+    if config.projector == "linear":
+        names["projector.linear.weight"] = f"{p}linear.weight"
+        names["projector.linear.bias"] = f"{p}linear.bias"
+    else:
+        names["projector.weight"] = f"{p}mm_input_projection_weight"
+        names["projector.norm.weight"] = f"{p}mm_soft_emb_norm.weight"
+    return names
+
+
+def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint:
+    config = multimodal_config_from_hf(raw, str(directory / "config.json"))
+    files = _ShardedFiles(directory)
+    available = files.names()
+
+    def find(prefixes: tuple[str, ...], probe: str) -> str:
+        for p in prefixes:
+            if p + probe in available:
+                return p
+        raise CheckpointError(f"{directory}: no {probe} under any known prefix {prefixes}")
+
+    text_prefix = find(_PREFIXES, "embed_tokens.weight")
+    mapping = {f"decoder.{ours}": theirs for ours, theirs in hf_names(config.text, text_prefix).items()}
+    mapping.update(vision_names(config, find(_VISION_PREFIXES, "embeddings.patch_embedding.weight"),
+                                find(_PROJECTOR_PREFIXES, "linear.weight" if config.projector == "linear"
+                                     else "mm_input_projection_weight")))
+    missing = [theirs for theirs in mapping.values() if theirs not in available]
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"
+                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    tensors: dict[str, TensorLoader] = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in mapping.items()}
+    from gemmakit.tokenizer import Tokenizer
+
+    return Checkpoint(config=config, tensors=tensors, source=str(directory),
+                      tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"})

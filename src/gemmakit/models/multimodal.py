@@ -1,0 +1,262 @@
+"""Vision-language models: a SigLIP tower and a projector in front of the one Gemma decoder.
+
+An image becomes ``tokens_per_image`` soft tokens: SigLIP patch features, projected to the
+decoder's width, written into the embedding sequence where the prompt holds image placeholder
+ids. The decoder is the text model unchanged; the only vision-specific thing it sees is an
+attention *group* per token (models/attention.py), which makes some tokens attend both ways:
+
+* PaliGemma 1 and 2 (``image_attention="prefix"``): prefix-LM. The whole prompt (images, ``<bos>``,
+  prefix, newline) is one bidirectional group; generated tokens are causal. Positions start at 1,
+  as in the reference.
+* Gemma 3 (``image_attention="per_image"``): each image's run of soft tokens is one group; text
+  stays causal. The 64x64 patch grid is average-pooled to 16x16 = 256 tokens, then RMSNorm'd and
+  projected without bias.
+
+Image soft tokens are not scaled by sqrt(hidden) as text embeddings are (checked against
+transformers 5.23, where the scale lives in the embedding module and features are spliced after).
+
+Sources for the presets:
+  [hf]   ``config.json`` of google/paligemma-3b-pt-{224,448,896}, google/paligemma2-{3b,10b,28b}-pt-
+         {224,448,896} and google/gemma-3-{4b,12b,27b}-pt on the Hugging Face hub
+  [pg]   PaliGemma (arXiv 2407.07726) section 3; PaliGemma 2 (arXiv 2412.03555) Table 1
+  [g3]   Gemma 3 technical report (arXiv 2503.19786) section 2.1 (vision encoder, 256 tokens, P&S)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemmakit.errors import InvalidRequestError, ModelNotFoundError
+from gemmakit.models.cache import KVCache
+from gemmakit.models.config import ModelConfig, preset
+from gemmakit.models.decoder import GemmaModel
+from gemmakit.models.layers import RMSNorm
+from gemmakit.models.siglip import SiglipConfig, SiglipVisionModel, so400m
+
+
+@dataclass(frozen=True)
+class MultimodalConfig:
+    """A vision-language model: decoder config, vision config and how images enter the prompt."""
+
+    text: ModelConfig
+    vision: SiglipConfig
+    layout: Literal["paligemma", "gemma3"]  # prompt layout (gemmakit/vision/prompt.py)
+    projector: Literal["linear", "pooled_rmsnorm"]
+    image_attention: Literal["prefix", "per_image"]
+    tokens_per_image: int
+    image_token_id: int
+    position_offset: int = 0  # PaliGemma counts positions from 1
+    boi_token_id: int | None = None  # Gemma 3 <start_of_image>
+    eoi_token_id: int | None = None  # Gemma 3 <end_of_image>
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.projector == "linear" and self.tokens_per_image != self.vision.num_patches:
+            raise ValueError("a linear projector keeps one token per patch")
+        if self.projector == "pooled_rmsnorm":
+            side = int(round(self.tokens_per_image**0.5))
+            if side * side != self.tokens_per_image or self.vision.patches_per_side % side:
+                raise ValueError(f"{self.tokens_per_image} tokens cannot pool a "
+                                 f"{self.vision.patches_per_side}x{self.vision.patches_per_side} patch grid")
+
+    @property
+    def family(self) -> str:
+        return self.text.family
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.text.max_position_embeddings
+
+    def replace(self, **changes: object) -> "MultimodalConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        v, d = self.vision.hidden_size, self.text.hidden_size
+        proj = v * d + (d if self.projector == "linear" else v)
+        return self.text.num_parameters() + self.vision.num_parameters() + proj
+
+
+class LinearProjector(nn.Module):
+    """PaliGemma: one biased linear map from SigLIP width to decoder width, per patch."""
+
+    def __init__(self, config: MultimodalConfig) -> None:
+        super().__init__()
+        self.linear = nn.Linear(config.vision.hidden_size, config.text.hidden_size)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.linear(patches)
+
+
+class PooledProjector(nn.Module):
+    """Gemma 3: average-pool the patch grid to ``tokens_per_image``, RMSNorm, then project (no bias)."""
+
+    def __init__(self, config: MultimodalConfig) -> None:
+        super().__init__()
+        self.side = config.vision.patches_per_side
+        self.kernel = self.side // int(round(config.tokens_per_image**0.5))
+        self.norm = RMSNorm(config.vision.hidden_size, config.vision.layer_norm_eps)
+        # Stored [vision, text] as in the reference checkpoints (x @ W, not a Linear's x @ W.T).
+        self.weight = nn.Parameter(torch.zeros(config.vision.hidden_size, config.text.hidden_size))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        N, P, D = patches.shape
+        grid = patches.transpose(1, 2).reshape(N, D, self.side, self.side)  # [N, D, side, side]
+        pooled = F.avg_pool2d(grid, self.kernel, self.kernel).flatten(2).transpose(1, 2)  # [N, tokens, D]
+        return torch.matmul(self.norm(pooled), self.weight).type_as(patches)
+
+
+class VisionLanguageModel(nn.Module):
+    """``model(input_ids, pixel_values=...)`` -> logits ``[B, T, vocab]``.
+
+    ``input_ids`` hold ``tokens_per_image`` placeholder ids per image, in the order of
+    ``pixel_values [N, 3, S, S]``; build them with :func:`gemmakit.vision.prompt.build_prompt`.
+    """
+
+    def __init__(self, config: MultimodalConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = SiglipVisionModel(config.vision)
+        self.projector = LinearProjector(config) if config.projector == "linear" else PooledProjector(config)
+        self.decoder = GemmaModel(config.text)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return self.decoder.new_cache(batch, max_len)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Soft tokens ``[N, tokens_per_image, text hidden]`` for images ``[N, 3, S, S]``."""
+        return self.projector(self.vision(pixel_values))
+
+    def attention_groups(self, input_ids: torch.Tensor, start: int, with_images: bool,
+                         positions: torch.Tensor) -> torch.Tensor | None:
+        """Per-token group ids ``[B, T]`` (-1 = causal) for this call; see the module docstring."""
+        if self.config.image_attention == "prefix":
+            if not with_images:
+                return None  # after the prompt, generated tokens are causal
+            return torch.where(positions >= 0, 0, -1)
+        is_image = input_ids == self.config.image_token_id
+        if not bool(is_image.any()):
+            return None
+        previous = F.pad(is_image, (1, 0), value=False)[:, :-1]
+        column = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        run_start = torch.where(is_image & ~previous, column, -1)
+        # A run's id is the timeline column where it starts: unique across forward calls and images.
+        return torch.where(is_image, torch.cummax(run_start, dim=1).values, -1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        pixel_values: torch.Tensor | None = None,  # [N, 3, S, S], N = images in the whole batch
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,  # [B, T], from 0; -1 marks left padding
+        last_only: bool = False,
+        groups: torch.Tensor | None = None,  # override the attention groups (e.g. prefix + suffix)
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        placeholders = input_ids == self.config.image_token_id
+        h = self.decoder.embed_tokens(torch.where(placeholders, 0, input_ids))  # [B, T, hidden]
+        if pixel_values is not None:
+            features = self.image_features(pixel_values.to(self.device))  # [N, tokens, hidden]
+            if int(placeholders.sum()) != features.shape[0] * features.shape[1]:
+                raise InvalidRequestError(
+                    f"{features.shape[0]} image(s) need {features.shape[0] * features.shape[1]} image tokens "
+                    f"but the prompt has {int(placeholders.sum())}")
+            h = h.masked_scatter(placeholders[..., None], features.to(h.dtype))
+        elif bool(placeholders.any()):
+            raise InvalidRequestError("the prompt has image tokens but no pixel_values were given")
+        if groups is None:
+            groups = self.attention_groups(input_ids, start, pixel_values is not None, positions)
+        if self.config.position_offset:
+            positions = torch.where(positions >= 0, positions + self.config.position_offset, positions)
+        return self.decoder(None, cache=cache, positions=positions, last_only=last_only, inputs_embeds=h,
+                            groups=groups)
+
+
+class ImagePrompt:
+    """The model as the generation engine sees it for one prompt with images.
+
+    The engine calls ``model(ids, cache=..., positions=..., last_only=...)`` for the prefill and
+    then once per new token; this binds the pixel values to the prefill (which must be one call,
+    so that every bidirectional group is whole) and lets decode steps through as plain text.
+    """
+
+    def __init__(self, model: VisionLanguageModel, pixel_values: torch.Tensor) -> None:
+        self.model = model
+        self.pixel_values = pixel_values
+        self.config = model.config.text
+        self._prefilled = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return self.model.new_cache(batch, max_len)
+
+    def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                 positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        pixel_values = None if self._prefilled else self.pixel_values
+        self._prefilled = True
+        return self.model(input_ids, pixel_values, cache=cache, positions=positions, last_only=last_only)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+
+PALIGEMMA_VOCAB = 257_216  # [hf] 256000 Gemma pieces + 1024 <loc> + 128 <seg> + <image> and spares
+PALIGEMMA_IMAGE_TOKEN = 257_152  # [hf] image_token_index
+GEMMA3_IMAGE_TOKEN, GEMMA3_BOI, GEMMA3_EOI = 262_144, 255_999, 256_000  # [hf] image_token_index, boi/eoi
+
+
+def _paligemma(name: str, text_preset: str, image_size: int) -> MultimodalConfig:
+    vision = so400m(image_size)
+    text = preset(text_preset).replace(name=name, vocab_size=PALIGEMMA_VOCAB, group_bypasses_window=True)
+    return MultimodalConfig(text=text, vision=vision, layout="paligemma", projector="linear",
+                            image_attention="prefix", tokens_per_image=vision.num_patches,
+                            image_token_id=PALIGEMMA_IMAGE_TOKEN, position_offset=1, name=name)
+
+
+def _gemma3(name: str, text_preset: str) -> MultimodalConfig:
+    return MultimodalConfig(text=preset(text_preset).replace(name=name), vision=so400m(896), layout="gemma3",
+                            projector="pooled_rmsnorm", image_attention="per_image", tokens_per_image=256,
+                            image_token_id=GEMMA3_IMAGE_TOKEN, boi_token_id=GEMMA3_BOI, eoi_token_id=GEMMA3_EOI,
+                            name=name)
+
+
+def _presets() -> dict[str, MultimodalConfig]:
+    table: list[MultimodalConfig] = []
+    for res in (224, 448, 896):
+        table.append(_paligemma(f"paligemma-3b-{res}", "gemma-2b", res))  # [pg] Gemma 2B + So400m
+        for size, text in (("3b", "gemma2-2b"), ("10b", "gemma2-9b"), ("28b", "gemma2-27b")):  # [pg] Table 1
+            table.append(_paligemma(f"paligemma2-{size}-{res}", text, res))
+    for size in ("4b", "12b", "27b"):  # [g3] every Gemma 3 size from 4B sees images, at 896 px
+        table.append(_gemma3(f"gemma3-{size}-vision", f"gemma3-{size}"))
+        table.append(_gemma3(f"gemma3-{size}-vision-it", f"gemma3-{size}-it"))
+    return {c.name: c for c in table}
+
+
+VISION_PRESETS: dict[str, MultimodalConfig] = _presets()
+
+
+def vision_preset(name: str) -> MultimodalConfig:
+    try:
+        return VISION_PRESETS[name]
+    except KeyError:
+        raise ModelNotFoundError(
+            f"unknown vision preset {name!r}; known: {', '.join(sorted(VISION_PRESETS))}") from None
