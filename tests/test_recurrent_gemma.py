@@ -162,15 +162,17 @@ def test_greedy_generate_equals_stepwise_full_forward(pair):
     assert produced == seq[len(prompt):]
 
 
-def test_linear_scan_equals_sequential_recurrence():
-    g = torch.Generator().manual_seed(0)
-    a, b, h0 = torch.rand(2, 37, 5, generator=g), torch.randn(2, 37, 5, generator=g), torch.randn(2, 5, generator=g)
-    a[0, 11] = 0.0  # a reset in the middle
-    h, expected = h0, []
-    for t in range(37):
-        h = a[:, t] * h + b[:, t]
-        expected.append(h)
-    assert (linear_scan(a, b, h0) - torch.stack(expected, 1)).abs().max().item() <= 1e-5
+@pytest.mark.parametrize("T", [1, 2, 37, 64])
+def test_linear_scan_equals_sequential_recurrence(T):
+    g = torch.Generator().manual_seed(T)
+    a, b, h0 = torch.rand(2, T, 5, generator=g), torch.randn(2, T, 5, generator=g), torch.randn(2, 5, generator=g)
+    a[0, T // 3] = 0.0  # a reset
+    for start in (h0, None):
+        h, expected = start if start is not None else torch.zeros(2, 5), []
+        for t in range(T):
+            h = a[:, t] * h + b[:, t]
+            expected.append(h)
+        assert (linear_scan(a, b, start) - torch.stack(expected, 1)).abs().max().item() <= 1e-5
 
 
 def _all_state_bytes(cache: KVCache) -> int:
