@@ -299,3 +299,30 @@ def test_bfloat16_generation_runs_and_stays_close(pair):
     ids = _ids(1, 20, 9)
     assert bf16.new_cache(1, 8).layers[0].rg_lru.dtype == torch.float32  # the recurrence stays float32
     assert (bf16(ids).float() - model(ids)).abs().max().item() < 0.5
+
+
+@pytest.mark.parametrize("name", ["recurrentgemma-2b", "recurrentgemma-9b"])
+def test_presets_have_the_published_shapes(name):
+    """Each preset, exported as a transformers config, builds a model with exactly our parameter count."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    from gemmakit.checkpoints.recurrent_gemma import to_hf_config
+    from gemmakit.models.config import PRESETS
+    from gemmakit.models.decoder import GemmaModel
+
+    config = PRESETS[name]
+    raw = {k: v for k, v in to_hf_config(config).items() if k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        hf = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(**raw))
+        ours = GemmaModel(config)
+    theirs = sum(p.numel() for n, p in hf.named_parameters() if not n.startswith("lm_head"))
+    assert theirs == sum(p.numel() for p in ours.parameters()) == config.num_parameters()
+    assert theirs == {"recurrentgemma-2b": 2_682_862_080, "recurrentgemma-9b": 8_579_977_216}[name]
+
+
+def test_info_reports_constant_state_memory():
+    from gemmakit.info import describe
+
+    r2k, r100k = describe("recurrentgemma-2b", 2048), describe("recurrentgemma-2b", 100_000)
+    # 18 recurrent layers x 2560 x (4-byte RG-LRU + 3 bf16 Conv1D inputs) + 8 rings x 2048 x (K + V) x 256 x 2 bytes
+    assert r2k["state_bytes"]["bfloat16"] == r100k["state_bytes"]["bfloat16"] == 18 * 2560 * 10 + 8 * 2048 * 2 * 256 * 2
