@@ -3,12 +3,14 @@
 The oracle is transformers' RecurrentGemmaForCausalLM with random weights (norms and biases random
 too, so a mapping mistake shows), saved by transformers and read back through gemmakit.load. Its
 sequence is longer than the attention window and its RG-LRU width differs from the model width,
-so a swapped dimension cannot pass unnoticed.
+so a swapped dimension cannot pass unnoticed; sqrt(80) is not a bfloat16 number, so the embedding
+scale's rounding is checked too.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -27,10 +29,19 @@ transformers = pytest.importorskip("transformers")
 WINDOW = 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: threads only add synchronisation (badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _hf_config(**overrides):
     from transformers import RecurrentGemmaConfig
 
-    kw = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=192, num_hidden_layers=6,
+    kw = dict(vocab_size=VOCAB_SIZE, hidden_size=80, intermediate_size=192, num_hidden_layers=6,
               num_attention_heads=4, num_key_value_heads=1, lru_width=48, attention_window_size=WINDOW,
               conv1d_width=4, logits_soft_cap=30.0)
     return RecurrentGemmaConfig(**{**kw, **overrides})
@@ -68,7 +79,7 @@ def test_config_read_from_transformers(pair):
     _, model, _ = pair
     c = model.config
     assert c.layer_kinds == ("recurrent", "recurrent", "local") * 2
-    assert (c.head_dim, c.rotary_dim, c.recurrent_width, c.intermediate_size) == (16, 8, 48, 96)
+    assert (c.head_dim, c.rotary_dim, c.recurrent_width, c.intermediate_size) == (20, 10, 48, 96)
     assert c.final_logit_softcap == 30.0 and c.sliding_window == WINDOW
 
 
@@ -274,11 +285,17 @@ def test_export_to_hf_directory_loads_in_transformers(pair, tmp_path, tokenizer)
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "gemmakit.cli", *args], capture_output=True, text=True,
-                          input=stdin, timeout=120)
+                          input=stdin, timeout=300, env=env)
 
 
-def test_cli_generate_chat_and_info(pair):
+def test_cli_generate_chat_and_info(pair, monkeypatch, capsys):
+    """`gemmakit generate` as a user runs it (a subprocess); chat and info through the same entry point."""
+    import io
+
+    from gemmakit.cli import main
+
     _, model, path = pair
     proc = _cli("generate", "-m", str(path), "-n", "6", "--json", "the sea")
     assert proc.returncode == 0, proc.stderr
@@ -287,10 +304,16 @@ def test_cli_generate_chat_and_info(pair):
     steps = generate_steps(loaded, [tokenizer.encode("the sea", add_bos=True)], 6, stop_ids=tokenizer.stop_ids())
     assert got["token_ids"] == [s.tokens[0] for s in steps] and len(got["token_ids"]) > 0
     assert got["text"] == gemmakit.generate(loaded, tokenizer, "the sea", max_tokens=6)
-    chat = _cli("chat", "-m", str(path), "-n", "4", stdin="hi there\n/exit\n")
-    assert chat.returncode == 0, chat.stderr
-    info = _cli("info", "-m", str(path))
-    assert info.returncode == 0 and "state        at any context" in info.stdout and "KV cache" not in info.stdout
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi there\n/exit\n"))
+    assert main(["chat", "-m", str(path), "-n", "4"]) == 0
+    from gemmakit.chat_template import render_chat
+
+    reply = gemmakit.generate(loaded, tokenizer, render_chat([{"role": "user", "content": "hi there"}]), max_tokens=4)
+    assert capsys.readouterr().out == reply + "\n"
+    assert main(["info", "-m", str(path)]) == 0
+    info = capsys.readouterr().out
+    assert "state        at any context" in info and "KV cache" not in info
 
 
 def test_bfloat16_generation_runs_and_stays_close(pair):
