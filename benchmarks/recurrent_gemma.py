@@ -2,7 +2,8 @@
 
 Both run the same random-weight model (built by transformers, saved, loaded by gemmakit), float32 on
 CPU. transformers' prefill runs the RG-LRU as a Python loop over tokens; gemmakit's runs a chunked
-scan (about 2*sqrt(T) vectorised steps). Usage: PYTHONPATH=src python benchmarks/recurrent_gemma.py [--prompt 1024] [--decode 64]
+scan (about 2*sqrt(T) vectorised steps).
+Usage: PYTHONPATH=src python benchmarks/recurrent_gemma.py [--prompt 1024] [--decode 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import DynamicCache, RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 

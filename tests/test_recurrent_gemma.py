@@ -225,14 +225,18 @@ def test_state_after_10000_tokens_is_the_size_after_3000():
 def _official_state_dict(hf) -> dict[str, torch.Tensor]:
     """transformers' weights rewritten in the layout of recurrentgemma.torch.Griffin (the official one)."""
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    out = {"embedder.input_embedding": sd["model.embed_tokens.weight"], "final_norm.scale": sd["model.final_norm.weight"]}
+    out = {"embedder.input_embedding": sd["model.embed_tokens.weight"],
+           "final_norm.scale": sd["model.final_norm.weight"]}
     for i, kind in enumerate(hf.config.layers_block_type):
         src, dst = f"model.layers.{i}.", f"blocks.{i}."
         out[dst + "temporal_pre_norm.scale"] = sd[src + "temporal_pre_norm.weight"]
         out[dst + "channel_pre_norm.scale"] = sd[src + "channel_pre_norm.weight"]
         mlp = src + "mlp_block."
-        out[dst + "mlp_block.ffw_up.w"] = torch.stack([sd[mlp + "gate_proj.weight"].t(), sd[mlp + "up_proj.weight"].t()])
-        out[dst + "mlp_block.ffw_up.b"] = torch.stack([sd[mlp + "gate_proj.bias"], sd[mlp + "up_proj.bias"]])[:, None, None]
+        # ffw_up computes x @ w[c] + b[c] for c = 0 (gate) and 1 (up): w [2, D, E], b [2, 1, 1, E]
+        out[dst + "mlp_block.ffw_up.w"] = torch.stack([sd[mlp + "gate_proj.weight"].t(),
+                                                       sd[mlp + "up_proj.weight"].t()])
+        out[dst + "mlp_block.ffw_up.b"] = torch.stack([sd[mlp + "gate_proj.bias"],
+                                                       sd[mlp + "up_proj.bias"]])[:, None, None]
         out[dst + "mlp_block.ffw_down.weight"] = sd[mlp + "down_proj.weight"]
         out[dst + "mlp_block.ffw_down.bias"] = sd[mlp + "down_proj.bias"]
         tb = src + "temporal_block."
@@ -248,7 +252,8 @@ def _official_state_dict(hf) -> dict[str, torch.Tensor]:
                 out[rb + f"rg_lru.{ours}.b"] = sd[tb + f"rg_lru.{theirs}_bias"]
         else:
             ab = dst + "attention_block."
-            for ours, theirs in (("proj_q", "q_proj"), ("proj_k", "k_proj"), ("proj_v", "v_proj"), ("proj_final", "o_proj")):
+            for ours, theirs in (("proj_q", "q_proj"), ("proj_k", "k_proj"), ("proj_v", "v_proj"),
+                                 ("proj_final", "o_proj")):
                 out[ab + ours + ".weight"] = sd[tb + theirs + ".weight"]
             out[ab + "proj_final.bias"] = sd[tb + "o_proj.bias"]
     return {k: v.contiguous() for k, v in out.items()}
