@@ -3,12 +3,14 @@
 The oracle is transformers' RecurrentGemmaForCausalLM with random weights (norms and biases random
 too, so a mapping mistake shows), saved by transformers and read back through gemmakit.load. Its
 sequence is longer than the attention window and its RG-LRU width differs from the model width,
-so a swapped dimension cannot pass unnoticed.
+so a swapped dimension cannot pass unnoticed; sqrt(80) is not a bfloat16 number, so the embedding
+scale's rounding is checked too.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -27,10 +29,19 @@ transformers = pytest.importorskip("transformers")
 WINDOW = 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: threads only add synchronisation (badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _hf_config(**overrides):
     from transformers import RecurrentGemmaConfig
 
-    kw = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=192, num_hidden_layers=6,
+    kw = dict(vocab_size=VOCAB_SIZE, hidden_size=80, intermediate_size=192, num_hidden_layers=6,
               num_attention_heads=4, num_key_value_heads=1, lru_width=48, attention_window_size=WINDOW,
               conv1d_width=4, logits_soft_cap=30.0)
     return RecurrentGemmaConfig(**{**kw, **overrides})
@@ -68,7 +79,7 @@ def test_config_read_from_transformers(pair):
     _, model, _ = pair
     c = model.config
     assert c.layer_kinds == ("recurrent", "recurrent", "local") * 2
-    assert (c.head_dim, c.rotary_dim, c.recurrent_width, c.intermediate_size) == (16, 8, 48, 96)
+    assert (c.head_dim, c.rotary_dim, c.recurrent_width, c.intermediate_size) == (20, 10, 48, 96)
     assert c.final_logit_softcap == 30.0 and c.sliding_window == WINDOW
 
 
@@ -162,15 +173,17 @@ def test_greedy_generate_equals_stepwise_full_forward(pair):
     assert produced == seq[len(prompt):]
 
 
-def test_linear_scan_equals_sequential_recurrence():
-    g = torch.Generator().manual_seed(0)
-    a, b, h0 = torch.rand(2, 37, 5, generator=g), torch.randn(2, 37, 5, generator=g), torch.randn(2, 5, generator=g)
-    a[0, 11] = 0.0  # a reset in the middle
-    h, expected = h0, []
-    for t in range(37):
-        h = a[:, t] * h + b[:, t]
-        expected.append(h)
-    assert (linear_scan(a, b, h0) - torch.stack(expected, 1)).abs().max().item() <= 1e-5
+@pytest.mark.parametrize("T", [1, 2, 37, 64])
+def test_linear_scan_equals_sequential_recurrence(T):
+    g = torch.Generator().manual_seed(T)
+    a, b, h0 = torch.rand(2, T, 5, generator=g), torch.randn(2, T, 5, generator=g), torch.randn(2, 5, generator=g)
+    a[0, T // 3] = 0.0  # a reset
+    for start in (h0, None):
+        h, expected = start if start is not None else torch.zeros(2, 5), []
+        for t in range(T):
+            h = a[:, t] * h + b[:, t]
+            expected.append(h)
+        assert (linear_scan(a, b, start) - torch.stack(expected, 1)).abs().max().item() <= 1e-5
 
 
 def _all_state_bytes(cache: KVCache) -> int:
@@ -212,14 +225,18 @@ def test_state_after_10000_tokens_is_the_size_after_3000():
 def _official_state_dict(hf) -> dict[str, torch.Tensor]:
     """transformers' weights rewritten in the layout of recurrentgemma.torch.Griffin (the official one)."""
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    out = {"embedder.input_embedding": sd["model.embed_tokens.weight"], "final_norm.scale": sd["model.final_norm.weight"]}
+    out = {"embedder.input_embedding": sd["model.embed_tokens.weight"],
+           "final_norm.scale": sd["model.final_norm.weight"]}
     for i, kind in enumerate(hf.config.layers_block_type):
         src, dst = f"model.layers.{i}.", f"blocks.{i}."
         out[dst + "temporal_pre_norm.scale"] = sd[src + "temporal_pre_norm.weight"]
         out[dst + "channel_pre_norm.scale"] = sd[src + "channel_pre_norm.weight"]
         mlp = src + "mlp_block."
-        out[dst + "mlp_block.ffw_up.w"] = torch.stack([sd[mlp + "gate_proj.weight"].t(), sd[mlp + "up_proj.weight"].t()])
-        out[dst + "mlp_block.ffw_up.b"] = torch.stack([sd[mlp + "gate_proj.bias"], sd[mlp + "up_proj.bias"]])[:, None, None]
+        # ffw_up computes x @ w[c] + b[c] for c = 0 (gate) and 1 (up): w [2, D, E], b [2, 1, 1, E]
+        out[dst + "mlp_block.ffw_up.w"] = torch.stack([sd[mlp + "gate_proj.weight"].t(),
+                                                       sd[mlp + "up_proj.weight"].t()])
+        out[dst + "mlp_block.ffw_up.b"] = torch.stack([sd[mlp + "gate_proj.bias"],
+                                                       sd[mlp + "up_proj.bias"]])[:, None, None]
         out[dst + "mlp_block.ffw_down.weight"] = sd[mlp + "down_proj.weight"]
         out[dst + "mlp_block.ffw_down.bias"] = sd[mlp + "down_proj.bias"]
         tb = src + "temporal_block."
@@ -235,7 +252,8 @@ def _official_state_dict(hf) -> dict[str, torch.Tensor]:
                 out[rb + f"rg_lru.{ours}.b"] = sd[tb + f"rg_lru.{theirs}_bias"]
         else:
             ab = dst + "attention_block."
-            for ours, theirs in (("proj_q", "q_proj"), ("proj_k", "k_proj"), ("proj_v", "v_proj"), ("proj_final", "o_proj")):
+            for ours, theirs in (("proj_q", "q_proj"), ("proj_k", "k_proj"), ("proj_v", "v_proj"),
+                                 ("proj_final", "o_proj")):
                 out[ab + ours + ".weight"] = sd[tb + theirs + ".weight"]
             out[ab + "proj_final.bias"] = sd[tb + "o_proj.bias"]
     return {k: v.contiguous() for k, v in out.items()}
@@ -272,11 +290,17 @@ def test_export_to_hf_directory_loads_in_transformers(pair, tmp_path, tokenizer)
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "gemmakit.cli", *args], capture_output=True, text=True,
-                          input=stdin, timeout=120)
+                          input=stdin, timeout=300, env=env)
 
 
-def test_cli_generate_chat_and_info(pair):
+def test_cli_generate_chat_and_info(pair, monkeypatch, capsys):
+    """`gemmakit generate` as a user runs it (a subprocess); chat and info through the same entry point."""
+    import io
+
+    from gemmakit.cli import main
+
     _, model, path = pair
     proc = _cli("generate", "-m", str(path), "-n", "6", "--json", "the sea")
     assert proc.returncode == 0, proc.stderr
@@ -285,10 +309,16 @@ def test_cli_generate_chat_and_info(pair):
     steps = generate_steps(loaded, [tokenizer.encode("the sea", add_bos=True)], 6, stop_ids=tokenizer.stop_ids())
     assert got["token_ids"] == [s.tokens[0] for s in steps] and len(got["token_ids"]) > 0
     assert got["text"] == gemmakit.generate(loaded, tokenizer, "the sea", max_tokens=6)
-    chat = _cli("chat", "-m", str(path), "-n", "4", stdin="hi there\n/exit\n")
-    assert chat.returncode == 0, chat.stderr
-    info = _cli("info", "-m", str(path))
-    assert info.returncode == 0 and "state        at any context" in info.stdout and "KV cache" not in info.stdout
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi there\n/exit\n"))
+    assert main(["chat", "-m", str(path), "-n", "4"]) == 0
+    from gemmakit.chat_template import render_chat
+
+    reply = gemmakit.generate(loaded, tokenizer, render_chat([{"role": "user", "content": "hi there"}]), max_tokens=4)
+    assert capsys.readouterr().out == reply + "\n"
+    assert main(["info", "-m", str(path)]) == 0
+    info = capsys.readouterr().out
+    assert "state        at any context" in info and "KV cache" not in info
 
 
 def test_bfloat16_generation_runs_and_stays_close(pair):
@@ -297,3 +327,30 @@ def test_bfloat16_generation_runs_and_stays_close(pair):
     ids = _ids(1, 20, 9)
     assert bf16.new_cache(1, 8).layers[0].rg_lru.dtype == torch.float32  # the recurrence stays float32
     assert (bf16(ids).float() - model(ids)).abs().max().item() < 0.5
+
+
+@pytest.mark.parametrize("name", ["recurrentgemma-2b", "recurrentgemma-9b"])
+def test_presets_have_the_published_shapes(name):
+    """Each preset, exported as a transformers config, builds a model with exactly our parameter count."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    from gemmakit.checkpoints.recurrent_gemma import to_hf_config
+    from gemmakit.models.config import PRESETS
+    from gemmakit.models.decoder import GemmaModel
+
+    config = PRESETS[name]
+    raw = {k: v for k, v in to_hf_config(config).items() if k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        hf = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(**raw))
+        ours = GemmaModel(config)
+    theirs = sum(p.numel() for n, p in hf.named_parameters() if not n.startswith("lm_head"))
+    assert theirs == sum(p.numel() for p in ours.parameters()) == config.num_parameters()
+    assert theirs == {"recurrentgemma-2b": 2_682_862_080, "recurrentgemma-9b": 8_579_977_216}[name]
+
+
+def test_info_reports_constant_state_memory():
+    from gemmakit.info import describe
+
+    r2k, r100k = describe("recurrentgemma-2b", 2048), describe("recurrentgemma-2b", 100_000)
+    # 18 recurrent layers x 2560 x (4-byte RG-LRU + 3 bf16 Conv1D inputs) + 8 rings x 2048 x (K + V) x 256 x 2 bytes
+    assert r2k["state_bytes"]["bfloat16"] == r100k["state_bytes"]["bfloat16"] == 18 * 2560 * 10 + 8 * 2048 * 2 * 256 * 2
