@@ -19,8 +19,14 @@ from gemmakit.models.decoder import GemmaModel
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
-def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-style vocabulary: specials, 256 byte-fallback pieces, then letters and merges."""
+FIM_TOKENS = ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|file_separator|>"]
+
+
+def tiny_vocab(fim: bool = False) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary: specials, 256 byte-fallback pieces, then letters and merges.
+
+    ``fim=True`` appends CodeGemma's fill-in-the-middle pieces (USER_DEFINED, as in CodeGemma's
+    tokenizer) after everything else, so the ids of the plain vocabulary do not move."""
     tokens = list(SPECIALS)
     types = [3, 3, 3, 2, 3, 3]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
@@ -29,10 +35,15 @@ def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
     tokens += normal
     types += [1] * len(normal)
     scores = [0.0] * len(SPECIALS) + [0.0] * 256 + [-float(i) for i in range(len(normal))]
+    if fim:
+        tokens += FIM_TOKENS
+        types += [4] * len(FIM_TOKENS)
+        scores += [0.0] * len(FIM_TOKENS)
     return tokens, scores, types
 
 
 VOCAB_SIZE = len(tiny_vocab()[0])
+FIM_VOCAB_SIZE = len(tiny_vocab(fim=True)[0])
 
 
 def tiny_config(family: str = "gemma3", **overrides) -> ModelConfig:
@@ -113,7 +124,7 @@ def write_hf_as_gguf(path: Path, hf_model, config: ModelConfig, **metadata) -> P
 
 
 def _write_gguf_file(path: Path, c: ModelConfig, arch: str, arrays: dict[str, np.ndarray], quant: str | None,
-                     with_tokenizer: bool, sliding_window_pattern=None) -> Path:
+                     with_tokenizer: bool, sliding_window_pattern=None, fim_tokens: bool = False) -> Path:
     import gguf
 
     if c.query_pre_attn_scalar != c.head_dim:
@@ -142,7 +153,7 @@ def _write_gguf_file(path: Path, c: ModelConfig, arch: str, arrays: dict[str, np
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_scaling_factor)
     if with_tokenizer:
-        tokens, scores, types = tiny_vocab()
+        tokens, scores, types = tiny_vocab(fim_tokens)
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
