@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemmakit.checkpoints.base import Checkpoint, TensorLoader
+from gemmakit.checkpoints.base import Checkpoint, TensorLoader, check_file_tensors, parameter_shapes
 from gemmakit.checkpoints.gguf_reader import GGUFFile, GGUFTensor, open_gguf
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
@@ -121,6 +121,16 @@ def _our_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_names(config: ModelConfig) -> dict[str, str]:
+    """Our parameter name -> the GGUF tensor name llama.cpp uses, for every parameter of ``config``."""
+    theirs = {ours: gguf for gguf, ours in _LAYER_NAMES.items()}
+    names = {"embed.weight": "token_embd.weight", "final_norm.weight": "output_norm.weight"}
+    for i in range(config.num_layers):
+        for ours, gguf in theirs.items():
+            names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{gguf}.weight"
+    return names
+
+
 def _loader(t: GGUFTensor, norm_offset: float) -> TensorLoader:
     def load() -> torch.Tensor:
         w = dequantize(t.raw, t.ggml_type, t.shape)
@@ -133,6 +143,7 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
     f = open_gguf(path)
     config = config_from_gguf(f)
     tensors: dict[str, TensorLoader] = {}
+    found: dict[str, tuple[int, ...]] = {}
     for name, t in f.tensors.items():
         ours = _our_name(name)
         if ours is None:
@@ -146,8 +157,12 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
                 f"{f.path}: tensor {name} uses quantisation type {t.ggml_type} which gemmakit cannot read"
             )
         tensors[ours] = _loader(t, 1.0 if name.endswith("norm.weight") else 0.0)
+        found[ours] = t.shape
+    names = gguf_names(config)
+    check_file_tensors(str(path), parameter_shapes(config), found, names)
     from gemmakit.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(f) if "tokenizer.ggml.tokens" in f.metadata else None
     return Checkpoint(config=config, tensors=tensors, source=str(path), tokenizer=tokenizer,
-                      metadata={"format": "gguf", "file_type": f.metadata.get("general.file_type")})
+                      metadata={"format": "gguf", "file_type": f.metadata.get("general.file_type")},
+                      file_names=names)
