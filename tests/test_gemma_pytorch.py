@@ -212,3 +212,13 @@ def test_unknown_shapes_ask_for_a_preset(tmp_path):
     path = write_ckpt(tmp_path / "tiny.ckpt", hf_model("gemma2").state_dict())
     with pytest.raises(CheckpointError, match="--config"):
         gemmakit.load(path)
+
+
+def test_config_is_refused_for_sources_that_carry_one(tmp_path):
+    from tiny import random_model, tiny_config, write_gguf
+
+    from gemmakit.errors import InvalidRequestError
+
+    path = write_gguf(tmp_path / "m.gguf", random_model(tiny_config(num_layers=1)))
+    with pytest.raises(InvalidRequestError, match="only"):
+        gemmakit.load(path, config="gemma-2b")
