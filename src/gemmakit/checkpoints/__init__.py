@@ -51,6 +51,7 @@ def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None 
             return open_gguf_checkpoint(path)
         if path.suffix in _TORCH_SUFFIXES or _has_zip_magic(path):
             from gemmakit.checkpoints.gemma_pytorch import open_gemma_pytorch_checkpoint
+
             return open_gemma_pytorch_checkpoint(path, config)
         raise UnsupportedModelError(f"{path}: not a model file gemmakit can read (expected .gguf, a gemma_pytorch .ckpt or a checkpoint directory)")
     if path.is_dir():
