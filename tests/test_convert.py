@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import gemmakit
 from gemmakit.checkpoints import open_checkpoint
@@ -94,9 +93,15 @@ def test_destination_that_exists_is_refused(tmp_path):
 
 
 def test_failure_half_way_leaves_nothing_behind(tmp_path):
-    model = random_model(tiny_config("gemma2"))
-    model.layers[4].mlp.up_proj.weight = nn.Parameter(torch.zeros(5, 64))  # a bad tensor late in the file
-    gguf = write_gguf(tmp_path / "bad.gguf", model)
-    with pytest.raises(CheckpointError, match=r"layers\.4\.mlp\.up_proj\.weight has shape \(5, 64\), expected \(96, 64\)"):
-        convert(gguf, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+    """A mis-shaped tensor late in a HF directory (its header is not checked up front) stops the
+    conversion after earlier tensors were written: neither DST nor the temporary directory remains."""
+    from safetensors.torch import load_file, save_file
+
+    random_hf_model("gemma2").save_pretrained(tmp_path / "src")
+    tensors = load_file(tmp_path / "src" / "model.safetensors")
+    tensors["model.layers.6.mlp.up_proj.weight"] = torch.zeros(5, 64)
+    save_file(tensors, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.6\.mlp\.up_proj\.weight has shape \(5, 64\), "
+                                              r"expected \(96, 64\)"):
+        convert(tmp_path / "src", tmp_path / "out", max_shard_bytes=10_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

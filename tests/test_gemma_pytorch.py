@@ -212,3 +212,23 @@ def test_unknown_shapes_ask_for_a_preset(tmp_path):
     path = write_ckpt(tmp_path / "tiny.ckpt", hf_model("gemma2").state_dict())
     with pytest.raises(CheckpointError, match="--config"):
         gemmakit.load(path)
+
+
+def test_config_is_refused_for_sources_that_carry_one(tmp_path):
+    from tiny import random_model, tiny_config, write_gguf
+
+    from gemmakit.errors import InvalidRequestError
+
+    path = write_gguf(tmp_path / "m.gguf", random_model(tiny_config(num_layers=1)))
+    with pytest.raises(InvalidRequestError, match="only"):
+        gemmakit.load(path, config="gemma-2b")
+
+
+def test_tokenizer_model_next_to_the_ckpt_is_used(tmp_path):
+    from tiny import random_model, tiny_config, write_gguf
+
+    gguf_tokenizer = open_checkpoint(write_gguf(tmp_path / "t.gguf", random_model(tiny_config(num_layers=1)))).tokenizer
+    gguf_tokenizer.save_pretrained(tmp_path / "kaggle")  # writes tokenizer.model (+ configs)
+    ckpt = write_ckpt(tmp_path / "kaggle" / "gemma-2b.ckpt", _shape_only_state(PRESETS["gemma-2b"]))
+    tokenizer = open_checkpoint(ckpt).tokenizer
+    assert tokenizer is not None and tokenizer.encode("the heat") == gguf_tokenizer.encode("the heat")

@@ -354,3 +354,17 @@ def test_info_reports_constant_state_memory():
     r2k, r100k = describe("recurrentgemma-2b", 2048), describe("recurrentgemma-2b", 100_000)
     # 18 recurrent layers x 2560 x (4-byte RG-LRU + 3 bf16 Conv1D inputs) + 8 rings x 2048 x (K + V) x 256 x 2 bytes
     assert r2k["state_bytes"]["bfloat16"] == r100k["state_bytes"]["bfloat16"] == 18 * 2560 * 10 + 8 * 2048 * 2 * 256 * 2
+
+
+def test_gemmakit_convert_writes_recurrent_hf_directory(pair, tmp_path):
+    """`gemmakit convert` on a RecurrentGemma source goes through the RecurrentGemma exporter."""
+    from transformers import AutoModelForCausalLM
+
+    from gemmakit.cli import main
+
+    hf, _, path = pair
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = _ids(1, 20, seed=5)
+    with torch.no_grad():
+        assert (again(ids).logits - hf(ids).logits).abs().max() <= 1e-5

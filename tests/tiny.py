@@ -19,8 +19,14 @@ from gemmakit.models.decoder import GemmaModel
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
-def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-style vocabulary: specials, 256 byte-fallback pieces, then letters and merges."""
+FIM_TOKENS = ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|file_separator|>"]
+
+
+def tiny_vocab(fim: bool = False) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary: specials, 256 byte-fallback pieces, then letters and merges.
+
+    ``fim=True`` appends CodeGemma's fill-in-the-middle pieces (USER_DEFINED, as in CodeGemma's
+    tokenizer) after everything else, so the ids of the plain vocabulary do not move."""
     tokens = list(SPECIALS)
     types = [3, 3, 3, 2, 3, 3]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
@@ -29,10 +35,15 @@ def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
     tokens += normal
     types += [1] * len(normal)
     scores = [0.0] * len(SPECIALS) + [0.0] * 256 + [-float(i) for i in range(len(normal))]
+    if fim:
+        tokens += FIM_TOKENS
+        types += [4] * len(FIM_TOKENS)
+        scores += [0.0] * len(FIM_TOKENS)
     return tokens, scores, types
 
 
 VOCAB_SIZE = len(tiny_vocab()[0])
+FIM_VOCAB_SIZE = len(tiny_vocab(fim=True)[0])
 
 
 def tiny_config(family: str = "gemma3", **overrides) -> ModelConfig:
@@ -75,14 +86,49 @@ def _gguf_name(ours: str) -> str:
 
 
 def write_gguf(path: Path, model: GemmaModel, arch: str | None = None, quant: str | None = None,
-               with_tokenizer: bool = True) -> Path:
+               with_tokenizer: bool = True, **metadata) -> Path:
     """Write ``model`` as a llama.cpp-style GGUF (norms stored as 1 + w, as the converter does)."""
+    arrays = {_gguf_name(name): p.detach().float().numpy() for name, p in model.state_dict().items()}
+    return _write_gguf_file(path, model.config, arch or model.config.family, arrays, quant, with_tokenizer, **metadata)
+
+
+# transformers' per-layer names -> llama.cpp's (gguf-py's tensor map for gemma, gemma2, gemma3)
+_HF_TO_GGUF = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+
+
+def write_hf_as_gguf(path: Path, hf_model, config: ModelConfig, **metadata) -> Path:
+    """Write a transformers Gemma model as llama.cpp's converter would, straight from transformers'
+    names (independently of gemmakit's own name tables). ``config`` supplies the GGUF metadata."""
+    arrays = {}
+    for name, t in hf_model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if name == "model.embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gguf_name = "output_norm.weight"
+        else:
+            _, _, index, rest = name.split(".", 3)
+            rest = rest.removesuffix(".weight")
+            if rest == "post_attention_layernorm":  # Gemma 1: the pre-MLP norm; Gemma 2/3: after attention
+                part = "ffn_norm" if config.family == "gemma" else "post_attention_norm"
+            else:
+                part = _HF_TO_GGUF[rest]
+            gguf_name = f"blk.{index}.{part}.weight"
+        arrays[gguf_name] = t.detach().float().numpy()
+    return _write_gguf_file(path, config, config.family, arrays, None, True, **metadata)
+
+
+def _write_gguf_file(path: Path, c: ModelConfig, arch: str, arrays: dict[str, np.ndarray], quant: str | None,
+                     with_tokenizer: bool, sliding_window_pattern=None, fim_tokens: bool = False) -> Path:
     import gguf
 
-    c = model.config
     if c.query_pre_attn_scalar != c.head_dim:
         raise ValueError("GGUF has no key for query_pre_attn_scalar; llama.cpp assumes head_dim")
-    arch = arch or c.family
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-" + arch)
     w.add_context_length(c.max_position_embeddings)
@@ -97,6 +143,8 @@ def write_gguf(path: Path, model: GemmaModel, arch: str | None = None, quant: st
     w.add_rope_freq_base(c.rope_theta)
     if c.sliding_window:
         w.add_sliding_window(c.sliding_window)
+    if sliding_window_pattern is not None:
+        w.add_sliding_window_pattern(sliding_window_pattern)
     if c.attn_logit_softcap:
         w.add_attn_logit_softcapping(c.attn_logit_softcap)
     if c.final_logit_softcap:
@@ -105,7 +153,7 @@ def write_gguf(path: Path, model: GemmaModel, arch: str | None = None, quant: st
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_scaling_factor)
     if with_tokenizer:
-        tokens, scores, types = tiny_vocab()
+        tokens, scores, types = tiny_vocab(fim_tokens)
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
@@ -116,15 +164,14 @@ def write_gguf(path: Path, model: GemmaModel, arch: str | None = None, quant: st
         w.add_pad_token_id(0)
         w.add_add_bos_token(True)
         w.add_add_space_prefix(False)
-    for name, p in model.state_dict().items():
-        data = p.detach().float().numpy()
+    for name, data in arrays.items():
         if "norm" in name:
             data = data + 1.0
         qtype = getattr(gguf.GGMLQuantizationType, quant) if quant and data.ndim == 2 else None
         if qtype is not None:
-            w.add_tensor(_gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
-            w.add_tensor(_gguf_name(name), np.ascontiguousarray(data))
+            w.add_tensor(name, np.ascontiguousarray(data))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -2,6 +2,7 @@
 
 from gemmakit.api import Generation, generate, load, stream
 from gemmakit.errors import GemmakitError
+from gemmakit.fim import infill
 
-__all__ = ["GemmakitError", "Generation", "generate", "load", "stream"]
+__all__ = ["GemmakitError", "Generation", "generate", "infill", "load", "stream"]
 __version__ = "0.1.0"

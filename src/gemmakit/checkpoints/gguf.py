@@ -3,9 +3,12 @@
 Facts this adapter relies on (from llama.cpp's converter and loader):
 - Gemma norm weights are stored with the 1 already added (``w + 1``); we subtract it again.
 - Tensors are stored with GGUF's dims reversed relative to PyTorch; the reader already flips them.
-- The GGUF metadata does not record the local/global layer pattern or the query scale; llama.cpp
-  hard-codes them per architecture, and so do we (Gemma 2: every 2nd layer global, Gemma 3: every
-  6th; query_pre_attn_scalar = head_dim except for the 27B sizes, where it is hidden / heads).
+- The GGUF metadata of Gemma 2/3 usually does not record the local/global layer pattern or the
+  query scale; llama.cpp hard-codes them per architecture, and so do we (Gemma 2: every 2nd layer
+  global, Gemma 3: every 6th; query_pre_attn_scalar = head_dim except for the 27B sizes, where it
+  is hidden / heads). Newer converters may write ``{arch}.attention.sliding_window_pattern``: an
+  integer period n (layer i is local unless i % n == n - 1; 0 means all local) or one bool per
+  layer (true = sliding window); when present it wins.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemmakit.checkpoints.base import Checkpoint, TensorLoader
+from gemmakit.checkpoints.base import Checkpoint, TensorLoader, check_file_tensors, parameter_shapes
 from gemmakit.checkpoints.gguf_reader import GGUFFile, GGUFTensor, open_gguf
 from gemmakit.errors import CheckpointError, UnsupportedModelError
-from gemmakit.models.config import ModelConfig, alternating
+from gemmakit.models.config import LayerKind, ModelConfig, alternating
 from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize
 
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
@@ -77,7 +80,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     scalar = hidden / heads if (arch, layers) in {("gemma2", 46), ("gemma3", 62)} else head_dim
     if arch == "gemma2":
         return ModelConfig(
-            family="gemma2", layer_kinds=alternating(layers, 2), query_pre_attn_scalar=scalar,
+            family="gemma2", layer_kinds=_layer_kinds(f, layers, 2), query_pre_attn_scalar=scalar,
             sliding_window=int(get("attention.sliding_window", 4096)),
             rope_theta=float(get("rope.freq_base", 10_000.0)), rope_local_theta=float(get("rope.freq_base", 10_000.0)),
             post_norms=True, attn_logit_softcap=float(get("attn_logit_softcapping", 50.0)),
@@ -87,10 +90,24 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if m.get(f"{arch}.rope.scaling.type", "linear") not in ("linear", "none"):
         raise UnsupportedModelError(f"{f.path}: RoPE scaling type {m[f'{arch}.rope.scaling.type']!r} is not supported")
     return ModelConfig(
-        family="gemma3", layer_kinds=alternating(layers, 6), query_pre_attn_scalar=scalar,
+        family="gemma3", layer_kinds=_layer_kinds(f, layers, 6), query_pre_attn_scalar=scalar,
         sliding_window=int(get("attention.sliding_window")), rope_theta=float(get("rope.freq_base", 1_000_000.0)),
         rope_local_theta=10_000.0, rope_scaling_factor=scaling, qk_norm=True, post_norms=True, **base,
     )
+
+
+def _layer_kinds(f: GGUFFile, layers: int, default_period: int) -> tuple[LayerKind, ...]:
+    """Local/global per layer from ``{arch}.attention.sliding_window_pattern``, else the family default."""
+    key = f"{f.architecture}.attention.sliding_window_pattern"
+    pattern = f.metadata.get(key)
+    if pattern is None:
+        return alternating(layers, default_period)
+    if isinstance(pattern, (int, np.integer)) and not isinstance(pattern, bool):
+        return ("local",) * layers if int(pattern) == 0 else alternating(layers, int(pattern))
+    flags = list(pattern) if isinstance(pattern, (list, tuple, np.ndarray)) else None
+    if flags is None or len(flags) != layers or not all(isinstance(x, (bool, np.bool_)) for x in flags):
+        raise CheckpointError(f"{f.path}: {key} must be an integer or {layers} booleans, got {pattern!r}")
+    return tuple("local" if x else "global" for x in flags)
 
 
 def _our_name(gguf_name: str) -> str | None:
@@ -102,6 +119,16 @@ def _our_name(gguf_name: str) -> str | None:
     if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_NAMES:
         return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
     return None
+
+
+def gguf_names(config: ModelConfig) -> dict[str, str]:
+    """Our parameter name -> the GGUF tensor name llama.cpp uses, for every parameter of ``config``."""
+    theirs = {ours: gguf for gguf, ours in _LAYER_NAMES.items()}
+    names = {"embed.weight": "token_embd.weight", "final_norm.weight": "output_norm.weight"}
+    for i in range(config.num_layers):
+        for ours, gguf in theirs.items():
+            names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{gguf}.weight"
+    return names
 
 
 def _loader(t: GGUFTensor, norm_offset: float) -> TensorLoader:
@@ -116,6 +143,7 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
     f = open_gguf(path)
     config = config_from_gguf(f)
     tensors: dict[str, TensorLoader] = {}
+    found: dict[str, tuple[int, ...]] = {}
     for name, t in f.tensors.items():
         ours = _our_name(name)
         if ours is None:
@@ -129,8 +157,12 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
                 f"{f.path}: tensor {name} uses quantisation type {t.ggml_type} which gemmakit cannot read"
             )
         tensors[ours] = _loader(t, 1.0 if name.endswith("norm.weight") else 0.0)
+        found[ours] = t.shape
+    names = gguf_names(config)
+    check_file_tensors(str(path), parameter_shapes(config), found, names)
     from gemmakit.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(f) if "tokenizer.ggml.tokens" in f.metadata else None
     return Checkpoint(config=config, tensors=tensors, source=str(path), tokenizer=tokenizer,
-                      metadata={"format": "gguf", "file_type": f.metadata.get("general.file_type")})
+                      metadata={"format": "gguf", "file_type": f.metadata.get("general.file_type")},
+                      file_names=names)

@@ -220,4 +220,5 @@ def open_hf_directory(directory: Path) -> Checkpoint:
     from gemmakit.tokenizer import Tokenizer
 
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
-                      tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"})
+                      tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
+                      file_names=mapping)

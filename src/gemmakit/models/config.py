@@ -195,6 +195,8 @@ def _presets() -> dict[str, ModelConfig]:
         _gemma2("gemma2-27b", 4608, 36864, 46, 32, 16, 128, 144),  # scalar = hidden / heads
         _gemma3("gemma3-270m", 640, 2048, 18, 4, 1, 256, 256, 512, 32_768, 262_144, 1.0),
         _gemma3("gemma3-1b", 1152, 6912, 26, 4, 1, 256, 256, 512, 32_768, 262_144, 1.0),
+        # 4B-27B: vocab 262208 as in [hf] (262144 + image tokens); [gp] embeds 262144 rows, and the .ckpt
+        # loader takes the vocabulary from the file's embedding shape.
         _gemma3("gemma3-4b", 2560, 10240, 34, 8, 4, 256, 256, 1024, 131_072, 262_208, 8.0),
         _gemma3("gemma3-12b", 3840, 15360, 48, 16, 8, 256, 256, 1024, 131_072, 262_208, 8.0),
         _gemma3("gemma3-27b", 5376, 21504, 62, 32, 16, 128, 168, 1024, 131_072, 262_208, 8.0),
