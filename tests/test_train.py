@@ -15,7 +15,7 @@ from gemmakit.train.loop import Trainer, TrainConfig
 from train_helpers import synthetic_task, tiny_gguf, write_jsonl
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
     # On a shared 2-core machine, intra-op threads spin against each other and tiny matmuls slow 100x.
     before = torch.get_num_threads()

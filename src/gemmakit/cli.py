@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object with ids, text and speed instead")
+    g.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     g.add_argument("prompt", metavar="PROMPT", help="the text to continue ('-' reads standard input)")
     g.set_defaults(func=cmd_generate)
 
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--list", action="store_true", help="list the preset names")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    from gemmakit.train.cli import register as register_training
+
+    register_training(sub)
     return parser
 
 
@@ -83,7 +88,8 @@ def _version() -> str:
 def _load(args):
     from gemmakit.api import load
 
-    return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty())
+    return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty(),
+                adapter=getattr(args, "adapter", None))
 
 
 def _sampling_kwargs(args) -> dict:
