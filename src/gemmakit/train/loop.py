@@ -159,14 +159,14 @@ class Trainer:
         loss_total = 0.0
         for rows in micro:
             mine = rows[self.rank::self.world]  # this rank's share of the micro-batch
-            if not mine:
-                continue
+            weight = self.world / total_targets  # ranks' gradients are averaged: scale to the global mean
+            if not mine:  # every rank must join the backward's collectives: run one block at weight 0
+                mine, weight = rows[:1], 0.0
             index = torch.tensor(mine)
             ids, mask = self.train.ids[index], self.train.mask[index]
             loss_sum = self.loss_fn(self.model, ids.to(self._device), mask.to(self._device), index)
-            # Data-parallel gradients are averaged over ranks; scale so the average is the global mean.
-            (loss_sum * (self.world / total_targets)).backward()
-            loss_total += loss_sum.item()
+            (loss_sum * weight).backward()
+            loss_total += loss_sum.item() if weight else 0.0
         if self.world > 1:
             import torch.distributed as dist
 
