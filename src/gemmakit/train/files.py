@@ -21,6 +21,7 @@ def atomic_directory(destination: str | Path) -> Iterator[Path]:
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs are ordinary directories
     try:
         yield tmp
         if destination.exists():
@@ -43,6 +44,7 @@ def atomic_file(destination: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{destination.name}.tmp-", dir=destination.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -51,3 +53,9 @@ def atomic_file(destination: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
