@@ -36,6 +36,10 @@ def finetune(model_src: str | None, data: str | Path, out: str | Path, lora: LoR
     else:
         model.requires_grad_(True)
     if world > 1:
+        if lora is not None:  # FSDP2 gathers a block's parameters as one dtype
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(model.dtype)
         distributed.shard_for_training(model)
     out = Path(out)
     trainer = Trainer(model, train_blocks, config, out, heldout=held, progress=progress, rank=rank, world=world)

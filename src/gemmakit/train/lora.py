@@ -62,7 +62,7 @@ class LoRALinear(nn.Linear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = self.lora_B(self.lora_A(self.dropout(x).float())) * self.scaling
+        update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))) * self.scaling
         return F.linear(x, self.weight, self.bias) + update.to(x.dtype)
 
     def merged_weight(self) -> torch.Tensor:
