@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c)
     c.add_argument("--system", default=None, help="a system message, folded into the first user turn")
+    c.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     c.set_defaults(func=cmd_chat, max_tokens=512)
 
     t = sub.add_parser("tokenize", help="print the token ids of TEXT as JSON", epilog=EPILOG,

@@ -21,16 +21,19 @@ def finetune(model_src: str | None, data: str | Path, out: str | Path, lora: LoR
              config: TrainConfig, seq_len: int = 256, dtype: str = "float32", resume: bool = False,
              skip_bad: bool = False, heldout: float = 0.1, merge: bool = False, progress: bool = True,
              log=print) -> TrainResult:
-    from gemmakit.api import load
+    from gemmakit.api import parse_dtype
+    from gemmakit.checkpoints import build_model, open_checkpoint
     from gemmakit.errors import TokenizerError
     from gemmakit.train import distributed
 
     config.check()
-    rank, world = distributed.setup()
-    model, tokenizer = load(model_src, dtype=dtype, device=distributed.device())
+    checkpoint = open_checkpoint(model_src)  # the tokenizer, without the weights yet: check the data first
+    tokenizer = checkpoint.tokenizer
     if tokenizer is None:
         raise TokenizerError(f"{model_src}: the model has no tokenizer to read the training data with")
     train_blocks, held = load_blocks(data, tokenizer, seq_len, heldout=heldout, seed=config.seed, skip_bad=skip_bad)
+    rank, world = distributed.setup()
+    model = build_model(checkpoint, parse_dtype(dtype), distributed.device())
     if lora is not None:
         apply_lora(model, lora, seed=config.seed)
     else:
