@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fim-prefix", metavar="TEXT", default=None,
                    help="fill in the middle (CodeGemma): the code before the gap; use instead of PROMPT")
     g.add_argument("--fim-suffix", metavar="TEXT", default=None, help="fill in the middle: the code after the gap")
+    g.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the text to continue ('-' reads standard input)")
     g.set_defaults(func=cmd_generate)
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c)
     c.add_argument("--system", default=None, help="a system message, folded into the first user turn")
+    c.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     c.set_defaults(func=cmd_chat, max_tokens=512)
 
     t = sub.add_parser("tokenize", help="print the token ids of TEXT as JSON", epilog=EPILOG,
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--shard-size", type=float, default=5.0, metavar="GB",
                    help="largest safetensors shard in GB (default 5)")
     v.set_defaults(func=cmd_convert)
+
+    from gemmakit.train.cli import register as register_training
+
+    register_training(sub)
     return parser
 
 
@@ -104,7 +110,7 @@ def _load(args):
     from gemmakit.api import load
 
     return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty(),
-                config=getattr(args, "config", None))
+                config=getattr(args, "config", None), adapter=getattr(args, "adapter", None))
 
 
 def _sampling_kwargs(args) -> dict:

@@ -1,0 +1,1 @@
+"""Fine-tuning, distillation, perplexity and distributed training (see the README section)."""
