@@ -14,6 +14,7 @@ from torch import nn
 from gemmakit.models.attention import Attention, StepContext, attention_mask
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
+from gemmakit.models.row_cache import RowKVCache
 from gemmakit.models.layers import GeGLU, RMSNorm, rope_cos_sin, softcap
 
 
@@ -64,6 +65,8 @@ class GemmaModel(nn.Module):
         positions: torch.Tensor | None = None,  # [B, T]; -1 marks left padding
         last_only: bool = False,
     ) -> torch.Tensor:
+        if isinstance(cache, RowKVCache):
+            return self._forward_rows(input_ids, cache, positions, last_only)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -81,6 +84,19 @@ class GemmaModel(nn.Module):
             h = h[:, -1:]
         h = self.final_norm(h)
         return softcap(F.linear(h, self.embed.weight), self.config.final_logit_softcap)
+
+    def _forward_rows(self, input_ids: torch.Tensor, cache: RowKVCache, positions: torch.Tensor,
+                      last_only: bool) -> torch.Tensor:
+        """Forward over a cache whose rows advance independently (the serving engine's batches)."""
+        h = self.embed(input_ids)  # [B, T, hidden]
+        h = h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype)
+        contexts = cache.contexts(positions, h.dtype)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h = layer(h, contexts[layer.kind], layer_cache)
+        cache.advance(positions)
+        if last_only:
+            h = h[:, -1:]
+        return softcap(F.linear(self.final_norm(h), self.embed.weight), self.config.final_logit_softcap)
 
     def _contexts(self, positions: torch.Tensor, cache: KVCache | None, dtype: torch.dtype) -> dict[str, StepContext]:
         """Rotary tables and masks for each layer kind, built once per step."""
