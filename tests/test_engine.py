@@ -38,11 +38,11 @@ def test_batched_engine_equals_one_request_alone(family):
     model = random_model(tiny_config(family))
     engine = Engine(model, max_batch=3, prefill_chunk=7)
     try:
-        got = engine.generate([Request(tuple(p), max_tokens=15, stop_ids=frozenset()) for p in prompts()])
+        got = engine.generate([Request(tuple(p), max_tokens=10, stop_ids=frozenset()) for p in prompts()])
     finally:
         engine.shutdown()
     for p, out in zip(prompts(), got):
-        assert out[0] == reference(model, p, 15)
+        assert out[0] == reference(model, p, 10)
     assert engine.stats.requests_finished == 8 and engine.running == 0
 
 

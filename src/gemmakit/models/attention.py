@@ -31,6 +31,7 @@ class StepContext:
     ring_skip: int = 0  # how many of the new keys fall out of the window before being stored
     write_slots: torch.Tensor | None = None  # [B, T] per-row slot of each new key (RowKVCache)
     attend_len: int = 0  # with write_slots: how many stored slots the step attends to
+    write_first: bool = False  # with write_slots on a ring: store, then attend to the ring alone
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -116,7 +117,7 @@ def _update_rows(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
                  ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row writes (continuous batching): each row's keys go to its own slots ``ctx.write_slots``."""
     index = ctx.write_slots[:, None, :, None].expand_as(k)  # [B, Hkv, T, D]
-    if not ctx.ring:
+    if not ctx.ring or ctx.write_first:
         cache.keys.scatter_(2, index, k)
         cache.values.scatter_(2, index, v)
         return cache.keys[:, :, :ctx.attend_len], cache.values[:, :, :ctx.attend_len]

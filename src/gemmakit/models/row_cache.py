@@ -103,15 +103,23 @@ class RowKVCache:
             row_end = positions.max(dim=1, keepdim=True).values + 1
             keep = real & (positions >= row_end - self.window)
             slots = torch.where(keep, positions % self.window, self.window)
-            k_pos = torch.cat([self.ring_positions[:, :self.window], positions], dim=1)
+            if positions.shape[1] == 1:
+                # Decode: the slot a new key takes held position p - window, which the query at p
+                # no longer sees; so write first and attend to the ring in place (no copy).
+                self.ring_positions.scatter_(1, slots, positions)
+                self.ring_positions[:, self.window] = -1
+                k_pos, self._pending_ring = self.ring_positions[:, :self.window], None
+            else:
+                k_pos = torch.cat([self.ring_positions[:, :self.window], positions], dim=1)
+                self._pending_ring = slots
             out["local"] = StepContext(cos, sin, attention_mask(positions, k_pos, c.sliding_window), ring=True,
-                                       write_slots=slots, attend_len=self.window)
-            self._pending_ring = slots
+                                       write_slots=slots, attend_len=self.window,
+                                       write_first=self._pending_ring is None)
         return out
 
     def advance(self, positions: torch.Tensor) -> None:
         """After every layer ran: record which positions the rings now hold."""
-        if "local" in self.config.layer_kinds:
+        if "local" in self.config.layer_kinds and self._pending_ring is not None:
             self.ring_positions.scatter_(1, self._pending_ring, positions)
             self.ring_positions[:, self.window] = -1
 
