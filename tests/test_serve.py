@@ -217,3 +217,13 @@ def test_disconnect_mid_stream_frees_the_slot(served):
     assert metric(url, "gemmakit_running_sequences") == 0
     assert metric(url, "gemmakit_requests_cancelled_total") == cancelled + 1
     assert engine.stats.generated_tokens_total > 0 and metric(url, "gemmakit_queue_depth") == 0
+
+
+def test_serve_command_rejects_bad_arguments_with_one_line(capsys, tmp_path):
+    from gemmakit.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing.gguf")]) == 2
+    assert main(["serve", "--port", "70000"]) == 2
+    assert main(["serve", "--max-batch", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("gemmakit: error: ") for line in lines)

@@ -96,7 +96,11 @@ class GemmaModel(nn.Module):
         cache.advance(positions)
         if last_only:
             h = h[:, -1:]
-        return softcap(F.linear(self.final_norm(h), self.embed.weight), self.config.final_logit_softcap)
+        h = self.final_norm(h)
+        # weight @ h^T rather than h @ weight^T: with a few rows and a 256K vocabulary, BLAS streams
+        # the big matrix once this way round (measured ~2x faster on CPU at 16 rows).
+        logits = (self.embed.weight @ h.reshape(-1, h.shape[-1]).T).T.reshape(*h.shape[:-1], -1)
+        return softcap(logits, self.config.final_logit_softcap)
 
     def _contexts(self, positions: torch.Tensor, cache: KVCache | None, dtype: torch.dtype) -> dict[str, StepContext]:
         """Rotary tables and masks for each layer kind, built once per step."""
