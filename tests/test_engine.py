@@ -173,3 +173,17 @@ def test_penalties_and_min_p():
     assert torch.allclose(pf, torch.tensor([2.0 - 0.5 - 0.75, -1.0, 0.5 - 0.5 - 0.25, 0.0]))
     kept = min_p_filter(logits, 0.2)  # p_i >= 0.2 p_max  <=>  logit_i >= 2 + ln 0.2 = 0.39
     assert torch.isinf(kept).tolist() == [False, True, False, True]
+
+
+def test_kv_memory_cap_bounds_the_rows_and_the_rest_queue():
+    model = random_model(tiny_config("gemma3"))
+    per_row = Engine(model, max_batch=1).cache.nbytes()
+    engine = Engine(model, max_batch=8, max_kv_bytes=int(per_row * 2.5))
+    assert engine.rows == 2 and engine.cache.nbytes() == 2 * per_row
+    try:
+        got = engine.generate([Request(tuple(p), max_tokens=4, stop_ids=frozenset()) for p in prompts()[:5]])
+    finally:
+        engine.shutdown()
+    assert [len(g[0]) for g in got] == [4] * 5
+    with pytest.raises(InvalidRequestError, match="max_kv_bytes"):
+        Engine(model, max_kv_bytes=100)
