@@ -72,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("text", metavar="TEXT")
     t.set_defaults(func=cmd_tokenize)
 
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions)", epilog=EPILOG,
+                       description="Serve a model over HTTP with the OpenAI API (/v1/chat/completions, "
+                                   "/v1/completions, /v1/models), batching concurrent requests.")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    s.add_argument("--max-batch", type=int, default=8, help="most sequences decoded at once (default 8)")
+    s.add_argument("--max-seq-len", type=int, default=None,
+                   help="most tokens per sequence, prompt included (default: the context, capped at 4096)")
+    s.add_argument("--kv-cache-mib", type=int, default=None,
+                   help="cap the key/value cache at this many MiB (fewer batch rows if needed; default: no cap)")
+    s.set_defaults(func=cmd_serve)
+
     i = sub.add_parser("info", help="architecture, parameters and memory of a model or preset", epilog=EPILOG)
     i.add_argument("--model", "-m", metavar="SRC", default=None,
                    help="a .gguf file, checkpoint directory or preset name (see --list)")
@@ -200,6 +214,18 @@ def cmd_tokenize(args) -> int:
     if tokenizer is None:
         raise _tokenizer_missing(args.model)
     print(json.dumps(tokenizer.encode(args.text)))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from gemmakit.serve import run_server
+
+    if not 0 < args.port < 65536:
+        raise _invalid(f"--port must be in 1..65535, got {args.port}")
+    if args.max_batch < 1:
+        raise _invalid(f"--max-batch must be >= 1, got {args.max_batch}")
+    kv_bytes = args.kv_cache_mib * 2**20 if args.kv_cache_mib is not None else None
+    run_server(args.model, args.host, args.port, args.api_key, args.max_batch, args.dtype, args.max_seq_len, kv_bytes)
     return 0
 
 

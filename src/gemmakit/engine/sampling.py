@@ -1,4 +1,4 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, penalties.
 
 Pure functions over tensors; the random generator is passed in so that a seed reproduces a run.
 """
@@ -20,6 +20,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = no limit
     top_p: float = 1.0
     seed: int | None = None
+    min_p: float = 0.0  # drop tokens less likely than min_p * (the best token's probability)
+    repetition_penalty: float = 1.0  # CTRL-style: seen tokens' logits / p (if > 0) or * p (if < 0)
+    presence_penalty: float = 0.0  # OpenAI-style: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI-style: minus this times how often the token was generated
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -28,6 +32,17 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -47,6 +62,37 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the best one's. ``logits``: [..., V]."""
+    if min_p <= 0.0:
+        return logits
+    # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p): no softmax needed.
+    threshold = logits.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(min_p))
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
+                    counts: torch.Tensor) -> torch.Tensor:
+    """Penalise repeats. ``seen`` [..., V] bool: in prompt or output; ``counts`` [..., V]: times generated."""
+    if params.repetition_penalty != 1.0:
+        p = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if params.presence_penalty or params.frequency_penalty:
+        logits = logits - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
+    return logits
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """Pick a token from one row's (already penalised) ``logits [V]``, with every filter applied."""
+    logits = logits.float()
+    if params.greedy:
+        return int(logits.argmax())
+    logits = filter_logits(logits[None] / params.temperature, params.top_k, params.top_p)[0]
+    logits = min_p_filter(logits, params.min_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

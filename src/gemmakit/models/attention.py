@@ -29,6 +29,9 @@ class StepContext:
     cache_start: int = 0  # first timeline column written by this step
     ring_slots: torch.Tensor | None = None  # ring indices receiving the last new keys
     ring_skip: int = 0  # how many of the new keys fall out of the window before being stored
+    write_slots: torch.Tensor | None = None  # [B, T] per-row slot of each new key (RowKVCache)
+    attend_len: int = 0  # with write_slots: how many stored slots the step attends to
+    write_first: bool = False  # with write_slots on a ring: store, then attend to the ring alone
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
@@ -115,6 +118,8 @@ def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
                   ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Store this step's keys/values and return all keys/values the step may attend to."""
     T = k.shape[2]
+    if ctx.write_slots is not None:
+        return _update_rows(cache, k, v, ctx)
     if not ctx.ring:
         end = ctx.cache_start + T
         cache.keys[:, :, ctx.cache_start:end] = k
@@ -125,4 +130,19 @@ def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
     all_v = torch.cat([cache.values, v], dim=2)
     cache.keys[:, :, ctx.ring_slots] = k[:, :, ctx.ring_skip:]
     cache.values[:, :, ctx.ring_slots] = v[:, :, ctx.ring_skip:]
+    return all_k, all_v
+
+
+def _update_rows(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
+                 ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row writes (continuous batching): each row's keys go to its own slots ``ctx.write_slots``."""
+    index = ctx.write_slots[:, None, :, None].expand_as(k)  # [B, Hkv, T, D]
+    if not ctx.ring or ctx.write_first:
+        cache.keys.scatter_(2, index, k)
+        cache.values.scatter_(2, index, v)
+        return cache.keys[:, :, :ctx.attend_len], cache.values[:, :, :ctx.attend_len]
+    all_k = torch.cat([cache.keys[:, :, :ctx.attend_len], k], dim=2)
+    all_v = torch.cat([cache.values[:, :, :ctx.attend_len], v], dim=2)
+    cache.keys.scatter_(2, index, k)
+    cache.values.scatter_(2, index, v)
     return all_k, all_v

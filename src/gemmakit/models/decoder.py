@@ -15,6 +15,7 @@ from gemmakit.models.attention import Attention, StepContext, attention_mask
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.griffin import RecurrentBlock, RecurrentContext
+from gemmakit.models.row_cache import RowKVCache
 from gemmakit.models.layers import GeGLU, RMSNorm, rope_cos_sin, softcap
 
 
@@ -85,6 +86,8 @@ class GemmaModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # [B, T, hidden], already scaled; replaces input_ids
         groups: torch.Tensor | None = None,  # [B, T]; tokens sharing a group >= 0 attend both ways
     ) -> torch.Tensor:
+        if isinstance(cache, RowKVCache):
+            return self._forward_rows(input_ids, cache, positions, last_only)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
         start = cache.length if cache is not None else 0
@@ -101,6 +104,22 @@ class GemmaModel(nn.Module):
             h = h[:, -1:]
         h = self.final_norm(h)
         return softcap(F.linear(h, self.embed.weight), self.config.final_logit_softcap)
+
+    def _forward_rows(self, input_ids: torch.Tensor, cache: RowKVCache, positions: torch.Tensor,
+                      last_only: bool) -> torch.Tensor:
+        """Forward over a cache whose rows advance independently (the serving engine's batches)."""
+        h = self.embed_tokens(input_ids)  # [B, T, hidden]
+        contexts = cache.contexts(positions, h.dtype)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h = layer(h, contexts[layer.kind], layer_cache)
+        cache.advance(positions)
+        if last_only:
+            h = h[:, -1:]
+        h = self.final_norm(h)
+        # weight @ h^T rather than h @ weight^T: with a few rows and a 256K vocabulary, BLAS streams
+        # the big matrix once this way round (measured ~2x faster on CPU at 16 rows).
+        logits = (self.embed.weight @ h.reshape(-1, h.shape[-1]).T).T.reshape(*h.shape[:-1], -1)
+        return softcap(logits, self.config.final_logit_softcap)
 
     def _contexts(self, positions: torch.Tensor, cache: KVCache | None, dtype: torch.dtype,
                   groups: torch.Tensor | None = None) -> dict[str, StepContext | RecurrentContext]:

@@ -1,0 +1,434 @@
+"""A continuous-batching engine: many requests, one model, one running batch.
+
+The engine owns a :class:`~gemmakit.models.row_cache.RowKVCache` of ``rows`` rows; each running
+sequence holds one row. Every iteration of the loop
+
+1. drops cancelled sequences (a client went away) and frees their rows;
+2. admits waiting requests into free rows (requests beyond the rows wait in a queue, they never
+   fail), reusing the longest cached prefix a free row still holds (prefix caching);
+3. runs one prefill chunk for every sequence still reading its prompt (chunked prefill: a long
+   prompt takes several iterations, so running sequences keep decoding in between);
+4. runs one decode step for every sequence that has a sampled token to feed;
+5. samples per sequence with its own parameters and generator, and reports tokens as events.
+
+So requests join and leave the batch at token boundaries. The engine knows nothing of HTTP: a
+caller hands :meth:`Engine.submit` a callback, which runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gemmakit.engine.sampling import SamplingParams, apply_penalties, make_generator, sample_one
+from gemmakit.engine.stopping import StopStrings
+from gemmakit.errors import InvalidRequestError
+from gemmakit.models.row_cache import RowKVCache
+
+
+@dataclass(frozen=True)
+class Request:
+    """One completion request, as the engine sees it (token ids in, token ids out)."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int = 16
+    params: SamplingParams = SamplingParams()
+    n: int = 1
+    stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
+    stop_ids: frozenset[int] | None = None  # None: the tokenizer's end-of-turn ids
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob plus the k best
+
+
+@dataclass
+class Event:
+    """What one sequence produced this step. ``finish_reason`` is set on its last event."""
+
+    index: int  # which of the request's n choices
+    token_id: int | None = None
+    text: str = ""
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    error: str | None = None
+
+
+class RequestHandle:
+    """The caller's side of a submitted request: counts and cancellation."""
+
+    def __init__(self, request_id: int, request: Request, on_event: Callable[[Event], None]) -> None:
+        self.id = request_id
+        self.request = request
+        self.on_event = on_event
+        self.prompt_tokens = len(request.prompt_ids)
+        self.cached_tokens = 0  # prompt tokens of the first choice served from the prefix cache
+        self.completion_tokens = 0
+        self.cancelled = False
+        self.remaining = request.n  # choices not finished yet
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Stop generating for this request (safe from any thread); its row is freed next step."""
+        self.cancelled = True
+
+
+@dataclass
+class _Sequence:
+    handle: RequestHandle
+    index: int
+    tokens: list[int]  # prompt + generated
+    prompt_len: int
+    max_new: int
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    stopper: StopStrings
+    decoder: object | None
+    row: int = -1
+    fed: int = 0  # tokens whose keys/values are in the row
+    generated: int = 0
+    counts: torch.Tensor | None = None  # [V] times each token was generated (penalties)
+    seen: torch.Tensor | None = None  # [V] bool: in prompt or output (repetition penalty)
+
+
+@dataclass
+class EngineStats:
+    requests_total: int = 0
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    prompt_tokens_total: int = 0
+    prefilled_tokens_total: int = 0  # prompt tokens actually computed (not served from the prefix cache)
+    cached_tokens_total: int = 0  # prompt tokens served from the prefix cache
+    generated_tokens_total: int = 0
+    steps_total: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, tokens) of recent steps
+
+    def tokens_per_second(self, horizon: float = 10.0) -> float:
+        now = time.perf_counter()
+        window = [(t, n) for t, n in self.recent if now - t <= horizon]
+        if not window:
+            return 0.0
+        span = max(now - window[0][0], 1e-3)
+        return sum(n for _, n in window) / span
+
+
+class Engine:
+    """Serves many requests on one model with continuous batching (see the module docstring).
+
+    ``max_batch`` bounds concurrent sequences; ``max_kv_bytes`` (when given) lowers it so that the
+    key/value cache, allocated once up front, fits in that many bytes. ``max_seq_len`` bounds one
+    sequence (prompt + output); it defaults to the model's context, capped at 4096 tokens.
+    """
+
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_seq_len: int | None = None,
+                 prefill_chunk: int = 256, max_kv_bytes: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        config = model.config
+        self.max_seq_len = min(max_seq_len or min(config.max_position_embeddings, 4096),
+                               config.max_position_embeddings)
+        self.prefill_chunk = prefill_chunk
+        rows = max_batch
+        if max_kv_bytes is not None:
+            per_row = RowKVCache(config, 1, self.max_seq_len, model.dtype, "meta").nbytes()
+            rows = min(rows, max_kv_bytes // per_row)
+            if rows < 1:
+                raise InvalidRequestError(
+                    f"max_kv_bytes {max_kv_bytes} holds no sequence of {self.max_seq_len} tokens "
+                    f"(one needs {per_row} bytes); raise it or lower max_seq_len")
+        self.rows = rows
+        self.cache = RowKVCache(config, rows, self.max_seq_len, model.dtype, model.device)
+        self.default_stop_ids = tokenizer.stop_ids() if tokenizer is not None else frozenset()
+        self.stats = EngineStats()
+        self._ids = itertools.count(1)
+        self._lock = threading.Condition()
+        self._incoming: deque[_Sequence] = deque()
+        self._waiting: deque[_Sequence] = deque()
+        self._owner: list[_Sequence | None] = [None] * rows
+        self._row_tokens: list[list[int]] = [[] for _ in range(rows)]  # what each row's cache holds
+        self._row_used: list[float] = [0.0] * rows
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- the caller's side (any thread) ---------------------------------------------------------
+
+    def submit(self, request: Request, on_event: Callable[[Event], None]) -> RequestHandle:
+        """Validate and queue ``request``; ``on_event`` receives its :class:`Event` s (engine thread)."""
+        prompt = list(request.prompt_ids)
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        if len(prompt) >= self.max_seq_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt)} tokens but this server's context is {self.max_seq_len} tokens")
+        if request.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if not 1 <= request.n <= self.rows * 4:
+            raise InvalidRequestError(f"n must be in [1, {self.rows * 4}], got {request.n}")
+        if request.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a model with a tokenizer")
+        handle = RequestHandle(next(self._ids), request, on_event)
+        max_new = min(request.max_tokens, self.max_seq_len - len(prompt))
+        stop_ids = self.default_stop_ids if request.stop_ids is None else request.stop_ids
+        seqs = []
+        for i in range(request.n):
+            seed = None if request.params.seed is None else request.params.seed + i
+            seqs.append(_Sequence(
+                handle=handle, index=i, tokens=list(prompt), prompt_len=len(prompt), max_new=max_new,
+                generator=make_generator(seed), stop_ids=stop_ids, stopper=StopStrings(request.stop),
+                decoder=self.tokenizer.stream_decoder() if self.tokenizer is not None else None))
+        with self._lock:
+            self.stats.requests_total += 1
+            self.stats.prompt_tokens_total += len(prompt) * request.n
+            self._incoming.extend(seqs)
+            self._lock.notify()
+        return handle
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._incoming) + len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self._owner)
+
+    def start(self) -> Engine:
+        """Run the loop on a background thread (idempotent)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="gemmakit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._incoming and not self._waiting and not self.running:
+                    self._lock.wait(timeout=1.0)
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # keep serving: fail what was running, not the server
+                self._fail_running(f"{type(exc).__name__}: {exc}")
+
+    # --- one iteration (engine thread) ----------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduler iteration: cancel, admit, prefill a chunk, decode a token, sample."""
+        with self._lock:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+        self._drop_cancelled()
+        self._admit()
+        produced = 0
+        prefilling = [s for s in self._owner if s is not None and s.fed < s.prompt_len]
+        if prefilling:
+            produced += self._prefill(prefilling)
+        decoding = [s for s in self._owner if s is not None and s.fed == len(s.tokens) - 1
+                    and s.fed >= s.prompt_len]
+        if decoding:
+            produced += self._decode(decoding)
+        self.stats.steps_total += 1
+        self.stats.generated_tokens_total += produced
+        self.stats.recent.append((time.perf_counter(), produced))
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._waiting if s.handle.cancelled]:
+            self._waiting.remove(seq)
+            self._finish(seq, "cancelled")
+        for seq in self._owner:
+            if seq is not None and seq.handle.cancelled:
+                self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        while self._waiting:
+            free = [r for r in range(self.rows) if self._owner[r] is None]
+            if not free:
+                return
+            seq = self._waiting.popleft()
+            row, reuse = self._pick_row(free, seq.tokens)
+            self.cache.truncate(row, reuse)
+            self._row_tokens[row] = self._row_tokens[row][:reuse]
+            self._owner[row] = seq
+            seq.row, seq.fed = row, reuse
+            if seq.index == 0:
+                seq.handle.cached_tokens = reuse
+            self.stats.cached_tokens_total += reuse
+
+    def _pick_row(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
+        """The free row holding the longest reusable prefix of ``prompt`` (else the least recently used)."""
+        best_row, best_len = min(free, key=lambda r: self._row_used[r]), 0
+        for r in free:
+            held = self._row_tokens[r]
+            n = 0
+            limit = min(len(held), len(prompt) - 1)  # the last prompt token is always computed: its logits
+            while n < limit and held[n] == prompt[n]:
+                n += 1
+            if n > best_len and self.cache.holds_prefix(r, n):
+                best_row, best_len = r, n
+        return best_row, best_len
+
+    def _prefill(self, seqs: list[_Sequence]) -> int:
+        """One chunk of every prompt still being read, left-padded into one forward pass."""
+        chunks = [s.tokens[s.fed:min(s.fed + self.prefill_chunk, s.prompt_len)] for s in seqs]
+        logits = self._forward(seqs, chunks)
+        produced = 0
+        for i, (seq, chunk) in enumerate(zip(seqs, chunks)):
+            self._row_tokens[seq.row].extend(chunk)
+            seq.fed += len(chunk)
+            self.stats.prefilled_tokens_total += len(chunk)
+            if seq.fed == seq.prompt_len:
+                produced += self._sample(seq, logits[i])
+        return produced
+
+    def _decode(self, seqs: list[_Sequence]) -> int:
+        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs])
+        produced = 0
+        for i, seq in enumerate(seqs):
+            self._row_tokens[seq.row].append(seq.tokens[-1])
+            seq.fed += 1
+            produced += self._sample(seq, logits[i])
+        return produced
+
+    def _forward(self, seqs: list[_Sequence], chunks: list[list[int]]) -> torch.Tensor:
+        """Run ``chunks`` (one per sequence) on the smallest slice of rows holding them -> logits [len(seqs), V]."""
+        lo = min(s.row for s in seqs)
+        hi = max(s.row for s in seqs) + 1
+        T = max(len(c) for c in chunks)
+        device = self.model.device
+        ids = torch.zeros(hi - lo, T, dtype=torch.long)
+        positions = torch.full((hi - lo, T), -1, dtype=torch.long)
+        for seq, chunk in zip(seqs, chunks):
+            r = seq.row - lo
+            ids[r, T - len(chunk):] = torch.tensor(chunk, dtype=torch.long)
+            positions[r, T - len(chunk):] = torch.arange(seq.fed, seq.fed + len(chunk))
+        logits = self.model(ids.to(device), cache=self.cache.view(lo, hi), positions=positions.to(device),
+                            last_only=True)  # [rows, 1, V]
+        index = torch.tensor([s.row - lo for s in seqs], device=logits.device)
+        return logits[index, -1].float()  # [len(seqs), V]
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
+        """Pick the next token of ``seq`` from ``logits [V]``, report it, and finish if it stops."""
+        params = seq.handle.request.params
+        raw = logits
+        if params.penalised:
+            if seq.counts is None:
+                seq.counts = torch.zeros_like(logits)
+                seq.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+                seq.seen[torch.tensor(seq.tokens[:seq.prompt_len])] = True
+            logits = apply_penalties(logits, params, seq.seen, seq.counts)
+        token = sample_one(logits, params, seq.generator)
+        seq.tokens.append(token)
+        seq.generated += 1
+        if seq.counts is not None:
+            seq.counts[token] += 1
+            seq.seen[token] = True
+        handle = seq.handle
+        handle.completion_tokens += 1
+        if handle.first_token_at is None:
+            handle.first_token_at = time.perf_counter()
+        event = Event(index=seq.index, token_id=token)
+        want = handle.request.logprobs
+        if want is not None:
+            logp = torch.log_softmax(raw, dim=-1)
+            event.logprob = float(logp[token])
+            if want > 0:
+                top = torch.topk(logp, want)
+                event.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+        finish = None
+        if token in seq.stop_ids:
+            finish = "stop"
+        else:
+            piece = seq.decoder.push(token) if seq.decoder is not None else ""
+            event.text, stopped = seq.stopper.push(piece)
+            if stopped:
+                finish = "stop"
+        if finish is None and seq.generated >= seq.max_new:
+            finish = "length"
+        if finish == "length" or token in seq.stop_ids:  # not cut by a stop string: release held text
+            event.text += self._flush(seq)
+        if finish is not None:
+            event.finish_reason = finish
+            self._emit(handle, event)
+            self._release(seq)
+            return 1
+        self._emit(handle, event)
+        return 1
+
+    @staticmethod
+    def _flush(seq: _Sequence) -> str:
+        tail = seq.decoder.flush() if seq.decoder is not None else ""
+        text, _ = seq.stopper.push(tail)
+        return text + seq.stopper.flush()
+
+    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
+        self._emit(seq.handle, Event(index=seq.index, finish_reason=reason, error=error))
+        self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        """Free the row but keep its keys/values: a later prompt with the same prefix reuses them."""
+        if seq.row >= 0:
+            self._owner[seq.row] = None
+            self._row_used[seq.row] = time.perf_counter()
+            seq.row = -1
+        seq.handle.remaining -= 1
+        if seq.handle.remaining == 0:
+            self.stats.requests_finished += 1
+            self.stats.requests_cancelled += seq.handle.cancelled
+
+    def _emit(self, handle: RequestHandle, event: Event) -> None:
+        try:
+            handle.on_event(event)
+        except Exception:  # a broken consumer must not stop the engine
+            handle.cancel()
+
+    def _fail_running(self, message: str) -> None:
+        for seq in list(self._owner):
+            if seq is not None:
+                self.cache.truncate(seq.row, 0)
+                self._row_tokens[seq.row] = []
+                self._finish(seq, "error", message)
+
+    # --- a synchronous helper (tests, scripts) --------------------------------------------------
+
+    def generate(self, requests: Sequence[Request], timeout: float = 300.0) -> list[list[list[int]]]:
+        """Run ``requests`` to completion on the engine thread; token ids per request and choice."""
+        results = [[[] for _ in range(r.n)] for r in requests]
+        done = threading.Semaphore(0)
+        pending = [r.n for r in requests]
+
+        def collector(k: int):
+            def on_event(ev: Event) -> None:
+                if ev.token_id is not None:
+                    results[k][ev.index].append(ev.token_id)
+                if ev.finish_reason is not None:
+                    pending[k] -= 1
+                    if pending[k] == 0:
+                        done.release()
+            return on_event
+
+        self.start()
+        for k, r in enumerate(requests):
+            self.submit(r, collector(k))
+        deadline = time.monotonic() + timeout
+        for _ in requests:
+            if not done.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+                raise TimeoutError("the engine did not finish in time")
+        return results

@@ -1,0 +1,130 @@
+"""A KV cache whose rows move independently: the cache of a continuous-batching engine.
+
+:class:`~gemmakit.models.cache.KVCache` advances one column cursor for the whole batch (rows are
+left-padded to line up). A serving engine cannot line rows up: requests join and leave at every
+token, one row prefills a prompt chunk while another decodes its 300th token. Here each row writes
+its keys at its own columns, chosen from the positions of the new tokens:
+
+- global layers: column = position (row ``r``'s token at position ``p`` lives in column ``p``);
+- local layers: ring slot = position % window;
+- padding (position ``-1``) goes to one extra "trash" slot at the end that no mask ever shows.
+
+Masks stay a pure function of stored positions (``attention_mask``), so nothing else changes.
+A row can be cut back to a prefix (``truncate``), which is what prefix caching needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gemmakit.models.attention import StepContext, attention_mask
+from gemmakit.models.cache import LayerCache
+from gemmakit.models.config import ModelConfig
+from gemmakit.models.layers import rope_cos_sin
+
+
+class RowKVCache:
+    """``rows`` independent sequences of up to ``max_len`` tokens each."""
+
+    def __init__(self, config: ModelConfig, rows: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", *, _views: tuple | None = None) -> None:
+        self.config = config
+        self.max_len = max_len
+        self.window = min(config.sliding_window or max_len, max_len)
+        if _views is not None:  # a slice of another cache's rows, sharing its storage
+            self.layers, self.global_positions, self.ring_positions = _views
+            self.rows = self.global_positions.shape[0]
+            return
+        self.rows = rows
+        shape = (rows, config.num_kv_heads)
+        self.layers: list[LayerCache] = []
+        for kind in config.layer_kinds:
+            slots = (self.window if kind == "local" else max_len) + 1  # +1: the trash slot for padding
+            self.layers.append(LayerCache(
+                keys=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
+                values=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
+            ))
+        self.global_positions = torch.full((rows, max_len + 1), -1, dtype=torch.long, device=device)
+        self.ring_positions = torch.full((rows, self.window + 1), -1, dtype=torch.long, device=device)
+
+    def nbytes(self) -> int:
+        return sum(c.keys.nbytes + c.values.nbytes for c in self.layers)
+
+    def view(self, start: int, stop: int) -> RowKVCache:
+        """Rows ``[start, stop)`` as a cache sharing this one's storage (writes land here)."""
+        layers = [LayerCache(c.keys[start:stop], c.values[start:stop]) for c in self.layers]
+        return RowKVCache(self.config, 0, self.max_len, torch.float32,
+                          _views=(layers, self.global_positions[start:stop], self.ring_positions[start:stop]))
+
+    def truncate(self, row: int, length: int) -> None:
+        """Forget every position >= ``length`` in ``row`` (``0`` empties it)."""
+        g, r = self.global_positions[row], self.ring_positions[row]
+        g[g >= length] = -1
+        r[r >= length] = -1
+
+    def holds_prefix(self, row: int, length: int) -> bool:
+        """True when ``row`` can continue from position ``length`` after :meth:`truncate`.
+
+        Global columns hold every position, but a local ring holds only the last ``window`` of
+        them: continuing at ``length`` needs positions ``length - window + 1 .. length - 1``.
+        """
+        if length == 0:
+            return True
+        if self.config.sliding_window is None or "local" not in self.config.layer_kinds:
+            return bool((self.global_positions[row, :length] >= 0).all()) if length <= self.max_len else False
+        ring = self.ring_positions[row, :self.window]
+        need = torch.arange(max(0, length - self.window + 1), length, device=ring.device)
+        return bool(torch.isin(need, ring).all())
+
+    # --- used by GemmaModel.forward -------------------------------------------------------------
+
+    def contexts(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, StepContext]:
+        """Rotary tables, masks and write slots of one step; ``positions`` ``[B, T]``, -1 = padding."""
+        c = self.config
+        if int(positions.max()) >= self.max_len:
+            from gemmakit.errors import InvalidRequestError
+
+            raise InvalidRequestError(f"a sequence would exceed the cache size of {self.max_len} tokens")
+        real = positions >= 0
+        out: dict[str, StepContext] = {}
+        kinds = set(c.layer_kinds)
+        if "global" in kinds:
+            cos, sin = rope_cos_sin(positions.clamp(min=0), c.head_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+            slots = torch.where(real, positions, self.max_len)  # [B, T]
+            self.global_positions.scatter_(1, slots, positions)
+            self.global_positions[:, self.max_len] = -1
+            length = int(positions.max()) + 1  # no real query sees a column past its own position
+            k_pos = self.global_positions[:, :length]
+            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None), ring=False,
+                                        write_slots=slots, attend_len=length)
+        if "local" in kinds:
+            cos, sin = rope_cos_sin(positions.clamp(min=0), c.head_dim, c.rope_local_theta, 1.0, dtype)
+            # Only the last `window` new tokens of a row survive in its ring; the rest go to trash.
+            row_end = positions.max(dim=1, keepdim=True).values + 1
+            keep = real & (positions >= row_end - self.window)
+            slots = torch.where(keep, positions % self.window, self.window)
+            if positions.shape[1] == 1:
+                # Decode: the slot a new key takes held position p - window, which the query at p
+                # no longer sees; so write first and attend to the ring in place (no copy).
+                self.ring_positions.scatter_(1, slots, positions)
+                self.ring_positions[:, self.window] = -1
+                k_pos, self._pending_ring = self.ring_positions[:, :self.window], None
+            else:
+                k_pos = torch.cat([self.ring_positions[:, :self.window], positions], dim=1)
+                self._pending_ring = slots
+            out["local"] = StepContext(cos, sin, attention_mask(positions, k_pos, c.sliding_window), ring=True,
+                                       write_slots=slots, attend_len=self.window,
+                                       write_first=self._pending_ring is None)
+        return out
+
+    def advance(self, positions: torch.Tensor) -> None:
+        """After every layer ran: record which positions the rings now hold."""
+        if "local" in self.config.layer_kinds and self._pending_ring is not None:
+            self.ring_positions.scatter_(1, self._pending_ring, positions)
+            self.ring_positions[:, self.window] = -1
+
+    def lengths(self) -> torch.Tensor:
+        """Number of positions held by each row's global columns (or the last ring position + 1)."""
+        if "global" in self.config.layer_kinds:
+            return (self.global_positions[:, :self.max_len] >= 0).sum(1)
+        return self.ring_positions.max(dim=1).values + 1
