@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8, help="most sequences decoded at once (default 8)")
     s.add_argument("--max-seq-len", type=int, default=None,
                    help="most tokens per sequence, prompt included (default: the context, capped at 4096)")
+    s.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     s.add_argument("--kv-cache-mib", type=int, default=None,
                    help="cap the key/value cache at this many MiB (fewer batch rows if needed; default: no cap)")
     s.set_defaults(func=cmd_serve)
@@ -225,7 +226,8 @@ def cmd_serve(args) -> int:
     if args.max_batch < 1:
         raise _invalid(f"--max-batch must be >= 1, got {args.max_batch}")
     kv_bytes = args.kv_cache_mib * 2**20 if args.kv_cache_mib is not None else None
-    run_server(args.model, args.host, args.port, args.api_key, args.max_batch, args.dtype, args.max_seq_len, kv_bytes)
+    run_server(args.model, args.host, args.port, args.api_key, args.max_batch, args.dtype, args.max_seq_len, kv_bytes,
+               adapter=args.adapter)
     return 0
 
 
