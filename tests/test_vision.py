@@ -261,3 +261,29 @@ def test_images_to_a_text_model_are_refused(tmp_path, capsys):
         gemmakit.generate(model, tokenizer, "x", images=[image])
     assert main(["generate", "--model", str(path), "--image", str(image), "x"]) == 2
     assert "text-only model" in capsys.readouterr().err
+
+
+def test_chat_image_command(pair, tmp_path, capsys, monkeypatch):
+    import io
+
+    from gemmakit.cli import main
+
+    kind, _, _, _, path = pair
+    image = tmp_path / "a.png"
+    picture(2).save(image)
+    script = f"/image {tmp_path / 'missing.png'}\n/image {image}\nwhat is it\nand now\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["chat", "--model", str(path), "-n", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "gemmakit: error: image not found" in err and f"(image attached: {image})" in err
+    assert "Traceback" not in err
+
+
+def test_info_reports_the_vision_tower(pair):
+    from gemmakit.info import describe
+
+    _, hf, _, _, path = pair
+    report = describe(str(path))
+    assert report["vision"]["tokens_per_image"] == (16 if "pali" in str(path) else 4)
+    assert report["parameters"] == sum(p.numel() for n, p in hf.named_parameters()
+                                       if ".head." not in n and "lm_head" not in n)

@@ -198,7 +198,9 @@ def cmd_info(args) -> int:
     from gemmakit.models.config import PRESETS
 
     if args.list:
-        print("\n".join(sorted(PRESETS)))
+        from gemmakit.models.multimodal import VISION_PRESETS
+
+        print("\n".join(sorted([*PRESETS, *VISION_PRESETS])))
         return 0
     report = describe(args.model, args.context)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
