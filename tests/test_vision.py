@@ -287,3 +287,29 @@ def test_info_reports_the_vision_tower(pair):
     assert report["vision"]["tokens_per_image"] == (16 if "pali" in str(path) else 4)
     assert report["parameters"] == sum(p.numel() for n, p in hf.named_parameters()
                                        if ".head." not in n and "lm_head" not in n)
+
+
+def test_gemma3_window_bounds_an_image_longer_than_it(tmp_path):
+    """16 soft tokens per image, window 8: transformers applies the window on top of the image group."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    torch.manual_seed(3)
+    hf = Gemma3ForConditionalGeneration(Gemma3Config(
+        vision_config=SiglipVisionConfig(**VIS).to_dict(), mm_tokens_per_image=16, image_token_index=SOFT,
+        boi_token_index=SOI, eoi_token_index=EOI,
+        text_config=Gemma3TextConfig(**{**TXT, "num_hidden_layers": 2}, hidden_activation="gelu_pytorch_tanh",
+                                     sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                     query_pre_attn_scalar=20).to_dict())).eval()
+    with torch.no_grad():  # the projector starts at zero: random, or every image would be the same zeros
+        for name, p in hf.named_parameters():
+            if "norm" in name or "mm_input_projection" in name:
+                p.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path)
+    _tokenizer().save_pretrained(tmp_path)
+    model, tokenizer = gemmakit.load(tmp_path)
+    ids, pixel_values = _inputs(model, tokenizer, "<start_of_image> and <start_of_image> compare", 2)
+    expected = _hf_logits("gemma3", hf, ids, pixel_values)
+    assert (model(ids, pixel_values=pixel_values) - expected).abs().max().item() <= 1e-4
+    # PaliGemma 2's rule (the group passes the window) would give other logits here.
+    model.decoder.config = model.decoder.config.replace(group_bypasses_window=True)
+    assert (model(ids, pixel_values=pixel_values) - expected).abs().max().item() > 1e-3
