@@ -129,6 +129,13 @@ def test_logits_match_transformers(pair, n_images):
     # The bidirectional groups matter: an all-causal mask gives other logits.
     causal = model(ids, pixel_values=pixel_values, groups=torch.full_like(ids, -1))
     assert (causal - expected).abs().max().item() > 1e-3
+    if kind == "paligemma2":  # the prompt is longer than the window: the prefix group must pass it
+        config = model.decoder.config
+        model.decoder.config = config.replace(group_bypasses_window=False)
+        try:
+            assert (model(ids, pixel_values=pixel_values) - expected).abs().max().item() > 1e-3
+        finally:
+            model.decoder.config = config
 
 
 def test_gemma3_images_between_text(pair):
