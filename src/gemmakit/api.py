@@ -72,8 +72,15 @@ def _require_tokenizer(tokenizer) -> None:
 
 def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max_tokens: int = 256,
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                      stop_ids: frozenset[int] | None = None) -> Iterator[tuple[str, Generation]]:
-    """Yield ``(new_text, generation_so_far)`` as tokens are produced (the engine of the API and CLI)."""
+                      stop_ids: frozenset[int] | None = None, images: list | None = None,
+                      pan_and_scan: bool = False) -> Iterator[tuple[str, Generation]]:
+    """Yield ``(new_text, generation_so_far)`` as tokens are produced (the engine of the API and CLI).
+
+    ``images`` (paths, bytes or PIL images) need a vision-language model; see gemmakit.vision.
+    """
+    from gemmakit.vision.generate import prepare_vision  # vision add-on: checks everything before any work
+
+    model, prompt, chunk = prepare_vision(model, tokenizer, prompt, images, pan_and_scan)
     if isinstance(prompt, str):
         _require_tokenizer(tokenizer)
         if not prompt:
@@ -86,7 +93,7 @@ def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     result = Generation(prompt_ids=prompt_ids)
     decoder = tokenizer.stream_decoder() if tokenizer is not None else None
-    for step in generate_steps(model, [prompt_ids], max_tokens, params, stop_ids):
+    for step in generate_steps(model, [prompt_ids], max_tokens, params, stop_ids, **chunk):
         token = step.tokens[0]
         result.stats = step.stats
         if token is None:

@@ -36,6 +36,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
 
 
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", "-i", metavar="PATH", action="append", default=None,
+                   help="an image for a vision model (PaliGemma, Gemma 3 4B+); repeat for several images")
+    p.add_argument("--pan-and-scan", action="store_true",
+                   help="Gemma 3 vision: also show the model crops of wide or tall images")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gemmakit", description="Run Gemma models on your own machine.", epilog=EPILOG)
@@ -52,17 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fill in the middle (CodeGemma): the code before the gap; use instead of PROMPT")
     g.add_argument("--fim-suffix", metavar="TEXT", default=None, help="fill in the middle: the code after the gap")
     g.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
+    _add_image_args(g)
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the text to continue ('-' reads standard input)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat", epilog=EPILOG,
                        description="Chat with a model in Gemma's turn format. /reset clears the history, "
+                                   "/image PATH attaches an image to your next message (vision models), "
                                    "/exit (or Ctrl-D) quits.")
     _add_model_args(c)
     _add_sampling_args(c)
     c.add_argument("--system", default=None, help="a system message, folded into the first user turn")
     c.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
+    c.add_argument("--pan-and-scan", action="store_true", help="Gemma 3 vision: add crops of wide/tall images")
     c.set_defaults(func=cmd_chat, max_tokens=512)
 
     t = sub.add_parser("tokenize", help="print the token ids of TEXT as JSON", epilog=EPILOG,
@@ -144,6 +154,11 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not fim and not prompt:
         raise _invalid("the prompt is empty")
+    images = args.image or []
+    from gemmakit.vision.preprocess import load_image
+
+    for path in images:  # a bad image fails before the model is loaded
+        load_image(path)
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise _tokenizer_missing(args.model)
@@ -154,7 +169,8 @@ def cmd_generate(args) -> int:
         prompt = fim_prompt(tokenizer, args.fim_prefix or "", args.fim_suffix or "")
         stop_ids = fim_stop_ids(tokenizer)
     result = None
-    for piece, result in stream_generation(model, tokenizer, prompt, stop_ids=stop_ids, **_sampling_kwargs(args)):
+    for piece, result in stream_generation(model, tokenizer, prompt, stop_ids=stop_ids, images=images or None,
+                                           pan_and_scan=args.pan_and_scan, **_sampling_kwargs(args)):
         if not args.json and piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -179,10 +195,14 @@ def cmd_chat(args) -> int:
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise _tokenizer_missing(args.model)
+    from gemmakit.vision.chat import ChatImages
+
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    images = ChatImages(model)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("gemmakit chat: /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+        print("gemmakit chat: /reset clears the history, /image PATH attaches an image, /exit or Ctrl-D quits.",
+              file=sys.stderr)
     while True:
         try:
             line = input("> " if interactive else "")
@@ -195,11 +215,19 @@ def cmd_chat(args) -> int:
             break
         if text == "/reset":
             history = history[:1] if args.system else []
+            images.reset()
             print("(history cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
+        if text.startswith("/image"):
+            try:
+                print(images.attach(text[len("/image"):].strip()), file=sys.stderr)
+            except GemmakitError as exc:  # a bad image costs the user nothing but this line
+                print(f"gemmakit: error: {exc}", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": images.mark(text)})
         reply = ""
-        for piece, _ in stream_generation(model, tokenizer, render_chat(history), **_sampling_kwargs(args)):
+        for piece, _ in stream_generation(model, tokenizer, render_chat(history), images=images.all() or None,
+                                          pan_and_scan=args.pan_and_scan, **_sampling_kwargs(args)):
             reply += piece
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -236,7 +264,9 @@ def cmd_info(args) -> int:
     from gemmakit.models.config import PRESETS
 
     if args.list:
-        print("\n".join(sorted(PRESETS)))
+        from gemmakit.models.multimodal import VISION_PRESETS
+
+        print("\n".join(sorted([*PRESETS, *VISION_PRESETS])))
         return 0
     report = describe(args.model, args.context)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -21,6 +21,10 @@ GIB = 1024**3
 def _config_for(source: str | None) -> tuple[ModelConfig, dict[str, Any]]:
     if source is not None and source in PRESETS and not Path(source).exists():
         return PRESETS[source], {"source": f"preset {source}"}
+    from gemmakit.models.multimodal import VISION_PRESETS
+
+    if source is not None and source in VISION_PRESETS and not Path(source).exists():
+        return VISION_PRESETS[source], {"source": f"preset {source}"}
     from gemmakit.checkpoints import open_checkpoint
 
     checkpoint = open_checkpoint(source)
@@ -35,6 +39,12 @@ def describe(source: str | None, context: int | None = None) -> dict[str, Any]:
     config, extra = _config_for(source)
     context = context or config.max_position_embeddings
     params = config.num_parameters()
+    if hasattr(config, "vision"):  # a vision-language model: report its decoder, and the tower beside it
+        v = config.vision
+        extra["vision"] = {"image_size": v.image_size, "patch_size": v.patch_size, "layers": v.num_layers,
+                           "hidden_size": v.hidden_size, "tokens_per_image": config.tokens_per_image,
+                           "parameters": v.num_parameters()}
+        config = config.text
     kinds = Counter(config.layer_kinds)
     return {
         **extra,
@@ -82,6 +92,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"vocabulary   {r['vocab_size']}; max context {r['max_context']}",
         f"parameters   {r['parameters']:,} ({r['parameters'] / 1e6:.0f}M)",
     ]
+    if "vision" in r:
+        v = r["vision"]
+        lines.append(f"vision       SigLIP {v['image_size']}px / {v['patch_size']}, {v['layers']} layers x "
+                     f"{v['hidden_size']}, {v['tokens_per_image']} tokens per image, "
+                     f"{v['parameters'] / 1e6:.0f}M parameters (included above)")
     if "file_bytes" in r:
         lines.append(f"file         {_gib(r['file_bytes'])}")
     lines.append("weights      " + ", ".join(f"{k} {_gib(v)}" for k, v in r["weight_bytes"].items()))

@@ -62,8 +62,13 @@ def generate_steps(
     max_new_tokens: int,
     sampling: SamplingParams = SamplingParams(),
     stop_ids: frozenset[int] = frozenset(),
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> Iterator[StepOutput]:
-    """Yield one :class:`StepOutput` per generated position until every row stops."""
+    """Yield one :class:`StepOutput` per generated position until every row stops.
+
+    ``prefill_chunk`` bounds the tokens per prefill call; a prompt with images prefills in one call
+    (its bidirectional image groups must be whole).
+    """
     context = model.config.max_position_embeddings
     check_prompts(prompts, context)
     if max_new_tokens < 0:
@@ -84,8 +89,8 @@ def generate_steps(
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
 
     t0 = time.perf_counter()
-    for start in range(0, longest, PREFILL_CHUNK):
-        chunk = slice(start, start + PREFILL_CHUNK)
+    for start in range(0, longest, prefill_chunk):
+        chunk = slice(start, start + prefill_chunk)
         logits = model(ids[:, chunk], cache=cache, positions=positions[:, chunk], last_only=True)
     next_tokens = sample(logits[:, -1], sampling, generator)
     stats.prefill_s = time.perf_counter() - t0

@@ -1,0 +1,1 @@
+"""Images into vision-language prompts: loading and preprocessing (Pillow), and prompt layouts."""

@@ -1,0 +1,43 @@
+"""Turn a generate request with images into what the text engine runs: ids + a bound model."""
+
+from __future__ import annotations
+
+from gemmakit.errors import InvalidRequestError, TokenizerError
+
+
+def prepare_vision(model, tokenizer, prompt, images, pan_and_scan: bool = False):
+    """``(model_for_engine, prompt, engine_kwargs)`` for a request; text-only requests pass through.
+
+    Every check (model kind, image files, placeholder counts, context length) happens here, before
+    the engine starts, so bad input never fails half-way through a generation.
+    """
+    from gemmakit.models.multimodal import ImagePrompt, VisionLanguageModel
+
+    is_vlm = isinstance(model, VisionLanguageModel)
+    if not images:
+        if pan_and_scan:
+            raise InvalidRequestError("pan & scan needs an image")
+        if not is_vlm:
+            return model, prompt, {}
+        if model.config.layout == "paligemma":
+            raise InvalidRequestError("PaliGemma answers about an image: pass one (--image PATH / images=[...])")
+        return model.decoder, prompt, {}  # Gemma 3 without images is its text decoder
+    if not is_vlm:
+        raise InvalidRequestError("this is a text-only model; images need a vision model "
+                                  "(PaliGemma, PaliGemma 2, or Gemma 3 4B/12B/27B with its vision tower)")
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("a prompt with images must be text (image tokens are placed for you)")
+    if tokenizer is None:
+        raise TokenizerError("this model has no tokenizer; a prompt with images needs one")
+    if pan_and_scan and model.config.layout != "gemma3":
+        raise InvalidRequestError("pan & scan is a Gemma 3 option; PaliGemma sees one fixed-size view")
+    from gemmakit.vision.preprocess import preprocess, spec_for
+    from gemmakit.vision.prompt import build_prompt
+
+    pixel_values, crops = preprocess(list(images), spec_for(model.config), pan_and_scan)
+    ids = build_prompt(model.config, tokenizer, prompt, crops)
+    context = model.config.max_position_embeddings
+    if len(ids) >= context:
+        raise InvalidRequestError(f"the prompt with its images is {len(ids)} tokens; the model's context is {context}")
+    bound = ImagePrompt(model, pixel_values.to(model.dtype))
+    return bound, ids, {"prefill_chunk": len(ids)}
