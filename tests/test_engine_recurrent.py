@@ -120,3 +120,48 @@ def test_chat_follow_up_continues_the_state_and_other_prompts_recompute(model):
     assert computed == 4  # the row held prompt + 11 fed answer tokens: the 12th and the new turn remain
     # The same prompt again: the row moved on past it while answering, so it is all recomputed.
     assert computed_twice == len(follow_up)
+
+
+def test_server_smoke_with_a_recurrent_model(model, tmp_path):
+    """The OpenAI-compatible server on RecurrentGemma: a chat reply and concurrent completions
+    equal gemmakit's plain generation of each prompt alone."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import threading
+
+    from live_server import live_server
+    from tiny import tiny_config, write_gguf
+
+    import gemmakit
+    from gemmakit.chat_template import render_chat
+    from gemmakit.serve.app import create_app
+
+    tokenizer = gemmakit.load(write_gguf(tmp_path / "t.gguf", random_model(tiny_config("gemma"))))[1]
+    messages = [{"role": "user", "content": "tell me a tale"}]
+    want_chat = gemmakit.generate(model, tokenizer, render_chat(messages), max_tokens=8)
+    prompts_text = [f"story {i} about {'abc'[i] * (3 * i + 1)}" for i in range(3)]
+    want = []
+    for text in prompts_text:
+        result = None
+        for _, result in gemmakit.api.stream_generation(model, tokenizer, text, 8, stop_ids=frozenset()):
+            pass
+        want.append(tokenizer.decode(result.token_ids))
+
+    engine = Engine(model, tokenizer, max_batch=2, prefill_chunk=5)
+    with live_server(create_app(engine, tokenizer, "tiny-recurrentgemma")) as url:
+        reply = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny-recurrentgemma", "messages": messages, "max_tokens": 8, "temperature": 0}).json()
+        got: list = [None] * 3
+
+        def ask(i: int) -> None:
+            body = {"model": "tiny-recurrentgemma", "prompt": prompts_text[i], "max_tokens": 8, "temperature": 0,
+                    "ignore_eos": True}
+            got[i] = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert reply["choices"][0]["message"]["content"] == want_chat
+    assert got == want
