@@ -43,7 +43,7 @@ RG_LRU_C = 8.0
 class RecurrentContext:
     """What recurrent layers need for this step: where each token sits in its sequence."""
 
-    positions: torch.Tensor  # [B, T]; 0 = sequence start (state reset), -1 = left padding
+    positions: torch.Tensor  # [B, T]; 0 = sequence start (state reset), -1 = padding (state untouched)
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
@@ -99,7 +99,10 @@ class CausalConv1D(nn.Module):
     """Depthwise causal convolution of temporal width ``K``: ``out_t = bias + sum_s w[K-1-s] * x_{t-s}``.
 
     A tap never reaches back past the start of the token's sequence (``s <= position_t``), which is
-    the reference's document masking and what makes left padding harmless.
+    the reference's document masking and what makes left padding before a sequence start harmless.
+    Padding (position -1) is skipped altogether: taps see the previous *real* inputs and the
+    history comes out unchanged by padding, so a serving engine can pad a row that continues a
+    sequence (or a row that has nothing to do this step) without disturbing its state.
     """
 
     def __init__(self, width: int, temporal_width: int) -> None:
@@ -116,11 +119,34 @@ class CausalConv1D(nn.Module):
         if history is None:
             history = x.new_zeros(B, K - 1, W)
         ext = torch.cat([history.to(x.dtype), x], dim=1)  # [B, K-1+T, W]
-        out = x * self.weight[K - 1] + self.bias
+        order = None
+        if bool((positions < 0).any()):
+            ext, order = _padding_first(ext, positions, K - 1)
+            positions = positions.gather(1, order)
+        out = ext[:, K - 1:] * self.weight[K - 1] + self.bias
         for shift in range(1, K):  # K is small (4): a loop over taps, each vectorised over all tokens
             same_sequence = (positions >= shift)[..., None].to(x.dtype)  # [B, T, 1]
             out = out + ext[:, K - 1 - shift:K - 1 - shift + T] * self.weight[K - 1 - shift] * same_sequence
+        if order is not None:  # back to the callers' token order (padding outputs are junk, never read)
+            out = torch.empty_like(out).scatter_(1, order[..., None].expand_as(out), out)
         return out, ext[:, ext.shape[1] - (K - 1):]
+
+
+def _padding_first(ext: torch.Tensor, positions: torch.Tensor, hist: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder ``ext = [history, x]`` ``[B, hist+T, W]`` to ``[x's padding, history, x's real tokens]``.
+
+    Then the history sits right before the row's first real token, every real token's taps read
+    real inputs only, and the last ``hist`` entries (the new history) are the old history when the
+    row has fewer real tokens than that, padding included. Returns the reordered ``ext`` and
+    ``order [B, T]``: the column of ``x`` now at each place (a stable sort, padding first).
+    """
+    real = positions >= 0  # [B, T]
+    order = torch.sort(real.to(torch.int8), dim=1, stable=True).indices  # padding columns first
+    n_pad = (~real).sum(1, keepdim=True)  # [B, 1]
+    i = torch.arange(ext.shape[1], device=ext.device)[None]  # [1, hist+T]
+    from_x = hist + order.gather(1, torch.where(i < n_pad, i, (i - hist).clamp(min=0)).clamp(max=order.shape[1] - 1))
+    index = torch.where((i >= n_pad) & (i < n_pad + hist), i - n_pad, from_x)  # [B, hist+T]
+    return ext.gather(1, index[..., None].expand(-1, -1, ext.shape[2])), order
 
 
 class RGLRU(nn.Module):
@@ -142,8 +168,10 @@ class RGLRU(nn.Module):
         start = (positions == 0)[..., None]  # [B, T, 1]
         # sqrt(1 - a^2) keeps the state's scale independent of the decay; not applied at a sequence start.
         multiplier = torch.where(start, torch.ones_like(a), torch.sqrt(1 - torch.exp(2 * log_a)))
-        b = (x * gate_x * multiplier.to(x.dtype)).masked_fill((positions < 0)[..., None], 0.0)
-        a = a.masked_fill((positions <= 0)[..., None], 0.0)  # reset: forget whatever came before (padding)
+        pad = (positions < 0)[..., None]
+        b = (x * gate_x * multiplier.to(x.dtype)).masked_fill(pad, 0.0)
+        a = a.masked_fill(start, 0.0)  # reset: forget whatever came before the sequence start
+        a = a.masked_fill(pad, 1.0)  # padding (a = 1, b = 0) passes the state through unchanged
         h = linear_scan(a.float(), b.float(), h0)
         return h.to(x.dtype), h[:, -1]
 

@@ -11,6 +11,11 @@ its keys at its own columns, chosen from the positions of the new tokens:
 
 Masks stay a pure function of stored positions (``attention_mask``), so nothing else changes.
 A row can be cut back to a prefix (``truncate``), which is what prefix caching needs.
+
+Recurrent (Griffin) layers keep one :class:`~gemmakit.models.cache.RecurrentState` row per
+sequence. Padding steps leave it untouched (see :mod:`gemmakit.models.griffin`) and position 0
+resets it, so rows need no cursor of their own; but a state summarises *all* tokens it has read,
+so it can only be continued, never cut back: ``recurrent_len`` counts the positions it holds.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from __future__ import annotations
 import torch
 
 from gemmakit.models.attention import StepContext, attention_mask
-from gemmakit.models.cache import LayerCache
+from gemmakit.models.cache import LayerCache, RecurrentState
 from gemmakit.models.config import ModelConfig
+from gemmakit.models.griffin import RecurrentContext
 from gemmakit.models.layers import rope_cos_sin
 
 
@@ -32,13 +38,20 @@ class RowKVCache:
         self.max_len = max_len
         self.window = min(config.sliding_window or max_len, max_len)
         if _views is not None:  # a slice of another cache's rows, sharing its storage
-            self.layers, self.global_positions, self.ring_positions = _views
+            self.layers, self.global_positions, self.ring_positions, self.recurrent_len = _views
             self.rows = self.global_positions.shape[0]
             return
         self.rows = rows
         shape = (rows, config.num_kv_heads)
-        self.layers: list[LayerCache] = []
+        self.layers: list[LayerCache | RecurrentState] = []
         for kind in config.layer_kinds:
+            if kind == "recurrent":
+                width = config.recurrent_width
+                self.layers.append(RecurrentState(
+                    rg_lru=torch.zeros(rows, width, dtype=torch.float32, device=device),
+                    conv=torch.zeros(rows, config.conv1d_width - 1, width, dtype=dtype, device=device),
+                ))
+                continue
             slots = (self.window if kind == "local" else max_len) + 1  # +1: the trash slot for padding
             self.layers.append(LayerCache(
                 keys=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
@@ -46,30 +59,40 @@ class RowKVCache:
             ))
         self.global_positions = torch.full((rows, max_len + 1), -1, dtype=torch.long, device=device)
         self.ring_positions = torch.full((rows, self.window + 1), -1, dtype=torch.long, device=device)
+        # Positions read by each row's recurrent state (-1: cut back, holds no usable prefix).
+        self.recurrent_len = torch.zeros(rows, dtype=torch.long, device=device)
 
     def nbytes(self) -> int:
-        return sum(c.keys.nbytes + c.values.nbytes for c in self.layers)
+        return sum(c.rg_lru.nbytes + c.conv.nbytes if isinstance(c, RecurrentState) else c.keys.nbytes + c.values.nbytes
+                   for c in self.layers)
 
     def view(self, start: int, stop: int) -> RowKVCache:
         """Rows ``[start, stop)`` as a cache sharing this one's storage (writes land here)."""
-        layers = [LayerCache(c.keys[start:stop], c.values[start:stop]) for c in self.layers]
+        layers = [RecurrentState(c.rg_lru[start:stop], c.conv[start:stop]) if isinstance(c, RecurrentState)
+                  else LayerCache(c.keys[start:stop], c.values[start:stop]) for c in self.layers]
         return RowKVCache(self.config, 0, self.max_len, torch.float32,
-                          _views=(layers, self.global_positions[start:stop], self.ring_positions[start:stop]))
+                          _views=(layers, self.global_positions[start:stop], self.ring_positions[start:stop],
+                                  self.recurrent_len[start:stop]))
 
     def truncate(self, row: int, length: int) -> None:
         """Forget every position >= ``length`` in ``row`` (``0`` empties it)."""
         g, r = self.global_positions[row], self.ring_positions[row]
         g[g >= length] = -1
         r[r >= length] = -1
+        if length == 0 or length < self.recurrent_len[row]:  # a state cannot forget its last tokens
+            self.recurrent_len[row] = 0 if length == 0 else -1
 
     def holds_prefix(self, row: int, length: int) -> bool:
         """True when ``row`` can continue from position ``length`` after :meth:`truncate`.
 
         Global columns hold every position, but a local ring holds only the last ``window`` of
         them: continuing at ``length`` needs positions ``length - window + 1 .. length - 1``.
+        A recurrent state continues only from exactly the positions it has read.
         """
         if length == 0:
             return True
+        if "recurrent" in self.config.layer_kinds and int(self.recurrent_len[row]) != length:
+            return False
         if self.config.sliding_window is None or "local" not in self.config.layer_kinds:
             return bool((self.global_positions[row, :length] >= 0).all()) if length <= self.max_len else False
         ring = self.ring_positions[row, :self.window]
@@ -88,8 +111,10 @@ class RowKVCache:
         real = positions >= 0
         out: dict[str, StepContext] = {}
         kinds = set(c.layer_kinds)
+        if "recurrent" in kinds:
+            out["recurrent"] = RecurrentContext(positions)  # padding (-1) leaves a row's state as it is
         if "global" in kinds:
-            cos, sin = rope_cos_sin(positions.clamp(min=0), c.head_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+            cos, sin = rope_cos_sin(positions.clamp(min=0), c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
             slots = torch.where(real, positions, self.max_len)  # [B, T]
             self.global_positions.scatter_(1, slots, positions)
             self.global_positions[:, self.max_len] = -1
@@ -98,7 +123,7 @@ class RowKVCache:
             out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None), ring=False,
                                         write_slots=slots, attend_len=length)
         if "local" in kinds:
-            cos, sin = rope_cos_sin(positions.clamp(min=0), c.head_dim, c.rope_local_theta, 1.0, dtype)
+            cos, sin = rope_cos_sin(positions.clamp(min=0), c.rotary_dim, c.rope_local_theta, 1.0, dtype)
             # Only the last `window` new tokens of a row survive in its ring; the rest go to trash.
             row_end = positions.max(dim=1, keepdim=True).values + 1
             keep = real & (positions >= row_end - self.window)
@@ -122,6 +147,9 @@ class RowKVCache:
         if "local" in self.config.layer_kinds and self._pending_ring is not None:
             self.ring_positions.scatter_(1, self._pending_ring, positions)
             self.ring_positions[:, self.window] = -1
+        if "recurrent" in self.config.layer_kinds:
+            last = positions.max(dim=1).values  # [B]; -1 for a row that only padded
+            self.recurrent_len.copy_(torch.where(last >= 0, last + 1, self.recurrent_len))
 
     def lengths(self) -> torch.Tensor:
         """Number of positions held by each row's global columns (or the last ring position + 1)."""
