@@ -34,13 +34,22 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
-         device: str | torch.device = "cpu", progress: bool = False):
+         device: str | torch.device = "cpu", progress: bool = False, quant: str | None = None):
     """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, or the default model.
 
-    The tokenizer is ``None`` when the source carries no tokenizer files.
+    The tokenizer is ``None`` when the source carries no tokenizer files. ``quant`` ("int8" or
+    "int4") stores the weights quantised, computing in ``dtype`` (default bfloat16 then).
     """
     t0 = time.perf_counter()
     checkpoint = open_checkpoint(source)
+    if quant not in (None, "none"):
+        from gemmakit.quant.linear import quantize_model
+
+        compute = parse_dtype(dtype or "bfloat16")
+        model = quantize_model(build_model(checkpoint, compute, device, progress=progress), quant, dtype=compute)
+        model.load_seconds = time.perf_counter() - t0
+        model.source = checkpoint.source
+        return model, checkpoint.tokenizer
     model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress)
     model.load_seconds = time.perf_counter() - t0
     model.source = checkpoint.source
