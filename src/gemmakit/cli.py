@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object with ids, text and speed instead")
+    g.add_argument("--draft-model", metavar="SRC", default=None,
+                   help="a smaller model with the same tokenizer that drafts tokens for --model to verify "
+                        "(speculative decoding; greedy only, output identical to --model alone)")
+    g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (default 4)")
     g.add_argument("prompt", metavar="PROMPT", help="the text to continue ('-' reads standard input)")
     g.set_defaults(func=cmd_generate)
 
@@ -72,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--context", type=int, default=None, help="context length for the KV-cache figure "
                                                               "(default: the model's maximum)")
     i.add_argument("--list", action="store_true", help="list the preset names")
+    i.add_argument("--all-presets", action="store_true",
+                   help="a table of weights + KV-cache memory for every preset (bf16, int8, int4)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
     return parser
@@ -105,6 +111,8 @@ def cmd_generate(args) -> int:
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise _tokenizer_missing(args.model)
+    if getattr(args, "draft_model", None):
+        return _generate_speculative(args, model, tokenizer, prompt)
     result = None
     for piece, result in stream_generation(model, tokenizer, prompt, **_sampling_kwargs(args)):
         if not args.json and piece:
@@ -121,6 +129,25 @@ def cmd_generate(args) -> int:
         }, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+    return 0
+
+
+def _generate_speculative(args, model, tokenizer, prompt: str) -> int:
+    from gemmakit.api import load
+    from gemmakit.engine.speculative import speculative_greedy
+
+    if args.temperature != 0.0:
+        raise _invalid("--draft-model decodes greedily; use --temperature 0")
+    draft, _ = load(args.draft_model, dtype=args.dtype, quant=args.quant)
+    ids = tokenizer.encode(prompt, add_bos=True)
+    stops = tokenizer.stop_ids()
+    out, stats = speculative_greedy(model, draft, ids, args.max_tokens, k=args.draft_tokens, stop_ids=stops)
+    text = tokenizer.decode([t for t in out if t not in stops])
+    if args.json:
+        print(json.dumps({"prompt_ids": ids, "token_ids": out, "text": text, "speculative": stats},
+                         ensure_ascii=False))
+    else:
+        print(text)
     return 0
 
 
@@ -176,6 +203,11 @@ def cmd_info(args) -> int:
 
     if args.list:
         print("\n".join(sorted(PRESETS)))
+        return 0
+    if args.all_presets:
+        from gemmakit.info import preset_table
+
+        print(preset_table(args.context))
         return 0
     report = describe(args.model, args.context)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -205,6 +205,16 @@ def default_compute_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     return torch.bfloat16
 
 
+def _fitting_group(in_features: int, group: int) -> int | None:
+    """``group``, or a smaller power of two >= 32 dividing ``in_features`` (the kernel's minimum)."""
+    g = group
+    while g >= 32:
+        if in_features % g == 0:
+            return g
+        g //= 2
+    return None
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP,
                    dtype: torch.dtype | None = None, embedding: bool = True) -> nn.Module:
@@ -222,12 +232,15 @@ def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP,
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
                 w = child.weight.detach()
-                new = Int8Linear(w, dtype) if scheme == "int8" else Int4Linear(w, group, dtype)
+                g = _fitting_group(w.shape[1], group)
+                # int4 needs the input size to split into groups; a layer where it does not stays int8
+                new = Int4Linear(w, g, dtype) if scheme == "int4" and g else Int8Linear(w, dtype)
                 setattr(parent, name, new)
                 del child, w
     if embedding and isinstance(getattr(model, "embed", None), nn.Embedding):
         w = model.embed.weight.detach()
-        model.embed = QuantTiedEmbedding(w, scheme, dtype, group)
+        g = _fitting_group(w.shape[1], group)
+        model.embed = QuantTiedEmbedding(w, scheme if g else "int8", dtype, g or group)
         del w
     for p in model.parameters():  # what is left are norm weights
         p.data = p.data.to(dtype)
