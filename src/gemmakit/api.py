@@ -35,21 +35,28 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = False, config=None,
-         adapter: str | Path | None = None):
+         adapter: str | Path | None = None, quant: str | None = None):
     """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, a gemma_pytorch
     ``.ckpt``, or the default model.
 
     The tokenizer is ``None`` when the source carries no tokenizer files. ``config`` (a preset name
     or ModelConfig) names the architecture of a ``.ckpt``, which stores none. ``adapter`` is a LoRA
-    adapter directory in PEFT's layout, merged into the weights after loading.
+    adapter directory in PEFT's layout, merged into the weights after loading. ``quant`` ("int8" or
+    "int4") stores the weights quantised, computing in ``dtype`` (default bfloat16 then).
     """
     t0 = time.perf_counter()
     checkpoint = open_checkpoint(source, config)
+    quantised = quant not in (None, "none")
+    dtype = dtype or ("bfloat16" if quantised else None)
     model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress)
     if adapter is not None:
         from gemmakit.train.lora import load_adapter
 
         model = load_adapter(model, adapter)
+    if quantised:
+        from gemmakit.quant.linear import quantize_model
+
+        model = quantize_model(model, quant, dtype=parse_dtype(dtype))
     model.load_seconds = time.perf_counter() - t0
     model.source = checkpoint.source
     return model, checkpoint.tokenizer

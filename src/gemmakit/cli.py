@@ -24,8 +24,11 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--config", metavar="PRESET", default=None,
                    help="architecture preset of a .ckpt, which stores no config (default: inferred from its shapes)")
     if dtype:
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="compute dtype of the weights (default: float32, exact parity with the reference)")
+        p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                       help="keep weights quantised (weight-only; computes in bfloat16 unless --dtype says "
+                            "otherwise): int8 ~2x, int4 ~4x fewer bytes than bfloat16 (default: none)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -59,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fill in the middle (CodeGemma): the code before the gap; use instead of PROMPT")
     g.add_argument("--fim-suffix", metavar="TEXT", default=None, help="fill in the middle: the code after the gap")
     g.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
+    g.add_argument("--draft-model", metavar="SRC", default=None,
+                   help="a smaller model with the same tokenizer that drafts tokens for --model to verify "
+                        "(speculative decoding; greedy only, output identical to --model alone)")
+    g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (default 4)")
     _add_image_args(g)
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the text to continue ('-' reads standard input)")
@@ -103,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--context", type=int, default=None, help="context length for the KV-cache figure "
                                                               "(default: the model's maximum)")
     i.add_argument("--list", action="store_true", help="list the preset names")
+    i.add_argument("--all-presets", action="store_true",
+                   help="a table of weights + KV-cache memory for every preset (bf16, int8, int4)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
 
@@ -135,7 +144,8 @@ def _load(args):
     from gemmakit.api import load
 
     return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty(),
-                config=getattr(args, "config", None), adapter=getattr(args, "adapter", None))
+                config=getattr(args, "config", None), adapter=getattr(args, "adapter", None),
+                quant=getattr(args, "quant", "none"))
 
 
 def _sampling_kwargs(args) -> dict:
@@ -168,6 +178,10 @@ def cmd_generate(args) -> int:
 
         prompt = fim_prompt(tokenizer, args.fim_prefix or "", args.fim_suffix or "")
         stop_ids = fim_stop_ids(tokenizer)
+    if getattr(args, "draft_model", None):
+        if fim or images:
+            raise _invalid("--draft-model works with plain text prompts, not with images or fill-in-the-middle")
+        return _generate_speculative(args, model, tokenizer, prompt)
     result = None
     for piece, result in stream_generation(model, tokenizer, prompt, stop_ids=stop_ids, images=images or None,
                                            pan_and_scan=args.pan_and_scan, **_sampling_kwargs(args)):
@@ -185,6 +199,25 @@ def cmd_generate(args) -> int:
         }, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+    return 0
+
+
+def _generate_speculative(args, model, tokenizer, prompt: str) -> int:
+    from gemmakit.api import load
+    from gemmakit.engine.speculative import speculative_greedy
+
+    if args.temperature != 0.0:
+        raise _invalid("--draft-model decodes greedily; use --temperature 0")
+    draft, _ = load(args.draft_model, dtype=args.dtype, quant=args.quant)
+    ids = tokenizer.encode(prompt, add_bos=True)
+    stops = tokenizer.stop_ids()
+    out, stats = speculative_greedy(model, draft, ids, args.max_tokens, k=args.draft_tokens, stop_ids=stops)
+    text = tokenizer.decode([t for t in out if t not in stops])
+    if args.json:
+        print(json.dumps({"prompt_ids": ids, "token_ids": out, "text": text, "speculative": stats},
+                         ensure_ascii=False))
+    else:
+        print(text)
     return 0
 
 
@@ -267,6 +300,11 @@ def cmd_info(args) -> int:
         from gemmakit.models.multimodal import VISION_PRESETS
 
         print("\n".join(sorted([*PRESETS, *VISION_PRESETS])))
+        return 0
+    if args.all_presets:
+        from gemmakit.info import preset_table
+
+        print(preset_table(args.context))
         return 0
     report = describe(args.model, args.context)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

