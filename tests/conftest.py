@@ -29,3 +29,15 @@ def real_model(real_model_path):
     import gemmakit
 
     return gemmakit.load(real_model_path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one thread: on a 2-core machine, intra-op threads spin against
+    each other and small matmuls slow down many times over."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

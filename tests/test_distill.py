@@ -16,13 +16,7 @@ from gemmakit.train.loop import Trainer, TrainConfig
 from gemmakit.train.perplexity import perplexity
 from train_helpers import synthetic_task, tiny_gguf, write_jsonl
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 @pytest.fixture(scope="module")

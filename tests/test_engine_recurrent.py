@@ -18,17 +18,11 @@ from gemmakit.checkpoints.safetensors import config_from_hf
 from gemmakit.engine.generate import generate_steps
 from gemmakit.engine.scheduler import Engine, Request
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
+
 transformers = pytest.importorskip("transformers")
 
 PROMPT_LENGTHS = (3, 12, 20, 5, 30, 1, 9, 17)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -24,18 +24,11 @@ from gemmakit.models.config import ModelConfig, griffin_pattern
 from gemmakit.models.griffin import linear_scan
 from tiny import VOCAB_SIZE, random_model, tiny_config, write_gguf
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
+
 transformers = pytest.importorskip("transformers")
 
 WINDOW = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: threads only add synchronisation (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _hf_config(**overrides):

@@ -14,14 +14,7 @@ from gemmakit.train.lora import LoRAConfig, LoRALinear, apply_lora, load_adapter
 from gemmakit.train.loop import Trainer, TrainConfig
 from train_helpers import synthetic_task, tiny_gguf, write_jsonl
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine, intra-op threads spin against each other and tiny matmuls slow 100x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 @pytest.fixture(scope="module")
