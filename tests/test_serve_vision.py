@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("transformers")
@@ -47,10 +48,14 @@ def image_messages(url: str) -> list[dict]:
 def served(request, tmp_path_factory):
     torch.manual_seed(0)
     hf = _hf_model(request.param).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # a strong projector and sharp logits, so Gemma 3's samples depend on the image
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.normal_(0.0, 0.5)
+            if "multi_modal_projector" in name:
+                p.normal_(0.0, 1.0)
+            if name.endswith("language_model.norm.weight"):
+                p.fill_(20.0)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
     _tokenizer().save_pretrained(path)
@@ -77,8 +82,11 @@ def reference(kind, model, tokenizer, image, max_tokens: int, **sampling):
 
 def test_image_chat_matches_plain_generation(served, client):
     kind, _, model, tokenizer = served
-    image = picture(1)
+    image = Image.new("RGB", (80, 60), (255, 255, 255))
     expected = reference(kind, model, tokenizer, image, 10)
+    if kind == "gemma3":  # the image matters to this model: a black one gives other tokens
+        black = reference(kind, model, tokenizer, Image.new("RGB", (80, 60), (0, 0, 0)), 10)
+        assert black.token_ids != expected.token_ids
     reply = client.chat.completions.create(model=kind, messages=image_messages(data_uri(image)), max_tokens=10,
                                            temperature=0, extra_body={"ignore_eos": True})
     assert reply.choices[0].message.content == expected.text
@@ -90,7 +98,7 @@ def test_image_chat_matches_plain_generation(served, client):
 
 def test_streamed_image_chat_and_sampling_seed(served, client):
     kind, _, model, tokenizer = served
-    image = picture(2)
+    image = picture(1)
     expected = reference(kind, model, tokenizer, image, 12, temperature=1.0, top_k=20, seed=7)
     chunks = list(client.chat.completions.create(
         model=kind, messages=image_messages(data_uri(image, "JPEG")), max_tokens=12, temperature=1.0, seed=7,
@@ -101,8 +109,6 @@ def test_streamed_image_chat_and_sampling_seed(served, client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG")
-    from PIL import Image
-
     decoded = reference(kind, model, tokenizer, Image.open(io.BytesIO(buffer.getvalue())), 12, temperature=1.0,
                         top_k=20, seed=7)
     assert text == decoded.text
@@ -135,7 +141,8 @@ def test_stop_string_and_text_only_requests(served, client):
     image = picture(1)
     full = reference(kind, model, tokenizer, image, 10).text
     stop = full[3:6]
-    if stop:
+    assert stop
+    if True:
         reply = client.chat.completions.create(model=kind, messages=image_messages(data_uri(image)), max_tokens=10,
                                                temperature=0, stop=[stop], extra_body={"ignore_eos": True})
         assert reply.choices[0].message.content == full[:full.index(stop)]
