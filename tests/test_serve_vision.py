@@ -169,3 +169,24 @@ def test_image_to_a_text_only_model_is_400(tmp_path):
         ok = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                             "max_tokens": 2}, timeout=60)
         assert ok.status_code == 200
+
+
+def test_tokenize_places_images_where_the_parts_are(served):
+    kind, url, model, tokenizer = served
+    from gemmakit.vision.generate import prepare_vision
+
+    uri = data_uri(picture(0))
+    content = [{"type": "text", "text": "left"}, {"type": "image_url", "image_url": {"url": uri}},
+               {"type": "text", "text": "right"}, {"type": "image_url", "image_url": {"url": uri}}]
+    r = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": content}]}, timeout=60)
+    assert r.status_code == 200
+    marked = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
+    if kind == "paligemma":  # PaliGemma's images go before the whole prompt: no markers in the text
+        marked = [p for p in marked if p["type"] == "text"]
+    prompt = render_chat([{"role": "user", "content": marked}])
+    _, ids, _ = prepare_vision(model, tokenizer, prompt, [picture(0), picture(0)])
+    assert r.json()["tokens"] == ids
+    assert ids.count(model.config.image_token_id) == 2 * model.config.tokens_per_image
+    if kind == "gemma3":  # the first image sits between "left" and "right", not at the start
+        before = tokenizer.decode(ids[:ids.index(model.config.boi_token_id)])
+        assert before.endswith("<start_of_turn>user\nleft\n\n")
