@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 
 import pytest
 import torch
@@ -190,3 +191,21 @@ def test_tokenize_places_images_where_the_parts_are(served):
     if kind == "gemma3":  # the first image sits between "left" and "right", not at the start
         before = tokenizer.decode(ids[:ids.index(model.config.boi_token_id)])
         assert before.endswith("<start_of_turn>user\nleft\n\n")
+
+
+def test_concurrent_image_requests_take_turns(served, client):
+    kind, _, model, tokenizer = served
+    images = [Image.new("RGB", (80, 60), (255, 255, 255)), Image.new("RGB", (80, 60), (0, 0, 0)), picture(2)]
+    replies: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        replies[i] = client.chat.completions.create(
+            model=kind, messages=image_messages(data_uri(images[i])), max_tokens=6, temperature=0,
+            extra_body={"ignore_eos": True}).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert replies == {i: reference(kind, model, tokenizer, im, 6).text for i, im in enumerate(images)}
