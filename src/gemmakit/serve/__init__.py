@@ -21,10 +21,30 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
 
         raise GemmakitError("serving needs FastAPI and uvicorn: pip install 'gemmakit[serve]'") from None
     from gemmakit.api import load
-    from gemmakit.engine.scheduler import Engine
-    from gemmakit.serve.app import create_app
 
     model, tokenizer = load(model_source, dtype=dtype, adapter=adapter)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes)
-    app = create_app(engine, tokenizer, model_id(getattr(model, "source", model_source)), api_key=api_key)
+    app = build_app(model, tokenizer, model_id(getattr(model, "source", model_source)), api_key=api_key,
+                    max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def build_app(model, tokenizer, name: str, api_key: str | None = None, max_batch: int = 8,
+              max_seq_len: int | None = None, max_kv_bytes: int | None = None, **engine_options):
+    """The app for a loaded model: a batching engine, plus the one-at-a-time image path for vision models.
+
+    The engine's per-row cache holds no image embeddings, so a vision model's engine runs its text
+    decoder (text completions) and its chat requests go through :class:`~gemmakit.serve.vision.VisionRunner`.
+    """
+    from gemmakit.engine.scheduler import Engine
+    from gemmakit.models.multimodal import VisionLanguageModel
+    from gemmakit.serve.app import create_app
+
+    vision = None
+    if isinstance(model, VisionLanguageModel):
+        from gemmakit.serve.vision import VisionRunner
+
+        vision = VisionRunner(model, tokenizer)
+        model = model.decoder
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes,
+                    **engine_options)
+    return create_app(engine, tokenizer, name, api_key=api_key, accepts_images=vision is not None, vision=vision)

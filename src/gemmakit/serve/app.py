@@ -49,8 +49,12 @@ class _Stream:
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-               default_max_tokens: int = 256, accepts_images: bool = False) -> FastAPI:
-    """The app serving ``engine`` under the model id ``model_name``; starts the engine with the app."""
+               default_max_tokens: int = 256, accepts_images: bool = False, vision=None) -> FastAPI:
+    """The app serving ``engine`` under the model id ``model_name``; starts the engine with the app.
+
+    ``vision`` (a :class:`~gemmakit.serve.vision.VisionRunner`) serves a vision model's chat
+    requests, images or not, one at a time; ``engine`` then runs its text decoder for the rest.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -107,7 +111,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         body = await read_json(request)
         check_model(body)
         require_tokenizer()
-        if "messages" in body:
+        if "messages" in body and vision is not None:
+            ids = (await asyncio.to_thread(vision.prepare, body, None))[2]
+        elif "messages" in body:
             text = render_chat(protocol.chat_messages(body, accepts_images))
             ids = tokenizer.encode(text, add_bos=True)
         elif isinstance(body.get("prompt"), str):
@@ -138,6 +144,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         require_tokenizer()
         common = protocol.parse_common(body, default_max_tokens, chat=True)
         logprobs = protocol.parse_logprobs(body, chat=True)
+        if vision is not None:
+            text, images, ids = await asyncio.to_thread(vision.prepare, body, common)  # decodes images
+            return await run(request, ids, common, None, chat=True, images=(text, images))
         prompt = tokenizer.encode(render_chat(protocol.chat_messages(body, accepts_images)), add_bos=True)
         return await run(request, prompt, common, logprobs, chat=True)
 
@@ -146,6 +155,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         body = await read_json(request)
         check_model(body)
         common = protocol.parse_common(body, 16, chat=False)
+        if vision is not None and vision.layout == "paligemma":
+            raise FieldError("PaliGemma answers about an image: send it to /v1/chat/completions as an image_url part")
         logprobs = protocol.parse_logprobs(body, chat=False)
         if isinstance(body.get("prompt"), str) or isinstance(body.get("prompt"), list) and body["prompt"] \
                 and isinstance(body["prompt"][0], str):
@@ -154,12 +165,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return await run(request, prompt, common, logprobs, chat=False)
 
     async def run(request: HTTPRequest, prompt: list[int], common: protocol.Common, logprobs: int | None,
-                  chat: bool):
+                  chat: bool, images: tuple[str, list[bytes]] | None = None):
         stream = _Stream(asyncio.get_running_loop())
+        if images is not None:  # the vision path: rendered text + images, generated in a worker thread
+            handle = vision.submit(images[0], images[1], prompt, common, stream.on_event)
+        else:
+            handle = None
         engine_request = Request(prompt_ids=tuple(prompt), max_tokens=common.max_tokens, params=common.params,
                                  n=common.n, stop=common.stop, logprobs=logprobs,
                                  stop_ids=frozenset() if common.ignore_eos else None)
-        handle = engine.submit(engine_request, stream.on_event)
+        handle = handle or engine.submit(engine_request, stream.on_event)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if common.stream:
             return StreamingResponse(_sse(handle, stream, rid, chat, common), media_type="text/event-stream",

@@ -1,0 +1,184 @@
+"""Chat completions with images for vision models (PaliGemma, Gemma 3 multimodal).
+
+The batching engine's per-row cache has no place for image embeddings, so a vision model's chat
+requests take a simpler path: the one-request-at-a-time generation of the API and CLI
+(:func:`gemmakit.api.stream_generation` with ``images=``), run in a worker thread under a lock.
+Its events have the engine's shape (:class:`~gemmakit.engine.scheduler.Event` through a
+:class:`~gemmakit.engine.scheduler.RequestHandle`), so the app streams and collects them with the
+same code as text requests.
+
+Images arrive as OpenAI ``image_url`` content parts holding ``data:`` URIs; the server has no
+network, so remote URLs are refused. Everything (URI, base64, image bytes, placeholders, length)
+is checked before the request is accepted, so bad input is an HTTP 400 and never a failed stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gemmakit.chat_template import render_chat
+from gemmakit.engine.sampling import SamplingParams
+from gemmakit.engine.scheduler import Event, Request, RequestHandle
+from gemmakit.engine.stopping import StopStrings
+from gemmakit.serve.protocol import Common, FieldError
+from gemmakit.vision.preprocess import load_image
+
+IMAGE_PARTS = ("image_url", "input_image", "image")
+
+
+def decode_data_uri(url: Any) -> bytes:
+    """The bytes of a ``data:[<mime>][;base64],<data>`` URI holding a readable image."""
+    if not isinstance(url, str) or not url:
+        raise FieldError("an image_url part needs a 'url' string (a data: URI)", "messages")
+    if not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if ":" in url else "a bare path"
+        raise FieldError(f"only data: URIs are accepted for images (got {scheme}); this server has no network "
+                         "access, so send the image inline as data:image/png;base64,...", "messages",
+                         "invalid_image_url")
+    header, sep, payload = url[5:].partition(",")
+    if not sep:
+        raise FieldError("the image data: URI has no ',' before its data", "messages", "invalid_image_url")
+    if not header.endswith(";base64"):
+        raise FieldError("the image data: URI must be base64-encoded (data:image/...;base64,...)", "messages",
+                         "invalid_image_url")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError("the image data: URI holds invalid base64", "messages", "invalid_image") from None
+    try:
+        load_image(data)  # decode now: non-image bytes are a 400 before any model work
+    except Exception as exc:  # InvalidRequestError from Pillow's failures
+        raise FieldError(f"the image cannot be read: {exc}", "messages", "invalid_image") from None
+    return data
+
+
+def _image_url(part: Mapping[str, Any]) -> Any:
+    value = part.get("image_url", part.get("url"))
+    return value.get("url") if isinstance(value, Mapping) else value
+
+
+def vision_chat(body: Mapping[str, Any], layout: str) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """``messages`` for render_chat plus the decoded images, in the order they appear.
+
+    Gemma 3 marks each image inside its turn with ``<start_of_image>`` (render_chat's ``image``
+    part); PaliGemma takes its images before the whole prompt, so its parts leave no marker, as in
+    ``gemmakit chat``.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise FieldError("'messages' must be a non-empty list", "messages")
+    out: list[dict[str, Any]] = []
+    images: list[bytes] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise FieldError(f"messages[{i}] must be an object", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind in IMAGE_PARTS:
+                    images.append(decode_data_uri(_image_url(part)))
+                    if layout == "gemma3":
+                        parts.append({"type": "image"})
+                else:
+                    raise FieldError(f"messages[{i}] has a content part of unknown type {kind!r}", "messages")
+            content = parts
+        if content is None and m.get("role") == "assistant":
+            content = ""
+        if not isinstance(content, (str, list)):
+            raise FieldError(f"messages[{i}] needs a string 'content'", "messages")
+        out.append({"role": m.get("role"), "content": content})
+    return out, images
+
+
+class VisionRunner:
+    """Runs one vision request at a time in worker threads; the lock keeps them in turn."""
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layout = model.config.layout
+        self.context = model.config.max_position_embeddings
+        self._lock = threading.Lock()
+
+    def prepare(self, body: Mapping[str, Any], common: Common | None) -> tuple[str, list[bytes], list[int]]:
+        """``(rendered prompt, images, prompt ids)``; raises FieldError/GemmakitError for bad input."""
+        from gemmakit.vision.generate import prepare_vision
+
+        if common is not None:
+            _check_supported(body, common)
+        messages, images = vision_chat(body, self.layout)
+        prompt = render_chat(messages)
+        _, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, images or None)
+        if not isinstance(ids, list):  # text only (Gemma 3): its text decoder reads the prompt
+            ids = self.tokenizer.encode(ids, add_bos=True)
+        if len(ids) >= self.context:
+            raise FieldError(f"the prompt has {len(ids)} tokens but the model's context is {self.context} tokens",
+                             "messages", "context_length_exceeded")
+        return prompt, images, ids
+
+    def submit(self, prompt: str, images: list[bytes], prompt_ids: list[int], common: Common,
+               on_event: Callable[[Event], None]) -> RequestHandle:
+        request = Request(prompt_ids=tuple(prompt_ids), max_tokens=common.max_tokens, params=common.params,
+                          stop=common.stop, stop_ids=frozenset() if common.ignore_eos else None)
+        handle = RequestHandle(0, request, on_event)
+        threading.Thread(target=self._run, args=(handle, prompt, images), daemon=True,
+                         name="gemmakit-vision").start()
+        return handle
+
+    def _run(self, handle: RequestHandle, prompt: str, images: list[bytes]) -> None:
+        from gemmakit.api import stream_generation
+
+        request, emit = handle.request, handle.on_event
+        stop_ids = request.stop_ids if request.stop_ids is not None else self.tokenizer.stop_ids()
+        p: SamplingParams = request.params
+        stopper = StopStrings(request.stop)
+        finish = "length"
+        try:
+            with self._lock:
+                if handle.cancelled:
+                    emit(Event(0, finish_reason="cancelled"))
+                    return
+                seen = 0
+                result = None
+                for piece, result in stream_generation(
+                        self.model, self.tokenizer, prompt, max_tokens=request.max_tokens,
+                        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
+                        stop_ids=stop_ids, images=images or None):
+                    new = result.token_ids[seen:]
+                    seen = len(result.token_ids)
+                    handle.completion_tokens = seen
+                    if new and new[-1] in stop_ids:
+                        finish = "stop"
+                    text, stopped = stopper.push(piece)
+                    if text or new:
+                        emit(Event(0, token_id=new[-1] if new else None, text=text))
+                    if stopped:
+                        finish = "stop"
+                        break
+                    if handle.cancelled:
+                        emit(Event(0, finish_reason="cancelled"))
+                        return
+                tail = stopper.flush()  # empty after a stop string
+                emit(Event(0, text=tail, finish_reason=finish))
+        except Exception as exc:  # reported to the client as a server error, the server keeps serving
+            emit(Event(0, finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+
+
+def _check_supported(body: Mapping[str, Any], common: Common) -> None:
+    """The simple path samples with temperature, top-k, top-p and seed only; refuse the rest loudly."""
+    if common.n != 1:
+        raise FieldError("this vision model's server generates one choice per request ('n' must be 1)", "n")
+    if body.get("logprobs"):
+        raise FieldError("logprobs are not available for vision models", "logprobs")
+    p, default = common.params, SamplingParams()
+    for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if getattr(p, name) != getattr(default, name):
+            raise FieldError(f"'{name}' is not supported for vision models", name)
