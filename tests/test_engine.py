@@ -71,9 +71,12 @@ def test_prefix_cache_reuses_history_and_gives_the_same_tokens(family):
     assert computed_twice == (1 if family == "gemma" else len(follow_up))
 
 
-def test_prefix_cache_not_reused_when_the_ring_lost_it():
-    """A different continuation of a shared prefix longer than the window must be recomputed (local rings)."""
-    model = random_model(tiny_config("gemma3"))
+def _branch_off_a_shared_prefix(family: str) -> tuple[list[int], int]:
+    """Answer a 31-token prompt, then one sharing its first 25 tokens: (second answer, tokens prefilled for it).
+
+    The second answer is checked here against a solo run; callers check how much was recomputed.
+    """
+    model = random_model(tiny_config(family))
     engine = Engine(model, max_batch=1, prefill_chunk=64)
     base = prompts()[4]  # 31 tokens > window 8
     other = base[:25] + [77, 78, 79]
@@ -84,22 +87,18 @@ def test_prefix_cache_not_reused_when_the_ring_lost_it():
     finally:
         engine.shutdown()
     assert out == reference(model, other, 8)
-    assert engine.stats.prefilled_tokens_total - before == len(other)
+    return other, engine.stats.prefilled_tokens_total - before
+
+
+def test_prefix_cache_not_reused_when_the_ring_lost_it():
+    """A different continuation of a shared prefix longer than the window must be recomputed (local rings)."""
+    other, prefilled = _branch_off_a_shared_prefix("gemma3")
+    assert prefilled == len(other)
 
 
 def test_global_only_model_reuses_any_shared_prefix():
-    model = random_model(tiny_config("gemma"))
-    engine = Engine(model, max_batch=1, prefill_chunk=64)
-    base = prompts()[4]
-    other = base[:25] + [77, 78, 79]
-    try:
-        engine.generate([Request(tuple(base), max_tokens=5, stop_ids=frozenset())])
-        before = engine.stats.prefilled_tokens_total
-        out = engine.generate([Request(tuple(other), max_tokens=8, stop_ids=frozenset())])[0][0]
-    finally:
-        engine.shutdown()
-    assert out == reference(model, other, 8)
-    assert engine.stats.prefilled_tokens_total - before == 3
+    _, prefilled = _branch_off_a_shared_prefix("gemma")
+    assert prefilled == 3
 
 
 def test_cancel_frees_the_row_and_the_queue_moves_on():
