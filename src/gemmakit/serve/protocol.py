@@ -7,7 +7,7 @@ into OpenAI's error format (``{"error": {"message", "type", "param", "code"}}``)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,35 +91,54 @@ def parse_logprobs(body: Mapping[str, Any], chat: bool) -> int | None:
     return _field(body, "logprobs", (int,), None, 0, 20)
 
 
-def chat_messages(body: Mapping[str, Any], accepts_images: bool) -> list[dict[str, str]]:
-    """``messages`` as ``[{"role", "content": str}]`` for render_chat (text parts joined)."""
+IMAGE_PARTS = ("image_url", "input_image", "image")
+
+
+def message_parts(body: Mapping[str, Any], on_image: Callable[[Mapping[str, Any]], dict | None]
+                  ) -> list[dict[str, Any]]:
+    """Validated ``messages``; a list content becomes render_chat parts (``{"type": "text", ...}``).
+
+    ``on_image(part)`` decides what an image part becomes: a part to keep, None to drop it, or a
+    FieldError. Text-only and vision requests share this walk and differ only there.
+    """
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise FieldError("'messages' must be a non-empty list", "messages")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise FieldError(f"messages[{i}] must be an object", "messages")
         content = m.get("content")
         if isinstance(content, list):
-            texts = []
+            parts = []
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                elif kind in ("image_url", "input_image", "image"):
-                    if not accepts_images:
-                        raise FieldError("this model does not accept images", "messages")
-                    raise FieldError("images are not supported by this server yet", "messages")
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind in IMAGE_PARTS:
+                    kept = on_image(part)
+                    if kept is not None:
+                        parts.append(kept)
                 else:
                     raise FieldError(f"messages[{i}] has a content part of unknown type {kind!r}", "messages")
-            content = "".join(texts)
+            content = parts
         if content is None and m.get("role") == "assistant":
             content = ""
-        if not isinstance(content, str):
+        if not isinstance(content, (str, list)):
             raise FieldError(f"messages[{i}] needs a string 'content'", "messages")
         out.append({"role": m.get("role"), "content": content})
     return out
+
+
+def chat_messages(body: Mapping[str, Any], accepts_images: bool) -> list[dict[str, str]]:
+    """``messages`` as ``[{"role", "content": str}]`` for render_chat (text parts joined)."""
+
+    def refuse(part: Mapping[str, Any]) -> None:
+        raise FieldError("this model does not accept images" if not accepts_images
+                         else "images are not supported by this server yet", "messages")
+
+    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+             else "".join(p["text"] for p in m["content"])} for m in message_parts(body, refuse)]
 
 
 def completion_prompt(body: Mapping[str, Any], tokenizer) -> list[int]:

@@ -24,10 +24,9 @@ from gemmakit.chat_template import render_chat
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
 from gemmakit.engine.stopping import StopStrings
-from gemmakit.serve.protocol import Common, FieldError
+from gemmakit.serve.protocol import Common, FieldError, message_parts
 from gemmakit.vision.preprocess import load_image
 
-IMAGE_PARTS = ("image_url", "input_image", "image")
 
 
 def decode_data_uri(url: Any) -> bytes:
@@ -68,34 +67,13 @@ def vision_chat(body: Mapping[str, Any], layout: str) -> tuple[list[dict[str, An
     part); PaliGemma takes its images before the whole prompt, so its parts leave no marker, as in
     ``gemmakit chat``.
     """
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise FieldError("'messages' must be a non-empty list", "messages")
-    out: list[dict[str, Any]] = []
     images: list[bytes] = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise FieldError(f"messages[{i}] must be an object", "messages")
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    parts.append({"type": "text", "text": part["text"]})
-                elif kind in IMAGE_PARTS:
-                    images.append(decode_data_uri(_image_url(part)))
-                    if layout == "gemma3":
-                        parts.append({"type": "image"})
-                else:
-                    raise FieldError(f"messages[{i}] has a content part of unknown type {kind!r}", "messages")
-            content = parts
-        if content is None and m.get("role") == "assistant":
-            content = ""
-        if not isinstance(content, (str, list)):
-            raise FieldError(f"messages[{i}] needs a string 'content'", "messages")
-        out.append({"role": m.get("role"), "content": content})
-    return out, images
+
+    def take(part: Mapping[str, Any]) -> dict | None:
+        images.append(decode_data_uri(_image_url(part)))
+        return {"type": "image"} if layout == "gemma3" else None
+
+    return message_parts(body, take), images
 
 
 class VisionRunner:
