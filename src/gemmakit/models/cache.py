@@ -51,21 +51,7 @@ class KVCache:
         self.max_len = max_len
         self.window = min(config.sliding_window or max_len, max_len)
         self.length = 0
-        shape = (batch, config.num_kv_heads)
-        self.layers: list[LayerCache | RecurrentState | None] = []
-        for kind in config.layer_kinds:
-            if kind == "recurrent":
-                width = config.recurrent_width
-                self.layers.append(RecurrentState(
-                    rg_lru=torch.zeros(batch, width, dtype=torch.float32, device=device),
-                    conv=torch.zeros(batch, config.conv1d_width - 1, width, dtype=dtype, device=device),
-                ))
-                continue
-            slots = self.window if kind == "local" else max_len
-            self.layers.append(LayerCache(
-                keys=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
-                values=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
-            ))
+        self.layers: list[LayerCache | RecurrentState] = layer_states(config, batch, max_len, self.window, dtype, device)
         self.has_global = "global" in config.layer_kinds
         global_slots = max_len if self.has_global else 0  # without global layers nothing grows with max_len
         self.global_positions = torch.full((batch, global_slots), -1, dtype=torch.long, device=device)
@@ -102,3 +88,23 @@ class KVCache:
                 f"sequence of {self.length + num_new} tokens exceeds the cache size {self.max_len}; "
                 "use a shorter prompt or fewer new tokens"
             )
+
+
+def layer_states(config: ModelConfig, batch: int, max_len: int, window: int, dtype: torch.dtype,
+                 device: torch.device | str, extra_slots: int = 0) -> list[LayerCache | RecurrentState]:
+    """One zeroed state per layer: a recurrent state, or keys/values of ``window`` (local) or
+    ``max_len`` (global) slots, plus ``extra_slots`` (the serving cache's slot for padding)."""
+    states: list[LayerCache | RecurrentState] = []
+    for kind in config.layer_kinds:
+        if kind == "recurrent":
+            width = config.recurrent_width
+            states.append(RecurrentState(
+                rg_lru=torch.zeros(batch, width, dtype=torch.float32, device=device),
+                conv=torch.zeros(batch, config.conv1d_width - 1, width, dtype=dtype, device=device),
+            ))
+            continue
+        shape = (batch, config.num_kv_heads, (window if kind == "local" else max_len) + extra_slots, config.head_dim)
+        states.append(LayerCache(keys=torch.zeros(shape, dtype=dtype, device=device),
+                                 values=torch.zeros(shape, dtype=dtype, device=device)))
+    return states
+

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from gemmakit.models.attention import StepContext, attention_mask
-from gemmakit.models.cache import LayerCache, RecurrentState
+from gemmakit.models.cache import LayerCache, RecurrentState, layer_states
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.griffin import RecurrentContext
 from gemmakit.models.layers import rope_cos_sin
@@ -42,21 +42,9 @@ class RowKVCache:
             self.rows = self.global_positions.shape[0]
             return
         self.rows = rows
-        shape = (rows, config.num_kv_heads)
-        self.layers: list[LayerCache | RecurrentState] = []
-        for kind in config.layer_kinds:
-            if kind == "recurrent":
-                width = config.recurrent_width
-                self.layers.append(RecurrentState(
-                    rg_lru=torch.zeros(rows, width, dtype=torch.float32, device=device),
-                    conv=torch.zeros(rows, config.conv1d_width - 1, width, dtype=dtype, device=device),
-                ))
-                continue
-            slots = (self.window if kind == "local" else max_len) + 1  # +1: the trash slot for padding
-            self.layers.append(LayerCache(
-                keys=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
-                values=torch.zeros(*shape, slots, config.head_dim, dtype=dtype, device=device),
-            ))
+        # +1 slot per layer: the trash slot that padding writes to and no mask shows
+        self.layers: list[LayerCache | RecurrentState] = layer_states(config, rows, max_len, self.window, dtype,
+                                                                     device, extra_slots=1)
         self.global_positions = torch.full((rows, max_len + 1), -1, dtype=torch.long, device=device)
         self.ring_positions = torch.full((rows, self.window + 1), -1, dtype=torch.long, device=device)
         # Positions read by each row's recurrent state (-1: cut back, holds no usable prefix).
