@@ -81,17 +81,17 @@ _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 def _has_zip_magic(path: Path) -> bool:
     """torch.save writes a zip archive; a .ckpt renamed to anything else is still recognised."""
-    try:
-        with path.open("rb") as fh:
-            return fh.read(4) == b"PK\x03\x04"
-    except OSError as exc:
-        raise GemmakitError(f"cannot read {path}: {exc.strerror}") from exc
+    return _starts_with(path, b"PK\x03\x04")
 
 
 def _has_gguf_magic(path: Path) -> bool:
+    return _starts_with(path, b"GGUF")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
     try:
         with path.open("rb") as fh:
-            return fh.read(4) == b"GGUF"
+            return fh.read(len(magic)) == magic
     except OSError as exc:
         raise GemmakitError(f"cannot read {path}: {exc.strerror}") from exc
 
