@@ -42,13 +42,18 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     The tokenizer is ``None`` when the source carries no tokenizer files. ``config`` (a preset name
     or ModelConfig) names the architecture of a ``.ckpt``, which stores none. ``adapter`` is a LoRA
     adapter directory in PEFT's layout, merged into the weights after loading. ``quant`` ("int8" or
-    "int4") stores the weights quantised, computing in ``dtype`` (default bfloat16 then).
+    "int4") stores the weights quantised, computing in ``dtype`` (default bfloat16 then); "gguf"
+    keeps a GGUF file's quantised matrices as they are (int8 codes + group scales, no float copy).
     """
     t0 = time.perf_counter()
     checkpoint = open_checkpoint(source, config)
-    quantised = quant not in (None, "none")
+    keep = quant == "gguf"
+    if keep and not checkpoint.packed:
+        raise InvalidRequestError(f"{checkpoint.source} has no GGUF-quantised tensors to keep; "
+                                  "--quant gguf needs a quantised .gguf file (or use int8/int4)")
+    quantised = quant not in (None, "none", "gguf")
     dtype = dtype or ("bfloat16" if quantised else None)
-    model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress)
+    model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress, keep_quantised=keep)
     if adapter is not None:
         from gemmakit.train.lora import load_adapter
 

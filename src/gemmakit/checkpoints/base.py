@@ -19,6 +19,7 @@ from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import GemmaModel
 
 if TYPE_CHECKING:
+    from gemmakit.quant.ggml import GroupedCodes
     from gemmakit.tokenizer import Tokenizer
 
 TensorLoader = Callable[[], torch.Tensor]
@@ -34,6 +35,9 @@ class Checkpoint:
     metadata: dict = field(default_factory=dict)
     # our parameter name -> the tensor's name in the file, so errors speak the file's language
     file_names: Mapping[str, str] = field(default_factory=dict)
+    # our parameter name -> loader of the same matrix as grouped int8 codes (GGUF quantised blocks);
+    # build_model(keep_quantised=True) uses these instead of expanding the weights to float
+    packed: Mapping[str, Callable[[], "GroupedCodes"]] = field(default_factory=dict)
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -61,8 +65,13 @@ def check_file_tensors(source: str, shapes: Mapping[str, tuple[int, ...]], found
 
 
 def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu", progress: bool = False) -> GemmaModel:
-    """Create the model without allocating random weights, then fill it tensor by tensor."""
+                device: torch.device | str = "cpu", progress: bool = False,
+                keep_quantised: bool = False) -> GemmaModel:
+    """Create the model without allocating random weights, then fill it tensor by tensor.
+
+    With ``keep_quantised``, matrices the checkpoint can hand over as grouped int8 codes (GGUF
+    quantised blocks) become quantised modules (quant/grouped.py) instead of float parameters.
+    """
     with torch.device("meta"):
         model = _model_class(checkpoint.config)(checkpoint.config)
     expected = {name: p for name, p in model.named_parameters()}
@@ -81,8 +90,14 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
         from tqdm import tqdm
 
         iterator = tqdm(names, desc="loading weights", unit="tensor", leave=False)
+    packed = checkpoint.packed if keep_quantised else {}
     with torch.no_grad():
         for name in iterator:
+            if name in packed:
+                from gemmakit.quant.grouped import install
+
+                install(model, name, packed[name](), dtype)
+                continue
             tensor = checkpoint.tensors[name]()
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise CheckpointError(

@@ -22,7 +22,7 @@ from gemmakit.checkpoints.base import Checkpoint, TensorLoader, check_file_tenso
 from gemmakit.checkpoints.gguf_reader import GGUFFile, GGUFTensor, open_gguf
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
-from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize
+from gemmakit.quant.ggml import PACKABLE_TYPES, SUPPORTED_TYPES, dequantize, unpack_codes
 
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -139,10 +139,15 @@ def _loader(t: GGUFTensor, norm_offset: float) -> TensorLoader:
     return load
 
 
+def _packed_loader(t: GGUFTensor):
+    return lambda: unpack_codes(t.raw, t.ggml_type, t.shape)
+
+
 def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
     f = open_gguf(path)
     config = config_from_gguf(f)
     tensors: dict[str, TensorLoader] = {}
+    packed = {}
     found: dict[str, tuple[int, ...]] = {}
     for name, t in f.tensors.items():
         ours = _our_name(name)
@@ -157,6 +162,8 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
                 f"{f.path}: tensor {name} uses quantisation type {t.ggml_type} which gemmakit cannot read"
             )
         tensors[ours] = _loader(t, 1.0 if name.endswith("norm.weight") else 0.0)
+        if t.ggml_type in PACKABLE_TYPES and len(t.shape) == 2:
+            packed[ours] = _packed_loader(t)
         found[ours] = t.shape
     names = gguf_names(config)
     check_file_tensors(str(path), parameter_shapes(config), found, names)
@@ -165,4 +172,4 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
     tokenizer = Tokenizer.from_gguf(f) if "tokenizer.ggml.tokens" in f.metadata else None
     return Checkpoint(config=config, tensors=tensors, source=str(path), tokenizer=tokenizer,
                       metadata={"format": "gguf", "file_type": f.metadata.get("general.file_type")},
-                      file_names=names)
+                      file_names=names, packed=packed)

@@ -30,7 +30,7 @@ Q6_K      210    ql:u8[128] | qh:u8[64] | scales:int8[16] | d:f16
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 
-__all__ = ["SUPPORTED_TYPES", "dequantize"]
+__all__ = ["SUPPORTED_TYPES", "dequantize", "GroupedCodes", "unpack_codes", "PACKABLE_TYPES"]
 
 _T = GGMLQuantizationType
 
@@ -214,26 +214,14 @@ def _as_bytes(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.frombuffer(arr, dtype=torch.uint8)
 
 
-def dequantize(
-    raw: np.ndarray | torch.Tensor,
-    ggml_type: int,
-    shape: tuple[int, ...],
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Decode one GGML tensor's bytes into a new tensor of ``shape`` (PyTorch order) and ``dtype``.
-
-    ``raw`` holds exactly the tensor's bytes, e.g. a slice of a read-only memmap of the file; it
-    is read in slabs and never copied whole. The last dimension of ``shape`` is GGUF's ne[0],
-    the contiguous one, so blocks never straddle rows.
-    """
-    ggml_type = int(ggml_type)
+def _checked_blocks(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor's bytes as ``[n_blocks, type_size]`` after checking type, shape and length."""
     if ggml_type not in SUPPORTED_TYPES:
         supported = ", ".join(sorted(GGMLQuantizationType(t).name for t in SUPPORTED_TYPES))
         raise UnsupportedModelError(
             f"GGML tensor type {_type_name(ggml_type)} is not supported (supported: {supported}); "
             "use a GGUF quantised with one of those types"
         )
-    shape = tuple(int(s) for s in shape)
     block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
     name = _type_name(ggml_type)
@@ -249,12 +237,30 @@ def dequantize(
             f"GGML {name} tensor of shape {shape} needs {expected} bytes but got {data.numel()}; "
             "the file is truncated or corrupt"
         )
+    return data.view(-1, type_size)
 
+
+def dequantize(
+    raw: np.ndarray | torch.Tensor,
+    ggml_type: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode one GGML tensor's bytes into a new tensor of ``shape`` (PyTorch order) and ``dtype``.
+
+    ``raw`` holds exactly the tensor's bytes, e.g. a slice of a read-only memmap of the file; it
+    is read in slabs and never copied whole. The last dimension of ``shape`` is GGUF's ne[0],
+    the contiguous one, so blocks never straddle rows.
+    """
+    ggml_type = int(ggml_type)
+    shape = tuple(int(s) for s in shape)
+    blocks = _checked_blocks(raw, ggml_type, shape)
+    block_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)][0]
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if ggml_type in _PLAIN:
-        return data.view(_PLAIN[ggml_type]).to(dtype, copy=True).reshape(shape)
+        return blocks.reshape(-1).view(_PLAIN[ggml_type]).to(dtype, copy=True).reshape(shape)
 
     out = torch.empty(numel, dtype=dtype)
-    blocks = data.view(-1, type_size)  # [n_blocks, type_size]
     kernel = _KERNELS[ggml_type]
     slab = max(1, _SLAB_WEIGHTS // block_size)
     scratch = None if dtype == torch.float32 else torch.empty(slab * block_size, dtype=torch.float32)
@@ -269,3 +275,97 @@ def dequantize(
             kernel(chunk, buf.view(n, block_size))
             dst.copy_(buf)
     return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------- codes, not floats
+#
+# The same block formats unpacked into int8 *codes* plus a float32 scale (and offset) per group:
+# ``w = scale * code + offset``. This is what the grouped kernel (quant/kernels.py) multiplies by,
+# so a GGUF model runs from these without ever holding float weights. Scales and offsets are
+# computed with the same float32 roundings as the dequantisers above (d * sc, dmin * m), so
+# ``scale * code + offset`` reproduces ggml's dequantised value up to one rounding of the product.
+
+class GroupedCodes(NamedTuple):
+    codes: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N, K / group] float32
+    offset: torch.Tensor | None  # [N, K / group] float32, or None for symmetric formats
+    group: int
+
+
+def _c_q8_0(blocks):
+    return blocks[:, 2:].view(torch.int8), _f16(blocks, 0), None
+
+
+def _c_q4_0(blocks):
+    return _nibbles(blocks, 2, 1).view(torch.int8).sub_(8), _f16(blocks, 0), None
+
+
+def _c_q4_1(blocks):
+    return _nibbles(blocks, 4, 1).view(torch.int8), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _c_q5_0(blocks):
+    q = _nibbles(blocks, 6, 1).bitwise_or_(_q5_high_bits(blocks, 2))
+    return q.view(torch.int8).sub_(16), _f16(blocks, 0), None
+
+
+def _c_q5_1(blocks):
+    q = _nibbles(blocks, 8, 1).bitwise_or_(_q5_high_bits(blocks, 4))
+    return q.view(torch.int8), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _c_q4_k(blocks):
+    d, m = _k_scales(blocks)
+    return _nibbles(blocks, 16, 4).view(torch.int8), d.squeeze(-1), -m.squeeze(-1)
+
+
+def _c_q5_k(blocks):
+    n = blocks.shape[0]
+    high = _bit_fields(_field(blocks, 16, 48).view(n, 1, 32), 1).view(n, 256)
+    d, m = _k_scales(blocks)
+    return _nibbles(blocks, 48, 4).bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8), d.squeeze(-1), -m.squeeze(-1)
+
+
+def _c_q6_k(blocks):
+    n = blocks.shape[0]
+    low = _bit_fields(_field(blocks, 0, 128).view(n, 2, 64), 4).view(n, 256)
+    high = _bit_fields(_field(blocks, 128, 192).view(n, 2, 32), 2).view(n, 256)
+    q = low.bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
+    return q, blocks[:, 192:208].view(torch.int8) * _f16(blocks, 208), None
+
+
+# type -> (unpacker, weights per scale group)
+_CODES: dict[int, tuple[Callable, int]] = {
+    _T.Q8_0: (_c_q8_0, 32), _T.Q4_0: (_c_q4_0, 32), _T.Q4_1: (_c_q4_1, 32), _T.Q5_0: (_c_q5_0, 32),
+    _T.Q5_1: (_c_q5_1, 32), _T.Q4_K: (_c_q4_k, 32), _T.Q5_K: (_c_q5_k, 32), _T.Q6_K: (_c_q6_k, 16),
+}
+PACKABLE_TYPES: frozenset[int] = frozenset(int(t) for t in _CODES)
+
+
+def unpack_codes(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> GroupedCodes:
+    """A quantised GGML matrix ``[N, K]`` as int8 codes and per-group scales (and offsets)."""
+    ggml_type = int(ggml_type)
+    shape = tuple(int(s) for s in shape)
+    if ggml_type not in _CODES or len(shape) != 2:
+        raise UnsupportedModelError(f"GGML {_type_name(ggml_type)} {shape} cannot stay quantised")
+    blocks = _checked_blocks(raw, ggml_type, shape)
+    unpack, group = _CODES[ggml_type]
+    block_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)][0]
+    per_block = block_size // group
+    N, K = shape
+    codes = torch.empty(N * K, dtype=torch.int8)
+    scale = torch.empty(N * K // group, dtype=torch.float32)
+    offset = None
+    slab = max(1, _SLAB_WEIGHTS // block_size)
+    for start in range(0, blocks.shape[0], slab):
+        chunk = blocks[start : start + slab]
+        q, s, o = unpack(chunk)
+        n = chunk.shape[0]
+        codes[start * block_size : (start + n) * block_size] = q.reshape(-1)
+        scale[start * per_block : (start + n) * per_block] = s.reshape(-1)
+        if o is not None:
+            if offset is None:
+                offset = torch.empty_like(scale)
+            offset[start * per_block : (start + n) * per_block] = o.reshape(-1)
+    return GroupedCodes(codes.view(N, K), scale.view(N, K // group),
+                        None if offset is None else offset.view(N, K // group), group)

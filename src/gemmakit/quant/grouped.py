@@ -1,0 +1,102 @@
+"""Linear layers and the tied embedding running on grouped int8 codes (GGUF blocks kept quantised).
+
+A GGUF file stores each matrix in a GGML block format. Instead of expanding those to float at
+load (4 bytes per weight), gemmakit can keep them as int8 codes with a float32 scale, and for some
+formats an offset, per group of 16 or 32 input weights (quant/ggml.py ``unpack_codes``), about
+1.1-1.3 bytes per weight, and multiply by them directly (quant/kernels.py). The results equal
+dequantise-then-matmul up to float32 rounding; nothing is re-quantised, so the model computes what
+the file describes.
+
+Gemma ties its LM head to the embedding, so one :class:`GroupedEmbedding` serves both: the lookup
+dequantises only the rows it needs and the head streams the codes through the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gemmakit.quant.ggml import GroupedCodes
+from gemmakit.quant.kernels import dequantize_rows, grouped_matmul
+
+
+class GroupedWeight(nn.Module):
+    """``W [N, K] = scale * codes + offset`` per group of ``group`` inputs, as buffers."""
+
+    def __init__(self, packed: GroupedCodes) -> None:
+        super().__init__()
+        self.register_buffer("codes", packed.codes.contiguous())
+        self.register_buffer("scale", packed.scale.contiguous())
+        self.register_buffer("offset", None if packed.offset is None else packed.offset.contiguous())
+        self.group = packed.group
+        self.out_features, self.in_features = packed.codes.shape
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K] @ W^T -> [..., N]`` in x's dtype (accumulated in float32)."""
+        flat = x.reshape(-1, self.in_features)
+        y = grouped_matmul(flat, self.codes, self.scale, self.offset, self.group)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        off = None if self.offset is None else self.offset[index]
+        return dequantize_rows(self.codes[index], self.scale[index], off, self.group, dtype)
+
+    def extra_repr(self) -> str:
+        kind = "affine" if self.offset is not None else "symmetric"
+        return f"{self.out_features}x{self.in_features}, int8 codes, {kind} groups of {self.group}"
+
+
+class GroupedLinear(nn.Module):
+    """A bias-free linear layer whose weight stays in grouped int8 codes."""
+
+    def __init__(self, packed: GroupedCodes) -> None:
+        super().__init__()
+        self.w = GroupedWeight(packed)
+        self.in_features, self.out_features = self.w.in_features, self.w.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.matmul(x)
+
+
+class GroupedEmbedding(nn.Module):
+    """The tied embedding and LM head from one set of grouped codes.
+
+    ``weight`` is an empty tensor carrying only the compute dtype and device, so code that asks the
+    model for its dtype or device keeps working; ``project(h)`` is the head matmul.
+    """
+
+    def __init__(self, packed: GroupedCodes, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.w = GroupedWeight(packed)
+        self.num_embeddings, self.embedding_dim = self.w.out_features, self.w.in_features
+        self.register_buffer("_probe", torch.empty(0, dtype=dtype), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._probe
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
+        return self.w.rows(ids.reshape(-1), self._probe.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
+        return self.w.matmul(h)
+
+
+def install(model: nn.Module, name: str, packed: GroupedCodes, dtype: torch.dtype) -> None:
+    """Put grouped codes in place of parameter ``name`` (``embed.weight`` or a linear's ``.weight``)."""
+    module_name = name.rpartition(".")[0]
+    parent_name, _, child_name = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    child = getattr(parent, child_name)
+    if isinstance(child, nn.Embedding):
+        new: nn.Module = GroupedEmbedding(packed, dtype)
+    elif isinstance(child, nn.Linear) and child.bias is None:
+        new = GroupedLinear(packed)
+    else:
+        raise TypeError(f"{name}: cannot keep a {type(child).__name__} quantised")
+    if (new.w.out_features, new.w.in_features) != tuple(child.weight.shape):
+        from gemmakit.errors import CheckpointError
+
+        raise CheckpointError(f"tensor {name} has shape {(new.w.out_features, new.w.in_features)}, "
+                              f"expected {tuple(child.weight.shape)}")
+    setattr(parent, child_name, new)

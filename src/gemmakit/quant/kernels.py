@@ -1,0 +1,103 @@
+"""The optional compiled CPU kernel behind grouped int8 weights, and its pure-torch fallback.
+
+torch has no kernel that multiplies by int8 codes with a scale per *group* of inputs, which is how
+every GGML block format stores weights. gemmakit ships one small C++ file (csrc/grouped_matmul.cpp)
+and compiles it on first use with torch's own extension builder (needs a C++ compiler and the Python
+headers; about half a minute, once: the build is cached under ~/.cache/torch_extensions). Without a
+compiler, or with ``GEMMAKIT_KERNELS=0``, the same maths runs as dequantise-a-slab-then-matmul in
+torch: identical results up to float32 rounding, only slower.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_SOURCE = Path(__file__).parent / "csrc" / "grouped_matmul.cpp"
+_lock = threading.Lock()
+_module = None
+_tried = False
+
+# Above this many input rows the matmul is compute bound and a float GEMM on dequantised slabs wins.
+KERNEL_MAX_ROWS = 8
+_SLAB_ROWS = 4096  # output rows dequantised at a time on the fallback path (~10 MB of float32)
+
+
+def kernel():
+    """The compiled extension module, or None where it cannot be built (reason printed once)."""
+    global _module, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        _tried = True
+        if os.environ.get("GEMMAKIT_KERNELS", "1") == "0":
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+
+            print("gemmakit: building the CPU kernel for quantised weights (once, ~30 s)...",
+                  file=sys.stderr, flush=True) if not _is_built() else None
+            _module = load(name=_build_name(), sources=[str(_SOURCE)],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           verbose=False)
+        except Exception as e:  # no compiler, no Python headers, unusual platform
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"gemmakit: warning: CPU kernel unavailable ({first}); using the slower torch fallback "
+                  "(set GEMMAKIT_KERNELS=0 to skip the build attempt)", file=sys.stderr)
+            _module = None
+    return _module
+
+
+def _build_name() -> str:
+    # The source's hash in the name: an edited kernel never loads a stale cached build.
+    import hashlib
+
+    return "gemmakit_grouped_" + hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
+
+
+def _is_built() -> bool:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        build = Path(_get_build_directory(_build_name(), verbose=False))
+    except Exception:
+        return False
+    return any(build.glob("*.so"))
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale * codes + offset`` per group: ``[n, K]`` int8 -> ``[n, K]`` float."""
+    n, K = codes.shape
+    w = codes.view(n, K // group, group).to(torch.float32) * scale.view(n, -1, 1)
+    if offset is not None:
+        w = w + offset.view(n, -1, 1)
+    return w.view(n, K).to(dtype)
+
+
+def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                   group: int, use_kernel: bool = True) -> torch.Tensor:
+    """``x [M, K] @ W^T -> [M, N]`` float32 for ``W = scale * codes + offset`` (groups of ``group``)."""
+    x = x.to(torch.float32).contiguous()
+    M = x.shape[0]
+    ext = kernel() if use_kernel and x.device.type == "cpu" else None
+    if ext is not None and M <= KERNEL_MAX_ROWS:
+        empty = offset if offset is not None else _EMPTY
+        return ext.grouped_matmul(x, codes, scale, empty, group)
+    N = codes.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    for start in range(0, N, _SLAB_ROWS):
+        rows = slice(start, start + _SLAB_ROWS)
+        off = offset[rows] if offset is not None else None
+        y[:, rows] = F.linear(x, dequantize_rows(codes[rows], scale[rows], off, group))
+    return y
+
+
+_EMPTY = torch.empty(0)
