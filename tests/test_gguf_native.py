@@ -76,7 +76,7 @@ def tiny_quantised_gguf(tmp_path_factory):
 
 def test_tiny_model_native_equals_dequantised(tiny_quantised_gguf) -> None:
     native, _ = gemmakit.load(tiny_quantised_gguf, quant="gguf")
-    floats, _ = gemmakit.load(tiny_quantised_gguf)
+    floats, _ = gemmakit.load(tiny_quantised_gguf, quant="none")
     assert isinstance(native.embed, GroupedEmbedding)
     assert any(isinstance(m, GroupedLinear) for m in native.modules())
     assert not any(isinstance(m, torch.nn.Linear) for m in native.modules())
@@ -93,7 +93,7 @@ def test_tiny_model_native_equals_dequantised(tiny_quantised_gguf) -> None:
 
 def test_native_model_holds_no_float_matrices(tiny_quantised_gguf) -> None:
     native, _ = gemmakit.load(tiny_quantised_gguf, quant="gguf")
-    floats, _ = gemmakit.load(tiny_quantised_gguf)
+    floats, _ = gemmakit.load(tiny_quantised_gguf, quant="none")
     big_float = [n for n, p in native.named_parameters() if p.dim() == 2]
     assert big_float == []
     native_bytes = sum(b.nbytes for b in native.buffers()) + sum(p.nbytes for p in native.parameters())

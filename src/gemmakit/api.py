@@ -33,6 +33,10 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         raise InvalidRequestError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
 
 
+def _cpu(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = False, config=None,
          adapter: str | Path | None = None, quant: str | None = None):
@@ -43,15 +47,20 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     or ModelConfig) names the architecture of a ``.ckpt``, which stores none. ``adapter`` is a LoRA
     adapter directory in PEFT's layout, merged into the weights after loading. ``quant`` ("int8" or
     "int4") stores the weights quantised, computing in ``dtype`` (default bfloat16 then); "gguf"
-    keeps a GGUF file's quantised matrices as they are (int8 codes + group scales, no float copy).
+    keeps a GGUF file's quantised matrices as they are (int8 codes + group scales, no float copy);
+    "none" expands everything to ``dtype``. The default, "auto", is "gguf" for a quantised GGUF on
+    the CPU when no ``dtype`` is asked for (same outputs, a third of the memory, faster), else "none".
     """
     t0 = time.perf_counter()
     checkpoint = open_checkpoint(source, config)
-    keep = quant == "gguf"
-    if keep and not checkpoint.packed:
+    keep = quant == "gguf" or (quant in (None, "auto") and dtype is None and adapter is None and _cpu(device)
+                                 and bool(checkpoint.packed))
+    if quant == "gguf" and adapter is not None:
+        raise InvalidRequestError("a LoRA adapter is merged into float weights; use --quant none with --adapter")
+    if quant == "gguf" and not checkpoint.packed:
         raise InvalidRequestError(f"{checkpoint.source} has no GGUF-quantised tensors to keep; "
                                   "--quant gguf needs a quantised .gguf file (or use int8/int4)")
-    quantised = quant not in (None, "none", "gguf")
+    quantised = quant not in (None, "auto", "none", "gguf")
     dtype = dtype or ("bfloat16" if quantised else None)
     model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress, keep_quantised=keep)
     if adapter is not None:

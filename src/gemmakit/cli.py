@@ -26,9 +26,11 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     if dtype:
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="compute dtype of the weights (default: float32, exact parity with the reference)")
-        p.add_argument("--quant", choices=["none", "gguf", "int8", "int4"], default="none",
-                       help="keep weights quantised (weight-only; computes in bfloat16 unless --dtype says "
-                            "otherwise): int8 ~2x, int4 ~4x fewer bytes than bfloat16 (default: none)")
+        p.add_argument("--quant", choices=["auto", "none", "gguf", "int8", "int4"], default="auto",
+                       help="how weights are held: gguf = a quantised .gguf's blocks as they are (int8 codes + "
+                            "group scales, same outputs as expanding them); int8/int4 = requantise (weight-only, "
+                            "computes in bfloat16 unless --dtype says otherwise); none = expand to --dtype. "
+                            "auto (default): gguf for a quantised .gguf on the CPU without --dtype, else none")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -24,8 +24,9 @@ _module = None
 _tried = False
 
 # Above this many input rows the matmul is compute bound and a float GEMM on dequantised slabs wins.
-KERNEL_MAX_ROWS = 8
+KERNEL_MAX_ROWS = 16
 _SLAB_ROWS = 4096  # output rows dequantised at a time on the fallback path (~10 MB of float32)
+_WHOLE_WEIGHTS = 1 << 23  # up to 32 MB of float32 the kernel dequantises a whole matrix at once
 
 
 def kernel():
@@ -91,6 +92,8 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, of
     if ext is not None and M <= KERNEL_MAX_ROWS:
         empty = offset if offset is not None else _EMPTY
         return ext.grouped_matmul(x, codes, scale, empty, group)
+    if ext is not None and codes.shape[0] * codes.shape[1] <= _WHOLE_WEIGHTS:
+        return F.linear(x, ext.grouped_dequantize(codes, scale, offset if offset is not None else _EMPTY, group))
     N = codes.shape[0]
     y = torch.empty(M, N, dtype=torch.float32, device=x.device)
     for start in range(0, N, _SLAB_ROWS):

@@ -234,7 +234,7 @@ def distill(teacher_src: str | None, student_src: str, data: str | Path, out: st
     if student_src in PRESETS:
         student = random_student(student_cfg, parse_dtype(dtype), device, seed=config.seed)
     else:
-        student, _ = load(student_src, dtype=dtype, device=device)
+        student, _ = load(student_src, dtype=dtype, device=device, quant="none")  # trained: float weights
     student.requires_grad_(True)
     if world > 1:
         distributed.shard_for_training(student)

@@ -128,6 +128,30 @@ torch::Tensor grouped_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor
   return y;
 }
 
+// W = scale * codes + offset as float32 [N, K]: the long-input path (prefill) dequantises a layer in
+// one parallel pass and hands it to a float GEMM, which is compute bound there.
+torch::Tensor grouped_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor offset, int64_t group) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "codes: [N, K] int8");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  TORCH_CHECK(group > 0 && K % group == 0 && scale.numel() == N * (K / group) && scale.is_contiguous(), "scale shape");
+  const bool has_offset = offset.numel() > 0;
+  auto w = torch::empty({N, K}, scale.options());
+  const int8_t* c = codes.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* o = has_offset ? offset.data_ptr<float>() : nullptr;
+  float* wp = w.data_ptr<float>();
+  const int64_t G = K / group;
+  at::parallel_for(0, N * G, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float sc = s[b], of = o ? o[b] : 0.f;
+      const int8_t* q = c + b * group;
+      float* out = wp + b * group;
+      for (int64_t j = 0; j < group; ++j) out[j] = o ? sc * float(q[j]) + of : sc * float(q[j]);
+    }
+  });
+  return w;
+}
+
 bool has_avx2() {
 #ifdef GEMMAKIT_AVX2
   return true;
@@ -138,5 +162,6 @@ bool has_avx2() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_matmul", &grouped_matmul, "x @ (scale * codes + offset)^T with per-group scales");
+  m.def("grouped_dequantize", &grouped_dequantize, "scale * codes + offset as float32");
   m.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2/FMA");
 }
