@@ -109,6 +109,10 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
             tensor = tensor.to(device=device, dtype=dtype).contiguous()
             module_name, _, param_name = name.rpartition(".")
             setattr(model.get_submodule(module_name), param_name, torch.nn.Parameter(tensor, requires_grad=False))
+    if packed:
+        from gemmakit.quant.grouped import fuse_projections
+
+        fuse_projections(model)
     model.eval()
     return model
 

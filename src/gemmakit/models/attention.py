@@ -31,7 +31,7 @@ class StepContext:
     ring_skip: int = 0  # how many of the new keys fall out of the window before being stored
     write_slots: torch.Tensor | None = None  # [B, T] per-row slot of each new key (RowKVCache)
     attend_len: int = 0  # with write_slots: how many stored slots the step attends to
-    write_first: bool = False  # with write_slots on a ring: store, then attend to the ring alone
+    write_first: bool = False  # on a ring: store, then attend to the ring alone (no concatenation)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
@@ -86,12 +86,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * hd, d, bias=config.attn_out_bias)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+        self.qkv_proj: nn.Module | None = None  # set by fuse(): q, k and v in one matmul
+
+    def fuse(self, sizes: list[int], qkv: nn.Module) -> None:
+        """Use one projection returning q|k|v (of ``sizes``) in place of the three (quantised models)."""
+        self.qkv_proj, self.qkv_sizes = qkv, sizes
+        self.q_proj = self.k_proj = self.v_proj = None
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
@@ -125,6 +135,10 @@ def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
         cache.keys[:, :, ctx.cache_start:end] = k
         cache.values[:, :, ctx.cache_start:end] = v
         return cache.keys[:, :, :end], cache.values[:, :, :end]
+    if ctx.write_first:  # one decoding token: it replaces a slot it could not see (see _contexts)
+        cache.keys[:, :, ctx.ring_slots] = k
+        cache.values[:, :, ctx.ring_slots] = v
+        return cache.keys, cache.values
     # Ring: attend to what the ring held before this step plus the new keys, then keep the newest.
     all_k = torch.cat([cache.keys, k], dim=2)
     all_v = torch.cat([cache.values, v], dim=2)

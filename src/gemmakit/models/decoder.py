@@ -157,6 +157,15 @@ class GemmaModel(nn.Module):
             if cache is None:
                 mask = attention_mask(positions, positions, c.sliding_window, groups, groups, bypass)
                 out["local"] = StepContext(cos, sin, mask, ring=True)
+            elif positions.shape[1] == 1 and cache.window == c.sliding_window:
+                # One new token (decoding): the slot it overwrites holds the position one full window
+                # back, which it may not see anyway; so store first and attend to the ring alone
+                # instead of copying the whole ring into a concatenation every layer.
+                slots, _ = cache.ring_slots(1)
+                k_pos = cache.ring_positions.index_copy(1, slots, positions)
+                k_groups = None if groups is None else cache.ring_groups.index_copy(1, slots, groups)
+                mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, bypass)
+                out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, write_first=True)
             else:
                 k_pos = torch.cat([cache.ring_positions, positions], dim=1)
                 k_groups = None if groups is None else torch.cat([cache.ring_groups, groups], dim=1)
