@@ -41,3 +41,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built_cpu_kernel():
+    """Build the quantised-weight CPU kernel once, up front, so that no test (or CLI subprocess)
+    spends its time, or its stderr, on the one-off compile."""
+    from gemmakit.quant.kernels import kernel
+
+    return kernel()

@@ -62,6 +62,10 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
                                   "--quant gguf needs a quantised .gguf file (or use int8/int4)")
     quantised = quant not in (None, "auto", "none", "gguf")
     dtype = dtype or ("bfloat16" if quantised else None)
+    if keep:
+        from gemmakit.quant.kernels import kernel
+
+        kernel()  # build (first run only) or load the CPU kernel now, not in the middle of a prefill
     model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress, keep_quantised=keep)
     if adapter is not None:
         from gemmakit.train.lora import load_adapter
@@ -72,6 +76,8 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
 
         model = quantize_model(model, quant, dtype=parse_dtype(dtype))
     model.load_seconds = time.perf_counter() - t0
+    # how the weights are held, for reports: "gguf" (quantised blocks), "int8"/"int4", or the float dtype
+    model.weights_format = "gguf" if keep else (quant if quantised else str(model.dtype).removeprefix("torch."))
     model.source = checkpoint.source
     return model, checkpoint.tokenizer
 

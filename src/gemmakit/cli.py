@@ -196,12 +196,18 @@ def cmd_generate(args) -> int:
             "prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
             "stats": {"prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
                       "load_s": round(model.load_seconds, 4),
+                      "weights": getattr(model, "weights_format", None), "weight_bytes": _weight_bytes(model),
                       "prefill_tokens_per_s": round(s.prefill_tokens_per_s, 2),
                       "decode_tokens_per_s": round(s.decode_tokens_per_s, 2)},
         }, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of parameters and buffers: what the weights take in memory, however they are held."""
+    return sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
 
 
 def _generate_speculative(args, model, tokenizer, prompt: str) -> int:

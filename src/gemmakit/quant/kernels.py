@@ -43,8 +43,10 @@ def kernel():
         try:
             from torch.utils.cpp_extension import load
 
-            print("gemmakit: building the CPU kernel for quantised weights (once, ~30 s)...",
-                  file=sys.stderr, flush=True) if not _is_built() else None
+            _ninja_on_path()
+            if not _is_built():
+                print("gemmakit: building the CPU kernel for quantised weights (once, ~30 s)...",
+                      file=sys.stderr, flush=True)
             _module = load(name=_build_name(), sources=[str(_SOURCE)],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            verbose=False)
@@ -56,11 +58,33 @@ def kernel():
     return _module
 
 
-def _build_name() -> str:
-    # The source's hash in the name: an edited kernel never loads a stale cached build.
-    import hashlib
+def _ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the pip package's binary may not be there when the
+    venv is not activated (e.g. ``.venv/bin/gemmakit`` called directly)."""
+    import shutil
 
-    return "gemmakit_grouped_" + hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except (ImportError, AttributeError):
+            pass
+
+
+def _build_name() -> str:
+    # The source's and the CPU's fingerprint in the name: an edited kernel, or a home directory shared
+    # with another CPU (the build uses -march=native), never loads a stale cached build.
+    import hashlib
+    import platform
+
+    cpu = platform.machine()
+    try:
+        cpu += next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    except OSError:
+        pass
+    digest = hashlib.sha1(_SOURCE.read_bytes() + cpu.encode()).hexdigest()[:12]
+    return f"gemmakit_grouped_{digest}"
 
 
 def _is_built() -> bool:
