@@ -9,6 +9,7 @@ never two full copies of the weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,9 +41,28 @@ class Checkpoint:
     packed: Mapping[str, Callable[[], "GroupedCodes"]] = field(default_factory=dict)
 
 
+@contextmanager
+def skeleton():
+    """Build modules on the meta device without running their initialisers.
+
+    Their values are overwritten by the checkpoint anyway, and initialising meta tensors makes torch
+    import its Python decompositions: ~75 MB of resident memory for nothing.
+    """
+    classes = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.LayerNorm)
+    saved = [(cls, cls.__dict__["reset_parameters"]) for cls in classes if "reset_parameters" in cls.__dict__]
+    try:
+        for cls, _ in saved:
+            cls.reset_parameters = lambda self: None
+        with torch.device("meta"):
+            yield
+    finally:
+        for cls, method in saved:
+            cls.reset_parameters = method
+
+
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter name -> shape for ``config`` (from a meta-device model: no memory, no drift)."""
-    with torch.device("meta"):
+    with skeleton():
         model = GemmaModel(config)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
@@ -72,7 +92,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     With ``keep_quantised``, matrices the checkpoint can hand over as grouped int8 codes (GGUF
     quantised blocks) become quantised modules (quant/grouped.py) instead of float parameters.
     """
-    with torch.device("meta"):
+    with skeleton():
         model = _model_class(checkpoint.config)(checkpoint.config)
     expected = {name: p for name, p in model.named_parameters()}
     shown = checkpoint.file_names.get

@@ -134,13 +134,19 @@ def gguf_names(config: ModelConfig) -> dict[str, str]:
 def _loader(t: GGUFTensor, norm_offset: float) -> TensorLoader:
     def load() -> torch.Tensor:
         w = dequantize(t.raw, t.ggml_type, t.shape)
+        t.release()
         return w - norm_offset if norm_offset else w
 
     return load
 
 
 def _packed_loader(t: GGUFTensor):
-    return lambda: unpack_codes(t.raw, t.ggml_type, t.shape)
+    def load():
+        packed = unpack_codes(t.raw, t.ggml_type, t.shape)
+        t.release()
+        return packed
+
+    return load
 
 
 def open_gguf_checkpoint(path: str | Path) -> Checkpoint:

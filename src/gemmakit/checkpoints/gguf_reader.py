@@ -20,6 +20,7 @@ A string is ``u64 length | utf-8 bytes``; an array is ``u32 item_type | u64 coun
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,31 @@ class GGUFTensor:
     shape: tuple[int, ...]  # PyTorch order (GGUF dims reversed): token_embd.weight -> (vocab, hidden)
     ggml_type: int  # a gguf.GGMLQuantizationType value
     raw: np.ndarray  # uint8 view into the file's memory map; nothing is read until it is touched
+    file_offset: int = 0  # where raw starts in the file (the map covers the whole file)
 
     @property
     def n_elements(self) -> int:
         return math.prod(self.shape)
+
+    def release(self) -> None:
+        """Drop this tensor's file pages from the process's memory once they have been decoded.
+
+        The map is read-only and file-backed, so the kernel may simply forget the pages (they would
+        be read again if touched); without this a load's peak RSS holds the whole file on top of
+        the model built from it.
+        """
+        mapping = getattr(self.raw, "_mmap", None)  # np.memmap slices share the file's mmap object
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        offset = self.file_offset
+        page = mmap.PAGESIZE
+        first = -(-offset // page) * page  # only whole pages inside this tensor: neighbours keep theirs
+        last = (offset + self.raw.nbytes) // page * page
+        if last > first:
+            try:
+                mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+            except (OSError, ValueError):
+                pass
 
 
 @dataclass(frozen=True)
@@ -275,7 +297,8 @@ def _parse(path: Path, cur: _Cursor) -> GGUFFile:
         if start + nbytes > mm.shape[0]:
             raise _Malformed(f"truncated: tensor {name!r} needs bytes {start}..{start + nbytes} "
                              f"but the file has {mm.shape[0]}")
-        tensors[name] = GGUFTensor(name=name, shape=shape, ggml_type=ggml_type, raw=mm[start:start + nbytes])
+        tensors[name] = GGUFTensor(name=name, shape=shape, ggml_type=ggml_type, raw=mm[start:start + nbytes],
+                                   file_offset=start)
     return GGUFFile(path=path, metadata=metadata, tensors=tensors, version=version)
 
 
