@@ -25,9 +25,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # no-ops for float32 input; a decode step runs ~100 norms, so few ops matter
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        # A decode step runs ~100 norms on tiny tensors, where each dispatched op (even a no-op cast)
+        # costs microseconds: casts are skipped when the input is already float32.
+        f32 = torch.float32
+        xf = x if x.dtype == f32 else x.float()
+        w = self.weight if self.weight.dtype == f32 else self.weight.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps)) * (1.0 + w)
+        return out if x.dtype == f32 else out.to(x.dtype)
 
 
 class GeGLU(nn.Module):
