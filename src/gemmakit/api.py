@@ -39,7 +39,7 @@ def _cpu(device: str | torch.device) -> bool:
 
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = False, config=None,
-         adapter: str | Path | None = None, quant: str | None = None):
+         adapter: str | Path | None = None, quant: str | None = None, compile: bool = False):
     """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, a gemma_pytorch
     ``.ckpt``, or the default model.
 
@@ -50,6 +50,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     keeps a GGUF file's quantised matrices as they are (int8 codes + group scales, no float copy);
     "none" expands everything to ``dtype``. The default, "auto", is "gguf" for a quantised GGUF on
     the CPU when no ``dtype`` is asked for (same outputs, a third of the memory, faster), else "none".
+    ``compile`` compiles the one-token decode step (``GemmaModel.compile_decode``).
     """
     t0 = time.perf_counter()
     checkpoint = open_checkpoint(source, config)
@@ -75,6 +76,11 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
         from gemmakit.quant.linear import quantize_model
 
         model = quantize_model(model, quant, dtype=parse_dtype(dtype))
+    if compile:
+        decoder = getattr(model, "decoder", model)  # a vision model compiles its language decoder
+        if "recurrent" in decoder.config.layer_kinds:
+            raise InvalidRequestError("--compile covers attention models; RecurrentGemma runs eagerly")
+        decoder.compile_decode()
     model.load_seconds = time.perf_counter() - t0
     # how the weights are held, for reports: "gguf" (quantised blocks), "int8"/"int4", or the float dtype
     model.weights_format = "gguf" if keep else (quant if quantised else str(model.dtype).removeprefix("torch."))

@@ -33,6 +33,13 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
                             "auto (default): gguf for a quantised .gguf on the CPU without --dtype, else none")
 
 
+def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step with torch.compile: faster decoding (about 1.5x "
+                        "for the default model on a small CPU), same tokens; the first run spends ~40-60 s "
+                        "compiling (needs a C++ compiler), later runs reuse torch's on-disk cache")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=128, help="most new tokens to generate (default 128)")
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default); higher = more random")
@@ -68,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a smaller model with the same tokenizer that drafts tokens for --model to verify "
                         "(speculative decoding; greedy only, output identical to --model alone)")
     g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (default 4)")
+    _add_compile_arg(g)
     _add_image_args(g)
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the text to continue ('-' reads standard input)")
@@ -82,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="a system message, folded into the first user turn")
     c.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     c.add_argument("--pan-and-scan", action="store_true", help="Gemma 3 vision: add crops of wide/tall images")
+    _add_compile_arg(c)
     c.set_defaults(func=cmd_chat, max_tokens=512)
 
     t = sub.add_parser("tokenize", help="print the token ids of TEXT as JSON", epilog=EPILOG,
@@ -147,7 +156,7 @@ def _load(args):
 
     return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty(),
                 config=getattr(args, "config", None), adapter=getattr(args, "adapter", None),
-                quant=getattr(args, "quant", "none"))
+                quant=getattr(args, "quant", "none"), compile=getattr(args, "compile", False))
 
 
 def _sampling_kwargs(args) -> dict:

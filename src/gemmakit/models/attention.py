@@ -32,6 +32,7 @@ class StepContext:
     write_slots: torch.Tensor | None = None  # [B, T] per-row slot of each new key (RowKVCache)
     attend_len: int = 0  # with write_slots: how many stored slots the step attends to
     write_first: bool = False  # on a ring: store, then attend to the ring alone (no concatenation)
+    write_index: torch.Tensor | None = None  # global, static shapes: the one column to write; attend to all
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
@@ -130,14 +131,18 @@ def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
     T = k.shape[2]
     if ctx.write_slots is not None:
         return _update_rows(cache, k, v, ctx)
+    if ctx.write_index is not None:  # static-shape decode step (compiled): masks hide unwritten columns
+        cache.keys.index_copy_(2, ctx.write_index, k)
+        cache.values.index_copy_(2, ctx.write_index, v)
+        return cache.keys, cache.values
     if not ctx.ring:
         end = ctx.cache_start + T
         cache.keys[:, :, ctx.cache_start:end] = k
         cache.values[:, :, ctx.cache_start:end] = v
         return cache.keys[:, :, :end], cache.values[:, :, :end]
     if ctx.write_first:  # one decoding token: it replaces a slot it could not see (see _contexts)
-        cache.keys[:, :, ctx.ring_slots] = k
-        cache.values[:, :, ctx.ring_slots] = v
+        cache.keys.index_copy_(2, ctx.ring_slots, k)
+        cache.values.index_copy_(2, ctx.ring_slots, v)
         return cache.keys, cache.values
     # Ring: attend to what the ring held before this step plus the new keys, then keep the newest.
     all_k = torch.cat([cache.keys, k], dim=2)

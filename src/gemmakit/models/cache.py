@@ -45,8 +45,11 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", static: bool = False) -> None:
         self.config = config
+        # static: one-token steps attend to the whole global buffer (masked) so every step has the
+        # same shapes, as a compiled decode step needs (GemmaModel.compile_decode)
+        self.static = static
         self.batch = batch
         self.max_len = max_len
         self.window = min(config.sliding_window or max_len, max_len)

@@ -64,7 +64,13 @@ class GemmaModel(nn.Module):
         return self.embed.weight.device
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+        if self._compiled_step is None:
+            return KVCache(self.config, batch, max_len, self.dtype, self.device)
+        # The compiled step is specialised to the cache's shapes: sizes from a few power-of-two
+        # buckets (at least a full sliding window) let it serve many requests without recompiling.
+        size = max(256, self.config.sliding_window or 0, max_len)
+        size = min(1 << (size - 1).bit_length(), max(max_len, self.config.max_position_embeddings))
+        return KVCache(self.config, batch, size, self.dtype, self.device, static=True)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings ``[B, T, hidden]`` scaled by sqrt(hidden), as the first block sees them.
@@ -96,13 +102,39 @@ class GemmaModel(nn.Module):
         if cache is not None:
             cache.check_room(T)
         contexts = self._contexts(positions, cache, h.dtype, groups)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, contexts[layer.kind], cache.layers[i] if cache is not None else None)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
+        compiled = self._compiled_step if T == 1 and cache is not None and cache.static else None
+        logits = (compiled or self._layers_and_head)(h, contexts, layer_caches, last_only)
         if cache is not None:
             self._advance(cache, positions, groups)
+        return logits
+
+    def _layers_and_head(self, h: torch.Tensor, contexts: dict, layer_caches: list, last_only: bool) -> torch.Tensor:
+        """Everything after the per-step bookkeeping: the blocks, the final norm and the head.
+
+        With static cache shapes (one new token, see ``compile_decode``) this is a pure function of
+        tensors whose shapes never change, which is what torch.compile needs to trace it once.
+        """
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            h = layer(h, contexts[layer.kind], layer_cache)
         if last_only:
             h = h[:, -1:]
         return self._logits(self.final_norm(h))
+
+    _compiled_step = None
+
+    def compile_decode(self, **options) -> None:
+        """Compile the one-token decode step with torch.compile (caches made afterwards are static).
+
+        Decoding runs ~1,000 small ops per token whose dispatch overhead, on a CPU, costs as much
+        as reading the weights; compiled, the blocks become a few fused kernels. Prefill and
+        batched serving keep the eager path. The first step compiles (tens of seconds on a
+        small CPU; cached on disk by torch for later runs).
+        """
+        from gemmakit.quant.kernels import register_custom_op
+
+        register_custom_op()
+        self._compiled_step = torch.compile(self._layers_and_head, dynamic=False, **options)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied LM head and final soft-cap: ``[B, T, hidden] -> [B, T, vocab]``."""
@@ -141,17 +173,29 @@ class GemmaModel(nn.Module):
         if "global" in kinds:
             cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
             k_groups = groups
-            if cache is None:
-                k_pos = positions
-            else:
-                end = cache.length + positions.shape[1]
-                cache.global_positions[:, cache.length:end] = positions
-                k_pos = cache.global_positions[:, :end]
+            if cache is not None and cache.static and positions.shape[1] == 1:
+                # Static shapes for the compiled decode step: write one column (an index tensor, not
+                # a Python int the compiler would specialise on) and attend to the whole buffer, whose
+                # unwritten columns hold position -1 and are masked.
+                index = torch.tensor([cache.length], device=positions.device)
+                cache.global_positions.index_copy_(1, index, positions)
                 if groups is not None:
-                    cache.global_groups[:, cache.length:end] = groups
-                    k_groups = cache.global_groups[:, :end]
-            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, groups, k_groups),
-                                        ring=False, cache_start=cache.length if cache is not None else 0)
+                    cache.global_groups.index_copy_(1, index, groups)
+                mask = attention_mask(positions, cache.global_positions, None, groups,
+                                      None if groups is None else cache.global_groups)
+                out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
+            else:
+                if cache is None:
+                    k_pos = positions
+                else:
+                    end = cache.length + positions.shape[1]
+                    cache.global_positions[:, cache.length:end] = positions
+                    k_pos = cache.global_positions[:, :end]
+                    if groups is not None:
+                        cache.global_groups[:, cache.length:end] = groups
+                        k_groups = cache.global_groups[:, :end]
+                out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, groups, k_groups),
+                                            ring=False, cache_start=cache.length if cache is not None else 0)
         if "local" in kinds:
             cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
             if cache is None:

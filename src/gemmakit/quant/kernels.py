@@ -107,10 +107,37 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     return w.view(n, K).to(dtype)
 
 
+_custom_op = None
+
+
+def register_custom_op():
+    """The kernel as a torch operator ``gemmakit::grouped_matmul``, which torch.compile can trace
+    through (a plain extension call would break the compiled graph at every matmul)."""
+    global _custom_op
+    if _custom_op is None:
+        ext = kernel()
+
+        @torch.library.custom_op("gemmakit::grouped_matmul", mutates_args=())
+        def op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+               group: int) -> torch.Tensor:
+            if ext is not None and x.device.type == "cpu" and x.shape[0] <= KERNEL_MAX_ROWS:
+                return ext.grouped_matmul(x.contiguous(), codes, scale, offset, group)
+            return _slab_matmul(x, codes, scale, offset if offset.numel() else None, group)
+
+        @op.register_fake
+        def _(x, codes, scale, offset, group):
+            return x.new_empty(x.shape[0], codes.shape[0])
+
+        _custom_op = op
+    return _custom_op
+
+
 def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                    group: int, use_kernel: bool = True) -> torch.Tensor:
     """``x [M, K] @ W^T -> [M, N]`` float32 for ``W = scale * codes + offset`` (groups of ``group``)."""
     x = x.to(torch.float32).contiguous()
+    if torch.compiler.is_compiling():
+        return torch.ops.gemmakit.grouped_matmul(x, codes, scale, offset if offset is not None else _EMPTY, group)
     M = x.shape[0]
     ext = kernel() if use_kernel and x.device.type == "cpu" else None
     if ext is not None and M <= KERNEL_MAX_ROWS:
@@ -118,7 +145,13 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, of
         return ext.grouped_matmul(x, codes, scale, empty, group)
     if ext is not None and codes.shape[0] * codes.shape[1] <= _WHOLE_WEIGHTS:
         return F.linear(x, ext.grouped_dequantize(codes, scale, offset if offset is not None else _EMPTY, group))
-    N = codes.shape[0]
+    return _slab_matmul(x, codes, scale, offset, group)
+
+
+def _slab_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                 group: int) -> torch.Tensor:
+    """The torch-only path: dequantise a slab of output rows at a time, then a float GEMM."""
+    M, N = x.shape[0], codes.shape[0]
     y = torch.empty(M, N, dtype=torch.float32, device=x.device)
     for start in range(0, N, _SLAB_ROWS):
         rows = slice(start, start + _SLAB_ROWS)
