@@ -104,7 +104,7 @@ class GemmaModel(nn.Module):
         contexts = self._contexts(positions, cache, h.dtype, groups)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         compiled = self._compiled_step if T == 1 and cache is not None and cache.static else None
-        logits = (compiled or self._layers_and_head)(h, contexts, layer_caches, last_only)
+        logits = (compiled or self._layers_and_head)(h, contexts, layer_caches, last_only and T > 1)
         if cache is not None:
             self._advance(cache, positions, groups)
         return logits
@@ -128,13 +128,21 @@ class GemmaModel(nn.Module):
 
         Decoding runs ~1,000 small ops per token whose dispatch overhead, on a CPU, costs as much
         as reading the weights; compiled, the blocks become a few fused kernels. Prefill and
-        batched serving keep the eager path. The first step compiles (tens of seconds on a
-        small CPU; cached on disk by torch for later runs).
+        batched serving keep the eager path. Compiling takes tens of seconds on a small CPU (torch
+        caches the result on disk for later runs); it happens here for the smallest cache size and
+        again, once, for each larger power-of-two cache size a generation needs.
         """
         from gemmakit.quant.kernels import register_custom_op
 
         register_custom_op()
         self._compiled_step = torch.compile(self._layers_and_head, dynamic=False, **options)
+        # Compile now for the smallest cache bucket (what short generations use), so that the cost
+        # shows up as load time rather than as one very slow first token.
+        with torch.inference_mode():
+            cache = self.new_cache(1, 2)
+            token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self(token, cache=cache)
+            self(token, cache=cache)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied LM head and final soft-cap: ``[B, T, hidden] -> [B, T, vocab]``."""
