@@ -28,8 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
                        help="compute dtype of the weights (default: float32, exact parity with the reference)")
         p.add_argument("--quant", choices=["auto", "none", "gguf", "int8", "int4"], default="auto",
                        help="how weights are held: gguf = a quantised .gguf's blocks as they are (int8 codes + "
-                            "group scales, same outputs as expanding them); int8/int4 = requantise (weight-only, "
-                            "computes in bfloat16 unless --dtype says otherwise); none = expand to --dtype. "
+                            "group scales, same outputs as expanding them); int8 = requantise in groups of 32 (float32 "
+                            "compute); int4 = requantise to 4 bits (bfloat16 compute unless --dtype says "
+                            "otherwise); none = expand to --dtype. "
                             "auto (default): gguf for a quantised .gguf on the CPU without --dtype, else none")
 
 
