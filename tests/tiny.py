@@ -7,6 +7,8 @@ through gemmakit's loaders.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import string
 from pathlib import Path
 
@@ -127,31 +129,12 @@ def _write_gguf_file(path: Path, c: ModelConfig, arch: str, arrays: dict[str, np
                      with_tokenizer: bool, sliding_window_pattern=None, fim_tokens: bool = False) -> Path:
     import gguf
 
+    from gemmakit.checkpoints.gguf_writer import add_model_metadata, add_tensor
+
     if c.query_pre_attn_scalar != c.head_dim:
         raise ValueError("GGUF has no key for query_pre_attn_scalar; llama.cpp assumes head_dim")
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("tiny-" + arch)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_heads)
-    w.add_head_count_kv(c.num_kv_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    if c.sliding_window:
-        w.add_sliding_window(c.sliding_window)
-    if sliding_window_pattern is not None:
-        w.add_sliding_window_pattern(sliding_window_pattern)
-    if c.attn_logit_softcap:
-        w.add_attn_logit_softcapping(c.attn_logit_softcap)
-    if c.final_logit_softcap:
-        w.add_final_logit_softcapping(c.final_logit_softcap)
-    if c.rope_scaling_factor != 1.0:
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(c.rope_scaling_factor)
+    add_model_metadata(w, replace(c, family=arch), "tiny-" + arch, sliding_window_pattern)
     if with_tokenizer:
         tokens, scores, types = tiny_vocab(fim_tokens)
         w.add_tokenizer_model("llama")
@@ -165,13 +148,7 @@ def _write_gguf_file(path: Path, c: ModelConfig, arch: str, arrays: dict[str, np
         w.add_add_bos_token(True)
         w.add_add_space_prefix(False)
     for name, data in arrays.items():
-        if "norm" in name:
-            data = data + 1.0
-        qtype = getattr(gguf.GGMLQuantizationType, quant) if quant and data.ndim == 2 else None
-        if qtype is not None:
-            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(name, np.ascontiguousarray(data))
+        add_tensor(w, name, data, quant)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

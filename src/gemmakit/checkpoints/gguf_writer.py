@@ -1,0 +1,204 @@
+"""Writing GGUF files (llama.cpp's layout for the gemma, gemma2 and gemma3 architectures).
+
+The inverse of checkpoints/gguf.py: the metadata keys it reads, norms stored as ``1 + w`` as
+llama.cpp's converter stores them, our tensor names mapped to llama.cpp's. ``gemmakit quantize``
+uses it to write Q8_0 / Q4_1 files, which gemmakit then runs without expanding them
+(quant/grouped.py) and which llama.cpp can read too.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gemmakit.errors import InvalidRequestError, UnsupportedModelError
+from gemmakit.models.config import ModelConfig, alternating
+
+# --scheme -> GGML block type of every matrix (norms stay float32)
+SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
+_DEFAULT_PERIOD = {"gemma2": 2, "gemma3": 6}  # what checkpoints/gguf.py assumes without a pattern key
+
+
+def add_model_metadata(writer, config: ModelConfig, name: str, sliding_window_pattern="auto") -> None:
+    """The architecture keys checkpoints/gguf.py reads back into ``config`` (refusing what GGUF cannot say).
+
+    ``sliding_window_pattern``: "auto" writes one bool per layer when the layer kinds differ from the
+    family's default; None writes no key; anything else is written as given (tests of the reader).
+    """
+    import gguf
+
+    c = config
+    arch = c.family
+    if arch not in ("gemma", "gemma2", "gemma3") or "recurrent" in c.layer_kinds:
+        raise UnsupportedModelError(f"GGUF (llama.cpp's format) has no layout for {arch} models; "
+                                    "use `gemmakit convert` to write a transformers directory instead")
+    expected_scalar = c.hidden_size / c.num_heads if (arch, c.num_layers) in {("gemma2", 46), ("gemma3", 62)} else c.head_dim
+    if c.query_pre_attn_scalar != expected_scalar:
+        raise UnsupportedModelError("GGUF has no key for query_pre_attn_scalar and llama.cpp assumes "
+                                    f"{expected_scalar:g} for this shape; this model uses {c.query_pre_attn_scalar:g}")
+    if arch == "gemma3" and c.rope_local_theta != 10_000.0:
+        raise UnsupportedModelError("GGUF has no key for the local RoPE base; llama.cpp assumes 10000")
+    writer.add_name(name)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_heads)
+    writer.add_head_count_kv(c.num_kv_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_theta)
+    if c.sliding_window:
+        writer.add_sliding_window(c.sliding_window)
+    if sliding_window_pattern == "auto":
+        default = alternating(c.num_layers, _DEFAULT_PERIOD[arch]) if arch in _DEFAULT_PERIOD else c.layer_kinds
+        if tuple(c.layer_kinds) != tuple(default):
+            writer.add_sliding_window_pattern([kind == "local" for kind in c.layer_kinds])
+    elif sliding_window_pattern is not None:
+        writer.add_sliding_window_pattern(sliding_window_pattern)
+    if c.attn_logit_softcap:
+        writer.add_attn_logit_softcapping(c.attn_logit_softcap)
+    if c.final_logit_softcap:
+        writer.add_final_logit_softcapping(c.final_logit_softcap)
+    if c.rope_scaling_factor != 1.0:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(c.rope_scaling_factor)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What ``tokenizer.ggml.*`` holds: SentencePiece pieces, scores, types and the special ids."""
+
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]  # SentencePiece's piece types, which GGUF's token types number the same way
+    bos_id: int
+    eos_id: int
+    unk_id: int | None
+    pad_id: int
+
+
+def vocabulary_of(tokenizer) -> Vocabulary:
+    """A gemmakit Tokenizer's vocabulary, read back from its SentencePiece model."""
+    proto = getattr(tokenizer, "_model_proto", None)
+    if proto is None:
+        raise UnsupportedModelError("the source's tokenizer has no SentencePiece model (tokenizer.model) "
+                                    "to write into the GGUF")
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(proto)
+    return Vocabulary(pieces=[p.piece for p in model.pieces], scores=[p.score for p in model.pieces],
+                      types=[int(p.type) for p in model.pieces], bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                      unk_id=tokenizer.unk_id, pad_id=tokenizer.pad_id)
+
+
+def add_vocabulary(writer, vocab: Vocabulary) -> None:
+    user_defined = 4
+    # llama.cpp's converter spells user-defined pieces with real spaces; checkpoints/gguf.py undoes it
+    pieces = [p.replace("\u2581", " ") if t == user_defined else p for p, t in zip(vocab.pieces, vocab.types)]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    writer.add_bos_token_id(vocab.bos_id)
+    writer.add_eos_token_id(vocab.eos_id)
+    if vocab.unk_id is not None and vocab.unk_id >= 0:
+        writer.add_unk_token_id(vocab.unk_id)
+    if vocab.pad_id >= 0:
+        writer.add_pad_token_id(vocab.pad_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(False)
+
+
+def add_tensor(writer, name: str, data: np.ndarray, qtype_name: str | None) -> int:
+    """Add one tensor (float32 numpy, GGUF name); matrices in ``qtype_name`` blocks. Returns its bytes."""
+    import gguf
+
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if name.endswith("norm.weight"):
+        data = data + 1.0  # llama.cpp's converter stores Gemma norms as 1 + w
+    if qtype_name is not None and data.ndim == 2:
+        qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+        blocks = gguf.quants.quantize(data, qtype)
+        writer.add_tensor(name, blocks, raw_dtype=qtype)
+        return blocks.nbytes
+    writer.add_tensor(name, data)
+    return data.nbytes
+
+
+@dataclass
+class QuantizeReport:
+    tensors: int
+    bytes: int
+    seconds: float
+    scheme: str
+    qtype: str
+
+
+def quantize_checkpoint(source, destination: str | Path, scheme: str, force: bool = False, config=None,
+                        progress: Callable | None = None) -> QuantizeReport:
+    """Read any source gemmakit loads, write ``destination`` as a GGUF whose matrices are ``scheme``.
+
+    Tensors are read one at a time from the source; the file appears under its name only when
+    complete (written next to it under a temporary name, then renamed).
+    """
+    import gguf
+
+    from gemmakit.checkpoints import open_checkpoint
+    from gemmakit.checkpoints.gguf import gguf_names
+
+    if scheme not in SCHEMES:
+        raise InvalidRequestError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    destination = Path(destination)
+    if destination.exists() and not force:
+        raise InvalidRequestError(f"{destination} exists; pass --force to replace it")
+    if destination.is_dir():
+        raise InvalidRequestError(f"{destination} is a directory; give the path of the .gguf file to write")
+    if not destination.parent.is_dir():
+        raise InvalidRequestError(f"directory {destination.parent} does not exist")
+    t0 = time.perf_counter()
+    checkpoint = open_checkpoint(source, config)
+    cfg = checkpoint.config
+    if getattr(cfg, "text", None) is not None:
+        raise UnsupportedModelError("vision models are not written to GGUF by gemmakit (llama.cpp keeps the "
+                                    "vision tower in a separate mmproj file); quantise at load with --quant int8")
+    if checkpoint.tokenizer is None:
+        raise UnsupportedModelError(f"{checkpoint.source} has no tokenizer to write into the GGUF")
+    vocab = vocabulary_of(checkpoint.tokenizer)
+    from gemmakit.checkpoints.base import parameter_shapes
+
+    all_names = gguf_names(cfg)
+    names = {ours: all_names[ours] for ours in parameter_shapes(cfg)}  # the tensors this config really has
+    qtype = SCHEMES[scheme]
+    fd, tmp = tempfile.mkstemp(prefix=destination.name + ".", suffix=".partial", dir=destination.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
+    try:
+        writer = gguf.GGUFWriter(tmp, cfg.family)
+        add_model_metadata(writer, cfg, Path(str(source)).stem + f"-{scheme}")
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if scheme == "int8" else gguf.LlamaFileType.MOSTLY_Q4_1)
+        add_vocabulary(writer, vocab)
+        total = 0
+        items = list(names.items())
+        for ours, theirs in (progress(items) if progress else items):
+            total += add_tensor(writer, theirs, checkpoint.tensors[ours]().float().numpy(), qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return QuantizeReport(tensors=len(names), bytes=destination.stat().st_size, seconds=time.perf_counter() - t0,
+                          scheme=scheme, qtype=qtype)
