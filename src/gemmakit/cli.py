@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seq-len", type=int, default=None,
                    help="most tokens per sequence, prompt included (default: the context, capped at 4096)")
     s.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
+    s.add_argument("--draft-model", metavar="SRC", default=None,
+                   help="a smaller model with the same tokenizer: greedy single-choice requests (temperature 0, "
+                        "no logprobs) are then served one at a time with speculative decoding, same tokens; "
+                        "other requests keep the batching engine")
+    s.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (default 4)")
     s.add_argument("--kv-cache-mib", type=int, default=None,
                    help="cap the key/value cache at this many MiB (fewer batch rows if needed; default: no cap)")
     s.set_defaults(func=cmd_serve)
@@ -320,8 +325,10 @@ def cmd_serve(args) -> int:
     if args.max_batch < 1:
         raise _invalid(f"--max-batch must be >= 1, got {args.max_batch}")
     kv_bytes = args.kv_cache_mib * 2**20 if args.kv_cache_mib is not None else None
+    if args.draft_tokens < 1:
+        raise _invalid(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
     run_server(args.model, args.host, args.port, args.api_key, args.max_batch, args.dtype, args.max_seq_len, kv_bytes,
-               adapter=args.adapter)
+               adapter=args.adapter, draft_model=args.draft_model, draft_tokens=args.draft_tokens)
     return 0
 
 

@@ -13,7 +13,7 @@ the verifying pass and restored after it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -43,14 +43,30 @@ def _rollback(cache: KVCache, snap, keep: int) -> None:
     cache.length = length + keep
 
 
-@torch.inference_mode()
 def speculative_greedy(target, draft, prompt: Sequence[int], max_new_tokens: int, k: int = 4,
                        stop_ids: frozenset[int] = frozenset()) -> tuple[list[int], dict]:
     """Greedy continuation of ``prompt`` by ``target``, drafted by ``draft``; returns (ids, stats)."""
+    stats: dict = {}
+    out = list(speculative_tokens(target, draft, prompt, max_new_tokens, k, stop_ids, stats))
+    return out, stats
+
+
+def check_draft(target, draft) -> None:
+    """A draft must share the target's vocabulary (the tokenizer); raise a one-line error if not."""
     if target.config.vocab_size != draft.config.vocab_size:
         raise InvalidRequestError(
             f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
             f"({target.config.vocab_size}); a draft must share the tokenizer")
+
+
+def speculative_tokens(target, draft, prompt: Sequence[int], max_new_tokens: int, k: int = 4,
+                       stop_ids: frozenset[int] = frozenset(), stats: dict | None = None) -> Iterator[int]:
+    """The same greedy continuation, yielded token by token as rounds are verified (for streaming).
+
+    Arguments are checked before the first token is asked for; ``stats`` (if given) receives the
+    number of rounds and of accepted draft tokens as they happen.
+    """
+    check_draft(target, draft)
     if k < 1:
         raise InvalidRequestError(f"draft length must be >= 1, got {k}")
     context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
@@ -58,20 +74,28 @@ def speculative_greedy(target, draft, prompt: Sequence[int], max_new_tokens: int
     max_new_tokens = min(max_new_tokens, context - len(prompt))
     window = min(w for w in (target.config.sliding_window, draft.config.sliding_window, 10**9) if w)
     k = max(1, min(k, window - 1))  # a verifying pass must fit in the ring
+    stats = stats if stats is not None else {}
+    stats.update(rounds=0, accepted=0)
+    return _rounds(target, draft, prompt, max_new_tokens, k, stop_ids, stats)
+
+
+@torch.inference_mode()
+def _rounds(target, draft, prompt: Sequence[int], max_new_tokens: int, k: int, stop_ids: frozenset[int],
+            stats: dict) -> Iterator[int]:
     if max_new_tokens <= 0:
-        return [], {"rounds": 0, "accepted": 0}
+        return
     size = len(prompt) + max_new_tokens + k + 1
     t_cache, d_cache = target.new_cache(1, size), draft.new_cache(1, size)
     ids = torch.tensor([list(prompt)], device=target.device)
     token = int(target(ids, cache=t_cache, last_only=True)[0, -1].argmax())
     draft(ids.to(draft.device), cache=d_cache, last_only=True)
     pending = ids[:, :0].cpu()  # tokens the draft has not seen yet (a round writes < window columns)
-    out: list[int] = []
-    rounds = accepted = 0
+    produced = 0
     while True:
-        out.append(token)
-        if token in stop_ids or len(out) >= max_new_tokens:
-            break
+        yield token
+        produced += 1
+        if token in stop_ids or produced >= max_new_tokens:
+            return
         pending = torch.cat([pending, torch.tensor([[token]], device=pending.device)], dim=1)
         # 1. draft k tokens
         proposals: list[int] = []
@@ -87,20 +111,19 @@ def speculative_greedy(target, draft, prompt: Sequence[int], max_new_tokens: int
         n = 0
         while n < k and proposals[n] == choices[n]:
             n += 1
-        rounds += 1
-        accepted += n
-        room = max_new_tokens - len(out)
-        emitted = proposals[:n]
-        for tok in emitted[:room]:
-            out.append(tok)
+        stats["rounds"] += 1
+        stats["accepted"] += n
+        room = max_new_tokens - produced
+        for tok in proposals[:n][:room]:
+            yield tok
+            produced += 1
             if tok in stop_ids:
-                return out, {"rounds": rounds, "accepted": accepted}
-        if len(out) >= max_new_tokens:
-            break
+                return
+        if produced >= max_new_tokens:
+            return
         token = choices[n]
         _rollback(t_cache, t_snap, n + 1)
         # draft saw pending + proposals[:k-1]; keep pending + proposals[:n]
         seen = pending.shape[1] + min(n, k - 1)
         _rollback(d_cache, d_snap, seen)
         pending = torch.tensor([proposals[k - 1:n]], dtype=torch.long)  # d_k when all k were accepted
-    return out, {"rounds": rounds, "accepted": accepted}

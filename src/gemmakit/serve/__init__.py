@@ -12,7 +12,8 @@ def model_id(source) -> str:
 
 def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, max_batch: int = 8, dtype: str | None = None,
-               max_seq_len: int | None = None, max_kv_bytes: int | None = None, adapter: str | None = None) -> None:
+               max_seq_len: int | None = None, max_kv_bytes: int | None = None, adapter: str | None = None,
+               draft_model: str | None = None, draft_tokens: int = 4) -> None:
     """Load a model, start the engine and serve it with uvicorn until interrupted."""
     try:
         import uvicorn
@@ -23,13 +24,16 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
     from gemmakit.api import load
 
     model, tokenizer = load(model_source, dtype=dtype, adapter=adapter)
+    draft = load(draft_model, dtype=dtype)[0] if draft_model else None
     app = build_app(model, tokenizer, model_id(getattr(model, "source", model_source)), api_key=api_key,
-                    max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes)
+                    max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes, draft=draft,
+                    draft_tokens=draft_tokens)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def build_app(model, tokenizer, name: str, api_key: str | None = None, max_batch: int = 8,
-              max_seq_len: int | None = None, max_kv_bytes: int | None = None, **engine_options):
+              max_seq_len: int | None = None, max_kv_bytes: int | None = None, draft=None, draft_tokens: int = 4,
+              **engine_options):
     """The app for a loaded model: a batching engine, plus the one-at-a-time image path for vision models.
 
     The engine's per-row cache holds no image embeddings, so a vision model's engine runs its text
@@ -45,6 +49,12 @@ def build_app(model, tokenizer, name: str, api_key: str | None = None, max_batch
 
         vision = VisionRunner(model, tokenizer)
         model = model.decoder
+    speculative = None
+    if draft is not None:
+        from gemmakit.serve.speculative import SpeculativeRunner
+
+        speculative = SpeculativeRunner(model, getattr(draft, "decoder", draft), tokenizer, draft_tokens)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes,
                     **engine_options)
-    return create_app(engine, tokenizer, name, api_key=api_key, accepts_images=vision is not None, vision=vision)
+    return create_app(engine, tokenizer, name, api_key=api_key, accepts_images=vision is not None, vision=vision,
+                      speculative=speculative)

@@ -49,10 +49,12 @@ class _Stream:
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-               default_max_tokens: int = 256, accepts_images: bool = False, vision=None) -> FastAPI:
+               default_max_tokens: int = 256, accepts_images: bool = False, vision=None,
+               speculative=None) -> FastAPI:
     """The app serving ``engine`` under the model id ``model_name``; starts the engine with the app.
 
-    ``vision`` (a :class:`~gemmakit.serve.vision.VisionRunner`) serves a vision model's chat
+    ``speculative`` (a :class:`~gemmakit.serve.speculative.SpeculativeRunner`) serves greedy requests
+    with a draft model. ``vision`` (a :class:`~gemmakit.serve.vision.VisionRunner`) serves a vision model's chat
     requests, images or not, one at a time; ``engine`` then runs its text decoder for the rest.
     """
 
@@ -169,6 +171,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         stream = _Stream(asyncio.get_running_loop())
         if images is not None:  # the vision path: rendered text + images, generated in a worker thread
             handle = vision.submit(images[0], images[1], prompt, common, stream.on_event)
+        elif speculative is not None and speculative.accepts(common, logprobs):  # greedy, with a draft model
+            handle = speculative.submit(prompt, common, stream.on_event)
         else:
             handle = None
         engine_request = Request(prompt_ids=tuple(prompt), max_tokens=common.max_tokens, params=common.params,
@@ -294,7 +298,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(_prometheus(engine, http, model_name), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(_prometheus(engine, http, model_name, speculative),
+                                 media_type="text/plain; version=0.0.4")
 
     return app
 
@@ -305,7 +310,7 @@ def _count(http: dict, request: HTTPRequest, response) -> Any:
     return response
 
 
-def _prometheus(engine: Engine, http: dict, model_name: str) -> str:
+def _prometheus(engine: Engine, http: dict, model_name: str, speculative=None) -> str:
     """The Prometheus text exposition of the engine's counters and gauges."""
     s = engine.stats
     label = f'model="{model_name}"'
@@ -327,6 +332,10 @@ def _prometheus(engine: Engine, http: dict, model_name: str) -> str:
         ("gemmakit_generation_tokens_per_second", "gauge", "tokens generated per second, last 10 s",
          round(s.tokens_per_second(), 3)),
     ]
+    if speculative is not None:
+        rows += [("gemmakit_speculative_rounds_total", "counter", "draft-and-verify rounds", speculative.rounds),
+                 ("gemmakit_speculative_accepted_tokens_total", "counter", "draft tokens the target accepted",
+                  speculative.accepted)]
     lines = []
     for name, kind, help_text, value in rows:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{{{label}}} {value}"]
