@@ -39,7 +39,8 @@ def _cpu(device: str | torch.device) -> bool:
 
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = False, config=None,
-         adapter: str | Path | None = None, quant: str | None = None, compile: bool = False):
+         adapter: str | Path | None = None, quant: str | None = None, compile: bool = False,
+         kv_cache: str = "auto"):
     """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, a gemma_pytorch
     ``.ckpt``, or the default model.
 
@@ -51,7 +52,8 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     keeps a GGUF file's quantised matrices as they are (int8 codes + group scales, no float copy);
     "none" expands everything to ``dtype``. The default, "auto", is "gguf" for a quantised GGUF on
     the CPU when no ``dtype`` is asked for (same outputs, a third of the memory, faster), else "none".
-    ``compile`` compiles the one-token decode step (``GemmaModel.compile_decode``).
+    ``compile`` compiles the one-token decode step (``GemmaModel.compile_decode``). ``kv_cache="int8"``
+    stores generation caches' keys and values as int8 with a scale per vector (models/cache.py).
     """
     t0 = time.perf_counter()
     checkpoint = open_checkpoint(source, config)
@@ -78,8 +80,11 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
         from gemmakit.quant.linear import quantize_model
 
         model = quantize_model(model, quant, dtype=parse_dtype(dtype))
+    decoder = getattr(model, "decoder", model)  # a vision model's language decoder holds the caches
+    if kv_cache not in ("auto", "int8"):
+        raise InvalidRequestError(f"unknown KV cache storage {kv_cache!r}; choose auto or int8")
+    decoder.kv_int8 = kv_cache == "int8"
     if compile:
-        decoder = getattr(model, "decoder", model)  # a vision model compiles its language decoder
         if "recurrent" in decoder.config.layer_kinds:
             raise InvalidRequestError("--compile covers attention models; RecurrentGemma runs eagerly")
         decoder.compile_decode()

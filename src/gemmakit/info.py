@@ -14,7 +14,15 @@ from typing import Any
 
 from gemmakit.models.config import PRESETS, ModelConfig
 
-BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
+# int8: a code per weight plus a float32 scale per 32 (the grouped/Q8_0 layout gemmakit runs)
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.125, "int4": 0.5}
+
+
+def int8_kv_bytes_per_value(config: ModelConfig) -> float:
+    """``--kv-cache int8``: a code per entry plus a float32 scale per group of 32 (models/cache.py)."""
+    from gemmakit.models.cache import KV_GROUP
+
+    return 1.0 + 4.0 / (KV_GROUP if config.head_dim % KV_GROUP == 0 else config.head_dim)
 GIB = 1024**3
 
 
@@ -64,7 +72,8 @@ def describe(source: str | None, context: int | None = None) -> dict[str, Any]:
         "weight_bytes": {name: int(params * b) for name, b in BYTES_PER_PARAM.items()},
         "context": context,
         "kv_cache_bytes": {name: config.kv_cache_bytes(context, bytes_per_value=b)
-                           for name, b in (("float32", 4.0), ("bfloat16", 2.0), ("int8", 1.0))},
+                           for name, b in (("float32", 4.0), ("bfloat16", 2.0),
+                                           ("int8", int8_kv_bytes_per_value(config)))},
     } | _state(config, context)
 
 
@@ -117,9 +126,10 @@ def format_report(r: dict[str, Any]) -> str:
 def preset_table(context: int | None = None, names: list[str] | None = None) -> str:
     """Weights + KV cache for every preset, per storage format, at ``context`` (default: each maximum).
 
-    First principles only: weights = parameters x bytes per parameter (int4 as 0.5 byte, scales not
-    counted: they add 1/16 at group 64), KV = 2 x kv_heads x head_dim x
-    positions held per layer (a local layer holds at most its window) x bytes per value.
+    First principles only: weights = parameters x bytes per parameter (int8 as 1.125 bytes with its
+    group scales; int4 as 0.5 byte, scales not counted: they add 1/16 at group 64), KV = 2 x kv_heads x
+    head_dim x positions held per layer (a local layer holds at most its window) x bytes per value
+    (int8 KV: 1.125 with its scales).
     """
     rows = ["| preset | context | params | bf16 weights+KV | int8 weights+KV (int8 KV) | int4 weights + bf16 KV |",
             "|---|---|---|---|---|---|"]
@@ -127,7 +137,8 @@ def preset_table(context: int | None = None, names: list[str] | None = None) -> 
         c = PRESETS[name]
         ctx = context or c.max_position_embeddings
         p = c.num_parameters()
-        kv16, kv8 = c.kv_cache_bytes(ctx, bytes_per_value=2.0), c.kv_cache_bytes(ctx, bytes_per_value=1.0)
-        rows.append(f"| {name} | {ctx} | {p / 1e9:.2f}B | {_gib(2 * p + kv16)} | {_gib(p + kv8)} | "
+        kv16 = c.kv_cache_bytes(ctx, bytes_per_value=2.0)
+        kv8 = c.kv_cache_bytes(ctx, bytes_per_value=int8_kv_bytes_per_value(c))
+        rows.append(f"| {name} | {ctx} | {p / 1e9:.2f}B | {_gib(2 * p + kv16)} | {_gib(1.125 * p + kv8)} | "
                     f"{_gib(0.5 * p + kv16)} |")
     return "\n".join(rows)

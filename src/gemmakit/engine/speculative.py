@@ -25,8 +25,7 @@ from gemmakit.models.cache import KVCache
 def _snapshot(cache: KVCache, num_new: int) -> tuple[int, torch.Tensor, torch.Tensor, list]:
     """What a forward of ``num_new`` tokens will overwrite in the rings."""
     slots, _ = cache.ring_slots(num_new)
-    saved = [(c.keys[:, :, slots].clone(), c.values[:, :, slots].clone()) if kind == "local" else None
-             for kind, c in zip(cache.config.layer_kinds, cache.layers)]
+    saved = [c.snapshot(slots) if kind == "local" else None for kind, c in zip(cache.config.layer_kinds, cache.layers)]
     return cache.length, slots, cache.ring_positions[:, slots].clone(), saved
 
 
@@ -37,8 +36,7 @@ def _rollback(cache: KVCache, snap, keep: int) -> None:
     cache.ring_positions[:, slots[undo]] = positions[:, undo]
     for layer, old in zip(cache.layers, saved):
         if old is not None:
-            layer.keys[:, :, slots[undo]] = old[0][:, :, undo]
-            layer.values[:, :, slots[undo]] = old[1][:, :, undo]
+            layer.restore(slots[undo], tuple(t[:, :, undo] for t in old))
     cache.global_positions[:, length + keep:] = -1
     cache.length = length + keep
 

@@ -131,24 +131,22 @@ def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
     T = k.shape[2]
     if ctx.write_slots is not None:
         return _update_rows(cache, k, v, ctx)
+    dtype = k.dtype
     if ctx.write_index is not None:  # static-shape decode step (compiled): masks hide unwritten columns
-        cache.keys.index_copy_(2, ctx.write_index, k)
-        cache.values.index_copy_(2, ctx.write_index, v)
-        return cache.keys, cache.values
+        cache.store(ctx.write_index, k, v)
+        return cache.load(dtype=dtype)
     if not ctx.ring:
         end = ctx.cache_start + T
-        cache.keys[:, :, ctx.cache_start:end] = k
-        cache.values[:, :, ctx.cache_start:end] = v
-        return cache.keys[:, :, :end], cache.values[:, :, :end]
+        cache.store(slice(ctx.cache_start, end), k, v)
+        return cache.load(end, dtype)
     if ctx.write_first:  # one decoding token: it replaces a slot it could not see (see _contexts)
-        cache.keys.index_copy_(2, ctx.ring_slots, k)
-        cache.values.index_copy_(2, ctx.ring_slots, v)
-        return cache.keys, cache.values
+        cache.store(ctx.ring_slots, k, v)
+        return cache.load(dtype=dtype)
     # Ring: attend to what the ring held before this step plus the new keys, then keep the newest.
-    all_k = torch.cat([cache.keys, k], dim=2)
-    all_v = torch.cat([cache.values, v], dim=2)
-    cache.keys[:, :, ctx.ring_slots] = k[:, :, ctx.ring_skip:]
-    cache.values[:, :, ctx.ring_slots] = v[:, :, ctx.ring_skip:]
+    old_k, old_v = cache.load(dtype=dtype)
+    all_k = torch.cat([old_k, k], dim=2)
+    all_v = torch.cat([old_v, v], dim=2)
+    cache.store(ctx.ring_slots, k[:, :, ctx.ring_skip:], v[:, :, ctx.ring_skip:])
     return all_k, all_v
 
 

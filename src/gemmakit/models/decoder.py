@@ -63,14 +63,16 @@ class GemmaModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    kv_int8 = False  # store keys/values as int8 with per-vector scales (load(..., kv_cache="int8"))
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if self._compiled_step is None:
-            return KVCache(self.config, batch, max_len, self.dtype, self.device)
+            return KVCache(self.config, batch, max_len, self.dtype, self.device, kv_int8=self.kv_int8)
         # The compiled step is specialised to the cache's shapes: sizes from a few power-of-two
         # buckets (at least a full sliding window) let it serve many requests without recompiling.
         size = max(256, self.config.sliding_window or 0, max_len)
         size = min(1 << (size - 1).bit_length(), max(max_len, self.config.max_position_embeddings))
-        return KVCache(self.config, batch, size, self.dtype, self.device, static=True)
+        return KVCache(self.config, batch, size, self.dtype, self.device, static=True, kv_int8=self.kv_int8)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings ``[B, T, hidden]`` scaled by sqrt(hidden), as the first block sees them.
