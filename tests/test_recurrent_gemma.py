@@ -183,7 +183,7 @@ def _all_state_bytes(cache: KVCache) -> int:
     """Every tensor the cache holds: keys, values, recurrent states and slot positions."""
     total = sum(t.nbytes for t in vars(cache).values() if isinstance(t, torch.Tensor))
     for layer in cache.layers:
-        total += sum(t.nbytes for t in vars(layer).values())
+        total += sum(t.nbytes for t in vars(layer).values() if t is not None)  # int8 scales absent: None
     return total
 
 
