@@ -100,35 +100,6 @@ def _q5_high_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return _SPREAD_BITS.index_select(0, qh).view(torch.uint8).view(blocks.shape[0], 32)
 
 
-def _q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(blocks[:, 2:].view(torch.int8))
-    out.mul_(_f16(blocks, 0))
-
-
-def _q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    q = _nibbles(blocks, 2, 1).view(torch.int8).sub_(8)
-    out.copy_(q)
-    out.mul_(_f16(blocks, 0))
-
-
-def _q4_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(_nibbles(blocks, 4, 1))
-    out.mul_(_f16(blocks, 0))
-    out.add_(_f16(blocks, 2))
-
-
-def _q5_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    q = _nibbles(blocks, 6, 1).bitwise_or_(_q5_high_bits(blocks, 2))
-    out.copy_(q.view(torch.int8).sub_(16))
-    out.mul_(_f16(blocks, 0))
-
-
-def _q5_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(_nibbles(blocks, 8, 1).bitwise_or_(_q5_high_bits(blocks, 4)))
-    out.mul_(_f16(blocks, 0))
-    out.add_(_f16(blocks, 2))
-
-
 def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-32-weight scale and min of Q4_K/Q5_K, already multiplied by d and dmin: [n, 8, 1] each.
 
@@ -145,46 +116,84 @@ def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return d.unsqueeze(-1), m.unsqueeze(-1)
 
 
-def _k_affine(q: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
-    """out = (d * sc) * q - (dmin * m) per 32-weight group, for Q4_K and Q5_K."""
+# Every block format unpacks into int8 *codes* plus a float32 scale (and offset) per group, with
+# ``w = scale * code + offset``: scales and offsets come out of the same float32 roundings as ggml's
+# (d * sc, dmin * m). dequantize() evaluates exactly that; the grouped kernel (quant/kernels.py)
+# multiplies by the codes directly, so a GGUF model runs without ever holding float weights.
+
+class GroupedCodes(NamedTuple):
+    codes: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N, K / group] float32
+    offset: torch.Tensor | None  # [N, K / group] float32, or None for symmetric formats
+    group: int
+
+
+def _c_q8_0(blocks):
+    return blocks[:, 2:].view(torch.int8), _f16(blocks, 0), None
+
+
+def _c_q4_0(blocks):
+    return _nibbles(blocks, 2, 1).view(torch.int8).sub_(8), _f16(blocks, 0), None
+
+
+def _c_q4_1(blocks):
+    return _nibbles(blocks, 4, 1).view(torch.int8), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _c_q5_0(blocks):
+    q = _nibbles(blocks, 6, 1).bitwise_or_(_q5_high_bits(blocks, 2))
+    return q.view(torch.int8).sub_(16), _f16(blocks, 0), None
+
+
+def _c_q5_1(blocks):
+    q = _nibbles(blocks, 8, 1).bitwise_or_(_q5_high_bits(blocks, 4))
+    return q.view(torch.int8), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _c_q4_k(blocks):
     d, m = _k_scales(blocks)
-    o = out.view(-1, 8, 32)
-    o.copy_(q.view(-1, 8, 32))
-    o.mul_(d)
-    o.sub_(m)
+    return _nibbles(blocks, 16, 4).view(torch.int8), d.squeeze(-1), -m.squeeze(-1)
 
 
-def _q4_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    _k_affine(_nibbles(blocks, 16, 4), blocks, out)
-
-
-def _q5_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
+def _c_q5_k(blocks):
     n = blocks.shape[0]
-    high = _bit_fields(_field(blocks, 16, 48).view(n, 1, 32), 1).view(n, 256)  # bit j of byte i -> 32j+i
-    _k_affine(_nibbles(blocks, 48, 4).bitwise_or_(high.bitwise_left_shift_(4)), blocks, out)
+    high = _bit_fields(_field(blocks, 16, 48).view(n, 1, 32), 1).view(n, 256)
+    d, m = _k_scales(blocks)
+    return _nibbles(blocks, 48, 4).bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8), d.squeeze(-1), -m.squeeze(-1)
 
 
-def _q6_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
+def _c_q6_k(blocks):
     n = blocks.shape[0]
     low = _bit_fields(_field(blocks, 0, 128).view(n, 2, 64), 4).view(n, 256)
     high = _bit_fields(_field(blocks, 128, 192).view(n, 2, 32), 2).view(n, 256)
     q = low.bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
-    scale = blocks[:, 192:208].view(torch.int8) * _f16(blocks, 208)  # [n, 16], one rounding
-    o = out.view(n, 16, 16)
-    o.copy_(q.view(n, 16, 16))
-    o.mul_(scale.unsqueeze(-1))
+    return q, blocks[:, 192:208].view(torch.int8) * _f16(blocks, 208), None
 
 
-_KERNELS: dict[int, _Kernel] = {
-    _T.Q8_0: _q8_0,
-    _T.Q4_0: _q4_0,
-    _T.Q4_1: _q4_1,
-    _T.Q5_0: _q5_0,
-    _T.Q5_1: _q5_1,
-    _T.Q4_K: _q4_k,
-    _T.Q5_K: _q5_k,
-    _T.Q6_K: _q6_k,
+# type -> (unpacker, weights per scale group)
+_CODES: dict[int, tuple[Callable, int]] = {
+    _T.Q8_0: (_c_q8_0, 32), _T.Q4_0: (_c_q4_0, 32), _T.Q4_1: (_c_q4_1, 32), _T.Q5_0: (_c_q5_0, 32),
+    _T.Q5_1: (_c_q5_1, 32), _T.Q4_K: (_c_q4_k, 32), _T.Q5_K: (_c_q5_k, 32), _T.Q6_K: (_c_q6_k, 16),
 }
+
+
+def _decoder(unpack: Callable, group: int) -> _Kernel:
+    """Dequantise from the codes: ``out = code * scale (+ offset)``, one float32 operation each, in
+    ggml's order (Q4_K's ``d * q - m`` is ``d * q + (-m)``, the same IEEE result)."""
+
+    def decode(blocks: torch.Tensor, out: torch.Tensor) -> None:
+        q, scale, offset = unpack(blocks)
+        n = blocks.shape[0]
+        g = out.view(n, -1, group)
+        g.copy_(q.reshape(n, -1, group))
+        g.mul_(scale.reshape(n, -1, 1))
+        if offset is not None:
+            g.add_(offset.reshape(n, -1, 1))
+
+    return decode
+
+
+_KERNELS: dict[int, _Kernel] = {t: _decoder(unpack, group) for t, (unpack, group) in _CODES.items()}
 
 # Unquantised element types: just reinterpret the bytes and widen/narrow.
 _PLAIN: dict[int, torch.dtype] = {_T.F32: torch.float32, _T.F16: torch.float16, _T.BF16: torch.bfloat16}
@@ -278,67 +287,7 @@ def dequantize(
 
 
 # --------------------------------------------------------------------------- codes, not floats
-#
-# The same block formats unpacked into int8 *codes* plus a float32 scale (and offset) per group:
-# ``w = scale * code + offset``. This is what the grouped kernel (quant/kernels.py) multiplies by,
-# so a GGUF model runs from these without ever holding float weights. Scales and offsets are
-# computed with the same float32 roundings as the dequantisers above (d * sc, dmin * m), so
-# ``scale * code + offset`` reproduces ggml's dequantised value up to one rounding of the product.
 
-class GroupedCodes(NamedTuple):
-    codes: torch.Tensor  # [N, K] int8
-    scale: torch.Tensor  # [N, K / group] float32
-    offset: torch.Tensor | None  # [N, K / group] float32, or None for symmetric formats
-    group: int
-
-
-def _c_q8_0(blocks):
-    return blocks[:, 2:].view(torch.int8), _f16(blocks, 0), None
-
-
-def _c_q4_0(blocks):
-    return _nibbles(blocks, 2, 1).view(torch.int8).sub_(8), _f16(blocks, 0), None
-
-
-def _c_q4_1(blocks):
-    return _nibbles(blocks, 4, 1).view(torch.int8), _f16(blocks, 0), _f16(blocks, 2)
-
-
-def _c_q5_0(blocks):
-    q = _nibbles(blocks, 6, 1).bitwise_or_(_q5_high_bits(blocks, 2))
-    return q.view(torch.int8).sub_(16), _f16(blocks, 0), None
-
-
-def _c_q5_1(blocks):
-    q = _nibbles(blocks, 8, 1).bitwise_or_(_q5_high_bits(blocks, 4))
-    return q.view(torch.int8), _f16(blocks, 0), _f16(blocks, 2)
-
-
-def _c_q4_k(blocks):
-    d, m = _k_scales(blocks)
-    return _nibbles(blocks, 16, 4).view(torch.int8), d.squeeze(-1), -m.squeeze(-1)
-
-
-def _c_q5_k(blocks):
-    n = blocks.shape[0]
-    high = _bit_fields(_field(blocks, 16, 48).view(n, 1, 32), 1).view(n, 256)
-    d, m = _k_scales(blocks)
-    return _nibbles(blocks, 48, 4).bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8), d.squeeze(-1), -m.squeeze(-1)
-
-
-def _c_q6_k(blocks):
-    n = blocks.shape[0]
-    low = _bit_fields(_field(blocks, 0, 128).view(n, 2, 64), 4).view(n, 256)
-    high = _bit_fields(_field(blocks, 128, 192).view(n, 2, 32), 2).view(n, 256)
-    q = low.bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
-    return q, blocks[:, 192:208].view(torch.int8) * _f16(blocks, 208), None
-
-
-# type -> (unpacker, weights per scale group)
-_CODES: dict[int, tuple[Callable, int]] = {
-    _T.Q8_0: (_c_q8_0, 32), _T.Q4_0: (_c_q4_0, 32), _T.Q4_1: (_c_q4_1, 32), _T.Q5_0: (_c_q5_0, 32),
-    _T.Q5_1: (_c_q5_1, 32), _T.Q4_K: (_c_q4_k, 32), _T.Q5_K: (_c_q5_k, 32), _T.Q6_K: (_c_q6_k, 16),
-}
 PACKABLE_TYPES: frozenset[int] = frozenset(int(t) for t in _CODES)
 
 
