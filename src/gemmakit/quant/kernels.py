@@ -3,7 +3,7 @@
 torch has no kernel that multiplies by int8 codes with a scale per *group* of inputs, which is how
 every GGML block format stores weights. gemmakit ships one small C++ file (csrc/grouped_matmul.cpp)
 and compiles it on first use with torch's own extension builder (needs a C++ compiler and the Python
-headers; about half a minute, once: the build is cached under ~/.cache/torch_extensions). Without a
+headers; up to a minute, once: the build is cached under ~/.cache/torch_extensions). Without a
 compiler, or with ``GEMMAKIT_KERNELS=0``, the same maths runs as dequantise-a-slab-then-matmul in
 torch: identical results up to float32 rounding, only slower.
 """
@@ -115,14 +115,12 @@ def register_custom_op():
     through (a plain extension call would break the compiled graph at every matmul)."""
     global _custom_op
     if _custom_op is None:
-        ext = kernel()
+        kernel()
 
         @torch.library.custom_op("gemmakit::grouped_matmul", mutates_args=())
         def op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                group: int) -> torch.Tensor:
-            if ext is not None and x.device.type == "cpu" and x.shape[0] <= KERNEL_MAX_ROWS:
-                return ext.grouped_matmul(x.contiguous(), codes, scale, offset, group)
-            return _slab_matmul(x, codes, scale, offset if offset.numel() else None, group)
+            return _dispatch(x, codes, scale, offset, group, use_kernel=True)
 
         @op.register_fake
         def _(x, codes, scale, offset, group):
@@ -136,16 +134,21 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, of
                    group: int, use_kernel: bool = True) -> torch.Tensor:
     """``x [M, K] @ W^T -> [M, N]`` float32 for ``W = scale * codes + offset`` (groups of ``group``)."""
     x = x.to(torch.float32).contiguous()
+    offset = offset if offset is not None else _EMPTY  # the kernel's "no offset"
     if torch.compiler.is_compiling():
-        return torch.ops.gemmakit.grouped_matmul(x, codes, scale, offset if offset is not None else _EMPTY, group)
-    M = x.shape[0]
+        return torch.ops.gemmakit.grouped_matmul(x, codes, scale, offset, group)
+    return _dispatch(x, codes, scale, offset, group, use_kernel)
+
+
+def _dispatch(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
+              use_kernel: bool) -> torch.Tensor:
+    """The kernel for a few rows, a dequantised layer and a float GEMM for many, torch alone without it."""
     ext = kernel() if use_kernel and x.device.type == "cpu" else None
-    if ext is not None and M <= KERNEL_MAX_ROWS:
-        empty = offset if offset is not None else _EMPTY
-        return ext.grouped_matmul(x, codes, scale, empty, group)
+    if ext is not None and x.shape[0] <= KERNEL_MAX_ROWS:
+        return ext.grouped_matmul(x, codes, scale, offset, group)
     if ext is not None and codes.shape[0] * codes.shape[1] <= _WHOLE_WEIGHTS:
-        return F.linear(x, ext.grouped_dequantize(codes, scale, offset if offset is not None else _EMPTY, group))
-    return _slab_matmul(x, codes, scale, offset, group)
+        return F.linear(x, ext.grouped_dequantize(codes, scale, offset, group))
+    return _slab_matmul(x, codes, scale, offset if offset.numel() else None, group)
 
 
 def _slab_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
