@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gemmakit.engine.sampling import SamplingParams, apply_penalties, make_generator, sample_one
-from gemmakit.engine.stopping import StopStrings
+from gemmakit.engine.stopping import TokenOutput
 from gemmakit.errors import InvalidRequestError
 from gemmakit.models.row_cache import RowKVCache
 
@@ -86,9 +86,7 @@ class _Sequence:
     prompt_len: int
     max_new: int
     generator: torch.Generator
-    stop_ids: frozenset[int]
-    stopper: StopStrings
-    decoder: object | None
+    output: TokenOutput
     row: int = -1
     fed: int = 0  # tokens whose keys/values are in the row
     generated: int = 0
@@ -182,8 +180,9 @@ class Engine:
             seed = None if request.params.seed is None else request.params.seed + i
             seqs.append(_Sequence(
                 handle=handle, index=i, tokens=list(prompt), prompt_len=len(prompt), max_new=max_new,
-                generator=make_generator(seed), stop_ids=stop_ids, stopper=StopStrings(request.stop),
-                decoder=self.tokenizer.stream_decoder() if self.tokenizer is not None else None))
+                generator=make_generator(seed),
+                output=TokenOutput(stop_ids, request.stop,
+                                   self.tokenizer.stream_decoder() if self.tokenizer is not None else None)))
         with self._lock:
             self.stats.requests_total += 1
             self.stats.prompt_tokens_total += len(prompt) * request.n
@@ -352,18 +351,7 @@ class Engine:
             if want > 0:
                 top = torch.topk(logp, want)
                 event.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
-        finish = None
-        if token in seq.stop_ids:
-            finish = "stop"
-        else:
-            piece = seq.decoder.push(token) if seq.decoder is not None else ""
-            event.text, stopped = seq.stopper.push(piece)
-            if stopped:
-                finish = "stop"
-        if finish is None and seq.generated >= seq.max_new:
-            finish = "length"
-        if finish == "length" or token in seq.stop_ids:  # not cut by a stop string: release held text
-            event.text += self._flush(seq)
+        event.text, finish = seq.output.push(token, seq.generated, seq.max_new)
         if finish is not None:
             event.finish_reason = finish
             self._emit(handle, event)
@@ -371,12 +359,6 @@ class Engine:
             return 1
         self._emit(handle, event)
         return 1
-
-    @staticmethod
-    def _flush(seq: _Sequence) -> str:
-        tail = seq.decoder.flush() if seq.decoder is not None else ""
-        text, _ = seq.stopper.push(tail)
-        return text + seq.stopper.flush()
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
         self._emit(seq.handle, Event(index=seq.index, finish_reason=reason, error=error))

@@ -41,3 +41,37 @@ class StopStrings:
             if text.endswith(stop[:k]):
                 return k
         return 0
+
+
+class TokenOutput:
+    """One sequence's output as tokens arrive: the text to emit and whether (and why) it ends.
+
+    Shared by the batching engine and the one-at-a-time paths of the server, so every request
+    reports its text and finish reason the same way: an end-of-turn id stops without text, a stop
+    string cuts the text, and reaching ``max_tokens`` releases whatever text was held back.
+    """
+
+    def __init__(self, stop_ids: frozenset[int], stops: Sequence[str], decoder=None) -> None:
+        self.stop_ids = stop_ids
+        self.stopper = StopStrings(stops)
+        self.decoder = decoder  # a Tokenizer.stream_decoder(), or None for ids-only engines
+
+    def push(self, token: int, generated: int, max_tokens: int) -> tuple[str, str | None]:
+        """``(text, finish_reason or None)`` for the ``generated``-th new token ``token``."""
+        text, finish = "", None
+        if token in self.stop_ids:
+            finish = "stop"
+        else:
+            text, stopped = self.stopper.push(self.decoder.push(token) if self.decoder is not None else "")
+            finish = "stop" if stopped else None
+        if finish is None and generated >= max_tokens:
+            finish = "length"
+        if finish == "length" or token in self.stop_ids:  # not cut by a stop string: release held text
+            text += self.flush()
+        return text, finish
+
+    def flush(self) -> str:
+        """The text still held back (decoder bytes and a possible stop-string start)."""
+        tail = self.decoder.flush() if self.decoder is not None else ""
+        text, _ = self.stopper.push(tail)
+        return text + self.stopper.flush()

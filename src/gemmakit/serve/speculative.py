@@ -19,7 +19,7 @@ from collections.abc import Callable
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
 from gemmakit.engine.speculative import check_draft, speculative_tokens
-from gemmakit.engine.stopping import StopStrings
+from gemmakit.engine.stopping import TokenOutput
 from gemmakit.serve.protocol import Common
 
 
@@ -49,15 +49,10 @@ class SpeculativeRunner:
         return handle
 
     def _run(self, handle: RequestHandle) -> None:
-        """Emit events exactly as the engine does for a greedy request (see Engine._step_sequence)."""
+        """Emit events as the engine does for a greedy request (the same TokenOutput decides them)."""
         request, emit = handle.request, handle.on_event
         stop_ids = request.stop_ids if request.stop_ids is not None else self.tokenizer.stop_ids()
-        stopper, decoder = StopStrings(request.stop), self.tokenizer.stream_decoder()
-
-        def flush() -> str:
-            text, _ = stopper.push(decoder.flush())
-            return text + stopper.flush()
-
+        output = TokenOutput(stop_ids, request.stop, self.tokenizer.stream_decoder())
         stats: dict = {}
         try:
             with self._lock:
@@ -69,22 +64,11 @@ class SpeculativeRunner:
                     handle.completion_tokens += 1
                     if handle.first_token_at is None:
                         handle.first_token_at = time.perf_counter()
-                    event, finish = Event(0, token_id=token), None
-                    if token in stop_ids:
-                        finish = "stop"
-                    else:
-                        event.text, stopped = stopper.push(decoder.push(token))
-                        finish = "stop" if stopped else None
-                    if finish is None and handle.completion_tokens >= request.max_tokens:
-                        finish = "length"
-                    if finish == "length" or token in stop_ids:  # not cut by a stop string: release held text
-                        event.text += flush()
+                    text, finish = output.push(token, handle.completion_tokens, request.max_tokens)
+                    emit(Event(0, token_id=token, text=text, finish_reason=finish))
                     if finish is not None:
-                        event.finish_reason = finish
-                        emit(event)
                         return
-                    emit(event)
-                emit(Event(0, text=flush(), finish_reason="length"))  # ran into the context length
+                emit(Event(0, text=output.flush(), finish_reason="length"))  # ran into the context length
         except Exception as exc:  # reported to the client as a server error, the server keeps serving
             emit(Event(0, finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
         finally:
