@@ -44,6 +44,15 @@ _LAYER_NAMES = {
 }
 
 
+# What llama.cpp assumes where GGUF metadata is silent (and so what a GGUF writer must not contradict):
+# every n-th layer global, and queries scaled by hidden/heads for the 27B shapes, else by head_dim.
+DEFAULT_LOCAL_PERIOD = {"gemma2": 2, "gemma3": 6}
+
+
+def assumed_query_scalar(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> float:
+    return hidden / heads if (arch, layers) in {("gemma2", 46), ("gemma3", 62)} else head_dim
+
+
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
     arch = f.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -77,10 +86,10 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
                            rope_theta=float(get("rope.freq_base", 10_000.0)),
                            rope_local_theta=float(get("rope.freq_base", 10_000.0)), **base)
     # The 27B models scale queries by hidden/heads instead of head_dim (llama.cpp does the same).
-    scalar = hidden / heads if (arch, layers) in {("gemma2", 46), ("gemma3", 62)} else head_dim
+    scalar = assumed_query_scalar(arch, layers, hidden, heads, head_dim)
     if arch == "gemma2":
         return ModelConfig(
-            family="gemma2", layer_kinds=_layer_kinds(f, layers, 2), query_pre_attn_scalar=scalar,
+            family="gemma2", layer_kinds=_layer_kinds(f, layers, DEFAULT_LOCAL_PERIOD[arch]), query_pre_attn_scalar=scalar,
             sliding_window=int(get("attention.sliding_window", 4096)),
             rope_theta=float(get("rope.freq_base", 10_000.0)), rope_local_theta=float(get("rope.freq_base", 10_000.0)),
             post_norms=True, attn_logit_softcap=float(get("attn_logit_softcapping", 50.0)),
@@ -90,7 +99,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if m.get(f"{arch}.rope.scaling.type", "linear") not in ("linear", "none"):
         raise UnsupportedModelError(f"{f.path}: RoPE scaling type {m[f'{arch}.rope.scaling.type']!r} is not supported")
     return ModelConfig(
-        family="gemma3", layer_kinds=_layer_kinds(f, layers, 6), query_pre_attn_scalar=scalar,
+        family="gemma3", layer_kinds=_layer_kinds(f, layers, DEFAULT_LOCAL_PERIOD[arch]), query_pre_attn_scalar=scalar,
         sliding_window=int(get("attention.sliding_window")), rope_theta=float(get("rope.freq_base", 1_000_000.0)),
         rope_local_theta=10_000.0, rope_scaling_factor=scaling, qk_norm=True, post_norms=True, **base,
     )

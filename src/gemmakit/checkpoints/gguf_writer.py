@@ -22,7 +22,6 @@ from gemmakit.models.config import ModelConfig, alternating
 
 # --scheme -> GGML block type of every matrix (norms stay float32)
 SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
-_DEFAULT_PERIOD = {"gemma2": 2, "gemma3": 6}  # what checkpoints/gguf.py assumes without a pattern key
 
 
 def add_model_metadata(writer, config: ModelConfig, name: str, sliding_window_pattern="auto") -> None:
@@ -33,12 +32,14 @@ def add_model_metadata(writer, config: ModelConfig, name: str, sliding_window_pa
     """
     import gguf
 
+    from gemmakit.checkpoints.gguf import DEFAULT_LOCAL_PERIOD, assumed_query_scalar
+
     c = config
     arch = c.family
     if arch not in ("gemma", "gemma2", "gemma3") or "recurrent" in c.layer_kinds:
         raise UnsupportedModelError(f"GGUF (llama.cpp's format) has no layout for {arch} models; "
                                     "use `gemmakit convert` to write a transformers directory instead")
-    expected_scalar = c.hidden_size / c.num_heads if (arch, c.num_layers) in {("gemma2", 46), ("gemma3", 62)} else c.head_dim
+    expected_scalar = assumed_query_scalar(arch, c.num_layers, c.hidden_size, c.num_heads, c.head_dim)
     if c.query_pre_attn_scalar != expected_scalar:
         raise UnsupportedModelError("GGUF has no key for query_pre_attn_scalar and llama.cpp assumes "
                                     f"{expected_scalar:g} for this shape; this model uses {c.query_pre_attn_scalar:g}")
@@ -58,7 +59,7 @@ def add_model_metadata(writer, config: ModelConfig, name: str, sliding_window_pa
     if c.sliding_window:
         writer.add_sliding_window(c.sliding_window)
     if sliding_window_pattern == "auto":
-        default = alternating(c.num_layers, _DEFAULT_PERIOD[arch]) if arch in _DEFAULT_PERIOD else c.layer_kinds
+        default = alternating(c.num_layers, DEFAULT_LOCAL_PERIOD[arch]) if arch in DEFAULT_LOCAL_PERIOD else c.layer_kinds
         if tuple(c.layer_kinds) != tuple(default):
             writer.add_sliding_window_pattern([kind == "local" for kind in c.layer_kinds])
     elif sliding_window_pattern is not None:
@@ -118,8 +119,8 @@ def add_vocabulary(writer, vocab: Vocabulary) -> None:
     writer.add_add_space_prefix(False)
 
 
-def add_tensor(writer, name: str, data: np.ndarray, qtype_name: str | None) -> int:
-    """Add one tensor (float32 numpy, GGUF name); matrices in ``qtype_name`` blocks. Returns its bytes."""
+def add_tensor(writer, name: str, data: np.ndarray, qtype_name: str | None) -> None:
+    """Add one tensor (float32 numpy, GGUF name); matrices in ``qtype_name`` blocks."""
     import gguf
 
     data = np.ascontiguousarray(data, dtype=np.float32)
@@ -127,11 +128,9 @@ def add_tensor(writer, name: str, data: np.ndarray, qtype_name: str | None) -> i
         data = data + 1.0  # llama.cpp's converter stores Gemma norms as 1 + w
     if qtype_name is not None and data.ndim == 2:
         qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
-        blocks = gguf.quants.quantize(data, qtype)
-        writer.add_tensor(name, blocks, raw_dtype=qtype)
-        return blocks.nbytes
-    writer.add_tensor(name, data)
-    return data.nbytes
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    else:
+        writer.add_tensor(name, data)
 
 
 @dataclass
@@ -139,7 +138,6 @@ class QuantizeReport:
     tensors: int
     bytes: int
     seconds: float
-    scheme: str
     qtype: str
 
 
@@ -153,6 +151,7 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
     import gguf
 
     from gemmakit.checkpoints import open_checkpoint
+    from gemmakit.checkpoints.base import parameter_shapes
     from gemmakit.checkpoints.gguf import gguf_names
 
     if scheme not in SCHEMES:
@@ -173,8 +172,6 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
     if checkpoint.tokenizer is None:
         raise UnsupportedModelError(f"{checkpoint.source} has no tokenizer to write into the GGUF")
     vocab = vocabulary_of(checkpoint.tokenizer)
-    from gemmakit.checkpoints.base import parameter_shapes
-
     all_names = gguf_names(cfg)
     names = {ours: all_names[ours] for ours in parameter_shapes(cfg)}  # the tensors this config really has
     qtype = SCHEMES[scheme]
@@ -188,10 +185,9 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
         add_model_metadata(writer, cfg, Path(str(source)).stem + f"-{scheme}")
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if scheme == "int8" else gguf.LlamaFileType.MOSTLY_Q4_1)
         add_vocabulary(writer, vocab)
-        total = 0
         items = list(names.items())
         for ours, theirs in (progress(items) if progress else items):
-            total += add_tensor(writer, theirs, checkpoint.tensors[ours]().float().numpy(), qtype)
+            add_tensor(writer, theirs, checkpoint.tensors[ours]().float().numpy(), qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -201,4 +197,4 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
         Path(tmp).unlink(missing_ok=True)
         raise
     return QuantizeReport(tensors=len(names), bytes=destination.stat().st_size, seconds=time.perf_counter() - t0,
-                          scheme=scheme, qtype=qtype)
+                          qtype=qtype)
