@@ -53,7 +53,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     "none" expands everything to ``dtype``. The default, "auto", is "gguf" for a quantised GGUF on
     the CPU when no ``dtype`` is asked for (same outputs, a third of the memory, faster), else "none".
     ``compile`` compiles the one-token decode step (``GemmaModel.compile_decode``). ``kv_cache="int8"``
-    stores generation caches' keys and values as int8 with a scale per vector (models/cache.py).
+    stores generation caches' keys and values as int8 with a scale per 32 entries (models/cache.py).
     """
     t0 = time.perf_counter()
     checkpoint = open_checkpoint(source, config)
@@ -65,8 +65,10 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
         raise InvalidRequestError(f"{checkpoint.source} has no GGUF-quantised tensors to keep; "
                                   "--quant gguf needs a quantised .gguf file (or use int8/int4)")
     quantised = quant not in (None, "auto", "none", "gguf")
-    if quant == "int4" and dtype is None:
-        dtype = "bfloat16"  # the packed int4 CPU kernel is several times faster with bf16 activations
+    if quantised and dtype is None:
+        from gemmakit.quant.linear import default_compute_dtype
+
+        dtype = default_compute_dtype(quant)  # float32 for int8, bfloat16 for torch's int4 kernel
     if keep:
         from gemmakit.quant.kernels import kernel
 

@@ -34,10 +34,10 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
                             "auto (default): gguf for a quantised .gguf on the CPU without --dtype, else none")
 
 
-def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", choices=["auto", "int8"], default="auto",
-                   help="key/value cache storage: auto = the compute dtype; int8 = int8 with one scale per "
-                        "vector, ~half the bytes of bfloat16 (a quarter of float32) for long contexts")
+                   help="key/value cache storage: auto = the compute dtype; int8 = int8 with one scale per 32 "
+                        "entries, 56%% of bfloat16's bytes (28%% of float32's) for long contexts")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step with torch.compile: faster decoding (about 1.5x "
                         "for the default model on a small CPU), same tokens; the first run spends ~40-60 s "
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a smaller model with the same tokenizer that drafts tokens for --model to verify "
                         "(speculative decoding; greedy only, output identical to --model alone)")
     g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (default 4)")
-    _add_compile_arg(g)
+    _add_decode_args(g)
     _add_image_args(g)
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the text to continue ('-' reads standard input)")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="a system message, folded into the first user turn")
     c.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     c.add_argument("--pan-and-scan", action="store_true", help="Gemma 3 vision: add crops of wide/tall images")
-    _add_compile_arg(c)
+    _add_decode_args(c)
     c.set_defaults(func=cmd_chat, max_tokens=512)
 
     t = sub.add_parser("tokenize", help="print the token ids of TEXT as JSON", epilog=EPILOG,

@@ -20,9 +20,9 @@ BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.125, "int4": 0.5}
 
 def int8_kv_bytes_per_value(config: ModelConfig) -> float:
     """``--kv-cache int8``: a code per entry plus a float32 scale per group of 32 (models/cache.py)."""
-    from gemmakit.models.cache import KV_GROUP
+    from gemmakit.models.cache import kv_int8_groups
 
-    return 1.0 + 4.0 / (KV_GROUP if config.head_dim % KV_GROUP == 0 else config.head_dim)
+    return 1.0 + 4.0 * kv_int8_groups(config.head_dim) / config.head_dim
 GIB = 1024**3
 
 
@@ -139,6 +139,7 @@ def preset_table(context: int | None = None, names: list[str] | None = None) -> 
         p = c.num_parameters()
         kv16 = c.kv_cache_bytes(ctx, bytes_per_value=2.0)
         kv8 = c.kv_cache_bytes(ctx, bytes_per_value=int8_kv_bytes_per_value(c))
-        rows.append(f"| {name} | {ctx} | {p / 1e9:.2f}B | {_gib(2 * p + kv16)} | {_gib(1.125 * p + kv8)} | "
-                    f"{_gib(0.5 * p + kv16)} |")
+        b = BYTES_PER_PARAM
+        rows.append(f"| {name} | {ctx} | {p / 1e9:.2f}B | {_gib(b['bfloat16'] * p + kv16)} | "
+                    f"{_gib(b['int8'] * p + kv8)} | {_gib(b['int4'] * p + kv16)} |")
     return "\n".join(rows)

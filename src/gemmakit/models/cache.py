@@ -81,6 +81,11 @@ class LayerCache:
 KV_GROUP = 32
 
 
+def kv_int8_groups(head_dim: int) -> int:
+    """Scales per cached vector with int8 storage: one per 32 entries (one per vector otherwise)."""
+    return head_dim // KV_GROUP if head_dim % KV_GROUP == 0 else 1
+
+
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     g = codes.float().unflatten(-1, (scale.shape[-1], -1)) * scale[..., None]
     return g.flatten(-2).to(dtype)
@@ -174,8 +179,7 @@ def layer_states(config: ModelConfig, batch: int, max_len: int, window: int, dty
             continue
         shape = (batch, config.num_kv_heads, (window if kind == "local" else max_len) + extra_slots, config.head_dim)
         if kv_int8:
-            groups = config.head_dim // KV_GROUP if config.head_dim % KV_GROUP == 0 else 1
-            scale_shape = shape[:-1] + (groups,)
+            scale_shape = shape[:-1] + (kv_int8_groups(config.head_dim),)
             states.append(LayerCache(keys=torch.zeros(shape, dtype=torch.int8, device=device),
                                      values=torch.zeros(shape, dtype=torch.int8, device=device),
                                      key_scale=torch.zeros(scale_shape, dtype=torch.float32, device=device),

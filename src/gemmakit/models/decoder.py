@@ -63,7 +63,7 @@ class GemmaModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
-    kv_int8 = False  # store keys/values as int8 with per-vector scales (load(..., kv_cache="int8"))
+    kv_int8 = False  # store keys/values as int8 with per-32-entry scales (load(..., kv_cache="int8"))
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if self._compiled_step is None:
