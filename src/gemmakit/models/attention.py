@@ -33,6 +33,10 @@ class StepContext:
     attend_len: int = 0  # with write_slots: how many stored slots the step attends to
     write_first: bool = False  # on a ring: store, then attend to the ring alone (no concatenation)
     write_index: torch.Tensor | None = None  # global, static shapes: the one column to write; attend to all
+    # The step's queries see exactly the step's own keys, causally (a fresh cache, no padding, no
+    # groups, within the window): attend to the new keys alone with SDPA's causal kernel, which
+    # skips the masked half instead of computing it (``mask`` is then the plain causal [T, T] one).
+    causal: bool = False
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
@@ -108,14 +112,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is not None:
             k, v = _update_cache(cache, k, v, ctx)
-        out = self._attend(q, k, v, ctx.mask)  # [B, H, T, D]
+        out = self._attend(q, k, v, ctx.mask, ctx.causal)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                causal: bool = False) -> torch.Tensor:
         if self.logit_softcap is None:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
-            )
+            gqa = self.num_heads != self.num_kv_heads
+            if causal:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         # Soft-capping sits between the scores and the softmax, which SDPA cannot express.
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -135,6 +141,12 @@ def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
     if ctx.write_index is not None:  # static-shape decode step (compiled): masks hide unwritten columns
         cache.store(ctx.write_index, k, v)
         return cache.load(dtype=dtype)
+    if ctx.causal:  # a fresh cache: the step attends to its own keys only; keep what later steps need
+        if ctx.ring:
+            cache.store(ctx.ring_slots, k[:, :, ctx.ring_skip:], v[:, :, ctx.ring_skip:])
+        else:
+            cache.store(slice(0, T), k, v)
+        return k, v
     if not ctx.ring:
         end = ctx.cache_start + T
         cache.store(slice(ctx.cache_start, end), k, v)

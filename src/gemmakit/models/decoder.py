@@ -178,6 +178,8 @@ class GemmaModel(nn.Module):
         kinds = set(c.layer_kinds)
         out: dict[str, StepContext | RecurrentContext] = {}
         bypass = c.group_bypasses_window
+        T = positions.shape[1]
+        fresh = T > 1 and groups is None and _plainly_causal(positions, cache)
         if "recurrent" in kinds:
             out["recurrent"] = RecurrentContext(positions)
         if "global" in kinds:
@@ -194,6 +196,11 @@ class GemmaModel(nn.Module):
                 mask = attention_mask(positions, cache.global_positions, None, groups,
                                       None if groups is None else cache.global_groups)
                 out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
+            elif fresh:
+                if cache is not None:
+                    cache.global_positions[:, :T] = positions
+                mask = attention_mask(positions, positions, None)
+                out["global"] = StepContext(cos, sin, mask, ring=False, causal=True)
             else:
                 if cache is None:
                     k_pos = positions
@@ -208,7 +215,11 @@ class GemmaModel(nn.Module):
                                             ring=False, cache_start=cache.length if cache is not None else 0)
         if "local" in kinds:
             cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
-            if cache is None:
+            if fresh and T <= (c.sliding_window or T):
+                mask = attention_mask(positions, positions, c.sliding_window)
+                slots, skip = cache.ring_slots(T) if cache is not None else (None, 0)
+                out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, ring_skip=skip, causal=True)
+            elif cache is None:
                 mask = attention_mask(positions, positions, c.sliding_window, groups, groups, bypass)
                 out["local"] = StepContext(cos, sin, mask, ring=True)
             elif positions.shape[1] == 1 and cache.window == c.sliding_window:
@@ -234,3 +245,13 @@ class GemmaModel(nn.Module):
         cache.ring_positions[:, slots] = positions[:, skip:]
         cache.ring_groups[:, slots] = -1 if groups is None else groups[:, skip:]
         cache.length += positions.shape[1]
+
+
+def _plainly_causal(positions: torch.Tensor, cache: KVCache | None) -> bool:
+    """Whether every row of a multi-token step is positions 0..T-1 into an empty cache: then each
+    query sees exactly the earlier keys of this step (no padding, no cached prefix) and attention
+    can use the causal kernel on the new keys alone (a prompt's prefill, a training batch)."""
+    if cache is not None and cache.length != 0:
+        return False
+    T = positions.shape[1]
+    return bool((positions == torch.arange(T, device=positions.device)).all())
