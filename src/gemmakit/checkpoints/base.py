@@ -20,7 +20,7 @@ from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import GemmaModel
 
 if TYPE_CHECKING:
-    from gemmakit.quant.ggml import GroupedCodes
+    from gemmakit.quant.ggml import GGMLBlocks
     from gemmakit.tokenizer import Tokenizer
 
 TensorLoader = Callable[[], torch.Tensor]
@@ -36,9 +36,9 @@ class Checkpoint:
     metadata: dict = field(default_factory=dict)
     # our parameter name -> the tensor's name in the file, so errors speak the file's language
     file_names: Mapping[str, str] = field(default_factory=dict)
-    # our parameter name -> loader of the same matrix as grouped int8 codes (GGUF quantised blocks);
+    # our parameter name -> loader of the same matrix as the file's quantised GGML blocks;
     # build_model(keep_quantised=True) uses these instead of expanding the weights to float
-    packed: Mapping[str, Callable[[], "GroupedCodes"]] = field(default_factory=dict)
+    packed: Mapping[str, Callable[[], "GGMLBlocks"]] = field(default_factory=dict)
 
 
 @contextmanager
@@ -89,8 +89,8 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
                 keep_quantised: bool = False) -> GemmaModel:
     """Create the model without allocating random weights, then fill it tensor by tensor.
 
-    With ``keep_quantised``, matrices the checkpoint can hand over as grouped int8 codes (GGUF
-    quantised blocks) become quantised modules (quant/grouped.py) instead of float parameters.
+    With ``keep_quantised``, matrices the checkpoint can hand over as quantised GGML blocks (a
+    GGUF's) become quantised modules (quant/grouped.py) instead of float parameters.
     """
     with skeleton():
         model = _model_class(checkpoint.config)(checkpoint.config)

@@ -22,7 +22,7 @@ from gemmakit.checkpoints.base import Checkpoint, TensorLoader, check_file_tenso
 from gemmakit.checkpoints.gguf_reader import GGUFFile, GGUFTensor, open_gguf
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
-from gemmakit.quant.ggml import PACKABLE_TYPES, SUPPORTED_TYPES, dequantize, unpack_codes
+from gemmakit.quant.ggml import PACKABLE_TYPES, SUPPORTED_TYPES, dequantize, ggml_blocks
 
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -151,7 +151,7 @@ def _loader(t: GGUFTensor, norm_offset: float) -> TensorLoader:
 
 def _packed_loader(t: GGUFTensor):
     def load():
-        packed = unpack_codes(t.raw, t.ggml_type, t.shape)
+        packed = ggml_blocks(t.raw, t.ggml_type, t.shape)
         t.release()
         return packed
 

@@ -38,7 +38,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 
-__all__ = ["SUPPORTED_TYPES", "dequantize", "GroupedCodes", "unpack_codes", "PACKABLE_TYPES"]
+__all__ = ["SUPPORTED_TYPES", "dequantize", "GroupedCodes", "unpack_codes", "PACKABLE_TYPES", "GGMLBlocks",
+           "ggml_blocks"]
 
 _T = GGMLQuantizationType
 
@@ -318,3 +319,22 @@ def unpack_codes(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[in
             offset[start * per_block : (start + n) * per_block] = o.reshape(-1)
     return GroupedCodes(codes.view(N, K), scale.view(N, K // group),
                         None if offset is None else offset.view(N, K // group), group)
+
+
+class GGMLBlocks(NamedTuple):
+    """A quantised matrix ``[N, K]`` exactly as a GGUF stores it: row n is ``K / block_size`` blocks."""
+
+    blocks: torch.Tensor  # [N, K / block_size * type_size] uint8
+    ggml_type: int
+    in_features: int  # K
+
+
+def ggml_blocks(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> GGMLBlocks:
+    """A quantised GGML matrix's bytes, checked and copied into memory of our own, one row per output."""
+    ggml_type = int(ggml_type)
+    shape = tuple(int(s) for s in shape)
+    if ggml_type not in _CODES or len(shape) != 2:
+        raise UnsupportedModelError(f"GGML {_type_name(ggml_type)} {shape} cannot stay quantised")
+    blocks = _checked_blocks(raw, ggml_type, shape)
+    N, K = shape
+    return GGMLBlocks(blocks.reshape(N, -1).clone(), ggml_type, K)

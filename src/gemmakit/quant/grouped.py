@@ -1,11 +1,17 @@
-"""Linear layers and the tied embedding running on grouped int8 codes (GGUF blocks kept quantised).
+"""Linear layers and the tied embedding running on quantised weights, never expanded to float.
 
-A GGUF file stores each matrix in a GGML block format. Instead of expanding those to float at
-load (4 bytes per weight), gemmakit can keep them as int8 codes with a float32 scale, and for some
-formats an offset, per group of 16 or 32 input weights (quant/ggml.py ``unpack_codes``), about
-1.1-1.3 bytes per weight, and multiply by them directly (quant/kernels.py). The results equal
-dequantise-then-matmul up to float32 rounding; nothing is re-quantised, so the model computes what
-the file describes.
+Two weight holders share one interface (``matmul``, ``rows``, ``in_features``/``out_features``):
+
+- :class:`GGMLWeight` keeps a GGUF file's matrices as the file stores them, in GGML blocks
+  (0.56-1.06 bytes per weight for the default model's Q4_K/Q5_0/Q6_K/Q8_0), and multiplies by the
+  blocks directly (quant/kernels.py ``ggml_matmul``). Several matrices with the same input (q, k
+  and v; gate and up) are one weight of several parts, in whatever types the file mixed, run as one
+  call. This is how ``--quant gguf`` (the default for a quantised GGUF on the CPU) holds weights.
+- :class:`GroupedWeight` keeps int8 codes with a float32 scale, and for some formats an offset,
+  per group of 16 or 32 inputs: what ``--quant int8`` requantises a float checkpoint into.
+
+Either way the results equal dequantise-then-matmul up to float32 rounding; nothing is
+re-quantised on the way, so the model computes what the file describes.
 
 Gemma ties its LM head to the embedding, so one :class:`GroupedEmbedding` serves both: the lookup
 dequantises only the rows it needs and the head streams the codes through the kernel.
@@ -16,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gemmakit.quant.ggml import GroupedCodes
-from gemmakit.quant.kernels import dequantize_rows, grouped_matmul
+from gemmakit.quant.ggml import GGMLBlocks, GroupedCodes
+from gemmakit.quant.kernels import dequantize_rows, ggml_linear, ggml_rows, grouped_matmul
 
 
 class GroupedWeight(nn.Module):
@@ -46,6 +52,44 @@ class GroupedWeight(nn.Module):
         return f"{self.out_features}x{self.in_features}, int8 codes, {kind} groups of {self.group}"
 
 
+class GGMLWeight(nn.Module):
+    """One or more GGML-block matrices with the same input, as buffers: ``W = [W_0; W_1; ...]``.
+
+    ``matmul`` returns the parts' outputs side by side (``[..., sum N_i]``) from one kernel call.
+    """
+
+    def __init__(self, parts: list[GGMLBlocks]) -> None:
+        super().__init__()
+        if len({p.in_features for p in parts}) != 1:
+            raise ValueError("GGML weight parts must share their input size")
+        for i, part in enumerate(parts):
+            self.register_buffer(f"blocks_{i}", part.blocks.contiguous())
+        self.types = [int(p.ggml_type) for p in parts]
+        self.sizes = [p.blocks.shape[0] for p in parts]
+        self.in_features = parts[0].in_features
+        self.out_features = sum(self.sizes)
+
+    def parts(self) -> list[torch.Tensor]:
+        return [getattr(self, f"blocks_{i}") for i in range(len(self.types))]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K] @ W^T -> [..., N]`` in x's dtype (computed in float32)."""
+        flat = x.reshape(-1, self.in_features)
+        y = ggml_linear(flat, self.parts(), self.types, self.in_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``index`` of a one-part weight as floats (the embedding lookup)."""
+        (blocks,), (ggml_type,) = self.parts(), self.types
+        return ggml_rows(blocks, index, ggml_type, self.in_features).to(dtype)
+
+    def extra_repr(self) -> str:
+        from gguf import GGMLQuantizationType
+
+        kinds = "+".join(GGMLQuantizationType(t).name for t in self.types)
+        return f"{self.out_features}x{self.in_features}, GGML blocks {kinds}"
+
+
 def stack_rows(weights: list[GroupedWeight]) -> GroupedCodes | None:
     """Several weights with the same input as one ``[sum N, K]`` weight, or None if they differ in
     group size (formats with and without offsets mix: a missing offset is zero)."""
@@ -58,12 +102,20 @@ def stack_rows(weights: list[GroupedWeight]) -> GroupedCodes | None:
                         offsets, weights[0].group)
 
 
-class GroupedLinear(nn.Module):
-    """A bias-free linear layer whose weight stays in grouped int8 codes."""
+def _weight(packed: GroupedCodes | GGMLBlocks | nn.Module) -> nn.Module:
+    if isinstance(packed, GroupedCodes):
+        return GroupedWeight(packed)
+    if isinstance(packed, GGMLBlocks):
+        return GGMLWeight([packed])
+    return packed  # already a weight holder (fused parts)
 
-    def __init__(self, packed: GroupedCodes) -> None:
+
+class GroupedLinear(nn.Module):
+    """A bias-free linear layer whose weight stays quantised (GGML blocks or grouped int8 codes)."""
+
+    def __init__(self, packed: GroupedCodes | GGMLBlocks | nn.Module) -> None:
         super().__init__()
-        self.w = GroupedWeight(packed)
+        self.w = _weight(packed)
         self.in_features, self.out_features = self.w.in_features, self.w.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +129,9 @@ class GroupedEmbedding(nn.Module):
     model for its dtype or device keeps working; ``project(h)`` is the head matmul.
     """
 
-    def __init__(self, packed: GroupedCodes, dtype: torch.dtype) -> None:
+    def __init__(self, packed: GroupedCodes | GGMLBlocks, dtype: torch.dtype) -> None:
         super().__init__()
-        self.w = GroupedWeight(packed)
+        self.w = _weight(packed)
         self.num_embeddings, self.embedding_dim = self.w.out_features, self.w.in_features
         self.register_buffer("_probe", torch.empty(0, dtype=dtype), persistent=False)
 
@@ -94,8 +146,8 @@ class GroupedEmbedding(nn.Module):
         return self.w.matmul(h)
 
 
-def install(model: nn.Module, name: str, packed: GroupedCodes, dtype: torch.dtype) -> None:
-    """Put grouped codes in place of parameter ``name`` (``embed.weight`` or a linear's ``.weight``)."""
+def install(model: nn.Module, name: str, packed: GroupedCodes | GGMLBlocks, dtype: torch.dtype) -> None:
+    """Put a quantised weight in place of parameter ``name`` (``embed.weight`` or a linear's ``.weight``)."""
     module_name = name.rpartition(".")[0]
     parent_name, _, child_name = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -132,6 +184,14 @@ def fuse_projections(model: nn.Module) -> None:
             continue
         if not all(isinstance(p, GroupedLinear) for p in parts):
             continue
-        stacked = stack_rows([p.w for p in parts])
+        weights = [p.w for p in parts]
+        if all(isinstance(w, GGMLWeight) for w in weights):
+            fused = GGMLWeight([GGMLBlocks(b, t, w.in_features) for w in weights
+                                for b, t in zip(w.parts(), w.types)])
+            module.fuse([p.out_features for p in parts], GroupedLinear(fused))
+            continue
+        if not all(isinstance(w, GroupedWeight) for w in weights):
+            continue
+        stacked = stack_rows(weights)
         if stacked is not None:
             module.fuse([p.out_features for p in parts], GroupedLinear(stacked))

@@ -147,7 +147,9 @@ def _dispatch(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset:
     if ext is not None and x.shape[0] <= KERNEL_MAX_ROWS:
         return ext.grouped_matmul(x, codes, scale, offset, group)
     if ext is not None and codes.shape[0] * codes.shape[1] <= _WHOLE_WEIGHTS:
-        return F.linear(x, ext.grouped_dequantize(codes, scale, offset, group))
+        from gemmakit.models.gemm import linear
+
+        return linear(x, ext.grouped_dequantize(codes, scale, offset, group))
     return _slab_matmul(x, codes, scale, offset if offset.numel() else None, group)
 
 
@@ -164,3 +166,37 @@ def _slab_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offs
 
 
 _EMPTY = torch.empty(0)
+
+
+# --------------------------------------------------------------------------- GGML blocks as stored
+
+def ggml_dequantize(blocks: torch.Tensor, ggml_type: int, K: int) -> torch.Tensor:
+    """GGML rows ``[N, row_bytes]`` uint8 -> ``[N, K]`` float32, bit-identical to quant/ggml.py."""
+    from gemmakit.quant.ggml import dequantize
+
+    return dequantize(blocks, ggml_type, (blocks.shape[0], K))
+
+
+def ggml_matmul(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
+    """``x [M, K] @ [W_0; W_1; ...]^T -> [M, sum N_i]`` float32, each ``W_i`` GGML rows of its type."""
+    x = x.to(torch.float32).contiguous()
+    return F.linear(x, torch.cat([ggml_dequantize(b, t, K) for b, t in zip(blocks, types)]))
+
+
+def ggml_rows(blocks: torch.Tensor, index: torch.Tensor, ggml_type: int, K: int) -> torch.Tensor:
+    """Rows ``index`` of a GGML matrix as float32 ``[len(index), K]`` (an embedding lookup)."""
+    return ggml_dequantize(blocks.index_select(0, index), ggml_type, K)
+
+
+def ggml_linear(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for GGML-block parts: the block kernel for a few rows (decode reads each
+    weight once, so bytes decide), a dequantised layer and a float GEMM for many (prefill is
+    compute bound, and a float GEMM beats any dequantise-as-you-go loop there)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.gemmakit.ggml_matmul(x.to(torch.float32).contiguous(), blocks, types, K)
+    if x.shape[0] <= KERNEL_MAX_ROWS:
+        return ggml_matmul(x, blocks, types, K)
+    from gemmakit.models.gemm import linear
+
+    parts = [ggml_dequantize(b, t, K) for b, t in zip(blocks, types)]
+    return linear(x.to(torch.float32).contiguous(), parts[0] if len(parts) == 1 else torch.cat(parts))
