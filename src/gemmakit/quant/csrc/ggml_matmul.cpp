@@ -414,13 +414,171 @@ inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* 
   for (int m = 0; m < MB; ++m) y[m * ldy] = out[m];
 }
 
+#if defined(GK_AVX512)
+// ------------------------------------------------------------------------------------ fused (AVX-512)
+//
+// For M=1 a separate decode pass costs as much as the dot, so with AVX-512 every type but Q6_K is
+// multiplied straight from its blocks. 4- and 5-bit codes become floats by table lookup: a group's
+// 16 (or 32) possible weights scale * q + offset fill one (two) zmm registers, and vpermps picks
+// them by nibble (it reads only the low 4 bits of each index, so the nibble needs no masking); the
+// fifth bit, a 32-bit mask in Q5_0/Q5_1, picks the upper table with a merge-masked vpermps. Offsets
+// live in the table, so these types need no sums of x.
+
+// acc[m] (+)= w0 . x[m][0:16] and acc2[m] (+)= w1 . x[m][16:32], x pointing at the group.
+template <int MB>
+inline void fma32(__m512 w0, __m512 w1, const float* x, int64_t K, __m512* a0, __m512* a1) {
+  for (int m = 0; m < MB; ++m) {
+    a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K), a0[m]);
+    a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + 16), a1[m]);
+  }
+}
+
+inline __m512 iota16(float start) {
+  return _mm512_add_ps(_mm512_set1_ps(start),
+                       _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+}
+
+// out[m] = row . x[m] for one row of raw blocks of a fused type.
+template <int MB>
+void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int64_t K, float* out) {
+  __m512 acc[4][MB];
+  for (int a = 0; a < 4; ++a)
+    for (int m = 0; m < MB; ++m) acc[a][m] = _mm512_setzero_ps();
+  switch (type) {
+    case Q8_0: {
+      auto block = [&](int64_t b, __m512* a0, __m512* a1) {
+        const uint8_t* p = row + 34 * b;
+        const __m512 d = _mm512_set1_ps(fp16_to_f32(p));
+        const __m512 w0 = _mm512_mul_ps(load_w16(reinterpret_cast<const int8_t*>(p + 2)), d);
+        const __m512 w1 = _mm512_mul_ps(load_w16(reinterpret_cast<const int8_t*>(p + 18)), d);
+        fma32<MB>(w0, w1, x + 32 * b, K, a0, a1);
+      };
+      // Two blocks per step into separate accumulators (constant indices keep them in registers).
+      int64_t b = 0;
+      for (; b + 2 <= nb; b += 2) {
+        block(b, acc[0], acc[1]);
+        block(b + 1, acc[2], acc[3]);
+      }
+      if (b < nb) block(b, acc[0], acc[1]);
+      break;
+    }
+    case Q4_0:
+    case Q4_1:
+    case Q5_0:
+    case Q5_1: {
+      const bool five = type == Q5_0 || type == Q5_1, has_min = type == Q4_1 || type == Q5_1;
+      const int64_t bytes = type == Q4_0 ? 18 : type == Q4_1 ? 20 : type == Q5_0 ? 22 : 24;
+      const int64_t qs_at = type == Q4_0 ? 2 : type == Q4_1 ? 4 : type == Q5_0 ? 6 : 8;
+      const float bias = type == Q4_0 ? -8.f : type == Q5_0 ? -16.f : 0.f;
+      const __m512 lo_q = iota16(bias), hi_q = iota16(bias + 16.f);
+      auto block = [&](int64_t b, __m512* a0, __m512* a1) {
+        const uint8_t* p = row + bytes * b;
+        const __m512 d = _mm512_set1_ps(fp16_to_f32(p));
+        __m512 t0, t1 = _mm512_setzero_ps();
+        if (has_min) {
+          const __m512 mn = _mm512_set1_ps(fp16_to_f32(p + 2));
+          t0 = _mm512_fmadd_ps(d, lo_q, mn);
+          if (five) t1 = _mm512_fmadd_ps(d, hi_q, mn);
+        } else {
+          t0 = _mm512_mul_ps(d, lo_q);
+          if (five) t1 = _mm512_mul_ps(d, hi_q);
+        }
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + qs_at)));
+        const __m512i qh4 = _mm512_srli_epi32(q, 4);
+        __m512 w0 = _mm512_permutexvar_ps(q, t0), w1 = _mm512_permutexvar_ps(qh4, t0);
+        if (five) {
+          const uint32_t qh = load_u32(p + (has_min ? 4 : 2));
+          w0 = _mm512_mask_permutexvar_ps(w0, __mmask16(qh & 0xFFFF), q, t1);
+          w1 = _mm512_mask_permutexvar_ps(w1, __mmask16(qh >> 16), qh4, t1);
+        }
+        fma32<MB>(w0, w1, x + 32 * b, K, a0, a1);
+      };
+      int64_t b = 0;
+      for (; b + 2 <= nb; b += 2) {
+        block(b, acc[0], acc[1]);
+        block(b + 1, acc[2], acc[3]);
+      }
+      if (b < nb) block(b, acc[0], acc[1]);
+      break;
+    }
+    case Q4_K:
+    case Q5_K: {
+      const bool five = type == Q5_K;
+      const int64_t bytes = five ? 176 : 144;
+      const __m512 lo_q = iota16(0.f), hi_q = iota16(16.f);
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + bytes * b;
+        const float d = fp16_to_f32(p), dmin = fp16_to_f32(p + 2);
+        const uint8_t* qs = p + (five ? 48 : 16);
+        const __m256i qhv = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)) : _mm256_setzero_si256();
+        const float* xb = x + 256 * b;
+        for (int c = 0; c < 4; ++c) {
+          const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * c)));
+          const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * c + 16)));
+          // group 2c: the low nibbles, group 2c+1: the high ones
+          auto group = [&](int g, __m512i i0, __m512i i1, __m512* a0, __m512* a1) {
+            int sc, mn;
+            k_scale_min(p + 4, g, &sc, &mn);
+            const __m512 s = _mm512_set1_ps(d * float(sc)), o = _mm512_set1_ps(-(dmin * float(mn)));
+            const __m512 t0 = _mm512_fmadd_ps(s, lo_q, o);
+            __m512 w0 = _mm512_permutexvar_ps(i0, t0), w1 = _mm512_permutexvar_ps(i1, t0);
+            if (five) {
+              const __m512 t1 = _mm512_fmadd_ps(s, hi_q, o);
+              const __mmask32 k = _mm256_test_epi8_mask(qhv, _mm256_set1_epi8(char(1 << g)));
+              w0 = _mm512_mask_permutexvar_ps(w0, __mmask16(k & 0xFFFF), i0, t1);
+              w1 = _mm512_mask_permutexvar_ps(w1, __mmask16(k >> 16), i1, t1);
+            }
+            fma32<MB>(w0, w1, xb + 32 * g, K, a0, a1);
+          };
+          group(2 * c, q0, q1, acc[0], acc[1]);
+          group(2 * c + 1, _mm512_srli_epi32(q0, 4), _mm512_srli_epi32(q1, 4), acc[2], acc[3]);
+        }
+      }
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "ggml kernel: no fused path for GGML type ", type);
+  }
+  for (int m = 0; m < MB; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), _mm512_add_ps(acc[2][m], acc[3][m])));
+}
+
+inline bool fused_type(int64_t t) { return t != Q6_K; }
+#endif
+
+int64_t g_tile_max = 32, g_tile_small = 16384, g_tile_bytes = 16384, g_pf_rows = 8, g_pf_bytes = 16384;
+
 // Rows [r0, r1) of one matrix, all M rows of x: decode a tile of rows once (into L1), then run
 // every block of up to four rows of x over it.
 void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const float* xsum, int64_t M,
                  int64_t K, float* y, int64_t ldy, std::vector<int8_t>& codes, std::vector<float>& sc,
                  std::vector<float>& off) {
   const int64_t nb = K / mat.info.block, G = K / mat.info.group, G32 = K / 32;
-  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(32, 16384 / K));
+#if defined(GK_AVX512)
+  if (fused_type(mat.type)) {
+    const int64_t ahead = std::max<int64_t>(2, g_pf_bytes / mat.row_bytes);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = mat.data + r * mat.row_bytes;
+      if (r + ahead < mat.N) {
+        const char* p = reinterpret_cast<const char*>(row + ahead * mat.row_bytes);
+        for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+      }
+      for (int64_t m = 0; m < M; m += 4) {
+        float out[4];
+        const int64_t mb = std::min<int64_t>(4, M - m);
+        switch (mb) {
+          case 4: fused_row<4>(mat.type, row, nb, x + m * K, K, out); break;
+          case 3: fused_row<3>(mat.type, row, nb, x + m * K, K, out); break;
+          case 2: fused_row<2>(mat.type, row, nb, x + m * K, K, out); break;
+          default: fused_row<1>(mat.type, row, nb, x + m * K, K, out); break;
+        }
+        for (int64_t j = 0; j < mb; ++j) y[(m + j) * ldy + mat.col0 + r] = out[j];
+      }
+    }
+    return;
+  }
+#endif
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(g_tile_max, (M <= 4 ? g_tile_small : g_tile_bytes) / K));
   codes.resize(tile * K);
   sc.resize(tile * G);
   off.resize(tile * G);
@@ -437,6 +595,14 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
       const int64_t mb = std::min<int64_t>(4, M - m);
       for (int64_t r = t0; r < t1; ++r) {
         const int64_t i = r - t0;
+#if defined(GK_AVX512) || defined(GK_AVX2)
+        // Stream the rows ahead into cache while this tile computes (the decode pass is too short to
+        // keep the memory system busy on its own).
+        if (m == 0 && r + g_pf_rows < mat.N) {
+          const char* p = reinterpret_cast<const char*>(mat.data + (r + g_pf_rows) * mat.row_bytes);
+          for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+        }
+#endif
         float* yr = y + m * ldy + mat.col0 + r;
         const float* xm = x + m * K;
         const float* xs = xsum + m * G32;
@@ -580,6 +746,8 @@ torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K) {
   });
   return w;
 }
+
+void ggml_tune(int64_t a, int64_t b, int64_t c, int64_t d, int64_t e) { g_tile_max = a; g_tile_small = b; g_tile_bytes = c; g_pf_rows = d; g_pf_bytes = e; }
 
 std::string ggml_simd() {
 #if defined(GK_AVX512)
