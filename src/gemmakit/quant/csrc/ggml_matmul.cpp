@@ -433,6 +433,11 @@ inline void fma32(__m512 w0, __m512 w1, const float* x, int64_t K, __m512* a0, _
   }
 }
 
+template <int MB>
+inline void fma16(__m512 w, const float* x, int64_t K, __m512* a) {
+  for (int m = 0; m < MB; ++m) a[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K), a[m]);
+}
+
 inline __m512 iota16(float start) {
   return _mm512_add_ps(_mm512_set1_ps(start),
                        _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
@@ -536,6 +541,41 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
       }
       break;
     }
+    case Q6_K: {
+      // The 6-bit codes are assembled as int8 in registers (as decode_q6_half does), then widened.
+      const __m128i m4 = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30), b32 = _mm_set1_epi8(32);
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + 210 * b;
+        const float d = fp16_to_f32(p + 208);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+        for (int half = 0; half < 2; ++half) {
+          const uint8_t* ql = p + 64 * half;
+          const uint8_t* qh = p + 128 + 32 * half;
+          const float* xh = x + 256 * b + 128 * half;
+          const int8_t* sh = sc + 8 * half;
+          for (int h = 0; h < 2; ++h) {
+            const __m128i l0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 16 * h));
+            const __m128i l1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 32 + 16 * h));
+            const __m128i hb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16 * h));
+            const __m128i c0 = _mm_or_si128(_mm_and_si128(l0, m4), _mm_and_si128(_mm_slli_epi16(hb, 4), m30));
+            const __m128i c1 = _mm_or_si128(_mm_and_si128(l1, m4), _mm_and_si128(_mm_slli_epi16(hb, 2), m30));
+            const __m128i c2 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l0, 4), m4), _mm_and_si128(hb, m30));
+            const __m128i c3 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l1, 4), m4),
+                                            _mm_and_si128(_mm_srli_epi16(hb, 2), m30));
+            // codes at 16h + 32j of this half: scale sh[(16h + 32j) / 16] = sh[h + 2j]
+            auto unit = [&](__m128i c, int j, __m512* a) {
+              const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(c, b32)));
+              fma16<MB>(_mm512_mul_ps(w, _mm512_set1_ps(float(sh[h + 2 * j]) * d)), xh + 16 * h + 32 * j, K, a);
+            };
+            unit(c0, 0, acc[0]);
+            unit(c1, 1, acc[1]);
+            unit(c2, 2, acc[2]);
+            unit(c3, 3, acc[3]);
+          }
+        }
+      }
+      break;
+    }
     default:
       TORCH_CHECK(false, "ggml kernel: no fused path for GGML type ", type);
   }
@@ -543,10 +583,11 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
     out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), _mm512_add_ps(acc[2][m], acc[3][m])));
 }
 
-inline bool fused_type(int64_t t) { return t != Q6_K; }
 #endif
 
-int64_t g_tile_max = 32, g_tile_small = 16384, g_tile_bytes = 16384, g_pf_rows = 8, g_pf_bytes = 16384;
+// How far ahead of the row being multiplied to prefetch, and the decode path's tile of rows (both
+// sized to stay well inside L1 next to the activations).
+constexpr int64_t kPrefetchBytes = 16384, kTileBytes = 16384;
 
 // Rows [r0, r1) of one matrix, all M rows of x: decode a tile of rows once (into L1), then run
 // every block of up to four rows of x over it.
@@ -555,8 +596,8 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
                  std::vector<float>& off) {
   const int64_t nb = K / mat.info.block, G = K / mat.info.group, G32 = K / 32;
 #if defined(GK_AVX512)
-  if (fused_type(mat.type)) {
-    const int64_t ahead = std::max<int64_t>(2, g_pf_bytes / mat.row_bytes);
+  {
+    const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* row = mat.data + r * mat.row_bytes;
       if (r + ahead < mat.N) {
@@ -578,7 +619,8 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
     return;
   }
 #endif
-  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(g_tile_max, (M <= 4 ? g_tile_small : g_tile_bytes) / K));
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(32, kTileBytes / K));
+  const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
   codes.resize(tile * K);
   sc.resize(tile * G);
   off.resize(tile * G);
@@ -598,8 +640,8 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
 #if defined(GK_AVX512) || defined(GK_AVX2)
         // Stream the rows ahead into cache while this tile computes (the decode pass is too short to
         // keep the memory system busy on its own).
-        if (m == 0 && r + g_pf_rows < mat.N) {
-          const char* p = reinterpret_cast<const char*>(mat.data + (r + g_pf_rows) * mat.row_bytes);
+        if (m == 0 && r + ahead < mat.N) {
+          const char* p = reinterpret_cast<const char*>(mat.data + (r + ahead) * mat.row_bytes);
           for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
         }
 #endif
@@ -746,8 +788,6 @@ torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K) {
   });
   return w;
 }
-
-void ggml_tune(int64_t a, int64_t b, int64_t c, int64_t d, int64_t e) { g_tile_max = a; g_tile_small = b; g_tile_bytes = c; g_pf_rows = d; g_pf_bytes = e; }
 
 std::string ggml_simd() {
 #if defined(GK_AVX512)
