@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-_SOURCE = Path(__file__).parent / "csrc" / "grouped_matmul.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+# One extension: int8 codes + per-group scales (grouped_matmul.cpp), raw GGML blocks (ggml_matmul.cpp),
+# and the Python module definition for both (module.cpp).
+_SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "module.cpp"]
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -47,7 +50,7 @@ def kernel():
             if not _is_built():
                 print("gemmakit: building the CPU kernel for quantised weights (once; up to a minute)...",
                       file=sys.stderr, flush=True)
-            _module = load(name=_build_name(), sources=[str(_SOURCE)],
+            _module = load(name=_build_name(), sources=[str(p) for p in _SOURCES],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            verbose=False)
         except Exception as e:  # no compiler, no Python headers, unusual platform
@@ -73,7 +76,7 @@ def _ninja_on_path() -> None:
 
 
 def _build_name() -> str:
-    # The source's and the CPU's fingerprint in the name: an edited kernel, or a home directory shared
+    # The sources' and the CPU's fingerprint in the name: an edited kernel, or a home directory shared
     # with another CPU (the build uses -march=native), never loads a stale cached build.
     import hashlib
     import platform
@@ -83,7 +86,7 @@ def _build_name() -> str:
         cpu += next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
     except OSError:
         pass
-    digest = hashlib.sha1(_SOURCE.read_bytes() + cpu.encode()).hexdigest()[:12]
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES) + cpu.encode()).hexdigest()[:12]
     return f"gemmakit_grouped_{digest}"
 
 
@@ -125,6 +128,14 @@ def register_custom_op():
         @op.register_fake
         def _(x, codes, scale, offset, group):
             return x.new_empty(x.shape[0], codes.shape[0])
+
+        @torch.library.custom_op("gemmakit::ggml_matmul", mutates_args=())
+        def ggml_op(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
+            return _ggml_dispatch(x, blocks, types, K)
+
+        @ggml_op.register_fake
+        def _(x, blocks, types, K):
+            return x.new_empty(x.shape[0], sum(b.shape[0] for b in blocks))
 
         _custom_op = op
     return _custom_op
@@ -168,19 +179,63 @@ def _slab_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offs
 _EMPTY = torch.empty(0)
 
 
-# --------------------------------------------------------------------------- GGML blocks as stored
-
-def ggml_dequantize(blocks: torch.Tensor, ggml_type: int, K: int) -> torch.Tensor:
-    """GGML rows ``[N, row_bytes]`` uint8 -> ``[N, K]`` float32, bit-identical to quant/ggml.py."""
-    from gemmakit.quant.ggml import dequantize
-
-    return dequantize(blocks, ggml_type, (blocks.shape[0], K))
+# --------------------------------------------------------------------------- raw GGML blocks
 
 
 def ggml_matmul(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
-    """``x [M, K] @ [W_0; W_1; ...]^T -> [M, sum N_i]`` float32, each ``W_i`` GGML rows of its type."""
+    """``x [M, K]`` times several raw GGML matrices at once: ``[M, sum N_i]`` float32.
+
+    ``blocks[i]`` is matrix i's rows exactly as the GGUF file stores them, ``[N_i, row_bytes]`` uint8,
+    of GGML type ``types[i]``; the outputs are concatenated along the last dim in that order (so
+    q/k/v in different types run as one call). The result equals dequantise-then-matmul up to float32
+    rounding; the weights are never expanded.
+    """
     x = x.to(torch.float32).contiguous()
-    return F.linear(x, torch.cat([ggml_dequantize(b, t, K) for b, t in zip(blocks, types)]))
+    types = [int(t) for t in types]
+    if torch.compiler.is_compiling():
+        return torch.ops.gemmakit.ggml_matmul(x, list(blocks), types, int(K))
+    return _ggml_dispatch(x, blocks, types, int(K))
+
+
+def ggml_dequantize(blocks: torch.Tensor, ggml_type: int, K: int) -> torch.Tensor:
+    """Raw GGML rows ``[N, row_bytes]`` uint8 -> ``[N, K]`` float32, bit-identical to
+    ``gemmakit.quant.ggml.dequantize`` (parallel and vectorised with the kernel)."""
+    ext = kernel() if blocks.device.type == "cpu" else None
+    if ext is not None:
+        return ext.ggml_dequantize(blocks.contiguous(), int(ggml_type), int(K))
+    return _ggml_dequantize_torch(blocks, int(ggml_type), int(K))
+
+
+def _ggml_dispatch(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
+    ext = kernel() if x.device.type == "cpu" else None
+    if ext is not None:
+        return ext.ggml_matmul(x, [b.contiguous() for b in blocks], types, K)
+    return ggml_matmul_fallback(x, blocks, types, K)
+
+
+def _ggml_dequantize_torch(blocks: torch.Tensor, ggml_type: int, K: int) -> torch.Tensor:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from gemmakit.quant.ggml import PACKABLE_TYPES, dequantize
+
+    if ggml_type not in PACKABLE_TYPES:
+        raise ValueError(f"ggml kernel: unsupported GGML type {ggml_type} "
+                         f"(supported: {sorted(int(t) for t in PACKABLE_TYPES)})")
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    if blocks.dim() != 2 or blocks.dtype != torch.uint8 or K <= 0 or K % block or blocks.shape[1] != K // block * size:
+        raise ValueError(f"GGML {GGMLQuantizationType(ggml_type).name} blocks for K={K} must be [N, {K // block * size}] "
+                         f"uint8, got {blocks.dtype} of shape {tuple(blocks.shape)}")
+    return dequantize(blocks, ggml_type, (blocks.shape[0], K))
+
+
+def ggml_matmul_fallback(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
+    """The torch-only ggml_matmul: dequantise each matrix, a float GEMM, concatenate."""
+    if len(blocks) != len(types) or not blocks:
+        raise ValueError(f"ggml_matmul needs one type per matrix (got {len(blocks)} matrices, {len(types)} types)")
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"ggml_matmul: x must be [M, K={K}], got shape {tuple(x.shape)}")
+    x = x.to(torch.float32)
+    return torch.cat([F.linear(x, _ggml_dequantize_torch(b, t, K)) for b, t in zip(blocks, types)], dim=1)
 
 
 def ggml_rows(blocks: torch.Tensor, index: torch.Tensor, ggml_type: int, K: int) -> torch.Tensor:
@@ -192,9 +247,7 @@ def ggml_linear(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K
     """``x [M, K] @ W^T`` for GGML-block parts: the block kernel for a few rows (decode reads each
     weight once, so bytes decide), a dequantised layer and a float GEMM for many (prefill is
     compute bound, and a float GEMM beats any dequantise-as-you-go loop there)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.gemmakit.ggml_matmul(x.to(torch.float32).contiguous(), blocks, types, K)
-    if x.shape[0] <= KERNEL_MAX_ROWS:
+    if x.shape[0] <= KERNEL_MAX_ROWS or torch.compiler.is_compiling():
         return ggml_matmul(x, blocks, types, K)
     from gemmakit.models.gemm import linear
 

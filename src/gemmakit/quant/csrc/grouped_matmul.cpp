@@ -160,8 +160,4 @@ bool has_avx2() {
 #endif
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("grouped_matmul", &grouped_matmul, "x @ (scale * codes + offset)^T with per-group scales");
-  m.def("grouped_dequantize", &grouped_dequantize, "scale * codes + offset as float32");
-  m.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2/FMA");
-}
+// The module definition (this file's functions and ggml_matmul.cpp's) lives in module.cpp.

@@ -1,0 +1,800 @@
+// gemmakit CPU kernel: x @ W^T straight from a GGUF file's raw GGML blocks.
+//
+// The model keeps each quantised matrix as the file's own bytes ([N, row_bytes] uint8), so decoding
+// a token streams 0.56-1.06 bytes per weight instead of the 1.1-1.3 of int8 codes + float scales.
+// Every block format is "small integer codes with a float scale (and maybe an offset) per group of 16
+// or 32 weights", so the kernel works in two cache-resident stages per tile of output rows:
+//
+//   1. decode: unpack the tile's bit fields into int8 codes (in L1), and the group scales/offsets
+//      into floats, computed exactly as ggml does (d * sc, dmin * m rounded to float32 first).
+//      Q8_0's codes are already int8 in the block: the dot reads them in place.
+//   2. dot: y[m] += scale_g * (codes_g . x[m]_g) for up to four rows of x per pass, with the offset
+//      terms added as offset_g * sum(x[m]_g) from per-group sums of x computed once per call.
+//
+// Activations stay float32: the result equals dequantise-then-matmul up to float32 rounding. Rows of
+// all matrices of one call (e.g. q, k and v in different types) are split together over torch's
+// intra-op threads. ggml_dequantize() uses the same decoders and reproduces
+// gemmakit.quant.ggml.dequantize bit for bit: code * scale, then + offset, two roundings (never fused).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define GK_AVX512 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define GK_AVX2 1
+#endif
+#if defined(GK_AVX512) || defined(GK_AVX2) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ------------------------------------------------------------------------------------ block types
+
+enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+struct TypeInfo {
+  int64_t block;      // weights per block
+  int64_t bytes;      // bytes per block
+  int64_t group;      // weights per scale group
+  bool has_offset;    // w = scale * code + offset (else w = scale * code)
+  const char* name;
+};
+
+bool type_info(int64_t t, TypeInfo* info) {
+  switch (t) {
+    case Q8_0: *info = {32, 34, 32, false, "Q8_0"}; return true;
+    case Q4_0: *info = {32, 18, 32, false, "Q4_0"}; return true;
+    case Q4_1: *info = {32, 20, 32, true, "Q4_1"}; return true;
+    case Q5_0: *info = {32, 22, 32, false, "Q5_0"}; return true;
+    case Q5_1: *info = {32, 24, 32, true, "Q5_1"}; return true;
+    case Q4_K: *info = {256, 144, 32, true, "Q4_K"}; return true;
+    case Q5_K: *info = {256, 176, 32, true, "Q5_K"}; return true;
+    case Q6_K: *info = {256, 210, 16, false, "Q6_K"}; return true;
+    default: return false;
+  }
+}
+
+TypeInfo checked_type(int64_t t) {
+  TypeInfo info;
+  TORCH_CHECK(type_info(t, &info), "ggml kernel: unsupported GGML type ", t,
+              " (supported: Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14)");
+  return info;
+}
+
+// ------------------------------------------------------------------------------------ helpers
+
+inline float fp16_to_f32(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do { man <<= 1; ++e; } while ((man & 0x400) == 0);
+    bits = sign | (uint32_t(112 - e) << 23) | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Q4_K / Q5_K: the j-th (0..7) 6-bit scale and min packed in 12 bytes.
+inline void k_scale_min(const uint8_t* s, int j, int* sc, int* mn) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *mn = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+#if defined(GK_AVX512) || defined(GK_AVX2)
+// 16 bytes of nibbles -> low nibbles and high nibbles as 16 bytes each.
+inline void split_nibbles(const uint8_t* p, __m128i* lo, __m128i* hi) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  *lo = _mm_and_si128(v, m);
+  *hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+}
+#endif
+
+#if !defined(GK_AVX512) && defined(GK_AVX2)
+// 16 bits -> 16 bytes, byte j = 16 where bit j is set, else 0.
+inline __m128i spread16(uint32_t bits) {
+  const __m128i v = _mm_shuffle_epi8(_mm_set1_epi16(int16_t(bits & 0xFFFF)),
+                                     _mm_set_epi8(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0));
+  const __m128i bit = _mm_set_epi8(-128, 64, 32, 16, 8, 4, 2, 1, -128, 64, 32, 16, 8, 4, 2, 1);
+  return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(v, bit), bit), _mm_set1_epi8(16));
+}
+#endif
+
+// Q4_0/Q4_1/Q5_0/Q5_1: one block's 32 codes. `qh` is the 32 fifth bits (0 for Q4), `bias` 8/16/0.
+inline void decode_small(const uint8_t* qs, uint32_t qh, bool five, int bias, int8_t* out) {
+#if defined(GK_AVX512)
+  __m128i lo, hi;
+  split_nibbles(qs, &lo, &hi);
+  if (five) {
+    const __m128i b16 = _mm_set1_epi8(16);
+    lo = _mm_mask_add_epi8(lo, __mmask16(qh & 0xFFFF), lo, b16);
+    hi = _mm_mask_add_epi8(hi, __mmask16(qh >> 16), hi, b16);
+  }
+  const __m128i b = _mm_set1_epi8(int8_t(bias));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_sub_epi8(lo, b));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm_sub_epi8(hi, b));
+#elif defined(GK_AVX2)
+  __m128i lo, hi;
+  split_nibbles(qs, &lo, &hi);
+  if (five) {
+    lo = _mm_or_si128(lo, spread16(qh));
+    hi = _mm_or_si128(hi, spread16(qh >> 16));
+  }
+  const __m128i b = _mm_set1_epi8(int8_t(bias));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_sub_epi8(lo, b));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm_sub_epi8(hi, b));
+#else
+  for (int j = 0; j < 16; ++j) {
+    int lo = qs[j] & 0x0F, hi = qs[j] >> 4;
+    if (five) {
+      lo |= ((qh >> j) & 1) << 4;
+      hi |= ((qh >> (j + 16)) & 1) << 4;
+    }
+    out[j] = int8_t(lo - bias);
+    out[j + 16] = int8_t(hi - bias);
+  }
+#endif
+}
+
+// Q4_K / Q5_K: 32 bytes of nibbles (and, for Q5_K, 32 bytes of high bits, bit g for groups g, g+1)
+// -> groups 2c (low nibbles) and 2c+1 (high nibbles) of 32 codes each.
+inline void decode_k_pair(const uint8_t* qs, const uint8_t* qh, int g, int8_t* out) {
+#if defined(GK_AVX512) || defined(GK_AVX2)
+  for (int h = 0; h < 2; ++h) {
+    __m128i lo, hi;
+    split_nibbles(qs + 16 * h, &lo, &hi);
+    if (qh != nullptr) {
+      const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16 * h));
+      const __m128i one = _mm_set1_epi8(1);
+      // (bits >> g) & 1, moved to bit 4; epi16 shifts are safe once masked to one bit per byte.
+      const __m128i b0 = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(bits, g), one), 4);
+      const __m128i b1 = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(bits, g + 1), one), 4);
+      lo = _mm_or_si128(lo, b0);
+      hi = _mm_or_si128(hi, b1);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * h), lo);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 + 16 * h), hi);
+  }
+#else
+  for (int i = 0; i < 32; ++i) {
+    int lo = qs[i] & 0x0F, hi = qs[i] >> 4;
+    if (qh != nullptr) {
+      lo |= ((qh[i] >> g) & 1) << 4;
+      hi |= ((qh[i] >> (g + 1)) & 1) << 4;
+    }
+    out[i] = int8_t(lo);
+    out[32 + i] = int8_t(hi);
+  }
+#endif
+}
+
+// Q6_K: one half-block (ql 64 bytes, qh 32 bytes) -> 128 codes (minus 32).
+inline void decode_q6_half(const uint8_t* ql, const uint8_t* qh, int8_t* out) {
+#if defined(GK_AVX512) || defined(GK_AVX2)
+  const __m128i m4 = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30), b32 = _mm_set1_epi8(32);
+  for (int h = 0; h < 2; ++h) {
+    const __m128i l0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 16 * h));
+    const __m128i l1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 32 + 16 * h));
+    const __m128i hb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16 * h));
+    const __m128i c0 = _mm_or_si128(_mm_and_si128(l0, m4), _mm_and_si128(_mm_slli_epi16(hb, 4), m30));
+    const __m128i c1 = _mm_or_si128(_mm_and_si128(l1, m4), _mm_and_si128(_mm_slli_epi16(hb, 2), m30));
+    const __m128i c2 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l0, 4), m4), _mm_and_si128(hb, m30));
+    const __m128i c3 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l1, 4), m4),
+                                    _mm_and_si128(_mm_srli_epi16(hb, 2), m30));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * h), _mm_sub_epi8(c0, b32));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 + 16 * h), _mm_sub_epi8(c1, b32));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 64 + 16 * h), _mm_sub_epi8(c2, b32));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 96 + 16 * h), _mm_sub_epi8(c3, b32));
+  }
+#else
+  for (int i = 0; i < 32; ++i) {
+    out[i] = int8_t(((ql[i] & 0x0F) | ((qh[i] & 3) << 4)) - 32);
+    out[i + 32] = int8_t(((ql[i + 32] & 0x0F) | (((qh[i] >> 2) & 3) << 4)) - 32);
+    out[i + 64] = int8_t(((ql[i] >> 4) | (((qh[i] >> 4) & 3) << 4)) - 32);
+    out[i + 96] = int8_t(((ql[i + 32] >> 4) | (((qh[i] >> 6) & 3) << 4)) - 32);
+  }
+#endif
+}
+
+// Where a decoded row's codes are: group g starts at q + g * gstride.
+struct Codes {
+  const int8_t* q;
+  int64_t gstride;
+};
+
+// One row of `nb` blocks -> codes (into `codes`, except Q8_0), a float scale per group and, for the
+// offset types, a float offset per group. Scales/offsets are rounded exactly as ggml computes them.
+Codes decode_row(int64_t type, const uint8_t* row, int64_t nb, int8_t* codes, float* scale, float* offset) {
+  switch (type) {
+    case Q8_0:
+      for (int64_t b = 0; b < nb; ++b) scale[b] = fp16_to_f32(row + 34 * b);
+      return {reinterpret_cast<const int8_t*>(row + 2), 34};
+    case Q4_0:
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + 18 * b;
+        scale[b] = fp16_to_f32(p);
+        decode_small(p + 2, 0, false, 8, codes + 32 * b);
+      }
+      break;
+    case Q4_1:
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + 20 * b;
+        scale[b] = fp16_to_f32(p);
+        offset[b] = fp16_to_f32(p + 2);
+        decode_small(p + 4, 0, false, 0, codes + 32 * b);
+      }
+      break;
+    case Q5_0:
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + 22 * b;
+        scale[b] = fp16_to_f32(p);
+        decode_small(p + 6, load_u32(p + 2), true, 16, codes + 32 * b);
+      }
+      break;
+    case Q5_1:
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + 24 * b;
+        scale[b] = fp16_to_f32(p);
+        offset[b] = fp16_to_f32(p + 2);
+        decode_small(p + 8, load_u32(p + 4), true, 0, codes + 32 * b);
+      }
+      break;
+    case Q4_K:
+    case Q5_K: {
+      const bool five = type == Q5_K;
+      const int64_t bytes = five ? 176 : 144;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + bytes * b;
+        const float d = fp16_to_f32(p), dmin = fp16_to_f32(p + 2);
+        for (int j = 0; j < 8; ++j) {
+          int sc, mn;
+          k_scale_min(p + 4, j, &sc, &mn);
+          scale[8 * b + j] = d * float(sc);
+          offset[8 * b + j] = -(dmin * float(mn));
+        }
+        const uint8_t* qs = p + (five ? 48 : 16);
+        for (int c = 0; c < 4; ++c)
+          decode_k_pair(qs + 32 * c, five ? p + 16 : nullptr, 2 * c, codes + 256 * b + 64 * c);
+      }
+      break;
+    }
+    case Q6_K:
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + 210 * b;
+        const float d = fp16_to_f32(p + 208);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+        for (int j = 0; j < 16; ++j) scale[16 * b + j] = float(sc[j]) * d;
+        decode_q6_half(p, p + 128, codes + 256 * b);
+        decode_q6_half(p + 64, p + 160, codes + 256 * b + 128);
+      }
+      return {codes, 16};
+    default:
+      TORCH_CHECK(false, "ggml kernel: unsupported GGML type ", type);
+  }
+  return {codes, 32};
+}
+
+// ------------------------------------------------------------------------------------ dot
+
+#if defined(GK_AVX512)
+inline __m512 load_w16(const int8_t* q) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+}
+#elif defined(GK_AVX2)
+inline __m256 load_w8(const int8_t* q) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+inline float hsum256(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+#endif
+
+// out[m] = sum_g scale[g] * (codes_g . x[m]_g) for MB rows of x (row stride K); GS = group size.
+template <int MB, int GS>
+inline void dot_rows(Codes c, const float* scale, const float* x, int64_t K, float* out) {
+#if defined(GK_AVX512)
+  // Units of 16 weights; four accumulators per row of x so the FMA chains overlap.
+  constexpr int PER = GS / 16;
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
+  const int64_t U = K / 16;
+  auto unit = [&](int64_t u, int a) {
+    const int64_t g = u / PER;
+    const __m512 w = _mm512_mul_ps(load_w16(c.q + g * c.gstride + (u % PER) * 16), _mm512_set1_ps(scale[g]));
+    for (int m = 0; m < MB; ++m) acc[m][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + u * 16), acc[m][a]);
+  };
+  int64_t u = 0;
+  for (; u + 4 <= U; u += 4) {
+    unit(u, 0);
+    unit(u + 1, 1);
+    unit(u + 2, 2);
+    unit(u + 3, 3);
+  }
+  for (; u < U; ++u) unit(u, 0);
+  for (int m = 0; m < MB; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+#elif defined(GK_AVX2)
+  // Units of 8 weights; 16 ymm registers allow 4 accumulators for one row, 2 for more.
+  constexpr int PER = GS / 8;
+  constexpr int NA = MB == 1 ? 4 : 2;
+  __m256 acc[MB][NA];
+  for (int m = 0; m < MB; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+  const int64_t U = K / 8;
+  auto unit = [&](int64_t u, int a) {
+    const int64_t g = u / PER;
+    const __m256 w = _mm256_mul_ps(load_w8(c.q + g * c.gstride + (u % PER) * 8), _mm256_set1_ps(scale[g]));
+    for (int m = 0; m < MB; ++m) acc[m][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + u * 8), acc[m][a]);
+  };
+  int64_t u = 0;
+  for (; u + NA <= U; u += NA)
+    for (int a = 0; a < NA; ++a) unit(u + a, a);
+  for (; u < U; ++u) unit(u, 0);
+  for (int m = 0; m < MB; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    out[m] = hsum256(s);
+  }
+#else
+  const int64_t G = K / GS;
+  for (int m = 0; m < MB; ++m) out[m] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    const int8_t* q = c.q + g * c.gstride;
+    for (int m = 0; m < MB; ++m) {
+      const float* xg = x + m * K + g * GS;
+      float part = 0.f;
+      for (int j = 0; j < GS; ++j) part += float(q[j]) * xg[j];
+      out[m] += scale[g] * part;
+    }
+  }
+#endif
+}
+
+// One matrix of a call: its rows [row0, row0 + N) of the combined row range.
+struct Mat {
+  const uint8_t* data;
+  int64_t type, N, row_bytes, col0, row0;
+  TypeInfo info;
+};
+
+template <int MB>
+inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* offset, const float* x,
+                      const float* xsum, int64_t K, int64_t G, int64_t G32, float* y, int64_t ldy) {
+  float out[MB];
+  if (mat.info.group == 16)
+    dot_rows<MB, 16>(c, scale, x, K, out);
+  else
+    dot_rows<MB, 32>(c, scale, x, K, out);
+  if (mat.info.has_offset) {
+    for (int m = 0; m < MB; ++m) {
+      const float* xs = xsum + m * G32;
+      float t = 0.f;
+      for (int64_t g = 0; g < G; ++g) t += offset[g] * xs[g];
+      out[m] += t;
+    }
+  }
+  for (int m = 0; m < MB; ++m) y[m * ldy] = out[m];
+}
+
+#if defined(GK_AVX512)
+// ------------------------------------------------------------------------------------ fused (AVX-512)
+//
+// For M=1 a separate decode pass costs as much as the dot, so with AVX-512 every type but Q6_K is
+// multiplied straight from its blocks. 4- and 5-bit codes become floats by table lookup: a group's
+// 16 (or 32) possible weights scale * q + offset fill one (two) zmm registers, and vpermps picks
+// them by nibble (it reads only the low 4 bits of each index, so the nibble needs no masking); the
+// fifth bit, a 32-bit mask in Q5_0/Q5_1, picks the upper table with a merge-masked vpermps. Offsets
+// live in the table, so these types need no sums of x.
+
+// acc[m] (+)= w0 . x[m][0:16] and acc2[m] (+)= w1 . x[m][16:32], x pointing at the group.
+template <int MB>
+inline void fma32(__m512 w0, __m512 w1, const float* x, int64_t K, __m512* a0, __m512* a1) {
+  for (int m = 0; m < MB; ++m) {
+    a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K), a0[m]);
+    a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + 16), a1[m]);
+  }
+}
+
+template <int MB>
+inline void fma16(__m512 w, const float* x, int64_t K, __m512* a) {
+  for (int m = 0; m < MB; ++m) a[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K), a[m]);
+}
+
+inline __m512 iota16(float start) {
+  return _mm512_add_ps(_mm512_set1_ps(start),
+                       _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+}
+
+// out[m] = row . x[m] for one row of raw blocks of a fused type.
+template <int MB>
+void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int64_t K, float* out) {
+  __m512 acc[4][MB];
+  for (int a = 0; a < 4; ++a)
+    for (int m = 0; m < MB; ++m) acc[a][m] = _mm512_setzero_ps();
+  switch (type) {
+    case Q8_0: {
+      auto block = [&](int64_t b, __m512* a0, __m512* a1) {
+        const uint8_t* p = row + 34 * b;
+        const __m512 d = _mm512_set1_ps(fp16_to_f32(p));
+        const __m512 w0 = _mm512_mul_ps(load_w16(reinterpret_cast<const int8_t*>(p + 2)), d);
+        const __m512 w1 = _mm512_mul_ps(load_w16(reinterpret_cast<const int8_t*>(p + 18)), d);
+        fma32<MB>(w0, w1, x + 32 * b, K, a0, a1);
+      };
+      // Two blocks per step into separate accumulators (constant indices keep them in registers).
+      int64_t b = 0;
+      for (; b + 2 <= nb; b += 2) {
+        block(b, acc[0], acc[1]);
+        block(b + 1, acc[2], acc[3]);
+      }
+      if (b < nb) block(b, acc[0], acc[1]);
+      break;
+    }
+    case Q4_0:
+    case Q4_1:
+    case Q5_0:
+    case Q5_1: {
+      const bool five = type == Q5_0 || type == Q5_1, has_min = type == Q4_1 || type == Q5_1;
+      const int64_t bytes = type == Q4_0 ? 18 : type == Q4_1 ? 20 : type == Q5_0 ? 22 : 24;
+      const int64_t qs_at = type == Q4_0 ? 2 : type == Q4_1 ? 4 : type == Q5_0 ? 6 : 8;
+      const float bias = type == Q4_0 ? -8.f : type == Q5_0 ? -16.f : 0.f;
+      const __m512 lo_q = iota16(bias), hi_q = iota16(bias + 16.f);
+      auto block = [&](int64_t b, __m512* a0, __m512* a1) {
+        const uint8_t* p = row + bytes * b;
+        const __m512 d = _mm512_set1_ps(fp16_to_f32(p));
+        __m512 t0, t1 = _mm512_setzero_ps();
+        if (has_min) {
+          const __m512 mn = _mm512_set1_ps(fp16_to_f32(p + 2));
+          t0 = _mm512_fmadd_ps(d, lo_q, mn);
+          if (five) t1 = _mm512_fmadd_ps(d, hi_q, mn);
+        } else {
+          t0 = _mm512_mul_ps(d, lo_q);
+          if (five) t1 = _mm512_mul_ps(d, hi_q);
+        }
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + qs_at)));
+        const __m512i qh4 = _mm512_srli_epi32(q, 4);
+        __m512 w0 = _mm512_permutexvar_ps(q, t0), w1 = _mm512_permutexvar_ps(qh4, t0);
+        if (five) {
+          const uint32_t qh = load_u32(p + (has_min ? 4 : 2));
+          w0 = _mm512_mask_permutexvar_ps(w0, __mmask16(qh & 0xFFFF), q, t1);
+          w1 = _mm512_mask_permutexvar_ps(w1, __mmask16(qh >> 16), qh4, t1);
+        }
+        fma32<MB>(w0, w1, x + 32 * b, K, a0, a1);
+      };
+      int64_t b = 0;
+      for (; b + 2 <= nb; b += 2) {
+        block(b, acc[0], acc[1]);
+        block(b + 1, acc[2], acc[3]);
+      }
+      if (b < nb) block(b, acc[0], acc[1]);
+      break;
+    }
+    case Q4_K:
+    case Q5_K: {
+      const bool five = type == Q5_K;
+      const int64_t bytes = five ? 176 : 144;
+      const __m512 lo_q = iota16(0.f), hi_q = iota16(16.f);
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + bytes * b;
+        const float d = fp16_to_f32(p), dmin = fp16_to_f32(p + 2);
+        const uint8_t* qs = p + (five ? 48 : 16);
+        const __m256i qhv = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)) : _mm256_setzero_si256();
+        const float* xb = x + 256 * b;
+        for (int c = 0; c < 4; ++c) {
+          const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * c)));
+          const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * c + 16)));
+          // group 2c: the low nibbles, group 2c+1: the high ones
+          auto group = [&](int g, __m512i i0, __m512i i1, __m512* a0, __m512* a1) {
+            int sc, mn;
+            k_scale_min(p + 4, g, &sc, &mn);
+            const __m512 s = _mm512_set1_ps(d * float(sc)), o = _mm512_set1_ps(-(dmin * float(mn)));
+            const __m512 t0 = _mm512_fmadd_ps(s, lo_q, o);
+            __m512 w0 = _mm512_permutexvar_ps(i0, t0), w1 = _mm512_permutexvar_ps(i1, t0);
+            if (five) {
+              const __m512 t1 = _mm512_fmadd_ps(s, hi_q, o);
+              const __mmask32 k = _mm256_test_epi8_mask(qhv, _mm256_set1_epi8(char(1 << g)));
+              w0 = _mm512_mask_permutexvar_ps(w0, __mmask16(k & 0xFFFF), i0, t1);
+              w1 = _mm512_mask_permutexvar_ps(w1, __mmask16(k >> 16), i1, t1);
+            }
+            fma32<MB>(w0, w1, xb + 32 * g, K, a0, a1);
+          };
+          group(2 * c, q0, q1, acc[0], acc[1]);
+          group(2 * c + 1, _mm512_srli_epi32(q0, 4), _mm512_srli_epi32(q1, 4), acc[2], acc[3]);
+        }
+      }
+      break;
+    }
+    case Q6_K: {
+      // The 6-bit codes are assembled as int8 in registers (as decode_q6_half does), then widened.
+      const __m128i m4 = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30), b32 = _mm_set1_epi8(32);
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + 210 * b;
+        const float d = fp16_to_f32(p + 208);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+        for (int half = 0; half < 2; ++half) {
+          const uint8_t* ql = p + 64 * half;
+          const uint8_t* qh = p + 128 + 32 * half;
+          const float* xh = x + 256 * b + 128 * half;
+          const int8_t* sh = sc + 8 * half;
+          for (int h = 0; h < 2; ++h) {
+            const __m128i l0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 16 * h));
+            const __m128i l1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 32 + 16 * h));
+            const __m128i hb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16 * h));
+            const __m128i c0 = _mm_or_si128(_mm_and_si128(l0, m4), _mm_and_si128(_mm_slli_epi16(hb, 4), m30));
+            const __m128i c1 = _mm_or_si128(_mm_and_si128(l1, m4), _mm_and_si128(_mm_slli_epi16(hb, 2), m30));
+            const __m128i c2 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l0, 4), m4), _mm_and_si128(hb, m30));
+            const __m128i c3 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l1, 4), m4),
+                                            _mm_and_si128(_mm_srli_epi16(hb, 2), m30));
+            // codes at 16h + 32j of this half: scale sh[(16h + 32j) / 16] = sh[h + 2j]
+            auto unit = [&](__m128i c, int j, __m512* a) {
+              const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(c, b32)));
+              fma16<MB>(_mm512_mul_ps(w, _mm512_set1_ps(float(sh[h + 2 * j]) * d)), xh + 16 * h + 32 * j, K, a);
+            };
+            unit(c0, 0, acc[0]);
+            unit(c1, 1, acc[1]);
+            unit(c2, 2, acc[2]);
+            unit(c3, 3, acc[3]);
+          }
+        }
+      }
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "ggml kernel: no fused path for GGML type ", type);
+  }
+  for (int m = 0; m < MB; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), _mm512_add_ps(acc[2][m], acc[3][m])));
+}
+
+#endif
+
+// How far ahead of the row being multiplied to prefetch, and the decode path's tile of rows (both
+// sized to stay well inside L1 next to the activations).
+constexpr int64_t kPrefetchBytes = 16384, kTileBytes = 16384;
+
+// Rows [r0, r1) of one matrix, all M rows of x: decode a tile of rows once (into L1), then run
+// every block of up to four rows of x over it.
+void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const float* xsum, int64_t M,
+                 int64_t K, float* y, int64_t ldy, std::vector<int8_t>& codes, std::vector<float>& sc,
+                 std::vector<float>& off) {
+  const int64_t nb = K / mat.info.block, G = K / mat.info.group, G32 = K / 32;
+#if defined(GK_AVX512)
+  {
+    const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = mat.data + r * mat.row_bytes;
+      if (r + ahead < mat.N) {
+        const char* p = reinterpret_cast<const char*>(row + ahead * mat.row_bytes);
+        for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+      }
+      for (int64_t m = 0; m < M; m += 4) {
+        float out[4];
+        const int64_t mb = std::min<int64_t>(4, M - m);
+        switch (mb) {
+          case 4: fused_row<4>(mat.type, row, nb, x + m * K, K, out); break;
+          case 3: fused_row<3>(mat.type, row, nb, x + m * K, K, out); break;
+          case 2: fused_row<2>(mat.type, row, nb, x + m * K, K, out); break;
+          default: fused_row<1>(mat.type, row, nb, x + m * K, K, out); break;
+        }
+        for (int64_t j = 0; j < mb; ++j) y[(m + j) * ldy + mat.col0 + r] = out[j];
+      }
+    }
+    return;
+  }
+#endif
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(32, kTileBytes / K));
+  const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
+  codes.resize(tile * K);
+  sc.resize(tile * G);
+  off.resize(tile * G);
+  std::vector<Codes> rows(tile);
+  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+    const int64_t t1 = std::min(r1, t0 + tile);
+    for (int64_t r = t0; r < t1; ++r) {
+      const int64_t i = r - t0;
+      rows[i] = decode_row(mat.type, mat.data + r * mat.row_bytes, nb, codes.data() + i * K, sc.data() + i * G,
+                           off.data() + i * G);
+    }
+    int64_t m = 0;
+    for (; m < M; m += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m);
+      for (int64_t r = t0; r < t1; ++r) {
+        const int64_t i = r - t0;
+#if defined(GK_AVX512) || defined(GK_AVX2)
+        // Stream the rows ahead into cache while this tile computes (the decode pass is too short to
+        // keep the memory system busy on its own).
+        if (m == 0 && r + ahead < mat.N) {
+          const char* p = reinterpret_cast<const char*>(mat.data + (r + ahead) * mat.row_bytes);
+          for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+        }
+#endif
+        float* yr = y + m * ldy + mat.col0 + r;
+        const float* xm = x + m * K;
+        const float* xs = xsum + m * G32;
+        switch (mb) {
+          case 4: dot_block<4>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, G32, yr, ldy); break;
+          case 3: dot_block<3>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, G32, yr, ldy); break;
+          case 2: dot_block<2>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, G32, yr, ldy); break;
+          default: dot_block<1>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, G32, yr, ldy); break;
+        }
+      }
+    }
+  }
+}
+
+void check_blocks(const torch::Tensor& b, const TypeInfo& info, int64_t K, const char* what) {
+  TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == torch::kUInt8 && b.dim() == 2 && b.is_contiguous(),
+              what, ": expected a contiguous [N, row_bytes] uint8 CPU tensor, got ", b.scalar_type(), " of shape ",
+              b.sizes());
+  TORCH_CHECK(K > 0 && K % info.block == 0, what, ": K=", K, " is not a positive multiple of ", info.name,
+              "'s block size ", info.block);
+  const int64_t row_bytes = K / info.block * info.bytes;
+  TORCH_CHECK(b.size(1) == row_bytes, what, ": a ", info.name, " row of K=", K, " weights has ", row_bytes,
+              " bytes, but the tensor's rows have ", b.size(1));
+}
+
+// ------------------------------------------------------------------------------------ dequantise
+
+// Keep a product from being fused with the following add (ggml rounds both).
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define GK_OPAQUE(v) __asm__("" : "+v"(v))
+#else
+#define GK_OPAQUE(v) do { volatile float gk_tmp = (v); (v) = gk_tmp; } while (0)
+#endif
+
+// out[k] = float(code) * scale_g (+ offset_g) for one row, in ggml's order and roundings.
+inline void dequant_row(Codes c, const float* scale, const float* offset, int64_t K, int64_t GS, float* out) {
+  const int64_t G = K / GS;
+  for (int64_t g = 0; g < G; ++g) {
+    const int8_t* q = c.q + g * c.gstride;
+    float* o = out + g * GS;
+#if defined(GK_AVX512)
+    const __m512 s = _mm512_set1_ps(scale[g]);
+    for (int64_t j = 0; j < GS; j += 16) {
+      __m512 w = _mm512_mul_ps(load_w16(q + j), s);
+      if (offset != nullptr) {
+        GK_OPAQUE(w);
+        w = _mm512_add_ps(w, _mm512_set1_ps(offset[g]));
+      }
+      _mm512_storeu_ps(o + j, w);
+    }
+#elif defined(GK_AVX2)
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    for (int64_t j = 0; j < GS; j += 8) {
+      __m256 w = _mm256_mul_ps(load_w8(q + j), s);
+      if (offset != nullptr) {
+        GK_OPAQUE(w);
+        w = _mm256_add_ps(w, _mm256_set1_ps(offset[g]));
+      }
+      _mm256_storeu_ps(o + j, w);
+    }
+#else
+    for (int64_t j = 0; j < GS; ++j) {
+      float w = float(q[j]) * scale[g];
+      if (offset != nullptr) {
+        GK_OPAQUE(w);
+        w = w + offset[g];
+      }
+      o[j] = w;
+    }
+#endif
+  }
+}
+
+}  // namespace
+
+// y = x @ [W_0; W_1; ...]^T where W_i is blocks[i] (raw GGML rows of type types[i], K inputs each).
+torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "ggml_matmul: x must be a contiguous [M, K] float32 CPU tensor, got ", x.scalar_type(), " of shape ",
+              x.sizes());
+  TORCH_CHECK(x.size(1) == K, "ggml_matmul: x has ", x.size(1), " columns but K=", K);
+  TORCH_CHECK(!blocks.empty() && blocks.size() == types.size(), "ggml_matmul: need one type per matrix (got ",
+              blocks.size(), " matrices and ", types.size(), " types)");
+  const int64_t M = x.size(0);
+  std::vector<Mat> mats;
+  int64_t total = 0;
+  bool any_offset = false;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const TypeInfo info = checked_type(types[i]);
+    const std::string what = "ggml_matmul: blocks[" + std::to_string(i) + "]";
+    check_blocks(blocks[i], info, K, what.c_str());
+    mats.push_back({blocks[i].data_ptr<uint8_t>(), types[i], blocks[i].size(0), blocks[i].size(1), total, total, info});
+    total += blocks[i].size(0);
+    any_offset = any_offset || info.has_offset;
+  }
+  auto y = torch::empty({M, total}, x.options());
+  if (M == 0 || total == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t G32 = K / 32;
+  std::vector<float> xsum;  // [M, K/32]: sums of x over each group of 32, for the offset terms
+  if (any_offset) {
+    xsum.resize(M * G32);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G32; ++g) {
+        const float* p = xp + m * K + g * 32;
+        float s = 0.f;
+        for (int j = 0; j < 32; ++j) s += p[j];
+        xsum[m * G32 + g] = s;
+      }
+  }
+  const float* xs = any_offset ? xsum.data() : nullptr;
+  const int64_t grain = std::max<int64_t>(16, (1 << 16) / K);
+  at::parallel_for(0, total, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<int8_t> codes;
+    std::vector<float> sc, off;
+    for (const Mat& mat : mats) {
+      const int64_t r0 = std::max(n0, mat.row0) - mat.row0, r1 = std::min(n1, mat.row0 + mat.N) - mat.row0;
+      if (r0 < r1) matmul_rows(mat, r0, r1, xp, xs, M, K, yp, total, codes, sc, off);
+    }
+  });
+  return y;
+}
+
+// The [N, K] float32 weights of one matrix of raw GGML rows, bit-identical to
+// gemmakit.quant.ggml.dequantize.
+torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K) {
+  const TypeInfo info = checked_type(type);
+  check_blocks(blocks, info, K, "ggml_dequantize: blocks");
+  const int64_t N = blocks.size(0), row_bytes = blocks.size(1), nb = K / info.block, G = K / info.group;
+  auto w = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 15) / K), [&](int64_t r0, int64_t r1) {
+    std::vector<int8_t> codes(K);
+    std::vector<float> sc(G), off(G);
+    for (int64_t r = r0; r < r1; ++r) {
+      const Codes c = decode_row(type, src + r * row_bytes, nb, codes.data(), sc.data(), off.data());
+      dequant_row(c, sc.data(), info.has_offset ? off.data() : nullptr, K, info.group, wp + r * K);
+    }
+  });
+  return w;
+}
+
+std::string ggml_simd() {
+#if defined(GK_AVX512)
+  return "avx512";
+#elif defined(GK_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}

@@ -1,0 +1,24 @@
+// The Python module of gemmakit's CPU kernels: grouped_matmul.cpp (int8 codes + per-group float
+// scales) and ggml_matmul.cpp (raw GGML blocks), compiled together as one extension.
+
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+torch::Tensor grouped_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor offset,
+                             int64_t group);
+torch::Tensor grouped_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor offset, int64_t group);
+bool has_avx2();
+torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
+torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K);
+std::string ggml_simd();
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("grouped_matmul", &grouped_matmul, "x @ (scale * codes + offset)^T with per-group scales");
+  m.def("grouped_dequantize", &grouped_dequantize, "scale * codes + offset as float32");
+  m.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2/FMA");
+  m.def("ggml_matmul", &ggml_matmul, "x @ concat(W_i)^T for raw GGML block rows W_i (float32 activations)");
+  m.def("ggml_dequantize", &ggml_dequantize, "raw GGML block rows -> float32, bit-identical to ggml");
+  m.def("ggml_simd", &ggml_simd, "the SIMD path ggml_matmul was built with: avx512, avx2 or scalar");
+}

@@ -1,0 +1,138 @@
+"""The raw-GGML-block CPU kernel (quant/csrc/ggml_matmul.cpp): dequantisation bit for bit against
+gemmakit.quant.ggml.dequantize, and matmuls against a float64 reference, for every block type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from test_ggml_quant import QUANT_TYPES, random_blocks
+
+from gemmakit.quant import kernels
+from gemmakit.quant.ggml import dequantize
+
+
+@pytest.fixture(scope="module")
+def ext():
+    e = kernels.kernel()
+    if e is None:
+        pytest.skip("CPU kernel unavailable")
+    return e
+
+
+def blocks_of(qtype: T, rows: int, cols: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(random_blocks(qtype, rows, cols, seed=seed))
+
+
+def reference(x: torch.Tensor, mats: list[tuple[torch.Tensor, int]], K: int) -> torch.Tensor:
+    w = torch.cat([dequantize(b, t, (b.shape[0], K)) for b, t in mats]).double()
+    return x.double() @ w.T
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 2e-5 * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_dequantize_bit_identical(ext, qtype: T) -> None:
+    raw = blocks_of(qtype, 37, 512, seed=int(qtype))
+    ours = kernels.ggml_dequantize(raw, int(qtype), 512)
+    ref = dequantize(raw, qtype, (37, 512))
+    assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
+    # and in more rows than one parallel task, with an odd number of 256-blocks per row
+    raw = blocks_of(qtype, 301, 768, seed=1 + int(qtype))
+    assert torch.equal(ext.ggml_dequantize(raw, int(qtype), 768).view(torch.int32),
+                       dequantize(raw, qtype, (301, 768)).view(torch.int32))
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 16, 17])
+def test_matmul_matches_float64(ext, qtype: T, M: int) -> None:
+    K = 768  # 3 superblocks: not a multiple of the kernel's 4-way unroll for 256-blocks
+    raw = blocks_of(qtype, 100, K, seed=M * 100 + int(qtype))
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    y = kernels.ggml_matmul(x, [raw], [int(qtype)], K)
+    assert_close(y, reference(x, [(raw, int(qtype))], K))
+
+
+def test_matmul_large_parallel(ext) -> None:
+    """Enough rows for several tasks per thread and many row tiles, and a short K (one block)."""
+    for K, N in [(2048, 700), (32, 1000)]:
+        raw = blocks_of(T.Q4_1, N, K, seed=K)
+        x = torch.randn(3, K, generator=torch.Generator().manual_seed(K))
+        assert_close(kernels.ggml_matmul(x, [raw], [int(T.Q4_1)], K), reference(x, [(raw, int(T.Q4_1))], K))
+
+
+@pytest.mark.parametrize("M", [1, 4, 7])
+def test_multi_matrix_call(ext, M: int) -> None:
+    K = 512
+    mats = [(blocks_of(T.Q5_0, 96, K, 1), int(T.Q5_0)), (blocks_of(T.Q5_0, 40, K, 2), int(T.Q5_0)),
+            (blocks_of(T.Q8_0, 57, K, 3), int(T.Q8_0))]
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(5))
+    y = kernels.ggml_matmul(x, [b for b, _ in mats], [t for _, t in mats], K)
+    assert y.shape == (M, 96 + 40 + 57)
+    assert_close(y, reference(x, mats, K))
+    parts = torch.cat([kernels.ggml_matmul(x, [b], [t], K) for b, t in mats], dim=1)
+    assert torch.equal(y, parts)
+    # the K-quant types mixed in one call, too
+    kmats = [(blocks_of(t, 33 + i, K, 10 + i), int(t)) for i, t in enumerate([T.Q4_K, T.Q6_K, T.Q5_K, T.Q4_0])]
+    assert_close(kernels.ggml_matmul(x, [b for b, _ in kmats], [t for _, t in kmats], K), reference(x, kmats, K))
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_fallback_path(qtype: T) -> None:
+    K = 512
+    mats = [(blocks_of(qtype, 50, K, 4), int(qtype)), (blocks_of(T.Q8_0, 21, K, 6), int(T.Q8_0))]
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(6))
+    y = kernels.ggml_matmul_fallback(x, [b for b, _ in mats], [t for _, t in mats], K)
+    assert_close(y, reference(x, mats, K))
+    raw = mats[0][0]
+    assert torch.equal(kernels._ggml_dequantize_torch(raw, int(qtype), K), dequantize(raw, qtype, (50, K)))
+
+
+def test_kernel_disabled_uses_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "kernel", lambda: None)
+    raw = blocks_of(T.Q4_K, 20, 256, 8)
+    x = torch.randn(2, 256)
+    assert_close(kernels.ggml_matmul(x, [raw], [int(T.Q4_K)], 256), reference(x, [(raw, int(T.Q4_K))], 256))
+    assert torch.equal(kernels.ggml_dequantize(raw, int(T.Q4_K), 256), dequantize(raw, T.Q4_K, (20, 256)))
+
+
+def test_errors(ext) -> None:
+    x = torch.randn(2, 256)
+    q8 = blocks_of(T.Q8_0, 10, 256, 9)
+    with pytest.raises(RuntimeError, match="unsupported GGML type 1"):
+        ext.ggml_matmul(x, [q8], [1], 256)  # F16 is not a block type here
+    with pytest.raises(RuntimeError, match="unsupported GGML type 99"):
+        ext.ggml_dequantize(q8, 99, 256)
+    with pytest.raises(RuntimeError, match="row of K=256 weights has 272 bytes"):
+        ext.ggml_matmul(x, [q8[:, :-34].contiguous()], [int(T.Q8_0)], 256)
+    with pytest.raises(RuntimeError, match="row of K=256 weights has 144 bytes"):
+        ext.ggml_matmul(x, [q8], [int(T.Q4_K)], 256)  # Q8_0 rows passed as Q4_K
+    with pytest.raises(RuntimeError, match="K=250"):
+        ext.ggml_dequantize(q8, int(T.Q8_0), 250)
+    with pytest.raises(RuntimeError, match="x has 256 columns but K=512"):
+        ext.ggml_matmul(x, [q8], [int(T.Q8_0)], 512)
+    with pytest.raises(RuntimeError, match="one type per matrix"):
+        ext.ggml_matmul(x, [q8, q8], [int(T.Q8_0)], 256)
+    with pytest.raises(RuntimeError, match="uint8"):
+        ext.ggml_matmul(x, [q8.view(torch.int8)], [int(T.Q8_0)], 256)
+    # the torch fallback refuses the same inputs
+    with pytest.raises(ValueError, match="unsupported GGML type 1"):
+        kernels.ggml_matmul_fallback(x, [q8], [1], 256)
+    with pytest.raises(ValueError, match=r"must be \[N, 144\]"):
+        kernels.ggml_matmul_fallback(x, [q8], [int(T.Q4_K)], 256)
+
+
+def test_custom_op_traces_under_compile(ext) -> None:
+    kernels.register_custom_op()
+    raw = blocks_of(T.Q6_K, 48, 256, 11)
+    x = torch.randn(2, 256)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return kernels.ggml_matmul(x * 2, [raw], [int(T.Q6_K)], 256) + 1
+
+    assert_close(f(x), reference(x * 2, [(raw, int(T.Q6_K))], 256) + 1)
