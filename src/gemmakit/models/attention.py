@@ -15,6 +15,7 @@ from torch import nn
 
 from gemmakit.models.cache import LayerCache
 from gemmakit.models.config import ModelConfig
+from gemmakit.models.gemm import Linear
 from gemmakit.models.layers import RMSNorm, apply_rope, softcap
 
 
@@ -85,10 +86,10 @@ class Attention(nn.Module):
         self.scale = config.attention_scale
         self.logit_softcap = config.attn_logit_softcap
         d, hd = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=config.attn_out_bias)
+        self.q_proj = Linear(d, config.num_heads * hd, bias=False)
+        self.k_proj = Linear(d, config.num_kv_heads * hd, bias=False)
+        self.v_proj = Linear(d, config.num_kv_heads * hd, bias=False)
+        self.o_proj = Linear(config.num_heads * hd, d, bias=config.attn_out_bias)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.qkv_proj: nn.Module | None = None  # set by fuse(): q, k and v in one matmul

@@ -6,9 +6,10 @@ which torch also ships, picks its kernels from the CPU's instruction sets. On th
 MKL's 150-190 (2 threads). Both are plain float32 products (no reduced-precision tricks); they differ
 only in summation order, so results agree to float32 rounding.
 
-``linear`` is ``F.linear`` without a bias, taking the oneDNN path when it applies: float32 CPU
-tensors, no autograd, enough rows to amortise the copies in and out of oneDNN's tensors. Set
-``GEMMAKIT_ONEDNN=0`` to always use torch's own matmul.
+``linear`` is ``F.linear``, taking the oneDNN path when it applies: float32 CPU tensors, no
+autograd, enough rows to amortise the copies in and out of oneDNN's tensors; :class:`Linear` is
+``nn.Linear`` running through it (what the model files build). Set ``GEMMAKIT_ONEDNN=0`` to always
+use torch's own matmul.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 MIN_ROWS = 32  # below this the copies in and out cost more than the faster GEMM saves
 
@@ -28,12 +30,20 @@ def _enabled() -> bool:
 _ENABLED = _enabled()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [..., K] @ weight[N, K]^T -> [..., N]``."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ weight[N, K]^T (+ bias) -> [..., N]``."""
     rows = x.numel() // max(x.shape[-1], 1)
     if (not _ENABLED or rows < MIN_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32
             or x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return F.linear(x, weight)
+        return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     y = torch._C._nn.mkldnn_linear(flat.contiguous().to_mkldnn(), weight.contiguous().to_mkldnn(), None)
-    return y.to_dense().view(*x.shape[:-1], weight.shape[0])
+    y = y.to_dense().view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y.add_(bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose many-row float32 products on the CPU run on oneDNN (see :func:`linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -34,6 +34,7 @@ from torch import nn
 
 from gemmakit.models.cache import RecurrentState
 from gemmakit.models.config import ModelConfig
+from gemmakit.models.gemm import Linear
 
 # c in a = sigmoid(Λ)^(c·r): sharpens the recurrence gate's range (Griffin paper, section 2.4).
 RG_LRU_C = 8.0
@@ -182,9 +183,9 @@ class RecurrentBlock(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d, w = config.hidden_size, config.recurrent_width
-        self.linear_y = nn.Linear(d, w)
-        self.linear_x = nn.Linear(d, w)
-        self.linear_out = nn.Linear(w, d)
+        self.linear_y = Linear(d, w)
+        self.linear_x = Linear(d, w)
+        self.linear_out = Linear(w, d)
         self.conv1d = CausalConv1D(w, config.conv1d_width)
         self.rg_lru = RGLRU(w, config.num_heads)
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.models.gemm import Linear
+
 
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)``, computed in float32.
@@ -39,9 +41,9 @@ class GeGLU(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
         self.gate_up_proj: nn.Module | None = None  # set by fuse(): gate and up in one matmul
 

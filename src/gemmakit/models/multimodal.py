@@ -36,6 +36,7 @@ from gemmakit.errors import InvalidRequestError, ModelNotFoundError
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig, preset
 from gemmakit.models.decoder import GemmaModel
+from gemmakit.models.gemm import Linear
 from gemmakit.models.layers import RMSNorm
 from gemmakit.models.siglip import SiglipConfig, SiglipVisionModel, so400m
 
@@ -87,7 +88,7 @@ class LinearProjector(nn.Module):
 
     def __init__(self, config: MultimodalConfig) -> None:
         super().__init__()
-        self.linear = nn.Linear(config.vision.hidden_size, config.text.hidden_size)
+        self.linear = Linear(config.vision.hidden_size, config.text.hidden_size)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.linear(patches)

@@ -23,6 +23,7 @@ from torch import nn
 
 from gemmakit.errors import CheckpointError, InvalidRequestError
 from gemmakit.models.decoder import GemmaModel
+from gemmakit.models.gemm import Linear
 
 # our module suffix -> the short name PEFT and transformers use
 TARGETS = {
@@ -102,7 +103,7 @@ def apply_lora(model: GemmaModel, config: LoRAConfig, seed: int = 0) -> list[str
     generator = torch.Generator(device=model.device).manual_seed(seed)
     for name, module in list(model.named_modules()):
         suffix = name.split(".", 2)[-1] if name.startswith("layers.") else None
-        if suffix in suffixes and type(module) is nn.Linear:
+        if suffix in suffixes and isinstance(module, nn.Linear) and not isinstance(module, LoRALinear):
             parent_name, attr = name.rsplit(".", 1)
             setattr(model.get_submodule(parent_name), attr,
                     LoRALinear(module, config.rank, config.alpha, config.dropout, generator))
@@ -121,8 +122,8 @@ def merge_lora(model: GemmaModel) -> GemmaModel:
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if isinstance(module, LoRALinear):
-                plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                  device="meta")
+                plain = Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device="meta")
                 plain.weight = nn.Parameter(module.merged_weight(), requires_grad=False)
                 plain.bias = module.bias
                 parent_name, attr = name.rsplit(".", 1)
