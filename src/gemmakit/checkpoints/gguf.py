@@ -150,12 +150,8 @@ def _loader(t: GGUFTensor, norm_offset: float) -> TensorLoader:
 
 
 def _packed_loader(t: GGUFTensor):
-    def load():
-        packed = ggml_blocks(t.raw, t.ggml_type, t.shape)
-        t.release()
-        return packed
-
-    return load
+    # The blocks stay in the file's memory map (see ggml_blocks), so their pages are not released.
+    return lambda: ggml_blocks(t.raw, t.ggml_type, t.shape)
 
 
 def open_gguf_checkpoint(path: str | Path) -> Checkpoint:

@@ -330,11 +330,16 @@ class GGMLBlocks(NamedTuple):
 
 
 def ggml_blocks(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> GGMLBlocks:
-    """A quantised GGML matrix's bytes, checked and copied into memory of our own, one row per output."""
+    """A quantised GGML matrix's bytes, checked, as ``[N, row_bytes]`` *sharing* ``raw``'s memory.
+
+    For a GGUF that memory is the file's read-only memory map: the model then holds no copy of its
+    weights at all (the pages are the page cache's, read on first use, as llama.cpp does), and a
+    load has no moment where the file's pages and a copy are both resident. Nothing writes to them.
+    """
     ggml_type = int(ggml_type)
     shape = tuple(int(s) for s in shape)
     if ggml_type not in _CODES or len(shape) != 2:
         raise UnsupportedModelError(f"GGML {_type_name(ggml_type)} {shape} cannot stay quantised")
     blocks = _checked_blocks(raw, ggml_type, shape)
     N, K = shape
-    return GGMLBlocks(blocks.reshape(N, -1).clone(), ggml_type, K)
+    return GGMLBlocks(blocks.reshape(N, -1), ggml_type, K)
