@@ -425,9 +425,9 @@ inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* 
 //
 // For M=1 a separate decode pass costs as much as the dot, so with AVX-512 every type is multiplied
 // straight from its blocks (Q6_K's codes are assembled as int8 in registers). 4- and 5-bit codes become floats by table lookup: a group's
-// 16 (or 32) possible weights scale * q + offset fill one (two) zmm registers, and vpermps picks
-// them by nibble (it reads only the low 4 bits of each index, so the nibble needs no masking); the
-// fifth bit, a 32-bit mask in Q5_0/Q5_1, picks the upper table with a merge-masked vpermps. Offsets
+// 16 possible weights scale * q + offset fill one zmm register, and vpermps picks them by nibble
+// (it reads only the low 4 bits of each index, so the nibble needs no masking); the fifth bit (a
+// 32-bit mask in Q5_0/Q5_1, a byte test in Q5_K) adds 16 * scale under a mask register. Offsets
 // live in the table, so these types need no sums of x.
 
 // acc[m] (+)= w0 . x[m][0:16] and acc2[m] (+)= w1 . x[m][16:32], x pointing at the group.
@@ -488,26 +488,19 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
       const int64_t bytes = type == Q4_0 ? 18 : type == Q4_1 ? 20 : type == Q5_0 ? 22 : 24;
       const int64_t qs_at = type == Q4_0 ? 2 : type == Q4_1 ? 4 : type == Q5_0 ? 6 : 8;
       const float bias = type == Q4_0 ? -8.f : type == Q5_0 ? -16.f : 0.f;
-      const __m512 lo_q = iota16(bias), hi_q = iota16(bias + 16.f);
+      const __m512 lo_q = iota16(bias), sixteen = _mm512_set1_ps(16.f);
       auto block = [&](int64_t b, __m512* a0, __m512* a1) GK_INLINE {
         const uint8_t* p = row + bytes * b;
         const __m512 d = bcast_f16(p);
-        __m512 t0, t1 = _mm512_setzero_ps();
-        if (has_min) {
-          const __m512 mn = bcast_f16(p + 2);
-          t0 = _mm512_fmadd_ps(d, lo_q, mn);
-          if (five) t1 = _mm512_fmadd_ps(d, hi_q, mn);
-        } else {
-          t0 = _mm512_mul_ps(d, lo_q);
-          if (five) t1 = _mm512_mul_ps(d, hi_q);
-        }
+        const __m512 t0 = has_min ? _mm512_fmadd_ps(d, lo_q, bcast_f16(p + 2)) : _mm512_mul_ps(d, lo_q);
         const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + qs_at)));
         const __m512i qh4 = _mm512_srli_epi32(q, 4);
         __m512 w0 = _mm512_permutexvar_ps(q, t0), w1 = _mm512_permutexvar_ps(qh4, t0);
         if (five) {
           const uint32_t qh = load_u32(p + (has_min ? 4 : 2));
-          w0 = _mm512_mask_permutexvar_ps(w0, __mmask16(qh & 0xFFFF), q, t1);
-          w1 = _mm512_mask_permutexvar_ps(w1, __mmask16(qh >> 16), qh4, t1);
+          const __m512 d16 = _mm512_mul_ps(d, sixteen);  // the fifth bit's weight
+          w0 = _mm512_mask_add_ps(w0, __mmask16(qh & 0xFFFF), w0, d16);
+          w1 = _mm512_mask_add_ps(w1, __mmask16(qh >> 16), w1, d16);
         }
         fma32<MB>(w0, w1, x + 32 * b, K, a0, a1);
       };
@@ -523,7 +516,7 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
     case Q5_K: {
       const bool five = type == Q5_K;
       const int64_t bytes = five ? 176 : 144;
-      const __m512 lo_q = iota16(0.f), hi_q = iota16(16.f);
+      const __m512 lo_q = iota16(0.f);
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* p = row + bytes * b;
         const float d = fp16_to_f32(p), dmin = fp16_to_f32(p + 2);
@@ -537,14 +530,15 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
           auto group = [&](int g, __m512i i0, __m512i i1, __m512* a0, __m512* a1) GK_INLINE {
             int sc, mn;
             k_scale_min(p + 4, g, &sc, &mn);
-            const __m512 s = _mm512_set1_ps(d * float(sc)), o = _mm512_set1_ps(-(dmin * float(mn)));
+            const float sf = d * float(sc);
+            const __m512 s = _mm512_set1_ps(sf), o = _mm512_set1_ps(-(dmin * float(mn)));
             const __m512 t0 = _mm512_fmadd_ps(s, lo_q, o);
             __m512 w0 = _mm512_permutexvar_ps(i0, t0), w1 = _mm512_permutexvar_ps(i1, t0);
             if (five) {
-              const __m512 t1 = _mm512_fmadd_ps(s, hi_q, o);
+              const __m512 s16 = _mm512_set1_ps(16.f * sf);  // the fifth bit's weight
               const __mmask32 k = _mm256_test_epi8_mask(qhv, _mm256_set1_epi8(char(1 << g)));
-              w0 = _mm512_mask_permutexvar_ps(w0, __mmask16(k & 0xFFFF), i0, t1);
-              w1 = _mm512_mask_permutexvar_ps(w1, __mmask16(k >> 16), i1, t1);
+              w0 = _mm512_mask_add_ps(w0, __mmask16(k & 0xFFFF), w0, s16);
+              w1 = _mm512_mask_add_ps(w1, __mmask16(k >> 16), w1, s16);
             }
             fma32<MB>(w0, w1, xb + 32 * g, K, a0, a1);
           };
