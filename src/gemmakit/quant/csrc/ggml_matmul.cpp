@@ -521,24 +521,31 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
         const uint8_t* p = row + bytes * b;
         const float d = fp16_to_f32(p), dmin = fp16_to_f32(p + 2);
         const uint8_t* qs = p + (five ? 48 : 16);
-        const __m256i qhv = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)) : _mm256_setzero_si256();
+        const __m128i qh0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));  // (Q4_K: unused)
+        const __m128i qh1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32));
         const float* xb = x + 256 * b;
+        float scs[8], mns[8];
+        for (int j = 0; j < 8; ++j) {
+          int sc, mn;
+          k_scale_min(p + 4, j, &sc, &mn);
+          scs[j] = d * float(sc);
+          mns[j] = -(dmin * float(mn));
+        }
+#pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
           const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * c)));
           const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * c + 16)));
           // group 2c: the low nibbles, group 2c+1: the high ones
           auto group = [&](int g, __m512i i0, __m512i i1, __m512* a0, __m512* a1) GK_INLINE {
-            int sc, mn;
-            k_scale_min(p + 4, g, &sc, &mn);
-            const float sf = d * float(sc);
-            const __m512 s = _mm512_set1_ps(sf), o = _mm512_set1_ps(-(dmin * float(mn)));
+            const float sf = scs[g];
+            const __m512 s = _mm512_set1_ps(sf), o = _mm512_set1_ps(mns[g]);
             const __m512 t0 = _mm512_fmadd_ps(s, lo_q, o);
             __m512 w0 = _mm512_permutexvar_ps(i0, t0), w1 = _mm512_permutexvar_ps(i1, t0);
             if (five) {
               const __m512 s16 = _mm512_set1_ps(16.f * sf);  // the fifth bit's weight
-              const __mmask32 k = _mm256_test_epi8_mask(qhv, _mm256_set1_epi8(char(1 << g)));
-              w0 = _mm512_mask_add_ps(w0, __mmask16(k & 0xFFFF), w0, s16);
-              w1 = _mm512_mask_add_ps(w1, __mmask16(k >> 16), w1, s16);
+              const __m128i bit = _mm_set1_epi8(char(1 << g));
+              w0 = _mm512_mask_add_ps(w0, _mm_test_epi8_mask(qh0, bit), w0, s16);
+              w1 = _mm512_mask_add_ps(w1, _mm_test_epi8_mask(qh1, bit), w1, s16);
             }
             fma32<MB>(w0, w1, xb + 32 * g, K, a0, a1);
           };
