@@ -35,6 +35,12 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__GNUC__)
+#define GK_INLINE __attribute__((always_inline))  // keeps accumulator arrays in registers
+#else
+#define GK_INLINE
+#endif
+
 namespace {
 
 // ------------------------------------------------------------------------------------ block types
@@ -417,16 +423,16 @@ inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* 
 #if defined(GK_AVX512)
 // ------------------------------------------------------------------------------------ fused (AVX-512)
 //
-// For M=1 a separate decode pass costs as much as the dot, so with AVX-512 every type but Q6_K is
-// multiplied straight from its blocks. 4- and 5-bit codes become floats by table lookup: a group's
-// 16 (or 32) possible weights scale * q + offset fill one (two) zmm registers, and vpermps picks
-// them by nibble (it reads only the low 4 bits of each index, so the nibble needs no masking); the
-// fifth bit, a 32-bit mask in Q5_0/Q5_1, picks the upper table with a merge-masked vpermps. Offsets
+// For M=1 a separate decode pass costs as much as the dot, so with AVX-512 every type is multiplied
+// straight from its blocks (Q6_K's codes are assembled as int8 in registers). 4- and 5-bit codes become floats by table lookup: a group's
+// 16 possible weights scale * q + offset fill one zmm register, and vpermps picks them by nibble
+// (it reads only the low 4 bits of each index, so the nibble needs no masking); the fifth bit (a
+// 32-bit mask in Q5_0/Q5_1, a byte test in Q5_K) adds 16 * scale under a mask register. Offsets
 // live in the table, so these types need no sums of x.
 
 // acc[m] (+)= w0 . x[m][0:16] and acc2[m] (+)= w1 . x[m][16:32], x pointing at the group.
 template <int MB>
-inline void fma32(__m512 w0, __m512 w1, const float* x, int64_t K, __m512* a0, __m512* a1) {
+GK_INLINE inline void fma32(__m512 w0, __m512 w1, const float* x, int64_t K, __m512* a0, __m512* a1) {
   for (int m = 0; m < MB; ++m) {
     a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K), a0[m]);
     a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + 16), a1[m]);
@@ -434,8 +440,15 @@ inline void fma32(__m512 w0, __m512 w1, const float* x, int64_t K, __m512* a0, _
 }
 
 template <int MB>
-inline void fma16(__m512 w, const float* x, int64_t K, __m512* a) {
+GK_INLINE inline void fma16(__m512 w, const float* x, int64_t K, __m512* a) {
   for (int m = 0; m < MB; ++m) a[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K), a[m]);
+}
+
+// The fp16 at p, widened and broadcast to 16 lanes (vpbroadcastw + vcvtph2ps).
+inline __m512 bcast_f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _mm512_cvtph_ps(_mm256_set1_epi16(int16_t(h)));
 }
 
 inline __m512 iota16(float start) {
@@ -451,9 +464,9 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
     for (int m = 0; m < MB; ++m) acc[a][m] = _mm512_setzero_ps();
   switch (type) {
     case Q8_0: {
-      auto block = [&](int64_t b, __m512* a0, __m512* a1) {
+      auto block = [&](int64_t b, __m512* a0, __m512* a1) GK_INLINE {
         const uint8_t* p = row + 34 * b;
-        const __m512 d = _mm512_set1_ps(fp16_to_f32(p));
+        const __m512 d = bcast_f16(p);
         const __m512 w0 = _mm512_mul_ps(load_w16(reinterpret_cast<const int8_t*>(p + 2)), d);
         const __m512 w1 = _mm512_mul_ps(load_w16(reinterpret_cast<const int8_t*>(p + 18)), d);
         fma32<MB>(w0, w1, x + 32 * b, K, a0, a1);
@@ -475,26 +488,19 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
       const int64_t bytes = type == Q4_0 ? 18 : type == Q4_1 ? 20 : type == Q5_0 ? 22 : 24;
       const int64_t qs_at = type == Q4_0 ? 2 : type == Q4_1 ? 4 : type == Q5_0 ? 6 : 8;
       const float bias = type == Q4_0 ? -8.f : type == Q5_0 ? -16.f : 0.f;
-      const __m512 lo_q = iota16(bias), hi_q = iota16(bias + 16.f);
-      auto block = [&](int64_t b, __m512* a0, __m512* a1) {
+      const __m512 lo_q = iota16(bias), sixteen = _mm512_set1_ps(16.f);
+      auto block = [&](int64_t b, __m512* a0, __m512* a1) GK_INLINE {
         const uint8_t* p = row + bytes * b;
-        const __m512 d = _mm512_set1_ps(fp16_to_f32(p));
-        __m512 t0, t1 = _mm512_setzero_ps();
-        if (has_min) {
-          const __m512 mn = _mm512_set1_ps(fp16_to_f32(p + 2));
-          t0 = _mm512_fmadd_ps(d, lo_q, mn);
-          if (five) t1 = _mm512_fmadd_ps(d, hi_q, mn);
-        } else {
-          t0 = _mm512_mul_ps(d, lo_q);
-          if (five) t1 = _mm512_mul_ps(d, hi_q);
-        }
+        const __m512 d = bcast_f16(p);
+        const __m512 t0 = has_min ? _mm512_fmadd_ps(d, lo_q, bcast_f16(p + 2)) : _mm512_mul_ps(d, lo_q);
         const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + qs_at)));
         const __m512i qh4 = _mm512_srli_epi32(q, 4);
         __m512 w0 = _mm512_permutexvar_ps(q, t0), w1 = _mm512_permutexvar_ps(qh4, t0);
         if (five) {
           const uint32_t qh = load_u32(p + (has_min ? 4 : 2));
-          w0 = _mm512_mask_permutexvar_ps(w0, __mmask16(qh & 0xFFFF), q, t1);
-          w1 = _mm512_mask_permutexvar_ps(w1, __mmask16(qh >> 16), qh4, t1);
+          const __m512 d16 = _mm512_mul_ps(d, sixteen);  // the fifth bit's weight
+          w0 = _mm512_mask_add_ps(w0, __mmask16(qh & 0xFFFF), w0, d16);
+          w1 = _mm512_mask_add_ps(w1, __mmask16(qh >> 16), w1, d16);
         }
         fma32<MB>(w0, w1, x + 32 * b, K, a0, a1);
       };
@@ -510,28 +516,36 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
     case Q5_K: {
       const bool five = type == Q5_K;
       const int64_t bytes = five ? 176 : 144;
-      const __m512 lo_q = iota16(0.f), hi_q = iota16(16.f);
+      const __m512 lo_q = iota16(0.f);
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* p = row + bytes * b;
         const float d = fp16_to_f32(p), dmin = fp16_to_f32(p + 2);
         const uint8_t* qs = p + (five ? 48 : 16);
-        const __m256i qhv = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)) : _mm256_setzero_si256();
+        const __m128i qh0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));  // (Q4_K: unused)
+        const __m128i qh1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32));
         const float* xb = x + 256 * b;
+        float scs[8], mns[8];
+        for (int j = 0; j < 8; ++j) {
+          int sc, mn;
+          k_scale_min(p + 4, j, &sc, &mn);
+          scs[j] = d * float(sc);
+          mns[j] = -(dmin * float(mn));
+        }
+#pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
           const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * c)));
           const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * c + 16)));
           // group 2c: the low nibbles, group 2c+1: the high ones
-          auto group = [&](int g, __m512i i0, __m512i i1, __m512* a0, __m512* a1) {
-            int sc, mn;
-            k_scale_min(p + 4, g, &sc, &mn);
-            const __m512 s = _mm512_set1_ps(d * float(sc)), o = _mm512_set1_ps(-(dmin * float(mn)));
+          auto group = [&](int g, __m512i i0, __m512i i1, __m512* a0, __m512* a1) GK_INLINE {
+            const float sf = scs[g];
+            const __m512 s = _mm512_set1_ps(sf), o = _mm512_set1_ps(mns[g]);
             const __m512 t0 = _mm512_fmadd_ps(s, lo_q, o);
             __m512 w0 = _mm512_permutexvar_ps(i0, t0), w1 = _mm512_permutexvar_ps(i1, t0);
             if (five) {
-              const __m512 t1 = _mm512_fmadd_ps(s, hi_q, o);
-              const __mmask32 k = _mm256_test_epi8_mask(qhv, _mm256_set1_epi8(char(1 << g)));
-              w0 = _mm512_mask_permutexvar_ps(w0, __mmask16(k & 0xFFFF), i0, t1);
-              w1 = _mm512_mask_permutexvar_ps(w1, __mmask16(k >> 16), i1, t1);
+              const __m512 s16 = _mm512_set1_ps(16.f * sf);  // the fifth bit's weight
+              const __m128i bit = _mm_set1_epi8(char(1 << g));
+              w0 = _mm512_mask_add_ps(w0, _mm_test_epi8_mask(qh0, bit), w0, s16);
+              w1 = _mm512_mask_add_ps(w1, _mm_test_epi8_mask(qh1, bit), w1, s16);
             }
             fma32<MB>(w0, w1, xb + 32 * g, K, a0, a1);
           };
@@ -563,7 +577,7 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
             const __m128i c3 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l1, 4), m4),
                                             _mm_and_si128(_mm_srli_epi16(hb, 2), m30));
             // codes at 16h + 32j of this half: scale sh[(16h + 32j) / 16] = sh[h + 2j]
-            auto unit = [&](__m128i c, int j, __m512* a) {
+            auto unit = [&](__m128i c, int j, __m512* a) GK_INLINE {
               const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(c, b32)));
               fma16<MB>(_mm512_mul_ps(w, _mm512_set1_ps(float(sh[h + 2 * j]) * d)), xh + 16 * h + 32 * j, K, a);
             };
@@ -594,7 +608,7 @@ constexpr int64_t kPrefetchBytes = 16384, kTileBytes = 16384;
 void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const float* xsum, int64_t M,
                  int64_t K, float* y, int64_t ldy, std::vector<int8_t>& codes, std::vector<float>& sc,
                  std::vector<float>& off) {
-  const int64_t nb = K / mat.info.block, G = K / mat.info.group, G32 = K / 32;
+  const int64_t nb = K / mat.info.block;
 #if defined(GK_AVX512)
   {
     const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
@@ -619,6 +633,7 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
     return;
   }
 #endif
+  const int64_t G = K / mat.info.group, G32 = K / 32;
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(32, kTileBytes / K));
   const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
   codes.resize(tile * K);
