@@ -38,6 +38,11 @@ class StepContext:
     # groups, within the window): attend to the new keys alone with SDPA's causal kernel, which
     # skips the masked half instead of computing it (``mask`` is then the plain causal [T, T] one).
     causal: bool = False
+    bias: torch.Tensor | None = None  # one query per row: the mask as 0 / -inf float32, for the decode kernel
+
+    def __post_init__(self) -> None:
+        if self.bias is None and self.mask.shape[-2] == 1 and self.mask.device.type == "cpu":
+            self.bias = torch.zeros(self.mask.shape, dtype=torch.float32).masked_fill_(~self.mask, float("-inf"))
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
@@ -113,7 +118,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is not None:
             k, v = _update_cache(cache, k, v, ctx)
-        out = self._attend(q, k, v, ctx.mask, ctx.causal)  # [B, H, T, D]
+        out = None
+        if T == 1 and ctx.bias is not None:  # decoding on the CPU: the one-query kernel (quant/kernels.py)
+            from gemmakit.quant.kernels import decode_attention
+
+            out = decode_attention(q, k, v, ctx.bias, self.scale, self.logit_softcap)
+        if out is None:
+            out = self._attend(q, k, v, ctx.mask, ctx.causal)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 _CSRC = Path(__file__).parent / "csrc"
 # One extension: int8 codes + per-group scales (grouped_matmul.cpp), raw GGML blocks (ggml_matmul.cpp),
-# and the Python module definition for both (module.cpp).
-_SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "module.cpp"]
+# one-query attention (decode_attention.cpp), and the Python module definition (module.cpp).
+_SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp",
+            _CSRC / "module.cpp"]
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -136,6 +137,15 @@ def register_custom_op():
         @ggml_op.register_fake
         def _(x, blocks, types, K):
             return x.new_empty(x.shape[0], sum(b.shape[0] for b in blocks))
+
+        @torch.library.custom_op("gemmakit::decode_attention", mutates_args=())
+        def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                         softcap: float) -> torch.Tensor:
+            return kernel().decode_attention(q, k, v, bias, scale, softcap)
+
+        @attention_op.register_fake
+        def _(q, k, v, bias, scale, softcap):
+            return torch.empty_like(q)
 
         _custom_op = op
     return _custom_op
@@ -253,3 +263,15 @@ def ggml_linear(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K
 
     parts = [ggml_dequantize(b, t, K) for b, t in zip(blocks, types)]
     return linear(x.to(torch.float32).contiguous(), parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                     softcap: float | None) -> torch.Tensor | None:
+    """One-query attention ``q [B, H, 1, D]`` over ``k, v [B, Hkv, S, D]`` with an additive mask
+    ``bias [B, 1, 1, S]`` (float32, CPU) in the kernel, or None where the kernel cannot run it."""
+    if torch.compiler.is_compiling():
+        return torch.ops.gemmakit.decode_attention(q, k, v, bias, scale, softcap or 0.0)
+    ext = kernel()
+    if ext is None or q.dtype != torch.float32 or k.dtype != torch.float32 or q.device.type != "cpu":
+        return None
+    return ext.decode_attention(q, k, v, bias, scale, softcap or 0.0)

@@ -1,5 +1,6 @@
 // The Python module of gemmakit's CPU kernels: grouped_matmul.cpp (int8 codes + per-group float
-// scales) and ggml_matmul.cpp (raw GGML blocks), compiled together as one extension.
+// scales), ggml_matmul.cpp (raw GGML blocks) and decode_attention.cpp (one-query attention),
+// compiled together as one extension.
 
 #include <torch/extension.h>
 
@@ -13,6 +14,8 @@ bool has_avx2();
 torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
 torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K);
 std::string ggml_simd();
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias, double scale,
+                               double softcap);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_matmul", &grouped_matmul, "x @ (scale * codes + offset)^T with per-group scales");
@@ -21,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ggml_matmul", &ggml_matmul, "x @ concat(W_i)^T for raw GGML block rows W_i (float32 activations)");
   m.def("ggml_dequantize", &ggml_dequantize, "raw GGML block rows -> float32, bit-identical to ggml");
   m.def("ggml_simd", &ggml_simd, "the SIMD path ggml_matmul was built with: avx512, avx2 or scalar");
+  m.def("decode_attention", &decode_attention, "softmax(cap(scale q.k) + bias) @ v for one query per row");
 }
