@@ -49,9 +49,10 @@ def test_cli_generate_json_matches_golden(real_model_path, golden):
     assert result["token_ids"][:n] == case["greedy_ids"][:n]
     assert set(result["stats"]) == {"prompt_tokens", "generated_tokens", "load_s", "prefill_tokens_per_s",
                                     "decode_tokens_per_s", "weights", "weight_bytes"}
-    # the default: the file's quantised blocks kept as they are, about a third of float32's 1.07 GB
+    # the default: the file's quantised blocks kept as they are, so the weights are the file's bytes
+    # (about a quarter of float32's 1.07 GB); unpacked int8 codes would exceed the file
     assert result["stats"]["weights"] == "gguf"
-    assert 250e6 < result["stats"]["weight_bytes"] < 400e6
+    assert 0.9 * os.path.getsize(real_model_path) < result["stats"]["weight_bytes"] <= os.path.getsize(real_model_path)
     assert result["stats"]["generated_tokens"] == len(case["greedy_ids"])
     assert result["text"].startswith(case["text"][:10])
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from gemmakit.models.cache import LayerCache
 from gemmakit.models.config import ModelConfig
+from gemmakit.models import gemm
 from gemmakit.models.gemm import Linear
 from gemmakit.models.layers import RMSNorm, apply_rope, softcap
 
@@ -129,6 +130,8 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                 causal: bool = False) -> torch.Tensor:
+        if _gemm_attention_applies(q, k):
+            return self._attend_gemm(q, k, v, mask)
         if self.logit_softcap is None:
             gqa = self.num_heads != self.num_kv_heads
             if causal:
@@ -141,6 +144,36 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, v)
+
+
+    def _attend_gemm(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Many queries on the CPU in float32 (prefill): scores and outputs as two oneDNN GEMMs per
+        KV head, the query heads sharing it stacked as rows. It computes the masked half that a
+        causal flash kernel skips, yet ran ~2x faster than SDPA's CPU kernel on Gemma 3 270M's
+        512-token prefill (oneDNN's GEMM runs near the CPU's peak; the flash kernel far below it)."""
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G = H // Hkv
+        out = torch.empty_like(q)
+        hidden = ~mask  # [B, 1, T, S]
+        for b in range(B):
+            for h in range(Hkv):
+                heads = slice(h * G, (h + 1) * G)
+                scores = gemm.linear((q[b, heads] * self.scale).reshape(G * T, D), k[b, h])  # [G*T, S]
+                scores = softcap(scores, self.logit_softcap).view(G, T, S).masked_fill_(hidden[b], float("-inf"))
+                probs = torch.softmax(scores, dim=-1).view(G * T, S)
+                out[b, heads] = gemm.linear(probs, v[b, h].t()).view(G, T, D)
+        return out
+
+
+_GEMM_ATTENTION_BYTES = 64 << 20  # the scores of one KV head's queries must fit in this
+
+
+def _gemm_attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    H, T, S = q.shape[1], q.shape[2], k.shape[2]
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and T >= gemm.MIN_ROWS and gemm.enabled()
+            and not (torch.is_grad_enabled() and q.requires_grad)
+            and (H // k.shape[1]) * T * S * 4 <= _GEMM_ATTENTION_BYTES)
 
 
 def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,

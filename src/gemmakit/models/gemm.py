@@ -7,7 +7,7 @@ MKL's 150-190 (2 threads). Both are plain float32 products (no reduced-precision
 only in summation order, so results agree to float32 rounding.
 
 ``linear`` is ``F.linear``, taking the oneDNN path when it applies: float32 CPU tensors, no
-autograd, enough rows to amortise the copies in and out of oneDNN's tensors; :class:`Linear` is
+autograd, enough rows for a GEMM to pay (decode-sized products stay with torch); :class:`Linear` is
 ``nn.Linear`` running through it (what the model files build). Set ``GEMMAKIT_ONEDNN=0`` to always
 use torch's own matmul.
 """
@@ -20,14 +20,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_ROWS = 32  # below this the copies in and out cost more than the faster GEMM saves
+MIN_ROWS = 32  # fewer rows: memory bound, where torch's matmul is as fast and skips oneDNN's set-up
 
 
 def _enabled() -> bool:
-    return os.environ.get("GEMMAKIT_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
+    if os.environ.get("GEMMAKIT_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return torch.ops.mkldnn._linear_pointwise is not None
+    except (AttributeError, RuntimeError):  # a torch build without the op
+        return False
 
 
 _ENABLED = _enabled()
+
+
+def enabled() -> bool:
+    """Whether float32 products of many rows take the oneDNN path."""
+    return _ENABLED
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,10 +46,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (not _ENABLED or rows < MIN_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32
             or x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    y = torch._C._nn.mkldnn_linear(flat.contiguous().to_mkldnn(), weight.contiguous().to_mkldnn(), None)
-    y = y.to_dense().view(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y.add_(bias)
+    flat = x.reshape(rows, x.shape[-1]).contiguous()
+    # oneDNN's linear on plain (dense) tensors: no copies into or out of oneDNN's own layout
+    y = torch.ops.mkldnn._linear_pointwise(flat, weight.contiguous(), bias, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):

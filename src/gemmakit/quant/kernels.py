@@ -216,6 +216,20 @@ def ggml_dequantize(blocks: torch.Tensor, ggml_type: int, K: int) -> torch.Tenso
     return _ggml_dequantize_torch(blocks, int(ggml_type), int(K))
 
 
+def _dequantize_parts(blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
+    """Several GGML matrices dequantised into the rows of one ``[sum N_i, K]`` float32 weight."""
+    ext = kernel() if blocks[0].device.type == "cpu" else None
+    if ext is None or len(blocks) == 1:
+        parts = [ggml_dequantize(b, t, K) for b, t in zip(blocks, types)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    w = torch.empty(sum(b.shape[0] for b in blocks), K, dtype=torch.float32)
+    start = 0
+    for b, t in zip(blocks, types):
+        ext.ggml_dequantize_into(b.contiguous(), int(t), int(K), w[start:start + b.shape[0]])
+        start += b.shape[0]
+    return w
+
+
 def _ggml_dispatch(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
     ext = kernel() if x.device.type == "cpu" else None
     if ext is not None:
@@ -261,8 +275,7 @@ def ggml_linear(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K
         return ggml_matmul(x, blocks, types, K)
     from gemmakit.models.gemm import linear
 
-    parts = [ggml_dequantize(b, t, K) for b, t in zip(blocks, types)]
-    return linear(x.to(torch.float32).contiguous(), parts[0] if len(parts) == 1 else torch.cat(parts))
+    return linear(x.to(torch.float32).contiguous(), _dequantize_parts(blocks, types, K))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,

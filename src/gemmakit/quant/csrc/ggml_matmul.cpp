@@ -786,11 +786,14 @@ torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, st
 
 // The [N, K] float32 weights of one matrix of raw GGML rows, bit-identical to
 // gemmakit.quant.ggml.dequantize.
-torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K) {
+// Into ``out`` ([N, K] float32, contiguous), so that parts fused into one weight (q|k|v) are
+// dequantised straight into their rows of one buffer for the prefill GEMM, with no concatenation.
+void ggml_dequantize_into(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor w) {
   const TypeInfo info = checked_type(type);
   check_blocks(blocks, info, K, "ggml_dequantize: blocks");
   const int64_t N = blocks.size(0), row_bytes = blocks.size(1), nb = K / info.block, G = K / info.group;
-  auto w = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.dim() == 2 && w.size(0) == N &&
+                  w.size(1) == K, "ggml_dequantize: out must be a contiguous [N, K] float32 tensor");
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, N, std::max<int64_t>(1, (1 << 15) / K), [&](int64_t r0, int64_t r1) {
@@ -801,6 +804,11 @@ torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K) {
       dequant_row(c, sc.data(), info.has_offset ? off.data() : nullptr, K, info.group, wp + r * K);
     }
   });
+}
+
+torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K) {
+  auto w = torch::empty({blocks.size(0), K}, torch::dtype(torch::kFloat32));
+  ggml_dequantize_into(blocks, type, K, w);
   return w;
 }
 

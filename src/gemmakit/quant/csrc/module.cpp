@@ -13,6 +13,7 @@ torch::Tensor grouped_dequantize(torch::Tensor codes, torch::Tensor scale, torch
 bool has_avx2();
 torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
 torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K);
+void ggml_dequantize_into(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor out);
 std::string ggml_simd();
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias, double scale,
                                double softcap);
@@ -23,6 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2/FMA");
   m.def("ggml_matmul", &ggml_matmul, "x @ concat(W_i)^T for raw GGML block rows W_i (float32 activations)");
   m.def("ggml_dequantize", &ggml_dequantize, "raw GGML block rows -> float32, bit-identical to ggml");
+  m.def("ggml_dequantize_into", &ggml_dequantize_into, "ggml_dequantize into a given [N, K] float32 tensor");
   m.def("ggml_simd", &ggml_simd, "the SIMD path ggml_matmul was built with: avx512, avx2 or scalar");
   m.def("decode_attention", &decode_attention, "softmax(cap(scale q.k) + bias) @ v for one query per row");
 }
