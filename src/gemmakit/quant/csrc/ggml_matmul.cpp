@@ -208,23 +208,30 @@ inline void decode_k_pair(const uint8_t* qs, const uint8_t* qh, int g, int8_t* o
 #endif
 }
 
+#if defined(GK_AVX512) || defined(GK_AVX2)
+// Q6_K: the codes at 16h + 32j (j = 0..3) of a half-block (ql 64 bytes, qh 32 bytes), 16 each, before
+// the -32: low nibbles of ql | two high bits of qh, in ggml's order.
+inline GK_INLINE void q6_groups(const uint8_t* ql, const uint8_t* qh, int h, __m128i c[4]) {
+  const __m128i m4 = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30);
+  const __m128i l0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 16 * h));
+  const __m128i l1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 32 + 16 * h));
+  const __m128i hb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16 * h));
+  c[0] = _mm_or_si128(_mm_and_si128(l0, m4), _mm_and_si128(_mm_slli_epi16(hb, 4), m30));
+  c[1] = _mm_or_si128(_mm_and_si128(l1, m4), _mm_and_si128(_mm_slli_epi16(hb, 2), m30));
+  c[2] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l0, 4), m4), _mm_and_si128(hb, m30));
+  c[3] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l1, 4), m4), _mm_and_si128(_mm_srli_epi16(hb, 2), m30));
+}
+#endif
+
 // Q6_K: one half-block (ql 64 bytes, qh 32 bytes) -> 128 codes (minus 32).
 inline void decode_q6_half(const uint8_t* ql, const uint8_t* qh, int8_t* out) {
 #if defined(GK_AVX512) || defined(GK_AVX2)
-  const __m128i m4 = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30), b32 = _mm_set1_epi8(32);
+  const __m128i b32 = _mm_set1_epi8(32);
   for (int h = 0; h < 2; ++h) {
-    const __m128i l0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 16 * h));
-    const __m128i l1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 32 + 16 * h));
-    const __m128i hb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16 * h));
-    const __m128i c0 = _mm_or_si128(_mm_and_si128(l0, m4), _mm_and_si128(_mm_slli_epi16(hb, 4), m30));
-    const __m128i c1 = _mm_or_si128(_mm_and_si128(l1, m4), _mm_and_si128(_mm_slli_epi16(hb, 2), m30));
-    const __m128i c2 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l0, 4), m4), _mm_and_si128(hb, m30));
-    const __m128i c3 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l1, 4), m4),
-                                    _mm_and_si128(_mm_srli_epi16(hb, 2), m30));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * h), _mm_sub_epi8(c0, b32));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 + 16 * h), _mm_sub_epi8(c1, b32));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 64 + 16 * h), _mm_sub_epi8(c2, b32));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 96 + 16 * h), _mm_sub_epi8(c3, b32));
+    __m128i c[4];
+    q6_groups(ql, qh, h, c);
+    for (int j = 0; j < 4; ++j)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * j + 16 * h), _mm_sub_epi8(c[j], b32));
   }
 #else
   for (int i = 0; i < 32; ++i) {
@@ -456,6 +463,17 @@ inline __m512 iota16(float start) {
                        _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
 }
 
+// Two blocks per step into separate accumulators (constant indices keep them in registers).
+template <int MB, typename Block>
+inline GK_INLINE void blocks_in_pairs(int64_t nb, Block& block, __m512 (&acc)[4][MB]) {
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    block(b, acc[0], acc[1]);
+    block(b + 1, acc[2], acc[3]);
+  }
+  if (b < nb) block(b, acc[0], acc[1]);
+}
+
 // out[m] = row . x[m] for one row of raw blocks of a fused type.
 template <int MB>
 void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int64_t K, float* out) {
@@ -471,13 +489,7 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
         const __m512 w1 = _mm512_mul_ps(load_w16(reinterpret_cast<const int8_t*>(p + 18)), d);
         fma32<MB>(w0, w1, x + 32 * b, K, a0, a1);
       };
-      // Two blocks per step into separate accumulators (constant indices keep them in registers).
-      int64_t b = 0;
-      for (; b + 2 <= nb; b += 2) {
-        block(b, acc[0], acc[1]);
-        block(b + 1, acc[2], acc[3]);
-      }
-      if (b < nb) block(b, acc[0], acc[1]);
+      blocks_in_pairs<MB>(nb, block, acc);
       break;
     }
     case Q4_0:
@@ -504,12 +516,7 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
         }
         fma32<MB>(w0, w1, x + 32 * b, K, a0, a1);
       };
-      int64_t b = 0;
-      for (; b + 2 <= nb; b += 2) {
-        block(b, acc[0], acc[1]);
-        block(b + 1, acc[2], acc[3]);
-      }
-      if (b < nb) block(b, acc[0], acc[1]);
+      blocks_in_pairs<MB>(nb, block, acc);
       break;
     }
     case Q4_K:
@@ -557,7 +564,7 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
     }
     case Q6_K: {
       // The 6-bit codes are assembled as int8 in registers (as decode_q6_half does), then widened.
-      const __m128i m4 = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30), b32 = _mm_set1_epi8(32);
+      const __m128i b32 = _mm_set1_epi8(32);
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* p = row + 210 * b;
         const float d = fp16_to_f32(p + 208);
@@ -568,23 +575,17 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
           const float* xh = x + 256 * b + 128 * half;
           const int8_t* sh = sc + 8 * half;
           for (int h = 0; h < 2; ++h) {
-            const __m128i l0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 16 * h));
-            const __m128i l1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 32 + 16 * h));
-            const __m128i hb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16 * h));
-            const __m128i c0 = _mm_or_si128(_mm_and_si128(l0, m4), _mm_and_si128(_mm_slli_epi16(hb, 4), m30));
-            const __m128i c1 = _mm_or_si128(_mm_and_si128(l1, m4), _mm_and_si128(_mm_slli_epi16(hb, 2), m30));
-            const __m128i c2 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l0, 4), m4), _mm_and_si128(hb, m30));
-            const __m128i c3 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l1, 4), m4),
-                                            _mm_and_si128(_mm_srli_epi16(hb, 2), m30));
+            __m128i c[4];
+            q6_groups(ql, qh, h, c);
             // codes at 16h + 32j of this half: scale sh[(16h + 32j) / 16] = sh[h + 2j]
-            auto unit = [&](__m128i c, int j, __m512* a) GK_INLINE {
-              const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(c, b32)));
+            auto unit = [&](__m128i codes, int j, __m512* a) GK_INLINE {
+              const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(codes, b32)));
               fma16<MB>(_mm512_mul_ps(w, _mm512_set1_ps(float(sh[h + 2 * j]) * d)), xh + 16 * h + 32 * j, K, a);
             };
-            unit(c0, 0, acc[0]);
-            unit(c1, 1, acc[1]);
-            unit(c2, 2, acc[2]);
-            unit(c3, 3, acc[3]);
+            unit(c[0], 0, acc[0]);
+            unit(c[1], 1, acc[1]);
+            unit(c[2], 2, acc[2]);
+            unit(c[3], 3, acc[3]);
           }
         }
       }
