@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 _CSRC = Path(__file__).parent / "csrc"
 # One extension: int8 codes + per-group scales (grouped_matmul.cpp), raw GGML blocks (ggml_matmul.cpp),
-# one-query attention (decode_attention.cpp), and the Python module definition (module.cpp).
+# one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), and the Python module (module.cpp).
 _SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp",
-            _CSRC / "module.cpp"]
+            _CSRC / "rms_norm.cpp", _CSRC / "module.cpp"]
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -288,3 +288,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if ext is None or q.dtype != torch.float32 or k.dtype != torch.float32 or q.device.type != "cpu":
         return None
     return ext.decode_attention(q, k, v, bias, scale, softcap or 0.0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """Gemma's RMSNorm of float32 CPU ``x`` in one kernel call, or None where the kernel does not apply:
+    other dtypes or devices, inside a compiled graph (the compiler fuses it anyway), and with autograd
+    on (generation runs without it; training and a plain ``model(ids)`` keep torch's ops, so the two
+    never mix within one forward and LoRA at B = 0 reproduces its base bit for bit)."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+            or torch.compiler.is_compiling() or torch.is_grad_enabled()):
+        return None
+    ext = kernel()
+    return None if ext is None else ext.rms_norm(x, weight, eps)

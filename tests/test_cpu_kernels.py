@@ -1,0 +1,85 @@
+"""The CPU fast paths against plain float64 maths: one-query attention, RMSNorm, oneDNN's GEMM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemmakit.models import gemm
+from gemmakit.models.layers import RMSNorm, softcap
+from gemmakit.quant.kernels import decode_attention, kernel, rms_norm
+
+
+def _reference(q, k, v, mask, scale, cap):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1).double(), v.repeat_interleave(groups, dim=1).double()
+    scores = softcap(q.double() @ k.transpose(-1, -2) * scale, cap).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 256), (8, 2, 24), (3, 3, 64)])
+@pytest.mark.parametrize("cap", [None, 50.0])
+def test_decode_attention_matches_softmax_attention(heads, kv_heads, head_dim, cap) -> None:
+    assert kernel() is not None
+    g = torch.Generator().manual_seed(heads * head_dim)
+    B, S = 3, 37
+    q = torch.randn(B, heads, 1, head_dim, generator=g)
+    # a cache buffer longer than what is attended to: k/v are strided views, as cache.load returns
+    k = torch.randn(B, kv_heads, S + 9, head_dim, generator=g)[:, :, :S]
+    v = torch.randn(B, kv_heads, S + 9, head_dim, generator=g)[:, :, :S]
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.4
+    mask[:, :, :, 0] = True  # every row sees at least one key
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    scale = head_dim**-0.5
+    out = decode_attention(q, k, v, bias, scale, cap)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert (out.double() - _reference(q, k, v, mask, scale, cap)).abs().max().item() < 1e-5
+
+
+def test_decode_attention_declines_what_it_does_not_run() -> None:
+    q = torch.randn(1, 2, 1, 16, dtype=torch.bfloat16)
+    k = v = torch.randn(1, 1, 5, 16, dtype=torch.bfloat16)
+    assert decode_attention(q, k, v, torch.zeros(1, 1, 1, 5), 0.25, None) is None
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 640), (2, 4, 1, 256), (3, 37, 24), (700, 640)])
+def test_rms_norm_kernel_matches_the_formula(shape) -> None:
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(shape, generator=g) * 3
+    weight = torch.randn(shape[-1], generator=g)
+    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + weight.double())
+    with torch.inference_mode():
+        out = rms_norm(x, weight, 1e-6)
+    assert out is not None and out.shape == x.shape
+    assert (out.double() - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    assert rms_norm(x, weight, 1e-6) is None  # autograd on: torch's ops, never mixed with the kernel
+
+
+def test_rms_norm_module_uses_the_kernel_only_without_autograd() -> None:
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        fast = norm(x)
+    slow = norm(x)  # grad mode: the torch ops
+    assert (fast - slow).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 31, 32, 512])
+def test_gemm_linear_is_float32_exact_up_to_summation_order(rows) -> None:
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 640, generator=g), torch.randn(1536, 640, generator=g), torch.randn(1536, generator=g)
+    ref = x.double() @ w.double().T + b.double()
+    with torch.inference_mode():
+        y = gemm.linear(x, w, b)
+    # |error| of a 640-term float32 dot product: a few ulps of sqrt(640)-sized sums
+    assert y.shape == (rows, 1536) and (y.double() - ref).abs().max().item() < 1e-3
+    assert gemm.enabled() == (torch.backends.mkldnn.is_available())  # this CI's CPU wheel has oneDNN
+
+
+def test_gemm_linear_keeps_autograd() -> None:
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(16, 32, requires_grad=True)
+    gemm.linear(x, w).sum().backward()
+    assert torch.allclose(x.grad, w.sum(0).expand(64, 32)) and torch.allclose(w.grad, x.sum(0).expand(16, 32))
