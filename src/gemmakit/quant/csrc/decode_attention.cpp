@@ -9,7 +9,7 @@
 // (row, head) pair is one task on torch's intra-op threads: a pass of dot products over the keys,
 // a softmax in place, and a pass accumulating the values, all over contiguous vectors of head_dim.
 
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h: no pybind11 here, a third of the compile time
 #include <ATen/Parallel.h>
 
 #include <algorithm>

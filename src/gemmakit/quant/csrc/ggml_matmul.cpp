@@ -16,7 +16,7 @@
 // intra-op threads. ggml_dequantize() uses the same decoders and reproduces
 // gemmakit.quant.ggml.dequantize bit for bit: code * scale, then + offset, two roundings (never fused).
 
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h: no pybind11 here, a third of the compile time
 #include <ATen/Parallel.h>
 
 #include <algorithm>

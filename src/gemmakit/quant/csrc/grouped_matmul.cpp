@@ -14,7 +14,7 @@
 // x share each loaded code vector, which covers decode, small batches and speculative verification;
 // the Python side sends longer inputs (prefill) to dequantise-then-matmul, which is compute bound.
 
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h: no pybind11 here, a third of the compile time
 #include <ATen/Parallel.h>
 
 #include <algorithm>

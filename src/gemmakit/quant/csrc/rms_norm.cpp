@@ -7,7 +7,7 @@
 // than the arithmetic. Here it is one call. The roundings follow torch's: the mean is a float32 sum
 // (in another order) divided by the row length, then eps added, rsqrt, and x * r * (1 + w).
 
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h: no pybind11 here, a third of the compile time
 #include <ATen/Parallel.h>
 
 #include <cmath>
