@@ -49,7 +49,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     adapter directory in PEFT's layout, merged into the weights after loading. ``quant`` ("int8" or
     "int4") requantises the weights (int8 in groups of 32 on the grouped kernel, float32 compute;
     int4 on torch's packed kernel, bfloat16 compute unless ``dtype`` says otherwise); "gguf"
-    keeps a GGUF file's quantised matrices as they are (int8 codes + group scales, no float copy);
+    keeps a GGUF file's quantised matrices as they are (the file's GGML blocks, in place, no float copy);
     "none" expands everything to ``dtype``. The default, "auto", is "gguf" for a quantised GGUF on
     the CPU when no ``dtype`` is asked for (same outputs, a third of the memory, faster), else "none".
     ``compile`` compiles the one-token decode step (``GemmaModel.compile_decode``). ``kv_cache="int8"``

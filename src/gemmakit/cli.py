@@ -27,8 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="compute dtype of the weights (default: float32, exact parity with the reference)")
         p.add_argument("--quant", choices=["auto", "none", "gguf", "int8", "int4"], default="auto",
-                       help="how weights are held: gguf = a quantised .gguf's blocks as they are (int8 codes + "
-                            "group scales, same outputs as expanding them); int8 = requantise in groups of 32 (float32 "
+                       help="how weights are held: gguf = a quantised .gguf's blocks as they are, read in place from "
+                            "the file (same outputs as expanding them); int8 = requantise in groups of 32 (float32 "
                             "compute); int4 = requantise to 4 bits (bfloat16 compute unless --dtype says "
                             "otherwise); none = expand to --dtype. "
                             "auto (default): gguf for a quantised .gguf on the CPU without --dtype, else none")
@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("source", metavar="SRC")
     q.add_argument("destination", metavar="DST", help="the .gguf file to write")
     q.add_argument("--scheme", choices=["int8", "int4"], default="int8",
-                   help="int8: Q8_0, 8.5 bits per weight, outputs close to the source; int4: Q4_1, 5 bits on "
-                        "disk (held as int8 codes in memory, so no smaller there) (default int8)")
+                   help="int8: Q8_0, 8.5 bits per weight, outputs close to the source; int4: Q4_1, 5 bits per "
+                        "weight on disk and in memory (gemmakit runs the file's blocks in place) (default int8)")
     q.add_argument("--config", metavar="PRESET", default=None, help="architecture preset of a .ckpt source")
     q.add_argument("--force", action="store_true", help="replace DST if it exists")
     q.set_defaults(func=cmd_quantize)
