@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.models import gemm
 from gemmakit.models.cache import LayerCache
 from gemmakit.models.config import ModelConfig
-from gemmakit.models import gemm
 from gemmakit.models.gemm import Linear
 from gemmakit.models.layers import RMSNorm, apply_rope, softcap
 
@@ -144,7 +144,6 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, v)
-
 
     def _attend_gemm(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Many queries on the CPU in float32 (prefill): scores and outputs as two oneDNN GEMMs per
