@@ -17,18 +17,21 @@ def _reference(q, k, v, mask, scale, cap):
     return torch.softmax(scores, dim=-1) @ v
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 256), (8, 2, 24), (3, 3, 64)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,B,S", [(4, 1, 256, 3, 37), (8, 2, 24, 3, 37), (3, 3, 64, 3, 37),
+                                                      (4, 1, 256, 1, 700), (2, 1, 20, 1, 333)])
 @pytest.mark.parametrize("cap", [None, 50.0])
-def test_decode_attention_matches_softmax_attention(heads, kv_heads, head_dim, cap) -> None:
+def test_decode_attention_matches_softmax_attention(heads, kv_heads, head_dim, B, S, cap) -> None:
+    """One row and a long cache split the keys into chunks merged afterwards (flash-decoding)."""
     assert kernel() is not None
-    g = torch.Generator().manual_seed(heads * head_dim)
-    B, S = 3, 37
+    g = torch.Generator().manual_seed(heads * head_dim + S)
     q = torch.randn(B, heads, 1, head_dim, generator=g)
     # a cache buffer longer than what is attended to: k/v are strided views, as cache.load returns
     k = torch.randn(B, kv_heads, S + 9, head_dim, generator=g)[:, :, :S]
     v = torch.randn(B, kv_heads, S + 9, head_dim, generator=g)[:, :, :S]
     mask = torch.rand(B, 1, 1, S, generator=g) > 0.4
     mask[:, :, :, 0] = True  # every row sees at least one key
+    if S > 300:
+        mask[:, :, :, 1:S // 2 + 10] = False  # a whole chunk of keys hidden (a ring cache's unused slots)
     bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
     scale = head_dim**-0.5
     out = decode_attention(q, k, v, bias, scale, cap)
