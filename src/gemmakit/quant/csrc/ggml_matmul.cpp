@@ -671,17 +671,26 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
       const bool five = type == Q5_0 || type == Q5_1, has_min = type == Q4_1 || type == Q5_1;
       const int64_t bytes = type == Q4_0 ? 18 : type == Q4_1 ? 20 : type == Q5_0 ? 22 : 24;
       const int64_t qs_at = type == Q4_0 ? 2 : type == Q4_1 ? 4 : type == Q5_0 ? 6 : 8;
-      const __m128i bias = _mm_set1_epi8(type == Q4_0 ? 8 : type == Q5_0 ? 16 : 0);
+      // In one ymm: the 16 low nibbles (codes 0-15) then the 16 high ones (codes 16-31). The fifth
+      // bits become bytes by the usual shuffle/compare trick; for Q5_0 a clear bit gives nib | 0xF0,
+      // which is nib - 16 as int8, so the bias costs nothing.
+      const __m256i m4 = _mm256_set1_epi8(0x0F), f0 = _mm256_set1_epi8(char(0xF0)), b10 = _mm256_set1_epi8(0x10);
+      const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+      const __m256i others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe), ones = _mm256_set1_epi64x(-1);
+      const __m256i bias8 = _mm256_set1_epi8(type == Q4_0 ? 8 : 0);
       in_pairs([&](int64_t b, __m256* a) GK_INLINE {
         const uint8_t* p = row + bytes * b;
-        __m128i lo, hi;
-        split_nibbles(p + qs_at, &lo, &hi);
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + qs_at));
+        __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
         if (five) {
-          const uint32_t qh = load_u32(p + (has_min ? 4 : 2));
-          lo = _mm_or_si128(lo, spread16(qh));
-          hi = _mm_or_si128(hi, spread16(qh >> 16));
+          const int qh = int(load_u32(p + (has_min ? 4 : 2)));
+          const __m256i set = _mm256_cmpeq_epi8(
+              _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), spread), others), ones);
+          q = _mm256_or_si256(q, has_min ? _mm256_and_si256(set, b10) : _mm256_andnot_si256(set, f0));
+        } else {
+          q = _mm256_sub_epi8(q, bias8);
         }
-        group32<MB>(_mm_sub_epi8(lo, bias), _mm_sub_epi8(hi, bias), x + 32 * b, K, fp16_to_f32(p), a);
+        group32<MB>(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1), x + 32 * b, K, fp16_to_f32(p), a);
         if (has_min) add_offset(b, fp16_to_f32(p + 2));
       });
       break;
