@@ -87,3 +87,27 @@ def test_gemm_linear_keeps_autograd() -> None:
     gemm.linear(x, w).sum().backward()
     assert torch.allclose(x.grad, w.sum(0).expand(64, 32), atol=1e-4)
     assert torch.allclose(w.grad, x.sum(0).expand(16, 32), atol=1e-4)
+
+
+@pytest.mark.parametrize("with_norm", [True, False])
+@pytest.mark.parametrize("B,H,T,D,rot", [(1, 4, 1, 256, 256), (2, 3, 5, 64, 64), (2, 2, 3, 32, 16)])
+def test_norm_rope_matches_torch_ops(with_norm, B, H, T, D, rot) -> None:
+    """QK-norm + RoPE in one call against RMSNorm's and apply_rope's float64 maths, on a strided
+    view of a projection's output (as attention hands it over) and with partial rotary tables."""
+    from gemmakit.models.layers import apply_rope, norm_and_rope
+
+    g = torch.Generator().manual_seed(B * H * T + D + rot)
+    x = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # [B, H, T, D], not contiguous
+    angles = torch.randn(B, 1, T, rot // 2, generator=g) * 10
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    norm = RMSNorm(D, eps=1e-6) if with_norm else None
+    if norm is not None:
+        norm.weight.data = torch.randn(D, generator=g) * 0.5
+    with torch.no_grad():
+        out = norm_and_rope(x, norm, cos, sin)
+    xd = x.double()
+    if norm is not None:
+        xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + norm.weight.double())
+    expected = apply_rope(xd, cos.double(), sin.double())
+    assert out.shape == x.shape and out.is_contiguous()
+    assert (out.double() - expected).abs().max().item() < 1e-5

@@ -186,3 +186,12 @@ def test_kv_memory_cap_bounds_the_rows_and_the_rest_queue():
     assert [len(g[0]) for g in got] == [4] * 5
     with pytest.raises(InvalidRequestError, match="max_kv_bytes"):
         Engine(model, max_kv_bytes=100)
+
+
+def test_fast_argmax_keeps_torch_ties_and_nan_rule() -> None:
+    from gemmakit.engine.sampling import argmax
+
+    x = torch.randn(4, 262144, generator=torch.Generator().manual_seed(3))
+    x[1, 10] = x[1, 20] = x[1].max() + 1  # a tie: the first index wins
+    x[2, 99] = float("nan")  # torch and numpy both pick the NaN
+    assert torch.equal(argmax(x), x.argmax(-1))

@@ -84,11 +84,20 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Te
     return logits
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` for ``[B, V]``: numpy's on the CPU, which is vectorised (~35 us over
+    Gemma's 262k logits on a 2-core AVX2 machine, against ~600 us for torch's), same ties (first
+    index) and NaN rule (the first NaN wins)."""
+    if logits.device.type == "cpu" and logits.dim() == 2:
+        return torch.from_numpy(logits.detach().numpy().argmax(-1))
+    return logits.argmax(dim=-1)
+
+
 def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """Pick a token from one row's (already penalised) ``logits [V]``, with every filter applied."""
     logits = logits.float()
     if params.greedy:
-        return int(logits.argmax())
+        return int(argmax(logits[None])[0])
     logits = filter_logits(logits[None] / params.temperature, params.top_k, params.top_p)[0]
     logits = min_p_filter(logits, params.min_p)
     probs = torch.softmax(logits, dim=-1)
@@ -99,7 +108,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Pick one token per row from ``logits [B, V]`` -> ``[B]``."""
     logits = logits.float()
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

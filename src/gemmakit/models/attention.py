@@ -17,7 +17,7 @@ from gemmakit.models import gemm
 from gemmakit.models.cache import LayerCache
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.gemm import Linear
-from gemmakit.models.layers import RMSNorm, apply_rope, softcap
+from gemmakit.models.layers import RMSNorm, norm_and_rope, softcap
 
 
 @dataclass
@@ -114,9 +114,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k = norm_and_rope(q, self.q_norm, ctx.cos, ctx.sin), norm_and_rope(k, self.k_norm, ctx.cos, ctx.sin)
         if cache is not None:
             k, v = _update_cache(cache, k, v, ctx)
         out = None

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 _CSRC = Path(__file__).parent / "csrc"
 # One extension: int8 codes + per-group scales (grouped_matmul.cpp), raw GGML blocks (ggml_matmul.cpp),
-# one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), and the Python module (module.cpp).
+# one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), and the
+# Python module (module.cpp).
 _SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp",
-            _CSRC / "rms_norm.cpp", _CSRC / "module.cpp"]
+            _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "module.cpp"]
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -300,3 +301,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         return None
     ext = kernel()
     return None if ext is None else ext.rms_norm(x, weight, eps)
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+              sin: torch.Tensor) -> torch.Tensor | None:
+    """Optional RMSNorm of each head vector, then the rotary embedding, of ``x [B, H, T, D]`` in one
+    kernel call; None where it does not apply (the same conditions as :func:`rms_norm`)."""
+    if (x.dtype != torch.float32 or cos.dtype != torch.float32 or x.device.type != "cpu"
+            or (weight is not None and weight.dtype != torch.float32)
+            or torch.compiler.is_compiling() or torch.is_grad_enabled()):
+        return None
+    ext = kernel()
+    if ext is None:
+        return None
+    return ext.norm_rope(x, weight if weight is not None else torch.empty(0), eps, cos, sin)

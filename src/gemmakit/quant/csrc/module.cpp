@@ -1,6 +1,7 @@
 // The Python module of gemmakit's CPU kernels: grouped_matmul.cpp (int8 codes + per-group float
 // scales), ggml_matmul.cpp (raw GGML blocks), decode_attention.cpp (one-query attention) and
-// rms_norm.cpp (Gemma's RMSNorm in one call), compiled together as one extension.
+// rms_norm.cpp (Gemma's RMSNorm in one call) and rope.cpp (QK-norm + rotary embedding in one call),
+// compiled together as one extension.
 
 #include <torch/extension.h>
 
@@ -18,6 +19,7 @@ std::string ggml_simd();
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias, double scale,
                                double softcap);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_matmul", &grouped_matmul, "x @ (scale * codes + offset)^T with per-group scales");
@@ -29,4 +31,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ggml_simd", &ggml_simd, "the SIMD path ggml_matmul was built with: avx512, avx2 or scalar");
   m.def("decode_attention", &decode_attention, "softmax(cap(scale q.k) + bias) @ v for one query per row");
   m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2) + eps) * (1 + weight), float32");
+  m.def("norm_rope", &norm_rope, "optional RMSNorm, then the rotary embedding (half-split), float32");
 }
