@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gemmakit.quant.ggml import GGMLBlocks, GroupedCodes
-from gemmakit.quant.kernels import KERNEL_MAX_ROWS, dequantize_rows, ggml_linear, ggml_rows, grouped_matmul, kernel
+from gemmakit.quant.kernels import dequantize_rows, ggml_linear, ggml_rows, grouped_matmul
 
 
 class GroupedWeight(nn.Module):
@@ -70,24 +70,11 @@ class GGMLWeight(nn.Module):
         self.out_features = sum(self.sizes)
 
     def parts(self) -> list[torch.Tensor]:
-        if self._parts is None:  # a decoding step multiplies ~70 times: look the buffers up once
-            self._parts = [getattr(self, f"blocks_{i}").contiguous() for i in range(len(self.types))]
-        return self._parts
-
-    _parts: list[torch.Tensor] | None = None
-
-    def _apply(self, fn, recurse=True):  # .to() / .cpu() replace the buffers: forget the cached list
-        self._parts = None
-        return super()._apply(fn, recurse)
+        return [getattr(self, f"blocks_{i}") for i in range(len(self.types))]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., K] @ W^T -> [..., N]`` in x's dtype (computed in float32)."""
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= KERNEL_MAX_ROWS and flat.dtype == torch.float32 and flat.device.type == "cpu":
-            ext = kernel()  # decoding: straight to the block kernel, no dispatch layers in between
-            if ext is not None and not torch.compiler.is_compiling():
-                y = ext.ggml_matmul(flat.contiguous(), self.parts(), self.types, self.in_features)
-                return y.view(*x.shape[:-1], self.out_features)
         y = ggml_linear(flat, self.parts(), self.types, self.in_features)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
