@@ -39,7 +39,7 @@ torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch
   float* op = out.data_ptr<float>();
   const float feps = static_cast<float>(eps);
   const int64_t half = rot / 2;
-  std::vector<float> y(D);
+  std::vector<float> y(norm ? D : 0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t t = 0; t < T; ++t) {
@@ -47,17 +47,17 @@ torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch
         const float* c = cp + b * cos.stride(0) + t * cos.stride(2);
         const float* s = sp + b * sin.stride(0) + t * sin.stride(2);
         float* o = op + ((b * H + h) * T + t) * D;
+        const float* src = v;  // the vector to rotate: x itself, or its normalised copy
         if (norm) {
           float ss = 0.f;
           for (int64_t i = 0; i < D; ++i) ss += v[i] * v[i];
           const float r_inv = 1.f / std::sqrt(ss / float(D) + feps);
           for (int64_t i = 0; i < D; ++i) y[i] = (v[i] * r_inv) * (1.f + wp[i]);
-        } else {
-          for (int64_t i = 0; i < D; ++i) y[i] = v[i];
+          src = y.data();
         }
-        for (int64_t i = 0; i < half; ++i) o[i] = y[i] * c[i] - y[i + half] * s[i];
-        for (int64_t i = half; i < rot; ++i) o[i] = y[i] * c[i] + y[i - half] * s[i];
-        for (int64_t i = rot; i < D; ++i) o[i] = y[i];
+        for (int64_t i = 0; i < half; ++i) o[i] = src[i] * c[i] - src[i + half] * s[i];
+        for (int64_t i = half; i < rot; ++i) o[i] = src[i] * c[i] + src[i - half] * s[i];
+        for (int64_t i = rot; i < D; ++i) o[i] = src[i];
       }
   return out;
 }
