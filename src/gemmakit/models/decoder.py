@@ -14,6 +14,7 @@ from torch import nn
 from gemmakit.models.attention import Attention, StepContext, attention_mask
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
+from gemmakit.models.fused_decode import fused_hidden
 from gemmakit.models.griffin import RecurrentBlock, RecurrentContext
 from gemmakit.models.row_cache import RowKVCache
 from gemmakit.models.layers import GeGLU, RMSNorm, rope_cos_sin, softcap
@@ -106,7 +107,11 @@ class GemmaModel(nn.Module):
         contexts = self._contexts(positions, cache, h.dtype, groups)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         compiled = self._compiled_step if T == 1 and cache is not None and cache.static else None
-        logits = (compiled or self._layers_and_head)(h, contexts, layer_caches, last_only and T > 1)
+        fused = fused_hidden(self, h, contexts, cache) if T == 1 and compiled is None and cache is not None else None
+        if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
+            logits = self._logits(fused)
+        else:
+            logits = (compiled or self._layers_and_head)(h, contexts, layer_caches, last_only and T > 1)
         if cache is not None:
             self._advance(cache, positions, groups)
         return logits
@@ -222,10 +227,11 @@ class GemmaModel(nn.Module):
             elif cache is None:
                 mask = attention_mask(positions, positions, c.sliding_window, groups, groups, bypass)
                 out["local"] = StepContext(cos, sin, mask, ring=True)
-            elif positions.shape[1] == 1 and cache.window == c.sliding_window:
+            elif positions.shape[1] == 1 and (cache.window == c.sliding_window or cache.length < cache.window):
                 # One new token (decoding): the slot it overwrites holds the position one full window
-                # back, which it may not see anyway; so store first and attend to the ring alone
-                # instead of copying the whole ring into a concatenation every layer.
+                # back, which it may not see anyway (or nothing yet, in a ring shorter than the window);
+                # so store first and attend to the ring alone instead of copying the whole ring into a
+                # concatenation every layer.
                 slots, _ = cache.ring_slots(1)
                 k_pos = cache.ring_positions.index_copy(1, slots, positions)
                 k_groups = None if groups is None else cache.ring_groups.index_copy(1, slots, groups)

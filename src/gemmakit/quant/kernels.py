@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 _CSRC = Path(__file__).parent / "csrc"
 # One extension: int8 codes + per-group scales (grouped_matmul.cpp), raw GGML blocks (ggml_matmul.cpp),
-# one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), and the
-# Python module (module.cpp).
+# one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), a decoding
+# step's layers in one call (decode_step.cpp/.h), and the Python module (module.cpp).
 _SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp",
-            _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "module.cpp"]
+            _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "decode_step.cpp", _CSRC / "module.cpp"]
+_HEADERS = [_CSRC / "decode_step.h"]  # part of the build's fingerprint, not compiled on their own
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -88,7 +89,7 @@ def _build_name() -> str:
         cpu += next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
     except OSError:
         pass
-    digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES) + cpu.encode()).hexdigest()[:12]
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + cpu.encode()).hexdigest()[:12]
     return f"gemmakit_grouped_{digest}"
 
 

@@ -1,9 +1,11 @@
 // The Python module of gemmakit's CPU kernels: grouped_matmul.cpp (int8 codes + per-group float
 // scales), ggml_matmul.cpp (raw GGML blocks), decode_attention.cpp (one-query attention) and
-// rms_norm.cpp (Gemma's RMSNorm in one call) and rope.cpp (QK-norm + rotary embedding in one call),
-// compiled together as one extension.
+// rms_norm.cpp (Gemma's RMSNorm in one call), rope.cpp (QK-norm + rotary embedding in one call) and
+// decode_step.cpp (a decoding step's layers in one call), compiled together as one extension.
 
 #include <torch/extension.h>
+
+#include "decode_step.h"
 
 #include <string>
 #include <vector>
@@ -32,4 +34,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "softmax(cap(scale q.k) + bias) @ v for one query per row");
   m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2) + eps) * (1 + weight), float32");
   m.def("norm_rope", &norm_rope, "optional RMSNorm, then the rotary embedding (half-split), float32");
+
+  py::class_<DecodePart>(m, "DecodePart", "one part of a projection: GGML blocks, a dense matrix or int8 codes")
+      .def_static("ggml", [](std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K) {
+        DecodePart p;
+        p.kind = 0, p.tensors = std::move(blocks), p.types = std::move(types), p.K = K;
+        return p;
+      })
+      .def_static("dense", [](torch::Tensor weight) {
+        DecodePart p;
+        p.kind = 1, p.tensors = {weight};
+        return p;
+      })
+      .def_static("grouped", [](torch::Tensor codes, torch::Tensor scale, torch::Tensor offset, int64_t group) {
+        DecodePart p;
+        p.kind = 2, p.tensors = {codes, scale, offset}, p.group = group;
+        return p;
+      });
+  py::class_<DecodeProjection>(m, "DecodeProjection", "parts with one input, outputs side by side")
+      .def(py::init([](std::vector<DecodePart> parts) {
+        DecodeProjection p;
+        p.parts = std::move(parts);
+        return p;
+      }))
+      .def("apply", &DecodeProjection::apply);
+  py::class_<DecodeStack>(m, "DecodeStack", "the attention layers of a decoder, run one token at a time")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, double, double, double, torch::Tensor>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("step", &DecodeStack::step)
+      .def("num_layers", &DecodeStack::num_layers);
 }

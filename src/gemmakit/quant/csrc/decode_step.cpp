@@ -1,0 +1,113 @@
+// gemmakit CPU kernel: the layers of a one-token decoding step in one call (see decode_step.h).
+
+#include "decode_step.h"
+
+#include <ATen/ATen.h>
+
+torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
+torch::Tensor grouped_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor offset,
+                             int64_t group);
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias, double scale,
+                               double softcap);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor cos, torch::Tensor sin);
+
+namespace {
+
+torch::Tensor apply_part(const DecodePart& p, const torch::Tensor& x) {
+  switch (p.kind) {
+    case 0:
+      return ggml_matmul(x, p.tensors, p.types, p.K);
+    case 1:
+      return at::linear(x, p.tensors[0]);
+    case 2:
+      return grouped_matmul(x, p.tensors[0], p.tensors[1], p.tensors[2], p.group);
+  }
+  TORCH_CHECK(false, "decode_step: unknown projection kind ", p.kind);
+}
+
+// An absent norm passes x through, as nn.Identity does in the eager model.
+torch::Tensor maybe_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  return weight.defined() ? rms_norm(x, weight, eps) : x;
+}
+
+torch::Tensor defined_or_none(const torch::Tensor& t) { return t.numel() > 0 ? t : torch::Tensor(); }
+
+}  // namespace
+
+torch::Tensor DecodeProjection::apply(const torch::Tensor& x) const {
+  if (parts.size() == 1) return apply_part(parts[0], x);
+  std::vector<torch::Tensor> outs;
+  for (const DecodePart& p : parts) outs.push_back(apply_part(p, x));
+  return at::cat(outs, 1);
+}
+
+DecodeStack::DecodeStack(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+                         double scale, double attn_softcap, torch::Tensor final_norm)
+    : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), intermediate_(intermediate), eps_(eps),
+      scale_(scale), attn_softcap_(attn_softcap), final_norm_(final_norm) {
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0, "decode_step: bad head counts");
+}
+
+void DecodeStack::add_layer(bool global, std::vector<torch::Tensor> norms, DecodeProjection qkv, DecodeProjection o,
+                            DecodeProjection gate_up, DecodeProjection down) {
+  TORCH_CHECK(norms.size() == 6, "decode_step: six norm weights per layer (empty for an absent one)");
+  DecodeLayer layer;
+  layer.global = global;
+  layer.attn_norm = defined_or_none(norms[0]);
+  layer.post_attn_norm = defined_or_none(norms[1]);
+  layer.q_norm = defined_or_none(norms[2]);
+  layer.k_norm = defined_or_none(norms[3]);
+  layer.mlp_norm = defined_or_none(norms[4]);
+  layer.post_mlp_norm = defined_or_none(norms[5]);
+  TORCH_CHECK(layer.attn_norm.defined() && layer.mlp_norm.defined(), "decode_step: pre-norms are required");
+  layer.qkv = std::move(qkv);
+  layer.o = std::move(o);
+  layer.gate_up = std::move(gate_up);
+  layer.down = std::move(down);
+  layers_.push_back(std::move(layer));
+}
+
+torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                                torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor bias_g, int64_t col_g,
+                                torch::Tensor cos_l, torch::Tensor sin_l, torch::Tensor bias_l,
+                                int64_t slot_l) const {
+  const int64_t L = num_layers();
+  TORCH_CHECK(static_cast<int64_t>(keys.size()) == L && static_cast<int64_t>(values.size()) == L,
+              "decode_step: one key and one value buffer per layer");
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32, "decode_step: h must be [B, hidden] float32");
+  const int64_t B = h.size(0), H = heads_, Hkv = kv_heads_, D = head_dim_;
+  const double no_norm_eps = 0.0;
+  h = h.contiguous();
+  for (int64_t i = 0; i < L; ++i) {
+    const DecodeLayer& layer = layers_[i];
+    const torch::Tensor& cos = layer.global ? cos_g : cos_l;
+    const torch::Tensor& sin = layer.global ? sin_g : sin_l;
+    const torch::Tensor& bias = layer.global ? bias_g : bias_l;
+    const int64_t slot = layer.global ? col_g : slot_l;
+    const int64_t S = bias.size(-1);
+    TORCH_CHECK(keys[i].dim() == 4 && keys[i].size(2) >= S && slot >= 0 && slot < keys[i].size(2),
+                "decode_step: layer ", i, ": the cache cannot hold this step");
+
+    // Attention: pre-norm, q|k|v in one call, QK-norm + RoPE, store k/v, attend, output projection.
+    const torch::Tensor qkv = layer.qkv.apply(rms_norm(h, layer.attn_norm, eps_));
+    const torch::Tensor q4 = qkv.narrow(1, 0, H * D).view({B, 1, H, D}).transpose(1, 2);
+    const torch::Tensor k4 = qkv.narrow(1, H * D, Hkv * D).view({B, 1, Hkv, D}).transpose(1, 2);
+    const torch::Tensor v4 = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({B, 1, Hkv, D}).transpose(1, 2);
+    const torch::Tensor q = norm_rope(q4, layer.q_norm.defined() ? layer.q_norm : torch::empty({0}),
+                                      layer.q_norm.defined() ? eps_ : no_norm_eps, cos, sin);
+    const torch::Tensor k = norm_rope(k4, layer.k_norm.defined() ? layer.k_norm : torch::empty({0}),
+                                      layer.k_norm.defined() ? eps_ : no_norm_eps, cos, sin);
+    keys[i].narrow(2, slot, 1).copy_(k);
+    values[i].narrow(2, slot, 1).copy_(v4);
+    const torch::Tensor attended = decode_attention(q, keys[i].narrow(2, 0, S), values[i].narrow(2, 0, S), bias,
+                                                    scale_, attn_softcap_);
+    h = h + maybe_norm(layer.o.apply(attended.view({B, H * D})), layer.post_attn_norm, eps_);
+
+    // MLP: pre-norm, gate|up in one call, GELU(tanh) * up, down projection.
+    const torch::Tensor gu = layer.gate_up.apply(rms_norm(h, layer.mlp_norm, eps_));
+    const torch::Tensor act = at::gelu(gu.narrow(1, 0, intermediate_), "tanh") * gu.narrow(1, intermediate_, intermediate_);
+    h = h + maybe_norm(layer.down.apply(act), layer.post_mlp_norm, eps_);
+  }
+  return rms_norm(h, final_norm_, eps_);
+}
