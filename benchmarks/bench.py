@@ -118,6 +118,21 @@ def child(mode: str, path: str, threads: int) -> None:
     print("RESULT " + json.dumps(r))
 
 
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    """Why a child gave no result: the signal that killed it (a crash in native code prints
+    nothing useful), else its last line of stderr."""
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if proc.returncode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        return f"crashed with {name} (last stderr line: {last})"
+    return f"exit status {proc.returncode}: {last}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="a .gguf (default: the bundled Gemma 3 270M Q4_K_M)")
@@ -139,7 +154,7 @@ def main() -> None:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            rows[mode] = json.loads(line[-1][7:]) if line else {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+            rows[mode] = json.loads(line[-1][7:]) if line else {"error": _failure(proc)}
         except subprocess.TimeoutExpired:
             rows[mode] = {"error": f"timed out after {a.timeout}s"}
         print(mode, rows[mode], file=sys.stderr, flush=True)
