@@ -21,7 +21,7 @@ import time
 
 PROMPT_TOKENS = 512
 NEW_TOKENS = 256
-MODES = ("llama.cpp", "gemmakit-gguf-compile", "gemmakit-gguf", "gemmakit-float32", "gemmakit-bfloat16", "gemmakit-int8", "gemmakit-int4",
+MODES = ("llama.cpp", "gemmakit-gguf-compile", "gemmakit-gguf", "gemmakit-gguf-bf16prefill", "gemmakit-float32", "gemmakit-bfloat16", "gemmakit-int8", "gemmakit-int4",
          "transformers-float32")
 
 
@@ -42,10 +42,12 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
 
     kind = mode.split("-", 1)[1]
     compiled = kind.endswith("-compile")
-    kind = kind.removesuffix("-compile")
+    prefill_dtype = "bfloat16" if kind.endswith("-bf16prefill") else "float32"
+    kind = kind.removesuffix("-compile").removesuffix("-bf16prefill")
     t0 = time.perf_counter()
     if kind in ("int8", "int4", "gguf"):
-        model, tok = gemmakit.load(path, quant=kind, compile=compiled)  # gguf: the file's blocks as they are
+        model, tok = gemmakit.load(path, quant=kind, compile=compiled,  # gguf: the file's blocks as they are
+                                   prefill_dtype=prefill_dtype)
     else:
         model, tok = gemmakit.load(path, dtype=kind, quant="none", compile=compiled)
     ids = _prompt_ids(lambda t: tok.encode(t, add_bos=True))

@@ -103,3 +103,28 @@ def test_unsupported_layers_keep_the_eager_path(monkeypatch) -> None:
     model.layers[0].mlp.down_proj = Wrapped(model.layers[0].mlp.down_proj)
     _, served = _decode_logits(model, PROMPTS[:1], True, monkeypatch)
     assert served == 0
+
+
+# --------------------------------------------------------------------------- opt-in bfloat16 prefill
+
+
+def test_bf16_prefill_is_close_to_float32_and_decode_is_untouched(tmp_path) -> None:
+    """``prefill_dtype="bfloat16"``: many-row products move by about bfloat16's rounding (and do
+    move, so the bfloat16 GEMM really ran); one-token steps keep the float32 block kernel exactly."""
+    from gemmakit.errors import InvalidRequestError
+
+    config = tiny_config("gemma3", num_layers=3, hidden_size=256, intermediate_size=256)
+    path = write_gguf(tmp_path / "m.gguf", random_model(config, seed=4), quant="Q8_0")
+    ref, _ = gemmakit.load(path)
+    bf16, _ = gemmakit.load(path, prefill_dtype="bfloat16")
+    ids = torch.tensor([list(range(2, 42))])  # 40 rows: past the block kernel's 16, the GEMM's 32
+    with torch.inference_mode():
+        a, b = ref(ids), bf16(ids)
+        one = torch.tensor([[7]])
+        assert torch.equal(ref(one), bf16(one))
+    scale = a.abs().max().item()
+    assert 0 < (a - b).abs().max().item() < 0.05 * scale
+    with pytest.raises(InvalidRequestError, match="quantised weights"):
+        gemmakit.load(path, quant="none", prefill_dtype="bfloat16")
+    with pytest.raises(InvalidRequestError, match="unknown prefill dtype"):
+        gemmakit.load(path, prefill_dtype="float16")

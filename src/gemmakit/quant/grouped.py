@@ -29,6 +29,8 @@ from gemmakit.quant.kernels import dequantize_rows, ggml_linear, ggml_rows, grou
 class GroupedWeight(nn.Module):
     """``W [N, K] = scale * codes + offset`` per group of ``group`` inputs, as buffers."""
 
+    prefill_dtype = torch.float32  # the many-row GEMM's dtype; load(prefill_dtype="bfloat16") sets it
+
     def __init__(self, packed: GroupedCodes) -> None:
         super().__init__()
         self.register_buffer("codes", packed.codes.contiguous())
@@ -40,7 +42,7 @@ class GroupedWeight(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., K] @ W^T -> [..., N]`` in x's dtype (accumulated in float32)."""
         flat = x.reshape(-1, self.in_features)
-        y = grouped_matmul(flat, self.codes, self.scale, self.offset, self.group)
+        y = grouped_matmul(flat, self.codes, self.scale, self.offset, self.group, compute_dtype=self.prefill_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -57,6 +59,8 @@ class GGMLWeight(nn.Module):
 
     ``matmul`` returns the parts' outputs side by side (``[..., sum N_i]``) from one kernel call.
     """
+
+    prefill_dtype = torch.float32  # the many-row GEMM's dtype; load(prefill_dtype="bfloat16") sets it
 
     def __init__(self, parts: list[GGMLBlocks]) -> None:
         super().__init__()
@@ -75,7 +79,7 @@ class GGMLWeight(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., K] @ W^T -> [..., N]`` in x's dtype (computed in float32)."""
         flat = x.reshape(-1, self.in_features)
-        y = ggml_linear(flat, self.parts(), self.types, self.in_features)
+        y = ggml_linear(flat, self.parts(), self.types, self.in_features, self.prefill_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -195,3 +199,12 @@ def fuse_projections(model: nn.Module) -> None:
         stacked = stack_rows(weights)
         if stacked is not None:
             module.fuse([p.out_features for p in parts], GroupedLinear(stacked))
+
+
+def set_prefill_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """Make every quantised weight of ``model`` run its many-row (prefill) products in ``dtype``;
+    returns how many weights that covers (decode-sized products keep the float32 block kernels)."""
+    weights = [m for m in model.modules() if isinstance(m, (GGMLWeight, GroupedWeight))]
+    for w in weights:
+        w.prefill_dtype = dtype
+    return len(weights)

@@ -154,17 +154,18 @@ def register_custom_op():
 
 
 def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                   group: int, use_kernel: bool = True) -> torch.Tensor:
-    """``x [M, K] @ W^T -> [M, N]`` float32 for ``W = scale * codes + offset`` (groups of ``group``)."""
+                   group: int, use_kernel: bool = True, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x [M, K] @ W^T -> [M, N]`` float32 for ``W = scale * codes + offset`` (groups of ``group``).
+    ``compute_dtype`` is the many-row (prefill) GEMM's, see ``gemm.linear``."""
     x = x.to(torch.float32).contiguous()
     offset = offset if offset is not None else _EMPTY  # the kernel's "no offset"
     if torch.compiler.is_compiling():
         return torch.ops.gemmakit.grouped_matmul(x, codes, scale, offset, group)
-    return _dispatch(x, codes, scale, offset, group, use_kernel)
+    return _dispatch(x, codes, scale, offset, group, use_kernel, compute_dtype)
 
 
 def _dispatch(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
-              use_kernel: bool) -> torch.Tensor:
+              use_kernel: bool, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The kernel for a few rows, a dequantised layer and a float GEMM for many, torch alone without it."""
     ext = kernel() if use_kernel and x.device.type == "cpu" else None
     if ext is not None and x.shape[0] <= KERNEL_MAX_ROWS:
@@ -172,7 +173,7 @@ def _dispatch(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset:
     if ext is not None and codes.shape[0] * codes.shape[1] <= _WHOLE_WEIGHTS:
         from gemmakit.models.gemm import linear
 
-        return linear(x, ext.grouped_dequantize(codes, scale, offset, group))
+        return linear(x, ext.grouped_dequantize(codes, scale, offset, group), compute_dtype=compute_dtype)
     return _slab_matmul(x, codes, scale, offset if offset.numel() else None, group)
 
 
@@ -269,15 +270,17 @@ def ggml_rows(blocks: torch.Tensor, index: torch.Tensor, ggml_type: int, K: int)
     return ggml_dequantize(blocks.index_select(0, index), ggml_type, K)
 
 
-def ggml_linear(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
+def ggml_linear(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int,
+                compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``x [M, K] @ W^T`` for GGML-block parts: the block kernel for a few rows (decode reads each
     weight once, so bytes decide), a dequantised layer and a float GEMM for many (prefill is
-    compute bound, and a float GEMM beats any dequantise-as-you-go loop there)."""
+    compute bound, and a float GEMM beats any dequantise-as-you-go loop there), in ``compute_dtype``
+    (float32, or bfloat16 by request: see ``gemm.linear``)."""
     if x.shape[0] <= KERNEL_MAX_ROWS or torch.compiler.is_compiling():
         return ggml_matmul(x, blocks, types, K)
     from gemmakit.models.gemm import linear
 
-    return linear(x.to(torch.float32).contiguous(), _dequantize_parts(blocks, types, K))
+    return linear(x.to(torch.float32).contiguous(), _dequantize_parts(blocks, types, K), compute_dtype=compute_dtype)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
