@@ -128,3 +128,20 @@ def test_bf16_prefill_is_close_to_float32_and_decode_is_untouched(tmp_path) -> N
         gemmakit.load(path, quant="none", prefill_dtype="bfloat16")
     with pytest.raises(InvalidRequestError, match="unknown prefill dtype"):
         gemmakit.load(path, prefill_dtype="float16")
+
+
+def test_dequantise_to_bf16_equals_converting_the_float32_weights() -> None:
+    """The bfloat16 prefill's weights come from the blocks straight to bfloat16 (no float32 matrix);
+    they must be exactly torch's rounding of the float32 dequantisation."""
+    from gguf import GGMLQuantizationType as T
+
+    from gemmakit.quant.kernels import _dequantize_parts
+    from test_ggml_quant import random_blocks
+
+    K = 512
+    parts = [torch.from_numpy(random_blocks(q, n, K, seed=n)).reshape(n, -1)
+             for q, n in ((T.Q5_0, 40), (T.Q4_K, 24), (T.Q6_K, 8))]
+    types = [int(T.Q5_0), int(T.Q4_K), int(T.Q6_K)]
+    f32 = _dequantize_parts(parts, types, K)
+    bf16 = _dequantize_parts(parts, types, K, torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16.view(torch.int16), f32.bfloat16().view(torch.int16))

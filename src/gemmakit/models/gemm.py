@@ -49,12 +49,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     returns float32: about twice float32's speed on CPUs with bfloat16 dot-product instructions.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    if (not _ENABLED or rows < MIN_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32
+    bf16 = compute_dtype == torch.bfloat16
+    weight_ok = weight.dtype == torch.float32 or (bf16 and weight.dtype == torch.bfloat16)
+    if (not _ENABLED or rows < MIN_ROWS or x.dtype != torch.float32 or not weight_ok
             or x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight.to(x.dtype), bias)
     flat = x.reshape(rows, x.shape[-1]).contiguous()
     weight = weight.contiguous()
-    if compute_dtype == torch.bfloat16:
+    if bf16:  # a bfloat16 weight (dequantised straight to it) is used as it is
         y = torch.ops.mkldnn._linear_pointwise(flat.to(torch.bfloat16), weight.to(torch.bfloat16), None,
                                                "none", [], "").float()
         y = y if bias is None else y.add_(bias)

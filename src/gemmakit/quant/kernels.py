@@ -219,13 +219,15 @@ def ggml_dequantize(blocks: torch.Tensor, ggml_type: int, K: int) -> torch.Tenso
     return _ggml_dequantize_torch(blocks, int(ggml_type), int(K))
 
 
-def _dequantize_parts(blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
-    """Several GGML matrices dequantised into the rows of one ``[sum N_i, K]`` float32 weight."""
+def _dequantize_parts(blocks: list[torch.Tensor], types: list[int], K: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Several GGML matrices dequantised into the rows of one ``[sum N_i, K]`` weight of ``dtype``
+    (float32, or bfloat16 for the bfloat16 prefill: rounded from the float32 values)."""
     ext = kernel() if blocks[0].device.type == "cpu" else None
-    if ext is None or len(blocks) == 1:
-        parts = [ggml_dequantize(b, t, K) for b, t in zip(blocks, types)]
+    if ext is None:
+        parts = [ggml_dequantize(b, t, K).to(dtype) for b, t in zip(blocks, types)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-    w = torch.empty(sum(b.shape[0] for b in blocks), K, dtype=torch.float32)
+    w = torch.empty(sum(b.shape[0] for b in blocks), K, dtype=dtype)
     start = 0
     for b, t in zip(blocks, types):
         ext.ggml_dequantize_into(b.contiguous(), int(t), int(K), w[start:start + b.shape[0]])
@@ -280,7 +282,8 @@ def ggml_linear(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K
         return ggml_matmul(x, blocks, types, K)
     from gemmakit.models.gemm import linear
 
-    return linear(x.to(torch.float32).contiguous(), _dequantize_parts(blocks, types, K), compute_dtype=compute_dtype)
+    weight = _dequantize_parts(blocks, types, K, torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32)
+    return linear(x.to(torch.float32).contiguous(), weight, compute_dtype=compute_dtype)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,

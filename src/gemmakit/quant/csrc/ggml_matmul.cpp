@@ -943,22 +943,38 @@ torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, st
 
 // The [N, K] float32 weights of one matrix of raw GGML rows, bit-identical to
 // gemmakit.quant.ggml.dequantize.
-// Into ``out`` ([N, K] float32, contiguous), so that parts fused into one weight (q|k|v) are
-// dequantised straight into their rows of one buffer for the prefill GEMM, with no concatenation.
+// float32 -> bfloat16 bits, rounding to nearest even as torch's conversion does (weights hold no NaN,
+// but one stays a quiet NaN).
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Into ``out`` ([N, K] float32 or bfloat16, contiguous), so that parts fused into one weight (q|k|v)
+// are dequantised straight into their rows of one buffer for the prefill GEMM, with no concatenation.
+// bfloat16 (the opt-in bfloat16 prefill) equals the float32 result converted by torch, without the
+// float32 matrix ever being written.
 void ggml_dequantize_into(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor w) {
   const TypeInfo info = checked_type(type);
   check_blocks(blocks, info, K, "ggml_dequantize: blocks");
   const int64_t N = blocks.size(0), row_bytes = blocks.size(1), nb = K / info.block, G = K / info.group;
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.dim() == 2 && w.size(0) == N &&
-                  w.size(1) == K, "ggml_dequantize: out must be a contiguous [N, K] float32 tensor");
+  const bool bf16 = w.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || w.scalar_type() == torch::kFloat32) && w.is_contiguous() && w.dim() == 2 && w.size(0) == N &&
+                  w.size(1) == K, "ggml_dequantize: out must be a contiguous [N, K] float32 or bfloat16 tensor");
   const uint8_t* src = blocks.data_ptr<uint8_t>();
-  float* wp = w.data_ptr<float>();
+  float* wp = bf16 ? nullptr : w.data_ptr<float>();
+  uint16_t* bp = bf16 ? reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()) : nullptr;
   at::parallel_for(0, N, std::max<int64_t>(1, (1 << 15) / K), [&](int64_t r0, int64_t r1) {
     std::vector<int8_t> codes(K);
-    std::vector<float> sc(G), off(G);
+    std::vector<float> sc(G), off(G), row(bf16 ? K : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const Codes c = decode_row(type, src + r * row_bytes, nb, codes.data(), sc.data(), off.data());
-      dequant_row(c, sc.data(), info.has_offset ? off.data() : nullptr, K, info.group, wp + r * K);
+      float* dst = bf16 ? row.data() : wp + r * K;
+      dequant_row(c, sc.data(), info.has_offset ? off.data() : nullptr, K, info.group, dst);
+      if (bf16)
+        for (int64_t k = 0; k < K; ++k) bp[r * K + k] = bf16_bits(dst[k]);
     }
   });
 }

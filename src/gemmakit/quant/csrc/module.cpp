@@ -29,7 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2/FMA");
   m.def("ggml_matmul", &ggml_matmul, "x @ concat(W_i)^T for raw GGML block rows W_i (float32 activations)");
   m.def("ggml_dequantize", &ggml_dequantize, "raw GGML block rows -> float32, bit-identical to ggml");
-  m.def("ggml_dequantize_into", &ggml_dequantize_into, "ggml_dequantize into a given [N, K] float32 tensor");
+  m.def("ggml_dequantize_into", &ggml_dequantize_into, "ggml_dequantize into a given [N, K] float32 or bfloat16 tensor");
   m.def("ggml_simd", &ggml_simd, "the SIMD path ggml_matmul was built with: avx512, avx2 or scalar");
   m.def("decode_attention", &decode_attention, "softmax(cap(scale q.k) + bias) @ v for one query per row");
   m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2) + eps) * (1 + weight), float32");
