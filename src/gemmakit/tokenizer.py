@@ -63,7 +63,7 @@ class Tokenizer:
         self._encode_plain = encode_plain
         self._model_proto = model_proto
         self._tokenizer_json = tokenizer_json
-        self._piece_ids: dict[str, int] | None = None  # built on first token_to_id
+        self._piece_ids: dict[str, int | None] = {}  # token_to_id's answers so far
         self._surface: dict[int, bytes] = {}  # id -> the UTF-8 bytes it decodes to (filled lazily)
 
         special: dict[str, int] = {}
@@ -80,13 +80,24 @@ class Tokenizer:
 
     def token_to_id(self, piece: str) -> int | None:
         """Id of a vocabulary piece (``'▁the'``; a space may be written as a space), or None."""
-        if self._piece_ids is None:
-            self._piece_ids = {}
-            for i, p in enumerate(self._pieces):
-                self._piece_ids.setdefault(p, i)
-        found = self._piece_ids.get(piece)
+        found = self._lookup(piece)
         if found is None and " " in piece:
-            found = self._piece_ids.get(piece.replace(" ", _SPACE))
+            found = self._lookup(piece.replace(" ", _SPACE))
+        return found
+
+    def _lookup(self, piece: str) -> int | None:
+        """The first id spelt ``piece``. Looked up by a scan of the vocabulary (a few ms for 262k
+        pieces) and remembered, rather than through a dict of every piece, which would cost ~14 MB
+        for the handful of lookups a run makes (stop tokens, FIM markers)."""
+        if piece in self._piece_ids:
+            return self._piece_ids[piece]
+        found = self._special_by_text.get(piece)
+        if found is None or self._pieces[found] != piece:
+            try:
+                found = self._pieces.index(piece)
+            except ValueError:
+                found = None
+        self._piece_ids[piece] = found
         return found
 
     def id_to_piece(self, i: int) -> str:
