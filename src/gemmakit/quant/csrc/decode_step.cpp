@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
+
 torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
 torch::Tensor grouped_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor offset,
                              int64_t group);
@@ -32,6 +34,20 @@ torch::Tensor maybe_norm(const torch::Tensor& x, const torch::Tensor& weight, do
 }
 
 torch::Tensor defined_or_none(const torch::Tensor& t) { return t.numel() > 0 ? t : torch::Tensor(); }
+
+// cache[b, h, slot, :] = src[b * row_stride + h * head_stride, + D) for every row and kv head: the
+// step's new key or value vectors copied straight into their slot (what narrow(...).copy_() does,
+// without two dispatched ops per buffer per layer).
+void store(const torch::Tensor& cache, int64_t slot, const float* src, int64_t row_stride, int64_t head_stride,
+           int64_t B, int64_t Hkv, int64_t D) {
+  TORCH_CHECK(cache.scalar_type() == torch::kFloat32 && cache.size(0) == B && cache.size(1) == Hkv &&
+                  cache.size(3) == D && cache.stride(3) == 1, "decode_step: a float32 [B, kv_heads, slots, head_dim] cache");
+  float* base = cache.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      std::memcpy(base + b * cache.stride(0) + h * cache.stride(1) + slot * cache.stride(2),
+                  src + b * row_stride + h * head_stride, sizeof(float) * D);
+}
 
 }  // namespace
 
@@ -78,6 +94,7 @@ torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32, "decode_step: h must be [B, hidden] float32");
   const int64_t B = h.size(0), H = heads_, Hkv = kv_heads_, D = head_dim_;
   const double no_norm_eps = 0.0;
+  const torch::Tensor no_norm = torch::empty({0});  // norm_rope's "no QK-norm"
   h = h.contiguous();
   for (int64_t i = 0; i < L; ++i) {
     const DecodeLayer& layer = layers_[i];
@@ -91,15 +108,16 @@ torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys
 
     // Attention: pre-norm, q|k|v in one call, QK-norm + RoPE, store k/v, attend, output projection.
     const torch::Tensor qkv = layer.qkv.apply(rms_norm(h, layer.attn_norm, eps_));
+    TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == (H + 2 * Hkv) * D, "decode_step: q|k|v has the wrong width");
     const torch::Tensor q4 = qkv.narrow(1, 0, H * D).view({B, 1, H, D}).transpose(1, 2);
     const torch::Tensor k4 = qkv.narrow(1, H * D, Hkv * D).view({B, 1, Hkv, D}).transpose(1, 2);
     const torch::Tensor v4 = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({B, 1, Hkv, D}).transpose(1, 2);
-    const torch::Tensor q = norm_rope(q4, layer.q_norm.defined() ? layer.q_norm : torch::empty({0}),
+    const torch::Tensor q = norm_rope(q4, layer.q_norm.defined() ? layer.q_norm : no_norm,
                                       layer.q_norm.defined() ? eps_ : no_norm_eps, cos, sin);
-    const torch::Tensor k = norm_rope(k4, layer.k_norm.defined() ? layer.k_norm : torch::empty({0}),
+    const torch::Tensor k = norm_rope(k4, layer.k_norm.defined() ? layer.k_norm : no_norm,
                                       layer.k_norm.defined() ? eps_ : no_norm_eps, cos, sin);
-    keys[i].narrow(2, slot, 1).copy_(k);
-    values[i].narrow(2, slot, 1).copy_(v4);
+    store(keys[i], slot, k.data_ptr<float>(), Hkv * D, D, B, Hkv, D);
+    store(values[i], slot, qkv.data_ptr<float>() + (H + Hkv) * D, qkv.size(1), D, B, Hkv, D);
     const torch::Tensor attended = decode_attention(q, keys[i].narrow(2, 0, S), values[i].narrow(2, 0, S), bias,
                                                     scale_, attn_softcap_);
     h = h + maybe_norm(layer.o.apply(attended.view({B, H * D})), layer.post_attn_norm, eps_);
