@@ -145,3 +145,52 @@ def test_dequantise_to_bf16_equals_converting_the_float32_weights() -> None:
     f32 = _dequantize_parts(parts, types, K)
     bf16 = _dequantize_parts(parts, types, K, torch.bfloat16)
     assert bf16.dtype == torch.bfloat16 and torch.equal(bf16.view(torch.int16), f32.bfloat16().view(torch.int16))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_fused_step_on_the_serving_row_cache(family, tmp_path, monkeypatch) -> None:
+    """The serving engine's cache: rows at different positions, one row idle (padding, written to the
+    trash slot) for some steps, rings wrapping. Fused and eager steps give the same logits bit for bit."""
+    from gemmakit.models.row_cache import RowKVCache
+
+    config = tiny_config(family, num_layers=3, hidden_size=256, intermediate_size=256)
+    path = write_gguf(tmp_path / "m.gguf", random_model(config, seed=6), quant="Q8_0")
+    model, _ = gemmakit.load(path)
+
+    def run(fused: bool) -> tuple[torch.Tensor, int]:
+        served = []
+
+        def counting(*args):
+            out = fused_decode.fused_hidden(*args)
+            served.append(out is not None)
+            return out
+
+        monkeypatch.setattr(fused_decode, "_ENABLED", fused)
+        monkeypatch.setattr(decoder, "fused_hidden", counting)
+        cache = RowKVCache(config, 3, 48, torch.float32)
+        prompts = [PROMPTS[0], PROMPTS[1], [2, 5, 6, 7, 8]]
+        longest = max(map(len, prompts))
+        ids = torch.zeros(3, longest, dtype=torch.long)
+        pos = torch.full((3, longest), -1, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, :len(p)] = torch.tensor(p)
+            pos[r, :len(p)] = torch.arange(len(p))
+        out = []
+        with torch.inference_mode():
+            logits = model(ids, cache=cache, positions=pos)
+            nxt = torch.stack([logits[r, len(p) - 1].argmax() for r, p in enumerate(prompts)])[:, None]
+            at = torch.tensor([[len(p)] for p in prompts])
+            for step in range(STEPS):
+                step_pos = at.clone()
+                if step % 3 == 1:
+                    step_pos[2] = -1  # row 2 idles this step
+                logits = model(nxt, cache=cache, positions=step_pos)
+                out.append(logits)
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                at = at + (step_pos >= 0).long()
+        return torch.cat(out, dim=1), sum(served)
+
+    fused, served = run(True)
+    eager, none = run(False)
+    assert served == STEPS and none == 0
+    assert torch.equal(fused, eager)

@@ -169,6 +169,10 @@ class GemmaModel(nn.Module):
         """Forward over a cache whose rows advance independently (the serving engine's batches)."""
         h = self.embed_tokens(input_ids)  # [B, T, hidden]
         contexts = cache.contexts(positions, h.dtype)
+        fused = fused_hidden(self, h, contexts, cache) if h.shape[1] == 1 else None
+        if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
+            cache.advance(positions)
+            return self._logits(fused)
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, contexts[layer.kind], layer_cache)
         cache.advance(positions)

@@ -10,9 +10,9 @@ masks (once per layer kind, as before), the LM head and the cache bookkeeping.
 
 It applies where the eager step would itself take those kernels: float32 on the CPU, autograd
 off, at most ``KERNEL_MAX_ROWS`` rows, a plain float32 KV cache that is not the compiled step's
-static one, attention layers only, no biases, and every projection a GGML-block, int8-code or
-dense float32 matrix. Anything else (LoRA wrappers, bfloat16, RecurrentGemma, int8 KV, serving's
-row cache) keeps the eager path. The stack holds references to the model's weights; it is rebuilt
+static one (a generation's KVCache or the serving engine's RowKVCache), attention layers only, no
+biases, and every projection a GGML-block, int8-code or dense float32 matrix. Anything else (LoRA
+wrappers, bfloat16, RecurrentGemma, int8 KV) keeps the eager path. The stack holds references to the model's weights; it is rebuilt
 whenever any projection or norm module, or a float weight, is no longer the object it was built
 from. ``GEMMAKIT_FUSED_DECODE=0`` turns it off (the eager step then runs, for comparison).
 """
@@ -26,12 +26,13 @@ from torch import nn
 
 from gemmakit.models.attention import StepContext
 from gemmakit.models.cache import KVCache, LayerCache
+from gemmakit.models.row_cache import RowKVCache
 
 _EMPTY = torch.empty(0)
 _ENABLED = os.environ.get("GEMMAKIT_FUSED_DECODE", "1") != "0"
 
 
-def fused_hidden(model: nn.Module, h: torch.Tensor, contexts: dict, cache: KVCache) -> torch.Tensor | None:
+def fused_hidden(model: nn.Module, h: torch.Tensor, contexts: dict, cache: KVCache | RowKVCache) -> torch.Tensor | None:
     """The final norm's output ``[B, 1, hidden]`` of a one-token step run as one C++ call, or None
     where the fused step does not apply (the caller then runs the eager layers). Writes the step's
     keys and values into ``cache`` like the eager layers do."""
@@ -40,39 +41,50 @@ def fused_hidden(model: nn.Module, h: torch.Tensor, contexts: dict, cache: KVCac
     stack = _stack_for(model)
     if stack is None:
         return None
+    B = h.shape[0]
     g, loc = contexts.get("global"), contexts.get("local")
-    if not (_plain_global(g) and _plain_local(loc)):
+    g_slots, l_slots = _write_slots(g, B), _write_slots(loc, B)
+    if (g is not None and g_slots is None) or (loc is not None and l_slots is None):
         return None
-    g = g if g is not None else loc  # a model with one kind of layer passes it for both
-    loc = loc if loc is not None else g
-    col = g.cache_start
-    slot = int(loc.ring_slots[0]) if loc.ring_slots is not None else 0
+    if g is None:  # a model with one kind of layer passes it for both
+        g, g_slots = loc, l_slots
+    if loc is None:
+        loc, l_slots = g, g_slots
     keys = [c.keys for c in cache.layers]
     values = [c.values for c in cache.layers]
-    out = stack.step(h.reshape(h.shape[0], -1), keys, values, g.cos, g.sin, g.bias, col, loc.cos, loc.sin, loc.bias,
-                     slot)
+    out = stack.step(h.reshape(B, -1), keys, values, g.cos, g.sin, g.bias, g_slots, loc.cos, loc.sin, loc.bias, l_slots)
     return out.view(h.shape)
 
 
-def _step_applies(h: torch.Tensor, cache: KVCache) -> bool:
+def _step_applies(h: torch.Tensor, cache: KVCache | RowKVCache) -> bool:
     from gemmakit.quant.kernels import KERNEL_MAX_ROWS
 
     return (h.dim() == 3 and h.shape[1] == 1 and h.shape[0] <= KERNEL_MAX_ROWS and h.dtype == torch.float32
-            and h.device.type == "cpu" and not torch.is_grad_enabled() and isinstance(cache, KVCache)
-            and not cache.static and all(isinstance(c, LayerCache) and not c.quantised
-                                         and c.keys.dtype == torch.float32 for c in cache.layers))
+            and h.device.type == "cpu" and not torch.is_grad_enabled() and isinstance(cache, (KVCache, RowKVCache))
+            and not getattr(cache, "static", False)
+            and all(isinstance(c, LayerCache) and not c.quantised and c.keys.dtype == torch.float32
+                    for c in cache.layers))
 
 
-def _plain_global(ctx: StepContext | None) -> bool:
-    """A global layer's one-token step over a growing cache: write column cache_start, attend to all before."""
-    return ctx is None or (not ctx.ring and ctx.bias is not None and ctx.write_index is None and not ctx.causal
-                           and ctx.write_slots is None)
+def _write_slots(ctx: StepContext | None, rows: int) -> list[int] | None:
+    """Where each row's new key goes, for a step whose layers store first and then attend to slots
+    ``[0, S)`` of their buffer (``S`` = the mask's width); None for any other kind of step.
 
-
-def _plain_local(ctx: StepContext | None) -> bool:
-    """A sliding-window layer's one-token step: store into the ring first, then attend to the ring."""
-    return ctx is None or (ctx.ring and ctx.write_first and ctx.bias is not None and ctx.ring_slots is not None
-                           and ctx.write_slots is None)
+    - a growing cache's global layer (KVCache): column ``cache_start``, the same for every row;
+    - a ring (KVCache, sliding window): the ring slot of this step, stored before attending;
+    - the serving engine's rows (RowKVCache): each row's own slot (padding rows: the trash slot).
+    """
+    if ctx is None or ctx.bias is None or ctx.causal or ctx.write_index is not None:
+        return None
+    if ctx.write_slots is not None:  # RowKVCache: per-row slots, attending to attend_len slots
+        if ctx.write_slots.shape[1] != 1 or (ctx.ring and not ctx.write_first) or ctx.attend_len != ctx.bias.shape[-1]:
+            return None
+        return ctx.write_slots[:, 0].tolist()
+    if not ctx.ring:
+        return [ctx.cache_start] * rows
+    if ctx.write_first and ctx.ring_slots is not None:
+        return [int(ctx.ring_slots[0])] * rows
+    return None
 
 
 # --------------------------------------------------------------------------- building the stack

@@ -35,18 +35,20 @@ torch::Tensor maybe_norm(const torch::Tensor& x, const torch::Tensor& weight, do
 
 torch::Tensor defined_or_none(const torch::Tensor& t) { return t.numel() > 0 ? t : torch::Tensor(); }
 
-// cache[b, h, slot, :] = src[b * row_stride + h * head_stride, + D) for every row and kv head: the
-// step's new key or value vectors copied straight into their slot (what narrow(...).copy_() does,
-// without two dispatched ops per buffer per layer).
-void store(const torch::Tensor& cache, int64_t slot, const float* src, int64_t row_stride, int64_t head_stride,
-           int64_t B, int64_t Hkv, int64_t D) {
+// cache[b, h, slots[b], :] = src[b * row_stride + h * head_stride, + D) for every row and kv head:
+// the step's new key or value vectors copied straight into their slots (what the eager layers'
+// index_copy_/scatter_ do, without dispatched ops per buffer per layer).
+void store(const torch::Tensor& cache, const std::vector<int64_t>& slots, const float* src, int64_t row_stride,
+           int64_t head_stride, int64_t B, int64_t Hkv, int64_t D) {
   TORCH_CHECK(cache.scalar_type() == torch::kFloat32 && cache.size(0) == B && cache.size(1) == Hkv &&
                   cache.size(3) == D && cache.stride(3) == 1, "decode_step: a float32 [B, kv_heads, slots, head_dim] cache");
   float* base = cache.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < cache.size(2), "decode_step: slot ", slots[b], " outside the cache");
     for (int64_t h = 0; h < Hkv; ++h)
-      std::memcpy(base + b * cache.stride(0) + h * cache.stride(1) + slot * cache.stride(2),
+      std::memcpy(base + b * cache.stride(0) + h * cache.stride(1) + slots[b] * cache.stride(2),
                   src + b * row_stride + h * head_stride, sizeof(float) * D);
+  }
 }
 
 }  // namespace
@@ -85,14 +87,16 @@ void DecodeStack::add_layer(bool global, std::vector<torch::Tensor> norms, Decod
 }
 
 torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
-                                torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor bias_g, int64_t col_g,
-                                torch::Tensor cos_l, torch::Tensor sin_l, torch::Tensor bias_l,
-                                int64_t slot_l) const {
+                                torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor bias_g,
+                                std::vector<int64_t> slots_g, torch::Tensor cos_l, torch::Tensor sin_l,
+                                torch::Tensor bias_l, std::vector<int64_t> slots_l) const {
   const int64_t L = num_layers();
   TORCH_CHECK(static_cast<int64_t>(keys.size()) == L && static_cast<int64_t>(values.size()) == L,
               "decode_step: one key and one value buffer per layer");
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32, "decode_step: h must be [B, hidden] float32");
   const int64_t B = h.size(0), H = heads_, Hkv = kv_heads_, D = head_dim_;
+  TORCH_CHECK(static_cast<int64_t>(slots_g.size()) == B && static_cast<int64_t>(slots_l.size()) == B,
+              "decode_step: one write slot per row for each layer kind");
   const double no_norm_eps = 0.0;
   const torch::Tensor no_norm = torch::empty({0});  // norm_rope's "no QK-norm"
   h = h.contiguous();
@@ -101,10 +105,9 @@ torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys
     const torch::Tensor& cos = layer.global ? cos_g : cos_l;
     const torch::Tensor& sin = layer.global ? sin_g : sin_l;
     const torch::Tensor& bias = layer.global ? bias_g : bias_l;
-    const int64_t slot = layer.global ? col_g : slot_l;
+    const std::vector<int64_t>& slots = layer.global ? slots_g : slots_l;
     const int64_t S = bias.size(-1);
-    TORCH_CHECK(keys[i].dim() == 4 && keys[i].size(2) >= S && slot >= 0 && slot < keys[i].size(2),
-                "decode_step: layer ", i, ": the cache cannot hold this step");
+    TORCH_CHECK(keys[i].dim() == 4 && keys[i].size(2) >= S, "decode_step: layer ", i, ": the cache cannot hold this step");
 
     // Attention: pre-norm, q|k|v in one call, QK-norm + RoPE, store k/v, attend, output projection.
     const torch::Tensor qkv = layer.qkv.apply(rms_norm(h, layer.attn_norm, eps_));
@@ -116,8 +119,8 @@ torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys
                                       layer.q_norm.defined() ? eps_ : no_norm_eps, cos, sin);
     const torch::Tensor k = norm_rope(k4, layer.k_norm.defined() ? layer.k_norm : no_norm,
                                       layer.k_norm.defined() ? eps_ : no_norm_eps, cos, sin);
-    store(keys[i], slot, k.data_ptr<float>(), Hkv * D, D, B, Hkv, D);
-    store(values[i], slot, qkv.data_ptr<float>() + (H + Hkv) * D, qkv.size(1), D, B, Hkv, D);
+    store(keys[i], slots, k.data_ptr<float>(), Hkv * D, D, B, Hkv, D);
+    store(values[i], slots, qkv.data_ptr<float>() + (H + Hkv) * D, qkv.size(1), D, B, Hkv, D);
     const torch::Tensor attended = decode_attention(q, keys[i].narrow(2, 0, S), values[i].narrow(2, 0, S), bias,
                                                     scale_, attn_softcap_);
     h = h + maybe_norm(layer.o.apply(attended.view({B, H * D})), layer.post_attn_norm, eps_);

@@ -45,13 +45,15 @@ class DecodeStack {
                  DecodeProjection gate_up, DecodeProjection down);
 
   // h [B, hidden] float32 (the scaled embeddings). keys/values: one [B, kv_heads, slots, head_dim]
-  // buffer per layer. Global layers write column col_g and attend to columns [0, bias_g.size(-1));
-  // local layers write ring slot slot_l and attend to the whole ring. cos/sin [B, 1, 1, rot],
+  // buffer per layer. Row b of a global layer writes column slots_g[b] and attends to columns
+  // [0, bias_g.size(-1)); of a local layer, ring slot slots_l[b], attending to slots
+  // [0, bias_l.size(-1)) (a slot past those is the serving cache's trash slot). cos/sin [B, 1, 1, rot],
   // bias [B, 1, 1, S] (0 / -inf). Returns the final norm's output [B, hidden]: the LM head stays
   // the model's own call, so its path (and rounding) is exactly the eager one.
   torch::Tensor step(torch::Tensor h, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
-                     torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor bias_g, int64_t col_g,
-                     torch::Tensor cos_l, torch::Tensor sin_l, torch::Tensor bias_l, int64_t slot_l) const;
+                     torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor bias_g, std::vector<int64_t> slots_g,
+                     torch::Tensor cos_l, torch::Tensor sin_l, torch::Tensor bias_l,
+                     std::vector<int64_t> slots_l) const;
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
