@@ -25,9 +25,9 @@ PROMPTS = [[2, 17, 99, 5, 30, 41, 7, 8, 9, 60, 61], [2, 40, 41]]
 STEPS = 20  # past the 8-token sliding window of the tiny configs
 
 
-def _decode_logits(model, prompts, fused: bool, monkeypatch) -> tuple[torch.Tensor, int]:
-    """Logits of greedy decoding steps after a prompt, and how many steps the fused call served."""
-    served = []
+def _count_fused_steps(monkeypatch, fused: bool) -> list[bool]:
+    """Switch the fused step on or off; the returned list gets, per step, whether it served it."""
+    served: list[bool] = []
 
     def counting(*args):
         out = fused_decode.fused_hidden(*args)
@@ -36,6 +36,12 @@ def _decode_logits(model, prompts, fused: bool, monkeypatch) -> tuple[torch.Tens
 
     monkeypatch.setattr(fused_decode, "_ENABLED", fused)
     monkeypatch.setattr(decoder, "fused_hidden", counting)
+    return served
+
+
+def _decode_logits(model, prompts, fused: bool, monkeypatch) -> tuple[torch.Tensor, int]:
+    """Logits of greedy decoding steps after a prompt, and how many steps the fused call served."""
+    served = _count_fused_steps(monkeypatch, fused)
     B, longest = len(prompts), max(map(len, prompts))
     ids = torch.zeros(B, longest, dtype=torch.long)
     positions = torch.full((B, longest), -1, dtype=torch.long)
@@ -158,15 +164,7 @@ def test_fused_step_on_the_serving_row_cache(family, tmp_path, monkeypatch) -> N
     model, _ = gemmakit.load(path)
 
     def run(fused: bool) -> tuple[torch.Tensor, int]:
-        served = []
-
-        def counting(*args):
-            out = fused_decode.fused_hidden(*args)
-            served.append(out is not None)
-            return out
-
-        monkeypatch.setattr(fused_decode, "_ENABLED", fused)
-        monkeypatch.setattr(decoder, "fused_hidden", counting)
+        served = _count_fused_steps(monkeypatch, fused)
         cache = RowKVCache(config, 3, 48, torch.float32)
         prompts = [PROMPTS[0], PROMPTS[1], [2, 5, 6, 7, 8]]
         longest = max(map(len, prompts))
