@@ -91,8 +91,8 @@ class Tokenizer:
         for the handful of lookups a run makes (stop tokens, FIM markers)."""
         if piece in self._piece_ids:
             return self._piece_ids[piece]
-        found = self._special_by_text.get(piece)
-        if found is None or self._pieces[found] != piece:
+        found = self._special_by_text.get(piece)  # the same first id, without the scan
+        if found is None:
             try:
                 found = self._pieces.index(piece)
             except ValueError:

@@ -12,9 +12,9 @@ It applies where the eager step would itself take those kernels: float32 on the 
 off, at most ``KERNEL_MAX_ROWS`` rows, a plain float32 KV cache that is not the compiled step's
 static one (a generation's KVCache or the serving engine's RowKVCache), attention layers only, no
 biases, and every projection a GGML-block, int8-code or dense float32 matrix. Anything else (LoRA
-wrappers, bfloat16, RecurrentGemma, int8 KV) keeps the eager path. The stack holds references to the model's weights; it is rebuilt
-whenever any projection or norm module, or a float weight, is no longer the object it was built
-from. ``GEMMAKIT_FUSED_DECODE=0`` turns it off (the eager step then runs, for comparison).
+wrappers, bfloat16, RecurrentGemma, int8 KV) keeps the eager path. The stack holds references to
+the model's weights; it is rebuilt whenever any projection or norm module, or a float weight, is no
+longer the object it was built from. ``GEMMAKIT_FUSED_DECODE=0`` turns it off (the eager step then runs, for comparison).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _build(model: nn.Module):
 
     ext = kernel()
     c = model.config
-    if ext is None or not hasattr(ext, "DecodeStack") or any(kind not in ("global", "local") for kind in c.layer_kinds):
+    if ext is None or any(kind not in ("global", "local") for kind in c.layer_kinds):
         return None
     if model.final_norm.weight.dtype != torch.float32:
         return None

@@ -76,11 +76,9 @@ def bf16_supported() -> bool:
 
 
 def _cpu_has_bf16_dot() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    from gemmakit.quant.kernels import cpu_flags
+
+    flags = cpu_flags().split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -84,13 +84,19 @@ def _build_name() -> str:
     import hashlib
     import platform
 
-    cpu = platform.machine()
-    try:
-        cpu += next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-    except OSError:
-        pass
+    cpu = platform.machine() + cpu_flags()
     digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + cpu.encode()).hexdigest()[:12]
     return f"gemmakit_grouped_{digest}"
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags line from /proc/cpuinfo ('' where there is none): the build's
+    fingerprint, and what tells whether bfloat16 prefill can pay (models/gemm.py)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
 
 
 def _is_built() -> bool:
@@ -282,7 +288,7 @@ def ggml_linear(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K
         return ggml_matmul(x, blocks, types, K)
     from gemmakit.models.gemm import linear
 
-    weight = _dequantize_parts(blocks, types, K, torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32)
+    weight = _dequantize_parts(blocks, types, K, compute_dtype)
     return linear(x.to(torch.float32).contiguous(), weight, compute_dtype=compute_dtype)
 
 

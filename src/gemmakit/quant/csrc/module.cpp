@@ -56,11 +56,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         DecodeProjection p;
         p.parts = std::move(parts);
         return p;
-      }))
-      .def("apply", &DecodeProjection::apply);
+      }));
   py::class_<DecodeStack>(m, "DecodeStack", "the attention layers of a decoder, run one token at a time")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, double, double, double, torch::Tensor>())
       .def("add_layer", &DecodeStack::add_layer)
-      .def("step", &DecodeStack::step)
-      .def("num_layers", &DecodeStack::num_layers);
+      .def("step", &DecodeStack::step);
 }
