@@ -111,3 +111,60 @@ def test_norm_rope_matches_torch_ops(with_norm, B, H, T, D, rot) -> None:
     expected = apply_rope(xd, cos.double(), sin.double())
     assert out.shape == x.shape and out.is_contiguous()
     assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("rows,width", [(1, 2048), (3, 37), (512, 2048)])
+def test_gelu_mul_matches_float64_gelu(rows, width) -> None:
+    """GELU(tanh)(gate) * up as x / (1 + exp(-2u)) * up, on the two strided halves of one gate|up
+    product as the MLP hands them over, against the tanh formula in float64."""
+    from gemmakit.quant.kernels import gelu_mul
+
+    g = torch.Generator().manual_seed(rows * width)
+    gate, up = (torch.randn(rows, 2 * width, generator=g) * 4).split(width, dim=-1)
+    x = gate.double()
+    ref = 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x**3))) * up.double()
+    with torch.inference_mode():
+        out = gelu_mul(gate, up)
+    assert out is not None and out.shape == gate.shape
+    # a few float32 ulps of the product, measured against the largest entries
+    assert (out.double() - ref).abs().max().item() < 4e-7 * ref.abs().max().item()
+    # far tails: -> 0 for very negative inputs (no NaN from inf/inf), x for very positive ones
+    tails = torch.tensor([[-1e4, -80.0, -12.0, 12.0, 80.0, 1e4]])
+    with torch.inference_mode():
+        t = gelu_mul(tails, torch.ones_like(tails))
+    assert torch.isfinite(t).all() and t[0, :3].abs().max() < 1e-30 and torch.equal(t[0, 3:], tails[0, 3:])
+    assert gelu_mul(gate, up) is None  # autograd on: torch's ops, never mixed with the kernel
+
+
+def test_geglu_kernel_and_torch_ops_agree() -> None:
+    from gemmakit.models.layers import GeGLU
+
+    mlp = GeGLU(64, 96)
+    x = torch.randn(7, 64)
+    with torch.inference_mode():
+        fast = mlp(x)
+    slow = mlp(x)  # grad mode: F.gelu * up
+    assert (fast - slow).abs().max().item() < 1e-5 * slow.abs().max().item()
+
+
+@pytest.mark.parametrize("T,S,window,pad", [(512, 512, None, 0), (300, 700, None, 0), (700, 700, 256, 0),
+                                            (400, 400, None, 37), (100, 100, None, 0)])
+def test_prefill_attention_in_query_blocks_matches_softmax_attention(T, S, window, pad) -> None:
+    """Prefill's blocked GEMM attention (each block of queries against only the keys it may see)
+    against dense float64 softmax attention: causal, after cached keys, a sliding window, and
+    left padding (padding queries see every key)."""
+    from gemmakit.models.attention import Attention, attention_mask
+    from gemmakit.models.config import preset
+
+    att = Attention(preset("gemma3-270m"))
+    g = torch.Generator().manual_seed(T + S + pad)
+    q = torch.randn(1, 4, T, 256, generator=g)
+    k, v = torch.randn(1, 1, S, 256, generator=g), torch.randn(1, 1, S, 256, generator=g)
+    k_pos = torch.arange(S)[None] - pad
+    k_pos[k_pos < 0] = -1
+    q_pos = k_pos[:, S - T:]
+    mask = attention_mask(q_pos, k_pos, window)
+    with torch.inference_mode():
+        out = att._attend_gemm(q, k, v, mask)
+    ref = _reference(q, k, v, mask, att.scale, None)
+    assert (out.double() - ref).abs().max().item() < 1e-5

@@ -4,7 +4,7 @@ Eagerly a decode step of Gemma 3 270M dispatches ~1,000 small ops around its mat
 calls, views, splits, norms, cache writes, GELU, residual adds. Each costs a few microseconds of
 Python and dispatch, together ~8 of a ~26 ms step on a 2-core EPYC, a third of the time.
 ``DecodeStack`` runs the same kernels on the same tensors in the same order from C++ (block
-matmuls, RMSNorm, QK-norm + RoPE, one-query attention, ATen's GELU), so its output equals the eager
+matmuls, RMSNorm, QK-norm + RoPE, one-query attention, the GELU kernel), so its output equals the eager
 step bit for bit; what is left in Python per step is the embedding lookup, the rotary tables and
 masks (once per layer kind, as before), the LM head and the cache bookkeeping.
 

@@ -64,7 +64,12 @@ class GeGLU(nn.Module):
             gate, up = self.gate_up_proj(x).split(self.gate_up_sizes, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        from gemmakit.quant.kernels import gelu_mul
+
+        act = gelu_mul(gate, up)  # one pass in the CPU kernel when it applies
+        if act is None:
+            act = F.gelu(gate, approximate="tanh") * up
+        return self.down_proj(act)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

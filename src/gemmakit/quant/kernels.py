@@ -20,10 +20,12 @@ import torch.nn.functional as F
 
 _CSRC = Path(__file__).parent / "csrc"
 # One extension: int8 codes + per-group scales (grouped_matmul.cpp), raw GGML blocks (ggml_matmul.cpp),
-# one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), a decoding
+# one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), the MLP's
+# GELU(gate) * up (gelu_mul.cpp), a decoding
 # step's layers in one call (decode_step.cpp/.h), and the Python module (module.cpp).
 _SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp",
-            _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "decode_step.cpp", _CSRC / "module.cpp"]
+            _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "gelu_mul.cpp",
+            _CSRC / "decode_step.cpp", _CSRC / "module.cpp"]
 _HEADERS = [_CSRC / "decode_step.h"]  # part of the build's fingerprint, not compiled on their own
 _lock = threading.Lock()
 _module = None
@@ -314,6 +316,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         return None
     ext = kernel()
     return None if ext is None else ext.rms_norm(x, weight, eps)
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """``gelu_tanh(gate) * up`` for float32 CPU ``[..., N]`` halves in one kernel pass, or None where
+    the kernel does not apply (the same rule as :func:`rms_norm`: other dtypes or devices, compiled
+    graphs, autograd on). Equal to torch's ops up to float32 rounding (quant/csrc/gelu_mul.cpp)."""
+    if (gate.dtype != torch.float32 or up.dtype != torch.float32 or gate.device.type != "cpu"
+            or torch.compiler.is_compiling() or torch.is_grad_enabled()):
+        return None
+    ext = kernel()
+    if ext is None:
+        return None
+    N = gate.shape[-1]
+    return ext.gelu_mul(gate.reshape(-1, N), up.reshape(-1, N)).view(gate.shape)
 
 
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,

@@ -13,6 +13,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                double softcap);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up);
 
 namespace {
 
@@ -127,7 +128,7 @@ torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys
 
     // MLP: pre-norm, gate|up in one call, GELU(tanh) * up, down projection.
     const torch::Tensor gu = layer.gate_up.apply(rms_norm(h, layer.mlp_norm, eps_));
-    const torch::Tensor act = at::gelu(gu.narrow(1, 0, intermediate_), "tanh") * gu.narrow(1, intermediate_, intermediate_);
+    const torch::Tensor act = gelu_mul(gu.narrow(1, 0, intermediate_), gu.narrow(1, intermediate_, intermediate_));
     h = h + maybe_norm(layer.down.apply(act), layer.post_mlp_norm, eps_);
   }
   return rms_norm(h, final_norm_, eps_);

@@ -3,7 +3,7 @@
 // Eagerly, a step of Gemma 3 270M is ~1,000 dispatched ops (norms, views, splits, cache writes,
 // GELU, residual adds) around its ~75 matmuls; through Python each costs microseconds, ~8 ms of a
 // ~26 ms step on a 2-core EPYC. Here the same pieces (the block kernels, rms_norm, norm_rope,
-// decode_attention, ATen's GELU) run back to back from C++: the same functions on the same inputs
+// decode_attention, gelu_mul) run back to back from C++: the same functions on the same inputs
 // in the same order, so the result equals the eager step bit for bit. The stack is built once from
 // the model's weights (gemmakit/models/fused_decode.py); each step passes the hidden state, the
 // caches and the step's rotary tables and masks.

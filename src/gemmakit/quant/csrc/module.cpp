@@ -1,6 +1,7 @@
 // The Python module of gemmakit's CPU kernels: grouped_matmul.cpp (int8 codes + per-group float
 // scales), ggml_matmul.cpp (raw GGML blocks), decode_attention.cpp (one-query attention) and
-// rms_norm.cpp (Gemma's RMSNorm in one call), rope.cpp (QK-norm + rotary embedding in one call) and
+// rms_norm.cpp (Gemma's RMSNorm in one call), rope.cpp (QK-norm + rotary embedding in one call),
+// gelu_mul.cpp (the MLP's GELU(gate) * up in one pass) and
 // decode_step.cpp (a decoding step's layers in one call), compiled together as one extension.
 
 #include <torch/extension.h>
@@ -22,6 +23,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                double softcap);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_matmul", &grouped_matmul, "x @ (scale * codes + offset)^T with per-group scales");
@@ -34,6 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "softmax(cap(scale q.k) + bias) @ v for one query per row");
   m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2) + eps) * (1 + weight), float32");
   m.def("norm_rope", &norm_rope, "optional RMSNorm, then the rotary embedding (half-split), float32");
+  m.def("gelu_mul", &gelu_mul, "GELU(tanh)(gate) * up as x / (1 + exp(-2u)) * up, float32");
 
   py::class_<DecodePart>(m, "DecodePart", "one part of a projection: GGML blocks, a dense matrix or int8 codes")
       .def_static("ggml", [](std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K) {
