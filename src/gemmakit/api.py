@@ -18,6 +18,7 @@ from gemmakit.checkpoints import build_model, open_checkpoint
 from gemmakit.engine.generate import GenerationStats, generate_steps
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.errors import InvalidRequestError, TokenizerError
+from gemmakit.heap import return_freed_heap
 from gemmakit.models.decoder import GemmaModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,26 +100,12 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
         if "recurrent" in decoder.config.layer_kinds:
             raise InvalidRequestError("--compile covers attention models; RecurrentGemma runs eagerly")
         decoder.compile_decode()
-    _return_freed_heap()
+    return_freed_heap()  # the vocabulary's parsing leaves ~10 MB of freed fragments
     model.load_seconds = time.perf_counter() - t0
     # how the weights are held, for reports: "gguf" (quantised blocks), "int8"/"int4", or the float dtype
     model.weights_format = "gguf" if keep else (quant if quantised else str(model.dtype).removeprefix("torch."))
     model.source = checkpoint.source
     return model, checkpoint.tokenizer
-
-
-def _return_freed_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc's malloc_trim). Parsing a 262k-piece
-    vocabulary leaves ~10 MB of freed fragments that glibc would otherwise keep resident for the
-    whole run; elsewhere (no glibc) this does nothing."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _bf16_prefill(model, quantised: bool) -> None:

@@ -50,16 +50,16 @@ _STOP_PIECES = ("<end_of_turn>", "<|file_separator|>")  # Gemma's end-of-turn; C
 class Tokenizer:
     """Text <-> token ids for Gemma models; build it with one of the ``from_*`` constructors."""
 
-    def __init__(self, *, pieces: list[str], types: list[int], encode_plain: Callable[[str], list[int]],
+    def __init__(self, *, pieces: Sequence[str], types: Sequence[int], encode_plain: Callable[[str], list[int]],
                  bos_id: int, eos_id: int, pad_id: int, unk_id: int | None = None,
-                 model_proto: bytes | None = None, tokenizer_json: Callable[[], str] | None = None,
+                 model_proto: Callable[[], bytes] | None = None, tokenizer_json: Callable[[], str] | None = None,
                  source: str = "") -> None:
         """Use the ``from_*`` classmethods; this takes an already-consistent vocabulary and backend."""
         self.vocab_size = len(pieces)
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.source = source
         self._pieces = pieces
-        self._types = types
+        self._types = bytes(types)  # SentencePiece's piece types are 1..6: a byte each, not a list of ints
         self._encode_plain = encode_plain
         self._model_proto = model_proto
         self._tokenizer_json = tokenizer_json
@@ -68,8 +68,8 @@ class Tokenizer:
 
         special: dict[str, int] = {}
         # numpy finds the few thousand non-normal pieces; Python only looks at those
-        for i in np.flatnonzero(~np.isin(np.asarray(types), (NORMAL, BYTE))).tolist():
-            piece, kind = pieces[i], types[i]
+        for i in np.flatnonzero(~np.isin(np.frombuffer(self._types, np.uint8), (NORMAL, BYTE))).tolist():
+            piece, kind = pieces[i], self._types[i]
             if piece and (kind in _NOT_TEXT or (kind == USER_DEFINED and _SPECIAL_LOOKING.fullmatch(piece))):
                 special.setdefault(piece, i)
         self._special_by_text = special
@@ -205,7 +205,7 @@ class Tokenizer:
             pad=(special_id("padding", "<pad>"), "<pad>"), unk=(unk, "<unk>"),
             add_dummy_prefix=bool(m.get("tokenizer.ggml.add_space_prefix", False)),  # Gemma: False
         )
-        return cls._from_proto(proto, source=str(gguf.path), pieces=pieces, types=types)
+        return cls._from_proto(proto, source=str(gguf.path), types=types)
 
     @classmethod
     def from_sentencepiece_file(cls, path: str | Path) -> Tokenizer:
@@ -268,17 +268,14 @@ class Tokenizer:
         return None
 
     @classmethod
-    def _from_proto(cls, proto: bytes, source: str, pieces: list[str] | None = None,
-                    types: list[int] | None = None) -> Tokenizer:
-        """Load a serialized ModelProto; ``pieces``/``types`` may be passed when already known."""
+    def _from_proto(cls, proto: bytes, source: str, types: list[int] | None = None) -> Tokenizer:
+        """Load a serialized ModelProto; ``types`` (its pieces' types) may be passed when already known."""
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as pb
 
         try:
-            if pieces is None or types is None:
-                model = pb.ModelProto.FromString(proto)
-                pieces = [p.piece for p in model.pieces]
-                types = [p.type for p in model.pieces]
+            if types is None:
+                types = [p.type for p in pb.ModelProto.FromString(proto).pieces]
             sp = spm.SentencePieceProcessor()
             sp.LoadFromSerializedProto(proto)
         except Exception as e:  # protobuf DecodeError / sentencepiece's RuntimeError
@@ -291,9 +288,10 @@ class Tokenizer:
             return found if found != sp.unk_id() or piece == "<unk>" else -1
 
         unk = sp.unk_id()
-        return cls(pieces=pieces, types=types, encode_plain=sp.encode, bos_id=special_id(sp.bos_id(), "<bos>"),
-                   eos_id=special_id(sp.eos_id(), "<eos>"), pad_id=special_id(sp.pad_id(), "<pad>"),
-                   unk_id=unk if unk >= 0 else None, model_proto=proto, source=source)
+        return cls(pieces=_ProcessorPieces(sp), types=types, encode_plain=sp.encode,
+                   bos_id=special_id(sp.bos_id(), "<bos>"), eos_id=special_id(sp.eos_id(), "<eos>"),
+                   pad_id=special_id(sp.pad_id(), "<pad>"), unk_id=unk if unk >= 0 else None,
+                   model_proto=sp.serialized_model_proto, source=source)
 
     # --- saving ---------------------------------------------------------------------------------
 
@@ -304,7 +302,7 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self._model_proto is not None:
-            (directory / "tokenizer.model").write_bytes(self._model_proto)
+            (directory / "tokenizer.model").write_bytes(self._model_proto())
         elif self._tokenizer_json is not None:
             (directory / "tokenizer.json").write_text(self._tokenizer_json(), encoding="utf-8")
         named = {name: self._pieces[i] for name, i in
@@ -330,6 +328,32 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
+
+
+class _ProcessorPieces(Sequence[str]):
+    """A SentencePiece processor's pieces as a read-only sequence. The processor holds its own copy
+    of the vocabulary; a Python list of Gemma's 262k pieces beside it would cost another ~22 MB."""
+
+    def __init__(self, sp) -> None:
+        self._sp = sp
+        self._n = sp.get_piece_size()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._sp.id_to_piece(j) for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._sp.id_to_piece(i % self._n)
+
+    def index(self, piece: str, *args) -> int:  # type: ignore[override]
+        """The id spelt ``piece`` (SentencePiece refuses a model that spells two pieces alike)."""
+        i = self._sp.piece_to_id(piece)
+        if self._sp.id_to_piece(i) != piece:
+            raise ValueError(f"{piece!r} is not in the vocabulary")
+        return i
 
 
 class StreamDecoder:

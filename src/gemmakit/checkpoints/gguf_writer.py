@@ -88,14 +88,14 @@ class Vocabulary:
 
 def vocabulary_of(tokenizer) -> Vocabulary:
     """A gemmakit Tokenizer's vocabulary, read back from its SentencePiece model."""
-    proto = getattr(tokenizer, "_model_proto", None)
-    if proto is None:
+    model_proto = getattr(tokenizer, "_model_proto", None)
+    if model_proto is None:
         raise UnsupportedModelError("the source's tokenizer has no SentencePiece model (tokenizer.model) "
                                     "to write into the GGUF")
     from sentencepiece import sentencepiece_model_pb2
 
     model = sentencepiece_model_pb2.ModelProto()
-    model.ParseFromString(proto)
+    model.ParseFromString(model_proto())
     return Vocabulary(pieces=[p.piece for p in model.pieces], scores=[p.score for p in model.pieces],
                       types=[int(p.type) for p in model.pieces], bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                       unk_id=tokenizer.unk_id, pad_id=tokenizer.pad_id)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.heap import return_freed_heap
 from gemmakit.models.attention import Attention, StepContext, attention_mask
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
@@ -18,6 +19,9 @@ from gemmakit.models.fused_decode import fused_hidden
 from gemmakit.models.griffin import RecurrentBlock, RecurrentContext
 from gemmakit.models.row_cache import RowKVCache
 from gemmakit.models.layers import GeGLU, RMSNorm, rope_cos_sin, softcap
+
+# A prefill of at least this many tokens returns its scratch memory to the OS before the LM head (heap.py).
+TRIM_ROWS = 64
 
 
 class DecoderBlock(nn.Module):
@@ -125,6 +129,8 @@ class GemmaModel(nn.Module):
         for layer, layer_cache in zip(self.layers, layer_caches):
             h = layer(h, contexts[layer.kind], layer_cache)
         if last_only:
+            if h.shape[1] >= TRIM_ROWS and h.device.type == "cpu" and not torch.compiler.is_compiling():
+                return_freed_heap()  # the layers' scratch, before the head streams the whole embedding in
             h = h[:, -1:]
         return self._logits(self.final_norm(h))
 
