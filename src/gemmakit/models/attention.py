@@ -7,7 +7,7 @@ computed once per forward step by the decoder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,18 @@ class StepContext:
     # skips the masked half instead of computing it (``mask`` is then the plain causal [T, T] one).
     causal: bool = False
     bias: torch.Tensor | None = None  # one query per row: the mask as 0 / -inf float32, for the decode kernel
+    _blocks: dict = field(default_factory=dict, repr=False, compare=False)  # query_blocks' answers, by batch row
 
     def __post_init__(self) -> None:
         if self.bias is None and self.mask.shape[-2] == 1 and self.mask.device.type == "cpu":
             self.bias = torch.zeros(self.mask.shape, dtype=torch.float32).masked_fill_(~self.mask, float("-inf"))
+
+    def query_blocks(self, row: int) -> list[tuple[int, int, int, int, int, int]]:
+        """Prefill attention's query blocks for batch row ``row`` (:func:`query_blocks_of`), worked
+        out once per step for all the layers that share this context."""
+        if row not in self._blocks:
+            self._blocks[row] = query_blocks_of(self.mask[row, 0])
+        return self._blocks[row]
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
@@ -123,13 +131,13 @@ class Attention(nn.Module):
 
             out = decode_attention(q, k, v, ctx.bias, self.scale, self.logit_softcap)
         if out is None:
-            out = self._attend(q, k, v, ctx.mask, ctx.causal)  # [B, H, T, D]
+            out = self._attend(q, k, v, ctx.mask, ctx.causal, ctx)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                causal: bool = False) -> torch.Tensor:
+                causal: bool = False, ctx: StepContext | None = None) -> torch.Tensor:
         if _gemm_attention_applies(q, k):
-            return self._attend_gemm(q, k, v, mask)
+            return self._attend_gemm(q, k, v, mask, ctx)
         if self.logit_softcap is None:
             gqa = self.num_heads != self.num_kv_heads
             if causal:
@@ -143,26 +151,32 @@ class Attention(nn.Module):
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, v)
 
-    def _attend_gemm(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend_gemm(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     ctx: StepContext | None = None) -> torch.Tensor:
         """Many queries on the CPU in float32 (prefill): scores and outputs as two oneDNN GEMMs per
         KV head, the query heads sharing it stacked as rows. It ran ~2x faster than SDPA's CPU
         kernel on Gemma 3 270M's 512-token prefill (oneDNN's GEMM runs near the CPU's peak; the
         flash kernel far below it). Queries go in blocks, each against only the span of keys its
-        rows may see (:func:`_query_blocks`), so the causal mask's hidden half is mostly skipped
-        rather than computed and thrown away; the keys left out had softmax weight exactly 0."""
+        rows may see and masked only where some of its rows may not (:func:`query_blocks_of`), so
+        the causal mask's hidden half is mostly skipped rather than computed and thrown away; the
+        keys left out had softmax weight exactly 0."""
         B, H, T, D = q.shape
         Hkv = k.shape[1]
         G = H // Hkv
-        out = torch.empty_like(q)
-        hidden = ~mask  # [B, 1, T, S]
+        # [B, T, H, D] storage, returned as a [B, H, T, D] view: the output projection's
+        # transpose(1, 2).reshape then needs no copy
+        out = q.new_empty(B, T, H, D).transpose(1, 2)
         for b in range(B):
-            for r0, r1, c0, c1 in _query_blocks(mask[b, 0]):
+            blocks = ctx.query_blocks(b) if ctx is not None else query_blocks_of(mask[b, 0])
+            for r0, r1, c0, c1, m0, m1 in blocks:
                 rows, cols = r1 - r0, c1 - c0
+                hidden = ~mask[b, :, r0:r1, m0:m1] if m1 > m0 else None
                 for h in range(Hkv):
                     heads = slice(h * G, (h + 1) * G)
                     scores = gemm.linear((q[b, heads, r0:r1] * self.scale).reshape(G * rows, D), k[b, h, c0:c1])
                     scores = softcap(scores, self.logit_softcap).view(G, rows, cols)
-                    scores.masked_fill_(hidden[b, :, r0:r1, c0:c1], float("-inf"))
+                    if hidden is not None:
+                        scores[:, :, m0 - c0:m1 - c0].masked_fill_(hidden, float("-inf"))
                     probs = torch.softmax(scores, dim=-1).view(G * rows, cols)
                     out[b, heads, r0:r1] = gemm.linear(probs, v[b, h, c0:c1].t()).view(G, rows, D)
         return out
@@ -171,20 +185,25 @@ class Attention(nn.Module):
 QUERY_BLOCK = 128  # queries per block of prefill attention: a few hundred GEMM rows with the heads stacked
 
 
-def _query_blocks(mask: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """``(first_row, end_row, first_col, end_col)`` per block of ``QUERY_BLOCK`` queries of a
-    ``[T, S]`` mask: the columns from the block's first to its last visible key (every row sees at
-    least one key, so no block is empty). A causal mask's later blocks then see more keys than
-    its earlier ones; a sliding window's early columns drop out of its later blocks."""
+def query_blocks_of(mask: torch.Tensor) -> list[tuple[int, int, int, int, int, int]]:
+    """``(first_row, end_row, first_col, end_col, first_masked_col, end_masked_col)`` per block of
+    ``QUERY_BLOCK`` queries of a ``[T, S]`` mask: the columns from the block's first to its last
+    visible key (every row sees at least one key, so no block is empty), and within them the span
+    where some of the block's rows are hidden (empty when none are). A causal mask's later blocks
+    see more keys than its earlier ones and need masking only near the diagonal; a sliding
+    window's early columns drop out of its later blocks."""
     T, S = mask.shape
-    if T < 2 * QUERY_BLOCK:
-        return [(0, T, 0, S)]
-    starts = list(range(0, T, QUERY_BLOCK))
-    seen = torch.stack([mask[r0:r0 + QUERY_BLOCK].any(0) for r0 in starts])  # [blocks, S]
+    starts = list(range(0, T, QUERY_BLOCK)) if T >= 2 * QUERY_BLOCK else [0]
+    ends = starts[1:] + [T]
+    seen = torch.stack([mask[r0:r1].any(0) for r0, r1 in zip(starts, ends)])  # [blocks, S]
+    partial = seen & ~torch.stack([mask[r0:r1].all(0) for r0, r1 in zip(starts, ends)])
     col = torch.arange(S)
-    first = torch.where(seen, col, S).amin(1).tolist()
-    last = torch.where(seen, col, -1).amax(1).tolist()
-    return [(r0, min(r0 + QUERY_BLOCK, T), c0, c1 + 1) for r0, c0, c1 in zip(starts, first, last)]
+    spans = torch.stack([torch.where(seen, col, S).amin(1), torch.where(seen, col, -1).amax(1) + 1,
+                         torch.where(partial, col, S).amin(1), torch.where(partial, col, -1).amax(1) + 1], 1)
+    out = []
+    for r0, r1, (c0, c1, m0, m1) in zip(starts, ends, spans.tolist()):
+        out.append((r0, r1, c0, c1, m0, m1) if m1 > m0 else (r0, r1, c0, c1, c0, c0))
+    return out
 
 
 _GEMM_ATTENTION_BYTES = 64 << 20  # the scores of one KV head's queries must fit in this

@@ -55,7 +55,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             or x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight.to(x.dtype), bias)
     flat = x.reshape(rows, x.shape[-1]).contiguous()
-    weight = weight.contiguous()
+    if not (weight.is_contiguous() or weight.t().is_contiguous()):  # oneDNN reads a transposed matrix as it is
+        weight = weight.contiguous()
     if bf16:  # a bfloat16 weight (dequantised straight to it) is used as it is
         y = torch.ops.mkldnn._linear_pointwise(flat.to(torch.bfloat16), weight.to(torch.bfloat16), None,
                                                "none", [], "").float()

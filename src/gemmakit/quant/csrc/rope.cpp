@@ -13,6 +13,9 @@
 
 #include <torch/types.h>  // not torch/extension.h: no pybind11 here, a third of the compile time
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -39,25 +42,39 @@ torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch
   float* op = out.data_ptr<float>();
   const float feps = static_cast<float>(eps);
   const int64_t half = rot / 2;
-  std::vector<float> y(norm ? D : 0);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t t = 0; t < T; ++t) {
-        const float* v = xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
-        const float* c = cp + b * cos.stride(0) + t * cos.stride(2);
-        const float* s = sp + b * sin.stride(0) + t * sin.stride(2);
-        float* o = op + ((b * H + h) * T + t) * D;
-        const float* src = v;  // the vector to rotate: x itself, or its normalised copy
-        if (norm) {
-          float ss = 0.f;
-          for (int64_t i = 0; i < D; ++i) ss += v[i] * v[i];
-          const float r_inv = 1.f / std::sqrt(ss / float(D) + feps);
-          for (int64_t i = 0; i < D; ++i) y[i] = (v[i] * r_inv) * (1.f + wp[i]);
-          src = y.data();
-        }
-        for (int64_t i = 0; i < half; ++i) o[i] = src[i] * c[i] - src[i + half] * s[i];
-        for (int64_t i = half; i < rot; ++i) o[i] = src[i] * c[i] + src[i - half] * s[i];
-        for (int64_t i = rot; i < D; ++i) o[i] = src[i];
+  const int64_t x0 = x.stride(0), x1 = x.stride(1), x2 = x.stride(2);
+  const int64_t c0 = cos.stride(0), c2 = cos.stride(2), s0 = sin.stride(0), s2 = sin.stride(2);
+  auto rows = [&](int64_t r0, int64_t r1) {
+    std::vector<float> y(norm ? D : 0);
+    for (int64_t r = r0; r < r1; ++r) {  // r = (b * H + h) * T + t, the output's row
+      const int64_t t = r % T, h = (r / T) % H, b = r / (T * H);
+      const float* v = xp + b * x0 + h * x1 + t * x2;
+      const float* c = cp + b * c0 + t * c2;
+      const float* s = sp + b * s0 + t * s2;
+      float* o = op + r * D;
+      const float* src = v;  // the vector to rotate: x itself, or its normalised copy
+      if (norm) {
+        // sixteen running sums (one vector register), then combined: a chain of D dependent adds
+        // would cost more than the rest of the row
+        float acc[16] = {0.f};
+        int64_t i = 0;
+        for (; i + 16 <= D; i += 16)
+          for (int j = 0; j < 16; ++j) acc[j] += v[i + j] * v[i + j];
+        float ss = 0.f;
+        for (int j = 0; j < 16; ++j) ss += acc[j];
+        for (; i < D; ++i) ss += v[i] * v[i];
+        const float r_inv = 1.f / std::sqrt(ss / float(D) + feps);
+        for (int64_t i = 0; i < D; ++i) y[i] = (v[i] * r_inv) * (1.f + wp[i]);
+        src = y.data();
       }
+      for (int64_t i = 0; i < half; ++i) o[i] = src[i] * c[i] - src[i + half] * s[i];
+      for (int64_t i = half; i < rot; ++i) o[i] = src[i] * c[i] + src[i - half] * s[i];
+      for (int64_t i = rot; i < D; ++i) o[i] = src[i];
+    }
+  };
+  const int64_t n_rows = B * H * T;
+  // A decoding step's few heads: threads would cost more than they save; a prefill's thousands split.
+  if (n_rows * D < (1 << 16)) rows(0, n_rows);
+  else at::parallel_for(0, n_rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(D, 1)), rows);
   return out;
 }
