@@ -147,12 +147,14 @@ def test_geglu_kernel_and_torch_ops_agree() -> None:
     assert (fast - slow).abs().max().item() < 1e-5 * slow.abs().max().item()
 
 
-@pytest.mark.parametrize("T,S,window,pad", [(512, 512, None, 0), (300, 700, None, 0), (700, 700, 256, 0),
-                                            (400, 400, None, 37), (100, 100, None, 0)])
-def test_prefill_attention_in_query_blocks_matches_softmax_attention(T, S, window, pad) -> None:
+@pytest.mark.parametrize("T,S,window,pad,ring", [(512, 512, None, 0, False), (300, 700, None, 0, False),
+                                                 (700, 700, 256, 0, False), (400, 400, None, 37, False),
+                                                 (100, 100, None, 0, False), (460, 972, 512, 0, True)])
+def test_prefill_attention_in_query_blocks_matches_softmax_attention(T, S, window, pad, ring) -> None:
     """Prefill's blocked GEMM attention (each block of queries against only the keys it may see)
-    against dense float64 softmax attention: causal, after cached keys, a sliding window, and
-    left padding (padding queries see every key)."""
+    against dense float64 softmax attention: causal, after cached keys, a sliding window, left
+    padding (padding queries see every key), and a ring cache's keys (out of position order, with
+    unused slots that no query sees, between keys that some do) ahead of the chunk's own."""
     from gemmakit.models.attention import Attention, attention_mask
     from gemmakit.models.config import preset
 
@@ -162,7 +164,11 @@ def test_prefill_attention_in_query_blocks_matches_softmax_attention(T, S, windo
     k, v = torch.randn(1, 1, S, 256, generator=g), torch.randn(1, 1, S, 256, generator=g)
     k_pos = torch.arange(S)[None] - pad
     k_pos[k_pos < 0] = -1
-    q_pos = k_pos[:, S - T:]
+    q_pos = k_pos[:, S - T:].clone()
+    if ring:  # the cached part as a ring: rotated, some slots never written
+        cached = k_pos[:, :S - T].roll(137, dims=1)
+        cached[:, 200:260] = -1
+        k_pos = torch.cat([cached, q_pos], dim=1)
     mask = attention_mask(q_pos, k_pos, window)
     with torch.inference_mode():
         out = att._attend_gemm(q, k, v, mask)

@@ -53,7 +53,7 @@ def _tokenizer():
     types += [3] * 4
     proto = build_model_proto(pieces, scores, types, bos=(2, "<bos>"), eos=(1, "<eos>"), pad=(0, "<pad>"),
                               unk=(3, "<unk>"))
-    return Tokenizer._from_proto(proto, source="tiny-vision", pieces=pieces, types=types)
+    return Tokenizer._from_proto(proto, source="tiny-vision", types=types)
 
 
 def _hf_model(kind: str):

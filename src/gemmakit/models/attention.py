@@ -196,10 +196,13 @@ def query_blocks_of(mask: torch.Tensor) -> list[tuple[int, int, int, int, int, i
     starts = list(range(0, T, QUERY_BLOCK)) if T >= 2 * QUERY_BLOCK else [0]
     ends = starts[1:] + [T]
     seen = torch.stack([mask[r0:r1].any(0) for r0, r1 in zip(starts, ends)])  # [blocks, S]
-    partial = seen & ~torch.stack([mask[r0:r1].all(0) for r0, r1 in zip(starts, ends)])
     col = torch.arange(S)
-    spans = torch.stack([torch.where(seen, col, S).amin(1), torch.where(seen, col, -1).amax(1) + 1,
-                         torch.where(partial, col, S).amin(1), torch.where(partial, col, -1).amax(1) + 1], 1)
+    first, end = torch.where(seen, col, S).amin(1, keepdim=True), torch.where(seen, col, -1).amax(1, keepdim=True) + 1
+    # within [first, end): every column some row of the block may not see (a ring's unused slots
+    # can be hidden from all of them), which the block must mask
+    partial = ~torch.stack([mask[r0:r1].all(0) for r0, r1 in zip(starts, ends)]) & (col >= first) & (col < end)
+    spans = torch.cat([first, end, torch.where(partial, col, S).amin(1, keepdim=True),
+                       torch.where(partial, col, -1).amax(1, keepdim=True) + 1], 1)
     out = []
     for r0, r1, (c0, c1, m0, m1) in zip(starts, ends, spans.tolist()):
         out.append((r0, r1, c0, c1, m0, m1) if m1 > m0 else (r0, r1, c0, c1, c0, c0))
