@@ -92,6 +92,12 @@ def test_replaced_weights_rebuild_the_stack(monkeypatch) -> None:
     eager, _ = _decode_logits(model, PROMPTS[:1], False, monkeypatch)
     assert served == STEPS and torch.equal(fused, eager)
     assert not torch.equal(fused, first)  # the new weight really changed the outputs
+    # a new Parameter on a module that stays (as a weight load by assignment does)
+    down = model.layers[0].mlp.down_proj
+    down.weight = torch.nn.Parameter(down.weight.detach() * 0.5)
+    refused, served = _decode_logits(model, PROMPTS[:1], True, monkeypatch)
+    eager, _ = _decode_logits(model, PROMPTS[:1], False, monkeypatch)
+    assert served == STEPS and torch.equal(refused, eager) and not torch.equal(refused, fused)
 
 
 def test_unsupported_layers_keep_the_eager_path(monkeypatch) -> None:

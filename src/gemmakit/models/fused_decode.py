@@ -13,12 +13,13 @@ off, at most ``KERNEL_MAX_ROWS`` rows, a plain float32 KV cache that is not the 
 static one (a generation's KVCache or the serving engine's RowKVCache), attention layers only, no
 biases, and every projection a GGML-block, int8-code or dense float32 matrix. Anything else (LoRA
 wrappers, bfloat16, RecurrentGemma, int8 KV) keeps the eager path. The stack holds references to
-the model's weights; it is rebuilt whenever any projection or norm module, or a float weight, is no
-longer the object it was built from. ``GEMMAKIT_FUSED_DECODE=0`` turns it off (the eager step then runs, for comparison).
+the model's weights; it is rebuilt whenever a module, weight or buffer of the layers is no longer
+the object it was built from (``_fingerprint``). ``GEMMAKIT_FUSED_DECODE=0`` turns it off (the eager step then runs, for comparison).
 """
 
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -93,31 +94,33 @@ def _write_slots(ctx: StepContext | None, rows: int) -> list[int] | None:
 def _stack_for(model: nn.Module):
     """The model's DecodeStack, built on first use and again when its weights changed; None if the
     model cannot run fused (remembered until its modules change)."""
-    sources = _sources(model)
     cached = model.__dict__.get("_fused_decode")
-    if cached is not None and len(cached[0]) == len(sources) and all(a is b for a, b in zip(cached[0], sources)):
+    if cached is not None and _unchanged(cached[0]):
         return cached[1]
     stack = _build(model)
-    model.__dict__["_fused_decode"] = (sources, stack)
+    model.__dict__["_fused_decode"] = (_fingerprint(model), stack)
     return stack
 
 
-def _sources(model: nn.Module) -> list:
-    """Every object the stack was built from: a change of identity in any of them means a rebuild."""
-    out: list = [model.final_norm, model.final_norm.weight]
-    for layer in model.layers:
-        attn = getattr(layer, "attn", None)
-        mlp = layer.mlp
-        mods = [layer.attn_norm, layer.post_attn_norm, layer.mlp_norm, layer.post_mlp_norm, mlp.gate_up_proj,
-                mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if attn is not None:
-            mods += [attn.qkv_proj, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, attn.q_norm, attn.k_norm]
-        for m in mods:
-            out.append(m)
-            weight = getattr(m, "weight", None) if m is not None else None
-            if weight is not None:
-                out.append(weight)
-    return out
+def _fingerprint(model: nn.Module) -> tuple:
+    """The parameter, buffer and submodule tables of the model and of every module in its layers,
+    with their sizes and the objects they held when the stack was built. Replacing a projection, a
+    norm, a weight or a quantised weight's blocks (LoRA wrappers, requantisation, a new Parameter),
+    or adding one (``fuse``), changes one of them; in-place edits of a weight need no rebuild, as
+    the stack holds the same tensors."""
+    modules = [model, *model.final_norm.modules(), *model.layers.modules()]
+    tables = [d for m in modules for d in (m._parameters, m._buffers, m._modules)]
+    entries = [(d, k, v) for d in tables for k, v in d.items()]
+    return (tables, [len(d) for d in tables], [e[0] for e in entries], [e[1] for e in entries],
+            [e[2] for e in entries])
+
+
+def _unchanged(fingerprint: tuple) -> bool:
+    """Whether every table still holds exactly its objects: ~1,500 lookups and identity checks,
+    all inside C's ``map`` (~40 us a step, where looking the modules up by attribute took ~330)."""
+    tables, sizes, entry_tables, keys, held = fingerprint
+    return (list(map(len, tables)) == sizes
+            and all(map(operator.is_, map(dict.get, entry_tables, keys), held)))
 
 
 def _build(model: nn.Module):
