@@ -150,8 +150,13 @@ def _loader(t: GGUFTensor, norm_offset: float) -> TensorLoader:
 
 
 def _packed_loader(t: GGUFTensor):
-    # The blocks stay in the file's memory map (see ggml_blocks), so their pages are not released.
-    return lambda: ggml_blocks(t.raw, t.ggml_type, t.shape)
+    # The blocks stay in the file's memory map (see ggml_blocks): their pages are mapped in now
+    # rather than released, so the first prompt does not fault them in one by one.
+    def load():
+        t.populate()
+        return ggml_blocks(t.raw, t.ggml_type, t.shape)
+
+    return load
 
 
 def open_gguf_checkpoint(path: str | Path) -> Checkpoint:

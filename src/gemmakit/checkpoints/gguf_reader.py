@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -92,6 +93,30 @@ class GGUFTensor:
                 mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
             except (OSError, ValueError):
                 pass
+
+
+    def populate(self) -> None:
+        """Map this tensor's file pages into the process now (Linux's MADV_POPULATE_READ), for
+        tensors used in place: one call at load instead of a page fault per 64 KB the first time
+        each is read (~9 ms of the first prefill's LM head for a 178 MB embedding). llama.cpp
+        maps its weights the same way (MAP_POPULATE). Elsewhere only a read-ahead hint."""
+        mapping = getattr(self.raw, "_mmap", None)
+        if mapping is None:
+            return
+        page = mmap.PAGESIZE
+        first = self.file_offset // page * page
+        length = self.file_offset + self.raw.nbytes - first
+        for advice in (_MADV_POPULATE_READ, getattr(mmap, "MADV_WILLNEED", None)):
+            if advice is None:
+                continue
+            try:
+                mapping.madvise(advice, first, length)
+                return
+            except (OSError, ValueError):  # a kernel before 5.14 refuses POPULATE_READ (EINVAL)
+                continue
+
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
 
 @dataclass(frozen=True)
