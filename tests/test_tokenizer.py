@@ -285,3 +285,32 @@ def test_tokenizer_json_save_round_trip(from_json, tmp_path):
     assert not (tmp_path / "tokenizer.model").exists()
     again = Tokenizer.from_directory(tmp_path)
     assert again.encode("<start_of_turn>user\nhi 🦩<end_of_turn>") == [105, 2364, 107, 2202, 236743, 478, 397, 404, 407, 106]
+
+
+def test_real_kernel_bpe_equals_sentencepiece(real_gguf, real, cases, monkeypatch):
+    """The kernel's compact BPE encoder (GGUF vocabularies' default, quant/csrc/bpe.h) against
+    SentencePiece's own processor on the same vocabulary: the golden texts and ~3,000 generated
+    ones (mixed scripts, whitespace, tab and newline runs, emoji, combining marks, characters only
+    byte fallback spells, user-defined pieces), ids, specials and the saved model alike."""
+    import random
+
+    import gemmakit.quant.kernels as kernels
+
+    assert type(real._pieces).__name__ == "_VocabularyPieces" and "BPEVocab" in repr(real._encode_plain)
+    monkeypatch.setattr(kernels, "kernel", lambda: None)
+    reference = Tokenizer.from_gguf(real_gguf)  # no kernel: SentencePiece's processor
+    assert "SentencePieceProcessor" in repr(reference._encode_plain)
+    for name in ("vocab_size", "bos_id", "eos_id", "pad_id", "unk_id"):
+        assert getattr(real, name) == getattr(reference, name), name
+    assert real._model_proto() == reference._model_proto()
+    rng = random.Random(7)
+    alphabets = [" abcdefghijklmnopqrstuvwxyz", "  \n\n\t\t.,;:!?'\"()[]{}<>/\\|=-_", "éèêëàâäôöûüçñßÆØ", "αβγδεζηθ",
+                 "абвгдежз", "日本語中文字한국어", "😀🎉👍🏽👩‍👧", "\u0301\u0308\u200d", "0123456789", "▁", "\r\u2028\u00a0"]
+    texts = [c["text"] for c in cases] + EXTRA_TEXTS + ["", " ", "a" * 300, "\n" * 40, " " * 40, "[multimodal]x"]
+    for _ in range(3000):
+        texts.append("".join(rng.choice(rng.choice(alphabets)) for _ in range(rng.randint(1, 60))))
+    for _ in range(300):  # anything in the first planes, rare characters included
+        raw = "".join(chr(rng.randint(1, 0x2FFFF)) for _ in range(rng.randint(1, 20)))
+        texts.append(raw.encode("utf-8", "ignore").decode("utf-8"))
+    for text in texts:
+        assert real.encode(text) == reference.encode(text), repr(text)

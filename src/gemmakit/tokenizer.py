@@ -199,13 +199,48 @@ class Tokenizer:
         unk = special_id("unknown", "<unk>")
         if unk >= 0 and UNKNOWN not in types[:1024] and types[unk] == CONTROL:
             types[unk] = UNKNOWN  # Gemma's own tokenizer.model marks <unk> UNKNOWN; some GGUFs say CONTROL
-        proto = build_model_proto(
-            pieces, scores, types,
-            bos=(special_id("bos", "<bos>"), "<bos>"), eos=(special_id("eos", "<eos>"), "<eos>"),
-            pad=(special_id("padding", "<pad>"), "<pad>"), unk=(unk, "<unk>"),
-            add_dummy_prefix=bool(m.get("tokenizer.ggml.add_space_prefix", False)),  # Gemma: False
-        )
-        return cls._from_proto(proto, source=str(gguf.path), types=types)
+        spec = dict(bos=(special_id("bos", "<bos>"), "<bos>"), eos=(special_id("eos", "<eos>"), "<eos>"),
+                    pad=(special_id("padding", "<pad>"), "<pad>"), unk=(unk, "<unk>"),
+                    add_dummy_prefix=bool(m.get("tokenizer.ggml.add_space_prefix", False)))  # Gemma: False
+        compact = cls._compact(pieces, scores, types, spec, source=str(gguf.path))
+        if compact is not None:
+            return compact
+        return cls._from_proto(build_model_proto(pieces, scores, types, **spec), source=str(gguf.path), types=types)
+
+    @classmethod
+    def _compact(cls, pieces: list[str], scores: list[float], types: list[int], spec: dict,
+                 source: str) -> Tokenizer | None:
+        """The vocabulary on the CPU kernel's BPE encoder (quant/csrc/bpe.h): SentencePiece's
+        algorithm and ids in ~9 MB where its processor holds ~43 MB. None where the kernel is
+        unavailable or the vocabulary is one it does not take (a dummy-prefix space, no single
+        unknown piece, missing byte pieces): SentencePiece itself then runs it, or refuses it."""
+        from gemmakit.quant.kernels import kernel
+
+        if spec["add_dummy_prefix"] or types.count(UNKNOWN) != 1:
+            return None
+        ext = kernel()
+        if ext is None:
+            return None
+        unk = types.index(UNKNOWN)  # SentencePiece's unk_id: the UNKNOWN piece
+        try:
+            vocab = ext.BPEVocab(pieces, scores, bytes(types), unk)
+        except ValueError:
+            return None
+        score_array, type_bytes, n = np.asarray(scores, dtype=np.float32), bytes(types), len(pieces)
+
+        def model_proto() -> bytes:  # for save_pretrained and GGUF export: rebuilt when asked for
+            return build_model_proto([vocab.piece(i) for i in range(n)], score_array.tolist(), list(type_bytes), **spec)
+
+        def special(given: tuple[int, str]) -> int:  # as SentencePiece resolves an id the metadata lacks
+            i, piece = given
+            if i >= 0:
+                return i
+            found = vocab.piece_to_id(piece)
+            return found if found != unk or piece == "<unk>" else -1
+
+        return cls(pieces=_VocabularyPieces(vocab.piece, vocab.piece_to_id, n), types=type_bytes, encode_plain=vocab.encode,
+                   bos_id=special(spec["bos"]), eos_id=special(spec["eos"]), pad_id=special(spec["pad"]), unk_id=unk,
+                   model_proto=model_proto, source=source)
 
     @classmethod
     def from_sentencepiece_file(cls, path: str | Path) -> Tokenizer:
@@ -288,7 +323,8 @@ class Tokenizer:
             return found if found != sp.unk_id() or piece == "<unk>" else -1
 
         unk = sp.unk_id()
-        return cls(pieces=_ProcessorPieces(sp), types=types, encode_plain=sp.encode,
+        return cls(pieces=_VocabularyPieces(sp.id_to_piece, sp.piece_to_id, sp.get_piece_size()), types=types,
+                   encode_plain=sp.encode,
                    bos_id=special_id(sp.bos_id(), "<bos>"), eos_id=special_id(sp.eos_id(), "<eos>"),
                    pad_id=special_id(sp.pad_id(), "<pad>"), unk_id=unk if unk >= 0 else None,
                    model_proto=sp.serialized_model_proto, source=source)
@@ -330,28 +366,28 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
 
 
-class _ProcessorPieces(Sequence[str]):
-    """A SentencePiece processor's pieces as a read-only sequence. The processor holds its own copy
-    of the vocabulary; a Python list of Gemma's 262k pieces beside it would cost another ~22 MB."""
+class _VocabularyPieces(Sequence[str]):
+    """A vocabulary's pieces as a read-only sequence over its encoder's own copy (a SentencePiece
+    processor or the kernel's BPE vocabulary): a Python list of Gemma's 262k pieces beside it would
+    cost another ~22 MB."""
 
-    def __init__(self, sp) -> None:
-        self._sp = sp
-        self._n = sp.get_piece_size()
+    def __init__(self, piece_of: Callable[[int], str], id_of: Callable[[str], int], size: int) -> None:
+        self._piece_of, self._id_of, self._n = piece_of, id_of, size
 
     def __len__(self) -> int:
         return self._n
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
-            return [self._sp.id_to_piece(j) for j in range(*i.indices(self._n))]
+            return [self._piece_of(j) for j in range(*i.indices(self._n))]
         if not -self._n <= i < self._n:
             raise IndexError(i)
-        return self._sp.id_to_piece(i % self._n)
+        return self._piece_of(i % self._n)
 
     def index(self, piece: str, *args) -> int:  # type: ignore[override]
-        """The id spelt ``piece`` (SentencePiece refuses a model that spells two pieces alike)."""
-        i = self._sp.piece_to_id(piece)
-        if self._sp.id_to_piece(i) != piece:
+        """The id spelt ``piece`` (both encoders refuse a vocabulary that spells two pieces alike)."""
+        i = self._id_of(piece)
+        if not 0 <= i < self._n or self._piece_of(i) != piece:
             raise ValueError(f"{piece!r} is not in the vocabulary")
         return i
 

@@ -1,11 +1,13 @@
 // The Python module of gemmakit's CPU kernels: grouped_matmul.cpp (int8 codes + per-group float
 // scales), ggml_matmul.cpp (raw GGML blocks), decode_attention.cpp (one-query attention) and
 // rms_norm.cpp (Gemma's RMSNorm in one call), rope.cpp (QK-norm + rotary embedding in one call),
-// gelu_mul.cpp (the MLP's GELU(gate) * up in one pass) and
+// gelu_mul.cpp (the MLP's GELU(gate) * up in one pass), bpe.cpp (SentencePiece's BPE encoding over a
+// compact vocabulary) and
 // decode_step.cpp (a decoding step's layers in one call), compiled together as one extension.
 
 #include <torch/extension.h>
 
+#include "bpe.h"
 #include "decode_step.h"
 
 #include <string>
@@ -38,6 +40,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_rope", &norm_rope, "optional RMSNorm, then the rotary embedding (half-split), float32");
   m.def("gelu_mul", &gelu_mul, "GELU(tanh)(gate) * up as x / (1 + exp(-2u)) * up, float32");
 
+  py::class_<BPEVocab>(m, "BPEVocab", "SentencePiece BPE encoding over a compact vocabulary (bpe.h)")
+      .def(py::init<const std::vector<std::string>&, const std::vector<float>&, const std::string&, int64_t>())
+      .def("encode", &BPEVocab::encode, "token ids of a text (no special-token handling)")
+      .def("piece", &BPEVocab::piece, "the piece of an id")
+      .def("piece_to_id", [](const BPEVocab& v, const std::string& p) { return v.piece_to_id(p); })
+      .def("__len__", &BPEVocab::size);
   py::class_<DecodePart>(m, "DecodePart", "one part of a projection: GGML blocks, a dense matrix or int8 codes")
       .def_static("ggml", [](std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K) {
         DecodePart p;
