@@ -133,3 +133,24 @@ def test_unknown_scheme_is_a_typed_error():
 
     with pytest.raises(InvalidRequestError):
         quantize_model(random_model(tiny_config("gemma3")), "int3")
+
+
+@pytest.mark.parametrize("quant", ["Q5_0", "Q8_0"])
+def test_int8_from_gguf_blocks_equals_int8_of_the_float_model(tmp_path, quant):
+    """``load(gguf, quant="int8")`` requantises the file's blocks directly (no float copy of the
+    model): the same codes and scales as quantising the dequantised float model, so the same logits."""
+    import gemmakit
+    from tiny import random_model, tiny_config, write_gguf
+
+    config = tiny_config("gemma3", hidden_size=256, intermediate_size=512, num_layers=2)
+    path = write_gguf(tmp_path / f"tiny-{quant}.gguf", random_model(config, seed=9), quant=quant)
+    direct, _ = gemmakit.load(path, quant="int8")
+    via_float, _ = gemmakit.load(path, quant="none")
+    via_float = quantize_model(via_float, "int8")
+    a, b = direct.state_dict(), via_float.state_dict()
+    assert a.keys() == b.keys() and any(v.dtype == torch.int8 for v in a.values())
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ids = torch.tensor([[2, 40, 41, 200, 7, 9]])
+    with torch.inference_mode():
+        assert torch.equal(direct(ids), via_float(ids))

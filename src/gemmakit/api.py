@@ -77,19 +77,24 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
         from gemmakit.quant.linear import default_compute_dtype
 
         dtype = default_compute_dtype(quant)  # float32 for int8, bfloat16 for torch's int4 kernel
-    if keep:
+    # int8 from a quantised GGUF: requantise its blocks directly, never building the float model
+    via_blocks = (quant == "int8" and adapter is None and _cpu(device) and bool(checkpoint.packed)
+                  and parse_dtype(dtype) == torch.float32)
+    if keep or via_blocks:
         from gemmakit.quant.kernels import kernel
 
         kernel()  # build (first run only) or load the CPU kernel now, not in the middle of a prefill
-    model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress, keep_quantised=keep)
+    model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress, keep_quantised=keep or via_blocks)
     if adapter is not None:
         from gemmakit.train.lora import load_adapter
 
         model = load_adapter(model, adapter)
     if quantised:
-        from gemmakit.quant.linear import quantize_model
+        from gemmakit.quant.linear import quantize_model, requantize_blocks_int8
 
-        model = quantize_model(model, quant, dtype=parse_dtype(dtype))
+        if via_blocks:
+            requantize_blocks_int8(model)
+        model = quantize_model(model, quant, dtype=parse_dtype(dtype))  # any float matrices left
     if prefill_dtype == "bfloat16":
         _bf16_prefill(model, keep or quant == "int8")
     decoder = getattr(model, "decoder", model)  # a vision model's language decoder holds the caches

@@ -186,6 +186,56 @@ def _fitting_group(in_features: int, group: int) -> int | None:
 
 
 @torch.no_grad()
+def requantize_blocks_int8(model: nn.Module, rows: int = 4096) -> int:
+    """Turn every GGML-block weight of ``model`` (a GGUF loaded with its blocks kept) into int8
+    groups of 32, a few thousand rows at a time; returns how many weights it converted.
+
+    The codes and scales are exactly those ``quantize_model(..., "int8")`` gives the dequantised
+    float model (the same float values, groups never cross rows), without ever holding that model:
+    loading the 270M's GGUF with ``--quant int8`` peaked at 1.6 GB through the float copy (its
+    embedding alone is 671 MB in float32). Each source's file pages are handed back once converted.
+    """
+    from gemmakit.quant.grouped import GGMLWeight, GroupedWeight
+    from gemmakit.quant.kernels import ggml_dequantize
+
+    converted = 0
+    for module in list(model.modules()):
+        w = module._modules.get("w")
+        if not isinstance(w, GGMLWeight) or w.in_features % INT8_GROUP:
+            continue
+        K = w.in_features
+        codes = torch.empty(w.out_features, K, dtype=torch.int8)
+        scale = torch.empty(w.out_features, K // INT8_GROUP, dtype=torch.float32)
+        start = 0
+        for blocks, ggml_type in zip(w.parts(), w.types):
+            for first in range(0, blocks.shape[0], rows):
+                part = quantize_int8_groups(ggml_dequantize(blocks[first:first + rows], ggml_type, K))
+                n = part.codes.shape[0]
+                codes[start:start + n], scale[start:start + n] = part.codes, part.scale
+                start += n
+            _forget_pages(blocks)
+        module.w = GroupedWeight(GroupedCodes(codes, scale, None, INT8_GROUP))
+        converted += 1
+    return converted
+
+
+def _forget_pages(t: torch.Tensor) -> None:
+    """Drop the whole pages under ``t`` (a view of a read-only file mapping) from this process:
+    the kernel reads them again from the file if they are ever touched (Linux; elsewhere nothing)."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    first = -(-t.data_ptr() // page) * page
+    last = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if last <= first or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
 def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP,
                    dtype: torch.dtype | None = None, embedding: bool = True) -> nn.Module:
     """Replace every bias-free ``nn.Linear`` (and the tied embedding/head) of ``model`` in place.
