@@ -238,7 +238,8 @@ class Tokenizer:
             found = vocab.piece_to_id(piece)
             return found if found != unk or piece == "<unk>" else -1
 
-        return cls(pieces=_VocabularyPieces(vocab.piece, vocab.piece_to_id, n), types=type_bytes, encode_plain=vocab.encode,
+        return cls(pieces=_VocabularyPieces(vocab.piece, vocab.piece_to_id, n), types=type_bytes,
+                   encode_plain=vocab.encode,
                    bos_id=special(spec["bos"]), eos_id=special(spec["eos"]), pad_id=special(spec["pad"]), unk_id=unk,
                    model_proto=model_proto, source=source)
 

@@ -14,7 +14,8 @@ static one (a generation's KVCache or the serving engine's RowKVCache), attentio
 biases, and every projection a GGML-block, int8-code or dense float32 matrix. Anything else (LoRA
 wrappers, bfloat16, RecurrentGemma, int8 KV) keeps the eager path. The stack holds references to
 the model's weights; it is rebuilt whenever a module, weight or buffer of the layers is no longer
-the object it was built from (``_fingerprint``). ``GEMMAKIT_FUSED_DECODE=0`` turns it off (the eager step then runs, for comparison).
+the object it was built from (``_fingerprint``). ``GEMMAKIT_FUSED_DECODE=0`` turns it off (the
+eager step then runs, for comparison).
 """
 
 from __future__ import annotations

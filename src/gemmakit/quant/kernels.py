@@ -53,7 +53,7 @@ def kernel():
 
             _ninja_on_path()
             if not _is_built():
-                print("gemmakit: building the CPU kernel for quantised weights (once; up to a minute)...",
+                print("gemmakit: building the CPU kernels (quantised weights, tokenizer; once, up to a minute)...",
                       file=sys.stderr, flush=True)
             _module = load(name=_build_name(), sources=[str(p) for p in _SOURCES],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
