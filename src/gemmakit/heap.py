@@ -1,4 +1,5 @@
-"""Handing the C heap's free pages back to the OS, where RSS matters more than a few milliseconds.
+"""Handing memory back to the OS, where RSS matters more than a few milliseconds: the C heap's free
+pages, and the pages of a read-only file mapping whose bytes have been decoded.
 
 glibc keeps memory that a program frees for its next allocations: the fragments a 262k-piece
 vocabulary leaves after loading (~10 MB), or a 512-token prefill's scratch (dequantised weights,
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 
 
 @functools.cache
@@ -27,3 +29,26 @@ def return_freed_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _madvise():
+    try:
+        return ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return None
+
+
+def forget_file_pages(address: int, nbytes: int) -> None:
+    """Drop the whole pages inside ``[address, address + nbytes)``, part of a read-only file mapping,
+    from this process (MADV_DONTNEED): the kernel reads them again from the file if they are ever
+    touched, and the pages at either end, shared with neighbouring data, stay. Linux; elsewhere
+    nothing."""
+    madvise = _madvise()
+    if madvise is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    first = -(-address // page) * page
+    last = (address + nbytes) // page * page
+    if last > first:
+        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)

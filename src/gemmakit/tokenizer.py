@@ -222,21 +222,18 @@ class Tokenizer:
         if ext is None:
             return None
         unk = types.index(UNKNOWN)  # SentencePiece's unk_id: the UNKNOWN piece
+        type_bytes, n = bytes(types), len(pieces)
         try:
-            vocab = ext.BPEVocab(pieces, scores, bytes(types), unk)
+            vocab = ext.BPEVocab(pieces, scores, type_bytes, unk)
         except ValueError:
             return None
-        score_array, type_bytes, n = np.asarray(scores, dtype=np.float32), bytes(types), len(pieces)
+        score_array = np.asarray(scores, dtype=np.float32)
 
         def model_proto() -> bytes:  # for save_pretrained and GGUF export: rebuilt when asked for
             return build_model_proto([vocab.piece(i) for i in range(n)], score_array.tolist(), list(type_bytes), **spec)
 
-        def special(given: tuple[int, str]) -> int:  # as SentencePiece resolves an id the metadata lacks
-            i, piece = given
-            if i >= 0:
-                return i
-            found = vocab.piece_to_id(piece)
-            return found if found != unk or piece == "<unk>" else -1
+        def special(given: tuple[int, str]) -> int:
+            return _special_id(given[0], given[1], vocab.piece_to_id, unk)
 
         return cls(pieces=_VocabularyPieces(vocab.piece, vocab.piece_to_id, n), types=type_bytes,
                    encode_plain=vocab.encode,
@@ -318,10 +315,7 @@ class Tokenizer:
             raise TokenizerError(f"{source}: not a valid SentencePiece model ({_first_line(e)})") from None
 
         def special_id(sp_id: int, piece: str) -> int:
-            if sp_id >= 0:
-                return sp_id
-            found = sp.piece_to_id(piece)
-            return found if found != sp.unk_id() or piece == "<unk>" else -1
+            return _special_id(sp_id, piece, sp.piece_to_id, sp.unk_id())
 
         unk = sp.unk_id()
         return cls(pieces=_VocabularyPieces(sp.id_to_piece, sp.piece_to_id, sp.get_piece_size()), types=types,
@@ -378,9 +372,7 @@ class _VocabularyPieces(Sequence[str]):
     def __len__(self) -> int:
         return self._n
 
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self._piece_of(j) for j in range(*i.indices(self._n))]
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
         if not -self._n <= i < self._n:
             raise IndexError(i)
         return self._piece_of(i % self._n)
@@ -474,6 +466,15 @@ def _piece_records(pieces: Sequence[str], scores: Sequence[float], types: Sequen
         body = b"\x0a" + _varint(len(text)) + text + b"\x15" + pack_score(score) + b"\x18" + _varint(int(kind))
         out += b"\x0a" + _varint(len(body)) + body
     return bytes(out)
+
+
+def _special_id(given: int, piece: str, piece_to_id: Callable[[str], int], unk: int) -> int:
+    """A special token's id as SentencePiece resolves it: the one the model names, else the id of
+    its usual piece (``<bos>``...), else -1 (a lookup that lands on ``<unk>`` found nothing)."""
+    if given >= 0:
+        return given
+    found = piece_to_id(piece)
+    return found if found != unk or piece == "<unk>" else -1
 
 
 def _piece_or(pieces: Sequence[str], special: tuple[int, str]) -> str:

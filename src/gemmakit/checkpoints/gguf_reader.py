@@ -31,6 +31,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
 from gemmakit.errors import CheckpointError, ModelNotFoundError
+from gemmakit.heap import forget_file_pages
 
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and lengths; nothing current writes it
 _MAX_DIMS = 4  # GGML_MAX_DIMS in ggml.h
@@ -81,19 +82,8 @@ class GGUFTensor:
         be read again if touched); without this a load's peak RSS holds the whole file on top of
         the model built from it.
         """
-        mapping = getattr(self.raw, "_mmap", None)  # np.memmap slices share the file's mmap object
-        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        offset = self.file_offset
-        page = mmap.PAGESIZE
-        first = -(-offset // page) * page  # only whole pages inside this tensor: neighbours keep theirs
-        last = (offset + self.raw.nbytes) // page * page
-        if last > first:
-            try:
-                mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
-            except (OSError, ValueError):
-                pass
-
+        if getattr(self.raw, "_mmap", None) is not None:  # a view of the file's map, not a copy
+            forget_file_pages(self.raw.ctypes.data, self.raw.nbytes)
 
     def populate(self) -> None:
         """Map this tensor's file pages into the process now (Linux's MADV_POPULATE_READ), for

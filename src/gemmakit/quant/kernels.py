@@ -306,15 +306,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return None if ext is None else ext.decode_attention(q, k, v, bias, scale, softcap or 0.0)
 
 
+def _eager_float32_kernel(*tensors: torch.Tensor):
+    """The kernel module for an elementwise-style call on float32 CPU ``tensors`` outside compiled
+    graphs and autograd (see :func:`rms_norm` for why those keep torch's ops), else None."""
+    if (any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
+            or torch.compiler.is_compiling() or torch.is_grad_enabled()):
+        return None
+    return kernel()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """Gemma's RMSNorm of float32 CPU ``x`` in one kernel call, or None where the kernel does not apply:
     other dtypes or devices, inside a compiled graph (the compiler fuses it anyway), and with autograd
     on (generation runs without it; training and a plain ``model(ids)`` keep torch's ops, so the two
     never mix within one forward and LoRA at B = 0 reproduces its base bit for bit)."""
-    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
-            or torch.compiler.is_compiling() or torch.is_grad_enabled()):
-        return None
-    ext = kernel()
+    ext = _eager_float32_kernel(x, weight)
     return None if ext is None else ext.rms_norm(x, weight, eps)
 
 
@@ -322,10 +328,7 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     """``gelu_tanh(gate) * up`` for float32 CPU ``[..., N]`` halves in one kernel pass, or None where
     the kernel does not apply (the same rule as :func:`rms_norm`: other dtypes or devices, compiled
     graphs, autograd on). Equal to torch's ops up to float32 rounding (quant/csrc/gelu_mul.cpp)."""
-    if (gate.dtype != torch.float32 or up.dtype != torch.float32 or gate.device.type != "cpu"
-            or torch.compiler.is_compiling() or torch.is_grad_enabled()):
-        return None
-    ext = kernel()
+    ext = _eager_float32_kernel(gate, up)
     if ext is None:
         return None
     N = gate.shape[-1]

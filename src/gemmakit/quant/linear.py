@@ -195,6 +195,7 @@ def requantize_blocks_int8(model: nn.Module, rows: int = 4096) -> int:
     loading the 270M's GGUF with ``--quant int8`` peaked at 1.6 GB through the float copy (its
     embedding alone is 671 MB in float32). Each source's file pages are handed back once converted.
     """
+    from gemmakit.heap import forget_file_pages
     from gemmakit.quant.grouped import GGMLWeight, GroupedWeight
     from gemmakit.quant.kernels import ggml_dequantize
 
@@ -213,27 +214,10 @@ def requantize_blocks_int8(model: nn.Module, rows: int = 4096) -> int:
                 n = part.codes.shape[0]
                 codes[start:start + n], scale[start:start + n] = part.codes, part.scale
                 start += n
-            _forget_pages(blocks)
+            forget_file_pages(blocks.data_ptr(), blocks.numel() * blocks.element_size())
         module.w = GroupedWeight(GroupedCodes(codes, scale, None, INT8_GROUP))
         converted += 1
     return converted
-
-
-def _forget_pages(t: torch.Tensor) -> None:
-    """Drop the whole pages under ``t`` (a view of a read-only file mapping) from this process:
-    the kernel reads them again from the file if they are ever touched (Linux; elsewhere nothing)."""
-    import ctypes
-    import mmap
-
-    page = mmap.PAGESIZE
-    first = -(-t.data_ptr() // page) * page
-    last = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    if last <= first or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    try:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
-    except (OSError, AttributeError):
-        pass
 
 
 def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP,

@@ -68,7 +68,7 @@ BPEVocab::BPEVocab(const std::vector<std::string>& pieces, const std::vector<flo
     const bool mergeable = t == kNormal || t == kUserDefined || t == kUnused;
     if (!(mergeable ? mergeable_ : reserved_).insert(*this, static_cast<int32_t>(i)))
       throw std::invalid_argument("the piece '" + pieces[i] + "' is in the vocabulary twice");
-    if (t == kUserDefined && !pieces[i].empty())
+    if (t == kUserDefined)
       user_defined_[static_cast<unsigned char>(pieces[i][0])].push_back(static_cast<int32_t>(i));
   }
   for (auto& ids : user_defined_)
@@ -167,7 +167,8 @@ std::vector<int64_t> BPEVocab::encode(const std::string& text) const {
 
   auto emit = [&](auto&& self, std::string_view w) -> void {
     const int64_t id = piece_to_id(w);
-    if (id >= 0 && types_[id] == kUnused) {
+    // piece_to_id answers unk_id_ (checked when built) for a piece it does not know, never -1
+    if (types_[id] == kUnused) {
       const auto it = unmerge.find(w);
       if (it != unmerge.end()) {
         self(self, it->second.first);
@@ -175,8 +176,8 @@ std::vector<int64_t> BPEVocab::encode(const std::string& text) const {
         return;
       }
     }
-    if (id >= 0 && types_[id] == kUnknown) {  // byte fallback
-      for (unsigned char b : w) out.push_back(byte_ids_[b] >= 0 ? byte_ids_[b] : unk_id_);
+    if (types_[id] == kUnknown) {  // byte fallback
+      for (unsigned char b : w) out.push_back(byte_ids_[b]);  // all 256 exist (checked when built)
       return;
     }
     out.push_back(id);
