@@ -6,6 +6,9 @@ import torch
 
 import gemmakit
 from gemmakit.engine.generate import generate_steps
+import pytest
+
+from gemmakit.models.config import ModelConfig, griffin_pattern
 from tiny import VOCAB_SIZE, random_model, tiny_config, write_gguf
 
 
@@ -23,6 +26,36 @@ def test_long_prompt_crosses_window_cache_equals_full(real_model):
         model(x[:, 600:1060], cache=cache, last_only=True)
         steps = [model(x[:, t:t + 1], cache=cache)[0, -1] for t in range(1060, 1100)]
     assert (torch.stack(steps) - full).abs().max().item() < 1e-3
+
+
+def _griffin_config() -> ModelConfig:
+    return ModelConfig(family="recurrentgemma", vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48,
+                       num_layers=4, num_heads=2, num_kv_heads=1, head_dim=16, layer_kinds=griffin_pattern(4),
+                       max_position_embeddings=256, query_pre_attn_scalar=16, sliding_window=16, lru_width=32,
+                       rope_fraction=0.5, embed_scale_bf16=True, mlp_bias=True, attn_out_bias=True,
+                       final_logit_softcap=30.0)
+
+
+@pytest.mark.parametrize("config", [tiny_config("gemma"), tiny_config("gemma2"), tiny_config(),
+                                    tiny_config(num_layers=6), _griffin_config()],
+                         ids=["gemma-global", "gemma2-local", "gemma3-local", "gemma3-global", "griffin"])
+def test_last_only_prefill_keeps_every_row_in_the_cache(config):
+    """With last_only the final layer works out the last row alone: its logits are the full pass's
+    last row, and the cache it leaves is the one a full prefill leaves, so decoding goes on the same."""
+    model = random_model(config)
+    ids = torch.randint(6, VOCAB_SIZE, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        full = model(ids)
+        cut, whole = model.new_cache(2, 48), model.new_cache(2, 48)
+        last = model(ids[:, :-1], cache=cut, last_only=True)
+        assert last.shape[1] == 1
+        assert (last[:, 0] - model(ids[:, :-1], cache=whole)[:, -1]).abs().max().item() < 1e-5
+        for a, b in zip(cut.layers, whole.layers):
+            for name, x in vars(a).items():
+                if isinstance(x, torch.Tensor):
+                    assert torch.equal(x, getattr(b, name)), name
+        step = model(ids[:, -1:], cache=cut)[:, 0]
+    assert (step - full[:, -1]).abs().max().item() < 1e-4
 
 
 def test_real_model_batch_equals_single(real_model):

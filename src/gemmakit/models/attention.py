@@ -113,7 +113,11 @@ class Attention(nn.Module):
         self.qkv_proj, self.qkv_sizes = qkv, sizes
         self.q_proj = self.k_proj = self.v_proj = None
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, cache: LayerCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: LayerCache | None,
+                last_row_only: bool = False) -> torch.Tensor:
+        """``x [B, T, hidden] -> [B, T, hidden]``; with ``last_row_only`` every row's keys and values
+        still go to the cache but only the last row attends, returning ``[B, 1, hidden]`` (the final
+        layer of a prefill whose logits are wanted for the last position only)."""
         B, T, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
@@ -125,13 +129,16 @@ class Attention(nn.Module):
         q, k = norm_and_rope(q, self.q_norm, ctx.cos, ctx.sin), norm_and_rope(k, self.k_norm, ctx.cos, ctx.sin)
         if cache is not None:
             k, v = _update_cache(cache, k, v, ctx)
-        out = None
-        if T == 1 and ctx.bias is not None:  # decoding on the CPU: the one-query kernel (quant/kernels.py)
+        out, mask = None, ctx.mask
+        if last_row_only and T > 1:
+            q, mask, T = q[:, :, -1:], mask[..., -1:, :], 1
+            out = self._attend(q, k, v, mask)
+        elif T == 1 and ctx.bias is not None:  # decoding on the CPU: the one-query kernel (quant/kernels.py)
             from gemmakit.quant.kernels import decode_attention
 
             out = decode_attention(q, k, v, ctx.bias, self.scale, self.logit_softcap)
         if out is None:
-            out = self._attend(q, k, v, ctx.mask, ctx.causal, ctx)  # [B, H, T, D]
+            out = self._attend(q, k, v, mask, ctx.causal, ctx)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
