@@ -18,7 +18,7 @@ from gemmakit.checkpoints import build_model, open_checkpoint
 from gemmakit.engine.generate import GenerationStats, generate_steps
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.errors import InvalidRequestError, TokenizerError
-from gemmakit.heap import forget_unused_code, return_freed_heap
+from gemmakit.heap import forget_unused_code, keep_freed_heap, return_freed_heap
 from gemmakit.models.decoder import GemmaModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,6 +64,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     if prefill_dtype not in ("float32", "bfloat16"):
         raise InvalidRequestError(f"unknown prefill dtype {prefill_dtype!r}; choose float32 or bfloat16")
     t0 = time.perf_counter()
+    keep_freed_heap()  # a prefill reuses its scratch memory instead of faulting it in again (heap.py)
     checkpoint = open_checkpoint(source, config)
     keep = quant == "gguf" or (quant in (None, "auto") and dtype is None and adapter is None and _cpu(device)
                                  and bool(checkpoint.packed))
