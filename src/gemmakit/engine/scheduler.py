@@ -29,6 +29,7 @@ import torch
 from gemmakit.engine.sampling import SamplingParams, apply_penalties, make_generator, sample_one
 from gemmakit.engine.stopping import TokenOutput
 from gemmakit.errors import InvalidRequestError
+from gemmakit.heap import return_freed_heap
 from gemmakit.models.row_cache import RowKVCache
 
 
@@ -217,6 +218,10 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
+                if not self._stopping and not self._incoming and not self._waiting and not self.running:
+                    # idle: the freed caches and scratch of the requests just served go back to the
+                    # OS (load() has glibc keep freed memory for reuse while work goes on; heap.py)
+                    return_freed_heap()
                 while not self._stopping and not self._incoming and not self._waiting and not self.running:
                     self._lock.wait(timeout=1.0)
                 if self._stopping:
