@@ -49,8 +49,8 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     The tokenizer is ``None`` when the source carries no tokenizer files. ``config`` (a preset name
     or ModelConfig) names the architecture of a ``.ckpt``, which stores none. ``adapter`` is a LoRA
     adapter directory in PEFT's layout, merged into the weights after loading. ``quant`` ("int8" or
-    "int4") requantises the weights (int8 in groups of 32 on the grouped kernel, float32 compute;
-    int4 on torch's packed kernel, bfloat16 compute unless ``dtype`` says otherwise); "gguf"
+    "int4") requantises the weights (int8 in groups of 32 on the grouped kernel; int4 as GGML Q4_1
+    blocks on the block kernel; float32 compute on the CPU, and bfloat16 for int4 elsewhere); "gguf"
     keeps a GGUF file's quantised matrices as they are (the file's GGML blocks, in place, no float copy);
     "none" expands everything to ``dtype``. The default, "auto", is "gguf" for a quantised GGUF on
     the CPU when no ``dtype`` is asked for (same outputs, a third of the memory, faster), else "none".
@@ -77,9 +77,9 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     if quantised and dtype is None:
         from gemmakit.quant.linear import default_compute_dtype
 
-        dtype = default_compute_dtype(quant)  # float32 for int8, bfloat16 for torch's int4 kernel
-    # int8 from a quantised GGUF: requantise its blocks directly, never building the float model
-    via_blocks = (quant == "int8" and adapter is None and _cpu(device) and bool(checkpoint.packed)
+        dtype = default_compute_dtype(quant, device or "cpu")  # float32 on the CPU's block kernels
+    # int8/int4 from a quantised GGUF: requantise its blocks directly, never building the float model
+    via_blocks = (quant in ("int8", "int4") and adapter is None and _cpu(device) and bool(checkpoint.packed)
                   and parse_dtype(dtype) == torch.float32)
     if keep or via_blocks:
         from gemmakit.quant.kernels import kernel
@@ -91,10 +91,10 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
 
         model = load_adapter(model, adapter)
     if quantised:
-        from gemmakit.quant.linear import quantize_model, requantize_blocks_int8
+        from gemmakit.quant.linear import quantize_model, requantize_blocks
 
         if via_blocks:
-            requantize_blocks_int8(model)
+            requantize_blocks(model, quant)
         model = quantize_model(model, quant, dtype=parse_dtype(dtype))  # any float matrices left
     if prefill_dtype == "bfloat16":
         _bf16_prefill(model, keep or quant == "int8")

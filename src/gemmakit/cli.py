@@ -29,8 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
         p.add_argument("--quant", choices=["auto", "none", "gguf", "int8", "int4"], default="auto",
                        help="how weights are held: gguf = a quantised .gguf's blocks as they are, read in place from "
                             "the file (same outputs as expanding them); int8 = requantise in groups of 32 (float32 "
-                            "compute); int4 = requantise to 4 bits (bfloat16 compute unless --dtype says "
-                            "otherwise); none = expand to --dtype. "
+                            "compute); int4 = requantise to GGML Q4_1 blocks, 4 bits + a scale and minimum per 32 (float32 "
+                            "compute on the CPU, bfloat16 elsewhere); none = expand to --dtype. "
                             "auto (default): gguf for a quantised .gguf on the CPU without --dtype, else none")
 
 

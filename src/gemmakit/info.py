@@ -127,7 +127,8 @@ def preset_table(context: int | None = None, names: list[str] | None = None) -> 
     """Weights + KV cache for every preset, per storage format, at ``context`` (default: each maximum).
 
     First principles only: weights = parameters x bytes per parameter (int8 as 1.125 bytes with its
-    group scales; int4 as 0.5 byte, scales not counted: they add 1/16 at group 64), KV = 2 x kv_heads x
+    group scales; int4 as 0.5 byte, scales not counted, as published tables count it: gemmakit's CPU
+    int4, Q4_1, holds 0.625 with its scales and minimums), KV = 2 x kv_heads x
     head_dim x positions held per layer (a local layer holds at most its window) x bytes per value
     (int8 KV: 1.125 with its scales).
     """

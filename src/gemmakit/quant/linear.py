@@ -6,14 +6,17 @@ by flops: halving the bytes roughly doubles tokens/s.
 * ``int8``: one signed byte per weight and one float32 scale per group of 32 inputs (symmetric
   absmax/127, GGML's Q8_0 scheme), run by gemmakit's grouped kernel (quant/grouped.py) with float32
   activations: the same layers a Q8_0 GGUF loads into.
-* ``int4``: four bits per weight in groups of ``group_size`` along the input, each group with its
-  own scale and minimum (asymmetric), run by ``aten._weight_int4pack_mm_for_cpu`` with bfloat16
-  activations (its float32 variant is several times slower).
+* ``int4`` on the CPU: GGML's Q4_1 blocks (4-bit codes with a float16 scale and minimum per 32
+  inputs, 0.625 bytes per weight), rounded by llama.cpp's own quantiser (gguf-py's), run by the same
+  block kernel as a quantised GGUF with float32 activations: the weights ``gemmakit quantize
+  --scheme int4`` writes. It decoded ~2x faster than torch's packed int4 CPU kernel with bfloat16
+  activations, which was this scheme before, at a twentieth of its load peak.
+* ``int4`` elsewhere: four bits in groups of ``group_size`` with a scale and minimum each
+  (asymmetric), dequantised before each matmul (torch's packed int4 kernels are CPU-only here).
 
 Gemma ties its LM head to the embedding: 168M of the 270M model's 268M parameters. The head
 matmul is the largest single read of a decode step, so it is quantised too, while the embedding
-lookup dequantises only the rows it needs. Off the CPU the int4 modules fall back to
-dequantise-then-matmul, which is correct everywhere (the packed CPU kernels do not exist there).
+lookup dequantises only the rows it needs.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmakit.quant.ggml import GroupedCodes
-from gemmakit.quant.grouped import GroupedEmbedding, GroupedLinear, fuse_projections
+from gemmakit.quant.ggml import GGMLBlocks, GroupedCodes, ggml_blocks
+from gemmakit.quant.grouped import GGMLWeight, GroupedEmbedding, GroupedLinear, GroupedWeight, fuse_projections
 
 SCHEMES = ("int8", "int4")
-DEFAULT_GROUP = 64  # int4 group along the input: 640, 1024, 2048 ... are all multiples of 64
+DEFAULT_GROUP = 64  # off-CPU int4 group along the input: 640, 1024, 2048 ... are all multiples of 64
 INT8_GROUP = 32  # as GGML's Q8_0
+Q4_1, Q4_1_GROUP, Q4_1_BYTES = 3, 32, 20  # GGMLQuantizationType.Q4_1: 32 weights in 20 bytes
 
 
 # --------------------------------------------------------------------------- quantisers (pure)
@@ -47,6 +51,23 @@ def quantize_int8_groups(w: torch.Tensor, group: int = INT8_GROUP, rows: int = 4
         codes[start:start + rows] = torch.round(g / s[..., None]).clamp(-127, 127).reshape(-1, K).to(torch.int8)
         scale[start:start + rows] = s
     return GroupedCodes(codes, scale, None, group)
+
+
+def quantize_q4_1(w: torch.Tensor, rows: int = 4096) -> GGMLBlocks:
+    """``w [N, K]`` (K a multiple of 32) -> GGML Q4_1 blocks, ``w ~ d * q + m`` per 32 inputs.
+
+    The rounding is llama.cpp's reference quantiser's (through gguf-py), so the blocks are byte
+    for byte those of a Q4_1 GGUF written from the same weights; ``rows`` at a time keep numpy's
+    temporaries a few MB even for a 262K-row embedding.
+    """
+    import gguf
+
+    N, K = w.shape
+    out = torch.empty(N, K // Q4_1_GROUP * Q4_1_BYTES, dtype=torch.uint8)
+    for start in range(0, N, rows):
+        chunk = w[start:start + rows].detach().to("cpu", torch.float32).numpy()
+        out[start:start + rows] = torch.from_numpy(gguf.quants.quantize(chunk, gguf.GGMLQuantizationType.Q4_1))
+    return ggml_blocks(out, Q4_1, (N, K))
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,40 +105,25 @@ def _unnibble(p: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- matmul kernels
 
 class _Int4Weight(nn.Module):
-    """An int4 group-wise weight in the layout the device's kernel wants."""
+    """An int4 group-wise weight off the CPU: nibble-packed codes, dequantised for each matmul."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int,
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group = group
-        self.dtype = dtype
-        self.cpu_kernel = q.device.type == "cpu"
-        if self.cpu_kernel:
-            # The kernel wants N a multiple of 16: pad with zero rows, sliced off after the matmul.
-            pad = -self.out_features % 16
-            if pad:
-                q, scale, low = (F.pad(t, (0, 0, 0, pad)) for t in (q, scale, low))
-            # The kernel computes w = (q - 8) * scale + zero, so zero = low + 8 * scale.
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-            sz = torch.stack([scale, low + 8 * scale], dim=-1)  # [N, G, 2]
-            self.register_buffer("scales_zeros", sz.transpose(0, 1).contiguous().to(dtype))  # [G, N, 2]
-        else:
-            self.register_buffer("packed", _nibbles(q))
-            self.register_buffer("scale", scale.to(dtype))
-            self.register_buffer("low", low.to(dtype))
+        self.register_buffer("packed", _nibbles(q))
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("low", low.to(dtype))
+
+    def dense(self, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantised weight (or its ``rows``) in ``dtype`` (the scales' by default)."""
+        packed, scale, low = (self.packed, self.scale, self.low) if rows is None else (
+            self.packed[rows], self.scale[rows], self.low[rows])
+        return dequantize_int4(_unnibble(packed), scale, low, dtype or self.scale.dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.cpu_kernel and x.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(self.dtype).contiguous(), self.packed, self.group, self.scales_zeros)
-            y = y[:, :self.out_features].to(x.dtype)
-        else:
-            w = dequantize_int4(_unnibble(self.packed), self.scale, self.low, x.dtype)
-            y = F.linear(x2, w)
-        return y.reshape(*shape, self.out_features)
+        return F.linear(x, self.dense(dtype=x.dtype))
 
 
 # --------------------------------------------------------------------------- modules
@@ -135,44 +141,35 @@ class Int4Linear(nn.Module):
 
 
 class QuantTiedEmbedding(nn.Module):
-    """The tied embedding / LM head in int4.
-
-    ``forward(ids)`` dequantises only the looked-up rows; ``project(h)`` is the LM head matmul. The
-    rows are kept nibble-packed for the lookup and a kernel-packed copy for the head (the CPU
-    kernel's tiled layout cannot be indexed by row): two half-byte copies, the bytes of one int8
-    copy, but the head reads half as much per token. ``weight`` is an empty tensor that carries
-    only the compute dtype and device, so code that asks a model for its dtype or device keeps working.
+    """The tied embedding / LM head in int4 off the CPU (on the CPU: Q4_1 blocks in a
+    ``GroupedEmbedding``). ``forward(ids)`` dequantises only the looked-up rows; ``project(h)`` is
+    the LM head matmul. ``weight`` is an empty tensor that carries only the compute dtype and
+    device, so code that asks a model for its dtype or device keeps working.
     """
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, group: int = DEFAULT_GROUP) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.register_buffer("_probe", torch.empty(0, dtype=dtype, device=weight.device), persistent=False)
-        q, scale, low = quantize_int4(weight, group)
-        self.register_buffer("rows", _nibbles(q))  # [V, D/2]
-        self.register_buffer("row_scale", scale.to(dtype))
-        self.register_buffer("row_low", low.to(dtype))
-        self.head = _Int4Weight(q, scale, low, group, dtype)
+        self.w = _Int4Weight(*quantize_int4(weight, group), group=group, dtype=dtype)
 
     @property
     def weight(self) -> torch.Tensor:
         return self._probe
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
-        flat = ids.reshape(-1)
-        rows = dequantize_int4(_unnibble(self.rows[flat]), self.row_scale[flat], self.row_low[flat], self._probe.dtype)
-        return rows.reshape(*ids.shape, self.embedding_dim)
+        return self.w.dense(ids.reshape(-1), self._probe.dtype).reshape(*ids.shape, self.embedding_dim)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
-        return self.head.matmul(h)
+        return self.w.matmul(h)
 
 
 # --------------------------------------------------------------------------- swapping
 
-def default_compute_dtype(scheme: str) -> torch.dtype:
-    """int8 runs on the grouped kernel in float32; the packed int4 CPU kernel is 3-10x faster with
-    bfloat16 activations than with float32 ones."""
-    return torch.float32 if scheme == "int8" else torch.bfloat16
+def default_compute_dtype(scheme: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """float32 for int8 and for int4 on the CPU (both run on the block kernels); bfloat16 for int4
+    elsewhere, whose dequantise-then-matmul would otherwise expand every weight to float32."""
+    return torch.bfloat16 if scheme == "int4" and torch.device(device).type != "cpu" else torch.float32
 
 
 def _fitting_group(in_features: int, group: int) -> int | None:
@@ -185,38 +182,60 @@ def _fitting_group(in_features: int, group: int) -> int | None:
     return None
 
 
-@torch.no_grad()
-def requantize_blocks_int8(model: nn.Module, rows: int = 4096) -> int:
-    """Turn every GGML-block weight of ``model`` (a GGUF loaded with its blocks kept) into int8
-    groups of 32, a few thousand rows at a time; returns how many weights it converted.
-
-    The codes and scales are exactly those ``quantize_model(..., "int8")`` gives the dequantised
-    float model (the same float values, groups never cross rows), without ever holding that model:
-    loading the 270M's GGUF with ``--quant int8`` peaked at 1.6 GB through the float copy (its
-    embedding alone is 671 MB in float32). Each source's file pages are handed back once converted.
-    """
+def _dense_rows(blocks: torch.Tensor, ggml_type: int, K: int, rows: int):
+    """A GGML matrix as float32 chunks of ``rows`` rows; its file pages are handed back after."""
     from gemmakit.heap import forget_file_pages
-    from gemmakit.quant.grouped import GGMLWeight, GroupedWeight
     from gemmakit.quant.kernels import ggml_dequantize
 
+    for first in range(0, blocks.shape[0], rows):
+        yield ggml_dequantize(blocks[first:first + rows], ggml_type, K)
+    forget_file_pages(blocks.data_ptr(), blocks.numel() * blocks.element_size())
+
+
+def _int8_of_blocks(w: GGMLWeight, rows: int) -> GroupedWeight:
+    """All of ``w``'s parts stacked into one grouped int8 weight (written in place: no second copy)."""
+    codes = torch.empty(w.out_features, w.in_features, dtype=torch.int8)
+    scale = torch.empty(w.out_features, w.in_features // INT8_GROUP, dtype=torch.float32)
+    start = 0
+    for blocks, ggml_type in zip(w.parts(), w.types):
+        for dense in _dense_rows(blocks, ggml_type, w.in_features, rows):
+            part, end = quantize_int8_groups(dense), start + dense.shape[0]
+            codes[start:end], scale[start:end] = part.codes, part.scale
+            start = end
+    return GroupedWeight(GroupedCodes(codes, scale, None, INT8_GROUP))
+
+
+def _q4_1_of_blocks(w: GGMLWeight, rows: int) -> GGMLWeight:
+    """Each of ``w``'s parts as Q4_1 blocks, kept apart as ``fuse_projections`` keeps them."""
+    K, parts = w.in_features, []
+    for blocks, ggml_type in zip(w.parts(), w.types):
+        q4 = torch.empty(blocks.shape[0], K // Q4_1_GROUP * Q4_1_BYTES, dtype=torch.uint8)
+        start = 0
+        for dense in _dense_rows(blocks, ggml_type, K, rows):
+            q4[start:start + dense.shape[0]] = quantize_q4_1(dense).blocks
+            start += dense.shape[0]
+        parts.append(GGMLBlocks(q4, Q4_1, K))
+    return GGMLWeight(parts)
+
+
+@torch.no_grad()
+def requantize_blocks(model: nn.Module, scheme: str, rows: int = 4096) -> int:
+    """Turn every GGML-block weight of ``model`` (a GGUF loaded with its blocks kept) into
+    ``scheme``'s weights (int8 groups of 32, or Q4_1 blocks for int4), a few thousand rows at a
+    time; returns how many weights it converted.
+
+    The result is exactly what ``quantize_model(..., scheme)`` gives the dequantised float model
+    (the same float values, groups never cross rows), without ever holding that model: loading the
+    270M's GGUF with ``--quant int8`` peaked at 1.6 GB through the float copy (its embedding alone
+    is 671 MB in float32). Each source's file pages are handed back once converted.
+    """
+    convert = _int8_of_blocks if scheme == "int8" else _q4_1_of_blocks
     converted = 0
     for module in list(model.modules()):
         w = module._modules.get("w")
-        if not isinstance(w, GGMLWeight) or w.in_features % INT8_GROUP:
-            continue
-        K = w.in_features
-        codes = torch.empty(w.out_features, K, dtype=torch.int8)
-        scale = torch.empty(w.out_features, K // INT8_GROUP, dtype=torch.float32)
-        start = 0
-        for blocks, ggml_type in zip(w.parts(), w.types):
-            for first in range(0, blocks.shape[0], rows):
-                part = quantize_int8_groups(ggml_dequantize(blocks[first:first + rows], ggml_type, K))
-                n = part.codes.shape[0]
-                codes[start:start + n], scale[start:start + n] = part.codes, part.scale
-                start += n
-            forget_file_pages(blocks.data_ptr(), blocks.numel() * blocks.element_size())
-        module.w = GroupedWeight(GroupedCodes(codes, scale, None, INT8_GROUP))
-        converted += 1
+        if isinstance(w, GGMLWeight) and w.in_features % INT8_GROUP == 0:
+            module.w = convert(w, rows)
+            converted += 1
     return converted
 
 
@@ -232,26 +251,33 @@ def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP,
         from gemmakit.errors import InvalidRequestError
 
         raise InvalidRequestError(f"unknown quantisation {scheme!r}; choose one of {', '.join(SCHEMES)} or none")
-    dtype = dtype or default_compute_dtype(scheme)
+    dtype = dtype or default_compute_dtype(scheme, next(model.parameters()).device)
+
+    def blocks(w: torch.Tensor) -> GroupedCodes | GGMLBlocks | None:
+        """The CPU's block-kernel form of ``w`` for ``scheme``, or None."""
+        if scheme == "int8" and w.shape[1] % INT8_GROUP == 0:
+            return quantize_int8_groups(w)
+        if scheme == "int4" and w.device.type == "cpu" and w.shape[1] % Q4_1_GROUP == 0:
+            return quantize_q4_1(w)
+        return None
+
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
                 w = child.weight.detach()
-                if scheme == "int8" and w.shape[1] % INT8_GROUP == 0:
-                    setattr(parent, name, GroupedLinear(quantize_int8_groups(w)))
+                if (packed := blocks(w)) is not None:
+                    setattr(parent, name, GroupedLinear(packed))
                 elif scheme == "int4" and (g := _fitting_group(w.shape[1], group)):
                     setattr(parent, name, Int4Linear(w, g, dtype))
                 del child, w
     if embedding and isinstance(getattr(model, "embed", None), nn.Embedding):
         w = model.embed.weight.detach()
-        g = _fitting_group(w.shape[1], group)
-        if scheme == "int8" and w.shape[1] % INT8_GROUP == 0:
-            model.embed = GroupedEmbedding(quantize_int8_groups(w), dtype)
-        elif scheme == "int4" and g:
+        if (packed := blocks(w)) is not None:
+            model.embed = GroupedEmbedding(packed, dtype)
+        elif scheme == "int4" and (g := _fitting_group(w.shape[1], group)):
             model.embed = QuantTiedEmbedding(w, dtype, g)
         del w
-    if scheme == "int8":
-        fuse_projections(model)
+    fuse_projections(model)  # q/k/v and gate/up as one block-kernel call (skips other holders)
     for p in model.parameters():  # norm weights, and any matrix that could not be grouped
         p.data = p.data.to(dtype)
     model.quant_scheme = scheme
