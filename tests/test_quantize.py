@@ -60,6 +60,21 @@ def test_quantised_file_is_the_model(float_source, tmp_path, scheme, qtype, boun
     assert rel < bound, rel
 
 
+def test_load_int4_holds_what_quantize_writes(float_source, tmp_path):
+    """``load(src, quant="int4")`` and loading ``gemmakit quantize src --scheme int4``'s file give the
+    same logits: the same Q4_1 rounding of the same weights, reached by two paths. (int8 in memory
+    keeps float32 scales, finer than a Q8_0 file's float16 ones, so there the two differ.)"""
+    source, _ = float_source
+    out = tmp_path / "q-int4.gguf"
+    quantize_checkpoint(source, out, "int4")
+    in_memory, _ = gemmakit.load(source, quant="int4")
+    from_file, _ = gemmakit.load(out)
+    ids = torch.randint(0, in_memory.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = in_memory(ids), from_file(ids)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
 def test_bad_requests(float_source, tmp_path):
     source, _ = float_source
     existing = tmp_path / "there.gguf"
