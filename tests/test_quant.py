@@ -58,6 +58,26 @@ def test_q4_1_quantiser_error_is_at_most_half_a_step():
     assert (err <= (step / 2 + slack)[..., None] + 1e-6).all()
 
 
+def test_q4_1_kernel_rounds_as_llama_cpp_s_quantiser():
+    """The kernel's Q4_1 quantiser writes gguf-py's bytes (its copy of llama.cpp's reference): on
+    Gaussian rows of many scales and on edge groups (constant, all zero, levels exactly at .5)."""
+    import gguf
+
+    from gemmakit.quant.kernels import ggml_quantize_q4_1, kernel
+
+    if kernel() is None:
+        pytest.skip("no CPU kernel on this machine: gguf-py's quantiser is the one used")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 640, generator=g) * torch.rand(3000, 1, generator=g) * 3
+    x[0, :32], x[1, 32:64], x[3] = 1.5, 0.0, -x[3].abs()
+    x[2, :32] = torch.arange(32.0) / 31 * 15
+    x[4, :32] = torch.tensor([0.0] * 31 + [15.0])
+    x[5, :32] = torch.arange(32.0) % 16 + 0.5  # every code sits on a rounding boundary
+    ours = ggml_quantize_q4_1(x)
+    theirs = torch.from_numpy(gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.Q4_1))
+    assert torch.equal(ours, theirs)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gemmakit.errors import InvalidRequestError, UnsupportedModelError
 from gemmakit.models.config import ModelConfig, alternating
@@ -128,7 +129,13 @@ def add_tensor(writer, name: str, data: np.ndarray, qtype_name: str | None) -> N
         data = data + 1.0  # llama.cpp's converter stores Gemma norms as 1 + w
     if qtype_name is not None and data.ndim == 2:
         qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
-        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        if qtype == gguf.GGMLQuantizationType.Q4_1:  # the kernel's quantiser: the same bytes, ~20x faster
+            from gemmakit.quant.kernels import ggml_quantize_q4_1
+
+            blocks = ggml_quantize_q4_1(torch.from_numpy(data)).numpy()
+        else:
+            blocks = gguf.quants.quantize(data, qtype)
+        writer.add_tensor(name, blocks, raw_dtype=qtype)
     else:
         writer.add_tensor(name, data)
 

@@ -24,7 +24,7 @@ _CSRC = Path(__file__).parent / "csrc"
 # GELU(gate) * up (gelu_mul.cpp), SentencePiece's BPE over a compact vocabulary (bpe.cpp), a decoding
 # step's layers in one call (decode_step.cpp/.h), and the Python module (module.cpp).
 _SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp",
-            _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "gelu_mul.cpp",
+            _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "gelu_mul.cpp", _CSRC / "ggml_quantize.cpp",
             _CSRC / "bpe.cpp", _CSRC / "decode_step.cpp", _CSRC / "module.cpp"]
 _HEADERS = [_CSRC / "decode_step.h", _CSRC / "bpe.h"]  # part of the build's fingerprint, not compiled on their own
 _lock = threading.Lock()
@@ -225,6 +225,19 @@ def ggml_dequantize(blocks: torch.Tensor, ggml_type: int, K: int) -> torch.Tenso
     if ext is not None:
         return ext.ggml_dequantize(blocks.contiguous(), int(ggml_type), int(K))
     return _ggml_dequantize_torch(blocks, int(ggml_type), int(K))
+
+
+def ggml_quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
+    """Float rows ``[N, K]`` -> GGML Q4_1 block rows ``[N, K / 32 * 20]`` uint8, byte for byte what
+    llama.cpp's reference quantiser (and gguf-py's copy of it) writes: the kernel's one pass per
+    block where it is built, gguf-py's numpy version elsewhere."""
+    w = w.detach().to("cpu", torch.float32)
+    ext = kernel()
+    if ext is not None:
+        return ext.ggml_quantize_q4_1(w.contiguous())
+    import gguf
+
+    return torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_1))
 
 
 def _dequantize_parts(blocks: list[torch.Tensor], types: list[int], K: int,

@@ -56,17 +56,16 @@ def quantize_int8_groups(w: torch.Tensor, group: int = INT8_GROUP, rows: int = 4
 def quantize_q4_1(w: torch.Tensor, rows: int = 4096) -> GGMLBlocks:
     """``w [N, K]`` (K a multiple of 32) -> GGML Q4_1 blocks, ``w ~ d * q + m`` per 32 inputs.
 
-    The rounding is llama.cpp's reference quantiser's (through gguf-py), so the blocks are byte
-    for byte those of a Q4_1 GGUF written from the same weights; ``rows`` at a time keep numpy's
-    temporaries a few MB even for a 262K-row embedding.
+    The rounding is llama.cpp's reference quantiser's (quant/kernels.py ``ggml_quantize_q4_1``), so
+    the blocks are byte for byte those of a Q4_1 GGUF written from the same weights; ``rows`` at a
+    time keep the float32 temporaries a few MB even for a 262K-row bfloat16 embedding.
     """
-    import gguf
+    from gemmakit.quant.kernels import ggml_quantize_q4_1
 
     N, K = w.shape
     out = torch.empty(N, K // Q4_1_GROUP * Q4_1_BYTES, dtype=torch.uint8)
     for start in range(0, N, rows):
-        chunk = w[start:start + rows].detach().to("cpu", torch.float32).numpy()
-        out[start:start + rows] = torch.from_numpy(gguf.quants.quantize(chunk, gguf.GGMLQuantizationType.Q4_1))
+        out[start:start + rows] = ggml_quantize_q4_1(w[start:start + rows])
     return ggml_blocks(out, Q4_1, (N, K))
 
 
