@@ -56,3 +56,29 @@ def test_vocabulary_mismatch_is_a_typed_error(models):
     other = random_model(tiny_config("gemma3", num_layers=1, vocab_size=400))
     with pytest.raises(InvalidRequestError):
         speculative_greedy(target, other, [2, 3], 5)
+
+
+def test_cli_draft_keeps_its_blocks_for_a_float_target(tmp_path):
+    """``generate --quant none --draft-model F`` with a quantised GGUF F: the target is F expanded to
+    float32, the draft F's own blocks (its default), and the tokens are the float32 target's alone."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tiny import write_gguf
+
+    path = write_gguf(tmp_path / "q8.gguf", random_model(tiny_config("gemma3", num_layers=3), seed=5), quant="Q8_0")
+
+    def generate(*extra: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "gemmakit.cli", "generate", "-m", str(path), "--quant", "none",
+                              "--json", "-n", "24", *extra, "the"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    alone, speculative = generate(), generate("--draft-model", str(path), "--draft-tokens", "3")
+    assert alone["stats"]["weights"] == "float32"
+    assert speculative["speculative"]["draft_weights"] == "gguf"
+    assert speculative["token_ids"] == alone["token_ids"]
+    assert speculative["speculative"]["tokens_per_s"] > 0

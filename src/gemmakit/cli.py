@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from gemmakit.errors import GemmakitError
@@ -81,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     g.add_argument("--draft-model", metavar="SRC", default=None,
                    help="a smaller model with the same tokenizer that drafts tokens for --model to verify "
-                        "(speculative decoding; greedy only, output identical to --model alone)")
+                        "(speculative decoding; greedy only, output identical to --model alone). It loads as "
+                        "its own default (a quantised .gguf stays in its blocks whatever --quant says), so "
+                        "the same file can draft for its float32 self: --quant none --draft-model FILE")
     g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (default 4)")
     _add_decode_args(g)
     _add_image_args(g)
@@ -254,12 +257,18 @@ def _generate_speculative(args, model, tokenizer, prompt: str) -> int:
 
     if args.temperature != 0.0:
         raise _invalid("--draft-model decodes greedily; use --temperature 0")
-    draft, _ = load(args.draft_model, dtype=args.dtype, quant=args.quant)
+    # The draft loads as its own default (as serve's does): a quantised GGUF stays in its blocks
+    # whatever --quant the target asked for, since only its token ids reach the output.
+    draft, _ = load(args.draft_model, dtype=args.dtype)
     ids = tokenizer.encode(prompt, add_bos=True)
     stops = tokenizer.stop_ids()
+    t0 = time.perf_counter()
     out, stats = speculative_greedy(model, draft, ids, args.max_tokens, k=args.draft_tokens, stop_ids=stops)
+    seconds = time.perf_counter() - t0
     text = tokenizer.decode([t for t in out if t not in stops])
     if args.json:
+        stats = {**stats, "draft_weights": getattr(draft, "weights_format", None), "seconds": round(seconds, 3),
+                 "tokens_per_s": round(len(out) / seconds, 2)}  # both prefills included
         print(json.dumps({"prompt_ids": ids, "token_ids": out, "text": text, "speculative": stats},
                          ensure_ascii=False))
     else:
