@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gemmakit.engine.generate import generate_steps
 from gemmakit.engine.speculative import speculative_greedy
