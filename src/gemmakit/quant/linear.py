@@ -182,13 +182,17 @@ def _fitting_group(in_features: int, group: int) -> int | None:
 
 
 def _dense_rows(blocks: torch.Tensor, ggml_type: int, K: int, rows: int):
-    """A GGML matrix as float32 chunks of ``rows`` rows; its file pages are handed back after."""
+    """A GGML matrix as float32 chunks of ``rows`` rows, each chunk's file pages handed back as soon
+    as it is decoded (a whole 178 MB embedding's, held until its end, set the load's peak)."""
     from gemmakit.heap import forget_file_pages
     from gemmakit.quant.kernels import ggml_dequantize
 
     for first in range(0, blocks.shape[0], rows):
-        yield ggml_dequantize(blocks[first:first + rows], ggml_type, K)
-    forget_file_pages(blocks.data_ptr(), blocks.numel() * blocks.element_size())
+        chunk = blocks[first:first + rows]
+        dense = ggml_dequantize(chunk, ggml_type, K)
+        forget_file_pages(chunk.data_ptr(), chunk.numel() * chunk.element_size())
+        yield dense
+    forget_file_pages(blocks.data_ptr(), blocks.numel() * blocks.element_size())  # the pages chunks shared
 
 
 def _int8_of_blocks(w: GGMLWeight, rows: int) -> GroupedWeight:
