@@ -32,9 +32,10 @@ import os
 
 
 @functools.cache
-def _malloc_trim():
+def _libc_function(name: str):
+    """``name`` from the C library (malloc_trim, mallopt, madvise), or None where it has none."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
 
@@ -48,11 +49,8 @@ _TRIM_THRESHOLD = 1 << 30  # never trim on free; return_freed_heap trims where t
 def keep_freed_heap() -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the OS at each ``free``
     (once per process; see the module docstring). Returns whether the settings took."""
-    if os.environ.get("GEMMAKIT_MALLOC_DEFAULTS", "0") == "1":
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None or os.environ.get("GEMMAKIT_MALLOC_DEFAULTS", "0") == "1":
         return False
     # either setting alone would also freeze glibc's adaptive mmap threshold at its current value
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
@@ -60,17 +58,9 @@ def keep_freed_heap() -> bool:
 
 def return_freed_heap() -> None:
     """Give the C heap's free pages back to the OS (a few milliseconds)."""
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
-
-
-@functools.cache
-def _madvise():
-    try:
-        return ctypes.CDLL(None).madvise
-    except (OSError, AttributeError):
-        return None
 
 
 def forget_file_pages(address: int, nbytes: int) -> None:
@@ -78,7 +68,7 @@ def forget_file_pages(address: int, nbytes: int) -> None:
     from this process (MADV_DONTNEED): the kernel reads them again from the file if they are ever
     touched, and the pages at either end, shared with neighbouring data, stay. Linux; elsewhere
     nothing."""
-    madvise = _madvise()
+    madvise = _libc_function("madvise")
     if madvise is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     page = mmap.PAGESIZE
@@ -115,7 +105,7 @@ def forget_unused_code() -> int:
     """Unmap the resident pages of every loaded library's machine code (MADV_DONTNEED on
     executable file mappings none of whose pages was ever written, so each address reads the same
     bytes from the file when next executed). Returns the bytes unmapped; Linux only, elsewhere 0."""
-    madvise = _madvise()
+    madvise = _libc_function("madvise")
     if madvise is None or not hasattr(mmap, "MADV_DONTNEED"):
         return 0
     try:
