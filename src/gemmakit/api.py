@@ -77,7 +77,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     if quantised and dtype is None:
         from gemmakit.quant.linear import default_compute_dtype
 
-        dtype = default_compute_dtype(quant, device or "cpu")  # float32 on the CPU's block kernels
+        dtype = default_compute_dtype(quant, device)  # float32 on the CPU's block kernels
     # int8/int4 from a quantised GGUF: requantise its blocks directly, never building the float model
     via_blocks = (quant in ("int8", "int4") and adapter is None and _cpu(device) and bool(checkpoint.packed)
                   and parse_dtype(dtype) == torch.float32)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 _CSRC = Path(__file__).parent / "csrc"
 # One extension: int8 codes + per-group scales (grouped_matmul.cpp), raw GGML blocks (ggml_matmul.cpp),
 # one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), the MLP's
-# GELU(gate) * up (gelu_mul.cpp), SentencePiece's BPE over a compact vocabulary (bpe.cpp), a decoding
+# GELU(gate) * up (gelu_mul.cpp), float rows -> Q4_1 blocks (ggml_quantize.cpp), SentencePiece's BPE
+# over a compact vocabulary (bpe.cpp), a decoding
 # step's layers in one call (decode_step.cpp/.h), and the Python module (module.cpp).
 _SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp",
             _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "gelu_mul.cpp", _CSRC / "ggml_quantize.cpp",
@@ -352,11 +353,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: tor
               sin: torch.Tensor) -> torch.Tensor | None:
     """Optional RMSNorm of each head vector, then the rotary embedding, of ``x [B, H, T, D]`` in one
     kernel call; None where it does not apply (the same conditions as :func:`rms_norm`)."""
-    if (x.dtype != torch.float32 or cos.dtype != torch.float32 or x.device.type != "cpu"
-            or (weight is not None and weight.dtype != torch.float32)
-            or torch.compiler.is_compiling() or torch.is_grad_enabled()):
-        return None
-    ext = kernel()
+    ext = _eager_float32_kernel(x, cos, sin, *([] if weight is None else [weight]))
     if ext is None:
         return None
     return ext.norm_rope(x, weight if weight is not None else torch.empty(0), eps, cos, sin)

@@ -107,11 +107,9 @@ def _unnibble(p: torch.Tensor) -> torch.Tensor:
 class _Int4Weight(nn.Module):
     """An int4 group-wise weight off the CPU: nibble-packed codes, dequantised for each matmul."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.group = group
         self.register_buffer("packed", _nibbles(q))
         self.register_buffer("scale", scale.to(dtype))
         self.register_buffer("low", low.to(dtype))
@@ -133,7 +131,7 @@ class Int4Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, group: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.w = _Int4Weight(*quantize_int4(weight, group), group=group, dtype=dtype)
+        self.w = _Int4Weight(*quantize_int4(weight, group), dtype=dtype)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +149,7 @@ class QuantTiedEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.register_buffer("_probe", torch.empty(0, dtype=dtype, device=weight.device), persistent=False)
-        self.w = _Int4Weight(*quantize_int4(weight, group), group=group, dtype=dtype)
+        self.w = _Int4Weight(*quantize_int4(weight, group), dtype=dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -173,7 +171,8 @@ def default_compute_dtype(scheme: str, device: str | torch.device = "cpu") -> to
 
 
 def _fitting_group(in_features: int, group: int) -> int | None:
-    """``group``, or a smaller power of two >= 32 dividing ``in_features`` (the int4 kernel's minimum)."""
+    """``group``, or the largest smaller power of two >= 32 dividing ``in_features``, else None (the
+    layer then keeps its float weight)."""
     g = group
     while g >= 32:
         if in_features % g == 0:
@@ -211,12 +210,14 @@ def _int8_of_blocks(w: GGMLWeight, rows: int) -> GroupedWeight:
 
 def _q4_1_of_blocks(w: GGMLWeight, rows: int) -> GGMLWeight:
     """Each of ``w``'s parts as Q4_1 blocks, kept apart as ``fuse_projections`` keeps them."""
+    from gemmakit.quant.kernels import ggml_quantize_q4_1
+
     K, parts = w.in_features, []
     for blocks, ggml_type in zip(w.parts(), w.types):
         q4 = torch.empty(blocks.shape[0], K // Q4_1_GROUP * Q4_1_BYTES, dtype=torch.uint8)
         start = 0
         for dense in _dense_rows(blocks, ggml_type, K, rows):
-            q4[start:start + dense.shape[0]] = quantize_q4_1(dense).blocks
+            q4[start:start + dense.shape[0]] = ggml_quantize_q4_1(dense)
             start += dense.shape[0]
         parts.append(GGMLBlocks(q4, Q4_1, K))
     return GGMLWeight(parts)
