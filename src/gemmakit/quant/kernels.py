@@ -27,7 +27,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp",
             _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "gelu_mul.cpp", _CSRC / "ggml_quantize.cpp",
             _CSRC / "bpe.cpp", _CSRC / "decode_step.cpp", _CSRC / "module.cpp"]
-_HEADERS = [_CSRC / "decode_step.h", _CSRC / "bpe.h"]  # part of the build's fingerprint, not compiled on their own
+_HEADERS = [_CSRC / "decode_step.h", _CSRC / "bpe.h", _CSRC / "rows.h"]  # part of the build's fingerprint, not compiled on their own
 _lock = threading.Lock()
 _module = None
 _tried = False

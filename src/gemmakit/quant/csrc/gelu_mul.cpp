@@ -13,7 +13,8 @@
 // the fused decode step both call this, so the two stay bit-identical to each other.
 
 #include <torch/types.h>
-#include <ATen/Parallel.h>
+
+#include "rows.h"
 
 #include <cstdint>
 #include <cstring>
@@ -65,8 +66,6 @@ torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up) {
   auto rows = [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) gelu_mul_row(g + r * gs, u + r * us, o + r * N, N);
   };
-  // A decoding step's one row: threads would cost more than they save.
-  if (M * N < (1 << 15)) rows(0, M);
-  else at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(N, 1)), rows);
+  gemmakit::for_rows(M, N, 1 << 15, rows);  // a decoding step's one row stays on this thread
   return out;
 }

@@ -13,10 +13,8 @@
 
 #include <torch/types.h>  // not torch/extension.h: no pybind11 here, a third of the compile time
 
-#include <ATen/Parallel.h>
+#include "rows.h"
 
-#include <algorithm>
-#include <cmath>
 #include <vector>
 
 // x [B, H, T, D] (any strides, contiguous last dim); weight [D] or an empty tensor for no norm;
@@ -54,17 +52,7 @@ torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch
       float* o = op + r * D;
       const float* src = v;  // the vector to rotate: x itself, or its normalised copy
       if (norm) {
-        // sixteen running sums (one vector register), then combined: a chain of D dependent adds
-        // would cost more than the rest of the row
-        float acc[16] = {0.f};
-        int64_t i = 0;
-        for (; i + 16 <= D; i += 16)
-          for (int j = 0; j < 16; ++j) acc[j] += v[i + j] * v[i + j];
-        float ss = 0.f;
-        for (int j = 0; j < 16; ++j) ss += acc[j];
-        for (; i < D; ++i) ss += v[i] * v[i];
-        const float r_inv = 1.f / std::sqrt(ss / float(D) + feps);
-        for (int64_t i = 0; i < D; ++i) y[i] = (v[i] * r_inv) * (1.f + wp[i]);
+        gemmakit::rms_norm_row(v, wp, y.data(), D, feps);
         src = y.data();
       }
       for (int64_t i = 0; i < half; ++i) o[i] = src[i] * c[i] - src[i + half] * s[i];
@@ -72,9 +60,6 @@ torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch
       for (int64_t i = rot; i < D; ++i) o[i] = src[i];
     }
   };
-  const int64_t n_rows = B * H * T;
-  // A decoding step's few heads: threads would cost more than they save; a prefill's thousands split.
-  if (n_rows * D < (1 << 16)) rows(0, n_rows);
-  else at::parallel_for(0, n_rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(D, 1)), rows);
+  gemmakit::for_rows(B * H * T, D, 1 << 16, rows);  // a decoding step's few heads stay on this thread
   return out;
 }
