@@ -95,3 +95,28 @@ def test_kept_heap_holds_freed_scratch_for_reuse():
     if default >= 40:
         pytest.skip(f"this libc keeps the blocks by itself ({default} MB)")
     assert kept >= 40, (kept, default)  # of the 45 MB freed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_map_file_pages_maps_a_file_in_and_forget_file_pages_drops_it(tmp_path):
+    import mmap
+
+    import numpy as np
+
+    from gemmakit.heap import forget_file_pages, map_file_pages
+
+    def file_rss_kb() -> int:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssFile"))
+
+    path = tmp_path / "pages.bin"
+    path.write_bytes(bytes(range(256)) * (64 << 10))  # 16 MB
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        array = np.frombuffer(m, dtype=np.uint8)
+        before = file_rss_kb()
+        map_file_pages(array.ctypes.data, array.nbytes)
+        mapped = file_rss_kb() - before
+        forget_file_pages(array.ctypes.data, array.nbytes)
+        dropped = before + mapped - file_rss_kb()
+        assert array[12345] == 12345 % 256  # the bytes are the file's either way
+        del array
+    assert mapped >= 15 * 1024 and dropped >= 15 * 1024, (mapped, dropped)

@@ -1,5 +1,6 @@
 """Handing memory back to the OS, where RSS matters more than a few milliseconds: the C heap's free
-pages, and the pages of a read-only file mapping whose bytes have been decoded.
+pages, and the pages of a read-only file mapping whose bytes have been decoded (and, the other
+way, mapping a file's pages in at once where they will be read: ``map_file_pages``).
 
 glibc keeps memory that a program frees for its next allocations: the fragments a 262k-piece
 vocabulary leaves after loading (~10 MB), or a 512-token prefill's scratch (dequantised weights,
@@ -29,6 +30,7 @@ import ctypes.util
 import functools
 import mmap
 import os
+import sys
 
 
 @functools.cache
@@ -76,6 +78,24 @@ def forget_file_pages(address: int, nbytes: int) -> None:
     last = (address + nbytes) // page * page
     if last > first:
         madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+
+
+def map_file_pages(address: int, nbytes: int) -> None:
+    """Map the pages covering ``[address, address + nbytes)`` of a read-only file mapping into the
+    process now (MADV_POPULATE_READ, Linux 5.14+); on older kernels, or elsewhere, only a read-ahead
+    hint (MADV_WILLNEED) where there is one."""
+    madvise = _libc_function("madvise")
+    if madvise is None:
+        return
+    page = mmap.PAGESIZE
+    first = address // page * page
+    length = address + nbytes - first
+    for advice in (_MADV_POPULATE_READ, getattr(mmap, "MADV_WILLNEED", None)):
+        if advice is not None and madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), advice) == 0:
+            return
 
 
 def _unmodified_code_mappings(smaps_lines) -> list[tuple[int, int]]:

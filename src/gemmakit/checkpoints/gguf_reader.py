@@ -20,9 +20,7 @@ A string is ``u64 length | utf-8 bytes``; an array is ``u32 item_type | u64 coun
 from __future__ import annotations
 
 import math
-import mmap
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,7 +29,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
 from gemmakit.errors import CheckpointError, ModelNotFoundError
-from gemmakit.heap import forget_file_pages
+from gemmakit.heap import forget_file_pages, map_file_pages
 
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and lengths; nothing current writes it
 _MAX_DIMS = 4  # GGML_MAX_DIMS in ggml.h
@@ -86,27 +84,12 @@ class GGUFTensor:
             forget_file_pages(self.raw.ctypes.data, self.raw.nbytes)
 
     def populate(self) -> None:
-        """Map this tensor's file pages into the process now (Linux's MADV_POPULATE_READ), for
-        tensors used in place: one call at load instead of a page fault per 64 KB the first time
-        each is read (~9 ms of the first prefill's LM head for a 178 MB embedding). llama.cpp
-        maps its weights the same way (MAP_POPULATE). Elsewhere only a read-ahead hint."""
-        mapping = getattr(self.raw, "_mmap", None)
-        if mapping is None:
-            return
-        page = mmap.PAGESIZE
-        first = self.file_offset // page * page
-        length = self.file_offset + self.raw.nbytes - first
-        for advice in (_MADV_POPULATE_READ, getattr(mmap, "MADV_WILLNEED", None)):
-            if advice is None:
-                continue
-            try:
-                mapping.madvise(advice, first, length)
-                return
-            except (OSError, ValueError):  # a kernel before 5.14 refuses POPULATE_READ (EINVAL)
-                continue
-
-
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+        """Map this tensor's file pages into the process now, for tensors used in place: one call at
+        load instead of a page fault per 64 KB the first time each is read (~9 ms of the first
+        prefill's LM head for a 178 MB embedding). llama.cpp maps its weights the same way
+        (MAP_POPULATE). See ``heap.map_file_pages``."""
+        if getattr(self.raw, "_mmap", None) is not None:
+            map_file_pages(self.raw.ctypes.data, self.raw.nbytes)
 
 
 @dataclass(frozen=True)
