@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.models.gemm import Linear
+from gemmakit.quant import kernels
 
 
 class RMSNorm(nn.Module):
@@ -31,9 +32,7 @@ class RMSNorm(nn.Module):
         # costs microseconds: on the CPU in float32 one kernel call does it all (quant/kernels.py),
         # elsewhere casts are skipped when the input is already float32.
         if x.device.type == "cpu" and x.dtype == torch.float32:
-            from gemmakit.quant.kernels import rms_norm
-
-            out = rms_norm(x, self.weight, self.eps)
+            out = kernels.rms_norm(x, self.weight, self.eps)
             if out is not None:
                 return out
         f32 = torch.float32
@@ -64,9 +63,7 @@ class GeGLU(nn.Module):
             gate, up = self.gate_up_proj(x).split(self.gate_up_sizes, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        from gemmakit.quant.kernels import gelu_mul
-
-        act = gelu_mul(gate, up)  # one pass in the CPU kernel when it applies
+        act = kernels.gelu_mul(gate, up)  # one pass in the CPU kernel when it applies
         if act is None:
             act = F.gelu(gate, approximate="tanh") * up
         return self.down_proj(act)
@@ -111,9 +108,7 @@ def norm_and_rope(x: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin:
     """``apply_rope(norm(x))`` (``norm`` may be None): on the CPU in float32 with autograd off, one
     kernel call instead of ~9 dispatched ops per tensor, which a decoding step pays twice a layer."""
     if x.device.type == "cpu" and x.dtype == torch.float32:
-        from gemmakit.quant.kernels import norm_rope
-
-        out = norm_rope(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, cos, sin)
+        out = kernels.norm_rope(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, cos, sin)
         if out is not None:
             return out
     return apply_rope(x if norm is None else norm(x), cos, sin)
