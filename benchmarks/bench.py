@@ -262,25 +262,48 @@ def main() -> None:
     if a.child:
         child(a.child, a.model, a.threads)
         return
-    rows = {}
+    rows: list[tuple[str, dict]] = []
     for mode in a.modes:
         cmd = [sys.executable, __file__, "--child", mode, "--model", a.model, "--threads", str(a.threads)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            rows[mode] = json.loads(line[-1][7:]) if line else {"error": _failure(proc)}
+            r = json.loads(line[-1][7:]) if line else {"error": _failure(proc) + _crash_hint(mode, proc)}
         except subprocess.TimeoutExpired:
-            rows[mode] = {"error": f"timed out after {a.timeout}s"}
-        print(mode, rows[mode], file=sys.stderr, flush=True)
-    ref = rows.get("llama.cpp", {})
+            r = {"error": f"timed out after {a.timeout}s"}
+        rows.append((mode, r))
+        print(mode, r, file=sys.stderr, flush=True)
+    print_table(rows)
+
+
+def _crash_hint(mode: str, proc: subprocess.CompletedProcess) -> str:
+    """llama.cpp's AMX matmul crashes on some (virtualised) Sapphire/Granite Rapids machines
+    (ggml-org/llama.cpp#20824); a build without it runs, so say how to get one."""
+    from gemmakit.quant.kernels import cpu_flags
+
+    if mode != "llama.cpp" or proc.returncode >= 0 or "amx_int8" not in cpu_flags().split():
+        return ""
+    return ("; this CPU has AMX, whose llama.cpp kernels crash on some machines: reinstall with "
+            "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+            "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' pip install --force-reinstall --no-deps "
+            "llama-cpp-python (README, Speed)")
+
+
+def print_table(rows: list[tuple[str, dict]]) -> None:
+    """One markdown row per run, in run order. Ratios are to the nearest llama.cpp run before the
+    row (else the first after it): on a noisy machine only adjacent runs compare fairly, so
+    `--modes llama.cpp gemmakit-gguf llama.cpp gemmakit-gguf` gives two independent pairs."""
     keys = (("load_s", "load s"), ("prefill_tps", "prefill tok/s"), ("decode_tps", "decode tok/s"),
             ("peak_rss_gb", "peak RSS GB"))
+    refs = [i for i, (m, r) in enumerate(rows) if m == "llama.cpp" and "error" not in r]
     print("| mode | " + " | ".join(h for _, h in keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
-    for mode, r in rows.items():
+    for i, (mode, r) in enumerate(rows):
         if "error" in r:
-            print(f"| {mode} | error: {r['error'][:80]} |")
+            print(f"| {mode} | error: {r['error']} |")
             continue
+        before = [j for j in refs if j < i]
+        ref = rows[before[-1]][1] if before else (rows[refs[0]][1] if refs and refs[0] != i else {})
         cells = []
         for k, _ in keys:
             cell = f"{r[k]:.2f}"
@@ -288,7 +311,6 @@ def main() -> None:
                 cell += f" ({r[k] / ref[k]:.2f}x)"
             cells.append(cell)
         print(f"| {mode} | " + " | ".join(cells) + " |")
-
 
 if __name__ == "__main__":
     main()

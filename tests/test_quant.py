@@ -2,8 +2,8 @@
 
 Tolerances, and why:
 - Quantisers: rounding to the nearest level leaves at most half a step per weight (exact property;
-  Q4_1 stores its scale and minimum in float16, which adds their rounding).
-- Kernels: int8 and the CPU's int4 (Q4_1 blocks) run on the block kernels in float32, so they equal
+  Q8_0 and Q4_1 store their scales (and minimum) in float16, which adds their rounding).
+- Kernels: the CPU's int8 and int4 (Q8_0 and Q4_1 blocks) run on the block kernels in float32, so they equal
   a float32 matmul with the dequantised weight up to accumulation order (1e-5). The off-CPU int4
   layers dequantise and call F.linear: the same bound.
 - Whole model: int8 absmax per group of 32 on Gaussian-like weights gives a weight error of about
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from gemmakit.quant.grouped import GGMLWeight, GroupedEmbedding, GroupedLinear
 from gemmakit.quant.kernels import dequantize_rows, ggml_dequantize
 from gemmakit.quant.linear import (
-    Q4_1, Int4Linear, QuantTiedEmbedding, dequantize_int4, quantize_int4, quantize_int8_groups, quantize_model,
-    quantize_q4_1,
+    Q4_1, Q8_0, Int4Linear, QuantTiedEmbedding, dequantize_int4, quantize_blocks, quantize_int4,
+    quantize_int8_groups, quantize_model,
 )
 from tiny import random_model, tiny_config
 
@@ -46,9 +46,19 @@ def test_int4_quantiser_error_is_at_most_half_a_step():
     assert (err <= scale[..., None] / 2 + 1e-5).all()
 
 
+def test_q8_0_quantiser_error_is_at_most_half_a_step():
+    w = torch.randn(48, 128) * torch.rand(48, 1) * 3
+    blocks = quantize_blocks(w, Q8_0)
+    assert blocks.blocks.shape == (48, 4 * 34) and blocks.ggml_type == Q8_0
+    err = (ggml_dequantize(blocks.blocks, Q8_0, 128) - w).abs().reshape(48, 4, 32)
+    amax = w.reshape(48, 4, 32).abs().amax(-1)
+    # the float16 scale: a relative 2^-11, times up to 127 levels
+    assert (err <= (amax / 127 / 2 + 2.0**-11 * amax)[..., None] + 1e-6).all()
+
+
 def test_q4_1_quantiser_error_is_at_most_half_a_step():
     w = torch.randn(48, 128) * torch.rand(48, 1) * 3
-    blocks = quantize_q4_1(w)
+    blocks = quantize_blocks(w, Q4_1)
     assert blocks.blocks.shape == (48, 4 * 20) and blocks.ggml_type == Q4_1
     err = (ggml_dequantize(blocks.blocks, Q4_1, 128) - w).abs().reshape(48, 4, 32)
     g = w.reshape(48, 4, 32)
@@ -58,12 +68,14 @@ def test_q4_1_quantiser_error_is_at_most_half_a_step():
     assert (err <= (step / 2 + slack)[..., None] + 1e-6).all()
 
 
-def test_q4_1_kernel_rounds_as_llama_cpp_s_quantiser():
-    """The kernel's Q4_1 quantiser writes gguf-py's bytes (its copy of llama.cpp's reference): on
-    Gaussian rows of many scales and on edge groups (constant, all zero, levels exactly at .5)."""
+@pytest.mark.parametrize("ggml_type", [Q4_1, Q8_0])
+def test_kernel_quantiser_rounds_as_llama_cpp_s(ggml_type):
+    """The kernel's Q4_1 and Q8_0 quantisers write gguf-py's bytes (its copy of llama.cpp's
+    reference): on Gaussian rows of many scales and on edge groups (constant, all zero, levels
+    exactly at .5)."""
     import gguf
 
-    from gemmakit.quant.kernels import ggml_quantize_q4_1, kernel
+    from gemmakit.quant.kernels import ggml_quantize, kernel
 
     if kernel() is None:
         pytest.skip("no CPU kernel on this machine: gguf-py's quantiser is the one used")
@@ -72,9 +84,11 @@ def test_q4_1_kernel_rounds_as_llama_cpp_s_quantiser():
     x[0, :32], x[1, 32:64], x[3] = 1.5, 0.0, -x[3].abs()
     x[2, :32] = torch.arange(32.0) / 31 * 15
     x[4, :32] = torch.tensor([0.0] * 31 + [15.0])
-    x[5, :32] = torch.arange(32.0) % 16 + 0.5  # every code sits on a rounding boundary
-    ours = ggml_quantize_q4_1(x)
-    theirs = torch.from_numpy(gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.Q4_1))
+    x[5, :32] = torch.arange(32.0) % 16 + 0.5  # every Q4_1 code sits on a rounding boundary
+    x[6, :32] = torch.arange(32.0) - 15.5  # Q8_0: absmax 16.5, so codes k * 127 / 16.5
+    x[7, :32] = (torch.arange(32.0) - 16) * 127 / 16 + 0.5  # Q8_0 codes near .5 boundaries
+    ours = ggml_quantize(x, ggml_type)
+    theirs = torch.from_numpy(gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType(ggml_type)))
     assert torch.equal(ours, theirs)
 
 
@@ -92,12 +106,13 @@ def test_int8_linear_equals_dequantised_matmul(rows):
     assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("ggml_type", [Q4_1, Q8_0])
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_q4_1_linear_equals_dequantised_matmul(rows):
+def test_block_linear_equals_dequantised_matmul(rows, ggml_type):
     w, x = torch.randn(96, 128), torch.randn(rows, 2, 128)
-    blocks = quantize_q4_1(w)
+    blocks = quantize_blocks(w, ggml_type)
     out = GroupedLinear(blocks)(x)
-    ref = F.linear(x.double(), ggml_dequantize(blocks.blocks, Q4_1, 128).double())
+    ref = F.linear(x.double(), ggml_dequantize(blocks.blocks, ggml_type, 128).double())
     assert out.shape == (rows, 2, 96) and out.dtype == torch.float32
     assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
@@ -143,10 +158,10 @@ def test_quantised_model_logits_track_float_model(scheme, bound):
         out = qmodel(ids)
     assert out.dtype == torch.float32 and qmodel.dtype == torch.float32  # both on the CPU's block kernels
     assert not any(isinstance(m, torch.nn.Linear) for m in qmodel.modules())
-    if scheme == "int4":  # every matrix, the tied embedding included, in Q4_1 blocks
-        weights = [m for m in qmodel.modules() if isinstance(m, GGMLWeight)]
-        assert len(weights) == 1 + 4 * model.config.num_layers  # embedding; qkv, o, gate-up, down
-        assert all(set(w.types) == {Q4_1} for w in weights)
+    # every matrix, the tied embedding included, in Q8_0 / Q4_1 blocks
+    weights = [m for m in qmodel.modules() if isinstance(m, GGMLWeight)]
+    assert len(weights) == 1 + 4 * model.config.num_layers  # embedding; qkv, o, gate-up, down
+    assert all(set(w.types) == {Q8_0 if scheme == "int8" else Q4_1} for w in weights)
     rel = _rel(out, ref)
     assert rel < bound, rel
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
@@ -190,7 +205,7 @@ def test_requantised_gguf_blocks_equal_quantising_the_float_model(tmp_path, quan
     via_float, _ = gemmakit.load(path, quant="none")
     via_float = quantize_model(via_float, scheme)
     a, b = direct.state_dict(), via_float.state_dict()
-    assert a.keys() == b.keys() and any(v.dtype == (torch.int8 if scheme == "int8" else torch.uint8) for v in a.values())
+    assert a.keys() == b.keys() and any(v.dtype == torch.uint8 for v in a.values())
     for name in a:
         assert torch.equal(a[name], b[name]), name
     ids = torch.tensor([[2, 40, 41, 200, 7, 9]])

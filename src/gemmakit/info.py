@@ -14,8 +14,9 @@ from typing import Any
 
 from gemmakit.models.config import PRESETS, ModelConfig
 
-# int8: a code per weight plus a float32 scale per 32 (the grouped/Q8_0 layout gemmakit runs)
-BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.125, "int4": 0.5}
+# int8: a code per weight plus a float16 scale per 32 (Q8_0, what gemmakit's CPU int8 runs; off the
+# CPU its float32 scales make 1.125)
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0625, "int4": 0.5}
 
 
 def int8_kv_bytes_per_value(config: ModelConfig) -> float:
@@ -126,8 +127,8 @@ def format_report(r: dict[str, Any]) -> str:
 def preset_table(context: int | None = None, names: list[str] | None = None) -> str:
     """Weights + KV cache for every preset, per storage format, at ``context`` (default: each maximum).
 
-    First principles only: weights = parameters x bytes per parameter (int8 as 1.125 bytes with its
-    group scales; int4 as 0.5 byte, scales not counted, as published tables count it: gemmakit's CPU
+    First principles only: weights = parameters x bytes per parameter (int8 as 1.0625 bytes with its
+    Q8_0 scales; int4 as 0.5 byte, scales not counted, as published tables count it: gemmakit's CPU
     int4, Q4_1, holds 0.625 with its scales and minimums), KV = 2 x kv_heads x
     head_dim x positions held per layer (a local layer holds at most its window) x bytes per value
     (int8 KV: 1.125 with its scales).

@@ -129,10 +129,10 @@ def add_tensor(writer, name: str, data: np.ndarray, qtype_name: str | None) -> N
         data = data + 1.0  # llama.cpp's converter stores Gemma norms as 1 + w
     if qtype_name is not None and data.ndim == 2:
         qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
-        if qtype == gguf.GGMLQuantizationType.Q4_1:  # the kernel's quantiser: the same bytes, ~20x faster
-            from gemmakit.quant.kernels import ggml_quantize_q4_1
+        if qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
+            from gemmakit.quant.kernels import ggml_quantize  # the same bytes, ~20x faster
 
-            blocks = ggml_quantize_q4_1(torch.from_numpy(data)).numpy()
+            blocks = ggml_quantize(torch.from_numpy(data), qtype).numpy()
         else:
             blocks = gguf.quants.quantize(data, qtype)
         writer.add_tensor(name, blocks, raw_dtype=qtype)

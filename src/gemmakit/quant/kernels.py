@@ -228,17 +228,17 @@ def ggml_dequantize(blocks: torch.Tensor, ggml_type: int, K: int) -> torch.Tenso
     return _ggml_dequantize_torch(blocks, int(ggml_type), int(K))
 
 
-def ggml_quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
-    """Float rows ``[N, K]`` -> GGML Q4_1 block rows ``[N, K / 32 * 20]`` uint8, byte for byte what
-    llama.cpp's reference quantiser (and gguf-py's copy of it) writes: the kernel's one pass per
-    block where it is built, gguf-py's numpy version elsewhere."""
+def ggml_quantize(w: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """Float rows ``[N, K]`` -> GGML Q8_0 (8) or Q4_1 (3) block rows ``[N, K / 32 * bytes]`` uint8,
+    byte for byte what llama.cpp's reference quantiser (and gguf-py's copy of it) writes: the
+    kernel's one pass per block where it is built, gguf-py's numpy version elsewhere."""
     w = w.detach().to("cpu", torch.float32)
     ext = kernel()
     if ext is not None:
-        return ext.ggml_quantize_q4_1(w.contiguous())
+        return ext.ggml_quantize(w.contiguous(), int(ggml_type))
     import gguf
 
-    return torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_1))
+    return torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType(ggml_type)))
 
 
 def _dequantize_parts(blocks: list[torch.Tensor], types: list[int], K: int,

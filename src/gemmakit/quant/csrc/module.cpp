@@ -1,8 +1,8 @@
 // The Python module of gemmakit's CPU kernels: grouped_matmul.cpp (int8 codes + per-group float
 // scales), ggml_matmul.cpp (raw GGML blocks), decode_attention.cpp (one-query attention) and
 // rms_norm.cpp (Gemma's RMSNorm in one call), rope.cpp (QK-norm + rotary embedding in one call),
-// gelu_mul.cpp (the MLP's GELU(gate) * up in one pass), ggml_quantize.cpp (float rows -> Q4_1
-// blocks), bpe.cpp (SentencePiece's BPE encoding over a compact vocabulary) and
+// gelu_mul.cpp (the MLP's GELU(gate) * up in one pass), ggml_quantize.cpp (float rows -> Q8_0
+// or Q4_1 blocks), bpe.cpp (SentencePiece's BPE encoding over a compact vocabulary) and
 // decode_step.cpp (a decoding step's layers in one call), compiled together as one extension.
 
 #include <torch/extension.h>
@@ -26,7 +26,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up);
-torch::Tensor ggml_quantize_q4_1(torch::Tensor w);
+torch::Tensor ggml_quantize(torch::Tensor w, int64_t type);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_matmul", &grouped_matmul, "x @ (scale * codes + offset)^T with per-group scales");
@@ -39,7 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "softmax(cap(scale q.k) + bias) @ v for one query per row");
   m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2) + eps) * (1 + weight), float32");
   m.def("norm_rope", &norm_rope, "optional RMSNorm, then the rotary embedding (half-split), float32");
-  m.def("ggml_quantize_q4_1", &ggml_quantize_q4_1, "float32 [N, K] -> GGML Q4_1 block rows, llama.cpp's rounding");
+  m.def("ggml_quantize", &ggml_quantize, "float32 [N, K] -> GGML Q8_0 or Q4_1 block rows, llama.cpp's rounding");
   m.def("gelu_mul", &gelu_mul, "GELU(tanh)(gate) * up as x / (1 + exp(-2u)) * up, float32");
 
   py::class_<BPEVocab>(m, "BPEVocab", "SentencePiece BPE encoding over a compact vocabulary (bpe.h)")
