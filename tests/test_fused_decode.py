@@ -3,7 +3,7 @@
 Bit for bit, not within a tolerance: it runs the same kernels on the same tensors in the same
 order, so any difference means it computed something else. Checked on tiny random models of each
 family (global-only Gemma 1; Gemma 2 with soft-caps and post-norms; Gemma 3 with QK-norm), with
-each weight form the step accepts (dense float32, GGML blocks of a GGUF, requantised int8 codes),
+each weight form the step accepts (dense float32, GGML blocks of a GGUF, int8 requantised to Q8_0 blocks),
 batched with left padding, over enough steps that sliding-window rings wrap. The eager reference
 is the same model with the fused step switched off.
 """
