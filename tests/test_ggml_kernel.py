@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as T
 from test_ggml_quant import QUANT_TYPES, random_blocks
 
 from gemmakit.quant import kernels
-from gemmakit.quant.ggml import dequantize
+from gemmakit.quant.ggml import PACKABLE_TYPES, dequantize
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,10 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
     assert y.dtype == torch.float32 and y.shape == ref.shape
     err = (y.double() - ref).abs().max().item()
     assert err <= 2e-5 * ref.abs().max().item(), err
+
+
+def test_every_kernel_type_is_tested() -> None:
+    assert {int(t) for t in QUANT_TYPES} == set(PACKABLE_TYPES)
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)

@@ -1,65 +1,21 @@
-"""GGUF quantised matrices kept quantised (``--quant gguf``): codes, kernel and whole models.
+"""GGUF quantised matrices kept quantised (``--quant gguf``): whole models on their blocks.
 
-The reference for every number here is gemmakit's own bit-exact dequantiser (itself checked
-bit-for-bit against gguf-py in test_ggml_quant.py): unpacked codes must dequantise to exactly the
-same floats, and the grouped matmul must equal dequantise-then-matmul up to float32 rounding.
+The reference is the same file loaded as floats through gemmakit's own bit-exact dequantiser
+(itself checked bit-for-bit against gguf-py in test_ggml_quant.py); the block kernel alone is
+tested in test_ggml_kernel.py.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
 
 import gemmakit
-from gemmakit.quant.ggml import PACKABLE_TYPES, dequantize, unpack_codes
 from gemmakit.quant.grouped import GroupedEmbedding, GroupedLinear
 from gemmakit.engine.generate import generate_steps
-from gemmakit.quant.kernels import dequantize_rows, grouped_matmul, kernel
-from test_ggml_quant import random_blocks
+from gemmakit.quant.kernels import kernel
 from golden_check import assert_greedy_matches_golden
 from tiny import random_model, tiny_config, write_gguf
-
-TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
-
-
-def test_every_packable_type_is_tested() -> None:
-    assert {int(t) for t in TYPES} == set(PACKABLE_TYPES)
-
-
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_codes_dequantise_bit_exactly(qtype: T) -> None:
-    rows, cols = 24, 512
-    raw = random_blocks(qtype, rows, cols, seed=int(qtype))
-    packed = unpack_codes(raw, qtype, (rows, cols))
-    assert packed.codes.dtype == torch.int8 and packed.scale.dtype == torch.float32
-    ours = dequantize_rows(packed.codes, packed.scale, packed.offset, packed.group)
-    assert torch.equal(ours, dequantize(raw, qtype, (rows, cols)))
-
-
-def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
-
-
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "fallback"])
-def test_matmul_equals_dequantise_then_matmul(qtype: T, use_kernel: bool) -> None:
-    """Float32 rounding only: products are summed in another order, nothing else differs.
-
-    A float32 dot product of 512 terms in any order is within ~512 * 2^-24 ~ 3e-5 of exact,
-    relative to the sum of |terms|; the bound below (2e-5 of the largest output) holds for
-    random signs with a wide margin and fails for any real mistake (a wrong scale or code is O(1)).
-    """
-    rows, cols = 100, 512  # 100 rows: not a multiple of the kernel's 64-row grain
-    raw = random_blocks(qtype, rows, cols, seed=7)
-    packed = unpack_codes(raw, qtype, (rows, cols))
-    w = dequantize(raw, qtype, (rows, cols)).double()
-    for m in (1, 2, 3, 4, 5, 9, 17):  # every row-block size of the kernel, and the slab path
-        x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
-        y = grouped_matmul(x, *packed, use_kernel=use_kernel)
-        assert y.shape == (m, rows) and y.dtype == torch.float32
-        assert _relative_error(y, x.double() @ w.T) < 2e-5
 
 
 def test_kernel_builds_here() -> None:

@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemmakit.quant.grouped import GGMLWeight, GroupedEmbedding, GroupedLinear
-from gemmakit.quant.kernels import dequantize_rows, ggml_dequantize
+from gemmakit.quant.grouped import GGMLWeight, GroupedEmbedding, GroupedLinear, dequantize_rows
+from gemmakit.quant.kernels import ggml_dequantize
 from gemmakit.quant.linear import (
     Q4_1, Q8_0, Int4Linear, QuantTiedEmbedding, dequantize_int4, quantize_blocks, quantize_int4,
     quantize_int8_groups, quantize_model,
@@ -33,7 +33,7 @@ from tiny import random_model, tiny_config
 def test_int8_quantiser_error_is_at_most_half_a_step():
     w = torch.randn(48, 64)
     packed = quantize_int8_groups(w)
-    assert packed.codes.dtype == torch.int8 and packed.scale.shape == (48, 2) and packed.offset is None
+    assert packed.codes.dtype == torch.int8 and packed.scale.shape == (48, 2) and packed.group == 32
     err = (dequantize_rows(*packed) - w).abs().reshape(48, 2, 32)
     assert (err <= packed.scale[..., None] / 2 + 1e-6).all()
 
@@ -96,8 +96,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@pytest.mark.parametrize("slab_rows", [4096, 40], ids=["one-slab", "three-slabs"])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_int8_linear_equals_dequantised_matmul(rows):
+def test_int8_linear_equals_dequantised_matmul(rows, slab_rows, monkeypatch):
+    """The int8 layer used where the block kernel does not run, on all its slabs of output rows."""
+    from gemmakit.quant import grouped
+
+    monkeypatch.setattr(grouped, "_SLAB_ROWS", slab_rows)
     w, x = torch.randn(96, 64), torch.randn(rows, 3, 64)
     packed = quantize_int8_groups(w)
     out = GroupedLinear(packed)(x)
@@ -166,6 +171,29 @@ def test_quantised_model_logits_track_float_model(scheme, bound):
     assert rel < bound, rel
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= (0.75 if scheme == "int8" else 0.4), agree  # random logits are near-flat: many near-ties
+
+
+def test_int8_model_without_the_kernel_runs_on_grouped_codes(monkeypatch):
+    """With no CPU kernel (or off the CPU) int8 is int8 codes + float32 scales, dequantised per
+    matmul, q/k/v and gate/up stacked into one weight each: the same bounds as the block form."""
+    from gemmakit.quant import linear
+    from gemmakit.quant.grouped import GroupedWeight
+
+    monkeypatch.setattr(linear, "kernel", lambda: None)
+    model = random_model(tiny_config("gemma3"), seed=1).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        ref = model(ids)
+        qmodel = quantize_model(copy.deepcopy(model), "int8")
+        out = qmodel(ids)
+        cache = qmodel.new_cache(2, 20)
+        stepped = torch.cat([qmodel(ids[:, :10], cache=cache)]
+                            + [qmodel(ids[:, i:i + 1], cache=cache) for i in range(10, 20)], dim=1)
+    weights = [m for m in qmodel.modules() if isinstance(m, GroupedWeight)]
+    assert len(weights) == 1 + 4 * model.config.num_layers  # embedding; stacked qkv, o, stacked gate-up, down
+    assert not any(isinstance(m, (torch.nn.Linear, GGMLWeight)) for m in qmodel.modules())
+    assert _rel(out, ref) < 0.08
+    assert _rel(stepped, out) < 1e-4
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

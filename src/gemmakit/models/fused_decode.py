@@ -11,7 +11,7 @@ masks (once per layer kind, as before), the LM head and the cache bookkeeping.
 It applies where the eager step would itself take those kernels: float32 on the CPU, autograd
 off, at most ``KERNEL_MAX_ROWS`` rows, a plain float32 KV cache that is not the compiled step's
 static one (a generation's KVCache or the serving engine's RowKVCache), attention layers only, no
-biases, and every projection a GGML-block, int8-code or dense float32 matrix. Anything else (LoRA
+biases, and every projection a GGML-block or dense float32 matrix. Anything else (LoRA
 wrappers, bfloat16, RecurrentGemma, int8 KV) keeps the eager path. The stack holds references to
 the model's weights; it is rebuilt whenever a module, weight or buffer of the layers is no longer
 the object it was built from (``_fingerprint``). ``GEMMAKIT_FUSED_DECODE=0`` turns it off (the
@@ -168,15 +168,11 @@ def _projection(ext, modules: list[nn.Module]):
 def _part(ext, module: nn.Module):
     """One linear layer as a DecodePart, or None where the eager layer does something else."""
     from gemmakit.models.gemm import Linear
-    from gemmakit.quant.grouped import GGMLWeight, GroupedLinear, GroupedWeight
+    from gemmakit.quant.grouped import GGMLWeight, GroupedLinear
 
     if type(module) is GroupedLinear:
         w = module.w
-        if type(w) is GGMLWeight:
-            return ext.DecodePart.ggml(w.parts(), w.types, w.in_features)
-        if type(w) is GroupedWeight:
-            return ext.DecodePart.grouped(w.codes, w.scale, w.offset if w.offset is not None else _EMPTY, w.group)
-        return None
+        return ext.DecodePart.ggml(w.parts(), w.types, w.in_features) if type(w) is GGMLWeight else None
     if type(module) in (Linear, nn.Linear) and module.bias is None and module.weight.dtype == torch.float32:
         return ext.DecodePart.dense(module.weight.detach())
     return None

@@ -38,8 +38,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 
-__all__ = ["SUPPORTED_TYPES", "dequantize", "GroupedCodes", "unpack_codes", "PACKABLE_TYPES", "GGMLBlocks",
-           "ggml_blocks"]
+__all__ = ["SUPPORTED_TYPES", "dequantize", "PACKABLE_TYPES", "GGMLBlocks", "ggml_blocks"]
 
 _T = GGMLQuantizationType
 
@@ -119,15 +118,7 @@ def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # Every block format unpacks into int8 *codes* plus a float32 scale (and offset) per group, with
 # ``w = scale * code + offset``: scales and offsets come out of the same float32 roundings as ggml's
-# (d * sc, dmin * m). dequantize() evaluates exactly that; the grouped kernel (quant/kernels.py)
-# multiplies by the codes directly, so a GGUF model runs without ever holding float weights.
-
-class GroupedCodes(NamedTuple):
-    codes: torch.Tensor  # [N, K] int8
-    scale: torch.Tensor  # [N, K / group] float32
-    offset: torch.Tensor | None  # [N, K / group] float32, or None for symmetric formats
-    group: int
-
+# (d * sc, dmin * m). dequantize() evaluates exactly that.
 
 def _c_q8_0(blocks):
     return blocks[:, 2:].view(torch.int8), _f16(blocks, 0), None
@@ -287,38 +278,9 @@ def dequantize(
     return out.reshape(shape)
 
 
-# --------------------------------------------------------------------------- codes, not floats
+# --------------------------------------------------------------------------- blocks, not floats
 
 PACKABLE_TYPES: frozenset[int] = frozenset(int(t) for t in _CODES)
-
-
-def unpack_codes(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> GroupedCodes:
-    """A quantised GGML matrix ``[N, K]`` as int8 codes and per-group scales (and offsets)."""
-    ggml_type = int(ggml_type)
-    shape = tuple(int(s) for s in shape)
-    if ggml_type not in _CODES or len(shape) != 2:
-        raise UnsupportedModelError(f"GGML {_type_name(ggml_type)} {shape} cannot stay quantised")
-    blocks = _checked_blocks(raw, ggml_type, shape)
-    unpack, group = _CODES[ggml_type]
-    block_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)][0]
-    per_block = block_size // group
-    N, K = shape
-    codes = torch.empty(N * K, dtype=torch.int8)
-    scale = torch.empty(N * K // group, dtype=torch.float32)
-    offset = None
-    slab = max(1, _SLAB_WEIGHTS // block_size)
-    for start in range(0, blocks.shape[0], slab):
-        chunk = blocks[start : start + slab]
-        q, s, o = unpack(chunk)
-        n = chunk.shape[0]
-        codes[start * block_size : (start + n) * block_size] = q.reshape(-1)
-        scale[start * per_block : (start + n) * per_block] = s.reshape(-1)
-        if o is not None:
-            if offset is None:
-                offset = torch.empty_like(scale)
-            offset[start * per_block : (start + n) * per_block] = o.reshape(-1)
-    return GroupedCodes(codes.view(N, K), scale.view(N, K // group),
-                        None if offset is None else offset.view(N, K // group), group)
 
 
 class GGMLBlocks(NamedTuple):

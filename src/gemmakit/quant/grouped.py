@@ -7,8 +7,10 @@ Two weight holders share one interface (``matmul``, ``rows``, ``in_features``/``
   blocks directly (quant/kernels.py ``ggml_matmul``). Several matrices with the same input (q, k
   and v; gate and up) are one weight of several parts, in whatever types the file mixed, run as one
   call. This is how ``--quant gguf`` (the default for a quantised GGUF on the CPU) holds weights.
-- :class:`GroupedWeight` keeps int8 codes with a float32 scale, and for some formats an offset,
-  per group of 16 or 32 inputs: what ``--quant int8`` requantises a float checkpoint into.
+- :class:`GroupedWeight` keeps int8 codes with a float32 scale per group of 32 inputs: what
+  ``--quant int8`` requantises a float checkpoint into where the block kernel does not run (off
+  the CPU, or with no built kernel). It dequantises for each matmul, in torch; on the CPU with
+  the kernel, int8 is GGML Q8_0 blocks in a :class:`GGMLWeight` instead.
 
 Either way the results equal dequantise-then-matmul up to float32 rounding; nothing is
 re-quantised on the way, so the model computes what the file describes.
@@ -19,39 +21,60 @@ dequantises only the rows it needs and the head streams the codes through the ke
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from gemmakit.quant.ggml import GGMLBlocks, GroupedCodes
-from gemmakit.quant.kernels import dequantize_rows, ggml_linear, ggml_rows, grouped_matmul
+from gemmakit.quant.ggml import GGMLBlocks
+from gemmakit.quant.kernels import ggml_linear, ggml_rows
+
+_SLAB_ROWS = 4096  # output rows GroupedWeight dequantises at a time (~10 MB of float32 for K = 640)
+
+
+class GroupedCodes(NamedTuple):
+    """``W [N, K] ~ scale * codes`` per group of ``group`` inputs (quant/linear.py ``quantize_int8_groups``)."""
+
+    codes: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N, K / group] float32
+    group: int
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, group: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale * codes`` per group: ``[n, K]`` int8 -> ``[n, K]`` float."""
+    n, K = codes.shape
+    return (codes.view(n, K // group, group).to(torch.float32) * scale.view(n, -1, 1)).view(n, K).to(dtype)
 
 
 class GroupedWeight(nn.Module):
-    """``W [N, K] = scale * codes + offset`` per group of ``group`` inputs, as buffers."""
+    """``W [N, K] = scale * codes`` per group of ``group`` inputs, as buffers."""
 
-    prefill_dtype = torch.float32  # the many-row GEMM's dtype; load(prefill_dtype="bfloat16") sets it
+    prefill_dtype = torch.float32  # set by load(prefill_dtype=...); unused here: the products are float32
 
     def __init__(self, packed: GroupedCodes) -> None:
         super().__init__()
         self.register_buffer("codes", packed.codes.contiguous())
         self.register_buffer("scale", packed.scale.contiguous())
-        self.register_buffer("offset", None if packed.offset is None else packed.offset.contiguous())
         self.group = packed.group
         self.out_features, self.in_features = packed.codes.shape
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., K] @ W^T -> [..., N]`` in x's dtype (accumulated in float32)."""
-        flat = x.reshape(-1, self.in_features)
-        y = grouped_matmul(flat, self.codes, self.scale, self.offset, self.group, compute_dtype=self.prefill_dtype)
+        """``x [..., K] @ W^T -> [..., N]`` in x's dtype, computed in float32 a slab of output rows
+        at a time, so the float copy of the weight never exceeds a few MB."""
+        flat = x.reshape(-1, self.in_features).to(torch.float32)
+        y = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        for start in range(0, self.out_features, _SLAB_ROWS):
+            rows = slice(start, start + _SLAB_ROWS)
+            y[:, rows] = F.linear(flat, dequantize_rows(self.codes[rows], self.scale[rows], self.group))
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        off = None if self.offset is None else self.offset[index]
-        return dequantize_rows(self.codes[index], self.scale[index], off, self.group, dtype)
+        return dequantize_rows(self.codes[index], self.scale[index], self.group, dtype)
 
     def extra_repr(self) -> str:
-        kind = "affine" if self.offset is not None else "symmetric"
-        return f"{self.out_features}x{self.in_features}, int8 codes, {kind} groups of {self.group}"
+        return f"{self.out_features}x{self.in_features}, int8 codes, symmetric groups of {self.group}"
 
 
 class GGMLWeight(nn.Module):
@@ -96,14 +119,11 @@ class GGMLWeight(nn.Module):
 
 def stack_rows(weights: list[GroupedWeight]) -> GroupedCodes | None:
     """Several weights with the same input as one ``[sum N, K]`` weight, or None if they differ in
-    group size (formats with and without offsets mix: a missing offset is zero)."""
+    group size."""
     if len({(w.group, w.in_features) for w in weights}) != 1:
         return None
-    offsets = None
-    if any(w.offset is not None for w in weights):
-        offsets = torch.cat([w.offset if w.offset is not None else torch.zeros_like(w.scale) for w in weights])
     return GroupedCodes(torch.cat([w.codes for w in weights]), torch.cat([w.scale for w in weights]),
-                        offsets, weights[0].group)
+                        weights[0].group)
 
 
 def _weight(packed: GroupedCodes | GGMLBlocks | nn.Module) -> nn.Module:

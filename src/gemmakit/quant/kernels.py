@@ -1,11 +1,13 @@
-"""The optional compiled CPU kernel behind grouped int8 weights, and its pure-torch fallback.
+"""gemmakit's optional compiled CPU kernels, and the pure-torch fallbacks that compute the same.
 
-torch has no kernel that multiplies by int8 codes with a scale per *group* of inputs, which is how
-every GGML block format stores weights. gemmakit ships one small C++ file (csrc/grouped_matmul.cpp)
-and compiles it on first use with torch's own extension builder (needs a C++ compiler and the Python
-headers; up to a minute, once: the build is cached under ~/.cache/torch_extensions). Without a
-compiler, or with ``GEMMAKIT_KERNELS=0``, the same maths runs as dequantise-a-slab-then-matmul in
-torch: identical results up to float32 rounding, only slower.
+torch has no kernel that multiplies by GGML blocks (int codes with a float16 scale, and for some
+formats a minimum, per block of 32 or 256 inputs), which is how every quantised GGUF stores its
+weights. gemmakit ships a few small C++ files (csrc/: the block matmul, one-query attention, the
+norms, RoPE, the MLP's GELU, the Q8_0/Q4_1 quantiser, the tokenizer's BPE and a fused decoding
+step) and compiles them on first use with torch's own extension builder (needs a C++ compiler and
+the Python headers; up to a minute, once: the build is cached under ~/.cache/torch_extensions).
+Without a compiler, or with ``GEMMAKIT_KERNELS=0``, the same maths runs as dequantise-then-matmul
+in torch: identical results up to float32 rounding, only slower.
 """
 
 from __future__ import annotations
@@ -19,23 +21,19 @@ import torch
 import torch.nn.functional as F
 
 _CSRC = Path(__file__).parent / "csrc"
-# One extension: int8 codes + per-group scales (grouped_matmul.cpp), raw GGML blocks (ggml_matmul.cpp),
-# one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), the MLP's
-# GELU(gate) * up (gelu_mul.cpp), float rows -> Q4_1 blocks (ggml_quantize.cpp), SentencePiece's BPE
+# One extension: raw GGML blocks (ggml_matmul.cpp), one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), the MLP's
+# GELU(gate) * up (gelu_mul.cpp), float rows -> Q8_0 / Q4_1 blocks (ggml_quantize.cpp), SentencePiece's BPE
 # over a compact vocabulary (bpe.cpp), a decoding
 # step's layers in one call (decode_step.cpp/.h), and the Python module (module.cpp).
-_SOURCES = [_CSRC / "grouped_matmul.cpp", _CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp",
-            _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "gelu_mul.cpp", _CSRC / "ggml_quantize.cpp",
+_SOURCES = [_CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp", _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "gelu_mul.cpp", _CSRC / "ggml_quantize.cpp",
             _CSRC / "bpe.cpp", _CSRC / "decode_step.cpp", _CSRC / "module.cpp"]
 _HEADERS = [_CSRC / "decode_step.h", _CSRC / "bpe.h", _CSRC / "rows.h"]  # part of the build's fingerprint, not compiled on their own
 _lock = threading.Lock()
 _module = None
 _tried = False
 
-# Above this many input rows the matmul is compute bound and a float GEMM on dequantised slabs wins.
+# Above this many input rows the matmul is compute bound and a float GEMM on the dequantised weight wins.
 KERNEL_MAX_ROWS = 16
-_SLAB_ROWS = 4096  # output rows dequantised at a time on the fallback path (~10 MB of float32)
-_WHOLE_WEIGHTS = 1 << 23  # up to 32 MB of float32 the kernel dequantises a whole matrix at once
 
 
 def kernel():
@@ -89,7 +87,7 @@ def _build_name() -> str:
 
     cpu = platform.machine() + cpu_flags()
     digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + cpu.encode()).hexdigest()[:12]
-    return f"gemmakit_grouped_{digest}"
+    return f"gemmakit_kernels_{digest}"
 
 
 def cpu_flags() -> str:
@@ -112,34 +110,16 @@ def _is_built() -> bool:
     return any(build.glob("*.so"))
 
 
-def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``scale * codes + offset`` per group: ``[n, K]`` int8 -> ``[n, K]`` float."""
-    n, K = codes.shape
-    w = codes.view(n, K // group, group).to(torch.float32) * scale.view(n, -1, 1)
-    if offset is not None:
-        w = w + offset.view(n, -1, 1)
-    return w.view(n, K).to(dtype)
-
-
 _custom_op = None
 
 
 def register_custom_op():
-    """The kernel as a torch operator ``gemmakit::grouped_matmul``, which torch.compile can trace
-    through (a plain extension call would break the compiled graph at every matmul)."""
+    """The kernels as torch operators (``gemmakit::ggml_matmul``, ``gemmakit::decode_attention``),
+    which torch.compile can trace through (a plain extension call would break the compiled graph at
+    every matmul)."""
     global _custom_op
     if _custom_op is None:
         kernel()
-
-        @torch.library.custom_op("gemmakit::grouped_matmul", mutates_args=())
-        def op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-               group: int) -> torch.Tensor:
-            return _dispatch(x, codes, scale, offset, group, use_kernel=True)
-
-        @op.register_fake
-        def _(x, codes, scale, offset, group):
-            return x.new_empty(x.shape[0], codes.shape[0])
 
         @torch.library.custom_op("gemmakit::ggml_matmul", mutates_args=())
         def ggml_op(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
@@ -158,47 +138,8 @@ def register_custom_op():
         def _(q, k, v, bias, scale, softcap):
             return torch.empty_like(q)
 
-        _custom_op = op
+        _custom_op = ggml_op
     return _custom_op
-
-
-def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                   group: int, use_kernel: bool = True, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``x [M, K] @ W^T -> [M, N]`` float32 for ``W = scale * codes + offset`` (groups of ``group``).
-    ``compute_dtype`` is the many-row (prefill) GEMM's, see ``gemm.linear``."""
-    x = x.to(torch.float32).contiguous()
-    offset = offset if offset is not None else _EMPTY  # the kernel's "no offset"
-    if torch.compiler.is_compiling():
-        return torch.ops.gemmakit.grouped_matmul(x, codes, scale, offset, group)
-    return _dispatch(x, codes, scale, offset, group, use_kernel, compute_dtype)
-
-
-def _dispatch(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
-              use_kernel: bool, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The kernel for a few rows, a dequantised layer and a float GEMM for many, torch alone without it."""
-    ext = kernel() if use_kernel and x.device.type == "cpu" else None
-    if ext is not None and x.shape[0] <= KERNEL_MAX_ROWS:
-        return ext.grouped_matmul(x, codes, scale, offset, group)
-    if ext is not None and codes.shape[0] * codes.shape[1] <= _WHOLE_WEIGHTS:
-        from gemmakit.models.gemm import linear
-
-        return linear(x, ext.grouped_dequantize(codes, scale, offset, group), compute_dtype=compute_dtype)
-    return _slab_matmul(x, codes, scale, offset if offset.numel() else None, group)
-
-
-def _slab_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                 group: int) -> torch.Tensor:
-    """The torch-only path: dequantise a slab of output rows at a time, then a float GEMM."""
-    M, N = x.shape[0], codes.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
-    for start in range(0, N, _SLAB_ROWS):
-        rows = slice(start, start + _SLAB_ROWS)
-        off = offset[rows] if offset is not None else None
-        y[:, rows] = F.linear(x, dequantize_rows(codes[rows], scale[rows], off, group))
-    return y
-
-
-_EMPTY = torch.empty(0)
 
 
 # --------------------------------------------------------------------------- raw GGML blocks

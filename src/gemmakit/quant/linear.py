@@ -6,9 +6,10 @@ by flops: halving the bytes roughly doubles tokens/s.
 * ``int8`` on the CPU: GGML's Q8_0 blocks (one signed byte per weight and a float16 absmax/127
   scale per 32 inputs, 1.0625 bytes per weight), rounded as llama.cpp's reference quantiser rounds
   them, run by the block kernel of a quantised GGUF with float32 activations: the weights
-  ``gemmakit quantize --scheme int8`` writes. It used to be int8 codes with a float32 scale on the
-  grouped kernel; the block kernel reads the same matrix faster (16 GB/s against 10 for the 270M's
-  head on a 2-core Xeon; the 270M decoded 52.7 tok/s against 29.1) and it is 6% smaller.
+  ``gemmakit quantize --scheme int8`` writes. It used to be int8 codes with a float32 scale on a
+  kernel of their own; the block kernel read the same matrix faster (16 GB/s against 10 for the
+  270M's head on a 2-core Xeon; the 270M decoded 52.7 tok/s against 29.1) and it is 6% smaller,
+  so that kernel is gone.
 * ``int8`` elsewhere (or with no CPU kernel): int8 codes with a float32 scale per 32 inputs,
   dequantised per matmul by torch (quant/grouped.py ``GroupedWeight``).
 * ``int4`` on the CPU: GGML's Q4_1 blocks (4-bit codes with a float16 scale and minimum per 32
@@ -31,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmakit.quant.ggml import GGMLBlocks, GroupedCodes, ggml_blocks
-from gemmakit.quant.grouped import GGMLWeight, GroupedEmbedding, GroupedLinear, fuse_projections
+from gemmakit.quant.ggml import GGMLBlocks, ggml_blocks
+from gemmakit.quant.grouped import GGMLWeight, GroupedCodes, GroupedEmbedding, GroupedLinear, fuse_projections
 from gemmakit.quant.kernels import ggml_dequantize, ggml_quantize, kernel
 
 SCHEMES = ("int8", "int4")
@@ -60,7 +61,7 @@ def quantize_int8_groups(w: torch.Tensor, group: int = INT8_GROUP, rows: int = 4
         s = (g.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
         codes[start:start + rows] = torch.round(g / s[..., None]).clamp(-127, 127).reshape(-1, K).to(torch.int8)
         scale[start:start + rows] = s
-    return GroupedCodes(codes, scale, None, group)
+    return GroupedCodes(codes, scale, group)
 
 
 def quantize_blocks(w: torch.Tensor, ggml_type: int, rows: int = 4096) -> GGMLBlocks:

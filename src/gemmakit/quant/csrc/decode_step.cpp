@@ -7,8 +7,6 @@
 #include <cstring>
 
 torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
-torch::Tensor grouped_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor offset,
-                             int64_t group);
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias, double scale,
                                double softcap);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
@@ -23,8 +21,6 @@ torch::Tensor apply_part(const DecodePart& p, const torch::Tensor& x) {
       return ggml_matmul(x, p.tensors, p.types, p.K);
     case 1:
       return at::linear(x, p.tensors[0]);
-    case 2:
-      return grouped_matmul(x, p.tensors[0], p.tensors[1], p.tensors[2], p.group);
   }
   TORCH_CHECK(false, "decode_step: unknown projection kind ", p.kind);
 }

@@ -15,12 +15,12 @@
 #include <vector>
 
 // A linear map of one input to the side-by-side outputs of one or more parts. A part is GGML
-// blocks (several matrices in one kernel call), a dense float32 matrix, or grouped int8 codes.
+// blocks (several matrices in one kernel call) or a dense float32 matrix.
 struct DecodePart {
-  int64_t kind = 0;                    // 0 GGML blocks, 1 dense float32, 2 grouped int8
-  std::vector<torch::Tensor> tensors;  // GGML: blocks per matrix; dense: {weight}; grouped: {codes, scale, offset}
+  int64_t kind = 0;                    // 0 GGML blocks, 1 dense float32
+  std::vector<torch::Tensor> tensors;  // GGML: blocks per matrix; dense: {weight}
   std::vector<int64_t> types;          // GGML types, one per matrix
-  int64_t K = 0, group = 0;
+  int64_t K = 0;
 };
 
 struct DecodeProjection {

@@ -1,6 +1,5 @@
-// The Python module of gemmakit's CPU kernels: grouped_matmul.cpp (int8 codes + per-group float
-// scales), ggml_matmul.cpp (raw GGML blocks), decode_attention.cpp (one-query attention) and
-// rms_norm.cpp (Gemma's RMSNorm in one call), rope.cpp (QK-norm + rotary embedding in one call),
+// The Python module of gemmakit's CPU kernels: ggml_matmul.cpp (raw GGML blocks),
+// decode_attention.cpp (one-query attention), rms_norm.cpp (Gemma's RMSNorm in one call), rope.cpp (QK-norm + rotary embedding in one call),
 // gelu_mul.cpp (the MLP's GELU(gate) * up in one pass), ggml_quantize.cpp (float rows -> Q8_0
 // or Q4_1 blocks), bpe.cpp (SentencePiece's BPE encoding over a compact vocabulary) and
 // decode_step.cpp (a decoding step's layers in one call), compiled together as one extension.
@@ -13,10 +12,6 @@
 #include <string>
 #include <vector>
 
-torch::Tensor grouped_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor offset,
-                             int64_t group);
-torch::Tensor grouped_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor offset, int64_t group);
-bool has_avx2();
 torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
 torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K);
 void ggml_dequantize_into(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor out);
@@ -29,9 +24,6 @@ torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up);
 torch::Tensor ggml_quantize(torch::Tensor w, int64_t type);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("grouped_matmul", &grouped_matmul, "x @ (scale * codes + offset)^T with per-group scales");
-  m.def("grouped_dequantize", &grouped_dequantize, "scale * codes + offset as float32");
-  m.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2/FMA");
   m.def("ggml_matmul", &ggml_matmul, "x @ concat(W_i)^T for raw GGML block rows W_i (float32 activations)");
   m.def("ggml_dequantize", &ggml_dequantize, "raw GGML block rows -> float32, bit-identical to ggml");
   m.def("ggml_dequantize_into", &ggml_dequantize_into, "ggml_dequantize into a given [N, K] float32 or bfloat16 tensor");
@@ -48,7 +40,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("piece", &BPEVocab::piece, "the piece of an id")
       .def("piece_to_id", [](const BPEVocab& v, const std::string& p) { return v.piece_to_id(p); })
       .def("__len__", &BPEVocab::size);
-  py::class_<DecodePart>(m, "DecodePart", "one part of a projection: GGML blocks, a dense matrix or int8 codes")
+  py::class_<DecodePart>(m, "DecodePart", "one part of a projection: GGML blocks or a dense matrix")
       .def_static("ggml", [](std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K) {
         DecodePart p;
         p.kind = 0, p.tensors = std::move(blocks), p.types = std::move(types), p.K = K;
@@ -57,11 +49,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_static("dense", [](torch::Tensor weight) {
         DecodePart p;
         p.kind = 1, p.tensors = {weight};
-        return p;
-      })
-      .def_static("grouped", [](torch::Tensor codes, torch::Tensor scale, torch::Tensor offset, int64_t group) {
-        DecodePart p;
-        p.kind = 2, p.tensors = {codes, scale, offset}, p.group = group;
         return p;
       });
   py::class_<DecodeProjection>(m, "DecodeProjection", "parts with one input, outputs side by side")
