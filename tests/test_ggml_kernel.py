@@ -69,6 +69,19 @@ def test_matmul_large_parallel(ext) -> None:
         assert_close(kernels.ggml_matmul(x, [raw], [int(T.Q4_1)], K), reference(x, [(raw, int(T.Q4_1))], K))
 
 
+@pytest.mark.parametrize("M", [1, 3])
+def test_matrices_read_as_interleaved_streams(ext, M: int) -> None:
+    """A thread's rows of a matrix over 1 MB are read as four interleaved runs (row counts not a
+    multiple of four, a matrix boundary inside a thread's rows): every row as in a small call."""
+    K = 1024
+    mats = [(blocks_of(T.Q8_0, 2051, K, 21), int(T.Q8_0)), (blocks_of(T.Q4_K, 3003, K, 22), int(T.Q4_K))]
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    y = kernels.ggml_matmul(x, [b for b, _ in mats], [t for _, t in mats], K)
+    assert_close(y, reference(x, mats, K))
+    pieces = [kernels.ggml_matmul(x, [b[i:i + 500]], [t], K) for b, t in mats for i in range(0, b.shape[0], 500)]
+    assert torch.equal(y, torch.cat(pieces, dim=1))
+
+
 @pytest.mark.parametrize("M", [1, 4, 7])
 def test_multi_matrix_call(ext, M: int) -> None:
     K = 512

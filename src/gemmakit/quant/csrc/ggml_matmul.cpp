@@ -765,8 +765,14 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
 #endif
 
 // How far ahead of the row being multiplied to prefetch, and the decode path's tile of rows (both
-// sized to stay well inside L1 next to the activations).
+// sized to stay well inside L1 next to the activations). The prefetch fills L2, not L1 (T1, not
+// T0): on a 2-core Xeon streaming a 712 MB Q8_0 matrix from DRAM, T0 reached 16.7 GB/s and T1
+// 20.8 (8-64 KB ahead all alike); the L1 streamer brings the lines the rest of the way.
 constexpr int64_t kPrefetchBytes = 16384, kTileBytes = 16384;
+// A thread's rows of a matrix too big for the caches are read as kStreams interleaved runs, one row
+// of each in turn: more misses in flight than one sequential run keeps. The same Xeon streamed the
+// 712 MB matrix at 18-19 GB/s in one run, 25 in four, 23.5 in eight (a pure read: 28).
+constexpr int64_t kStreams = 4, kStreamMinBytes = 1 << 20;
 
 // Rows [r0, r1) of one matrix, all M rows of x: decode a tile of rows once (into L1), then run
 // every block of up to four rows of x over it.
@@ -778,11 +784,11 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
   {
     const int64_t G32 = K / 32;
     const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
-    for (int64_t r = r0; r < r1; ++r) {
+    auto one_row = [&](int64_t r) {
       const uint8_t* row = mat.data + r * mat.row_bytes;
       if (r + ahead < mat.N) {
         const char* p = reinterpret_cast<const char*>(row + ahead * mat.row_bytes);
-        for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+        for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
       }
       for (int64_t m = 0; m < M; m += 4) {
         float out[4];
@@ -795,7 +801,14 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
         }
         for (int64_t j = 0; j < mb; ++j) y[(m + j) * ldy + mat.col0 + r] = out[j];
       }
-    }
+    };
+    const int64_t streams = (r1 - r0) * mat.row_bytes >= kStreamMinBytes ? kStreams : 1;
+    const int64_t run = (r1 - r0 + streams - 1) / streams;  // rows per stream (the last may be short)
+    for (int64_t i = 0; i < run; ++i)
+      for (int64_t s = 0; s < streams; ++s) {
+        const int64_t r = r0 + s * run + i;
+        if (r < r1) one_row(r);
+      }
     return;
   }
 #endif
