@@ -292,7 +292,8 @@ def _crash_hint(mode: str, proc: subprocess.CompletedProcess) -> str:
 def print_table(rows: list[tuple[str, dict]]) -> None:
     """One markdown row per run, in run order. Ratios are to the nearest llama.cpp run before the
     row (else the first after it): on a noisy machine only adjacent runs compare fairly, so
-    `--modes llama.cpp gemmakit-gguf llama.cpp gemmakit-gguf` gives two independent pairs."""
+    `--modes llama.cpp gemmakit-gguf llama.cpp gemmakit-gguf` gives two independent pairs.
+    llama.cpp's own rows carry no ratio."""
     keys = (("load_s", "load s"), ("prefill_tps", "prefill tok/s"), ("decode_tps", "decode tok/s"),
             ("peak_rss_gb", "peak RSS GB"))
     refs = [i for i, (m, r) in enumerate(rows) if m == "llama.cpp" and "error" not in r]
@@ -303,7 +304,9 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
             print(f"| {mode} | error: {r['error']} |")
             continue
         before = [j for j in refs if j < i]
-        ref = rows[before[-1]][1] if before else (rows[refs[0]][1] if refs and refs[0] != i else {})
+        ref = rows[before[-1]][1] if before else (rows[refs[0]][1] if refs else {})
+        if mode == "llama.cpp":
+            ref = {}  # a ratio between two llama.cpp runs is only the machine's noise
         cells = []
         for k, _ in keys:
             cell = f"{r[k]:.2f}"
