@@ -61,6 +61,52 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
   for (; i < n; ++i) y[i] += w * x[i];
 }
 
+#ifdef GK_ATTN_AVX512
+// The two passes over a chunk's keys and values with all G query heads at once, for head_dim a
+// multiple of 64: each key is loaded once for G independent dot chains (one chain per head with
+// separate dot() calls is latency bound: 16 dependent FMAs per 256-d key), and each head's output
+// stays in registers for a 64- or 32-wide slice of head_dim while the values stream past. Every
+// output element sees the same float operations in the same order as dot() and axpy() above, so
+// the results are bit-identical to the generic loops. On a 2-core Xeon, Gemma 3 270M's 18 layers
+// at 640 keys took 0.85 ms against 1.39 (28 GB/s of keys and values: the memory's pace).
+template <int G>
+inline void scores_g(const float* qh, int64_t D, const float* kb, int64_t kstride, int64_t n, float* scores[G]) {
+  for (int64_t s = 0; s < n; ++s) {
+    const float* key = kb + s * kstride;
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __m512 kv = _mm512_loadu_ps(key + i);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + g * D + i), kv, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) scores[g][s] = _mm512_reduce_add_ps(acc[g]);
+  }
+}
+
+// o[g] += w[g][s] * value_s for s in order, skipping zero weights (as the generic loop's axpy does).
+template <int G, int NV>
+inline void values_g(const float* vb, int64_t vstride, int64_t n, int64_t D, float* const w[G], float* o) {
+  for (int64_t d0 = 0; d0 < D; d0 += 16 * NV) {
+    __m512 acc[G][NV];
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_loadu_ps(o + g * D + d0 + 16 * j);
+    for (int64_t s = 0; s < n; ++s) {
+      const float* value = vb + s * vstride + d0;
+      __m512 x[NV];
+      for (int j = 0; j < NV; ++j) x[j] = _mm512_loadu_ps(value + 16 * j);
+      for (int g = 0; g < G; ++g) {
+        const float ws = w[g][s];
+        if (ws == 0.f) continue;
+        const __m512 vw = _mm512_set1_ps(ws);
+        for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_fmadd_ps(vw, x[j], acc[g][j]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(o + g * D + d0 + 16 * j, acc[g][j]);
+  }
+}
+#endif
+
 }  // namespace
 
 // q [B, H, 1, D]; k, v [B, Hkv, S, D] (any strides with a contiguous last dim); bias [B, 1, 1, S]
@@ -110,13 +156,29 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       std::fill(o, o + G * D, 0.f);
       std::fill(top, top + G, kNone);
       std::fill(total, total + G, 0.f);
+      // raw q.k into p, then (masked keys aside) scale, soft-cap and bias, as the generic loop does
+      bool batched = false;
+#ifdef GK_ATTN_AVX512
+      if (D % 64 == 0 && (G == 1 || G == 2 || G == 4 || G == 8)) {
+        float* rows[8];
+        for (int64_t g = 0; g < G; ++g) rows[g] = p.data() + g * span;
+        const float* k0 = kb + s0 * k.stride(2);
+        switch (G) {
+          case 1: scores_g<1>(qh, D, k0, k.stride(2), n, rows); break;
+          case 2: scores_g<2>(qh, D, k0, k.stride(2), n, rows); break;
+          case 4: scores_g<4>(qh, D, k0, k.stride(2), n, rows); break;
+          default: scores_g<8>(qh, D, k0, k.stride(2), n, rows); break;
+        }
+        batched = true;
+      }
+#endif
       for (int64_t s = 0; s < n; ++s) {
         const float bias_s = row_bias[s0 + s];
         const float* key = kb + (s0 + s) * k.stride(2);
         for (int64_t g = 0; g < G; ++g) {
           float x = kNone;
           if (bias_s != kNone) {
-            x = fscale * dot(qh + g * D, key, D);
+            x = fscale * (batched ? p[g * span + s] : dot(qh + g * D, key, D));
             if (cap > 0.f) x = cap * std::tanh(x / cap);
             x += bias_s;
           }
@@ -132,10 +194,26 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
           total[g] += w;
         }
       }
+      for (int64_t g = 0; g < G; ++g)  // a head with no visible key adds nothing
+        if (top[g] == kNone) std::fill(p.begin() + g * span, p.begin() + g * span + n, 0.f);
+#ifdef GK_ATTN_AVX512
+      if (batched) {
+        float* w[8];
+        for (int64_t g = 0; g < G; ++g) w[g] = p.data() + g * span;
+        const float* v0 = vb + s0 * v.stride(2);
+        switch (G) {
+          case 1: values_g<1, 4>(v0, v.stride(2), n, D, w, o); break;
+          case 2: values_g<2, 4>(v0, v.stride(2), n, D, w, o); break;
+          case 4: values_g<4, 4>(v0, v.stride(2), n, D, w, o); break;
+          default: values_g<8, 2>(v0, v.stride(2), n, D, w, o); break;
+        }
+        continue;
+      }
+#endif
       for (int64_t s = 0; s < n; ++s) {
         const float* value = vb + (s0 + s) * v.stride(2);
         for (int64_t g = 0; g < G; ++g) {
-          const float w = top[g] == kNone ? 0.f : p[g * span + s];
+          const float w = p[g * span + s];
           if (w != 0.f) axpy(w, value, o + g * D, D);
         }
       }
