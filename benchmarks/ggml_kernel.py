@@ -76,7 +76,6 @@ def main() -> None:
             print(f"{name:6} {f'{N}x{K}':>13} {M:>3} | {raw_bytes / 1e6:7.1f} {t_new * 1e3:8.2f} "
                   f"{raw_bytes / t_new / 1e9:6.1f} | {dense_bytes / 1e6:8.1f} {t_old * 1e3:10.2f} "
                   f"{dense_bytes / t_old / 1e9:6.1f} | {t_old / t_new:5.2f}x", flush=True)
-        del raw, dense
 
 
 if __name__ == "__main__":

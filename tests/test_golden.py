@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 import gemmakit
 from gemmakit.api import stream_generation

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from train_helpers import synthetic_task, tiny_gguf, write_jsonl

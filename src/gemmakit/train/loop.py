@@ -13,7 +13,6 @@ not what it is. Under ``torch.distributed`` each rank takes its share of every m
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 import sys
