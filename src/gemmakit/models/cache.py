@@ -125,6 +125,8 @@ class KVCache:
         self.length = 0
         self.layers: list[LayerCache | RecurrentState] = layer_states(config, batch, max_len, self.window, dtype, device,
                                                                       kv_int8=kv_int8)
+        if static:
+            _mark_static_addresses(self.layers)
         self.has_global = "global" in config.layer_kinds
         global_slots = max_len if self.has_global else 0  # without global layers nothing grows with max_len
         self.global_positions = torch.full((batch, global_slots), -1, dtype=torch.long, device=device)
@@ -161,6 +163,19 @@ class KVCache:
                 f"sequence of {self.length + num_new} tokens exceeds the cache size {self.max_len}; "
                 "use a shorter prompt or fewer new tokens"
             )
+
+
+def _mark_static_addresses(states: list) -> None:
+    """Tell torch.compile that a static cache's buffers keep their addresses, so that a CUDA-graph
+    replay (``mode="reduce-overhead"``) may write keys and values into them in place. Without it,
+    a graph that mutates tensors made outside it is not captured at all (torch skips CUDA graphs
+    for it). A later cache's new addresses make torch record the graph again, once per cache
+    (up to its re-record limit, 128 by default, after which the step runs compiled without graphs)."""
+    for state in states:
+        if isinstance(state, LayerCache):
+            for t in (state.keys, state.values, state.key_scale, state.value_scale):
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
 
 
 def layer_states(config: ModelConfig, batch: int, max_len: int, window: int, dtype: torch.dtype,

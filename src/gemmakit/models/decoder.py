@@ -122,6 +122,12 @@ class GemmaModel(nn.Module):
         fused = fused_hidden(self, h, contexts, cache) if T == 1 and compiled is None and cache is not None else None
         if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
             logits = self._logits(fused)
+        elif compiled is not None and h.device.type == "cuda":
+            # A CUDA-graph replay writes its outputs into the graph's own memory, which the next
+            # replay reuses: start a new step explicitly (else a still-referenced previous output
+            # makes torch record another graph instead of replaying) and hand back a copy.
+            torch.compiler.cudagraph_mark_step_begin()
+            logits = compiled(h, contexts, layer_caches, last_only and T > 1).clone()
         else:
             logits = (compiled or self._layers_and_head)(h, contexts, layer_caches, last_only and T > 1)
         if cache is not None:
