@@ -125,8 +125,6 @@ class KVCache:
         self.length = 0
         self.layers: list[LayerCache | RecurrentState] = layer_states(config, batch, max_len, self.window, dtype, device,
                                                                       kv_int8=kv_int8)
-        if static:
-            _mark_static_addresses(self.layers)
         self.has_global = "global" in config.layer_kinds
         global_slots = max_len if self.has_global else 0  # without global layers nothing grows with max_len
         self.global_positions = torch.full((batch, global_slots), -1, dtype=torch.long, device=device)
@@ -135,6 +133,8 @@ class KVCache:
         # so that a bidirectional group split over two forward calls still sees its cached half.
         self.global_groups = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
         self.ring_groups = torch.full((batch, self.window), -1, dtype=torch.long, device=device)
+        if static:  # the compiled step writes keys, values and global positions in place, reads ring positions
+            _mark_static_addresses(self.layers, self.global_positions, self.ring_positions)
 
     def nbytes(self) -> int:
         """Bytes held by keys and values and recurrent states (what `gemmakit info` reports)."""
@@ -165,7 +165,7 @@ class KVCache:
             )
 
 
-def _mark_static_addresses(states: list) -> None:
+def _mark_static_addresses(states: list, *others: torch.Tensor) -> None:
     """Tell torch.compile that a static cache's buffers keep their addresses, so that a CUDA-graph
     replay (``mode="reduce-overhead"``) may write keys and values into them in place. Without it,
     a graph that mutates tensors made outside it is not captured at all (torch skips CUDA graphs
@@ -173,9 +173,9 @@ def _mark_static_addresses(states: list) -> None:
     (up to its re-record limit, 128 by default, after which the step runs compiled without graphs)."""
     for state in states:
         if isinstance(state, LayerCache):
-            for t in (state.keys, state.values, state.key_scale, state.value_scale):
-                if t is not None:
-                    torch._dynamo.mark_static_address(t)
+            others += tuple(t for t in (state.keys, state.values, state.key_scale, state.value_scale) if t is not None)
+    for t in others:
+        torch._dynamo.mark_static_address(t)
 
 
 def layer_states(config: ModelConfig, batch: int, max_len: int, window: int, dtype: torch.dtype,

@@ -116,23 +116,73 @@ class GemmaModel(nn.Module):
             positions = torch.arange(start, start + T, device=h.device).expand(B, T)
         if cache is not None:
             cache.check_room(T)
+        if T == 1 and groups is None and cache is not None and cache.static and self._compiled_step is not None:
+            logits = self._run_compiled_step(h, positions, cache)
+            self._advance(cache, positions, groups)
+            return logits
         contexts = self._contexts(positions, cache, h.dtype, groups)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
-        compiled = self._compiled_step if T == 1 and cache is not None and cache.static else None
-        fused = fused_hidden(self, h, contexts, cache) if T == 1 and compiled is None and cache is not None else None
+        fused = fused_hidden(self, h, contexts, cache) if T == 1 and cache is not None else None
         if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
             logits = self._logits(fused)
-        elif compiled is not None and h.device.type == "cuda":
-            # A CUDA-graph replay writes its outputs into the graph's own memory, which the next
-            # replay reuses: start a new step explicitly (else a still-referenced previous output
-            # makes torch record another graph instead of replaying) and hand back a copy.
-            torch.compiler.cudagraph_mark_step_begin()
-            logits = compiled(h, contexts, layer_caches, last_only and T > 1).clone()
         else:
-            logits = (compiled or self._layers_and_head)(h, contexts, layer_caches, last_only and T > 1)
+            logits = self._layers_and_head(h, contexts, layer_caches, last_only and T > 1)
         if cache is not None:
             self._advance(cache, positions, groups)
         return logits
+
+    def _run_compiled_step(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token through the compiled step (``compile_decode``): its rotary tables and masks are
+        worked out inside the compiled graph too, so on CUDA a step is a few launches and one graph
+        replay rather than dozens of small launches from Python around it."""
+        # where the new key goes: a device tensor, not a Python int the compiler would specialise on
+        index = torch.full((1,), cache.length, dtype=torch.long, device=h.device)
+        args = (h, positions, index, cache.layers, cache.global_positions, cache.ring_positions)
+        if h.device.type != "cuda":
+            return self._compiled_step(*args)
+        # A CUDA-graph replay writes its outputs into the graph's own memory, which the next replay
+        # reuses: start a new step explicitly (else a still-referenced previous output makes torch
+        # record another graph instead of replaying) and hand back a copy.
+        torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled_step(*args).clone()
+
+    def _static_step(self, h: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, layer_caches: list,
+                     global_positions: torch.Tensor, ring_positions: torch.Tensor) -> torch.Tensor:
+        """What ``compile_decode`` compiles: one token's contexts over a static cache, the blocks, the
+        final norm and the head, as a function of tensors whose shapes never change."""
+        contexts = self._static_step_contexts(positions, index, global_positions, ring_positions, h.dtype)
+        return self._layers_and_head(h, contexts, layer_caches, False)
+
+    def _static_step_contexts(self, positions: torch.Tensor, index: torch.Tensor, global_positions: torch.Tensor,
+                              ring_positions: torch.Tensor, dtype: torch.dtype, groups: torch.Tensor | None = None,
+                              global_groups: torch.Tensor | None = None,
+                              ring_groups: torch.Tensor | None = None) -> dict[str, StepContext | RecurrentContext]:
+        """Contexts of a one-token step over a static cache (``KVCache(static=True)``), whose shapes
+        never change: global layers write their one column at ``index`` (recording its position in
+        ``global_positions``) and attend to the whole buffer, whose unwritten columns hold position -1
+        and are masked; sliding-window layers store into ring slot ``index % window`` first and attend
+        to the ring alone (the slot it overwrites holds the position one full window back, which the
+        new token may not see anyway). A static cache's ring always holds a full window."""
+        c = self.config
+        kinds = set(c.layer_kinds)
+        out: dict[str, StepContext | RecurrentContext] = {}
+        if "recurrent" in kinds:
+            out["recurrent"] = RecurrentContext(positions)
+        if "global" in kinds:
+            cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+            global_positions.index_copy_(1, index, positions)
+            if groups is not None:
+                global_groups.index_copy_(1, index, groups)
+            mask = attention_mask(positions, global_positions, None, groups, global_groups if groups is not None else None)
+            out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
+        if "local" in kinds:
+            cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
+            slots = index % ring_positions.shape[1]
+            k_pos = ring_positions.index_copy(1, slots, positions)
+            k_groups = None if groups is None else ring_groups.index_copy(1, slots, groups)
+            mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, c.group_bypasses_window)
+            out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, write_first=True)
+        return out
 
     def _layers_and_head(self, h: torch.Tensor, contexts: dict, layer_caches: list, last_only: bool) -> torch.Tensor:
         """Everything after the per-step bookkeeping: the blocks, the final norm and the head.
@@ -167,7 +217,7 @@ class GemmaModel(nn.Module):
         register_custom_op()
         if self.device.type == "cuda":  # replay the step as a CUDA graph: one launch, not hundreds
             options.setdefault("mode", "reduce-overhead")
-        self._compiled_step = torch.compile(self._layers_and_head, dynamic=False, **options)
+        self._compiled_step = torch.compile(self._static_step, dynamic=False, **options)
         # Compile now for the smallest cache bucket (what short generations use), so that the cost
         # shows up as load time rather than as one very slow first token.
         with torch.inference_mode():
@@ -213,24 +263,17 @@ class GemmaModel(nn.Module):
         out: dict[str, StepContext | RecurrentContext] = {}
         bypass = c.group_bypasses_window
         T = positions.shape[1]
+        if cache is not None and cache.static and T == 1:  # as the compiled step computes them
+            index = torch.full((1,), cache.length, dtype=torch.long, device=positions.device)
+            return self._static_step_contexts(positions, index, cache.global_positions, cache.ring_positions, dtype,
+                                              groups, cache.global_groups, cache.ring_groups)
         fresh = T > 1 and groups is None and _plainly_causal(positions, cache)
         if "recurrent" in kinds:
             out["recurrent"] = RecurrentContext(positions)
         if "global" in kinds:
             cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
             k_groups = groups
-            if cache is not None and cache.static and positions.shape[1] == 1:
-                # Static shapes for the compiled decode step: write one column (an index tensor, not
-                # a Python int the compiler would specialise on) and attend to the whole buffer, whose
-                # unwritten columns hold position -1 and are masked.
-                index = torch.tensor([cache.length], device=positions.device)
-                cache.global_positions.index_copy_(1, index, positions)
-                if groups is not None:
-                    cache.global_groups.index_copy_(1, index, groups)
-                mask = attention_mask(positions, cache.global_positions, None, groups,
-                                      None if groups is None else cache.global_groups)
-                out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
-            elif fresh:
+            if fresh:
                 if cache is not None:
                     cache.global_positions[:, :T] = positions
                 mask = attention_mask(positions, positions, None)
