@@ -60,3 +60,30 @@ def test_compiled_bfloat16_decode_runs_and_matches_eager(tmp_path) -> None:
     prompt = [2, 17, 99, 5, 30, 41, 7]
     assert ([o.tokens[0] for o in generate_steps(compiled, [prompt], 12)]
             == [o.tokens[0] for o in generate_steps(eager, [prompt], 12)])
+
+
+def test_dense_projections_merge_without_changing_the_model() -> None:
+    """What compile_decode does to a float model on CUDA (checked here on the CPU): q/k/v and
+    gate/up become one matmul each, and the logits and greedy tokens stay those of the model."""
+    import copy
+
+    from gemmakit.quant.grouped import fuse_dense_projections
+    from gemmakit.train.lora import LoRAConfig, apply_lora
+
+    config = tiny_config("gemma3", hidden_size=64, intermediate_size=128, num_layers=3, sliding_window=6)
+    model = random_model(config, seed=8).eval()
+    merged = copy.deepcopy(model)
+    assert fuse_dense_projections(merged) == 2 * config.num_layers
+    assert fuse_dense_projections(merged) == 0  # nothing left to merge
+    attn = merged.layers[0].attn
+    assert attn.q_proj is None and attn.qkv_proj.weight.shape == (attn.qkv_proj.out_features, config.hidden_size)
+    ids = torch.tensor([[2, 17, 99, 5, 30, 41, 7, 8, 9]])
+    with torch.inference_mode():
+        a, b = merged(ids), model(ids)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    prompt = ids[0].tolist()
+    assert ([o.tokens[0] for o in generate_steps(merged, [prompt], 12)]
+            == [o.tokens[0] for o in generate_steps(model, [prompt], 12)])
+    lora = random_model(config, seed=8)
+    assert len(apply_lora(lora, LoRAConfig(rank=4, alpha=8))) == 7 * config.num_layers
+    assert fuse_dense_projections(lora) == 0  # LoRA-wrapped projections stay as they are

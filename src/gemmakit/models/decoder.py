@@ -210,13 +210,17 @@ class GemmaModel(nn.Module):
         batched serving keep the eager path. Compiling takes tens of seconds on a small CPU (torch
         caches the result on disk for later runs); it happens here for the smallest cache size and
         again, once, for each larger power-of-two cache size a generation needs. On CUDA the
-        default mode is "reduce-overhead" (CUDA graphs); ``options`` go to torch.compile.
+        default mode is "reduce-overhead" (CUDA graphs), and float q/k/v and gate/up are merged
+        into one matmul each (``quant.grouped.fuse_dense_projections``); ``options`` go to
+        torch.compile.
         """
+        from gemmakit.quant.grouped import fuse_dense_projections
         from gemmakit.quant.kernels import register_custom_op
 
         register_custom_op()
         if self.device.type == "cuda":  # replay the step as a CUDA graph: one launch, not hundreds
             options.setdefault("mode", "reduce-overhead")
+            fuse_dense_projections(self)  # two projection GEMMs a layer where there were five
         self._compiled_step = torch.compile(self._static_step, dynamic=False, **options)
         # Compile now for the smallest cache bucket (what short generations use), so that the cost
         # shows up as load time rather than as one very slow first token.
