@@ -84,11 +84,27 @@ def rope_cos_sin(
     Linear scaling divides the frequencies (equivalently, the positions) by ``scaling``.
     Negative positions (left padding) produce finite junk that the attention mask hides.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    inv_freq = inv_freq / scaling
-    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = positions.float()[..., None] * _inverse_frequencies(head_dim, theta, scaling, positions.device)
+    # [B, T, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, head_dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+_INVERSE_FREQUENCIES: dict[tuple, torch.Tensor] = {}
+
+
+def _inverse_frequencies(head_dim: int, theta: float, scaling: float, device: torch.device) -> torch.Tensor:
+    """``1 / theta^(2i / head_dim) / scaling``, float32: the same few ops every step (a decode step
+    built them twice, ~10 small dispatches each), so made once per table and device. A compiled
+    graph computes them itself (the compiler folds them into constants)."""
+    key = (head_dim, theta, scaling, device)
+    if not torch.compiler.is_compiling() and key in _INVERSE_FREQUENCIES:
+        return _INVERSE_FREQUENCIES[key]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    inv_freq = inv_freq / scaling
+    if not torch.compiler.is_compiling():
+        _INVERSE_FREQUENCIES[key] = inv_freq
+    return inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
