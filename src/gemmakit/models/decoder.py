@@ -187,8 +187,7 @@ class GemmaModel(nn.Module):
     def _layers_and_head(self, h: torch.Tensor, contexts: dict, layer_caches: list, last_only: bool) -> torch.Tensor:
         """Everything after the per-step bookkeeping: the blocks, the final norm and the head.
 
-        With static cache shapes (one new token, see ``compile_decode``) this is a pure function of
-        tensors whose shapes never change, which is what torch.compile needs to trace it once.
+        The compiled decode step (``_static_step``) runs it after building its contexts in the graph.
         """
         rows, final = h.shape[1], len(self.layers) - 1
         # With last_only, the final layer works out its output for the last row alone (its keys and
