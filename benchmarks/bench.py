@@ -152,17 +152,22 @@ def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int) 
     ids = torch.randint(10, config.vocab_size, (prompt_tokens,)).tolist()
     rows = {}
 
-    def gemmakit_decode() -> float:
+    tokens: dict[str, list[int]] = {}  # each gemmakit engine's greedy tokens, to compare
+
+    def gemmakit_decode(name: str = "eager") -> float:
         stats = None
         for _ in range(2):  # the first run warms up (kernels, allocator; compiling for this cache size)
+            out = []
             for step in generate_steps(model, [ids], new_tokens):
                 stats = step.stats
+                out.append(step.tokens[0])
             sync()
+        tokens[name] = out
         return stats.decode_tokens_per_s
 
     def compiled_decode() -> float:
         model.compile_decode()  # CUDA graphs on CUDA (mode "reduce-overhead")
-        return gemmakit_decode()
+        return gemmakit_decode("compiled")
 
     def transformers_decode() -> float:
         from transformers import AutoModelForCausalLM
@@ -210,6 +215,10 @@ def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int) 
             engine += f" (compiling and both runs: {seconds:.0f} s)"
         cells = f"{tps:.1f} | {tps / limit:.0%}" if isinstance(tps, float) else f"{tps} | -"
         print(f"| {engine} | {cells} |")
+    if len(tokens) == 2:  # random weights give near-flat logits: bfloat16 rounding may flip near-ties
+        same = next((i for i, (a, b) in enumerate(zip(tokens["eager"], tokens["compiled"])) if a != b), None)
+        verdict = "all equal to eager" if same is None else f"first differ from eager at step {same}"
+        print(f"compiled greedy tokens: {verdict}")
 
 
 def child(mode: str, path: str, threads: int) -> None:

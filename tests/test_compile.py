@@ -67,7 +67,7 @@ def test_dense_projections_merge_without_changing_the_model() -> None:
     gate/up become one matmul each, and the logits and greedy tokens stay those of the model."""
     import copy
 
-    from gemmakit.quant.grouped import fuse_dense_projections
+    from gemmakit.models.decoder import fuse_dense_projections
     from gemmakit.train.lora import LoRAConfig, apply_lora
 
     config = tiny_config("gemma3", hidden_size=64, intermediate_size=128, num_layers=3, sliding_window=6)

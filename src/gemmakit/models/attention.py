@@ -109,7 +109,8 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # set by fuse(): q, k and v in one matmul
 
     def fuse(self, sizes: list[int], qkv: nn.Module) -> None:
-        """Use one projection returning q|k|v (of ``sizes``) in place of the three (quant/grouped.py)."""
+        """Use one projection returning q|k|v (of ``sizes``) in place of the three
+        (``fuse_projections``, ``fuse_dense_projections``)."""
         self.qkv_proj, self.qkv_sizes = qkv, sizes
         self.q_proj = self.k_proj = self.v_proj = None
 

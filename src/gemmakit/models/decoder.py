@@ -16,6 +16,7 @@ from gemmakit.models.attention import Attention, StepContext, attention_mask
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.fused_decode import fused_hidden
+from gemmakit.models.gemm import Linear
 from gemmakit.models.griffin import RecurrentBlock, RecurrentContext
 from gemmakit.models.row_cache import RowKVCache
 from gemmakit.models.layers import GeGLU, RMSNorm, rope_cos_sin, softcap
@@ -173,7 +174,8 @@ class GemmaModel(nn.Module):
             global_positions.index_copy_(1, index, positions)
             if groups is not None:
                 global_groups.index_copy_(1, index, groups)
-            mask = attention_mask(positions, global_positions, None, groups, global_groups if groups is not None else None)
+            mask = attention_mask(positions, global_positions, None, groups,
+                                  global_groups if groups is not None else None)
             out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
         if "local" in kinds:
             cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
@@ -210,10 +212,9 @@ class GemmaModel(nn.Module):
         caches the result on disk for later runs); it happens here for the smallest cache size and
         again, once, for each larger power-of-two cache size a generation needs. On CUDA the
         default mode is "reduce-overhead" (CUDA graphs), and float q/k/v and gate/up are merged
-        into one matmul each (``quant.grouped.fuse_dense_projections``); ``options`` go to
+        into one matmul each (:func:`fuse_dense_projections`); ``options`` go to
         torch.compile.
         """
-        from gemmakit.quant.grouped import fuse_dense_projections
         from gemmakit.quant.kernels import register_custom_op
 
         register_custom_op()
@@ -326,6 +327,39 @@ class GemmaModel(nn.Module):
         cache.ring_positions[:, slots] = positions[:, skip:]
         cache.ring_groups[:, slots] = -1 if groups is None else groups[:, skip:]
         cache.length += positions.shape[1]
+
+
+def fuse_dense_projections(model: nn.Module) -> int:
+    """Merge each attention's float q/k/v and each MLP's gate/up into one ``Linear`` apiece (their
+    weights concatenated; outputs split again by the layer); returns how many merges it made.
+
+    For the compiled CUDA decode step (``GemmaModel.compile_decode``): a decode GEMM on a GPU is
+    mostly fixed cost (a 1152x1024 bf16 matrix is half a microsecond of HBM traffic, a few
+    microseconds of kernel), so five projection kernels a layer becoming two is most of what
+    separates a Gemma 3 1B step from the bandwidth limit. Only bias-free plain ``Linear`` layers of
+    one dtype and device merge (LoRA wrappers and quantised layers stay); the state dict's names
+    change, so this is for inference, not for a model that is trained or exported afterwards.
+    """
+    merged = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and module.qkv_proj is None:
+            parts = [module.q_proj, module.k_proj, module.v_proj]
+        elif isinstance(module, GeGLU) and module.gate_up_proj is None:
+            parts = [module.gate_proj, module.up_proj]
+        else:
+            continue
+        if not all(type(p) is Linear and p.bias is None for p in parts):
+            continue
+        weights = [p.weight for p in parts]
+        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+            continue
+        with torch.no_grad():
+            fused = Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False,
+                           device=weights[0].device, dtype=weights[0].dtype)
+            fused.weight = nn.Parameter(torch.cat([w.detach() for w in weights]), requires_grad=False)
+        module.fuse([w.shape[0] for w in weights], fused)
+        merged += 1
+    return merged
 
 
 def _plainly_causal(positions: torch.Tensor, cache: KVCache | None) -> bool:

@@ -54,7 +54,8 @@ class GeGLU(nn.Module):
         self.gate_up_proj: nn.Module | None = None  # set by fuse(): gate and up in one matmul
 
     def fuse(self, sizes: list[int], gate_up: nn.Module) -> None:
-        """Use one projection returning gate|up in place of the two (quant/grouped.py)."""
+        """Use one projection returning gate|up in place of the two
+        (``fuse_projections``, ``fuse_dense_projections``)."""
         self.gate_up_proj, self.gate_up_sizes = gate_up, sizes
         self.gate_proj = self.up_proj = None
 

@@ -221,43 +221,6 @@ def fuse_projections(model: nn.Module) -> None:
             module.fuse([p.out_features for p in parts], GroupedLinear(stacked))
 
 
-def fuse_dense_projections(model: nn.Module) -> int:
-    """Merge each attention's float q/k/v and each MLP's gate/up into one ``Linear`` apiece (their
-    weights concatenated; outputs split again by the layer); returns how many merges it made.
-
-    For the compiled CUDA decode step (``GemmaModel.compile_decode``): a decode GEMM on a GPU is
-    mostly fixed cost (a 1152x1024 bf16 matrix is half a microsecond of HBM traffic, a few
-    microseconds of kernel), so five projection kernels a layer becoming two is most of what
-    separates a Gemma 3 1B step from the bandwidth limit. Only bias-free plain ``Linear`` layers of
-    one dtype and device merge (LoRA wrappers and quantised layers stay); the state dict's names
-    change, so this is for inference, not for a model that is trained or exported afterwards.
-    """
-    from gemmakit.models.attention import Attention
-    from gemmakit.models.gemm import Linear
-    from gemmakit.models.layers import GeGLU
-
-    merged = 0
-    for module in model.modules():
-        if isinstance(module, Attention) and module.qkv_proj is None:
-            parts = [module.q_proj, module.k_proj, module.v_proj]
-        elif isinstance(module, GeGLU) and module.gate_up_proj is None:
-            parts = [module.gate_proj, module.up_proj]
-        else:
-            continue
-        if not all(type(p) is Linear and p.bias is None for p in parts):
-            continue
-        weights = [p.weight for p in parts]
-        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
-            continue
-        with torch.no_grad():
-            fused = Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False,
-                           device=weights[0].device, dtype=weights[0].dtype)
-            fused.weight = nn.Parameter(torch.cat([w.detach() for w in weights]), requires_grad=False)
-        module.fuse([w.shape[0] for w in weights], fused)
-        merged += 1
-    return merged
-
-
 def set_prefill_dtype(model: nn.Module, dtype: torch.dtype) -> int:
     """Make every quantised weight of ``model`` run its many-row (prefill) products in ``dtype``;
     returns how many weights that covers (decode-sized products keep the float32 block kernels)."""

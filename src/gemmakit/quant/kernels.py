@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 _CSRC = Path(__file__).parent / "csrc"
-# One extension: raw GGML blocks (ggml_matmul.cpp), one-query attention (decode_attention.cpp), RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), the MLP's
-# GELU(gate) * up (gelu_mul.cpp), float rows -> Q8_0 / Q4_1 blocks (ggml_quantize.cpp), SentencePiece's BPE
-# over a compact vocabulary (bpe.cpp), a decoding
-# step's layers in one call (decode_step.cpp/.h), and the Python module (module.cpp).
-_SOURCES = [_CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp", _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp", _CSRC / "gelu_mul.cpp", _CSRC / "ggml_quantize.cpp",
-            _CSRC / "bpe.cpp", _CSRC / "decode_step.cpp", _CSRC / "module.cpp"]
+# One extension: raw GGML blocks (ggml_matmul.cpp), one-query attention (decode_attention.cpp),
+# RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), the MLP's GELU(gate) * up (gelu_mul.cpp), float
+# rows -> Q8_0 / Q4_1 blocks (ggml_quantize.cpp), SentencePiece's BPE over a compact vocabulary
+# (bpe.cpp), a decoding step's layers in one call (decode_step.cpp/.h), and the Python module (module.cpp).
+_SOURCES = [_CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp", _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp",
+            _CSRC / "gelu_mul.cpp", _CSRC / "ggml_quantize.cpp", _CSRC / "bpe.cpp", _CSRC / "decode_step.cpp",
+            _CSRC / "module.cpp"]
 _HEADERS = [_CSRC / "decode_step.h", _CSRC / "bpe.h", _CSRC / "rows.h"]  # part of the build's fingerprint, not compiled on their own
 _lock = threading.Lock()
 _module = None
