@@ -130,6 +130,9 @@ def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int) 
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"bench.py --gpu: torch {torch.__version__} sees no CUDA device here; "
+                 "--device cpu runs the same script on the CPU")
     config = preset(preset_name)
     torch.manual_seed(0)
     with torch.device(device):
