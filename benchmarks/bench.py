@@ -202,7 +202,7 @@ def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int) 
         t0 = time.perf_counter()
         rows["gemmakit bf16 --compile"] = attempt(compiled_decode)
         rows["gemmakit bf16 --compile"] = (rows["gemmakit bf16 --compile"], time.perf_counter() - t0)
-        del model
+        model = None  # free the weights before transformers loads its copy (the closures are done with it)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         rows["transformers bf16 eager"] = attempt(transformers_decode)

@@ -62,7 +62,7 @@ def main() -> None:
     print(f"gemmakit LoRA:          {tokens / s:8.1f} training tokens/s ({s / args.steps:.2f} s/step)")
     if peer_dir is None:
         return
-    del model, opt
+    model = opt = None  # free them before the peer loads its copy
     import peft
     import transformers
 
