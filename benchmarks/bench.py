@@ -255,6 +255,9 @@ def main() -> None:
     p.add_argument("--model", default=None, help="a .gguf (default: the bundled Gemma 3 270M Q4_K_M)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--pairs", type=int, default=0, metavar="N",
+                   help="run N adjacent llama.cpp / gemmakit pairs of each gemmakit mode in --modes (default "
+                        "gemmakit-gguf) and print each mode's median ratios over them")
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--gpu", action="store_true", help="the accelerator benchmark: random bf16 weights of --preset, "
@@ -274,8 +277,12 @@ def main() -> None:
     if a.child:
         child(a.child, a.model, a.threads)
         return
+    modes = a.modes
+    if a.pairs > 0:
+        chosen = [m for m in a.modes if m != "llama.cpp"] if "--modes" in sys.argv else ["gemmakit-gguf"]
+        modes = [run for mode in chosen for _ in range(a.pairs) for run in ("llama.cpp", mode)]
     rows: list[tuple[str, dict]] = []
-    for mode in a.modes:
+    for mode in modes:
         cmd = [sys.executable, __file__, "--child", mode, "--model", a.model, "--threads", str(a.threads)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -286,6 +293,7 @@ def main() -> None:
         rows.append((mode, r))
         print(mode, r, file=sys.stderr, flush=True)
     print_table(rows)
+    print_pair_summary(rows)
 
 
 def _crash_hint(mode: str, proc: subprocess.CompletedProcess) -> str:
@@ -326,6 +334,26 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
                 cell += f" ({r[k] / ref[k]:.2f}x)"
             cells.append(cell)
         print(f"| {mode} | " + " | ".join(cells) + " |")
+
+def print_pair_summary(rows: list[tuple[str, dict]]) -> None:
+    """For each gemmakit mode run right after a llama.cpp run at least twice: the median and range
+    of its ratios over those adjacent pairs (the figure to quote on a noisy machine)."""
+    import statistics
+
+    keys = (("prefill_tps", "prefill"), ("decode_tps", "decode"), ("peak_rss_gb", "peak RSS"))
+    pairs: dict[str, list[dict]] = {}
+    for (ref_mode, ref), (mode, r) in zip(rows, rows[1:]):
+        if ref_mode == "llama.cpp" and mode != "llama.cpp" and "error" not in ref and "error" not in r:
+            pairs.setdefault(mode, []).append({k: r[k] / ref[k] for k, _ in keys})
+    for mode, ratios in pairs.items():
+        if len(ratios) < 2:
+            continue
+        cells = []
+        for k, name in keys:
+            values = [x[k] for x in ratios]
+            cells.append(f"{name} {statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})")
+        print(f"{mode}, median of {len(ratios)} adjacent pairs (range): " + ", ".join(cells))
+
 
 if __name__ == "__main__":
     main()
