@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import gemmakit
 from gemmakit.errors import (CheckpointError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError)
@@ -110,3 +111,26 @@ def test_bad_sampling_values(tiny_gguf):
 
 def test_unknown_preset_in_info():
     assert_one_line_error(run_cli("info", "--model", "gemma9-1t"), "not found")
+
+
+def test_unknown_or_unavailable_device(tiny_gguf):
+    assert_one_line_error(run_cli("generate", "--model", str(tiny_gguf), "--device", "bogus", "hi"), "unknown device")
+    assert_one_line_error(run_cli("serve", "--model", str(tiny_gguf), "--device", "bogus"), "unknown device")
+    if not torch.cuda.is_available():  # a CPU build of torch: say what to install
+        assert_one_line_error(run_cli("generate", "--model", str(tiny_gguf), "--device", "cuda", "hi"),
+                              "CUDA build")
+    with pytest.raises(InvalidRequestError):
+        gemmakit.load(tiny_gguf, device="cuda:999")
+
+
+def test_serve_loads_the_quantisation_and_device_asked_for(tiny_gguf, monkeypatch):
+    """`gemmakit serve --quant/--device` reach the loader (--quant was once dropped on the way)."""
+    import uvicorn
+
+    import gemmakit.serve as serve
+
+    built = {}
+    monkeypatch.setattr(serve, "build_app", lambda model, *args, **kwargs: built.setdefault("model", model))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    serve.run_server(str(tiny_gguf), quant="int8", device="cpu")
+    assert built["model"].weights_format == "int8" and built["model"].device.type == "cpu"

@@ -39,6 +39,27 @@ def _cpu(device: str | torch.device) -> bool:
     return torch.device(device).type == "cpu"
 
 
+def checked_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this torch can run on, or an InvalidRequestError that says what
+    to do (a CPU build of torch asked for CUDA is the usual case)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidRequestError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRequestError(
+                f"device {device!r}: torch {torch.__version__} sees no CUDA GPU; install torch's CUDA build "
+                "for your driver (README: CPU or CUDA) or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidRequestError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA GPUs here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidRequestError(f"device {device!r}: this torch has no MPS backend here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise InvalidRequestError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = False, config=None,
          adapter: str | Path | None = None, quant: str | None = None, compile: bool = False,
@@ -49,8 +70,8 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     The tokenizer is ``None`` when the source carries no tokenizer files. ``config`` (a preset name
     or ModelConfig) names the architecture of a ``.ckpt``, which stores none. ``adapter`` is a LoRA
     adapter directory in PEFT's layout, merged into the weights after loading. ``quant`` ("int8" or
-    "int4") requantises the weights (int8 in groups of 32 on the grouped kernel; int4 as GGML Q4_1
-    blocks on the block kernel; float32 compute on the CPU, and bfloat16 for int4 elsewhere); "gguf"
+    "int4") requantises the weights (on the CPU as GGML Q8_0 / Q4_1 blocks on the block kernel with
+    float32 compute; elsewhere int8 codes with float32 scales, and int4 groups in bfloat16); "gguf"
     keeps a GGUF file's quantised matrices as they are (the file's GGML blocks, in place, no float copy);
     "none" expands everything to ``dtype``. The default, "auto", is "gguf" for a quantised GGUF on
     the CPU when no ``dtype`` is asked for (same outputs, a third of the memory, faster), else "none".
@@ -63,6 +84,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     """
     if prefill_dtype not in ("float32", "bfloat16"):
         raise InvalidRequestError(f"unknown prefill dtype {prefill_dtype!r}; choose float32 or bfloat16")
+    device = checked_device(device)
     t0 = time.perf_counter()
     keep_freed_heap()  # a prefill reuses its scratch memory instead of faulting it in again (heap.py)
     checkpoint = open_checkpoint(source, config)

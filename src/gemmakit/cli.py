@@ -33,6 +33,9 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
                             "compute); int4 = requantise to GGML Q4_1 blocks, 4 bits + a scale and minimum per 32 (float32 "
                             "compute on the CPU, bfloat16 elsewhere); none = expand to --dtype. "
                             "auto (default): gguf for a quantised .gguf on the CPU without --dtype, else none")
+        p.add_argument("--device", default="cpu",
+                       help="where the model runs: cpu (default) or cuda / cuda:N (needs torch's CUDA build); on "
+                            "a GPU, --compile replays each decode step as a CUDA graph")
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -185,7 +188,8 @@ def _version() -> str:
 def _load(args):
     from gemmakit.api import load
 
-    return load(args.model, dtype=getattr(args, "dtype", None), progress=sys.stderr.isatty(),
+    return load(args.model, dtype=getattr(args, "dtype", None), device=getattr(args, "device", "cpu"),
+                progress=sys.stderr.isatty(),
                 config=getattr(args, "config", None), adapter=getattr(args, "adapter", None),
                 quant=getattr(args, "quant", "none"), compile=getattr(args, "compile", False),
                 kv_cache=getattr(args, "kv_cache", "auto"), prefill_dtype=getattr(args, "prefill_dtype", "float32"))
@@ -259,7 +263,7 @@ def _generate_speculative(args, model, tokenizer, prompt: str) -> int:
         raise _invalid("--draft-model decodes greedily; use --temperature 0")
     # The draft loads as its own default (as serve's does): a quantised GGUF stays in its blocks
     # whatever --quant the target asked for, since only its token ids reach the output.
-    draft, _ = load(args.draft_model, dtype=args.dtype)
+    draft, _ = load(args.draft_model, dtype=args.dtype, device=args.device)
     ids = tokenizer.encode(prompt, add_bos=True)
     stops = tokenizer.stop_ids()
     t0 = time.perf_counter()
@@ -345,7 +349,8 @@ def cmd_serve(args) -> int:
     if args.draft_tokens < 1:
         raise _invalid(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
     run_server(args.model, args.host, args.port, args.api_key, args.max_batch, args.dtype, args.max_seq_len, kv_bytes,
-               adapter=args.adapter, draft_model=args.draft_model, draft_tokens=args.draft_tokens)
+               adapter=args.adapter, draft_model=args.draft_model, draft_tokens=args.draft_tokens,
+               quant=args.quant, device=args.device)
     return 0
 
 
