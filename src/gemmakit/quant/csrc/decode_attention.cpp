@@ -159,15 +159,15 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       // raw q.k into p, then (masked keys aside) scale, soft-cap and bias, as the generic loop does
       bool batched = false;
 #ifdef GK_ATTN_AVX512
+      float* heads[8];  // each query head's row of p: its scores, then its softmax weights
       if (D % 64 == 0 && (G == 1 || G == 2 || G == 4 || G == 8)) {
-        float* rows[8];
-        for (int64_t g = 0; g < G; ++g) rows[g] = p.data() + g * span;
+        for (int64_t g = 0; g < G; ++g) heads[g] = p.data() + g * span;
         const float* k0 = kb + s0 * k.stride(2);
         switch (G) {
-          case 1: scores_g<1>(qh, D, k0, k.stride(2), n, rows); break;
-          case 2: scores_g<2>(qh, D, k0, k.stride(2), n, rows); break;
-          case 4: scores_g<4>(qh, D, k0, k.stride(2), n, rows); break;
-          default: scores_g<8>(qh, D, k0, k.stride(2), n, rows); break;
+          case 1: scores_g<1>(qh, D, k0, k.stride(2), n, heads); break;
+          case 2: scores_g<2>(qh, D, k0, k.stride(2), n, heads); break;
+          case 4: scores_g<4>(qh, D, k0, k.stride(2), n, heads); break;
+          default: scores_g<8>(qh, D, k0, k.stride(2), n, heads); break;
         }
         batched = true;
       }
@@ -198,14 +198,12 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         if (top[g] == kNone) std::fill(p.begin() + g * span, p.begin() + g * span + n, 0.f);
 #ifdef GK_ATTN_AVX512
       if (batched) {
-        float* w[8];
-        for (int64_t g = 0; g < G; ++g) w[g] = p.data() + g * span;
         const float* v0 = vb + s0 * v.stride(2);
         switch (G) {
-          case 1: values_g<1, 4>(v0, v.stride(2), n, D, w, o); break;
-          case 2: values_g<2, 4>(v0, v.stride(2), n, D, w, o); break;
-          case 4: values_g<4, 4>(v0, v.stride(2), n, D, w, o); break;
-          default: values_g<8, 2>(v0, v.stride(2), n, D, w, o); break;
+          case 1: values_g<1, 4>(v0, v.stride(2), n, D, heads, o); break;
+          case 2: values_g<2, 4>(v0, v.stride(2), n, D, heads, o); break;
+          case 4: values_g<4, 4>(v0, v.stride(2), n, D, heads, o); break;
+          default: values_g<8, 2>(v0, v.stride(2), n, D, heads, o); break;
         }
         continue;
       }

@@ -764,10 +764,10 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
 
 #endif
 
-// How far ahead of the row being multiplied to prefetch, and the decode path's tile of rows (both
-// sized to stay well inside L1 next to the activations). The prefetch fills L2, not L1 (T1, not
-// T0): on a 2-core Xeon streaming a 712 MB Q8_0 matrix from DRAM, T0 reached 16.7 GB/s and T1
-// 20.8 (8-64 KB ahead all alike); the L1 streamer brings the lines the rest of the way.
+// How far ahead of the row being multiplied to prefetch, and the decode path's tile of rows (sized
+// to stay well inside L1 next to the activations). The prefetch fills L2, not L1 (T1, not T0): on a
+// 2-core Xeon streaming a 712 MB Q8_0 matrix from DRAM, T0 reached 16.7 GB/s and T1 20.8 (8-64 KB
+// ahead all alike); the L1 streamer brings the lines the rest of the way.
 constexpr int64_t kPrefetchBytes = 16384, kTileBytes = 16384;
 // A thread's rows of a matrix too big for the caches are read as kStreams interleaved runs, one row
 // of each in turn: more misses in flight than one sequential run keeps. The same Xeon streamed the

@@ -1,8 +1,9 @@
 // The Python module of gemmakit's CPU kernels: ggml_matmul.cpp (raw GGML blocks),
-// decode_attention.cpp (one-query attention), rms_norm.cpp (Gemma's RMSNorm in one call), rope.cpp (QK-norm + rotary embedding in one call),
-// gelu_mul.cpp (the MLP's GELU(gate) * up in one pass), ggml_quantize.cpp (float rows -> Q8_0
-// or Q4_1 blocks), bpe.cpp (SentencePiece's BPE encoding over a compact vocabulary) and
-// decode_step.cpp (a decoding step's layers in one call), compiled together as one extension.
+// decode_attention.cpp (one-query attention), rms_norm.cpp (Gemma's RMSNorm in one call), rope.cpp
+// (QK-norm + rotary embedding in one call), gelu_mul.cpp (the MLP's GELU(gate) * up in one pass),
+// ggml_quantize.cpp (float rows -> Q8_0 or Q4_1 blocks), bpe.cpp (SentencePiece's BPE encoding over
+// a compact vocabulary) and decode_step.cpp (a decoding step's layers in one call), compiled together
+// as one extension.
 
 #include <torch/extension.h>
 
