@@ -153,6 +153,11 @@ class KVCache:
         slots = torch.arange(first_col, first_col + keep, device=self.ring_positions.device) % self.window
         return slots, num_new - keep
 
+    def next_column(self) -> torch.Tensor:
+        """The timeline column a one-token step writes next, as a ``[1]`` device tensor: a compiled
+        step takes it as data, where a Python int would be a constant it recompiles for."""
+        return torch.full((1,), self.length, dtype=torch.long, device=self.global_positions.device)
+
     def check_room(self, num_new: int) -> None:
         # Global layers fill a buffer of max_len; a ring that holds the full window never runs out.
         bounded = self.has_global or self.window < (self.config.sliding_window or 0)

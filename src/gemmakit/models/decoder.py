@@ -136,9 +136,7 @@ class GemmaModel(nn.Module):
         """One token through the compiled step (``compile_decode``): its rotary tables and masks are
         worked out inside the compiled graph too, so on CUDA a step is a few launches and one graph
         replay rather than dozens of small launches from Python around it."""
-        # where the new key goes: a device tensor, not a Python int the compiler would specialise on
-        index = torch.full((1,), cache.length, dtype=torch.long, device=h.device)
-        args = (h, positions, index, cache.layers, cache.global_positions, cache.ring_positions)
+        args = (h, positions, cache.next_column(), cache.layers, cache.global_positions, cache.ring_positions)
         if h.device.type != "cuda":
             return self._compiled_step(*args)
         # A CUDA-graph replay writes its outputs into the graph's own memory, which the next replay
@@ -174,8 +172,7 @@ class GemmaModel(nn.Module):
             global_positions.index_copy_(1, index, positions)
             if groups is not None:
                 global_groups.index_copy_(1, index, groups)
-            mask = attention_mask(positions, global_positions, None, groups,
-                                  global_groups if groups is not None else None)
+            mask = attention_mask(positions, global_positions, None, groups, global_groups)
             out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
         if "local" in kinds:
             cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
@@ -268,9 +265,9 @@ class GemmaModel(nn.Module):
         bypass = c.group_bypasses_window
         T = positions.shape[1]
         if cache is not None and cache.static and T == 1:  # as the compiled step computes them
-            index = torch.full((1,), cache.length, dtype=torch.long, device=positions.device)
-            return self._static_step_contexts(positions, index, cache.global_positions, cache.ring_positions, dtype,
-                                              groups, cache.global_groups, cache.ring_groups)
+            return self._static_step_contexts(positions, cache.next_column(), cache.global_positions,
+                                              cache.ring_positions, dtype, groups, cache.global_groups,
+                                              cache.ring_groups)
         fresh = T > 1 and groups is None and _plainly_causal(positions, cache)
         if "recurrent" in kinds:
             out["recurrent"] = RecurrentContext(positions)

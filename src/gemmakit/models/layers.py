@@ -98,12 +98,12 @@ def _inverse_frequencies(head_dim: int, theta: float, scaling: float, device: to
     """``1 / theta^(2i / head_dim) / scaling``, float32: the same few ops every step (a decode step
     built them twice, ~10 small dispatches each), so made once per table and device. A compiled
     graph computes them itself (the compiler folds them into constants)."""
-    key = (head_dim, theta, scaling, device)
-    if not torch.compiler.is_compiling() and key in _INVERSE_FREQUENCIES:
+    key, compiling = (head_dim, theta, scaling, device), torch.compiler.is_compiling()
+    if not compiling and key in _INVERSE_FREQUENCIES:
         return _INVERSE_FREQUENCIES[key]
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     inv_freq = inv_freq / scaling
-    if not torch.compiler.is_compiling():
+    if not compiling:
         _INVERSE_FREQUENCIES[key] = inv_freq
     return inv_freq
 
