@@ -6,6 +6,7 @@ import torch
 
 import gemmakit
 from gemmakit.engine.generate import generate_steps
+from gemmakit.engine.sampling import SamplingParams
 import pytest
 
 from gemmakit.models.config import ModelConfig, griffin_pattern
@@ -87,6 +88,31 @@ def test_stops_on_stop_token():
     stop = free[5]
     stopped = [s.tokens[0] for s in generate_steps(model, [prompt], 20, stop_ids=frozenset({stop}))]
     assert stopped == free[: free.index(stop) + 1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_overlapped_decode_yields_the_same_steps(temperature):
+    """Queuing each decode step before reading the previous one's tokens (the default on a GPU)
+    changes when steps run, not what they produce: the same tokens, finish flags and stops, for a
+    batch whose rows stop at different steps, greedy and sampled; at most one step more is run."""
+    model = random_model(tiny_config())
+    prompts = [[2, 280, 281], [2, 17, 99, 5, 30]]
+    params = SamplingParams(temperature=temperature, seed=3)
+    free = [s.tokens for s in generate_steps(model, prompts, 12, params, overlap=False)]
+    stops = frozenset({free[3][0], free[6][1]})
+    calls = {True: 0, False: 0}
+
+    def runs(overlap: bool):
+        def count(*_):
+            calls[overlap] += 1
+        handle = model.register_forward_hook(count)
+        try:
+            return [(s.tokens, s.finished) for s in generate_steps(model, prompts, 12, params, stops, overlap=overlap)]
+        finally:
+            handle.remove()
+
+    assert runs(True) == runs(False)
+    assert calls[False] <= calls[True] <= calls[False] + 1
 
 
 def test_gguf_quantised_model_equals_independently_dequantised(tmp_path):

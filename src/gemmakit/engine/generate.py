@@ -63,11 +63,13 @@ def generate_steps(
     sampling: SamplingParams = SamplingParams(),
     stop_ids: frozenset[int] = frozenset(),
     prefill_chunk: int = PREFILL_CHUNK,
+    overlap: bool | None = None,
 ) -> Iterator[StepOutput]:
     """Yield one :class:`StepOutput` per generated position until every row stops.
 
     ``prefill_chunk`` bounds the tokens per prefill call; a prompt with images prefills in one call
-    (its bidirectional image groups must be whole).
+    (its bidirectional image groups must be whole). ``overlap`` queues each decode step before the
+    previous step's tokens are read (on by default off the CPU; the tokens are the same either way).
     """
     context = model.config.max_position_embeddings
     check_prompts(prompts, context)
@@ -97,9 +99,18 @@ def generate_steps(
 
     finished = [False] * B
     next_pos = positions[:, -1:] + 1
+    # Off the CPU, reading a step's tokens back waits for the device; queue the next step first,
+    # so that the device computes it while the host handles (and yields) this one's tokens.
+    ahead = device.type != "cpu" if overlap is None else overlap
+    reader = _TokenReader(device, B)
+    pending = reader.start(next_tokens)
     t1 = time.perf_counter()
     for step in range(max_new_tokens):
-        tokens = next_tokens.tolist()
+        queued = ahead and step < max_new_tokens - 1
+        if queued:  # runs even if every row stops now: one wasted step, the cache is discarded anyway
+            logits = model(next_tokens[:, None], cache=cache, positions=next_pos, last_only=True)
+            next_tokens, next_pos = sample(logits[:, -1], sampling, generator), next_pos + 1
+        tokens = reader.finish(pending)
         out: list[int | None] = []
         for row, tok in enumerate(tokens):
             if finished[row]:
@@ -115,6 +126,34 @@ def generate_steps(
         yield StepOutput(out, list(finished), stats)
         if all(finished):
             return
-        logits = model(next_tokens[:, None], cache=cache, positions=next_pos, last_only=True)
-        next_tokens = sample(logits[:, -1], sampling, generator)
-        next_pos = next_pos + 1
+        if not queued:
+            logits = model(next_tokens[:, None], cache=cache, positions=next_pos, last_only=True)
+            next_tokens, next_pos = sample(logits[:, -1], sampling, generator), next_pos + 1
+        pending = reader.start(next_tokens)
+
+
+class _TokenReader:
+    """Brings each step's sampled tokens ``[B]`` to the host.
+
+    On CUDA the copy goes asynchronously into pinned memory, with an event to wait on: a plain
+    ``tolist()`` would wait for everything queued on the device, the step queued after it included.
+    Elsewhere (the CPU, where nothing runs ahead) it is that plain ``tolist()``.
+    """
+
+    def __init__(self, device: torch.device, batch: int) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.host = torch.empty(batch, dtype=torch.long, pin_memory=True)
+            self.done = torch.cuda.Event()
+
+    def start(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cuda:
+            self.host.copy_(tokens, non_blocking=True)
+            self.done.record()
+        return tokens
+
+    def finish(self, tokens: torch.Tensor) -> list[int]:
+        if self.cuda:
+            self.done.synchronize()
+            return self.host.tolist()
+        return tokens.tolist()
