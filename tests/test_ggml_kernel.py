@@ -20,7 +20,16 @@ def ext():
     return e
 
 
+# 16-bit float matrices run on the same kernel, in place (a bfloat16 or float16 checkpoint's)
+PLAIN16 = {T.F16: torch.float16, T.BF16: torch.bfloat16}
+KERNEL_TYPES = [*QUANT_TYPES, *PLAIN16]
+
+
 def blocks_of(qtype: T, rows: int, cols: int, seed: int) -> torch.Tensor:
+    if qtype in PLAIN16:  # normal values over a wide range of magnitudes, float16 subnormals included
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(rows, cols, generator=g) * torch.exp(torch.empty(rows, 1).uniform_(-12, 3, generator=g))
+        return w.to(PLAIN16[qtype]).view(torch.uint8)
     return torch.from_numpy(random_blocks(qtype, rows, cols, seed=seed))
 
 
@@ -36,10 +45,10 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def test_every_kernel_type_is_tested() -> None:
-    assert {int(t) for t in QUANT_TYPES} == set(PACKABLE_TYPES)
+    assert {int(t) for t in KERNEL_TYPES} == set(PACKABLE_TYPES)
 
 
-@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
 def test_dequantize_bit_identical(ext, qtype: T) -> None:
     raw = blocks_of(qtype, 37, 512, seed=int(qtype))
     ours = kernels.ggml_dequantize(raw, int(qtype), 512)
@@ -51,7 +60,17 @@ def test_dequantize_bit_identical(ext, qtype: T) -> None:
                        dequantize(raw, qtype, (301, 768)).view(torch.int32))
 
 
-@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", list(PLAIN16), ids=lambda t: t.name)
+def test_plain16_dequantised_into_bfloat16(ext, qtype: T) -> None:
+    """Into bfloat16 (the opt-in bfloat16 prefill's weights): a BF16 matrix unchanged, an F16 one
+    rounded as torch rounds it."""
+    raw = blocks_of(qtype, 37, 512, seed=3)
+    w = torch.empty(37, 512, dtype=torch.bfloat16)
+    ext.ggml_dequantize_into(raw, int(qtype), 512, w)
+    assert torch.equal(w.view(torch.int16), raw.view(PLAIN16[qtype]).to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 16, 17])
 def test_matmul_matches_float64(ext, qtype: T, M: int) -> None:
     K = 768  # 3 superblocks: not a multiple of the kernel's 4-way unroll for 256-blocks
@@ -98,7 +117,7 @@ def test_multi_matrix_call(ext, M: int) -> None:
     assert_close(kernels.ggml_matmul(x, [b for b, _ in kmats], [t for _, t in kmats], K), reference(x, kmats, K))
 
 
-@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
 def test_fallback_path(qtype: T) -> None:
     K = 512
     mats = [(blocks_of(qtype, 50, K, 4), int(qtype)), (blocks_of(T.Q8_0, 21, K, 6), int(T.Q8_0))]
@@ -120,8 +139,8 @@ def test_kernel_disabled_uses_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_errors(ext) -> None:
     x = torch.randn(2, 256)
     q8 = blocks_of(T.Q8_0, 10, 256, 9)
-    with pytest.raises(RuntimeError, match="unsupported GGML type 1"):
-        ext.ggml_matmul(x, [q8], [1], 256)  # F16 is not a block type here
+    with pytest.raises(RuntimeError, match="unsupported GGML type 10"):
+        ext.ggml_matmul(x, [q8], [10], 256)  # Q2_K is not a type the kernel runs
     with pytest.raises(RuntimeError, match="unsupported GGML type 99"):
         ext.ggml_dequantize(q8, 99, 256)
     with pytest.raises(RuntimeError, match="row of K=256 weights has 272 bytes"):
@@ -137,8 +156,8 @@ def test_errors(ext) -> None:
     with pytest.raises(RuntimeError, match="uint8"):
         ext.ggml_matmul(x, [q8.view(torch.int8)], [int(T.Q8_0)], 256)
     # the torch fallback refuses the same inputs
-    with pytest.raises(ValueError, match="unsupported GGML type 1"):
-        kernels.ggml_matmul_fallback(x, [q8], [1], 256)
+    with pytest.raises(ValueError, match="unsupported GGML type 10"):
+        kernels.ggml_matmul_fallback(x, [q8], [10], 256)
     with pytest.raises(ValueError, match=r"must be \[N, 144\]"):
         kernels.ggml_matmul_fallback(x, [q8], [int(T.Q4_K)], 256)
 

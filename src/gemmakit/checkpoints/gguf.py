@@ -22,7 +22,7 @@ from gemmakit.checkpoints.base import Checkpoint, TensorLoader, check_file_tenso
 from gemmakit.checkpoints.gguf_reader import GGUFFile, GGUFTensor, open_gguf
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
-from gemmakit.quant.ggml import PACKABLE_TYPES, SUPPORTED_TYPES, dequantize, ggml_blocks
+from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize, ggml_blocks, packable
 
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -181,7 +181,7 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
                 f"{f.path}: tensor {name} uses quantisation type {t.ggml_type} which gemmakit cannot read"
             )
         tensors[ours] = _loader(t, 1.0 if name.endswith("norm.weight") else 0.0)
-        if t.ggml_type in PACKABLE_TYPES and len(t.shape) == 2:
+        if packable(t.ggml_type, t.shape):
             packed[ours] = _packed_loader(t)
         found[ours] = t.shape
     names = gguf_names(config)

@@ -38,7 +38,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 
-__all__ = ["SUPPORTED_TYPES", "dequantize", "PACKABLE_TYPES", "GGMLBlocks", "ggml_blocks"]
+__all__ = ["SUPPORTED_TYPES", "dequantize", "PACKABLE_TYPES", "GGMLBlocks", "ggml_blocks", "packable"]
 
 _T = GGMLQuantizationType
 
@@ -280,11 +280,25 @@ def dequantize(
 
 # --------------------------------------------------------------------------- blocks, not floats
 
-PACKABLE_TYPES: frozenset[int] = frozenset(int(t) for t in _CODES)
+# The block kernel also runs 16-bit float matrices in place (32 weights at a time): a bfloat16 or
+# float16 checkpoint then keeps half of float32's memory and computes what its float32 expansion
+# would, since each weight widens exactly.
+_PLAIN16 = (int(_T.F16), int(_T.BF16))
+PACKABLE_TYPES: frozenset[int] = frozenset((*(int(t) for t in _CODES), *_PLAIN16))
+
+
+def packable(ggml_type: int, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor can stay as it is stored on the block kernel: a matrix of a quantised type,
+    or of float16/bfloat16 with rows a multiple of the kernel's 32 weights."""
+    ggml_type = int(ggml_type)
+    if ggml_type not in PACKABLE_TYPES or len(shape) != 2:
+        return False
+    return ggml_type not in _PLAIN16 or int(shape[1]) % 32 == 0
 
 
 class GGMLBlocks(NamedTuple):
-    """A quantised matrix ``[N, K]`` exactly as a GGUF stores it: row n is ``K / block_size`` blocks."""
+    """A quantised matrix ``[N, K]`` exactly as a GGUF stores it: row n is ``K / block_size`` blocks
+    (for F16/BF16, the row's K 16-bit floats)."""
 
     blocks: torch.Tensor  # [N, K / block_size * type_size] uint8
     ggml_type: int
@@ -300,7 +314,7 @@ def ggml_blocks(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int
     """
     ggml_type = int(ggml_type)
     shape = tuple(int(s) for s in shape)
-    if ggml_type not in _CODES or len(shape) != 2:
+    if not packable(ggml_type, shape):
         raise UnsupportedModelError(f"GGML {_type_name(ggml_type)} {shape} cannot stay quantised")
     blocks = _checked_blocks(raw, ggml_type, shape)
     N, K = shape

@@ -1,5 +1,8 @@
 // gemmakit CPU kernel: x @ W^T straight from a GGUF file's raw GGML blocks.
 //
+// It also runs plain 16-bit float matrices (GGML's F16 and BF16: a bfloat16 checkpoint's weights)
+// in place, widening each weight to float32 exactly as it is used.
+//
 // The model keeps each quantised matrix as the file's own bytes ([N, row_bytes] uint8), so decoding
 // a token streams 0.56-1.06 bytes per weight instead of the 1.1-1.3 of int8 codes + float scales.
 // Every block format is "small integer codes with a float scale (and maybe an offset) per group of 16
@@ -48,7 +51,13 @@ namespace {
 
 // ------------------------------------------------------------------------------------ block types
 
-enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum : int64_t { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+                 BF16 = 30 };
+
+// F16 and BF16 are plain 16-bit floats (GGML's block of one), taken here 32 at a time: a checkpoint's
+// half-precision matrices run in place as they are stored, with float32 activations, so a bfloat16
+// checkpoint computes exactly what its float32 expansion would (each weight widens exactly).
+inline bool is_plain16(int64_t type) { return type == F16 || type == BF16; }
 
 struct TypeInfo {
   int64_t block;      // weights per block
@@ -68,6 +77,8 @@ bool type_info(int64_t t, TypeInfo* info) {
     case Q4_K: *info = {256, 144, 32, true, "Q4_K"}; return true;
     case Q5_K: *info = {256, 176, 32, true, "Q5_K"}; return true;
     case Q6_K: *info = {256, 210, 16, false, "Q6_K"}; return true;
+    case F16: *info = {32, 64, 32, false, "F16"}; return true;
+    case BF16: *info = {32, 64, 32, false, "BF16"}; return true;
     default: return false;
   }
 }
@@ -75,7 +86,7 @@ bool type_info(int64_t t, TypeInfo* info) {
 TypeInfo checked_type(int64_t t) {
   TypeInfo info;
   TORCH_CHECK(type_info(t, &info), "ggml kernel: unsupported GGML type ", t,
-              " (supported: Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14)");
+              " (supported: F16=1, Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14, BF16=30)");
   return info;
 }
 
@@ -104,6 +115,17 @@ inline float fp16_to_f32(const uint8_t* p) {
   std::memcpy(&f, &bits, 4);
   return f;
 #endif
+}
+
+// One 16-bit float (F16 or BF16, little-endian at p) as float32, exactly.
+inline float plain16_to_f32(int64_t type, const uint8_t* p) {
+  if (type == F16) return fp16_to_f32(p);
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 inline uint32_t load_u32(const uint8_t* p) {
@@ -573,6 +595,21 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
       }
       break;
     }
+    case F16:
+    case BF16: {
+      // 32 weights (64 bytes) a block: vcvtph2ps, or a bfloat16's bits shifted into a float32's top half
+      const bool half = type == F16;
+      auto block = [&](int64_t b, __m512* a0, __m512* a1) GK_INLINE {
+        const uint8_t* p = row + 64 * b;
+        const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+        const __m512 w0 = half ? _mm512_cvtph_ps(h0) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h0), 16));
+        const __m512 w1 = half ? _mm512_cvtph_ps(h1) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h1), 16));
+        fma32<MB>(w0, w1, x + 32 * b, K, a0, a1);
+      };
+      blocks_in_pairs<MB>(nb, block, acc);
+      break;
+    }
     default:
       TORCH_CHECK(false, "ggml kernel: no fused path for GGML type ", type);
   }
@@ -752,6 +789,25 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
       }
       break;
     }
+    case F16:
+    case BF16: {
+      const bool half = type == F16;
+      in_pairs([&](int64_t b, __m256* a) GK_INLINE {
+        const uint8_t* p = row + 64 * b;
+        for (int q = 0; q < 4; ++q) {
+          const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * q));
+#if defined(__F16C__)
+          const __m256 w = half ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+          alignas(32) float f[8];
+          for (int j = 0; j < 8; ++j) f[j] = plain16_to_f32(type, p + 16 * q + 2 * j);
+          const __m256 w = _mm256_load_ps(f);
+#endif
+          for (int m = 0; m < MB; ++m) a[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + 32 * b + 8 * q), a[m]);
+        }
+      });
+      break;
+    }
     default:
       TORCH_CHECK(false, "ggml kernel: no fused path for GGML type ", type);
   }
@@ -812,6 +868,17 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
     return;
   }
 #endif
+  if (is_plain16(mat.type)) {  // no codes to decode: widen each weight as it is used
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = mat.data + r * mat.row_bytes;
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += plain16_to_f32(mat.type, row + 2 * k) * x[m * K + k];
+        y[m * ldy + mat.col0 + r] = acc;
+      }
+    }
+    return;
+  }
   const int64_t G = K / mat.info.group, G32 = K / 32;
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(32, kTileBytes / K));
   codes.resize(tile * K);
@@ -979,6 +1046,18 @@ void ggml_dequantize_into(torch::Tensor blocks, int64_t type, int64_t K, torch::
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   float* wp = bf16 ? nullptr : w.data_ptr<float>();
   uint16_t* bp = bf16 ? reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()) : nullptr;
+  if (is_plain16(type)) {  // each weight widened exactly (and for bfloat16 out, a BF16 one kept as it is)
+    at::parallel_for(0, N, std::max<int64_t>(1, (1 << 15) / K), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t k = 0; k < K; ++k) {
+          const uint8_t* p = src + r * row_bytes + 2 * k;
+          if (!bf16) wp[r * K + k] = plain16_to_f32(type, p);
+          else if (type == BF16) std::memcpy(bp + r * K + k, p, 2);
+          else bp[r * K + k] = bf16_bits(plain16_to_f32(type, p));
+        }
+    });
+    return;
+  }
   at::parallel_for(0, N, std::max<int64_t>(1, (1 << 15) / K), [&](int64_t r0, int64_t r1) {
     std::vector<int8_t> codes(K);
     std::vector<float> sc(G), off(G), row(bf16 ? K : 0);
