@@ -73,8 +73,11 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     "int4") requantises the weights (on the CPU as GGML Q8_0 / Q4_1 blocks on the block kernel with
     float32 compute; elsewhere int8 codes with float32 scales, and int4 groups in bfloat16); "gguf"
     keeps a GGUF file's quantised matrices as they are (the file's GGML blocks, in place, no float copy);
-    "none" expands everything to ``dtype``. The default, "auto", is "gguf" for a quantised GGUF on
-    the CPU when no ``dtype`` is asked for (same outputs, a third of the memory, faster), else "none".
+    "none" expands everything to ``dtype``. The default, "auto", is "gguf" on the CPU when no ``dtype``
+    is asked for and the checkpoint has matrices the block kernel runs as stored: a quantised GGUF's
+    (same outputs, a third of the memory, faster), or a bfloat16/float16 checkpoint's (GGUF or
+    safetensors: float32 compute on the 16-bit weights, which is exactly the float32 expansion's
+    model at half its memory and about twice its decoding speed); else "none".
     ``compile`` compiles the one-token decode step (``GemmaModel.compile_decode``). ``kv_cache="int8"``
     stores generation caches' keys and values as int8 with a scale per 32 entries (models/cache.py).
     ``prefill_dtype="bfloat16"`` runs the many-row products of quantised weights (prompt prefill) in
@@ -132,9 +135,21 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     forget_unused_code()  # ~85 MB of libtorch's code ran once, at import; a generation uses ~20 MB
     model.load_seconds = time.perf_counter() - t0
     # how the weights are held, for reports: "gguf" (quantised blocks), "int8"/"int4", or the float dtype
-    model.weights_format = "gguf" if keep else (quant if quantised else str(model.dtype).removeprefix("torch."))
+    model.weights_format = _kept_format(model) if keep else (quant if quantised else str(model.dtype).removeprefix("torch."))
     model.source = checkpoint.source
     return model, checkpoint.tokenizer
+
+
+def _kept_format(model) -> str:
+    """How weights kept as stored are held: "gguf" (quantised blocks), or "bfloat16"/"float16" for a
+    checkpoint's 16-bit float matrices on the block kernel (float32 compute)."""
+    from gemmakit.quant.grouped import GGMLWeight
+
+    types = {t for m in model.modules() if isinstance(m, GGMLWeight) for t in m.types}
+    plain = {30: "bfloat16", 1: "float16"}
+    if types and types <= set(plain):
+        return "+".join(sorted(plain[t] for t in types)) + " (float32 compute)"
+    return "gguf"
 
 
 def _bf16_prefill(model, quantised: bool) -> None:

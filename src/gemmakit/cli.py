@@ -30,11 +30,13 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="compute dtype of the weights (default: float32, exact parity with the reference)")
         p.add_argument("--quant", choices=["auto", "none", "gguf", "int8", "int4"], default="auto",
-                       help="how weights are held: gguf = a quantised .gguf's blocks as they are, read in place from "
-                            "the file (same outputs as expanding them); int8 = requantise in groups of 32 (float32 "
+                       help="how weights are held: gguf = a quantised .gguf's blocks (or a checkpoint's bfloat16/"
+                            "float16 matrices) as they are, read in place (same outputs as expanding them to float32); "
+                            "int8 = requantise in groups of 32 (float32 "
                             "compute); int4 = requantise to GGML Q4_1 blocks, 4 bits + a scale and minimum per 32 (float32 "
                             "compute on the CPU, bfloat16 elsewhere); none = expand to --dtype. "
-                            "auto (default): gguf for a quantised .gguf on the CPU without --dtype, else none")
+                            "auto (default): gguf on the CPU without --dtype for a quantised or 16-bit checkpoint, "
+                            "else none")
         p.add_argument("--device", default="cpu",
                        help="where the model runs: cpu (default) or cuda / cuda:N (needs torch's CUDA build); on "
                             "a GPU, --compile replays each decode step as a CUDA graph")

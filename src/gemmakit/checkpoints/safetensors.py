@@ -183,16 +183,25 @@ class _ShardedFiles:
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         file = self.where[name]
         if file not in self._handles:
             if not file.is_file():
                 raise CheckpointError(f"shard {file} named in the index is missing")
             self._handles[file] = self._open(file)
-        return self._handles[file].get_tensor(name)
+        return self._handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
 
     def names(self) -> set[str]:
         return set(self.where)
+
+    def header(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """A tensor's dtype as safetensors names it ("BF16", "F32", ...) and its shape, from the
+        file's header alone (no data read)."""
+        view = self._handle(name).get_slice(name)
+        return view.get_dtype(), tuple(view.get_shape())
 
 
 def open_hf_directory(directory: Path) -> Checkpoint:
@@ -221,4 +230,31 @@ def open_hf_directory(directory: Path) -> Checkpoint:
 
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
                       tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
-                      file_names=mapping)
+                      file_names=mapping, packed=_half_precision_matrices(config, files, mapping))
+
+
+# safetensors' names of the 16-bit float dtypes -> GGML's types, which the block kernel runs in place
+_PLAIN16_TYPES = {"BF16": 30, "F16": 1}
+
+
+def _half_precision_matrices(config: ModelConfig, files: _ShardedFiles, mapping: dict[str, str]) -> dict:
+    """Loaders of the bfloat16/float16 matrices (the embedding and the bias-free projections) as
+    block-kernel weights: on the CPU, by default, they stay in their 16-bit form with float32
+    activations (``build_model(keep_quantised=True)``), half of float32's memory with the float32
+    expansion's results, since each weight widens exactly. RecurrentGemma's layers keep floats."""
+    if config.family == "recurrentgemma":
+        return {}
+    from gemmakit.quant.ggml import GGMLBlocks, packable
+
+    packed = {}
+    for ours, theirs in mapping.items():
+        if not (ours == "embed.weight" or ours.endswith("_proj.weight")):
+            continue
+        if ours.endswith("o_proj.weight") and config.attn_out_bias:
+            continue
+        dtype, shape = files.header(theirs)
+        ggml_type = _PLAIN16_TYPES.get(dtype)
+        if ggml_type is not None and packable(ggml_type, shape):
+            packed[ours] = lambda n=theirs, t=ggml_type, k=shape[1]: GGMLBlocks(
+                files.get(n).contiguous().view(torch.uint8), t, k)
+    return packed

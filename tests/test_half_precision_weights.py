@@ -1,0 +1,81 @@
+"""bfloat16 / float16 checkpoints on the CPU keep their 16-bit matrices, with float32 compute.
+
+By default (no ``dtype`` asked for) a safetensors directory's or a GGUF's 16-bit float matrices stay
+as they are stored and run on the block kernel (quant/csrc/ggml_matmul.cpp, types F16 and BF16):
+half of float32's memory. Every 16-bit weight widens to float32 exactly, so the model is the float32
+expansion's model; the checks here compare against that expansion (``dtype="float32"``) and against
+transformers in float32 on the same files.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemmakit
+from gemmakit.engine.generate import generate_steps
+from gemmakit.quant.ggml import packable
+from gemmakit.quant.grouped import GGMLWeight
+from tiny import random_hf_model, random_model, tiny_config, write_gguf
+
+IDS = torch.tensor([[2, 17, 99, 5, 30, 41, 7, 8, 9, 250, 3, 64]])
+
+
+def _kept_types(model) -> set[int]:
+    return {t for m in model.modules() if isinstance(m, GGMLWeight) for t in m.types}
+
+
+def _weight_bytes(model) -> int:
+    return sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
+
+
+def _greedy(model, n: int = 12) -> list[int]:
+    return [s.tokens[0] for s in generate_steps(model, [IDS[0].tolist()], n)]
+
+
+@pytest.fixture(scope="module")
+def kernel_or_skip():
+    from gemmakit.quant.kernels import kernel
+
+    if kernel() is None:
+        pytest.skip("CPU kernel unavailable")
+
+
+@pytest.mark.parametrize("dtype,ggml_type,name", [(torch.bfloat16, 30, "bfloat16"), (torch.float16, 1, "float16")])
+def test_hf_half_precision_directory_keeps_its_weights(tmp_path, kernel_or_skip, dtype, ggml_type, name) -> None:
+    from transformers import AutoModelForCausalLM
+
+    random_hf_model("gemma3").to(dtype).save_pretrained(tmp_path / "hf")
+    kept, _ = gemmakit.load(tmp_path / "hf")
+    expanded, _ = gemmakit.load(tmp_path / "hf", dtype="float32")
+    assert kept.weights_format == f"{name} (float32 compute)" and expanded.weights_format == "float32"
+    assert _kept_types(kept) == {ggml_type} and not _kept_types(expanded)
+    # every projection and the tied embedding stay 16-bit: about half of float32's bytes
+    assert _weight_bytes(kept) < 0.52 * _weight_bytes(expanded)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        got, ref, oracle = kept(IDS), expanded(IDS), hf(IDS).logits
+    scale = oracle.abs().max().item()
+    assert (got - ref).abs().max().item() <= 1e-5 * scale  # the same weights, summed in another order
+    assert (got - oracle).abs().max().item() <= 1e-4 * max(1.0, scale)
+    # decoding runs the kept weights through the one-token kernels and the fused step
+    assert _greedy(kept) == _greedy(expanded)
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16"])
+def test_half_precision_gguf_keeps_its_weights(tmp_path, kernel_or_skip, qtype) -> None:
+    path = write_gguf(tmp_path / "tiny.gguf", random_model(tiny_config("gemma2"), seed=4), quant=qtype)
+    kept, _ = gemmakit.load(path)
+    expanded, _ = gemmakit.load(path, quant="none")
+    assert _kept_types(kept) == {1 if qtype == "F16" else 30}
+    with torch.inference_mode():
+        got, ref = kept(IDS), expanded(IDS)
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert _greedy(kept) == _greedy(expanded)
+
+
+def test_which_matrices_can_stay_16_bit() -> None:
+    assert packable(30, (64, 96)) and packable(1, (300, 64))
+    assert not packable(30, (64, 48))  # rows must be a multiple of the kernel's 32 weights
+    assert not packable(30, (64,)) and not packable(0, (64, 64))  # vectors, and float32 matrices
+    assert packable(12, (64, 256))  # quantised types as before
