@@ -79,3 +79,22 @@ def test_which_matrices_can_stay_16_bit() -> None:
     assert not packable(30, (64, 48))  # rows must be a multiple of the kernel's 32 weights
     assert not packable(30, (64,)) and not packable(0, (64, 64))  # vectors, and float32 matrices
     assert packable(12, (64, 256))  # quantised types as before
+
+
+@pytest.mark.parametrize("kind", ["paligemma", "gemma3"])
+def test_vision_language_checkpoint_keeps_its_decoder_16_bit(tmp_path, kernel_or_skip, kind) -> None:
+    """A bfloat16 PaliGemma / Gemma 3 directory: the language decoder's matrices stay 16-bit, the
+    vision tower and projector are floats as before, and the logits over text and an image equal
+    the float32 expansion's."""
+    from test_vision import _hf_model, _inputs, _tokenizer
+
+    torch.manual_seed(0)
+    _hf_model(kind).to(torch.bfloat16).save_pretrained(tmp_path / "vlm")
+    _tokenizer().save_pretrained(tmp_path / "vlm")
+    kept, tokenizer = gemmakit.load(tmp_path / "vlm")
+    expanded, _ = gemmakit.load(tmp_path / "vlm", dtype="float32")
+    assert _kept_types(kept.decoder) == {30} and not _kept_types(kept.vision) and not _kept_types(expanded)
+    ids, pixel_values = _inputs(kept, tokenizer, "what is this", 1)
+    with torch.inference_mode():
+        got, ref = kept(ids, pixel_values=pixel_values), expanded(ids, pixel_values=pixel_values)
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader
-from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles, config_from_hf, hf_names
+from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles, config_from_hf, half_precision_matrices, hf_names
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.multimodal import (GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE_TOKEN, PALIGEMMA_IMAGE_TOKEN,
                                         MultimodalConfig)
@@ -100,7 +100,8 @@ def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint
         raise CheckpointError(f"{directory}: no {probe} under any known prefix {prefixes}")
 
     text_prefix = find(_PREFIXES, "embed_tokens.weight")
-    mapping = {f"decoder.{ours}": theirs for ours, theirs in hf_names(config.text, text_prefix).items()}
+    text_mapping = hf_names(config.text, text_prefix)
+    mapping = {f"decoder.{ours}": theirs for ours, theirs in text_mapping.items()}
     mapping.update(vision_names(config, find(_VISION_PREFIXES, "embeddings.patch_embedding.weight"),
                                 find(_PROJECTOR_PREFIXES, "linear.weight" if config.projector == "linear"
                                      else "mm_input_projection_weight")))
@@ -111,5 +112,10 @@ def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint
     tensors: dict[str, TensorLoader] = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in mapping.items()}
     from gemmakit.tokenizer import Tokenizer
 
+    # the language decoder's 16-bit matrices may stay as stored (see half_precision_matrices); the
+    # vision tower and projector keep the float path
+    packed = {f"decoder.{ours}": load for ours, load in
+              half_precision_matrices(config.text, files, text_mapping).items()}
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
-                      tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"})
+                      tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
+                      packed=packed)

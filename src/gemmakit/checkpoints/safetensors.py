@@ -230,14 +230,14 @@ def open_hf_directory(directory: Path) -> Checkpoint:
 
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
                       tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
-                      file_names=mapping, packed=_half_precision_matrices(config, files, mapping))
+                      file_names=mapping, packed=half_precision_matrices(config, files, mapping))
 
 
 # safetensors' names of the 16-bit float dtypes -> GGML's types, which the block kernel runs in place
 _PLAIN16_TYPES = {"BF16": 30, "F16": 1}
 
 
-def _half_precision_matrices(config: ModelConfig, files: _ShardedFiles, mapping: dict[str, str]) -> dict:
+def half_precision_matrices(config: ModelConfig, files: _ShardedFiles, mapping: dict[str, str]) -> dict:
     """Loaders of the bfloat16/float16 matrices (the embedding and the bias-free projections) as
     block-kernel weights: on the CPU, by default, they stay in their 16-bit form with float32
     activations (``build_model(keep_quantised=True)``), half of float32's memory with the float32
