@@ -98,3 +98,20 @@ def test_vision_language_checkpoint_keeps_its_decoder_16_bit(tmp_path, kernel_or
     with torch.inference_mode():
         got, ref = kept(ids, pixel_values=pixel_values), expanded(ids, pixel_values=pixel_values)
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_half_precision_model_products_of_few_rows(kernel_or_skip, dtype, rows) -> None:
+    """A bfloat16/float16 model's decode-sized products (``--dtype bfloat16``) go through the block
+    kernel's 16-bit path: float32 sums of the exact products, rounded once, as torch's are (so at
+    most an ulp apart, from the order of the sums), with the bias added before that rounding."""
+    from gemmakit.models import gemm
+
+    g = torch.Generator().manual_seed(rows)
+    w, x, b = (torch.randn(*s, generator=g).to(dtype) for s in ((300, 96), (2, rows, 96), (300,)))
+    got = gemm.linear(x, w, b)
+    ref = (x.float() @ w.float().T + b.float()).to(dtype)
+    assert got.dtype == dtype and got.shape == (2, rows, 300)
+    assert torch.allclose(got.float(), ref.float(), rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=0)
+    assert (got != ref).float().mean().item() < 0.05  # mostly the very same numbers

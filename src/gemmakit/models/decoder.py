@@ -8,7 +8,6 @@ the soft-caps and the RoPE settings. Nothing here branches on a model name.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.heap import return_freed_heap
@@ -16,6 +15,7 @@ from gemmakit.models.attention import Attention, StepContext, attention_mask
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.fused_decode import fused_hidden
+from gemmakit.models import gemm
 from gemmakit.models.gemm import Linear
 from gemmakit.models.griffin import RecurrentBlock, RecurrentContext
 from gemmakit.models.row_cache import RowKVCache
@@ -237,7 +237,7 @@ class GemmaModel(nn.Module):
             # the big matrix once this way round (measured ~2x faster on CPU at 16 rows).
             logits = (self.embed.weight @ h.reshape(-1, h.shape[-1]).T).T.reshape(*h.shape[:-1], -1)
         else:
-            logits = F.linear(h, self.embed.weight)
+            logits = gemm.linear(h, self.embed.weight)
         return softcap(logits, self.config.final_logit_softcap)
 
     def _forward_rows(self, input_ids: torch.Tensor, cache: RowKVCache, positions: torch.Tensor,
