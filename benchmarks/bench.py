@@ -28,7 +28,11 @@ import time
 PROMPT_TOKENS = 512
 NEW_TOKENS = 256
 MODES = ("llama.cpp", "gemmakit-gguf-compile", "gemmakit-gguf", "gemmakit-gguf-bf16prefill", "gemmakit-float32", "gemmakit-bfloat16", "gemmakit-int8", "gemmakit-int4",
-         "transformers-float32")
+         "transformers-float32", "gemmakit-hfbf16", "transformers-hfbf16")
+# The *-hfbf16 modes run the same weights as a bfloat16 Hugging Face directory (how most Gemma
+# checkpoints are published), written from the GGUF once per run: gemmakit with its defaults (the
+# 16-bit matrices kept, float32 compute) against transformers loading it in bfloat16.
+HF_BF16 = "hfbf16"
 
 
 def _prompt_ids(tokenizer_encode) -> list[int]:
@@ -51,7 +55,9 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
     prefill_dtype = "bfloat16" if kind.endswith("-bf16prefill") else "float32"
     kind = kind.removesuffix("-compile").removesuffix("-bf16prefill")
     t0 = time.perf_counter()
-    if kind in ("int8", "int4", "gguf"):
+    if kind == HF_BF16:
+        model, tok = gemmakit.load(_hf_bf16_dir(path))  # the defaults: bf16 matrices kept as they are
+    elif kind in ("int8", "int4", "gguf"):
         model, tok = gemmakit.load(path, quant=kind, compile=compiled,  # gguf: the file's blocks as they are
                                    prefill_dtype=prefill_dtype)
     else:
@@ -91,15 +97,24 @@ def run_llama(path: str, threads: int) -> dict:
     return {"load_s": load_s, "prefill_tps": len(ids) / prefill, "decode_tps": (n - 1) / decode}
 
 
-def run_transformers(path: str, threads: int) -> dict:
+def _hf_bf16_dir(path: str) -> str:
+    """Where the bfloat16 Hugging Face copy of ``path`` is (main() writes it before the children run)."""
+    return os.environ["GEMMAKIT_BENCH_HF_DIR"]
+
+
+def run_transformers(path: str, threads: int, hf_bf16: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
-    d, f = os.path.split(path)
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
+    if hf_bf16:
+        tok = AutoTokenizer.from_pretrained(_hf_bf16_dir(path))
+        model = AutoModelForCausalLM.from_pretrained(_hf_bf16_dir(path), dtype=torch.bfloat16).eval()
+    else:
+        d, f = os.path.split(path)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
     ids = torch.tensor([_prompt_ids(lambda t: tok(t)["input_ids"])])
     with torch.inference_mode():
@@ -280,7 +295,7 @@ def child(mode: str, path: str, threads: int) -> None:
     if mode == "llama.cpp":
         r = run_llama(path, threads)
     elif mode.startswith("transformers"):
-        r = run_transformers(path, threads)
+        r = run_transformers(path, threads, hf_bf16=mode.endswith(HF_BF16))
     else:
         r = run_gemmakit(path, mode, threads)
     r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -336,6 +351,15 @@ def main() -> None:
     if a.pairs > 0:
         chosen = [m for m in a.modes if m != "llama.cpp"] if "--modes" in sys.argv else ["gemmakit-gguf"]
         modes = [run for mode in chosen for _ in range(a.pairs) for run in ("llama.cpp", mode)]
+    if any(m.endswith(HF_BF16) for m in modes):
+        import tempfile
+
+        hf_dir = tempfile.mkdtemp(prefix="gemmakit-bench-hf-")
+        # in a subprocess: a child's peak RSS starts from its parent's (Linux keeps ru_maxrss across
+        # exec), so this process must never hold the model itself
+        subprocess.run([sys.executable, "-m", "gemmakit.cli", "convert", a.model, os.path.join(hf_dir, "model"),
+                        "--dtype", "bfloat16"], check=True, capture_output=True)
+        os.environ["GEMMAKIT_BENCH_HF_DIR"] = os.path.join(hf_dir, "model")
     rows: list[tuple[str, dict]] = []
     for mode in modes:
         cmd = [sys.executable, __file__, "--child", mode, "--model", a.model, "--threads", str(a.threads)]
@@ -347,6 +371,10 @@ def main() -> None:
             r = {"error": f"timed out after {a.timeout}s"}
         rows.append((mode, r))
         print(mode, r, file=sys.stderr, flush=True)
+    if "GEMMAKIT_BENCH_HF_DIR" in os.environ:
+        import shutil
+
+        shutil.rmtree(os.path.dirname(os.environ["GEMMAKIT_BENCH_HF_DIR"]), ignore_errors=True)
     print_table(rows)
     print_pair_summary(rows)
 
