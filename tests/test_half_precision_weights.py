@@ -115,3 +115,18 @@ def test_half_precision_model_products_of_few_rows(kernel_or_skip, dtype, rows) 
     assert got.dtype == dtype and got.shape == (2, rows, 300)
     assert torch.allclose(got.float(), ref.float(), rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=0)
     assert (got != ref).float().mean().item() < 0.05  # mostly the very same numbers
+
+
+def test_misshapen_16_bit_matrix_is_a_clear_error(tmp_path, kernel_or_skip) -> None:
+    """A kept matrix is checked like an expanded one, and the error names the file's tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from gemmakit.errors import CheckpointError
+
+    random_hf_model("gemma3").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name] = tensors[name].t().contiguous()
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor {name} has shape"):
+        gemmakit.load(tmp_path / "hf")

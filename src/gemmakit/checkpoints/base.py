@@ -111,19 +111,23 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
 
         iterator = tqdm(names, desc="loading weights", unit="tensor", leave=False)
     packed = checkpoint.packed if keep_quantised else {}
+
+    def check_shape(name: str, shape: tuple[int, ...]) -> None:
+        if tuple(shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{checkpoint.source}: tensor {shown(name, name)} has shape {tuple(shape)}, "
+                                  f"expected {tuple(expected[name].shape)}")
+
     with torch.no_grad():
         for name in iterator:
             if name in packed:
                 from gemmakit.quant.grouped import install
 
-                install(model, name, packed[name](), dtype)
+                blocks = packed[name]()
+                check_shape(name, (blocks.blocks.shape[0], blocks.in_features))
+                install(model, name, blocks, dtype)
                 continue
             tensor = checkpoint.tensors[name]()
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise CheckpointError(
-                    f"{checkpoint.source}: tensor {shown(name, name)} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(expected[name].shape)}"
-                )
+            check_shape(name, tuple(tensor.shape))
             # Assign rather than copy: the loader's fresh tensor becomes the parameter, so no
             # second buffer of the model's size is ever allocated or touched.
             tensor = tensor.to(device=device, dtype=dtype).contiguous()
