@@ -143,10 +143,11 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
 def _kept_format(model) -> str:
     """How weights kept as stored are held: "gguf" (quantised blocks), or "bfloat16"/"float16" for a
     checkpoint's 16-bit float matrices on the block kernel (float32 compute)."""
+    from gemmakit.quant.ggml import HALF_TYPES
     from gemmakit.quant.grouped import GGMLWeight
 
     types = {t for m in model.modules() if isinstance(m, GGMLWeight) for t in m.types}
-    plain = {30: "bfloat16", 1: "float16"}
+    plain = {t: str(d).removeprefix("torch.") for d, t in HALF_TYPES.items()}
     if types and types <= set(plain):
         return "+".join(sorted(plain[t] for t in types)) + " (float32 compute)"
     return "gguf"

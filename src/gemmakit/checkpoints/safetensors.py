@@ -233,10 +233,6 @@ def open_hf_directory(directory: Path) -> Checkpoint:
                       file_names=mapping, packed=half_precision_matrices(config, files, mapping))
 
 
-# safetensors' names of the 16-bit float dtypes -> GGML's types, which the block kernel runs in place
-_PLAIN16_TYPES = {"BF16": 30, "F16": 1}
-
-
 def half_precision_matrices(config: ModelConfig, files: _ShardedFiles, mapping: dict[str, str]) -> dict:
     """Loaders of the bfloat16/float16 matrices (the embedding and the bias-free projections) as
     block-kernel weights: on the CPU, by default, they stay in their 16-bit form with float32
@@ -244,8 +240,9 @@ def half_precision_matrices(config: ModelConfig, files: _ShardedFiles, mapping: 
     expansion's results, since each weight widens exactly. RecurrentGemma's layers keep floats."""
     if config.family == "recurrentgemma":
         return {}
-    from gemmakit.quant.ggml import GGMLBlocks, packable
+    from gemmakit.quant.ggml import HALF_TYPES, GGMLBlocks, packable
 
+    ggml_types = {"BF16": HALF_TYPES[torch.bfloat16], "F16": HALF_TYPES[torch.float16]}  # by safetensors' names
     packed = {}
     for ours, theirs in mapping.items():
         if not (ours == "embed.weight" or ours.endswith("_proj.weight")):
@@ -253,7 +250,7 @@ def half_precision_matrices(config: ModelConfig, files: _ShardedFiles, mapping: 
         if ours.endswith("o_proj.weight") and config.attn_out_bias:
             continue
         dtype, shape = files.header(theirs)
-        ggml_type = _PLAIN16_TYPES.get(dtype)
+        ggml_type = ggml_types.get(dtype)
         if ggml_type is not None and packable(ggml_type, shape):
             packed[ours] = lambda n=theirs, t=ggml_type, k=shape[1]: GGMLBlocks(
                 files.get(n).contiguous().view(torch.uint8), t, k)

@@ -294,14 +294,13 @@ class Engine:
         chunks = [s.tokens[s.fed:min(s.fed + self.prefill_chunk, s.prompt_len)] for s in seqs]
         logits = self._forward(seqs, chunks)
         produced = 0
-        done = [i for i, (seq, chunk) in enumerate(zip(seqs, chunks)) if seq.fed + len(chunk) == seq.prompt_len]
-        picks = _plain_greedy_picks([seqs[i] for i in done], logits[done] if done else logits[:0])
+        picks = _plain_greedy_picks(seqs, logits)  # (used only by rows whose prompt ends in this chunk)
         for i, (seq, chunk) in enumerate(zip(seqs, chunks)):
             self._row_tokens[seq.row].extend(chunk)
             seq.fed += len(chunk)
             self.stats.prefilled_tokens_total += len(chunk)
             if seq.fed == seq.prompt_len:
-                produced += self._sample(seq, logits[i], picks[done.index(i)])
+                produced += self._sample(seq, logits[i], picks[i])
         return produced
 
     def _decode(self, seqs: list[_Sequence]) -> int:

@@ -1,4 +1,5 @@
-"""Float32 matrix products for many rows (prefill) on the CPU: oneDNN where it beats torch's BLAS.
+"""Matrix products on the CPU: float32 ones of many rows (prefill) on oneDNN where it beats torch's
+BLAS, and bfloat16/float16 ones of a few rows (decoding) on the block kernel.
 
 torch multiplies float32 matrices with MKL, whose kernels on AMD CPUs are its AVX2 ones; oneDNN,
 which torch also ships, picks its kernels from the CPU's instruction sets. On this project's AMD EPYC
@@ -7,7 +8,8 @@ MKL's 150-190 (2 threads). Both are plain float32 products (no reduced-precision
 only in summation order, so results agree to float32 rounding.
 
 ``linear`` is ``F.linear``, taking the oneDNN path when it applies: float32 CPU tensors, no
-autograd, enough rows for a GEMM to pay (decode-sized products stay with torch); :class:`Linear` is
+autograd, enough rows for a GEMM to pay (decode-sized products stay with torch); a 16-bit model's
+decode-sized products take the block kernel's F16/BF16 path instead; :class:`Linear` is
 ``nn.Linear`` running through it (what the model files build). Set ``GEMMAKIT_ONEDNN=0`` to always
 use torch's own matmul.
 """
@@ -70,8 +72,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-# GGML's type numbers for the 16-bit floats, which the block kernel multiplies in place
-_HALF_TYPES = {torch.bfloat16: 30, torch.float16: 1}
 _HALF_MAX_ROWS = 16  # decode-sized: more rows are compute bound, where torch's GEMM is the faster
 
 
@@ -81,15 +81,16 @@ def _half_precision_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     F16/BF16 path, or None where it does not apply. torch's own bfloat16 matrix-vector product ran
     at 16-33 GB/s of weights here, half the memory bandwidth the kernel reaches. Like torch's, the
     products are exact and summed in float32, then rounded once to the model's dtype."""
-    ggml_type = _HALF_TYPES.get(weight.dtype)
-    if (ggml_type is None or x.dtype != weight.dtype or x.device.type != "cpu" or rows > _HALF_MAX_ROWS
-            or weight.shape[1] % 32 or not weight.is_contiguous() or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if (weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype or x.device.type != "cpu"
+            or rows > _HALF_MAX_ROWS or weight.shape[1] % 32 or not weight.is_contiguous()
+            or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
+    from gemmakit.quant.ggml import HALF_TYPES
     from gemmakit.quant.kernels import ggml_matmul, kernel
 
     if kernel() is None:
         return None
+    ggml_type = HALF_TYPES[weight.dtype]
     K = weight.shape[1]
     y = ggml_matmul(x.reshape(rows, K), [weight.view(torch.uint8)], [ggml_type], K)
     if bias is not None:
