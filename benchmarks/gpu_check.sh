@@ -25,6 +25,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
     2>&1 | tee -a "$OUT/gpu.txt"
 # The two limits add up to under the device tool's 600 s a command, with room for start-up; the
 # benchmark prints each row as it is measured, so a cut-off run keeps what it had.
-timeout "${TEST_LIMIT:-150}" "$PY" -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt"
+timeout "${TEST_LIMIT:-150}" "$PY" -m pytest -q -rA tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt"
 timeout "${BENCH_LIMIT:-400}" "$PY" benchmarks/bench.py --gpu --trace-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.txt"
 if [ -f "$OUT/decode_trace.json" ]; then gzip -f "$OUT/decode_trace.json"; fi  # the device tool brings back 16 MiB a file
