@@ -85,11 +85,12 @@ def _half_precision_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             or rows > _HALF_MAX_ROWS or weight.shape[1] % 32 or not weight.is_contiguous()
             or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
-    from gemmakit.quant.ggml import HALF_TYPES
     from gemmakit.quant.kernels import ggml_matmul, kernel
 
     if kernel() is None:
         return None
+    from gemmakit.quant.ggml import HALF_TYPES
+
     ggml_type = HALF_TYPES[weight.dtype]
     K = weight.shape[1]
     y = ggml_matmul(x.reshape(rows, K), [weight.view(torch.uint8)], [ggml_type], K)
