@@ -9,6 +9,8 @@ transformers in float32 on the same files.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -130,3 +132,23 @@ def test_misshapen_16_bit_matrix_is_a_clear_error(tmp_path, kernel_or_skip) -> N
     save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"tensor {name} has shape"):
         gemmakit.load(tmp_path / "hf")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_kept_matrices_are_the_files_own_pages(tmp_path, kernel_or_skip) -> None:
+    """Like a GGUF's blocks, the kept matrices are read in place from the safetensors file's memory
+    map (safetensors maps the file; nothing on the way copies): a large checkpoint then never
+    needs its size twice, and its pages are the page cache's, which the kernel can drop and read
+    again."""
+    random_hf_model("gemma3").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    kept, _ = gemmakit.load(tmp_path / "hf")
+    file = str((tmp_path / "hf" / "model.safetensors").resolve())
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == file:
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            spans.append((lo, hi))
+    weights = [t for m in kept.modules() if isinstance(m, GGMLWeight) for t in m.parts()]
+    assert spans and weights
+    assert all(any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in weights)
