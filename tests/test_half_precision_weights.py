@@ -152,3 +152,21 @@ def test_kept_matrices_are_the_files_own_pages(tmp_path, kernel_or_skip) -> None
     weights = [t for m in kept.modules() if isinstance(m, GGMLWeight) for t in m.parts()]
     assert spans and weights
     assert all(any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in weights)
+
+
+def test_bfloat16_gemma_pytorch_ckpt_keeps_its_weights(tmp_path, kernel_or_skip) -> None:
+    """A gemma_pytorch ``.ckpt`` in bfloat16 (as published): its matrices, q/k/v as row ranges of
+    the fused qkv tensor, stay 16-bit; logits equal the float32 expansion's and transformers'."""
+    from tiny import write_ckpt
+
+    hf = random_hf_model("gemma2").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt = write_ckpt(tmp_path / "model.ckpt", hf.state_dict(), freqs_cis=torch.ones(4, 2))
+    config = gemmakit.load(tmp_path / "hf", quant="none")[0].config
+    kept, _ = gemmakit.load(ckpt, config=config)
+    expanded, _ = gemmakit.load(ckpt, config=config, dtype="float32")
+    assert _kept_types(kept) == {30} and not _kept_types(expanded)
+    with torch.inference_mode():
+        got, ref, oracle = kept(IDS), expanded(IDS), hf.float()(IDS).logits
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert (got - oracle).abs().max().item() <= 1e-4 * max(1.0, oracle.abs().max().item())

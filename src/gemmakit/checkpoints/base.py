@@ -41,6 +41,34 @@ class Checkpoint:
     packed: Mapping[str, Callable[[], "GGMLBlocks"]] = field(default_factory=dict)
 
 
+def half_precision_matrices(config: ModelConfig, tensors: Mapping[str, TensorLoader],
+                            header: Callable[[str], tuple[torch.dtype, tuple[int, ...]]]) -> dict:
+    """Loaders of a checkpoint's bfloat16/float16 matrices (the embedding and the bias-free
+    projections) as block-kernel weights, for ``Checkpoint.packed``: on the CPU, by default, they
+    stay in their 16-bit form with float32 activations (``build_model(keep_quantised=True)``), half
+    of float32's memory with the float32 expansion's results, since each weight widens exactly.
+
+    ``header(name)`` gives a parameter's stored dtype and shape without reading its data;
+    ``tensors[name]()`` must return the stored tensor itself (a view of a mapped file, not a
+    copy). RecurrentGemma's layers keep floats.
+    """
+    if config.family == "recurrentgemma":
+        return {}
+    from gemmakit.quant.ggml import HALF_TYPES, GGMLBlocks, packable
+
+    packed = {}
+    for name, load in tensors.items():
+        if not (name == "embed.weight" or name.endswith("_proj.weight")):
+            continue
+        if name.endswith("o_proj.weight") and config.attn_out_bias:
+            continue
+        dtype, shape = header(name)
+        ggml_type = HALF_TYPES.get(dtype)
+        if ggml_type is not None and packable(ggml_type, shape):
+            packed[name] = lambda f=load, t=ggml_type, k=shape[1]: GGMLBlocks(f().contiguous().view(torch.uint8), t, k)
+    return packed
+
+
 @contextmanager
 def skeleton():
     """Build modules on the meta device without running their initialisers.

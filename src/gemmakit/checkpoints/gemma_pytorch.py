@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.checkpoints.base import Checkpoint, TensorLoader
+from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
 from gemmakit.errors import CheckpointError
 from gemmakit.models.config import PRESETS, ModelConfig, preset
 
@@ -151,13 +151,10 @@ def _weight(state: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     return w
 
 
-def gemma_pytorch_loaders(state: Mapping[str, torch.Tensor], config: ModelConfig,
-                          embed_name: str = "embedder.weight") -> dict[str, TensorLoader]:
-    """Our parameter name -> loader reading (and, for q/k/v, slicing) the checkpoint's tensors."""
-    loaders: dict[str, TensorLoader] = {
-        "embed.weight": lambda: _weight(state, embed_name),
-        "final_norm.weight": lambda: state["model.norm.weight"],
-    }
+def _sources(config: ModelConfig, embed_name: str) -> dict[str, tuple[str, tuple[int, int] | None]]:
+    """Our parameter name -> the checkpoint tensor it comes from, and for q/k/v its rows of the fused qkv."""
+    sources: dict[str, tuple[str, tuple[int, int] | None]] = {
+        "embed.weight": (embed_name, None), "final_norm.weight": ("model.norm.weight", None)}
     q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     slices = {"attn.q_proj": (0, q_rows), "attn.k_proj": (q_rows, q_rows + kv_rows),
               "attn.v_proj": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
@@ -167,11 +164,33 @@ def gemma_pytorch_loaders(state: Mapping[str, torch.Tensor], config: ModelConfig
         for o, t in per_layer.items():
             if o in ("attn.q_norm", "attn.k_norm") and not config.qk_norm:
                 continue
-            loaders[f"{ours}{o}.weight"] = lambda n=f"{theirs}{t}.weight": _weight(state, n)
-        for o, (a, b) in slices.items():
-            loaders[f"{ours}{o}.weight"] = (
-                lambda n=f"{theirs}self_attn.qkv_proj.weight", a=a, b=b: _weight(state, n)[a:b])
-    return loaders
+            sources[f"{ours}{o}.weight"] = (f"{theirs}{t}.weight", None)
+        for o, rows in slices.items():
+            sources[f"{ours}{o}.weight"] = (f"{theirs}self_attn.qkv_proj.weight", rows)
+    return sources
+
+
+def gemma_pytorch_loaders(state: Mapping[str, torch.Tensor], config: ModelConfig,
+                          embed_name: str = "embedder.weight") -> dict[str, TensorLoader]:
+    """Our parameter name -> loader reading (and, for q/k/v, slicing) the checkpoint's tensors."""
+    def loader(name: str, rows: tuple[int, int] | None) -> TensorLoader:
+        return (lambda: _weight(state, name)) if rows is None else (lambda: _weight(state, name)[rows[0]:rows[1]])
+
+    return {ours: loader(name, rows) for ours, (name, rows) in _sources(config, embed_name).items()}
+
+
+def _header(state: Mapping[str, torch.Tensor], config: ModelConfig, embed_name: str):
+    """``our name -> (stored float dtype, shape)``; int8 '-quant' weights have no float dtype here
+    (they are scaled to float32 when loaded, so nothing of theirs stays 16-bit)."""
+    sources = _sources(config, embed_name)
+
+    def header(ours: str) -> tuple[torch.dtype | None, tuple[int, ...]]:
+        name, rows = sources[ours]
+        t = state[name]
+        shape = tuple(t.shape) if rows is None else (rows[1] - rows[0], *t.shape[1:])
+        return (t.dtype if t.is_floating_point() else None), shape
+
+    return header
 
 
 def open_gemma_pytorch_checkpoint(path: str | Path, config: ModelConfig | str | None = None) -> Checkpoint:
@@ -195,8 +214,10 @@ def open_gemma_pytorch_checkpoint(path: str | Path, config: ModelConfig | str | 
             break
     dtypes = {t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     native = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return Checkpoint(config=config, tensors=gemma_pytorch_loaders(state, config, embed_name), source=str(path),
-                      tokenizer=tokenizer, native_dtype=native, metadata={"format": "gemma_pytorch"})
+    tensors = gemma_pytorch_loaders(state, config, embed_name)
+    return Checkpoint(config=config, tensors=tensors, source=str(path),
+                      tokenizer=tokenizer, native_dtype=native, metadata={"format": "gemma_pytorch"},
+                      packed=half_precision_matrices(config, tensors, _header(state, config, embed_name)))
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gemmakit.checkpoints.base import Checkpoint, TensorLoader
-from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles, config_from_hf, half_precision_matrices, hf_names
+from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
+from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles, config_from_hf, header_of, hf_names
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.multimodal import (GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE_TOKEN, PALIGEMMA_IMAGE_TOKEN,
                                         MultimodalConfig)
@@ -114,8 +114,9 @@ def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint
 
     # the language decoder's 16-bit matrices may stay as stored (see half_precision_matrices); the
     # vision tower and projector keep the float path
+    text_tensors = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in text_mapping.items()}
     packed = {f"decoder.{ours}": load for ours, load in
-              half_precision_matrices(config.text, files, text_mapping).items()}
+              half_precision_matrices(config.text, text_tensors, header_of(files, text_mapping)).items()}
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
                       tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
                       packed=packed)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gemmakit.checkpoints.base import Checkpoint, TensorLoader
+from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
 
@@ -230,28 +230,17 @@ def open_hf_directory(directory: Path) -> Checkpoint:
 
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
                       tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
-                      file_names=mapping, packed=half_precision_matrices(config, files, mapping))
+                      file_names=mapping, packed=half_precision_matrices(config, tensors, header_of(files, mapping)))
 
 
-def half_precision_matrices(config: ModelConfig, files: _ShardedFiles, mapping: dict[str, str]) -> dict:
-    """Loaders of the bfloat16/float16 matrices (the embedding and the bias-free projections) as
-    block-kernel weights: on the CPU, by default, they stay in their 16-bit form with float32
-    activations (``build_model(keep_quantised=True)``), half of float32's memory with the float32
-    expansion's results, since each weight widens exactly. RecurrentGemma's layers keep floats."""
-    if config.family == "recurrentgemma":
-        return {}
-    from gemmakit.quant.ggml import HALF_TYPES, GGMLBlocks, packable
+# safetensors' dtype names of the floats it stores -> torch's
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
-    ggml_types = {"BF16": HALF_TYPES[torch.bfloat16], "F16": HALF_TYPES[torch.float16]}  # by safetensors' names
-    packed = {}
-    for ours, theirs in mapping.items():
-        if not (ours == "embed.weight" or ours.endswith("_proj.weight")):
-            continue
-        if ours.endswith("o_proj.weight") and config.attn_out_bias:
-            continue
-        dtype, shape = files.header(theirs)
-        ggml_type = ggml_types.get(dtype)
-        if ggml_type is not None and packable(ggml_type, shape):
-            packed[ours] = lambda n=theirs, t=ggml_type, k=shape[1]: GGMLBlocks(
-                files.get(n).contiguous().view(torch.uint8), t, k)
-    return packed
+
+def header_of(files: _ShardedFiles, mapping: dict[str, str]):
+    """``our name -> (stored dtype, shape)`` read from the shards' headers (no data)."""
+    def header(ours: str) -> tuple[torch.dtype | None, tuple[int, ...]]:
+        dtype, shape = files.header(mapping[ours])
+        return _DTYPES.get(dtype), shape
+
+    return header
