@@ -6,7 +6,8 @@ Two weight holders share one interface (``matmul``, ``rows``, ``in_features``/``
   (0.56-1.06 bytes per weight for the default model's Q4_K/Q5_0/Q6_K/Q8_0), and multiplies by the
   blocks directly (quant/kernels.py ``ggml_matmul``). Several matrices with the same input (q, k
   and v; gate and up) are one weight of several parts, in whatever types the file mixed, run as one
-  call. This is how ``--quant gguf`` (the default for a quantised GGUF on the CPU) holds weights.
+  call. This is how ``--quant gguf`` (the default for a quantised GGUF on the CPU) holds weights,
+  and, as GGML's F16/BF16 types, how a bfloat16/float16 checkpoint's matrices stay 16-bit.
 - :class:`GroupedWeight` keeps int8 codes with a float32 scale per group of 32 inputs: what
   ``--quant int8`` requantises a float checkpoint into where the block kernel does not run (off
   the CPU, or with no built kernel). It dequantises for each matmul, in torch; on the CPU with
