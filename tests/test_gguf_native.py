@@ -62,7 +62,7 @@ def test_native_model_holds_no_float_matrices(tiny_quantised_gguf) -> None:
 def test_quant_gguf_needs_a_quantised_gguf(tmp_path) -> None:
     config = tiny_config("gemma3", hidden_size=64, intermediate_size=128, num_layers=2)
     path = write_gguf(tmp_path / "float.gguf", random_model(config, seed=1))
-    with pytest.raises(gemmakit.errors.InvalidRequestError, match="no GGUF-quantised tensors"):
+    with pytest.raises(gemmakit.errors.InvalidRequestError, match="no quantised or 16-bit matrices to keep"):
         gemmakit.load(path, quant="gguf")
 
 

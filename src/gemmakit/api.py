@@ -96,8 +96,9 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     if quant == "gguf" and adapter is not None:
         raise InvalidRequestError("a LoRA adapter is merged into float weights; use --quant none with --adapter")
     if quant == "gguf" and not checkpoint.packed:
-        raise InvalidRequestError(f"{checkpoint.source} has no GGUF-quantised tensors to keep; "
-                                  "--quant gguf needs a quantised .gguf file (or use int8/int4)")
+        raise InvalidRequestError(f"{checkpoint.source} has no quantised or 16-bit matrices to keep as stored; "
+                                  "--quant gguf needs a quantised .gguf or a bfloat16/float16 checkpoint "
+                                  "(or use int8/int4)")
     quantised = quant not in (None, "auto", "none", "gguf")
     if quantised and dtype is None:
         from gemmakit.quant.linear import default_compute_dtype
