@@ -221,10 +221,19 @@ def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int, 
             engine += f" (compiling and both runs: {time.perf_counter() - t0:.0f} s)"
         print(f"| {engine} | {cells} |", flush=True)
 
+    def same_as_eager(name: str) -> None:
+        """Whether a compiled run's greedy tokens equal eager's (random weights: bf16 rounding may
+        flip near-ties), printed at once so that a later time-out cannot lose it."""
+        if name in tokens and "eager" in tokens:
+            same = next((i for i, (a, b) in enumerate(zip(tokens["eager"], tokens[name])) if a != b), None)
+            verdict = "all equal to eager" if same is None else f"first differ from eager at step {same}"
+            print(f"{name} greedy tokens: {verdict}", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_directory(model, None, tmp)  # the same weights for transformers, written before anything runs
         row("gemmakit bf16 eager", gemmakit_decode)
         row("gemmakit bf16 --compile", compiled_decode, timed=True)
+        same_as_eager("compiled")
         if model._compiled_step is not None:
             try:
                 profile_steps(model, ids, device, trace_dir)
@@ -233,10 +242,7 @@ def run_gpu(preset_name: str, device: str, prompt_tokens: int, new_tokens: int, 
         row("transformers bf16 eager", transformers_decode)
         if autotune:  # Triton GEMMs tuned for these shapes (minutes of compiling), CUDA graphs as before
             row("gemmakit bf16 --compile, mode max-autotune", lambda: compiled_decode("max-autotune"), timed=True)
-    for other in (n for n in tokens if n != "eager"):  # random weights: bf16 rounding may flip near-ties
-        same = next((i for i, (a, b) in enumerate(zip(tokens["eager"], tokens[other])) if a != b), None)
-        verdict = "all equal to eager" if same is None else f"first differ from eager at step {same}"
-        print(f"{other} greedy tokens: {verdict}")
+            same_as_eager("max-autotune")
 
 
 def _copy_bandwidth(device: str, sync) -> float:
