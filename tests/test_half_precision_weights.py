@@ -170,3 +170,19 @@ def test_bfloat16_gemma_pytorch_ckpt_keeps_its_weights(tmp_path, kernel_or_skip)
         got, ref, oracle = kept(IDS), expanded(IDS), hf.float()(IDS).logits
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     assert (got - oracle).abs().max().item() <= 1e-4 * max(1.0, oracle.abs().max().item())
+
+
+def test_kept_model_is_not_exported_half_written(tmp_path, kernel_or_skip) -> None:
+    """Writing a model whose matrices are kept as stored would miss them: refused in one line, and
+    nothing is written; loaded with quant="none" it exports as before."""
+    from gemmakit.errors import InvalidRequestError
+    from gemmakit.train.export import save_hf_directory
+
+    random_hf_model("gemma3").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    kept, tokenizer = gemmakit.load(tmp_path / "hf")
+    with pytest.raises(InvalidRequestError, match="quant='none'"):
+        save_hf_directory(kept, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    expanded, tokenizer = gemmakit.load(tmp_path / "hf", quant="none")
+    save_hf_directory(expanded, tokenizer, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()

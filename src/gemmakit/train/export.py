@@ -53,6 +53,13 @@ def save_hf_directory(model: GemmaModel, tokenizer, directory: str | Path) -> Pa
     from gemmakit.checkpoints.safetensors import hf_names
     from gemmakit.train.files import atomic_directory
 
+    from gemmakit.quant.grouped import GroupedEmbedding, GroupedLinear
+
+    if any(isinstance(m, (GroupedLinear, GroupedEmbedding)) for m in model.modules()):
+        from gemmakit.errors import InvalidRequestError
+
+        raise InvalidRequestError("this model holds quantised or 16-bit weights as stored, not float parameters; "
+                                  "load it with quant='none' (--quant none) to write it as a float checkpoint")
     names = hf_names(model.config)
     state = {names[n]: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}
     with atomic_directory(directory) as tmp:
