@@ -198,3 +198,31 @@ def test_fused_step_on_the_serving_row_cache(family, tmp_path, monkeypatch) -> N
     eager, none = run(False)
     assert served == STEPS and none == 0
     assert torch.equal(fused, eager)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("head_dim", [24, 64])  # one scale per vector; two groups of 32 (and the batched heads path)
+def test_fused_step_with_an_int8_kv_cache_equals_eager(family, head_dim, monkeypatch) -> None:
+    """``--kv-cache int8``: the fused step quantises each new key and value as LayerCache.store does
+    and attends over the codes; logits and the cache's codes and scales equal the eager step's."""
+    config = tiny_config(family, num_layers=4, intermediate_size=256, hidden_size=256, head_dim=head_dim,
+                         query_pre_attn_scalar=float(head_dim))
+    model = random_model(config, seed=3)
+    model.kv_int8 = True
+    runs = []
+    for fused in (True, False):
+        served = _count_fused_steps(monkeypatch, fused)
+        with torch.inference_mode():
+            cache = model.new_cache(1, len(PROMPTS[0]) + STEPS)
+            logits = model(torch.tensor([PROMPTS[0]]), cache=cache, last_only=True)
+            out = []
+            for step in range(STEPS):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                logits = model(nxt, cache=cache)
+                out.append(logits)
+        runs.append((torch.cat(out, 1), cache, sum(served)))
+    (fused, fused_cache, served), (eager, eager_cache, none) = runs
+    assert served == STEPS and none == 0
+    assert torch.equal(fused, eager)
+    for a, b in zip(fused_cache.layers, eager_cache.layers):
+        assert a.quantised and all(torch.equal(x, y) for x, y in zip(a._tensors(), b._tensors()))

@@ -9,13 +9,14 @@ step bit for bit; what is left in Python per step is the embedding lookup, the r
 masks (once per layer kind, as before), the LM head and the cache bookkeeping.
 
 It applies where the eager step would itself take those kernels: float32 on the CPU, autograd
-off, at most ``KERNEL_MAX_ROWS`` rows, a plain float32 KV cache that is not the compiled step's
-static one (a generation's KVCache or the serving engine's RowKVCache), attention layers only, no
-biases, and every projection a GGML-block or dense float32 matrix. Anything else (LoRA
-wrappers, bfloat16, RecurrentGemma, int8 KV) keeps the eager path. The stack holds references to
-the model's weights; it is rebuilt whenever a module, weight or buffer of the layers is no longer
-the object it was built from (``_fingerprint``). ``GEMMAKIT_FUSED_DECODE=0`` turns it off (the
-eager step then runs, for comparison).
+off, at most ``KERNEL_MAX_ROWS`` rows, a KV cache that is not the compiled step's static one (a
+generation's KVCache or the serving engine's RowKVCache) in float32 or int8 (``--kv-cache int8``:
+the step quantises its new keys and values and attends over the codes as the eager layers do),
+attention layers only, no biases, and every projection a GGML-block or dense float32 matrix.
+Anything else (LoRA wrappers, bfloat16, RecurrentGemma) keeps the eager path. The stack holds
+references to the model's weights; it is rebuilt whenever a module, weight or buffer of the layers
+is no longer the object it was built from (``_fingerprint``). ``GEMMAKIT_FUSED_DECODE=0`` turns it
+off (the eager step then runs, for comparison).
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def fused_hidden(model: nn.Module, h: torch.Tensor, contexts: dict, cache: KVCac
         loc, l_slots = g, g_slots
     keys = [c.keys for c in cache.layers]
     values = [c.values for c in cache.layers]
-    out = stack.step(h.reshape(B, -1), keys, values, g.cos, g.sin, g.bias, g_slots, loc.cos, loc.sin, loc.bias, l_slots)
+    int8 = cache.layers[0].quantised  # (a cache is int8 in all its layers or in none)
+    key_scales = [c.key_scale for c in cache.layers] if int8 else []
+    value_scales = [c.value_scale for c in cache.layers] if int8 else []
+    out = stack.step(h.reshape(B, -1), keys, values, key_scales, value_scales, g.cos, g.sin, g.bias, g_slots,
+                     loc.cos, loc.sin, loc.bias, l_slots)
     return out.view(h.shape)
 
 
@@ -64,7 +69,7 @@ def _step_applies(h: torch.Tensor, cache: KVCache | RowKVCache) -> bool:
     return (h.dim() == 3 and h.shape[1] == 1 and h.shape[0] <= KERNEL_MAX_ROWS and h.dtype == torch.float32
             and h.device.type == "cpu" and not torch.is_grad_enabled() and isinstance(cache, (KVCache, RowKVCache))
             and not getattr(cache, "static", False)
-            and all(isinstance(c, LayerCache) and not c.quantised and c.keys.dtype == torch.float32
+            and all(isinstance(c, LayerCache) and (c.keys.dtype == torch.float32 or c.quantised)
                     for c in cache.layers))
 
 

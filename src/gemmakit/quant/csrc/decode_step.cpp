@@ -4,11 +4,13 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias, double scale,
-                               double softcap);
+torch::Tensor decode_attention_cached(torch::Tensor q, torch::Tensor k, torch::Tensor k_scale, torch::Tensor v,
+                                      torch::Tensor v_scale, torch::Tensor bias, double scale, double softcap);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up);
@@ -48,6 +50,35 @@ void store(const torch::Tensor& cache, const std::vector<int64_t>& slots, const 
   }
 }
 
+// The int8 cache's write: each new vector's groups of D / groups entries as codes with one scale
+// apiece, computed as LayerCache.store does (absmax / 127, at least 1e-12; x / scale rounded half
+// to even), so the fused and eager steps leave the same bytes in the cache.
+void store_int8(const torch::Tensor& codes, const torch::Tensor& scales, const std::vector<int64_t>& slots,
+                const float* src, int64_t row_stride, int64_t head_stride, int64_t B, int64_t Hkv, int64_t D) {
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.size(0) == B && codes.size(1) == Hkv && codes.size(3) == D &&
+                  codes.stride(3) == 1 && scales.scalar_type() == torch::kFloat32 && scales.dim() == 4 &&
+                  scales.size(2) == codes.size(2) && scales.stride(3) == 1 && D % scales.size(3) == 0,
+              "decode_step: an int8 [B, kv_heads, slots, head_dim] cache with float32 [.., groups] scales");
+  const int64_t groups = scales.size(3), len = D / groups;
+  int8_t* cbase = codes.data_ptr<int8_t>();
+  float* sbase = scales.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < codes.size(2), "decode_step: slot ", slots[b], " outside the cache");
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const float* x = src + b * row_stride + h * head_stride;
+      int8_t* c = cbase + b * codes.stride(0) + h * codes.stride(1) + slots[b] * codes.stride(2);
+      float* sc = sbase + b * scales.stride(0) + h * scales.stride(1) + slots[b] * scales.stride(2);
+      for (int64_t g = 0; g < groups; ++g) {
+        float top = 0.f;
+        for (int64_t j = g * len; j < (g + 1) * len; ++j) top = std::max(top, std::fabs(x[j]));
+        const float s = std::max(top / 127.0f, 1e-12f);
+        sc[g] = s;
+        for (int64_t j = g * len; j < (g + 1) * len; ++j) c[j] = static_cast<int8_t>(std::nearbyint(x[j] / s));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 torch::Tensor DecodeProjection::apply(const torch::Tensor& x) const {
@@ -84,12 +115,16 @@ void DecodeStack::add_layer(bool global, std::vector<torch::Tensor> norms, Decod
 }
 
 torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                                std::vector<torch::Tensor> key_scales, std::vector<torch::Tensor> value_scales,
                                 torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor bias_g,
                                 std::vector<int64_t> slots_g, torch::Tensor cos_l, torch::Tensor sin_l,
                                 torch::Tensor bias_l, std::vector<int64_t> slots_l) const {
   const int64_t L = num_layers();
   TORCH_CHECK(static_cast<int64_t>(keys.size()) == L && static_cast<int64_t>(values.size()) == L,
               "decode_step: one key and one value buffer per layer");
+  const bool int8 = !key_scales.empty();
+  TORCH_CHECK(!int8 || (static_cast<int64_t>(key_scales.size()) == L && static_cast<int64_t>(value_scales.size()) == L),
+              "decode_step: an int8 cache needs one key and one value scale buffer per layer");
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32, "decode_step: h must be [B, hidden] float32");
   const int64_t B = h.size(0), H = heads_, Hkv = kv_heads_, D = head_dim_;
   TORCH_CHECK(static_cast<int64_t>(slots_g.size()) == B && static_cast<int64_t>(slots_l.size()) == B,
@@ -116,10 +151,20 @@ torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys
                                       layer.q_norm.defined() ? eps_ : no_norm_eps, cos, sin);
     const torch::Tensor k = norm_rope(k4, layer.k_norm.defined() ? layer.k_norm : no_norm,
                                       layer.k_norm.defined() ? eps_ : no_norm_eps, cos, sin);
-    store(keys[i], slots, k.data_ptr<float>(), Hkv * D, D, B, Hkv, D);
-    store(values[i], slots, qkv.data_ptr<float>() + (H + Hkv) * D, qkv.size(1), D, B, Hkv, D);
-    const torch::Tensor attended = decode_attention(q, keys[i].narrow(2, 0, S), values[i].narrow(2, 0, S), bias,
-                                                    scale_, attn_softcap_);
+    const float* new_values = qkv.data_ptr<float>() + (H + Hkv) * D;
+    torch::Tensor k_scale, v_scale;  // undefined: a float32 cache
+    if (int8) {
+      store_int8(keys[i], key_scales[i], slots, k.data_ptr<float>(), Hkv * D, D, B, Hkv, D);
+      store_int8(values[i], value_scales[i], slots, new_values, qkv.size(1), D, B, Hkv, D);
+      k_scale = key_scales[i].narrow(2, 0, S);
+      v_scale = value_scales[i].narrow(2, 0, S);
+    } else {
+      store(keys[i], slots, k.data_ptr<float>(), Hkv * D, D, B, Hkv, D);
+      store(values[i], slots, new_values, qkv.size(1), D, B, Hkv, D);
+    }
+    const torch::Tensor attended = decode_attention_cached(q, keys[i].narrow(2, 0, S), k_scale,
+                                                           values[i].narrow(2, 0, S), v_scale, bias, scale_,
+                                                           attn_softcap_);
     h = h + maybe_norm(layer.o.apply(attended.view({B, H * D})), layer.post_attn_norm, eps_);
 
     // MLP: pre-norm, gate|up in one call, GELU(tanh) * up, down projection.

@@ -50,7 +50,11 @@ class DecodeStack {
   // [0, bias_l.size(-1)) (a slot past those is the serving cache's trash slot). cos/sin [B, 1, 1, rot],
   // bias [B, 1, 1, S] (0 / -inf). Returns the final norm's output [B, hidden]: the LM head stays
   // the model's own call, so its path (and rounding) is exactly the eager one.
+  // key_scales / value_scales: empty for a float32 cache; for an int8 one (int8 keys and values),
+  // one float32 [B, kv_heads, slots, groups] scale buffer per layer, the new vectors quantised
+  // into them exactly as LayerCache.store does.
   torch::Tensor step(torch::Tensor h, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                     std::vector<torch::Tensor> key_scales, std::vector<torch::Tensor> value_scales,
                      torch::Tensor cos_g, torch::Tensor sin_g, torch::Tensor bias_g, std::vector<int64_t> slots_g,
                      torch::Tensor cos_l, torch::Tensor sin_l, torch::Tensor bias_l,
                      std::vector<int64_t> slots_l) const;
