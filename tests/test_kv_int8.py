@@ -92,3 +92,31 @@ def test_real_model_golden_with_int8_cache(real_model_path, golden):
         assert (q - ref).abs().max().item() < 0.3
     model, _ = gemmakit.load(real_model_path, kv_cache="int8")
     assert_greedy_matches_golden(model, golden, near_tie=0.6)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_serving_engine_with_an_int8_cache_equals_one_request_alone(family):
+    """``serve --kv-cache int8``: the engine's per-row cache stores int8 too (eager prefill and
+    fused decode steps), and each request's tokens equal generate_steps' with an int8 cache for it
+    alone; the same KV budget holds more rows. (Prompts are prefilled whole here: a prompt split
+    into chunks attends to its earlier chunks' keys as quantised, so its logits move by the
+    quantisation error, as they would for generate_steps with a smaller ``prefill_chunk``.)"""
+    from gemmakit.engine.scheduler import Engine, Request
+    from gemmakit.models.row_cache import RowKVCache
+
+    model = random_model(tiny_config(family, head_dim=64, query_pre_attn_scalar=64.0), seed=1)
+    model.kv_int8 = True
+    g = torch.Generator().manual_seed(2)
+    prompts = [[2] + torch.randint(10, 250, (n,), generator=g).tolist() for n in (3, 12, 20, 5, 9)]
+    engine = Engine(model, max_batch=2, prefill_chunk=32)
+    try:
+        assert engine.cache.layers[0].quantised
+        got = engine.generate([Request(tuple(p), max_tokens=10, stop_ids=frozenset()) for p in prompts])
+    finally:
+        engine.shutdown()
+    for p, out in zip(prompts, got):
+        assert out[0] == [s.tokens[0] for s in generate_steps(model, [p], 10)]
+    per_row = RowKVCache(model.config, 1, 256, torch.float32, "meta").nbytes()
+    per_row_int8 = RowKVCache(model.config, 1, 256, torch.float32, "meta", kv_int8=True).nbytes()
+    assert per_row_int8 < 0.3 * per_row
+    assert Engine(model, max_batch=16, max_seq_len=256, max_kv_bytes=4 * per_row).rows >= 14

@@ -133,15 +133,16 @@ class Engine:
                                config.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
         rows = max_batch
+        kv_int8 = bool(getattr(model, "kv_int8", False))  # load(..., kv_cache="int8")
         if max_kv_bytes is not None:
-            per_row = RowKVCache(config, 1, self.max_seq_len, model.dtype, "meta").nbytes()
+            per_row = RowKVCache(config, 1, self.max_seq_len, model.dtype, "meta", kv_int8=kv_int8).nbytes()
             rows = min(rows, max_kv_bytes // per_row)
             if rows < 1:
                 raise InvalidRequestError(
                     f"max_kv_bytes {max_kv_bytes} holds no sequence of {self.max_seq_len} tokens "
                     f"(one needs {per_row} bytes); raise it or lower max_seq_len")
         self.rows = rows
-        self.cache = RowKVCache(config, rows, self.max_seq_len, model.dtype, model.device)
+        self.cache = RowKVCache(config, rows, self.max_seq_len, model.dtype, model.device, kv_int8=kv_int8)
         self.default_stop_ids = tokenizer.stop_ids() if tokenizer is not None else frozenset()
         self.stats = EngineStats()
         self._ids = itertools.count(1)

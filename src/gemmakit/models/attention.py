@@ -261,13 +261,10 @@ def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
 def _update_rows(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
                  ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row writes (continuous batching): each row's keys go to its own slots ``ctx.write_slots``."""
-    index = ctx.write_slots[:, None, :, None].expand_as(k)  # [B, Hkv, T, D]
     if not ctx.ring or ctx.write_first:
-        cache.keys.scatter_(2, index, k)
-        cache.values.scatter_(2, index, v)
-        return cache.keys[:, :, :ctx.attend_len], cache.values[:, :, :ctx.attend_len]
-    all_k = torch.cat([cache.keys[:, :, :ctx.attend_len], k], dim=2)
-    all_v = torch.cat([cache.values[:, :, :ctx.attend_len], v], dim=2)
-    cache.keys.scatter_(2, index, k)
-    cache.values.scatter_(2, index, v)
+        cache.scatter(ctx.write_slots, k, v)
+        return cache.load(ctx.attend_len, k.dtype)
+    old_k, old_v = cache.load(ctx.attend_len, k.dtype)
+    all_k, all_v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+    cache.scatter(ctx.write_slots, k, v)
     return all_k, all_v

@@ -50,10 +50,20 @@ class LayerCache:
             _put(self.values, index, v)
             return
         for codes, scales, x in ((self.keys, self.key_scale, k), (self.values, self.value_scale, v)):
-            g = x.float().unflatten(-1, (scales.shape[-1], -1))  # [B, H, n, groups, group]
-            scale = (g.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
-            _put(codes, index, torch.round(g / scale[..., None]).flatten(-2).to(torch.int8))
+            q, scale = _quantize(x, scales.shape[-1])
+            _put(codes, index, q)
             _put(scales, index, scale)
+
+    def scatter(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``/``v`` ``[B, kv_heads, n, head_dim]`` at per-row slots ``index [B, n]`` (the
+        serving cache, whose rows write different slots), quantising them as :meth:`store` does."""
+        for buffer, scales, x in ((self.keys, self.key_scale, k), (self.values, self.value_scale, v)):
+            if scales is None:
+                buffer.scatter_(2, index[:, None, :, None].expand_as(x), x)
+                continue
+            codes, scale = _quantize(x, scales.shape[-1])
+            buffer.scatter_(2, index[:, None, :, None].expand_as(codes), codes)
+            scales.scatter_(2, index[:, None, :, None].expand_as(scale), scale)
 
     def load(self, end: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots ``[0, end)`` (all slots by default) in ``dtype``."""
@@ -84,6 +94,15 @@ KV_GROUP = 32
 def kv_int8_groups(head_dim: int) -> int:
     """Scales per cached vector with int8 storage: one per 32 entries (one per vector otherwise)."""
     return head_dim // KV_GROUP if head_dim % KV_GROUP == 0 else 1
+
+
+def _quantize(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` -> int8 codes ``[..., D]`` and float32 scales ``[..., groups]``: symmetric
+    absmax / 127 per group (at least 1e-12), codes rounded half to even (what the fused decode
+    step's C++ writes too, quant/csrc/decode_step.cpp)."""
+    g = x.float().unflatten(-1, (groups, -1))  # [..., groups, group]
+    scale = (g.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
+    return torch.round(g / scale[..., None]).flatten(-2).to(torch.int8), scale
 
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -33,7 +33,7 @@ class RowKVCache:
     """``rows`` independent sequences of up to ``max_len`` tokens each."""
 
     def __init__(self, config: ModelConfig, rows: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", *, _views: tuple | None = None) -> None:
+                 device: torch.device | str = "cpu", *, kv_int8: bool = False, _views: tuple | None = None) -> None:
         self.config = config
         self.max_len = max_len
         self.window = min(config.sliding_window or max_len, max_len)
@@ -44,20 +44,21 @@ class RowKVCache:
         self.rows = rows
         # +1 slot per layer: the trash slot that padding writes to and no mask shows
         self.layers: list[LayerCache | RecurrentState] = layer_states(config, rows, max_len, self.window, dtype,
-                                                                     device, extra_slots=1)
+                                                                     device, extra_slots=1, kv_int8=kv_int8)
         self.global_positions = torch.full((rows, max_len + 1), -1, dtype=torch.long, device=device)
         self.ring_positions = torch.full((rows, self.window + 1), -1, dtype=torch.long, device=device)
         # Positions read by each row's recurrent state (-1: cut back, holds no usable prefix).
         self.recurrent_len = torch.zeros(rows, dtype=torch.long, device=device)
 
     def nbytes(self) -> int:
-        return sum(c.rg_lru.nbytes + c.conv.nbytes if isinstance(c, RecurrentState) else c.keys.nbytes + c.values.nbytes
-                   for c in self.layers)
+        return sum(c.rg_lru.nbytes + c.conv.nbytes if isinstance(c, RecurrentState) else c.nbytes for c in self.layers)
 
     def view(self, start: int, stop: int) -> RowKVCache:
         """Rows ``[start, stop)`` as a cache sharing this one's storage (writes land here)."""
         layers = [RecurrentState(c.rg_lru[start:stop], c.conv[start:stop]) if isinstance(c, RecurrentState)
-                  else LayerCache(c.keys[start:stop], c.values[start:stop]) for c in self.layers]
+                  else LayerCache(*(t[start:stop] if t is not None else None
+                                    for t in (c.keys, c.values, c.key_scale, c.value_scale)))
+                  for c in self.layers]
         return RowKVCache(self.config, 0, self.max_len, torch.float32,
                           _views=(layers, self.global_positions[start:stop], self.ring_positions[start:stop],
                                   self.recurrent_len[start:stop]))
