@@ -186,3 +186,14 @@ def test_kept_model_is_not_exported_half_written(tmp_path, kernel_or_skip) -> No
     expanded, tokenizer = gemmakit.load(tmp_path / "hf", quant="none")
     save_hf_directory(expanded, tokenizer, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_without_the_kernel_16_bit_checkpoints_expand_as_before(tmp_path, monkeypatch) -> None:
+    """No built kernel (GEMMAKIT_KERNELS=0, no compiler): keeping 16-bit matrices would widen them
+    on every product, so the default is the float32 expansion again."""
+    from gemmakit.quant import kernels
+
+    random_hf_model("gemma3").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    monkeypatch.setattr(kernels, "kernel", lambda: None)
+    model, _ = gemmakit.load(tmp_path / "hf")
+    assert model.weights_format == "float32" and not _kept_types(model)

@@ -76,8 +76,9 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     "none" expands everything to ``dtype``. The default, "auto", is "gguf" on the CPU when no ``dtype``
     is asked for and the checkpoint has matrices the block kernel runs as stored: a quantised GGUF's
     (same outputs, a third of the memory, faster), or a bfloat16/float16 checkpoint's (GGUF or
-    safetensors: float32 compute on the 16-bit weights, which is exactly the float32 expansion's
-    model at half its memory and about twice its decoding speed); else "none".
+    safetensors, where the CPU kernel is built: float32 compute on the 16-bit weights, which is
+    exactly the float32 expansion's model at half its memory and about twice its decoding speed);
+    else "none".
     ``compile`` compiles the one-token decode step (``GemmaModel.compile_decode``). ``kv_cache="int8"``
     stores generation caches' keys and values as int8 with a scale per 32 entries (models/cache.py).
     ``prefill_dtype="bfloat16"`` runs the many-row products of quantised weights (prompt prefill) in
@@ -93,6 +94,12 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     checkpoint = open_checkpoint(source, config)
     keep = quant == "gguf" or (quant in (None, "auto") and dtype is None and adapter is None and _cpu(device)
                                  and bool(checkpoint.packed))
+    if keep and quant in (None, "auto") and checkpoint.metadata.get("format") != "gguf":
+        from gemmakit.quant.kernels import kernel
+
+        # A checkpoint's 16-bit matrices pay only on the kernel: without it every product would
+        # widen its matrix first, slower than holding the float32 expansion.
+        keep = kernel() is not None
     if quant == "gguf" and adapter is not None:
         raise InvalidRequestError("a LoRA adapter is merged into float weights; use --quant none with --adapter")
     if quant == "gguf" and not checkpoint.packed:
