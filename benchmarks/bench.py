@@ -27,8 +27,9 @@ import time
 
 PROMPT_TOKENS = 512
 NEW_TOKENS = 256
-MODES = ("llama.cpp", "gemmakit-gguf-compile", "gemmakit-gguf", "gemmakit-gguf-bf16prefill", "gemmakit-float32", "gemmakit-bfloat16", "gemmakit-int8", "gemmakit-int4",
-         "transformers-float32", "gemmakit-hfbf16", "transformers-hfbf16")
+MODES = ("llama.cpp", "gemmakit-gguf-compile", "gemmakit-gguf", "gemmakit-gguf-bf16prefill", "gemmakit-gguf-kvint8",
+         "gemmakit-float32", "gemmakit-bfloat16", "gemmakit-int8", "gemmakit-int4", "transformers-float32",
+         "gemmakit-hfbf16", "transformers-hfbf16")
 # The *-hfbf16 modes run the same weights as a bfloat16 Hugging Face directory (how most Gemma
 # checkpoints are published), written from the GGUF once per run: gemmakit with its defaults (the
 # 16-bit matrices kept, float32 compute) against transformers loading it in bfloat16.
@@ -53,13 +54,14 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
     kind = mode.split("-", 1)[1]
     compiled = kind.endswith("-compile")
     prefill_dtype = "bfloat16" if kind.endswith("-bf16prefill") else "float32"
-    kind = kind.removesuffix("-compile").removesuffix("-bf16prefill")
+    kv_cache = "int8" if kind.endswith("-kvint8") else "auto"
+    kind = kind.removesuffix("-compile").removesuffix("-bf16prefill").removesuffix("-kvint8")
     t0 = time.perf_counter()
     if kind == HF_BF16:
         model, tok = gemmakit.load(_hf_bf16_dir(path))  # the defaults: bf16 matrices kept as they are
     elif kind in ("int8", "int4", "gguf"):
         model, tok = gemmakit.load(path, quant=kind, compile=compiled,  # gguf: the file's blocks as they are
-                                   prefill_dtype=prefill_dtype)
+                                   prefill_dtype=prefill_dtype, kv_cache=kv_cache)
     else:
         model, tok = gemmakit.load(path, dtype=kind, quant="none", compile=compiled)
     ids = _prompt_ids(lambda t: tok.encode(t, add_bos=True))
