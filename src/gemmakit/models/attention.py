@@ -7,6 +7,7 @@ computed once per forward step by the decoder.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from gemmakit.models import gemm
 from gemmakit.models.cache import LayerCache
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.gemm import Linear
-from gemmakit.models.layers import RMSNorm, norm_and_rope, softcap
+from gemmakit.models.layers import GeGLU, RMSNorm, norm_and_rope, softcap
 
 
 @dataclass
@@ -268,3 +269,14 @@ def _update_rows(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
     all_k, all_v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
     cache.scatter(ctx.write_slots, k, v)
     return all_k, all_v
+
+
+def unmerged_projections(model: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Module]]]:
+    """``(module, parts)`` for each attention's q/k/v and each MLP's gate/up that are still separate
+    layers: what ``fuse_projections`` (quantised weights) and ``fuse_dense_projections`` (float
+    weights on CUDA) may merge into one matmul with ``module.fuse``."""
+    for module in model.modules():
+        if isinstance(module, Attention) and module.qkv_proj is None:
+            yield module, [module.q_proj, module.k_proj, module.v_proj]
+        elif isinstance(module, GeGLU) and module.gate_up_proj is None:
+            yield module, [module.gate_proj, module.up_proj]

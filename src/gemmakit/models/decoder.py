@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gemmakit.heap import return_freed_heap
-from gemmakit.models.attention import Attention, StepContext, attention_mask
+from gemmakit.models.attention import Attention, StepContext, attention_mask, unmerged_projections
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.fused_decode import fused_hidden
@@ -338,13 +338,7 @@ def fuse_dense_projections(model: nn.Module) -> int:
     change, so this is for inference, not for a model that is trained or exported afterwards.
     """
     merged = 0
-    for module in model.modules():
-        if isinstance(module, Attention) and module.qkv_proj is None:
-            parts = [module.q_proj, module.k_proj, module.v_proj]
-        elif isinstance(module, GeGLU) and module.gate_up_proj is None:
-            parts = [module.gate_proj, module.up_proj]
-        else:
-            continue
+    for module, parts in list(unmerged_projections(model)):
         if not all(type(p) is Linear and p.bias is None for p in parts):
             continue
         weights = [p.weight for p in parts]

@@ -197,16 +197,9 @@ def fuse_projections(model: nn.Module) -> None:
     Decoding a token is one pass over the weights either way; fewer, larger calls save the per-call
     overhead (~55 kernel calls per token for the 270M model) and split better across threads.
     """
-    from gemmakit.models.attention import Attention
-    from gemmakit.models.layers import GeGLU
+    from gemmakit.models.attention import unmerged_projections
 
-    for module in model.modules():
-        if isinstance(module, Attention):
-            parts = [module.q_proj, module.k_proj, module.v_proj]
-        elif isinstance(module, GeGLU):
-            parts = [module.gate_proj, module.up_proj]
-        else:
-            continue
+    for module, parts in list(unmerged_projections(model)):
         if not all(isinstance(p, GroupedLinear) for p in parts):
             continue
         weights = [p.w for p in parts]
