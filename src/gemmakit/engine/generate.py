@@ -103,13 +103,18 @@ def generate_steps(
     # so that the device computes it while the host handles (and yields) this one's tokens.
     ahead = device.type != "cpu" if overlap is None else overlap
     reader = _TokenReader(device, B)
+
+    def decode_step(tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step after ``tokens`` at ``pos``: the sampled next tokens and their positions."""
+        logits = model(tokens[:, None], cache=cache, positions=pos, last_only=True)
+        return sample(logits[:, -1], sampling, generator), pos + 1
+
     pending = reader.start(next_tokens)
     t1 = time.perf_counter()
     for step in range(max_new_tokens):
         queued = ahead and step < max_new_tokens - 1
         if queued:  # runs even if every row stops now: one wasted step, the cache is discarded anyway
-            logits = model(next_tokens[:, None], cache=cache, positions=next_pos, last_only=True)
-            next_tokens, next_pos = sample(logits[:, -1], sampling, generator), next_pos + 1
+            next_tokens, next_pos = decode_step(next_tokens, next_pos)
         tokens = reader.finish(pending)
         out: list[int | None] = []
         for row, tok in enumerate(tokens):
@@ -127,8 +132,7 @@ def generate_steps(
         if all(finished):
             return
         if not queued:
-            logits = model(next_tokens[:, None], cache=cache, positions=next_pos, last_only=True)
-            next_tokens, next_pos = sample(logits[:, -1], sampling, generator), next_pos + 1
+            next_tokens, next_pos = decode_step(next_tokens, next_pos)
         pending = reader.start(next_tokens)
 
 
