@@ -170,20 +170,18 @@ def _sources(config: ModelConfig, embed_name: str) -> dict[str, tuple[str, tuple
     return sources
 
 
-def gemma_pytorch_loaders(state: Mapping[str, torch.Tensor], config: ModelConfig,
-                          embed_name: str = "embedder.weight") -> dict[str, TensorLoader]:
+def gemma_pytorch_loaders(state: Mapping[str, torch.Tensor],
+                          sources: dict[str, tuple[str, tuple[int, int] | None]]) -> dict[str, TensorLoader]:
     """Our parameter name -> loader reading (and, for q/k/v, slicing) the checkpoint's tensors."""
     def loader(name: str, rows: tuple[int, int] | None) -> TensorLoader:
         return (lambda: _weight(state, name)) if rows is None else (lambda: _weight(state, name)[rows[0]:rows[1]])
 
-    return {ours: loader(name, rows) for ours, (name, rows) in _sources(config, embed_name).items()}
+    return {ours: loader(name, rows) for ours, (name, rows) in sources.items()}
 
 
-def _header(state: Mapping[str, torch.Tensor], config: ModelConfig, embed_name: str):
-    """``our name -> (stored float dtype, shape)``; int8 '-quant' weights have no float dtype here
-    (they are scaled to float32 when loaded, so nothing of theirs stays 16-bit)."""
-    sources = _sources(config, embed_name)
-
+def _header(state: Mapping[str, torch.Tensor], sources: dict[str, tuple[str, tuple[int, int] | None]]):
+    """``our name -> (stored float dtype, shape)`` from ``_sources``' table; int8 '-quant' weights
+    have no float dtype here (they are scaled to float32 when loaded, so nothing of theirs stays 16-bit)."""
     def header(ours: str) -> tuple[torch.dtype | None, tuple[int, ...]]:
         name, rows = sources[ours]
         t = state[name]
@@ -214,10 +212,11 @@ def open_gemma_pytorch_checkpoint(path: str | Path, config: ModelConfig | str | 
             break
     dtypes = {t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     native = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    tensors = gemma_pytorch_loaders(state, config, embed_name)
+    sources = _sources(config, embed_name)
+    tensors = gemma_pytorch_loaders(state, sources)
     return Checkpoint(config=config, tensors=tensors, source=str(path),
                       tokenizer=tokenizer, native_dtype=native, metadata={"format": "gemma_pytorch"},
-                      packed=half_precision_matrices(config, tensors, _header(state, config, embed_name)))
+                      packed=half_precision_matrices(config, tensors, _header(state, sources)))
 
 
 def _first_line(e: BaseException) -> str:

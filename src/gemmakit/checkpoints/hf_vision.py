@@ -114,7 +114,7 @@ def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint
 
     # the language decoder's 16-bit matrices may stay as stored (see half_precision_matrices); the
     # vision tower and projector keep the float path
-    text_tensors = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in text_mapping.items()}
+    text_tensors = {ours: tensors[f"decoder.{ours}"] for ours in text_mapping}
     packed = {f"decoder.{ours}": load for ours, load in
               half_precision_matrices(config.text, text_tensors, header_of(files, text_mapping)).items()}
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
