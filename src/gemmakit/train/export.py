@@ -51,9 +51,8 @@ def save_hf_directory(model: GemmaModel, tokenizer, directory: str | Path) -> Pa
     from safetensors.torch import save_file
 
     from gemmakit.checkpoints.safetensors import hf_names
-    from gemmakit.train.files import atomic_directory
-
     from gemmakit.quant.grouped import GroupedEmbedding, GroupedLinear
+    from gemmakit.train.files import atomic_directory
 
     if any(isinstance(m, (GroupedLinear, GroupedEmbedding)) for m in model.modules()):
         from gemmakit.errors import InvalidRequestError
