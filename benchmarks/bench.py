@@ -58,7 +58,7 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
     kind = kind.removesuffix("-compile").removesuffix("-bf16prefill").removesuffix("-kvint8")
     t0 = time.perf_counter()
     if kind == HF_BF16:
-        model, tok = gemmakit.load(_hf_bf16_dir(path))  # the defaults: bf16 matrices kept as they are
+        model, tok = gemmakit.load(_hf_bf16_dir())  # the defaults: bf16 matrices kept as they are
     elif kind in ("int8", "int4", "gguf"):
         model, tok = gemmakit.load(path, quant=kind, compile=compiled,  # gguf: the file's blocks as they are
                                    prefill_dtype=prefill_dtype, kv_cache=kv_cache)
@@ -99,8 +99,8 @@ def run_llama(path: str, threads: int) -> dict:
     return {"load_s": load_s, "prefill_tps": len(ids) / prefill, "decode_tps": (n - 1) / decode}
 
 
-def _hf_bf16_dir(path: str) -> str:
-    """Where the bfloat16 Hugging Face copy of ``path`` is (main() writes it before the children run)."""
+def _hf_bf16_dir() -> str:
+    """Where the bfloat16 Hugging Face copy of the benchmark's GGUF is (main() writes it before the children run)."""
     return os.environ["GEMMAKIT_BENCH_HF_DIR"]
 
 
@@ -111,8 +111,8 @@ def run_transformers(path: str, threads: int, hf_bf16: bool = False) -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if hf_bf16:
-        tok = AutoTokenizer.from_pretrained(_hf_bf16_dir(path))
-        model = AutoModelForCausalLM.from_pretrained(_hf_bf16_dir(path), dtype=torch.bfloat16).eval()
+        tok = AutoTokenizer.from_pretrained(_hf_bf16_dir())
+        model = AutoModelForCausalLM.from_pretrained(_hf_bf16_dir(), dtype=torch.bfloat16).eval()
     else:
         d, f = os.path.split(path)
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
