@@ -27,7 +27,8 @@ import time
 
 PROMPT_TOKENS = 512
 NEW_TOKENS = 256
-MODES = ("llama.cpp", "gemmakit-gguf-compile", "gemmakit-gguf", "gemmakit-gguf-bf16prefill", "gemmakit-gguf-kvint8",
+MODES = ("llama.cpp", "gemmakit-gguf-compile", "gemmakit-gguf", "gemmakit-gguf-f32prefill", "gemmakit-gguf-bf16prefill",
+         "gemmakit-gguf-kvint8",
          "gemmakit-float32", "gemmakit-bfloat16", "gemmakit-int8", "gemmakit-int4", "transformers-float32",
          "gemmakit-hfbf16", "transformers-hfbf16")
 # The *-hfbf16 modes run the same weights as a bfloat16 Hugging Face directory (how most Gemma
@@ -53,9 +54,11 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
 
     kind = mode.split("-", 1)[1]
     compiled = kind.endswith("-compile")
-    prefill_dtype = "bfloat16" if kind.endswith("-bf16prefill") else "float32"
+    # the default ("auto": bfloat16 for quantised blocks on a CPU with bfloat16 dot products), or forced
+    prefill_dtype = {"-bf16prefill": "bfloat16", "-f32prefill": "float32"}.get(kind[kind.rfind("-"):], "auto")
     kv_cache = "int8" if kind.endswith("-kvint8") else "auto"
-    kind = kind.removesuffix("-compile").removesuffix("-bf16prefill").removesuffix("-kvint8")
+    for suffix in ("-compile", "-bf16prefill", "-f32prefill", "-kvint8"):
+        kind = kind.removesuffix(suffix)
     t0 = time.perf_counter()
     if kind == HF_BF16:
         model, tok = gemmakit.load(_hf_bf16_dir())  # the defaults: bf16 matrices kept as they are
@@ -73,7 +76,8 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
     stats = None
     for step in generate_steps(model, [ids], NEW_TOKENS):
         stats = step.stats
-    return {"load_s": load_s, "prefill_tps": stats.prefill_tokens_per_s, "decode_tps": stats.decode_tokens_per_s}
+    return {"load_s": load_s, "prefill_tps": stats.prefill_tokens_per_s, "decode_tps": stats.decode_tokens_per_s,
+            "prefill_dtype": getattr(model, "prefill_dtype", "float32")}
 
 
 def run_llama(path: str, threads: int) -> dict:

@@ -117,7 +117,7 @@ def test_unsupported_layers_keep_the_eager_path(monkeypatch) -> None:
     assert served == 0
 
 
-# --------------------------------------------------------------------------- opt-in bfloat16 prefill
+# --------------------------------------------------------------------------- bfloat16 prefill
 
 
 def test_bf16_prefill_is_close_to_float32_and_decode_is_untouched(tmp_path) -> None:
@@ -127,19 +127,51 @@ def test_bf16_prefill_is_close_to_float32_and_decode_is_untouched(tmp_path) -> N
 
     config = tiny_config("gemma3", num_layers=3, hidden_size=256, intermediate_size=256)
     path = write_gguf(tmp_path / "m.gguf", random_model(config, seed=4), quant="Q8_0")
-    ref, _ = gemmakit.load(path)
+    ref, _ = gemmakit.load(path, prefill_dtype="float32")
     bf16, _ = gemmakit.load(path, prefill_dtype="bfloat16")
-    ids = torch.tensor([list(range(2, 42))])  # 40 rows: past the block kernel's 16, the GEMM's 32
+    assert (ref.prefill_dtype, bf16.prefill_dtype) == ("float32", "bfloat16")
+    ids = torch.tensor([list(range(2, 72))])  # 70 rows: past the block kernel's 16 and bf16's 64
     with torch.inference_mode():
         a, b = ref(ids), bf16(ids)
         one = torch.tensor([[7]])
         assert torch.equal(ref(one), bf16(one))
+        # a batch of one position a row (serving's decode steps) past the block kernel's 16 rows,
+        # and a short prompt, keep float32 too: tokens never depend on the batch
+        column, short = torch.arange(2, 22)[:, None], torch.tensor([list(range(2, 40))])
+        assert torch.equal(ref(column), bf16(column)) and torch.equal(ref(short), bf16(short))
     scale = a.abs().max().item()
     assert 0 < (a - b).abs().max().item() < 0.05 * scale
     with pytest.raises(InvalidRequestError, match="quantised weights"):
         gemmakit.load(path, quant="none", prefill_dtype="bfloat16")
     with pytest.raises(InvalidRequestError, match="unknown prefill dtype"):
         gemmakit.load(path, prefill_dtype="float16")
+
+
+def test_auto_prefill_takes_bf16_only_for_quantised_codes_on_a_bf16_cpu(tmp_path, monkeypatch) -> None:
+    """``prefill_dtype="auto"`` (the default): bfloat16 for quantised blocks where the CPU has bfloat16
+    dot products, float32 where it has not, and float32 for a 16-bit checkpoint's exact matrices
+    (and for expanded float weights) on any CPU."""
+    import gemmakit.models.gemm as gemm
+    from gemmakit.quant.grouped import GGMLWeight
+
+    config = tiny_config("gemma3", num_layers=2, hidden_size=256, intermediate_size=256)
+    model = random_model(config, seed=5)
+    q8 = write_gguf(tmp_path / "q8.gguf", model, quant="Q8_0")
+    f16 = write_gguf(tmp_path / "f16.gguf", model, quant="F16")
+
+    def kinds(m) -> set:
+        return {w.prefill_dtype for w in m.modules() if isinstance(w, GGMLWeight)}
+
+    for supported in (True, False):
+        monkeypatch.setattr(gemm, "bf16_supported", lambda: supported)
+        quantised, _ = gemmakit.load(q8)
+        assert quantised.prefill_dtype == ("bfloat16" if supported else "float32")
+        assert kinds(quantised) == {torch.bfloat16 if supported else torch.float32}
+        half, _ = gemmakit.load(f16)
+        assert half.weights_format.startswith("float16") and half.prefill_dtype == "float32"
+        assert kinds(half) == {torch.float32}
+        assert gemmakit.load(q8, quant="none")[0].prefill_dtype == "float32"
+        assert gemmakit.load(q8, prefill_dtype="float32")[0].prefill_dtype == "float32"
 
 
 def test_dequantise_to_bf16_equals_converting_the_float32_weights() -> None:

@@ -116,11 +116,12 @@ def test_overlapped_decode_yields_the_same_steps(temperature):
 
 
 def test_gguf_quantised_model_equals_independently_dequantised(tmp_path):
-    """A Q8_0 GGUF loads to exactly the model whose weights gguf-py quantises and dequantises."""
+    """A Q8_0 GGUF loads to exactly the model whose weights gguf-py quantises and dequantises (with
+    float32 prefill, the reference numerics; ``auto`` may take bfloat16, see test_fused_decode)."""
     import gguf
 
     model = random_model(tiny_config())
-    loaded, _ = gemmakit.load(write_gguf(tmp_path / "q8.gguf", model, quant="Q8_0"))
+    loaded, _ = gemmakit.load(write_gguf(tmp_path / "q8.gguf", model, quant="Q8_0"), prefill_dtype="float32")
     expected = random_model(tiny_config())
     with torch.no_grad():
         for name, p in expected.named_parameters():

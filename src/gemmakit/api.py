@@ -63,7 +63,7 @@ def checked_device(device: str | torch.device) -> torch.device:
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = False, config=None,
          adapter: str | Path | None = None, quant: str | None = None, compile: bool = False,
-         kv_cache: str = "auto", prefill_dtype: str = "float32"):
+         kv_cache: str = "auto", prefill_dtype: str = "auto"):
     """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, a gemma_pytorch
     ``.ckpt``, or the default model.
 
@@ -81,13 +81,17 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     else "none".
     ``compile`` compiles the one-token decode step (``GemmaModel.compile_decode``). ``kv_cache="int8"``
     stores generation caches' keys and values as int8 with a scale per 32 entries (models/cache.py).
-    ``prefill_dtype="bfloat16"`` runs the many-row products of quantised weights (prompt prefill) in
-    bfloat16 with float32 accumulation, about twice as fast on CPUs with bfloat16 dot products; the
-    decode steps keep the float32 block kernels. Not the reference numerics: logits move by roughly
-    bfloat16's rounding, so greedy text can change where two tokens are close.
+    ``prefill_dtype="bfloat16"`` runs the products of quantised weights over a prompt (64 positions or
+    more) in bfloat16 with float32 accumulation, about twice as fast on CPUs with bfloat16 dot
+    products; decode steps (serving batches and speculative rounds too) stay float32. It moves logits by roughly bfloat16's rounding
+    (relative 2^-9), below the error of the quantisation itself (Q8_0's step is ~2^-7 of a block's
+    largest weight), so greedy text can change only where two tokens are close. ``"float32"`` is the
+    reference numerics (the dequantised model up to float32 rounding). ``"auto"`` (the default) is
+    bfloat16 for quantised (8-bit or fewer) weights on a CPU with bfloat16 dot products (AVX512_BF16
+    or AMX), float32 for everything else; ``model.prefill_dtype`` says which ran.
     """
-    if prefill_dtype not in ("float32", "bfloat16"):
-        raise InvalidRequestError(f"unknown prefill dtype {prefill_dtype!r}; choose float32 or bfloat16")
+    if prefill_dtype not in PREFILL_DTYPES:
+        raise InvalidRequestError(f"unknown prefill dtype {prefill_dtype!r}; choose one of {', '.join(PREFILL_DTYPES)}")
     device = checked_device(device)
     t0 = time.perf_counter()
     keep_freed_heap()  # a prefill reuses its scratch memory instead of faulting it in again (heap.py)
@@ -129,8 +133,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
         if via_blocks:
             requantize_blocks(model, quant)
         model = quantize_model(model, quant, dtype=parse_dtype(dtype))  # any float matrices left
-    if prefill_dtype == "bfloat16":
-        _bf16_prefill(model, keep or quant == "int8")
+    model.prefill_dtype = _set_prefill_dtype(model, prefill_dtype, keep or quant in ("int8", "int4"), _cpu(device))
     decoder = getattr(model, "decoder", model)  # a vision model's language decoder holds the caches
     if kv_cache not in ("auto", "int8"):
         raise InvalidRequestError(f"unknown KV cache storage {kv_cache!r}; choose auto or int8")
@@ -161,16 +164,32 @@ def _kept_format(model) -> str:
     return "gguf"
 
 
-def _bf16_prefill(model, quantised: bool) -> None:
+PREFILL_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def _set_prefill_dtype(model, requested: str, quantised: bool, on_cpu: bool) -> str:
+    """Apply ``load(prefill_dtype=...)``; returns the dtype the quantised weights' prefill runs in.
+
+    "auto" takes bfloat16 only where it is both fast (native bfloat16 dot products) and small
+    against the weights' own error (8-bit or fewer codes; a 16-bit checkpoint's exact matrices keep
+    float32, the reference numerics)."""
     from gemmakit.models.gemm import bf16_supported
     from gemmakit.quant.grouped import set_prefill_dtype
 
+    if requested == "float32":
+        return "float32"
+    if requested == "auto":
+        if (quantised and on_cpu and bf16_supported()
+                and set_prefill_dtype(model, torch.bfloat16, quantised_codes_only=True)):
+            return "bfloat16"
+        return "float32"
     if not quantised or set_prefill_dtype(model, torch.bfloat16) == 0:
         raise InvalidRequestError("--prefill-dtype bfloat16 applies to quantised weights (a quantised .gguf's "
-                                  "blocks, or --quant int8); for float weights use --dtype bfloat16")
+                                  "blocks, or --quant int8 or int4); for float weights use --dtype bfloat16")
     if not bf16_supported():
         print("gemmakit: warning: this CPU has no bfloat16 dot-product instructions (AVX512_BF16 or AMX); "
               "bfloat16 prefill is emulated here and likely slower than float32", file=sys.stderr)
+    return "bfloat16"
 
 
 @dataclass

@@ -31,6 +31,7 @@ from torch import nn
 from gemmakit.quant.ggml import GGMLBlocks
 from gemmakit.quant.kernels import ggml_linear, ggml_rows
 
+PREFILL_MIN_ROWS = 64  # fewer rows of a prompt take float32 even with a bfloat16 prefill_dtype (they cost little)
 _SLAB_ROWS = 4096  # output rows GroupedWeight dequantises at a time (~10 MB of float32 for K = 640)
 
 
@@ -101,10 +102,18 @@ class GGMLWeight(nn.Module):
         return [getattr(self, f"blocks_{i}") for i in range(len(self.types))]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., K] @ W^T -> [..., N]`` in x's dtype (computed in float32)."""
+        """``x [..., K] @ W^T -> [..., N]`` in x's dtype (computed in float32; a prompt's products in
+        ``prefill_dtype``)."""
         flat = x.reshape(-1, self.in_features)
-        y = ggml_linear(flat, self.parts(), self.types, self.in_features, self.prefill_dtype)
+        y = ggml_linear(flat, self.parts(), self.types, self.in_features, self._dtype_for(x, flat.shape[0]))
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _dtype_for(self, x: torch.Tensor, rows: int) -> torch.dtype:
+        """``prefill_dtype`` for a prompt's products (several positions a row, at least
+        PREFILL_MIN_ROWS rows), float32 for anything decode-sized: a serving batch's one position
+        per row, a speculative round's few, so that decoded tokens never depend on the batch."""
+        prompt = x.dim() >= 3 and x.shape[-2] > 1 and rows >= PREFILL_MIN_ROWS
+        return self.prefill_dtype if prompt else torch.float32
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``index`` of a one-part weight as floats (the embedding lookup)."""
@@ -215,10 +224,18 @@ def fuse_projections(model: nn.Module) -> None:
             module.fuse([p.out_features for p in parts], GroupedLinear(stacked))
 
 
-def set_prefill_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+def set_prefill_dtype(model: nn.Module, dtype: torch.dtype, quantised_codes_only: bool = False) -> int:
     """Make every quantised weight of ``model`` run its many-row (prefill) products in ``dtype``;
-    returns how many weights that covers (decode-sized products keep the float32 block kernels)."""
-    weights = [m for m in model.modules() if isinstance(m, (GGMLWeight, GroupedWeight))]
+    returns how many weights that covers (decode-sized products keep the float32 block kernels).
+    ``quantised_codes_only`` takes only GGML-block weights of quantised codes (not F16/BF16 ones,
+    and not the grouped int8 codes, whose products are float32 whatever is set)."""
+    from gemmakit.quant.ggml import HALF_TYPES
+
+    plain = set(HALF_TYPES.values())
+    if quantised_codes_only:
+        weights = [m for m in model.modules() if isinstance(m, GGMLWeight) and not plain & set(m.types)]
+    else:
+        weights = [m for m in model.modules() if isinstance(m, (GGMLWeight, GroupedWeight))]
     for w in weights:
         w.prefill_dtype = dtype
     return len(weights)

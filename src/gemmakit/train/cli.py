@@ -120,7 +120,8 @@ def cmd_perplexity(args) -> int:
     from gemmakit.api import load
     from gemmakit.train.perplexity import perplexity_of_file
 
-    model, tokenizer = load(args.model, dtype=args.dtype, adapter=args.adapter)
+    # a measurement: the reference numerics (quantised weights' products in float32, not auto's bfloat16)
+    model, tokenizer = load(args.model, dtype=args.dtype, adapter=args.adapter, prefill_dtype="float32")
     if tokenizer is None:
         from gemmakit.errors import TokenizerError
 
