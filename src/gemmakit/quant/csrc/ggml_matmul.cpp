@@ -449,6 +449,16 @@ GK_INLINE inline void fma32(__m512 w0, __m512 w1, const float* x, int64_t K, __m
   }
 }
 
+// acc[m] += d * (w0 . x[m][0:16] + w1 . x[m][16:32]): a block's codes dotted unscaled, then scaled once.
+template <int MB>
+GK_INLINE inline void scaled_dot32(__m512 w0, __m512 w1, float d, const float* x, int64_t K, __m512* acc) {
+  const __m512 dv = _mm512_set1_ps(d);
+  for (int m = 0; m < MB; ++m) {
+    const __m512 s = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(x + m * K)));
+    acc[m] = _mm512_fmadd_ps(s, dv, acc[m]);
+  }
+}
+
 template <int MB>
 GK_INLINE inline void fma16(__m512 w, const float* x, int64_t K, __m512* a) {
   for (int m = 0; m < MB; ++m) a[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K), a[m]);
@@ -493,12 +503,7 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
           const uint8_t* p = row + 34 * b;
           const __m512 w0 = load_w16(reinterpret_cast<const int8_t*>(p + 2));
           const __m512 w1 = load_w16(reinterpret_cast<const int8_t*>(p + 18));
-          const __m512 d = _mm512_set1_ps(fp16_to_f32(p));
-          const float* xb = x + 32 * b;
-          for (int m = 0; m < MB; ++m) {
-            const __m512 s = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + m * K + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xb + m * K)));
-            a0[m] = _mm512_fmadd_ps(s, d, a0[m]);
-          }
+          scaled_dot32<MB>(w0, w1, fp16_to_f32(p), x + 32 * b, K, a0);
         };
         blocks_in_pairs<MB>(nb, block, acc);
       } else {
@@ -534,12 +539,7 @@ void fused_row(int64_t type, const uint8_t* row, int64_t nb, const float* x, int
             w0 = _mm512_mask_add_ps(w0, __mmask16(qh & 0xFFFF), w0, sixteen);
             w1 = _mm512_mask_add_ps(w1, __mmask16(qh >> 16), w1, sixteen);
           }
-          const __m512 d = _mm512_set1_ps(fp16_to_f32(p));
-          const float* xb = x + 32 * b;
-          for (int m = 0; m < MB; ++m) {
-            const __m512 s = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + m * K + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xb + m * K)));
-            a0[m] = _mm512_fmadd_ps(s, d, a0[m]);
-          }
+          scaled_dot32<MB>(w0, w1, fp16_to_f32(p), x + 32 * b, K, a0);
         };
         blocks_in_pairs<MB>(nb, block, acc);
         break;
