@@ -134,3 +134,8 @@ def test_serve_loads_the_quantisation_and_device_asked_for(tiny_gguf, monkeypatc
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
     serve.run_server(str(tiny_gguf), quant="int8", device="cpu")
     assert built["model"].weights_format == "int8" and built["model"].device.type == "cpu"
+    built.clear()
+    serve.run_server(str(tiny_gguf), prefill_dtype="float32")  # --prefill-dtype too
+    assert built["model"].prefill_dtype == "float32"
+    with pytest.raises(InvalidRequestError, match="unknown prefill dtype"):
+        serve.run_server(str(tiny_gguf), prefill_dtype="float16")

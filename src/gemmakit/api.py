@@ -83,12 +83,13 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     stores generation caches' keys and values as int8 with a scale per 32 entries (models/cache.py).
     ``prefill_dtype="bfloat16"`` runs the products of quantised weights over a prompt (64 positions or
     more) in bfloat16 with float32 accumulation, about twice as fast on CPUs with bfloat16 dot
-    products; decode steps (serving batches and speculative rounds too) stay float32. It moves logits by roughly bfloat16's rounding
-    (relative 2^-9), below the error of the quantisation itself (Q8_0's step is ~2^-7 of a block's
-    largest weight), so greedy text can change only where two tokens are close. ``"float32"`` is the
-    reference numerics (the dequantised model up to float32 rounding). ``"auto"`` (the default) is
-    bfloat16 for quantised (8-bit or fewer) weights on a CPU with bfloat16 dot products (AVX512_BF16
-    or AMX), float32 for everything else; ``model.prefill_dtype`` says which ran.
+    products; decode steps (serving batches and speculative rounds too) stay float32. It moves
+    logits by roughly bfloat16's rounding (relative 2^-9), below the error of the quantisation
+    itself (Q8_0's step is ~2^-7 of a block's largest weight), so greedy text can change only where
+    two tokens are close. ``"float32"`` is the reference numerics (the dequantised model up to
+    float32 rounding). ``"auto"`` (the default) is bfloat16 for quantised (8-bit or fewer) weights
+    on a CPU with bfloat16 dot products (AVX512_BF16 or AMX), float32 for everything else;
+    ``model.prefill_dtype`` says which was chosen.
     """
     if prefill_dtype not in PREFILL_DTYPES:
         raise InvalidRequestError(f"unknown prefill dtype {prefill_dtype!r}; choose one of {', '.join(PREFILL_DTYPES)}")

@@ -50,12 +50,16 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="compile the one-token decode step with torch.compile, same tokens; on the CPU the "
                         "default fused decode step is as fast or faster, so this pays mainly on GPUs; the first "
                         "run spends ~40-60 s compiling (needs a C++ compiler), later runs reuse torch's cache")
+    _add_prefill_dtype_arg(p)
+
+
+def _add_prefill_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="dtype of a prompt's matrix products on quantised weights (prompts of 64+ tokens; "
-                        "decode stays float32): "
-                        "bfloat16 prefills 1.5-2x faster on CPUs with bfloat16 dot products (AVX512_BF16, AMX), "
-                        "moving logits by less than the quantisation's own error; float32 is the reference "
-                        "numerics; auto (default) = bfloat16 where the CPU has those instructions, else float32")
+                        "decode stays float32): bfloat16 prefills 1.5-2x faster on CPUs with bfloat16 dot "
+                        "products (AVX512_BF16, AMX), moving logits by less than the quantisation's own error; "
+                        "float32 is the reference numerics; auto (default) = bfloat16 where the CPU has those "
+                        "instructions, else float32")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -141,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache", choices=["auto", "int8"], default="auto",
                    help="key/value cache storage: auto = the compute dtype; int8 = int8 with one scale per 32 "
                         "entries (28%% of float32's bytes: about 3.5x the rows under --kv-cache-mib)")
+    _add_prefill_dtype_arg(s)
     s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="architecture, parameters and memory of a model or preset", epilog=EPILOG)
@@ -360,7 +365,7 @@ def cmd_serve(args) -> int:
         raise _invalid(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
     run_server(args.model, args.host, args.port, args.api_key, args.max_batch, args.dtype, args.max_seq_len, kv_bytes,
                adapter=args.adapter, draft_model=args.draft_model, draft_tokens=args.draft_tokens,
-               quant=args.quant, device=args.device, kv_cache=args.kv_cache)
+               quant=args.quant, device=args.device, kv_cache=args.kv_cache, prefill_dtype=args.prefill_dtype)
     return 0
 
 

@@ -14,7 +14,7 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
                api_key: str | None = None, max_batch: int = 8, dtype: str | None = None,
                max_seq_len: int | None = None, max_kv_bytes: int | None = None, adapter: str | None = None,
                draft_model: str | None = None, draft_tokens: int = 4, quant: str = "auto",
-               device: str = "cpu", kv_cache: str = "auto") -> None:
+               device: str = "cpu", kv_cache: str = "auto", prefill_dtype: str = "auto") -> None:
     """Load a model, start the engine and serve it with uvicorn until interrupted."""
     try:
         import uvicorn
@@ -24,7 +24,8 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
         raise GemmakitError("serving needs FastAPI and uvicorn: pip install 'gemmakit[serve]'") from None
     from gemmakit.api import load
 
-    model, tokenizer = load(model_source, dtype=dtype, adapter=adapter, quant=quant, device=device, kv_cache=kv_cache)
+    model, tokenizer = load(model_source, dtype=dtype, adapter=adapter, quant=quant, device=device, kv_cache=kv_cache,
+                            prefill_dtype=prefill_dtype)
     draft = load(draft_model, dtype=dtype, device=device)[0] if draft_model else None
     app = build_app(model, tokenizer, model_id(getattr(model, "source", model_source)), api_key=api_key,
                     max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes, draft=draft,
