@@ -55,7 +55,8 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
     kind = mode.split("-", 1)[1]
     compiled = kind.endswith("-compile")
     # the default ("auto": bfloat16 for quantised blocks on a CPU with bfloat16 dot products), or forced
-    prefill_dtype = {"-bf16prefill": "bfloat16", "-f32prefill": "float32"}.get(kind[kind.rfind("-"):], "auto")
+    prefill_dtype = ("bfloat16" if kind.endswith("-bf16prefill") else "float32" if kind.endswith("-f32prefill")
+                     else "auto")
     kv_cache = "int8" if kind.endswith("-kvint8") else "auto"
     for suffix in ("-compile", "-bf16prefill", "-f32prefill", "-kvint8"):
         kind = kind.removesuffix(suffix)

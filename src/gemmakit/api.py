@@ -172,16 +172,15 @@ def _set_prefill_dtype(model, requested: str, quantised: bool, on_cpu: bool) -> 
     """Apply ``load(prefill_dtype=...)``; returns the dtype the quantised weights' prefill runs in.
 
     "auto" takes bfloat16 only where it is both fast (native bfloat16 dot products) and small
-    against the weights' own error (8-bit or fewer codes; a 16-bit checkpoint's exact matrices keep
-    float32, the reference numerics)."""
+    against the weights' own error: GGML blocks of 8-bit or fewer codes, which is what
+    ``quantised_codes_only`` selects (a 16-bit checkpoint's exact matrices keep float32)."""
     from gemmakit.models.gemm import bf16_supported
     from gemmakit.quant.grouped import set_prefill_dtype
 
     if requested == "float32":
         return "float32"
     if requested == "auto":
-        if (quantised and on_cpu and bf16_supported()
-                and set_prefill_dtype(model, torch.bfloat16, quantised_codes_only=True)):
+        if on_cpu and bf16_supported() and set_prefill_dtype(model, torch.bfloat16, quantised_codes_only=True):
             return "bfloat16"
         return "float32"
     if not quantised or set_prefill_dtype(model, torch.bfloat16) == 0:

@@ -46,7 +46,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``x [..., K] @ weight[N, K]^T (+ bias) -> [..., N]``.
 
-    ``compute_dtype=torch.bfloat16`` (opt-in bfloat16 prefill, see :func:`bf16_supported`) rounds
+    ``compute_dtype=torch.bfloat16`` (the bfloat16 prefill, see :func:`bf16_supported`) rounds
     ``x`` and ``weight`` to bfloat16 for the oneDNN product, which accumulates in float32 and
     returns float32: about twice float32's speed on CPUs with bfloat16 dot-product instructions.
     """

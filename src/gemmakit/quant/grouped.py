@@ -85,7 +85,7 @@ class GGMLWeight(nn.Module):
     ``matmul`` returns the parts' outputs side by side (``[..., sum N_i]``) from one kernel call.
     """
 
-    prefill_dtype = torch.float32  # the many-row GEMM's dtype; load(prefill_dtype="bfloat16") sets it
+    prefill_dtype = torch.float32  # a prompt's GEMM dtype (see _dtype_for); load(prefill_dtype=...) sets it
 
     def __init__(self, parts: list[GGMLBlocks]) -> None:
         super().__init__()

@@ -1073,7 +1073,7 @@ inline uint16_t bf16_bits(float f) {
 
 // Into ``out`` ([N, K] float32 or bfloat16, contiguous), so that parts fused into one weight (q|k|v)
 // are dequantised straight into their rows of one buffer for the prefill GEMM, with no concatenation.
-// bfloat16 (the opt-in bfloat16 prefill) equals the float32 result converted by torch, without the
+// bfloat16 (the bfloat16 prefill) equals the float32 result converted by torch, without the
 // float32 matrix ever being written.
 void ggml_dequantize_into(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor w) {
   const TypeInfo info = checked_type(type);
