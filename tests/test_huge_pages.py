@@ -101,3 +101,17 @@ def test_decoding_moves_a_gguf_models_blocks_and_tokens_stay(tmp_path, monkeypat
     with open("/proc/self/maps") as f:
         maps = read_only_file_maps(f)
     assert not any(s <= b.data_ptr() < e for b in blocks for s, e in maps)
+
+
+@needs_thp
+def test_serving_moves_the_blocks_before_any_request(tmp_path):
+    from gemmakit.api import settle_for_serving
+
+    path = write_gguf(tmp_path / "m.gguf", random_model(tiny_config("gemma3", num_layers=2), seed=6), quant="Q8_0")
+    model, _ = gemmakit.load(path)
+    expected = _greedy(model, [2, 40, 41], 6)  # (too short to move anything)
+    assert model.weights_in_huge_pages == 0
+    moved = settle_for_serving(model)
+    assert moved == sum(b.numel() for b in model.buffers() if b.dtype == torch.uint8) > 0
+    assert settle_for_serving(model) == moved  # once per model
+    assert _greedy(model, [2, 40, 41], 6) == expected

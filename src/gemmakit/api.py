@@ -165,6 +165,15 @@ def _kept_format(model) -> str:
     return "gguf"
 
 
+def settle_for_serving(model) -> int:
+    """Move the weights a decode step streams from a file mapping into huge pages now, rather than
+    at the model's 32nd decoding step (``GemmaModel.move_weights_to_huge_pages``): for processes
+    that wait for input anyway (``serve``, ``chat``), so that no request pays the one-time copy.
+    Returns the bytes moved (0 off the CPU, off Linux, or for weights in anonymous memory)."""
+    decoder = getattr(model, "decoder", model)  # a vision model's text decoder holds the big weights
+    return decoder.move_weights_to_huge_pages() if hasattr(decoder, "move_weights_to_huge_pages") else 0
+
+
 PREFILL_DTYPES = ("auto", "float32", "bfloat16")
 
 

@@ -296,12 +296,13 @@ def _generate_speculative(args, model, tokenizer, prompt: str) -> int:
 
 
 def cmd_chat(args) -> int:
-    from gemmakit.api import stream_generation
+    from gemmakit.api import settle_for_serving, stream_generation
     from gemmakit.chat_template import render_chat
 
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise _tokenizer_missing(args.model)
+    settle_for_serving(model)  # a chat waits for its user anyway: no reply pays the huge-page copy
     from gemmakit.vision.chat import ChatImages
 
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []

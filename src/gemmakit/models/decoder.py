@@ -151,11 +151,18 @@ class GemmaModel(nn.Module):
         if torch.compiler.is_compiling():
             return
         self._decoding_steps += 1
-        if self._decoding_steps < HUGE_PAGES_AFTER_STEPS:
-            return
-        self._settled = True
-        if self.device.type == "cpu":
-            self.weights_in_huge_pages = move_to_huge_pages([*self.buffers(), *self.parameters()])
+        if self._decoding_steps >= HUGE_PAGES_AFTER_STEPS:
+            self.move_weights_to_huge_pages()
+
+    def move_weights_to_huge_pages(self) -> int:
+        """Move the weights read in place from a file mapping into huge pages now (huge_pages.py)
+        rather than at the HUGE_PAGES_AFTER_STEPS-th decoding step: for processes that wait for
+        input anyway (serve, chat). Once per model; returns the bytes moved in all."""
+        if not self._settled:
+            self._settled = True
+            if self.device.type == "cpu":
+                self.weights_in_huge_pages = move_to_huge_pages([*self.buffers(), *self.parameters()])
+        return self.weights_in_huge_pages
 
     _settled = False  # whether _settle_for_decoding has moved what it could
     _decoding_steps = 0  # decoding steps counted until then
