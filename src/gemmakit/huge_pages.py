@@ -10,13 +10,15 @@ two-level walk. On a 2-core Zen 4 VM a plain read of 178 MB ran at 24 GB/s from 
 ~14%, the layers ~3%). Linux gives file mappings of ordinary file systems only 4 KB pages, so the
 blocks are copied once into anonymous memory advised MADV_HUGEPAGE.
 
-When: at a model's first decode-sized step (``decoder.GemmaModel``), not at load. By then a
-prompt's prefill has handed its scratch memory back and has already paged the whole file in (its
-last position's logits read the whole head), so a run's peak RSS is what it was; moved at load,
-the head would sit resident under the prefill's scratch (+~45 MB of peak RSS for a 512-token
-prompt). The copy goes 2 MB at a time and drops each piece's file pages as soon as it is copied,
-so the process never holds both (a few ms of page faults and copying per 100 MB; longer when the
-kernel must first compact memory for huge pages).
+When: at a model's 32nd decoding step (``decoder.GemmaModel``), or right after loading for
+processes that wait for input anyway (``api.settle_for_serving``: serve, chat); not at load for a
+one-shot generation. By then a prompt's prefill has handed its scratch memory back and has already
+paged the whole file in (its last position's logits read the whole head), so a run's peak RSS is
+what it was; moved at load, the head would sit resident under the prefill's scratch (+~45 MB of
+peak RSS for a 512-token prompt). The copy goes 2 MB at a time and drops each piece's file pages
+as soon as it is copied, so the process never holds both. It took 0.23-0.65 s for 246 MB on that
+VM, where freshly faulted huge pages are slow (a second arena in one process: 12-18 ms); waiting
+for the 32nd step keeps short generations from paying it.
 
 Only file-mapped bytes move: tensors in anonymous memory (``--quant int8``, a converted
 checkpoint) stay where they are, as a copy would briefly double them. The tensors keep their
@@ -39,7 +41,7 @@ import torch
 from gemmakit.heap import _libc_function, forget_file_pages
 
 HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # Linux's value (mman-common.h); Python's mmap module names it from 3.8 on Linux only
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)  # (14 is Linux's value, mman-common.h)
 _COPY_CHUNK = HUGE_PAGE  # bytes copied before their file pages are dropped
 _ALIGN = 64  # each tensor starts on a cache line in the arena
 
@@ -76,10 +78,10 @@ def _in_any(maps: list[tuple[int, int]], address: int, nbytes: int) -> bool:
     return any(start <= address and address + nbytes <= end for start, end in maps)
 
 
-def _arena(nbytes: int) -> tuple[torch.Tensor, int]:
+def _arena(nbytes: int) -> torch.Tensor:
     """A uint8 tensor of ``nbytes`` in fresh anonymous memory starting on a 2 MB boundary and
-    advised MADV_HUGEPAGE, and whether the advice was taken (0 = yes). Nothing is touched yet, so
-    its pages come into being as huge pages when the copy first writes them."""
+    advised MADV_HUGEPAGE. Nothing is touched yet, so its pages come into being as huge pages when
+    the copy first writes them (where the kernel has none to give, as ordinary pages: still correct)."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
     # private, not Python's default shared mapping: shared anonymous memory is shmem, whose huge
     # pages follow a different switch (shmem_enabled, usually never)
@@ -89,8 +91,8 @@ def _arena(nbytes: int) -> tuple[torch.Tensor, int]:
         whole = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` alive; never closed
     start = -whole.data_ptr() % HUGE_PAGE
     arena = whole[start : start + size]
-    advised = _libc_function("madvise")(ctypes.c_void_p(arena.data_ptr()), ctypes.c_size_t(size), _MADV_HUGEPAGE)
-    return arena[:nbytes], advised
+    _libc_function("madvise")(ctypes.c_void_p(arena.data_ptr()), ctypes.c_size_t(size), _MADV_HUGEPAGE)
+    return arena[:nbytes]
 
 
 def move_to_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
@@ -123,7 +125,7 @@ def move_to_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
         slots.append(total)
         total += -(-nbytes // _ALIGN) * _ALIGN
     with torch.inference_mode(False), torch.no_grad():
-        arena, _ = _arena(total)
+        arena = _arena(total)
         for (address, nbytes), slot in zip(by_bytes, slots):
             group = by_bytes[(address, nbytes)]
             source = group[0].detach().reshape(-1).view(torch.uint8)

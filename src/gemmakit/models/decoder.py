@@ -164,7 +164,7 @@ class GemmaModel(nn.Module):
                 self.weights_in_huge_pages = move_to_huge_pages([*self.buffers(), *self.parameters()])
         return self.weights_in_huge_pages
 
-    _settled = False  # whether _settle_for_decoding has moved what it could
+    _settled = False  # whether move_weights_to_huge_pages has run
     _decoding_steps = 0  # decoding steps counted until then
     weights_in_huge_pages = 0  # the bytes it moved
 
