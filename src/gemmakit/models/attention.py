@@ -21,6 +21,9 @@ from gemmakit.models.gemm import Linear
 from gemmakit.models.layers import GeGLU, RMSNorm, norm_and_rope, softcap
 
 
+# The 0 / -inf of a one-query mask's float32 bias (StepContext.bias), made once.
+_VISIBLE, _HIDDEN = torch.tensor(0.0), torch.tensor(float("-inf"))
+
 @dataclass
 class StepContext:
     """What one kind of attention layer needs for this step (shared by all layers of the kind)."""
@@ -45,7 +48,7 @@ class StepContext:
 
     def __post_init__(self) -> None:
         if self.bias is None and self.mask.shape[-2] == 1 and self.mask.device.type == "cpu":
-            self.bias = torch.zeros(self.mask.shape, dtype=torch.float32).masked_fill_(~self.mask, float("-inf"))
+            self.bias = torch.where(self.mask, _VISIBLE, _HIDDEN)  # one op (zeros + masked_fill were three)
 
     def query_blocks(self, row: int) -> list[tuple[int, int, int, int, int, int]]:
         """Prefill attention's query blocks for batch row ``row`` (:func:`query_blocks_of`), worked

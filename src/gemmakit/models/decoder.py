@@ -104,9 +104,17 @@ class GemmaModel(nn.Module):
         result as ``inputs_embeds``; the spliced features are *not* scaled (as in the reference).
         """
         h = self.embed(input_ids)
-        # The normaliser is rounded to the compute dtype (or first to bfloat16, as RecurrentGemma was trained).
-        scale_dtype = torch.bfloat16 if self.config.embed_scale_bf16 else h.dtype
-        return h * torch.tensor(self.config.hidden_size**0.5, dtype=scale_dtype).to(h.dtype)
+        return h * self._embed_scale(h.dtype)
+
+    def _embed_scale(self, dtype: torch.dtype) -> float:
+        """sqrt(hidden) rounded to ``dtype`` (or first to bfloat16, as RecurrentGemma was trained),
+        as a Python float: exactly representable in ``dtype``, so ``h * scale`` equals the product
+        with a ``dtype`` tensor, without making that tensor every step."""
+        scales = self.__dict__.setdefault("_embed_scales", {})
+        if dtype not in scales:
+            scale_dtype = torch.bfloat16 if self.config.embed_scale_bf16 else dtype
+            scales[dtype] = float(torch.tensor(self.config.hidden_size**0.5, dtype=scale_dtype).to(dtype))
+        return scales[dtype]
 
     def forward(
         self,
