@@ -10,6 +10,7 @@ import sys
 
 import gemmakit
 from gemmakit.api import stream_generation
+from gemmakit.models.decoder import HUGE_PAGES_AFTER_STEPS
 
 NEAR_TIE = 0.01
 
@@ -47,12 +48,15 @@ def test_cli_generate_json_matches_golden(real_model_path, golden):
     assert result["prompt_ids"] == case["prompt_ids"]
     assert result["token_ids"][:n] == case["greedy_ids"][:n]
     assert set(result["stats"]) == {"prompt_tokens", "generated_tokens", "load_s", "prefill_tokens_per_s",
-                                    "decode_tokens_per_s", "weights", "weight_bytes", "prefill_dtype"}
+                                    "decode_tokens_per_s", "weights", "weight_bytes", "prefill_dtype",
+                                    "huge_page_bytes"}
     # the default: the file's quantised blocks kept as they are, so the weights are the file's bytes
     # (about a quarter of float32's 1.07 GB); unpacked int8 codes would exceed the file
     assert result["stats"]["weights"] == "gguf"
     assert 0.9 * os.path.getsize(real_model_path) < result["stats"]["weight_bytes"] <= os.path.getsize(real_model_path)
     assert result["stats"]["generated_tokens"] == len(case["greedy_ids"])
+    # a generation this short (one decoding step per token after the first) never copies its weights
+    assert len(case["greedy_ids"]) - 1 < HUGE_PAGES_AFTER_STEPS and result["stats"]["huge_page_bytes"] == 0
     assert result["text"].startswith(case["text"][:10])
 
 

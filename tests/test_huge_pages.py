@@ -115,3 +115,18 @@ def test_serving_moves_the_blocks_before_any_request(tmp_path):
     assert moved == sum(b.numel() for b in model.buffers() if b.dtype == torch.uint8) > 0
     assert settle_for_serving(model) == moved  # once per model
     assert _greedy(model, [2, 40, 41], 6) == expected
+
+
+@needs_thp
+def test_generate_json_reports_the_bytes_moved(tmp_path, capsys):
+    import json
+
+    from gemmakit.cli import main
+
+    path = write_gguf(tmp_path / "m.gguf", random_model(tiny_config("gemma3", num_layers=2), seed=7), quant="Q8_0")
+    blocks = sum(b.numel() for b in gemmakit.load(path)[0].buffers() if b.dtype == torch.uint8)
+    for tokens, moved in ((HUGE_PAGES_AFTER_STEPS, 0), (HUGE_PAGES_AFTER_STEPS + 4, blocks)):
+        assert main(["generate", "--model", str(path), "--json", "--temperature", "0",
+                     "--max-tokens", str(tokens), "hello"]) == 0
+        stats = json.loads(capsys.readouterr().out)["stats"]
+        assert stats["generated_tokens"] == tokens and stats["huge_page_bytes"] == moved

@@ -257,6 +257,8 @@ def cmd_generate(args) -> int:
                       "load_s": round(model.load_seconds, 4),
                       "weights": getattr(model, "weights_format", None), "weight_bytes": _weight_bytes(model),
                       "prefill_dtype": getattr(model, "prefill_dtype", "float32"),
+                      # (moved at the 32nd decoding step: gemmakit/huge_pages.py)
+                      "huge_page_bytes": getattr(getattr(model, "decoder", model), "weights_in_huge_pages", 0),
                       "prefill_tokens_per_s": round(s.prefill_tokens_per_s, 2),
                       "decode_tokens_per_s": round(s.decode_tokens_per_s, 2)},
         }, ensure_ascii=False))
