@@ -312,6 +312,7 @@ def ggml_blocks(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int
     For a GGUF that memory is the file's read-only memory map: the model then holds no copy of its
     weights at all (the pages are the page cache's, read on first use, as llama.cpp does), and a
     load has no moment where the file's pages and a copy are both resident. Nothing writes to them.
+    (Decoding later moves them, once, into huge pages: gemmakit/huge_pages.py.)
     """
     ggml_type = int(ggml_type)
     shape = tuple(int(s) for s in shape)
