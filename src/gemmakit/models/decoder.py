@@ -134,7 +134,7 @@ class GemmaModel(nn.Module):
             positions = torch.arange(start, start + T, device=h.device).expand(B, T)
         if cache is not None:
             cache.check_room(T)
-            if not self._settled and start > 0 and T <= DECODE_STEP_ROWS:
+            if not self._settled and start > 0 and T <= DECODE_STEP_ROWS and h.device.type == "cpu":
                 self._settle_for_decoding()
         if T == 1 and groups is None and cache is not None and cache.static and self._compiled_step is not None:
             logits = self._run_compiled_step(h, positions, cache)
@@ -288,8 +288,9 @@ class GemmaModel(nn.Module):
                       last_only: bool) -> torch.Tensor:
         """Forward over a cache whose rows advance independently (the serving engine's batches)."""
         h = self.embed_tokens(input_ids)  # [B, T, hidden]
-        if not self._settled and h.shape[1] <= DECODE_STEP_ROWS and int(positions.max()) >= h.shape[1]:
-            self._settle_for_decoding()  # (a row continues its sequence)
+        if (not self._settled and h.shape[1] <= DECODE_STEP_ROWS and h.device.type == "cpu"
+                and int(positions.max()) >= h.shape[1]):  # (a row continues its sequence; no device sync)
+            self._settle_for_decoding()
         contexts = cache.contexts(positions, h.dtype)
         fused = fused_hidden(self, h, contexts, cache) if h.shape[1] == 1 else None
         if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
