@@ -22,7 +22,8 @@ from gemmakit.models.layers import GeGLU, RMSNorm, norm_and_rope, softcap
 
 
 # The 0 / -inf of a one-query mask's float32 bias (StepContext.bias), made once.
-_VISIBLE, _HIDDEN = torch.tensor(0.0), torch.tensor(float("-inf"))
+_VISIBLE, _HIDDEN = torch.tensor(0.0, dtype=torch.float32), torch.tensor(float("-inf"), dtype=torch.float32)
+
 
 @dataclass
 class StepContext:

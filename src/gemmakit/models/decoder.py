@@ -7,6 +7,8 @@ the soft-caps and the RoPE settings. Nothing here branches on a model name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -134,8 +136,7 @@ class GemmaModel(nn.Module):
             positions = torch.arange(start, start + T, device=h.device).expand(B, T)
         if cache is not None:
             cache.check_room(T)
-            if not self._settled and start > 0 and T <= DECODE_STEP_ROWS and h.device.type == "cpu":
-                self._settle_for_decoding()
+            self._settle_for_decoding(h, lambda: start > 0)
         if T == 1 and groups is None and cache is not None and cache.static and self._compiled_step is not None:
             logits = self._run_compiled_step(h, positions, cache)
             self._advance(cache, positions, groups)
@@ -151,12 +152,16 @@ class GemmaModel(nn.Module):
             self._advance(cache, positions, groups)
         return logits
 
-    def _settle_for_decoding(self) -> None:
-        """Count a decoding step; at the HUGE_PAGES_AFTER_STEPS-th on the CPU, move the weights the
-        model reads in place from a file's memory map into huge pages (huge_pages.py; ~15-19% faster
-        decoding of the 270M GGUF on a 2-core VM). Not at load: there the LM head would sit
-        resident under a prefill's scratch memory, raising the peak RSS."""
-        if torch.compiler.is_compiling():
+    def _settle_for_decoding(self, h: torch.Tensor, continues: Callable[[], bool]) -> None:
+        """Count a decoding step (``h [B, T, hidden]`` of at most DECODE_STEP_ROWS positions on the
+        CPU, where ``continues()`` says some row already holds earlier positions); at the
+        HUGE_PAGES_AFTER_STEPS-th, move the weights the model reads in place from a file's memory
+        map into huge pages (huge_pages.py; ~15-19% faster decoding of the 270M GGUF on a 2-core
+        VM). Not at load: there the LM head would sit resident under a prefill's scratch memory,
+        raising the peak RSS. ``continues`` is asked last, as it may read a tensor (off the CPU it
+        would be a device sync every step)."""
+        if (self._settled or h.shape[1] > DECODE_STEP_ROWS or h.device.type != "cpu"
+                or torch.compiler.is_compiling() or not continues()):
             return
         self._decoding_steps += 1
         if self._decoding_steps >= HUGE_PAGES_AFTER_STEPS:
@@ -288,9 +293,7 @@ class GemmaModel(nn.Module):
                       last_only: bool) -> torch.Tensor:
         """Forward over a cache whose rows advance independently (the serving engine's batches)."""
         h = self.embed_tokens(input_ids)  # [B, T, hidden]
-        if (not self._settled and h.shape[1] <= DECODE_STEP_ROWS and h.device.type == "cpu"
-                and int(positions.max()) >= h.shape[1]):  # (a row continues its sequence; no device sync)
-            self._settle_for_decoding()
+        self._settle_for_decoding(h, lambda: int(positions.max()) >= h.shape[1])  # (a row continues)
         contexts = cache.contexts(positions, h.dtype)
         fused = fused_hidden(self, h, contexts, cache) if h.shape[1] == 1 else None
         if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
