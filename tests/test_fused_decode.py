@@ -16,6 +16,7 @@ import torch
 import gemmakit
 import gemmakit.models.decoder as decoder
 import gemmakit.models.fused_decode as fused_decode
+from gemmakit.models.gemm import bf16_supported
 from gemmakit.quant.kernels import kernel
 from tiny import random_model, tiny_config, write_gguf
 
@@ -120,6 +121,7 @@ def test_unsupported_layers_keep_the_eager_path(monkeypatch) -> None:
 # --------------------------------------------------------------------------- bfloat16 prefill
 
 
+@pytest.mark.skipif(not bf16_supported(), reason="needs a CPU with bfloat16 dot products that oneDNN may use")
 def test_bf16_prefill_is_close_to_float32_and_decode_is_untouched(tmp_path) -> None:
     """``prefill_dtype="bfloat16"``: many-row products move by about bfloat16's rounding (and do
     move, so the bfloat16 GEMM really ran); one-token steps keep the float32 block kernel exactly."""
@@ -145,6 +147,40 @@ def test_bf16_prefill_is_close_to_float32_and_decode_is_untouched(tmp_path) -> N
         gemmakit.load(path, quant="none", prefill_dtype="bfloat16")
     with pytest.raises(InvalidRequestError, match="unknown prefill dtype"):
         gemmakit.load(path, prefill_dtype="float16")
+
+
+def test_bf16_prefill_is_refused_on_a_cpu_without_bf16_dot_products(tmp_path, monkeypatch) -> None:
+    """Where oneDNN has no bfloat16 dot products (an AVX2-only CPU, or ``ONEDNN_MAX_CPU_ISA=AVX2``) it
+    cannot build the bfloat16 product at all: asking for it is a one-line error, and "auto" keeps float32."""
+    import gemmakit.models.gemm as gemm
+    from gemmakit.errors import InvalidRequestError
+
+    config = tiny_config("gemma3", num_layers=2, hidden_size=256, intermediate_size=256)
+    path = write_gguf(tmp_path / "m.gguf", random_model(config, seed=6), quant="Q8_0")
+    monkeypatch.setattr(gemm, "bf16_supported", lambda: False)
+    with pytest.raises(InvalidRequestError, match="bfloat16 dot products"):
+        gemmakit.load(path, prefill_dtype="bfloat16")
+    assert gemmakit.load(path)[0].prefill_dtype == "float32"
+
+
+def test_onednn_isa_limit_and_the_avx2_switch_turn_bf16_off(monkeypatch) -> None:
+    """``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16, or ``GEMMAKIT_CPU_ISA=avx2``, make the bfloat16
+    check say no on any CPU; the switch also hides AVX-512 from the flags and takes a separate build."""
+    import gemmakit.models.gemm as gemm
+    from gemmakit.quant import kernels
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not gemm._onednn_may_use_bf16() and not gemm.bf16_supported()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert gemm._onednn_may_use_bf16()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    native_name = kernels._build_name()
+    monkeypatch.setenv("GEMMAKIT_CPU_ISA", "avx2")
+    assert not any(f.startswith(("avx512", "amx")) for f in kernels.cpu_flags().split())
+    assert not gemm._cpu_has_bf16_dot() and kernels._build_name() != native_name
+    monkeypatch.setenv("GEMMAKIT_CPU_ISA", "avx-512")
+    with pytest.raises(ValueError, match="GEMMAKIT_CPU_ISA"):
+        kernels.cpu_isa()
 
 
 def test_auto_prefill_takes_bf16_only_for_quantised_codes_on_a_bf16_cpu(tmp_path, monkeypatch) -> None:

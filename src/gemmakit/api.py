@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -195,9 +194,10 @@ def _set_prefill_dtype(model, requested: str, quantised: bool, on_cpu: bool) -> 
     if not quantised or set_prefill_dtype(model, torch.bfloat16) == 0:
         raise InvalidRequestError("--prefill-dtype bfloat16 applies to quantised weights (a quantised .gguf's "
                                   "blocks, or --quant int8 or int4); for float weights use --dtype bfloat16")
-    if not bf16_supported():
-        print("gemmakit: warning: this CPU has no bfloat16 dot-product instructions (AVX512_BF16 or AMX); "
-              "bfloat16 prefill is emulated here and likely slower than float32", file=sys.stderr)
+    if on_cpu and not bf16_supported():
+        raise InvalidRequestError("--prefill-dtype bfloat16 needs a CPU with bfloat16 dot products (AVX512_BF16 "
+                                  "or AMX), which this one lacks or oneDNN may not use; use --prefill-dtype "
+                                  "float32 or auto")
     return "bfloat16"
 
 

@@ -100,12 +100,20 @@ def _half_precision_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def bf16_supported() -> bool:
-    """Whether bfloat16 prefill can pay here: oneDNN on, and a CPU with bfloat16 dot products
-    (AVX512_BF16 or AMX); elsewhere oneDNN emulates them, slower than float32."""
+    """Whether bfloat16 prefill runs here: oneDNN on, a CPU with bfloat16 dot products (AVX512_BF16
+    or AMX), and oneDNN allowed to use them (``ONEDNN_MAX_CPU_ISA`` unset or at least
+    AVX512_CORE_BF16). Elsewhere oneDNN emulates them, slower than float32, or (on AVX2-only
+    CPUs) cannot build the product at all."""
     try:
-        return _ENABLED and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_has_bf16_dot()
+        return (_ENABLED and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_has_bf16_dot()
+                and _onednn_may_use_bf16())
     except (AttributeError, RuntimeError):
         return False
+
+
+def _onednn_may_use_bf16() -> bool:
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    return limit in ("", "ALL") or any(tag in limit for tag in ("BF16", "AMX", "FP16", "AVX10"))
 
 
 def _cpu_has_bf16_dot() -> bool:

@@ -8,6 +8,11 @@ step) and compiles them on first use with torch's own extension builder (needs a
 the Python headers; up to a minute, once: the build is cached under ~/.cache/torch_extensions).
 Without a compiler, or with ``GEMMAKIT_KERNELS=0``, the same maths runs as dequantise-then-matmul
 in torch: identical results up to float32 rounding, only slower.
+
+The kernels are built for the CPU they run on (``-march=native``: AVX-512 where it has it, else
+AVX2). ``GEMMAKIT_CPU_ISA=avx2`` builds them for AVX2 (``-march=haswell``) and hides the CPU's
+AVX-512 and AMX features from gemmakit's own checks, so an AVX-512 machine can exercise the AVX2
+paths; with ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` torch's kernels follow suit.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def kernel():
                 print("gemmakit: building the CPU kernels (quantised weights, tokenizer; once, up to a minute)...",
                       file=sys.stderr, flush=True)
             _module = load(name=_build_name(), sources=[str(p) for p in _SOURCES],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           extra_cflags=["-O3", f"-march={_MARCH[cpu_isa()]}", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            verbose=False)
         except Exception as e:  # no compiler, no Python headers, unusual platform
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -80,20 +85,42 @@ def _ninja_on_path() -> None:
             pass
 
 
+# GEMMAKIT_CPU_ISA -> the compiler's -march: the machine's own instruction sets, or AVX2 + FMA + F16C.
+_MARCH = {"native": "native", "avx2": "haswell"}
+
+
+def cpu_isa() -> str:
+    """``GEMMAKIT_CPU_ISA``: "native" (the default) or "avx2"; anything else is refused, since a
+    silently ignored spelling would test the wrong kernels."""
+    isa = os.environ.get("GEMMAKIT_CPU_ISA", "native").strip().lower() or "native"
+    if isa not in _MARCH:
+        raise ValueError(f"GEMMAKIT_CPU_ISA={isa!r} is not one of {', '.join(_MARCH)}")
+    return isa
+
+
 def _build_name() -> str:
-    # The sources' and the CPU's fingerprint in the name: an edited kernel, or a home directory shared
-    # with another CPU (the build uses -march=native), never loads a stale cached build.
+    # The sources', the CPU's and the target ISA's fingerprint in the name: an edited kernel, or a
+    # home directory shared with another CPU (the build uses -march=native), never loads a stale
+    # cached build.
     import hashlib
     import platform
 
-    cpu = platform.machine() + cpu_flags()
+    cpu = platform.machine() + _proc_cpu_flags() + cpu_isa()
     digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + cpu.encode()).hexdigest()[:12]
     return f"gemmakit_kernels_{digest}"
 
 
 def cpu_flags() -> str:
-    """The CPU's feature flags line from /proc/cpuinfo ('' where there is none): the build's
-    fingerprint, and what tells whether bfloat16 prefill can pay (models/gemm.py)."""
+    """The CPU's feature flags as gemmakit may use them: /proc/cpuinfo's flags line ('' where there
+    is none), less AVX-512, AMX and AVX-VNNI under ``GEMMAKIT_CPU_ISA=avx2``. What tells whether
+    bfloat16 prefill can pay (models/gemm.py)."""
+    flags = _proc_cpu_flags()
+    if cpu_isa() == "avx2":
+        flags = " ".join(f for f in flags.split() if not f.startswith(("avx512", "amx", "avx_vnni")))
+    return flags
+
+
+def _proc_cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith("flags")), "")
