@@ -48,7 +48,7 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     import gemmakit
     from gemmakit.engine.generate import generate_steps
-    from gemmakit.quant.kernels import kernel
+    from gemmakit.kernels.build import kernel
 
     kernel()  # a first-run build of the CPU kernel is not load time
 
@@ -395,7 +395,7 @@ def main() -> None:
 def _crash_hint(mode: str, proc: subprocess.CompletedProcess) -> str:
     """llama.cpp's AMX matmul crashes on some (virtualised) Sapphire/Granite Rapids machines
     (ggml-org/llama.cpp#20824); a build without it runs, so say how to get one."""
-    from gemmakit.quant.kernels import cpu_flags
+    from gemmakit.kernels.build import cpu_flags
 
     if mode != "llama.cpp" or proc.returncode >= 0 or "amx_int8" not in cpu_flags().split():
         return ""

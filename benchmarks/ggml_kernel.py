@@ -25,7 +25,8 @@ from test_ggml_quant import random_blocks  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from gemmakit.quant import kernels  # noqa: E402
+from gemmakit.kernels import build  # noqa: E402
+from gemmakit.quant import ggml_ops  # noqa: E402
 
 SHAPES = {T.Q8_0: (262144, 640)}  # the default model's tied LM head; the rest are 65536 x 2048
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4", help="comma-separated M values")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ext = kernels.kernel()
+    ext = build.kernel()
     if ext is None:
         sys.exit("the CPU kernel is unavailable")
     Ms = [int(m) for m in args.rows.split(",")]
@@ -66,7 +67,7 @@ def main() -> None:
         qtype = T[name]
         N, K = SHAPES.get(qtype, (65536, 2048))
         raw = big_blocks(qtype, N, K)
-        dense = kernels.ggml_dequantize(raw, int(qtype), K)
+        dense = ggml_ops.ggml_dequantize(raw, int(qtype), K)
         raw_bytes, dense_bytes = raw.numel(), dense.numel() * dense.element_size()
         assert GGML_QUANT_SIZES[qtype][1] * N * K // GGML_QUANT_SIZES[qtype][0] == raw_bytes
         for M in Ms:

@@ -47,6 +47,6 @@ def one_thread():
 def built_cpu_kernel():
     """Build the quantised-weight CPU kernel once, up front, so that no test (or CLI subprocess)
     spends its time, or its stderr, on the one-off compile."""
-    from gemmakit.quant.kernels import kernel
+    from gemmakit.kernels.build import kernel
 
     return kernel()

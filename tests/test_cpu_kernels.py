@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemmakit.models import gemm
+from gemmakit.kernels import gemm
+from gemmakit.kernels.build import kernel
+from gemmakit.kernels.ops import decode_attention, rms_norm
 from gemmakit.models.layers import RMSNorm, softcap
-from gemmakit.quant.kernels import decode_attention, kernel, rms_norm
+
 
 
 def _reference(q, k, v, mask, scale, cap):
@@ -120,7 +122,7 @@ def test_norm_rope_matches_torch_ops(with_norm, B, H, T, D, rot) -> None:
 def test_gelu_mul_matches_float64_gelu(rows, width) -> None:
     """GELU(tanh)(gate) * up as x / (1 + exp(-2u)) * up, on the two strided halves of one gate|up
     product as the MLP hands them over, against the tanh formula in float64."""
-    from gemmakit.quant.kernels import gelu_mul
+    from gemmakit.kernels.ops import gelu_mul
 
     g = torch.Generator().manual_seed(rows * width)
     gate, up = (torch.randn(rows, 2 * width, generator=g) * 4).split(width, dim=-1)

@@ -16,8 +16,8 @@ import torch
 import gemmakit
 import gemmakit.models.decoder as decoder
 import gemmakit.models.fused_decode as fused_decode
-from gemmakit.models.gemm import bf16_supported
-from gemmakit.quant.kernels import kernel
+from gemmakit.kernels.gemm import bf16_supported
+from gemmakit.kernels.build import kernel
 from tiny import random_model, tiny_config, write_gguf
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="the CPU kernel could not be built here")
@@ -152,7 +152,7 @@ def test_bf16_prefill_is_close_to_float32_and_decode_is_untouched(tmp_path) -> N
 def test_bf16_prefill_is_refused_on_a_cpu_without_bf16_dot_products(tmp_path, monkeypatch) -> None:
     """Where oneDNN has no bfloat16 dot products (an AVX2-only CPU, or ``ONEDNN_MAX_CPU_ISA=AVX2``) it
     cannot build the bfloat16 product at all: asking for it is a one-line error, and "auto" keeps float32."""
-    import gemmakit.models.gemm as gemm
+    import gemmakit.kernels.gemm as gemm
     from gemmakit.errors import InvalidRequestError
 
     config = tiny_config("gemma3", num_layers=2, hidden_size=256, intermediate_size=256)
@@ -166,8 +166,8 @@ def test_bf16_prefill_is_refused_on_a_cpu_without_bf16_dot_products(tmp_path, mo
 def test_onednn_isa_limit_and_the_avx2_switch_turn_bf16_off(monkeypatch) -> None:
     """``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16, or ``GEMMAKIT_CPU_ISA=avx2``, make the bfloat16
     check say no on any CPU; the switch also hides AVX-512 from the flags and takes a separate build."""
-    import gemmakit.models.gemm as gemm
-    from gemmakit.quant import kernels
+    import gemmakit.kernels.gemm as gemm
+    from gemmakit.kernels import build as kernels
 
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert not gemm._onednn_may_use_bf16() and not gemm.bf16_supported()
@@ -187,7 +187,7 @@ def test_auto_prefill_takes_bf16_only_for_quantised_codes_on_a_bf16_cpu(tmp_path
     """``prefill_dtype="auto"`` (the default): bfloat16 for quantised blocks where the CPU has bfloat16
     dot products, float32 where it has not, and float32 for a 16-bit checkpoint's exact matrices
     (and for expanded float weights) on any CPU."""
-    import gemmakit.models.gemm as gemm
+    import gemmakit.kernels.gemm as gemm
     from gemmakit.quant.grouped import GGMLWeight
 
     config = tiny_config("gemma3", num_layers=2, hidden_size=256, intermediate_size=256)
@@ -215,7 +215,7 @@ def test_dequantise_to_bf16_equals_converting_the_float32_weights() -> None:
     they must be exactly torch's rounding of the float32 dequantisation."""
     from gguf import GGMLQuantizationType as T
 
-    from gemmakit.quant.kernels import _dequantize_parts
+    from gemmakit.quant.ggml_ops import _dequantize_parts
     from test_ggml_quant import random_blocks
 
     K = 512

@@ -1,4 +1,4 @@
-"""The raw-GGML-block CPU kernel (quant/csrc/ggml_matmul.cpp): dequantisation bit for bit against
+"""The raw-GGML-block CPU kernel (kernels/csrc/ggml_matmul.cpp): dequantisation bit for bit against
 gemmakit.quant.ggml.dequantize, and matmuls against a float64 reference, for every block type."""
 
 from __future__ import annotations
@@ -8,13 +8,14 @@ import torch
 from gguf import GGMLQuantizationType as T
 from test_ggml_quant import QUANT_TYPES, random_blocks
 
-from gemmakit.quant import kernels
+from gemmakit.kernels import build
+from gemmakit.quant import ggml_ops as kernels
 from gemmakit.quant.ggml import PACKABLE_TYPES, dequantize
 
 
 @pytest.fixture(scope="module")
 def ext():
-    e = kernels.kernel()
+    e = build.kernel()
     if e is None:
         pytest.skip("CPU kernel unavailable")
     return e
@@ -129,7 +130,7 @@ def test_fallback_path(qtype: T) -> None:
 
 
 def test_kernel_disabled_uses_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "kernel", lambda: None)
+    monkeypatch.setattr(build, "kernel", lambda: None)
     raw = blocks_of(T.Q4_K, 20, 256, 8)
     x = torch.randn(2, 256)
     assert_close(kernels.ggml_matmul(x, [raw], [int(T.Q4_K)], 256), reference(x, [(raw, int(T.Q4_K))], 256))

@@ -13,7 +13,7 @@ import torch
 import gemmakit
 from gemmakit.quant.grouped import GroupedEmbedding, GroupedLinear
 from gemmakit.engine.generate import generate_steps
-from gemmakit.quant.kernels import kernel
+from gemmakit.kernels.build import kernel
 from golden_check import assert_greedy_matches_golden
 from tiny import random_model, tiny_config, write_gguf
 

@@ -1,7 +1,7 @@
 """bfloat16 / float16 checkpoints on the CPU keep their 16-bit matrices, with float32 compute.
 
 By default (no ``dtype`` asked for) a safetensors directory's or a GGUF's 16-bit float matrices stay
-as they are stored and run on the block kernel (quant/csrc/ggml_matmul.cpp, types F16 and BF16):
+as they are stored and run on the block kernel (kernels/csrc/ggml_matmul.cpp, types F16 and BF16):
 half of float32's memory. Every 16-bit weight widens to float32 exactly, so the model is the float32
 expansion's model; the checks here compare against that expansion (``dtype="float32"``) and against
 transformers in float32 on the same files.
@@ -37,7 +37,7 @@ def _greedy(model, n: int = 12) -> list[int]:
 
 @pytest.fixture(scope="module")
 def kernel_or_skip():
-    from gemmakit.quant.kernels import kernel
+    from gemmakit.kernels.build import kernel
 
     if kernel() is None:
         pytest.skip("CPU kernel unavailable")
@@ -108,7 +108,7 @@ def test_half_precision_model_products_of_few_rows(kernel_or_skip, dtype, rows) 
     """A bfloat16/float16 model's decode-sized products (``--dtype bfloat16``) go through the block
     kernel's 16-bit path: float32 sums of the exact products, rounded once, as torch's are (so at
     most an ulp apart, from the order of the sums), with the bias added before that rounding."""
-    from gemmakit.models import gemm
+    from gemmakit.kernels import gemm
 
     g = torch.Generator().manual_seed(rows)
     w, x, b = (torch.randn(*s, generator=g).to(dtype) for s in ((300, 96), (2, rows, 96), (300,)))
@@ -191,7 +191,7 @@ def test_kept_model_is_not_exported_half_written(tmp_path, kernel_or_skip) -> No
 def test_without_the_kernel_16_bit_checkpoints_expand_as_before(tmp_path, monkeypatch) -> None:
     """No built kernel (GEMMAKIT_KERNELS=0, no compiler): keeping 16-bit matrices would widen them
     on every product, so the default is the float32 expansion again."""
-    from gemmakit.quant import kernels
+    from gemmakit.kernels import build as kernels
 
     random_hf_model("gemma3").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     monkeypatch.setattr(kernels, "kernel", lambda: None)

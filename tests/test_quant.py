@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gemmakit.quant.grouped import GGMLWeight, GroupedEmbedding, GroupedLinear, dequantize_rows
-from gemmakit.quant.kernels import ggml_dequantize
+from gemmakit.quant.ggml_ops import ggml_dequantize
 from gemmakit.quant.linear import (
     Q4_1, Q8_0, Int4Linear, QuantTiedEmbedding, dequantize_int4, quantize_blocks, quantize_int4,
     quantize_int8_groups, quantize_model,
@@ -75,7 +75,8 @@ def test_kernel_quantiser_rounds_as_llama_cpp_s(ggml_type):
     exactly at .5)."""
     import gguf
 
-    from gemmakit.quant.kernels import ggml_quantize, kernel
+    from gemmakit.kernels.build import kernel
+    from gemmakit.quant.ggml_ops import ggml_quantize
 
     if kernel() is None:
         pytest.skip("no CPU kernel on this machine: gguf-py's quantiser is the one used")
@@ -176,10 +177,10 @@ def test_quantised_model_logits_track_float_model(scheme, bound):
 def test_int8_model_without_the_kernel_runs_on_grouped_codes(monkeypatch):
     """With no CPU kernel (or off the CPU) int8 is int8 codes + float32 scales, dequantised per
     matmul, q/k/v and gate/up stacked into one weight each: the same bounds as the block form."""
-    from gemmakit.quant import linear
+    from gemmakit.kernels import build
     from gemmakit.quant.grouped import GroupedWeight
 
-    monkeypatch.setattr(linear, "kernel", lambda: None)
+    monkeypatch.setattr(build, "kernel", lambda: None)
     model = random_model(tiny_config("gemma3"), seed=1).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 20))
     with torch.no_grad():

@@ -288,13 +288,13 @@ def test_tokenizer_json_save_round_trip(from_json, tmp_path):
 
 
 def test_real_kernel_bpe_equals_sentencepiece(real_gguf, real, cases, monkeypatch):
-    """The kernel's compact BPE encoder (GGUF vocabularies' default, quant/csrc/bpe.h) against
+    """The kernel's compact BPE encoder (GGUF vocabularies' default, kernels/csrc/bpe.h) against
     SentencePiece's own processor on the same vocabulary: the golden texts and ~3,000 generated
     ones (mixed scripts, whitespace, tab and newline runs, emoji, combining marks, characters only
     byte fallback spells, user-defined pieces), ids, specials and the saved model alike."""
     import random
 
-    import gemmakit.quant.kernels as kernels
+    import gemmakit.kernels.build as kernels
 
     assert type(real._pieces).__name__ == "_VocabularyPieces" and "BPEVocab" in repr(real._encode_plain)
     monkeypatch.setattr(kernels, "kernel", lambda: None)

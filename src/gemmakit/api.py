@@ -99,7 +99,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     keep = quant == "gguf" or (quant in (None, "auto") and dtype is None and adapter is None and _cpu(device)
                                  and bool(checkpoint.packed))
     if keep and quant in (None, "auto") and checkpoint.metadata.get("format") != "gguf":
-        from gemmakit.quant.kernels import kernel
+        from gemmakit.kernels.build import kernel
 
         # A checkpoint's 16-bit matrices pay only on the kernel: without it every product would
         # widen its matrix first, slower than holding the float32 expansion.
@@ -119,7 +119,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     via_blocks = (quant in ("int8", "int4") and adapter is None and _cpu(device) and bool(checkpoint.packed)
                   and parse_dtype(dtype) == torch.float32)
     if keep or via_blocks:
-        from gemmakit.quant.kernels import kernel
+        from gemmakit.kernels.build import kernel
 
         kernel()  # build (first run only) or load the CPU kernel now, not in the middle of a prefill
     model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress, keep_quantised=keep or via_blocks)
@@ -182,7 +182,7 @@ def _set_prefill_dtype(model, requested: str, quantised: bool, on_cpu: bool) -> 
     "auto" takes bfloat16 only where it is both fast (native bfloat16 dot products) and small
     against the weights' own error: GGML blocks of 8-bit or fewer codes, which is what
     ``quantised_codes_only`` selects (a 16-bit checkpoint's exact matrices keep float32)."""
-    from gemmakit.models.gemm import bf16_supported
+    from gemmakit.kernels.gemm import bf16_supported
     from gemmakit.quant.grouped import set_prefill_dtype
 
     if requested == "float32":

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gemmakit.errors import ModelNotFoundError, TokenizerError
+from gemmakit.kernels import build
 
 if TYPE_CHECKING:
     from gemmakit.checkpoints.gguf_reader import GGUFFile
@@ -210,15 +211,13 @@ class Tokenizer:
     @classmethod
     def _compact(cls, pieces: list[str], scores: list[float], types: list[int], spec: dict,
                  source: str) -> Tokenizer | None:
-        """The vocabulary on the CPU kernel's BPE encoder (quant/csrc/bpe.h): SentencePiece's
+        """The vocabulary on the CPU kernel's BPE encoder (kernels/csrc/bpe.h): SentencePiece's
         algorithm and ids in ~9 MB where its processor holds ~43 MB. None where the kernel is
         unavailable or the vocabulary is one it does not take (a dummy-prefix space, no single
         unknown piece, missing byte pieces): SentencePiece itself then runs it, or refuses it."""
-        from gemmakit.quant.kernels import kernel
-
         if spec["add_dummy_prefix"] or types.count(UNKNOWN) != 1:
             return None
-        ext = kernel()
+        ext = build.kernel()
         if ext is None:
             return None
         unk = types.index(UNKNOWN)  # SentencePiece's unk_id: the UNKNOWN piece

@@ -130,7 +130,7 @@ def add_tensor(writer, name: str, data: np.ndarray, qtype_name: str | None) -> N
     if qtype_name is not None and data.ndim == 2:
         qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
         if qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
-            from gemmakit.quant.kernels import ggml_quantize  # the same bytes, ~20x faster
+            from gemmakit.quant.ggml_ops import ggml_quantize  # the same bytes, ~20x faster
 
             blocks = ggml_quantize(torch.from_numpy(data), qtype).numpy()
         else:

@@ -7,18 +7,17 @@ computed once per forward step by the decoder.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmakit.models import gemm
+from gemmakit.kernels import gemm, ops
+from gemmakit.kernels.gemm import Linear
 from gemmakit.models.cache import LayerCache
 from gemmakit.models.config import ModelConfig
-from gemmakit.models.gemm import Linear
-from gemmakit.models.layers import GeGLU, RMSNorm, norm_and_rope, softcap
+from gemmakit.models.layers import RMSNorm, norm_and_rope, softcap
 
 
 # The 0 / -inf of a one-query mask's float32 bias (StepContext.bias), made once.
@@ -113,6 +112,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.qkv_proj: nn.Module | None = None  # set by fuse(): q, k and v in one matmul
 
+    def projections_to_fuse(self) -> list[nn.Module] | None:
+        """q, k and v while they are separate layers (``quant.grouped.unmerged_projections``)."""
+        return None if self.qkv_proj is not None else [self.q_proj, self.k_proj, self.v_proj]
+
     def fuse(self, sizes: list[int], qkv: nn.Module) -> None:
         """Use one projection returning q|k|v (of ``sizes``) in place of the three
         (``fuse_projections``, ``fuse_dense_projections``)."""
@@ -139,10 +142,8 @@ class Attention(nn.Module):
         if last_row_only and T > 1:
             q, mask, T = q[:, :, -1:], mask[..., -1:, :], 1
             out = self._attend(q, k, v, mask)
-        elif T == 1 and ctx.bias is not None:  # decoding on the CPU: the one-query kernel (quant/kernels.py)
-            from gemmakit.quant.kernels import decode_attention
-
-            out = decode_attention(q, k, v, ctx.bias, self.scale, self.logit_softcap)
+        elif T == 1 and ctx.bias is not None:  # decoding on the CPU: the one-query kernel (kernels/ops.py)
+            out = ops.decode_attention(q, k, v, ctx.bias, self.scale, self.logit_softcap)
         if out is None:
             out = self._attend(q, k, v, mask, ctx.causal, ctx)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
@@ -273,14 +274,3 @@ def _update_rows(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
     all_k, all_v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
     cache.scatter(ctx.write_slots, k, v)
     return all_k, all_v
-
-
-def unmerged_projections(model: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Module]]]:
-    """``(module, parts)`` for each attention's q/k/v and each MLP's gate/up that are still separate
-    layers: what ``fuse_projections`` (quantised weights) and ``fuse_dense_projections`` (float
-    weights on CUDA) may merge into one matmul with ``module.fuse``."""
-    for module in model.modules():
-        if isinstance(module, Attention) and module.qkv_proj is None:
-            yield module, [module.q_proj, module.k_proj, module.v_proj]
-        elif isinstance(module, GeGLU) and module.gate_up_proj is None:
-            yield module, [module.gate_proj, module.up_proj]

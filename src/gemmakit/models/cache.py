@@ -99,7 +99,7 @@ def kv_int8_groups(head_dim: int) -> int:
 def _quantize(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [..., D]`` -> int8 codes ``[..., D]`` and float32 scales ``[..., groups]``: symmetric
     absmax / 127 per group (at least 1e-12), codes rounded half to even (what the fused decode
-    step's C++ writes too, quant/csrc/decode_step.cpp)."""
+    step's C++ writes too, kernels/csrc/decode_step.cpp)."""
     g = x.float().unflatten(-1, (groups, -1))  # [..., groups, group]
     scale = (g.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
     return torch.round(g / scale[..., None]).flatten(-2).to(torch.int8), scale

@@ -14,15 +14,18 @@ from torch import nn
 
 from gemmakit.heap import return_freed_heap
 from gemmakit.huge_pages import move_to_huge_pages
-from gemmakit.models.attention import Attention, StepContext, attention_mask, unmerged_projections
+from gemmakit.kernels import gemm, ops
+from gemmakit.kernels.gemm import Linear
+from gemmakit.models.attention import Attention, StepContext, attention_mask
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.fused_decode import fused_hidden
-from gemmakit.models import gemm
-from gemmakit.models.gemm import Linear
 from gemmakit.models.griffin import RecurrentBlock, RecurrentContext
-from gemmakit.models.row_cache import RowKVCache
 from gemmakit.models.layers import GeGLU, RMSNorm, rope_cos_sin, softcap
+from gemmakit.models.row_cache import RowKVCache
+from gemmakit.quant import ggml_ops
+from gemmakit.quant.grouped import unmerged_projections
+
 
 # A prefill of at least this many tokens returns its scratch memory to the OS before the LM head
 # (heap.py). The call costs ~5-8 ms here: ~2% of a 512-token prefill, but 6% of a 64-token one,
@@ -261,9 +264,8 @@ class GemmaModel(nn.Module):
         into one matmul each (:func:`fuse_dense_projections`); ``options`` go to
         torch.compile.
         """
-        from gemmakit.quant.kernels import register_custom_op
-
-        register_custom_op()
+        ggml_ops.register_custom_op()  # the block matmul and one-query attention as traceable ops
+        ops.register_custom_ops()
         if self.device.type == "cuda":  # replay the step as a CUDA graph: one launch, not hundreds
             options.setdefault("mode", "reduce-overhead")
             fuse_dense_projections(self)  # two projection GEMMs a layer where there were five

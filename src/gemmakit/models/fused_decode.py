@@ -1,4 +1,4 @@
-"""A one-token decoding step's layers as one C++ call (``quant/csrc/decode_step.cpp``).
+"""A one-token decoding step's layers as one C++ call (``kernels/csrc/decode_step.cpp``).
 
 Eagerly a decode step of Gemma 3 270M dispatches ~1,000 small ops around its matmuls: module
 calls, views, splits, norms, cache writes, GELU, residual adds. Each costs a few microseconds of
@@ -27,9 +27,12 @@ import os
 import torch
 from torch import nn
 
+from gemmakit.kernels import build
+from gemmakit.kernels.gemm import KERNEL_MAX_ROWS, Linear
 from gemmakit.models.attention import StepContext
 from gemmakit.models.cache import KVCache, LayerCache
 from gemmakit.models.row_cache import RowKVCache
+from gemmakit.quant.grouped import GGMLWeight, GroupedLinear
 
 _EMPTY = torch.empty(0)
 _ENABLED = os.environ.get("GEMMAKIT_FUSED_DECODE", "1") != "0"
@@ -64,8 +67,6 @@ def fused_hidden(model: nn.Module, h: torch.Tensor, contexts: dict, cache: KVCac
 
 
 def _step_applies(h: torch.Tensor, cache: KVCache | RowKVCache) -> bool:
-    from gemmakit.quant.kernels import KERNEL_MAX_ROWS
-
     return (h.dim() == 3 and h.shape[1] == 1 and h.shape[0] <= KERNEL_MAX_ROWS and h.dtype == torch.float32
             and h.device.type == "cpu" and not torch.is_grad_enabled() and isinstance(cache, (KVCache, RowKVCache))
             and not getattr(cache, "static", False)
@@ -156,9 +157,7 @@ def _unchanged(fingerprint: tuple) -> bool:
 
 
 def _build(model: nn.Module):
-    from gemmakit.quant.kernels import kernel
-
-    ext = kernel()
+    ext = build.kernel()
     c = model.config
     if ext is None or any(kind not in ("global", "local") for kind in c.layer_kinds):
         return None
@@ -198,9 +197,6 @@ def _projection(ext, modules: list[nn.Module]):
 
 def _part(ext, module: nn.Module):
     """One linear layer as a DecodePart, or None where the eager layer does something else."""
-    from gemmakit.models.gemm import Linear
-    from gemmakit.quant.grouped import GGMLWeight, GroupedLinear
-
     if type(module) is GroupedLinear:
         w = module.w
         return ext.DecodePart.ggml(w.parts(), w.types, w.in_features) if type(w) is GGMLWeight else None

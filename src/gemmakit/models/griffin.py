@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.kernels.gemm import Linear
 from gemmakit.models.cache import RecurrentState
 from gemmakit.models.config import ModelConfig
-from gemmakit.models.gemm import Linear
+
 
 # c in a = sigmoid(Λ)^(c·r): sharpens the recurrence gate's range (Griffin paper, section 2.4).
 RG_LRU_C = 8.0

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmakit.models.gemm import Linear
-from gemmakit.quant import kernels
+from gemmakit.kernels import ops
+from gemmakit.kernels.gemm import Linear
 
 
 class RMSNorm(nn.Module):
@@ -29,10 +29,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A decode step runs ~100 norms on tiny tensors, where each dispatched op (even a no-op cast)
-        # costs microseconds: on the CPU in float32 one kernel call does it all (quant/kernels.py),
+        # costs microseconds: on the CPU in float32 one kernel call does it all (kernels/ops.py),
         # elsewhere casts are skipped when the input is already float32.
         if x.device.type == "cpu" and x.dtype == torch.float32:
-            out = kernels.rms_norm(x, self.weight, self.eps)
+            out = ops.rms_norm(x, self.weight, self.eps)
             if out is not None:
                 return out
         f32 = torch.float32
@@ -53,6 +53,10 @@ class GeGLU(nn.Module):
 
         self.gate_up_proj: nn.Module | None = None  # set by fuse(): gate and up in one matmul
 
+    def projections_to_fuse(self) -> list[nn.Module] | None:
+        """gate and up while they are separate layers (``quant.grouped.unmerged_projections``)."""
+        return None if self.gate_up_proj is not None else [self.gate_proj, self.up_proj]
+
     def fuse(self, sizes: list[int], gate_up: nn.Module) -> None:
         """Use one projection returning gate|up in place of the two
         (``fuse_projections``, ``fuse_dense_projections``)."""
@@ -64,7 +68,7 @@ class GeGLU(nn.Module):
             gate, up = self.gate_up_proj(x).split(self.gate_up_sizes, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        act = kernels.gelu_mul(gate, up)  # one pass in the CPU kernel when it applies
+        act = ops.gelu_mul(gate, up)  # one pass in the CPU kernel when it applies
         if act is None:
             act = F.gelu(gate, approximate="tanh") * up
         return self.down_proj(act)
@@ -125,7 +129,7 @@ def norm_and_rope(x: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin:
     """``apply_rope(norm(x))`` (``norm`` may be None): on the CPU in float32 with autograd off, one
     kernel call instead of ~9 dispatched ops per tensor, which a decoding step pays twice a layer."""
     if x.device.type == "cpu" and x.dtype == torch.float32:
-        out = kernels.norm_rope(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, cos, sin)
+        out = ops.norm_rope(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, cos, sin)
         if out is not None:
             return out
     return apply_rope(x if norm is None else norm(x), cos, sin)

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.errors import InvalidRequestError, ModelNotFoundError
+from gemmakit.kernels.gemm import Linear
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig, preset
 from gemmakit.models.decoder import GemmaModel
-from gemmakit.models.gemm import Linear
 from gemmakit.models.layers import RMSNorm
 from gemmakit.models.siglip import SiglipConfig, SiglipVisionModel, so400m
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmakit.models.gemm import Linear
+from gemmakit.kernels.gemm import Linear
 
 
 @dataclass(frozen=True)

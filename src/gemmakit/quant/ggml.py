@@ -37,6 +37,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gemmakit.errors import CheckpointError, UnsupportedModelError
+from gemmakit.kernels.gemm import HALF_TYPES
+
 
 __all__ = ["SUPPORTED_TYPES", "dequantize", "PACKABLE_TYPES", "HALF_TYPES", "GGMLBlocks", "ggml_blocks", "packable"]
 
@@ -282,8 +284,7 @@ def dequantize(
 
 # The block kernel also runs 16-bit float matrices in place (32 weights at a time): a bfloat16 or
 # float16 checkpoint then keeps half of float32's memory and computes what its float32 expansion
-# would, since each weight widens exactly.
-HALF_TYPES: dict[torch.dtype, int] = {torch.float16: int(_T.F16), torch.bfloat16: int(_T.BF16)}
+# would, since each weight widens exactly (HALF_TYPES, kernels/gemm.py: GGML's F16 and BF16 codes).
 _PLAIN16 = tuple(HALF_TYPES.values())
 PACKABLE_TYPES: frozenset[int] = frozenset((*(int(t) for t in _CODES), *_PLAIN16))
 

@@ -4,7 +4,7 @@ Two weight holders share one interface (``matmul``, ``rows``, ``in_features``/``
 
 - :class:`GGMLWeight` keeps a GGUF file's matrices as the file stores them, in GGML blocks
   (0.56-1.06 bytes per weight for the default model's Q4_K/Q5_0/Q6_K/Q8_0), and multiplies by the
-  blocks directly (quant/kernels.py ``ggml_matmul``). Several matrices with the same input (q, k
+  blocks directly (quant/ggml_ops.py ``ggml_matmul``). Several matrices with the same input (q, k
   and v; gate and up) are one weight of several parts, in whatever types the file mixed, run as one
   call. This is how ``--quant gguf`` (the default for a quantised GGUF on the CPU) holds weights,
   and, as GGML's F16/BF16 types, how a bfloat16/float16 checkpoint's matrices stay 16-bit.
@@ -22,6 +22,7 @@ dequantises only the rows it needs and the head streams the codes through the ke
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.quant.ggml import GGMLBlocks
-from gemmakit.quant.kernels import ggml_linear, ggml_rows
+from gemmakit.quant.ggml_ops import ggml_linear, ggml_rows
+
 
 PREFILL_MIN_ROWS = 64  # fewer rows of a prompt take float32 even with a bfloat16 prefill_dtype (they cost little)
 _SLAB_ROWS = 4096  # output rows GroupedWeight dequantises at a time (~10 MB of float32 for K = 640)
@@ -200,14 +202,23 @@ def install(model: nn.Module, name: str, packed: GroupedCodes | GGMLBlocks, dtyp
     setattr(parent, child_name, new)
 
 
+def unmerged_projections(model: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Module]]]:
+    """``(module, parts)`` for each attention's q/k/v and each MLP's gate/up that are still separate
+    layers (the modules say so with ``projections_to_fuse``): what :func:`fuse_projections`
+    (quantised weights) and ``fuse_dense_projections`` (float weights on CUDA) may merge into one
+    matmul with ``module.fuse``."""
+    for module in model.modules():
+        parts = module.projections_to_fuse() if hasattr(module, "projections_to_fuse") else None
+        if parts is not None:
+            yield module, parts
+
+
 def fuse_projections(model: nn.Module) -> None:
     """Merge each attention's q/k/v and each MLP's gate/up into one grouped matmul.
 
     Decoding a token is one pass over the weights either way; fewer, larger calls save the per-call
     overhead (~55 kernel calls per token for the 270M model) and split better across threads.
     """
-    from gemmakit.models.attention import unmerged_projections
-
     for module, parts in list(unmerged_projections(model)):
         if not all(isinstance(p, GroupedLinear) for p in parts):
             continue

@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.kernels import build
 from gemmakit.quant.ggml import GGMLBlocks, ggml_blocks
+from gemmakit.quant.ggml_ops import ggml_dequantize, ggml_quantize
 from gemmakit.quant.grouped import GGMLWeight, GroupedCodes, GroupedEmbedding, GroupedLinear, fuse_projections
-from gemmakit.quant.kernels import ggml_dequantize, ggml_quantize, kernel
+
 
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP = 64  # off-CPU int4 group along the input: 640, 1024, 2048 ... are all multiples of 64
@@ -67,7 +69,7 @@ def quantize_int8_groups(w: torch.Tensor, group: int = INT8_GROUP, rows: int = 4
 def quantize_blocks(w: torch.Tensor, ggml_type: int, rows: int = 4096) -> GGMLBlocks:
     """``w [N, K]`` (K a multiple of 32) -> GGML Q8_0 or Q4_1 blocks of 32 inputs each.
 
-    The rounding is llama.cpp's reference quantiser's (quant/kernels.py ``ggml_quantize``), so the
+    The rounding is llama.cpp's reference quantiser's (quant/ggml_ops.py ``ggml_quantize``), so the
     blocks are byte for byte those of a GGUF of that type written from the same weights; ``rows`` at
     a time keep the float32 temporaries a few MB even for a 262K-row bfloat16 embedding.
     """
@@ -258,7 +260,7 @@ def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP,
         int8 groups elsewhere), or None: int4 off the CPU, or a row length that does not split."""
         if w.shape[1] % BLOCK:
             return None
-        if w.device.type == "cpu" and kernel() is not None:
+        if w.device.type == "cpu" and build.kernel() is not None:
             return quantize_blocks(w, CPU_BLOCK_TYPE[scheme])
         return quantize_int8_groups(w) if scheme == "int8" else None
 

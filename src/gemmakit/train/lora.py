@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.errors import CheckpointError, InvalidRequestError
+from gemmakit.kernels.gemm import Linear
 from gemmakit.models.decoder import GemmaModel
-from gemmakit.models.gemm import Linear
+
 
 # our module suffix -> the short name PEFT and transformers use
 TARGETS = {

@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.kernels import build
+
+
 MIN_ROWS = 32  # fewer rows: memory bound, where torch's matmul is as fast and skips oneDNN's set-up
+# At most this many input rows go to the block kernel (a quantised or 16-bit matrix is read once for
+# all of them, so bytes decide); above it the product is compute bound and a float GEMM wins.
+KERNEL_MAX_ROWS = 16
+# The block kernel's type codes for 16-bit rows: GGML's F16 and BF16 (its own format numbers).
+HALF_TYPES: dict[torch.dtype, int] = {torch.float16: 1, torch.bfloat16: 30}
 
 
 def _enabled() -> bool:
@@ -72,9 +80,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-_HALF_MAX_ROWS = 16  # decode-sized: more rows are compute bound, where torch's GEMM is the faster
-
-
 def _half_precision_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          rows: int) -> torch.Tensor | None:
     """A few rows of a bfloat16/float16 model on the CPU (decoding) through the block kernel's
@@ -82,18 +87,15 @@ def _half_precision_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     at 16-33 GB/s of weights here, half the memory bandwidth the kernel reaches. Like torch's, the
     products are exact and summed in float32, then rounded once to the model's dtype."""
     if (weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype or x.device.type != "cpu"
-            or rows > _HALF_MAX_ROWS or weight.shape[1] % 32 or not weight.is_contiguous()
+            or rows > KERNEL_MAX_ROWS or weight.shape[1] % 32 or not weight.is_contiguous()
             or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
-    from gemmakit.quant.kernels import ggml_matmul, kernel
-
-    if kernel() is None:
+    ext = build.kernel()
+    if ext is None:
         return None
-    from gemmakit.quant.ggml import HALF_TYPES
-
-    ggml_type = HALF_TYPES[weight.dtype]
     K = weight.shape[1]
-    y = ggml_matmul(x.reshape(rows, K), [weight.view(torch.uint8)], [ggml_type], K)
+    y = ext.ggml_matmul(x.reshape(rows, K).float().contiguous(), [weight.view(torch.uint8)],
+                        [HALF_TYPES[weight.dtype]], K)
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
@@ -117,9 +119,7 @@ def _onednn_may_use_bf16() -> bool:
 
 
 def _cpu_has_bf16_dot() -> bool:
-    from gemmakit.quant.kernels import cpu_flags
-
-    flags = cpu_flags().split()
+    flags = build.cpu_flags().split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
