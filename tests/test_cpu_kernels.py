@@ -160,7 +160,8 @@ def test_prefill_attention_in_query_blocks_matches_softmax_attention(T, S, windo
     against dense float64 softmax attention: causal, after cached keys, a sliding window, left
     padding (padding queries see every key), and a ring cache's keys (out of position order, with
     unused slots that no query sees, between keys that some do) ahead of the chunk's own."""
-    from gemmakit.models.attention import Attention, attention_mask
+    from gemmakit.models.attention import Attention
+    from gemmakit.models.masks import attention_mask
     from gemmakit.models.config import preset
 
     att = Attention(preset("gemma3-270m"))

@@ -16,12 +16,13 @@ from gemmakit.heap import return_freed_heap
 from gemmakit.huge_pages import move_to_huge_pages
 from gemmakit.kernels import gemm, ops
 from gemmakit.kernels.gemm import Linear
-from gemmakit.models.attention import Attention, StepContext, attention_mask
+from gemmakit.models.attention import Attention
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.fused_decode import fused_hidden
-from gemmakit.models.griffin import RecurrentBlock, RecurrentContext
+from gemmakit.models.griffin import RecurrentBlock
 from gemmakit.models.layers import GeGLU, RMSNorm, rope_cos_sin, softcap
+from gemmakit.models.masks import RecurrentContext, StepContext, attention_mask
 from gemmakit.models.row_cache import RowKVCache
 from gemmakit.quant import ggml_ops
 from gemmakit.quant.grouped import unmerged_projections

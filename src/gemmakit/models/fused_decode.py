@@ -29,8 +29,8 @@ from torch import nn
 
 from gemmakit.kernels import build
 from gemmakit.kernels.gemm import KERNEL_MAX_ROWS, Linear
-from gemmakit.models.attention import StepContext
 from gemmakit.models.cache import KVCache, LayerCache
+from gemmakit.models.masks import StepContext
 from gemmakit.models.row_cache import RowKVCache
 from gemmakit.quant.grouped import GGMLWeight, GroupedLinear
 

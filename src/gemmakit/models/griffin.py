@@ -26,7 +26,6 @@ is one step of the same recurrence from the cached state. The short causal Conv1
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,17 +34,11 @@ from torch import nn
 from gemmakit.kernels.gemm import Linear
 from gemmakit.models.cache import RecurrentState
 from gemmakit.models.config import ModelConfig
+from gemmakit.models.masks import RecurrentContext
 
 
 # c in a = sigmoid(Λ)^(c·r): sharpens the recurrence gate's range (Griffin paper, section 2.4).
 RG_LRU_C = 8.0
-
-
-@dataclass
-class RecurrentContext:
-    """What recurrent layers need for this step: where each token sits in its sequence."""
-
-    positions: torch.Tensor  # [B, T]; 0 = sequence start (state reset), -1 = padding (state untouched)
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:

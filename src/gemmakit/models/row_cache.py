@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from gemmakit.models.attention import StepContext, attention_mask
 from gemmakit.models.cache import LayerCache, RecurrentState, layer_states
 from gemmakit.models.config import ModelConfig
-from gemmakit.models.griffin import RecurrentContext
 from gemmakit.models.layers import rope_cos_sin
+from gemmakit.models.masks import RecurrentContext, StepContext, attention_mask
 
 
 class RowKVCache:
