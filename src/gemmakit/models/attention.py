@@ -150,7 +150,7 @@ def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
         end = ctx.cache_start + T
         cache.store(slice(ctx.cache_start, end), k, v)
         return cache.load(end, dtype)
-    if ctx.write_first:  # one decoding token: it replaces a slot it could not see (see _contexts)
+    if ctx.write_first:  # one decoding token: it replaces a slot it could not see (see cache.step_contexts)
         cache.store(ctx.ring_slots, k, v)
         return cache.load(dtype=dtype)
     # Ring: attend to what the ring held before this step plus the new keys, then keep the newest.

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from gemmakit.models.config import ModelConfig
+from gemmakit.models.layers import rope_cos_sin
+from gemmakit.models.masks import RecurrentContext, StepContext, attention_mask
 
 
 @dataclass
@@ -177,6 +179,18 @@ class KVCache:
         step takes it as data, where a Python int would be a constant it recompiles for."""
         return torch.full((1,), self.length, dtype=torch.long, device=self.global_positions.device)
 
+    def contexts(self, positions: torch.Tensor, dtype: torch.dtype,
+                 groups: torch.Tensor | None = None) -> dict[str, StepContext | RecurrentContext]:
+        """This step's rotary tables, masks and write slots for each layer kind (:func:`step_contexts`)."""
+        return step_contexts(self.config, positions, dtype, groups, self)
+
+    def advance(self, positions: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        """After every layer ran: record what the ring now holds and move the cursor past the step."""
+        slots, skip = self.ring_slots(positions.shape[1])
+        self.ring_positions[:, slots] = positions[:, skip:]
+        self.ring_groups[:, slots] = -1 if groups is None else groups[:, skip:]
+        self.length += positions.shape[1]
+
     def check_room(self, num_new: int) -> None:
         # Global layers fill a buffer of max_len; a ring that holds the full window never runs out.
         bounded = self.has_global or self.window < (self.config.sliding_window or 0)
@@ -187,6 +201,112 @@ class KVCache:
                 f"sequence of {self.length + num_new} tokens exceeds the cache size {self.max_len}; "
                 "use a shorter prompt or fewer new tokens"
             )
+
+
+def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype,
+              groups: torch.Tensor | None = None,
+              cache: KVCache | None = None) -> dict[str, StepContext | RecurrentContext]:
+    """Rotary tables and masks for each layer kind, built once per step: over ``cache`` (writing
+    the step's positions into it), or over the step's own tokens where there is no cache."""
+    c = config
+    kinds = set(c.layer_kinds)
+    out: dict[str, StepContext | RecurrentContext] = {}
+    bypass = c.group_bypasses_window
+    T = positions.shape[1]
+    if cache is not None and cache.static and T == 1:  # as the compiled step computes them
+        return static_step_contexts(c, positions, cache.next_column(), cache.global_positions,
+                                    cache.ring_positions, dtype, groups, cache.global_groups, cache.ring_groups)
+    fresh = T > 1 and groups is None and _plainly_causal(positions, cache)
+    if "recurrent" in kinds:
+        out["recurrent"] = RecurrentContext(positions)
+    if "global" in kinds:
+        cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+        k_groups = groups
+        if fresh:
+            if cache is not None:
+                cache.global_positions[:, :T] = positions
+            mask = attention_mask(positions, positions, None)
+            out["global"] = StepContext(cos, sin, mask, ring=False, causal=True)
+        else:
+            if cache is None:
+                k_pos = positions
+            else:
+                end = cache.length + positions.shape[1]
+                cache.global_positions[:, cache.length:end] = positions
+                k_pos = cache.global_positions[:, :end]
+                if groups is not None:
+                    cache.global_groups[:, cache.length:end] = groups
+                    k_groups = cache.global_groups[:, :end]
+            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, groups, k_groups),
+                                        ring=False, cache_start=cache.length if cache is not None else 0)
+    if "local" in kinds:
+        cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
+        if fresh and T <= (c.sliding_window or T):
+            mask = attention_mask(positions, positions, c.sliding_window)
+            slots, skip = cache.ring_slots(T) if cache is not None else (None, 0)
+            out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, ring_skip=skip, causal=True)
+        elif cache is None:
+            mask = attention_mask(positions, positions, c.sliding_window, groups, groups, bypass)
+            out["local"] = StepContext(cos, sin, mask, ring=True)
+        elif positions.shape[1] == 1 and (cache.window == c.sliding_window or cache.length < cache.window):
+            # One new token (decoding): the slot it overwrites holds the position one full window
+            # back, which it may not see anyway (or nothing yet, in a ring shorter than the window);
+            # so store first and attend to the ring alone instead of copying the whole ring into a
+            # concatenation every layer.
+            slots, _ = cache.ring_slots(1)
+            k_pos = cache.ring_positions.index_copy(1, slots, positions)
+            k_groups = None if groups is None else cache.ring_groups.index_copy(1, slots, groups)
+            mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, bypass)
+            out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, write_first=True)
+        else:
+            k_pos = torch.cat([cache.ring_positions, positions], dim=1)
+            k_groups = None if groups is None else torch.cat([cache.ring_groups, groups], dim=1)
+            slots, skip = cache.ring_slots(positions.shape[1])
+            mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, bypass)
+            out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, ring_skip=skip)
+    return out
+
+
+def static_step_contexts(config: ModelConfig, positions: torch.Tensor, index: torch.Tensor,
+                         global_positions: torch.Tensor, ring_positions: torch.Tensor, dtype: torch.dtype,
+                         groups: torch.Tensor | None = None, global_groups: torch.Tensor | None = None,
+                         ring_groups: torch.Tensor | None = None) -> dict[str, StepContext | RecurrentContext]:
+    """Contexts of a one-token step over a static cache (``KVCache(static=True)``), whose shapes
+    never change: global layers write their one column at ``index`` (recording its position in
+    ``global_positions``) and attend to the whole buffer, whose unwritten columns hold position -1
+    and are masked; sliding-window layers store into ring slot ``index % window`` first and attend
+    to the ring alone (the slot it overwrites holds the position one full window back, which the
+    new token may not see anyway). A static cache's ring always holds a full window."""
+    c = config
+    kinds = set(c.layer_kinds)
+    out: dict[str, StepContext | RecurrentContext] = {}
+    if "recurrent" in kinds:
+        out["recurrent"] = RecurrentContext(positions)
+    if "global" in kinds:
+        cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+        global_positions.index_copy_(1, index, positions)
+        if groups is not None:
+            global_groups.index_copy_(1, index, groups)
+        mask = attention_mask(positions, global_positions, None, groups, global_groups)
+        out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
+    if "local" in kinds:
+        cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
+        slots = index % ring_positions.shape[1]
+        k_pos = ring_positions.index_copy(1, slots, positions)
+        k_groups = None if groups is None else ring_groups.index_copy(1, slots, groups)
+        mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, c.group_bypasses_window)
+        out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, write_first=True)
+    return out
+
+
+def _plainly_causal(positions: torch.Tensor, cache: KVCache | None) -> bool:
+    """Whether every row of a multi-token step is positions 0..T-1 into an empty cache: then each
+    query sees exactly the earlier keys of this step (no padding, no cached prefix) and attention
+    can use the causal kernel on the new keys alone (a prompt's prefill, a training batch)."""
+    if cache is not None and cache.length != 0:
+        return False
+    T = positions.shape[1]
+    return bool((positions == torch.arange(T, device=positions.device)).all())
 
 
 def _mark_static_addresses(states: list, *others: torch.Tensor) -> None:

@@ -17,12 +17,12 @@ from gemmakit.huge_pages import move_to_huge_pages
 from gemmakit.kernels import gemm, ops
 from gemmakit.kernels.gemm import Linear
 from gemmakit.models.attention import Attention
-from gemmakit.models.cache import KVCache
+from gemmakit.models.cache import KVCache, static_step_contexts, step_contexts
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.fused_decode import fused_hidden
 from gemmakit.models.griffin import RecurrentBlock
-from gemmakit.models.layers import GeGLU, RMSNorm, rope_cos_sin, softcap
-from gemmakit.models.masks import RecurrentContext, StepContext, attention_mask
+from gemmakit.models.layers import GeGLU, RMSNorm, softcap
+from gemmakit.models.masks import StepContext
 from gemmakit.models.row_cache import RowKVCache
 from gemmakit.quant import ggml_ops
 from gemmakit.quant.grouped import unmerged_projections
@@ -143,9 +143,12 @@ class GemmaModel(nn.Module):
             self._settle_for_decoding(h, lambda: start > 0)
         if T == 1 and groups is None and cache is not None and cache.static and self._compiled_step is not None:
             logits = self._run_compiled_step(h, positions, cache)
-            self._advance(cache, positions, groups)
+            cache.advance(positions, groups)
             return logits
-        contexts = self._contexts(positions, cache, h.dtype, groups)
+        if cache is None:
+            contexts = step_contexts(self.config, positions, h.dtype, groups)
+        else:
+            contexts = cache.contexts(positions, h.dtype, groups)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         fused = fused_hidden(self, h, contexts, cache) if T == 1 and cache is not None else None
         if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
@@ -153,7 +156,7 @@ class GemmaModel(nn.Module):
         else:
             logits = self._layers_and_head(h, contexts, layer_caches, last_only and T > 1)
         if cache is not None:
-            self._advance(cache, positions, groups)
+            cache.advance(positions, groups)
         return logits
 
     def _settle_for_decoding(self, h: torch.Tensor, continues: Callable[[], bool]) -> None:
@@ -202,39 +205,8 @@ class GemmaModel(nn.Module):
                      global_positions: torch.Tensor, ring_positions: torch.Tensor) -> torch.Tensor:
         """What ``compile_decode`` compiles: one token's contexts over a static cache, the blocks, the
         final norm and the head, as a function of tensors whose shapes never change."""
-        contexts = self._static_step_contexts(positions, index, global_positions, ring_positions, h.dtype)
+        contexts = static_step_contexts(self.config, positions, index, global_positions, ring_positions, h.dtype)
         return self._layers_and_head(h, contexts, layer_caches, False)
-
-    def _static_step_contexts(self, positions: torch.Tensor, index: torch.Tensor, global_positions: torch.Tensor,
-                              ring_positions: torch.Tensor, dtype: torch.dtype, groups: torch.Tensor | None = None,
-                              global_groups: torch.Tensor | None = None,
-                              ring_groups: torch.Tensor | None = None) -> dict[str, StepContext | RecurrentContext]:
-        """Contexts of a one-token step over a static cache (``KVCache(static=True)``), whose shapes
-        never change: global layers write their one column at ``index`` (recording its position in
-        ``global_positions``) and attend to the whole buffer, whose unwritten columns hold position -1
-        and are masked; sliding-window layers store into ring slot ``index % window`` first and attend
-        to the ring alone (the slot it overwrites holds the position one full window back, which the
-        new token may not see anyway). A static cache's ring always holds a full window."""
-        c = self.config
-        kinds = set(c.layer_kinds)
-        out: dict[str, StepContext | RecurrentContext] = {}
-        if "recurrent" in kinds:
-            out["recurrent"] = RecurrentContext(positions)
-        if "global" in kinds:
-            cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
-            global_positions.index_copy_(1, index, positions)
-            if groups is not None:
-                global_groups.index_copy_(1, index, groups)
-            mask = attention_mask(positions, global_positions, None, groups, global_groups)
-            out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
-        if "local" in kinds:
-            cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
-            slots = index % ring_positions.shape[1]
-            k_pos = ring_positions.index_copy(1, slots, positions)
-            k_groups = None if groups is None else ring_groups.index_copy(1, slots, groups)
-            mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, c.group_bypasses_window)
-            out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, write_first=True)
-        return out
 
     def _layers_and_head(self, h: torch.Tensor, contexts: dict, layer_caches: list, last_only: bool) -> torch.Tensor:
         """Everything after the per-step bookkeeping: the blocks, the final norm and the head.
@@ -309,76 +281,6 @@ class GemmaModel(nn.Module):
             h = h[:, -1:]
         return self._logits(self.final_norm(h))
 
-    def _contexts(self, positions: torch.Tensor, cache: KVCache | None, dtype: torch.dtype,
-                  groups: torch.Tensor | None = None) -> dict[str, StepContext | RecurrentContext]:
-        """Rotary tables and masks for each layer kind, built once per step."""
-        c = self.config
-        kinds = set(c.layer_kinds)
-        out: dict[str, StepContext | RecurrentContext] = {}
-        bypass = c.group_bypasses_window
-        T = positions.shape[1]
-        if cache is not None and cache.static and T == 1:  # as the compiled step computes them
-            return self._static_step_contexts(positions, cache.next_column(), cache.global_positions,
-                                              cache.ring_positions, dtype, groups, cache.global_groups,
-                                              cache.ring_groups)
-        fresh = T > 1 and groups is None and _plainly_causal(positions, cache)
-        if "recurrent" in kinds:
-            out["recurrent"] = RecurrentContext(positions)
-        if "global" in kinds:
-            cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
-            k_groups = groups
-            if fresh:
-                if cache is not None:
-                    cache.global_positions[:, :T] = positions
-                mask = attention_mask(positions, positions, None)
-                out["global"] = StepContext(cos, sin, mask, ring=False, causal=True)
-            else:
-                if cache is None:
-                    k_pos = positions
-                else:
-                    end = cache.length + positions.shape[1]
-                    cache.global_positions[:, cache.length:end] = positions
-                    k_pos = cache.global_positions[:, :end]
-                    if groups is not None:
-                        cache.global_groups[:, cache.length:end] = groups
-                        k_groups = cache.global_groups[:, :end]
-                out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, groups, k_groups),
-                                            ring=False, cache_start=cache.length if cache is not None else 0)
-        if "local" in kinds:
-            cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
-            if fresh and T <= (c.sliding_window or T):
-                mask = attention_mask(positions, positions, c.sliding_window)
-                slots, skip = cache.ring_slots(T) if cache is not None else (None, 0)
-                out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, ring_skip=skip, causal=True)
-            elif cache is None:
-                mask = attention_mask(positions, positions, c.sliding_window, groups, groups, bypass)
-                out["local"] = StepContext(cos, sin, mask, ring=True)
-            elif positions.shape[1] == 1 and (cache.window == c.sliding_window or cache.length < cache.window):
-                # One new token (decoding): the slot it overwrites holds the position one full window
-                # back, which it may not see anyway (or nothing yet, in a ring shorter than the window);
-                # so store first and attend to the ring alone instead of copying the whole ring into a
-                # concatenation every layer.
-                slots, _ = cache.ring_slots(1)
-                k_pos = cache.ring_positions.index_copy(1, slots, positions)
-                k_groups = None if groups is None else cache.ring_groups.index_copy(1, slots, groups)
-                mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, bypass)
-                out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, write_first=True)
-            else:
-                k_pos = torch.cat([cache.ring_positions, positions], dim=1)
-                k_groups = None if groups is None else torch.cat([cache.ring_groups, groups], dim=1)
-                slots, skip = cache.ring_slots(positions.shape[1])
-                mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, bypass)
-                out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, ring_skip=skip)
-        return out
-
-    @staticmethod
-    def _advance(cache: KVCache, positions: torch.Tensor, groups: torch.Tensor | None = None) -> None:
-        slots, skip = cache.ring_slots(positions.shape[1])
-        cache.ring_positions[:, slots] = positions[:, skip:]
-        cache.ring_groups[:, slots] = -1 if groups is None else groups[:, skip:]
-        cache.length += positions.shape[1]
-
-
 def fuse_dense_projections(model: nn.Module) -> int:
     """Merge each attention's float q/k/v and each MLP's gate/up into one ``Linear`` apiece (their
     weights concatenated; outputs split again by the layer); returns how many merges it made.
@@ -404,13 +306,3 @@ def fuse_dense_projections(model: nn.Module) -> int:
         module.fuse([w.shape[0] for w in weights], fused)
         merged += 1
     return merged
-
-
-def _plainly_causal(positions: torch.Tensor, cache: KVCache | None) -> bool:
-    """Whether every row of a multi-token step is positions 0..T-1 into an empty cache: then each
-    query sees exactly the earlier keys of this step (no padding, no cached prefix) and attention
-    can use the causal kernel on the new keys alone (a prompt's prefill, a training batch)."""
-    if cache is not None and cache.length != 0:
-        return False
-    T = positions.shape[1]
-    return bool((positions == torch.arange(T, device=positions.device)).all())
