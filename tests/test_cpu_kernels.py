@@ -164,7 +164,8 @@ def test_prefill_attention_in_query_blocks_matches_softmax_attention(T, S, windo
     from gemmakit.models.masks import attention_mask
     from gemmakit.models.config import preset
 
-    att = Attention(preset("gemma3-270m"))
+    config = preset("gemma3-270m")
+    att = Attention(config, config.layer_plan[0])
     g = torch.Generator().manual_seed(T + S + pad)
     q = torch.randn(1, 4, T, 256, generator=g)
     k, v = torch.randn(1, 1, S, 256, generator=g), torch.randn(1, 1, S, 256, generator=g)

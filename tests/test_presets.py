@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gemmakit.models.config import PRESETS
 
@@ -39,6 +40,34 @@ def test_layer_patterns():
     assert g2[:2] == ("local", "global") and g2.count("global") == 23
     g3 = PRESETS["gemma3-27b"].layer_kinds
     assert g3[:6] == ("local",) * 5 + ("global",) and g3.count("global") == 10
+
+
+def test_layer_plan_follows_the_published_layouts():
+    """Each layer's plan as Gemma 3 27B's config.json and RecurrentGemma's reference state them:
+    local layers see a 1024-key window with RoPE base 10k and no scaling, global ones everything with
+    base 1M scaled x8; Griffin's recurrent layers hold no keys; every layer reads its own keys."""
+    plans = PRESETS["gemma3-27b"].layer_plan
+    local, glob = plans[0], plans[5]
+    assert (local.mixer, local.window, local.rope_theta, local.rope_scaling) == ("local", 1024, 10_000.0, 1.0)
+    assert (glob.mixer, glob.window, glob.rope_theta, glob.rope_scaling) == ("global", None, 1_000_000.0, 8.0)
+    assert {(p.head_dim, p.num_kv_heads, p.rotary_dim) for p in plans} == {(128, 16, 128)}
+    assert [p.kv_source for p in plans] == list(range(62))
+    griffin = PRESETS["recurrentgemma-2b"]
+    assert [p.mixer for p in griffin.layer_plan[:3]] == ["recurrent", "recurrent", "local"]
+    assert griffin.kind_plans["local"].rotary_dim == 128 and griffin.kind_plans["local"].window == 2048
+    # the plan that a kind's one step context is built from
+    assert PRESETS["gemma3-27b"].kind_plans["global"] == glob
+
+
+def test_caches_are_shaped_by_the_plan():
+    from gemmakit.models.cache import KVCache, RecurrentState
+    from gemmakit.models.row_cache import RowKVCache
+
+    config = PRESETS["recurrentgemma-2b"].replace(num_layers=3, layer_kinds=("recurrent", "recurrent", "local"))
+    for cache, extra in ((KVCache(config, 2, 4096, torch.float32, "meta"), 0),
+                         (RowKVCache(config, 2, 4096, torch.float32, "meta"), 1)):
+        assert isinstance(cache.layers[0], RecurrentState) and isinstance(cache.layers[1], RecurrentState)
+        assert tuple(cache.layers[2].keys.shape) == (2, 1, 2048 + extra, 256)
 
 
 def test_info_from_preset_alone():

@@ -14,23 +14,23 @@ from torch import nn
 from gemmakit.kernels import gemm, ops
 from gemmakit.kernels.gemm import Linear
 from gemmakit.models.cache import LayerCache
-from gemmakit.models.config import ModelConfig
+from gemmakit.models.config import LayerPlan, ModelConfig
 from gemmakit.models.layers import RMSNorm, norm_and_rope, softcap
 from gemmakit.models.masks import StepContext, query_blocks_of
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, plan: LayerPlan) -> None:
         super().__init__()
         self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
+        self.num_kv_heads = plan.num_kv_heads
+        self.head_dim = plan.head_dim
         self.scale = config.attention_scale
         self.logit_softcap = config.attn_logit_softcap
-        d, hd = config.hidden_size, config.head_dim
+        d, hd = config.hidden_size, plan.head_dim
         self.q_proj = Linear(d, config.num_heads * hd, bias=False)
-        self.k_proj = Linear(d, config.num_kv_heads * hd, bias=False)
-        self.v_proj = Linear(d, config.num_kv_heads * hd, bias=False)
+        self.k_proj = Linear(d, plan.num_kv_heads * hd, bias=False)
+        self.v_proj = Linear(d, plan.num_kv_heads * hd, bias=False)
         self.o_proj = Linear(config.num_heads * hd, d, bias=config.attn_out_bias)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None

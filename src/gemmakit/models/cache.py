@@ -220,7 +220,8 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
     if "recurrent" in kinds:
         out["recurrent"] = RecurrentContext(positions)
     if "global" in kinds:
-        cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+        g = c.kind_plans["global"]
+        cos, sin = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, g.rope_scaling, dtype)
         k_groups = groups
         if fresh:
             if cache is not None:
@@ -240,15 +241,17 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
             out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, groups, k_groups),
                                         ring=False, cache_start=cache.length if cache is not None else 0)
     if "local" in kinds:
-        cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
-        if fresh and T <= (c.sliding_window or T):
-            mask = attention_mask(positions, positions, c.sliding_window)
+        lp = c.kind_plans["local"]
+        window = lp.window
+        cos, sin = rope_cos_sin(positions, lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype)
+        if fresh and T <= (window or T):
+            mask = attention_mask(positions, positions, window)
             slots, skip = cache.ring_slots(T) if cache is not None else (None, 0)
             out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, ring_skip=skip, causal=True)
         elif cache is None:
-            mask = attention_mask(positions, positions, c.sliding_window, groups, groups, bypass)
+            mask = attention_mask(positions, positions, window, groups, groups, bypass)
             out["local"] = StepContext(cos, sin, mask, ring=True)
-        elif positions.shape[1] == 1 and (cache.window == c.sliding_window or cache.length < cache.window):
+        elif positions.shape[1] == 1 and (cache.window == window or cache.length < cache.window):
             # One new token (decoding): the slot it overwrites holds the position one full window
             # back, which it may not see anyway (or nothing yet, in a ring shorter than the window);
             # so store first and attend to the ring alone instead of copying the whole ring into a
@@ -256,13 +259,13 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
             slots, _ = cache.ring_slots(1)
             k_pos = cache.ring_positions.index_copy(1, slots, positions)
             k_groups = None if groups is None else cache.ring_groups.index_copy(1, slots, groups)
-            mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, bypass)
+            mask = attention_mask(positions, k_pos, window, groups, k_groups, bypass)
             out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, write_first=True)
         else:
             k_pos = torch.cat([cache.ring_positions, positions], dim=1)
             k_groups = None if groups is None else torch.cat([cache.ring_groups, groups], dim=1)
             slots, skip = cache.ring_slots(positions.shape[1])
-            mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, bypass)
+            mask = attention_mask(positions, k_pos, window, groups, k_groups, bypass)
             out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, ring_skip=skip)
     return out
 
@@ -283,18 +286,20 @@ def static_step_contexts(config: ModelConfig, positions: torch.Tensor, index: to
     if "recurrent" in kinds:
         out["recurrent"] = RecurrentContext(positions)
     if "global" in kinds:
-        cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+        g = c.kind_plans["global"]
+        cos, sin = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, g.rope_scaling, dtype)
         global_positions.index_copy_(1, index, positions)
         if groups is not None:
             global_groups.index_copy_(1, index, groups)
         mask = attention_mask(positions, global_positions, None, groups, global_groups)
         out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
     if "local" in kinds:
-        cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_local_theta, 1.0, dtype)
+        lp = c.kind_plans["local"]
+        cos, sin = rope_cos_sin(positions, lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype)
         slots = index % ring_positions.shape[1]
         k_pos = ring_positions.index_copy(1, slots, positions)
         k_groups = None if groups is None else ring_groups.index_copy(1, slots, groups)
-        mask = attention_mask(positions, k_pos, c.sliding_window, groups, k_groups, c.group_bypasses_window)
+        mask = attention_mask(positions, k_pos, lp.window, groups, k_groups, c.group_bypasses_window)
         out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, write_first=True)
     return out
 
@@ -328,17 +333,19 @@ def layer_states(config: ModelConfig, batch: int, max_len: int, window: int, dty
     """One zeroed state per layer: a recurrent state, or keys/values of ``window`` (local) or
     ``max_len`` (global) slots, plus ``extra_slots`` (the serving cache's slot for padding)."""
     states: list[LayerCache | RecurrentState] = []
-    for kind in config.layer_kinds:
-        if kind == "recurrent":
+    for i, plan in enumerate(config.layer_plan):
+        if plan.kv_source != i:
+            raise NotImplementedError("layers that read another layer's keys and values need a cache that shares them")
+        if plan.mixer == "recurrent":
             width = config.recurrent_width
             states.append(RecurrentState(
                 rg_lru=torch.zeros(batch, width, dtype=torch.float32, device=device),
                 conv=torch.zeros(batch, config.conv1d_width - 1, width, dtype=dtype, device=device),
             ))
             continue
-        shape = (batch, config.num_kv_heads, (window if kind == "local" else max_len) + extra_slots, config.head_dim)
+        shape = (batch, plan.num_kv_heads, (window if plan.mixer == "local" else max_len) + extra_slots, plan.head_dim)
         if kv_int8:
-            scale_shape = shape[:-1] + (kv_int8_groups(config.head_dim),)
+            scale_shape = shape[:-1] + (kv_int8_groups(plan.head_dim),)
             states.append(LayerCache(keys=torch.zeros(shape, dtype=torch.int8, device=device),
                                      values=torch.zeros(shape, dtype=torch.int8, device=device),
                                      key_scale=torch.zeros(scale_shape, dtype=torch.float32, device=device),
@@ -347,4 +354,3 @@ def layer_states(config: ModelConfig, batch: int, max_len: int, window: int, dty
         states.append(LayerCache(keys=torch.zeros(shape, dtype=dtype, device=device),
                                  values=torch.zeros(shape, dtype=dtype, device=device)))
     return states
-

@@ -17,12 +17,33 @@ Sources for the preset numbers (checked against each other where both exist):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
 from gemmakit.errors import ModelNotFoundError
 
 LayerKind = Literal["global", "local", "recurrent"]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One decoder layer as data: what the model builds, what its cache holds and which mask and
+    rotary tables it gets. :attr:`ModelConfig.layer_plan` derives one per layer from the config's
+    switches; the model, the caches and the masks read these rather than the switches."""
+
+    mixer: LayerKind  # "global" attention, "local" (sliding-window) attention or "recurrent" (Griffin)
+    window: int | None  # keys a query may see, its own included (local layers); None = unbounded
+    head_dim: int
+    num_kv_heads: int
+    rope_theta: float
+    rope_scaling: float  # linear position scaling
+    rotary_dim: int  # leading dims of each head that RoPE rotates (the rest pass through)
+    kv_source: int  # the layer whose keys and values this layer attends to (its own index: no sharing)
+
+    @property
+    def attends(self) -> bool:
+        return self.mixer != "recurrent"
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,29 @@ class ModelConfig:
         if "recurrent" in self.layer_kinds and self.recurrent_width % self.num_heads:
             raise ValueError(f"lru_width {self.recurrent_width} is not a multiple of num_heads {self.num_heads}")
 
+    @functools.cached_property
+    def layer_plan(self) -> tuple[LayerPlan, ...]:
+        """Each layer's :class:`LayerPlan` (made once per config)."""
+        plans = []
+        for i, kind in enumerate(self.layer_kinds):
+            local = kind == "local"
+            plans.append(LayerPlan(
+                mixer=kind, window=self.sliding_window if local else None, head_dim=self.head_dim,
+                num_kv_heads=self.num_kv_heads, rope_theta=self.rope_local_theta if local else self.rope_theta,
+                rope_scaling=1.0 if local else self.rope_scaling_factor, rotary_dim=self.rotary_dim, kv_source=i))
+        return tuple(plans)
+
+    @functools.cached_property
+    def kind_plans(self) -> dict[LayerKind, LayerPlan]:
+        """The plan all layers of each kind share: one step context (rotary tables, mask) serves
+        them all, so the layers of a kind must agree on everything a context depends on."""
+        out: dict[LayerKind, LayerPlan] = {}
+        for plan in self.layer_plan:
+            first = out.setdefault(plan.mixer, plan)
+            if dataclasses.replace(plan, kv_source=first.kv_source) != first:
+                raise ValueError(f"the {plan.mixer} layers do not share one plan: {first} and {plan}")
+        return out
+
     def replace(self, **changes: object) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -107,14 +151,13 @@ class ModelConfig:
         return self.vocab_size * d + mixers + self.num_layers * (mlp + norms_per_layer) + d
 
     def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_value: float = 2.0) -> int:
-        """KV-cache size at a context length: local layers hold only their window."""
-        total_positions = 0
-        for kind in self.layer_kinds:
-            if kind == "local":
-                total_positions += min(context, self.sliding_window or context)
-            elif kind == "global":
-                total_positions += context
-        return int(2 * batch * total_positions * self.num_kv_heads * self.head_dim * bytes_per_value)
+        """KV-cache size at a context length: local layers hold only their window, layers reading
+        another layer's keys and values hold none."""
+        values = 0
+        for i, plan in enumerate(self.layer_plan):
+            if plan.attends and plan.kv_source == i:
+                values += min(context, plan.window or context) * plan.num_kv_heads * plan.head_dim
+        return int(2 * batch * values * bytes_per_value)
 
     def recurrent_state_bytes(self, batch: int = 1, bytes_per_value: float = 2.0) -> int:
         """Recurrent layers' state, the same at any context: RG-LRU state (float32) + Conv1D history."""

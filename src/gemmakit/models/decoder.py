@@ -18,7 +18,7 @@ from gemmakit.kernels import gemm, ops
 from gemmakit.kernels.gemm import Linear
 from gemmakit.models.attention import Attention
 from gemmakit.models.cache import KVCache, static_step_contexts, step_contexts
-from gemmakit.models.config import ModelConfig
+from gemmakit.models.config import LayerPlan, ModelConfig
 from gemmakit.models.fused_decode import fused_hidden
 from gemmakit.models.griffin import RecurrentBlock
 from gemmakit.models.layers import GeGLU, RMSNorm, softcap
@@ -48,15 +48,15 @@ class DecoderBlock(nn.Module):
     The mixer is attention for global/local layers and Griffin's recurrent block for recurrent ones.
     """
 
-    def __init__(self, config: ModelConfig, kind: str) -> None:
+    def __init__(self, config: ModelConfig, plan: LayerPlan) -> None:
         super().__init__()
-        self.kind = kind
+        self.kind = kind = plan.mixer
         eps = config.rms_norm_eps
         self.attn_norm = RMSNorm(config.hidden_size, eps)
         if kind == "recurrent":
             self.recurrent = RecurrentBlock(config)
         else:
-            self.attn = Attention(config)
+            self.attn = Attention(config, plan)
         self.post_attn_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else nn.Identity()
         self.mlp_norm = RMSNorm(config.hidden_size, eps)
         self.mlp = GeGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
@@ -81,7 +81,7 @@ class GemmaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(config, kind) for kind in config.layer_kinds)
+        self.layers = nn.ModuleList(DecoderBlock(config, plan) for plan in config.layer_plan)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     @property

@@ -161,9 +161,12 @@ def _build(model: nn.Module):
     c = model.config
     if ext is None or any(kind not in ("global", "local") for kind in c.layer_kinds):
         return None
+    if len({(p.head_dim, p.num_kv_heads) for p in c.layer_plan}) != 1:  # the C++ stack has one attention shape
+        return None
     if model.final_norm.weight.dtype != torch.float32:
         return None
-    stack = ext.DecodeStack(c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
+    plan = c.layer_plan[0]
+    stack = ext.DecodeStack(c.num_heads, plan.num_kv_heads, plan.head_dim, c.intermediate_size, c.rms_norm_eps,
                             c.attention_scale, c.attn_logit_softcap or 0.0, model.final_norm.weight.detach())
     for layer in model.layers:
         attn, mlp = layer.attn, layer.mlp

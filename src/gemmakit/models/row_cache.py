@@ -102,7 +102,8 @@ class RowKVCache:
         if "recurrent" in kinds:
             out["recurrent"] = RecurrentContext(positions)  # padding (-1) leaves a row's state as it is
         if "global" in kinds:
-            cos, sin = rope_cos_sin(positions.clamp(min=0), c.rotary_dim, c.rope_theta, c.rope_scaling_factor, dtype)
+            g = c.kind_plans["global"]
+            cos, sin = rope_cos_sin(positions.clamp(min=0), g.rotary_dim, g.rope_theta, g.rope_scaling, dtype)
             slots = torch.where(real, positions, self.max_len)  # [B, T]
             self.global_positions.scatter_(1, slots, positions)
             self.global_positions[:, self.max_len] = -1
@@ -111,7 +112,8 @@ class RowKVCache:
             out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None), ring=False,
                                         write_slots=slots, attend_len=length)
         if "local" in kinds:
-            cos, sin = rope_cos_sin(positions.clamp(min=0), c.rotary_dim, c.rope_local_theta, 1.0, dtype)
+            lp = c.kind_plans["local"]
+            cos, sin = rope_cos_sin(positions.clamp(min=0), lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype)
             # Only the last `window` new tokens of a row survive in its ring; the rest go to trash.
             row_end = positions.max(dim=1, keepdim=True).values + 1
             keep = real & (positions >= row_end - self.window)
@@ -125,7 +127,7 @@ class RowKVCache:
             else:
                 k_pos = torch.cat([self.ring_positions[:, :self.window], positions], dim=1)
                 self._pending_ring = slots
-            out["local"] = StepContext(cos, sin, attention_mask(positions, k_pos, c.sliding_window), ring=True,
+            out["local"] = StepContext(cos, sin, attention_mask(positions, k_pos, lp.window), ring=True,
                                        write_slots=slots, attend_len=self.window,
                                        write_first=self._pending_ring is None)
         return out
