@@ -80,7 +80,7 @@ def validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Answer these errors in OpenAI's format (an unexpected exception's 500 is the middleware's: serve/middleware.py)."""
+    """Answer the expected errors in OpenAI's format; an unexpected exception's 500 is serve/middleware.py's."""
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

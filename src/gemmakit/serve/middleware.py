@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gemmakit.serve.errors import APIError, error_response
@@ -58,6 +59,8 @@ class ServeMiddleware:
                 return message
 
             await self.app(scope, receive_limited, send_counted)
+        except ClientDisconnect:  # gone while sending its body: no one to answer
+            status.append(499)
         except Exception as exc:
             if status:  # a streamed response already under way: nothing more can be sent
                 raise

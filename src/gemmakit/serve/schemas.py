@@ -68,7 +68,7 @@ class Body(BaseModel):
 
 
 class StreamOptions(Body):
-    include_usage: Any = None  # read as a truth value, as OpenAI does
+    include_usage: Any = None  # any truthy value asks for the usage chunk
 
 
 class TextPart(Body):
@@ -226,7 +226,7 @@ class Sampling(ServedRequest):
 
     def common(self, default_max_tokens: int) -> Common:
         max_tokens = self.requested_max_tokens()
-        params = SamplingParams(temperature=self.temperature, top_p=self.top_p or 1e-9, top_k=self.top_k,
+        params = SamplingParams(temperature=self.temperature, top_p=self.top_p or 1e-9, top_k=self.top_k,  # 0: top-1
                                 min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                                 seed=self.seed)
