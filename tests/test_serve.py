@@ -28,13 +28,18 @@ KEY = "sk-test-key"
 MODEL = "tiny-gemma3"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    path = write_gguf(tmp_path_factory.mktemp("serve") / f"{MODEL}.gguf",
-                      random_model(tiny_config("gemma3", max_position_embeddings=1024)))
+def tiny_app(directory, **options):
+    """``(app, model, tokenizer, engine)``: a tiny random Gemma 3 behind ``create_app(..., **options)``."""
+    path = write_gguf(directory / f"{MODEL}.gguf", random_model(tiny_config("gemma3", max_position_embeddings=1024)))
     model, tokenizer = gemmakit.load(path)
     engine = Engine(model, tokenizer, max_batch=6, prefill_chunk=32)
-    with live_server(create_app(engine, tokenizer, MODEL, api_key=KEY)) as url:
+    return create_app(engine, tokenizer, MODEL, api_key=KEY, **options), model, tokenizer, engine
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    app, model, tokenizer, engine = tiny_app(tmp_path_factory.mktemp("serve"))
+    with live_server(app) as url:
         yield url, model, tokenizer, engine
 
 
@@ -45,7 +50,7 @@ def client(served):
 
 def post(url: str, path: str, body, key: str | None = KEY) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    content = body if isinstance(body, (str, bytes)) or hasattr(body, "__next__") else json.dumps(body)
     return httpx.post(url + path, content=content, headers=headers, timeout=60)
 
 

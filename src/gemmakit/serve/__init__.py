@@ -1,4 +1,10 @@
-"""The OpenAI-compatible server (``gemmakit serve``): FastAPI app in app.py, request parsing in protocol.py."""
+"""The OpenAI-compatible server (``gemmakit serve``).
+
+app.py builds the FastAPI app from routes/ (one router per concern); schemas.py holds the request
+models, generation.py turns a submitted request into a JSON answer or an SSE stream, errors.py and
+middleware.py answer every error in OpenAI's format; vision.py and speculative.py are the
+one-at-a-time paths for image and --draft-model requests.
+"""
 
 from __future__ import annotations
 

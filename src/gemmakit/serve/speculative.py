@@ -20,7 +20,7 @@ from gemmakit.engine.sampling import SamplingParams
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
 from gemmakit.engine.speculative import check_draft, speculative_tokens
 from gemmakit.engine.stopping import TokenOutput
-from gemmakit.serve.protocol import Common
+from gemmakit.serve.schemas import Common
 
 
 class SpeculativeRunner:

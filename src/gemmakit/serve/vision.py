@@ -17,16 +17,16 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from gemmakit.chat_template import render_chat
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
 from gemmakit.engine.stopping import StopStrings
-from gemmakit.serve.protocol import Common, FieldError, message_parts
+from gemmakit.serve.errors import FieldError
+from gemmakit.serve.schemas import Common, ImagePart, Message, chat_dicts
 from gemmakit.vision.preprocess import load_image
-
 
 
 def decode_data_uri(url: Any) -> bytes:
@@ -55,12 +55,7 @@ def decode_data_uri(url: Any) -> bytes:
     return data
 
 
-def _image_url(part: Mapping[str, Any]) -> Any:
-    value = part.get("image_url", part.get("url"))
-    return value.get("url") if isinstance(value, Mapping) else value
-
-
-def vision_chat(body: Mapping[str, Any], layout: str) -> tuple[list[dict[str, Any]], list[bytes]]:
+def vision_chat(messages: list[Message], layout: str) -> tuple[list[dict[str, Any]], list[bytes]]:
     """``messages`` for render_chat plus the decoded images, in the order they appear.
 
     Gemma 3 marks each image inside its turn with ``<start_of_image>`` (render_chat's ``image``
@@ -69,11 +64,11 @@ def vision_chat(body: Mapping[str, Any], layout: str) -> tuple[list[dict[str, An
     """
     images: list[bytes] = []
 
-    def take(part: Mapping[str, Any]) -> dict | None:
-        images.append(decode_data_uri(_image_url(part)))
+    def take(part: ImagePart) -> dict | None:
+        images.append(decode_data_uri(part.url))
         return {"type": "image"} if layout == "gemma3" else None
 
-    return message_parts(body, take), images
+    return chat_dicts(messages, take), images
 
 
 class VisionRunner:
@@ -86,14 +81,16 @@ class VisionRunner:
         self.context = model.config.max_position_embeddings
         self._lock = threading.Lock()
 
-    def prepare(self, body: Mapping[str, Any], common: Common | None) -> tuple[str, list[bytes], list[int]]:
-        """``(rendered prompt, images, prompt ids)``; raises FieldError/GemmakitError for bad input."""
+    def prepare(self, messages: list[Message], common: Common | None = None,
+                logprobs: bool = False) -> tuple[str, list[bytes], list[int]]:
+        """``(rendered prompt, images, prompt ids)`` of a chat request's messages (``common`` and ``logprobs``
+        its other fields; None for /tokenize); raises FieldError/GemmakitError for bad input."""
         from gemmakit.vision.generate import prepare_vision
 
         if common is not None:
-            _check_supported(body, common)
-        messages, images = vision_chat(body, self.layout)
-        prompt = render_chat(messages)
+            _check_supported(common, logprobs)
+        chat, images = vision_chat(messages, self.layout)
+        prompt = render_chat(chat)
         _, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, images or None)
         if not isinstance(ids, list):  # text only (Gemma 3): its text decoder reads the prompt
             ids = self.tokenizer.encode(ids, add_bos=True)
@@ -150,11 +147,11 @@ class VisionRunner:
             emit(Event(0, finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
 
 
-def _check_supported(body: Mapping[str, Any], common: Common) -> None:
+def _check_supported(common: Common, logprobs: bool) -> None:
     """The simple path samples with temperature, top-k, top-p and seed only; refuse the rest loudly."""
     if common.n != 1:
         raise FieldError("this vision model's server generates one choice per request ('n' must be 1)", "n")
-    if body.get("logprobs"):
+    if logprobs:
         raise FieldError("logprobs are not available for vision models", "logprobs")
     p, default = common.params, SamplingParams()
     for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):

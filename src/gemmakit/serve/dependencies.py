@@ -1,0 +1,57 @@
+"""The dependencies routes declare: the shared state, the API key, and a body parsed into its request model."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
+
+from gemmakit.serve.errors import APIError, FieldError
+from gemmakit.serve.state import ServerState, get_state
+
+State = Annotated[ServerState, Depends(get_state)]
+
+_bearer = HTTPBearer(auto_error=False)  # the 401 is ours, in OpenAI's format, not FastAPI's 403
+
+
+async def require_api_key(state: State,
+                          credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """With an API key set, every guarded route needs ``Authorization: Bearer KEY``."""
+    if state.api_key is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), state.api_key.encode()):
+        raise APIError(401, "invalid or missing API key (Authorization: Bearer)", "authentication_error",
+                       code="invalid_api_key")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_body(model: type[M]):
+    """A dependency giving the body as ``model``, validated against the served model and vocabulary.
+
+    The body is read here rather than by FastAPI's own body parameter so that any Content-Type
+    is read as JSON (curl's ``-d`` sends a form type) and a body that is not a JSON object is a
+    400 with its own message; the size limit applies while it is read (serve/middleware.py).
+    """
+
+    async def parse(request: Request, state: State) -> M:
+        raw = await request.body()
+        try:
+            data: Any = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FieldError(f"the request body is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise FieldError("the request body must be a JSON object")
+        try:
+            return model.model_validate(data, context=state.validation_context())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from None
+
+    return Depends(parse)

@@ -1,0 +1,183 @@
+"""One completion from submit to answer, shared by the chat and text routes: a JSON body or an SSE stream.
+
+The engine thread (or a vision/speculative worker thread) produces events; each request's
+coroutine receives them through an asyncio queue, so the event loop never blocks on the model.
+A client that goes away cancels its request, which frees its batch row at the next token
+boundary: the collecting loop polls for the disconnect, and a streaming generator that is
+closed cancels in its ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+
+from gemmakit.engine.scheduler import Event, Request, RequestHandle
+from gemmakit.serve.errors import error_response
+from gemmakit.serve.schemas import Common
+from gemmakit.serve.state import ServerState
+
+
+class _Stream:
+    """Events of one request, carried from the engine thread into the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def on_event(self, event: Event) -> None:  # engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+async def run(state: ServerState, request: HTTPRequest, prompt: list[int], common: Common, logprobs: int | None,
+              chat: bool, images: tuple[str, list[bytes]] | None = None):
+    """Submit ``prompt`` to the path that serves it and answer with the whole completion or its stream.
+
+    ``images`` (rendered text, image bytes) sends it to the vision runner; greedy requests go to
+    the speculative runner when there is one; everything else to the batching engine.
+    """
+    stream = _Stream(asyncio.get_running_loop())
+    if images is not None:
+        handle = state.vision.submit(images[0], images[1], prompt, common, stream.on_event)
+    elif state.speculative is not None and state.speculative.accepts(common, logprobs):
+        handle = state.speculative.submit(prompt, common, stream.on_event)
+    else:
+        engine_request = Request(prompt_ids=tuple(prompt), max_tokens=common.max_tokens, params=common.params,
+                                 n=common.n, stop=common.stop, logprobs=logprobs,
+                                 stop_ids=frozenset() if common.ignore_eos else None)
+        handle = state.engine.submit(engine_request, stream.on_event)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    answer = _Answer(state, handle, stream, rid, chat)
+    if common.stream:
+        return StreamingResponse(answer.sse(common.include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await answer.collect(request)
+
+
+class _Answer:
+    """The events of one submitted request turned into OpenAI's completion objects."""
+
+    def __init__(self, state: ServerState, handle: RequestHandle, stream: _Stream, rid: str, chat: bool) -> None:
+        self.state, self.handle, self.stream, self.rid, self.chat = state, handle, stream, rid, chat
+        self.want_logprobs = handle.request.logprobs is not None
+
+    def token_text(self, token_id: int) -> str:
+        tokenizer = self.state.tokenizer
+        return tokenizer.decode([token_id]) if tokenizer is not None else ""
+
+    def logprob_content(self, ev: Event) -> dict[str, Any]:
+        """One token's entry in a chat ``logprobs.content`` list."""
+        text = self.token_text(ev.token_id)
+        top = [{"token": self.token_text(i), "logprob": lp, "bytes": list(self.token_text(i).encode())}
+               for i, lp in ev.top_logprobs or []]
+        return {"token": text, "logprob": ev.logprob, "bytes": list(text.encode()), "top_logprobs": top}
+
+    def usage(self) -> dict[str, Any]:
+        prompt, completion = self.handle.prompt_tokens, self.handle.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.handle.cached_tokens}}
+
+    async def collect(self, request: HTTPRequest):
+        """The whole completion as one JSON object; a 499 if the client left first."""
+        handle, chat = self.handle, self.chat
+        n = handle.request.n
+        texts, reasons = [""] * n, [None] * n
+        content: list[list[dict]] = [[] for _ in range(n)]
+        legacy: list[dict[str, list]] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                                         for _ in range(n)]
+        try:
+            while any(r is None for r in reasons):
+                try:
+                    ev = await asyncio.wait_for(self.stream.queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        handle.cancel()
+                        return error_response(499, "client closed the request")
+                    continue
+                if ev.token_id is not None and self.want_logprobs:
+                    if chat:
+                        content[ev.index].append(self.logprob_content(ev))
+                    else:
+                        lg = legacy[ev.index]
+                        lg["text_offset"].append(len(texts[ev.index]))
+                        lg["tokens"].append(self.token_text(ev.token_id))
+                        lg["token_logprobs"].append(ev.logprob)
+                        lg["top_logprobs"].append({self.token_text(i): lp for i, lp in ev.top_logprobs or []})
+                texts[ev.index] += ev.text
+                if ev.finish_reason is not None:
+                    if ev.finish_reason == "error":
+                        return error_response(500, ev.error or "generation failed", "server_error")
+                    reasons[ev.index] = ev.finish_reason
+        finally:  # an error, a disconnect or a cancelled task: free the row
+            if any(r is None for r in reasons):
+                handle.cancel()
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "logprobs": {"content": content[i]} if self.want_logprobs else None,
+                        "finish_reason": reasons[i]} for i in range(n)]
+        else:
+            choices = [{"index": i, "text": texts[i], "logprobs": legacy[i] if self.want_logprobs else None,
+                        "finish_reason": reasons[i]} for i in range(n)]
+        return {"id": self.rid, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": self.state.model_name, "choices": choices,
+                "usage": self.usage()}
+
+    async def sse(self, include_usage: bool) -> AsyncIterator[str]:
+        """The completion as server-sent events: one chunk per event, then ``[DONE]``."""
+        handle, chat = self.handle, self.chat
+        n = handle.request.n
+        open_choices = n
+        created_at = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict], **extra) -> str:
+            body = {"id": self.rid, "object": kind, "created": created_at, "model": self.state.model_name,
+                    "choices": choices}
+            if include_usage:
+                body["usage"] = None
+            body.update(extra)
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        try:
+            if chat:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(n)])
+            while open_choices:
+                ev = await self.stream.queue.get()
+                if ev.finish_reason == "error":
+                    err = {"message": ev.error or "generation failed", "type": "server_error", "param": None,
+                           "code": None}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                    return
+                if ev.finish_reason is not None:
+                    open_choices -= 1
+                if not ev.text and ev.finish_reason is None and not self.want_logprobs:
+                    continue
+                logprobs = None
+                if self.want_logprobs and ev.token_id is not None:
+                    if chat:
+                        logprobs = {"content": [self.logprob_content(ev)]}
+                    else:
+                        logprobs = {"tokens": [self.token_text(ev.token_id)], "token_logprobs": [ev.logprob],
+                                    "top_logprobs": [{self.token_text(i): lp for i, lp in ev.top_logprobs or []}],
+                                    "text_offset": [0]}
+                if chat:
+                    choice = {"index": ev.index, "delta": {"content": ev.text} if ev.text else {},
+                              "logprobs": logprobs, "finish_reason": ev.finish_reason}
+                else:
+                    choice = {"index": ev.index, "text": ev.text, "logprobs": logprobs,
+                              "finish_reason": ev.finish_reason}
+                yield chunk([choice])
+            if include_usage:
+                yield chunk([], usage=self.usage())
+            yield "data: [DONE]\n\n"
+        finally:  # normal end, or the client went away (the task is cancelled): free the row
+            if open_choices:
+                handle.cancel()
