@@ -1,0 +1,74 @@
+"""``gemmakit chat``: an interactive multi-turn chat in Gemma's turn format."""
+
+from __future__ import annotations
+
+import sys
+
+from gemmakit.cli.common import (
+    EPILOG, add_decode_args, add_model_args, add_sampling_args, load_model, print_error, sampling_kwargs,
+    tokenizer_missing,
+)
+from gemmakit.errors import GemmakitError
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("chat", help="interactive multi-turn chat", epilog=EPILOG,
+                       description="Chat with a model in Gemma's turn format. /reset clears the history, "
+                                   "/image PATH attaches an image to your next message (vision models), "
+                                   "/exit (or Ctrl-D) quits.")
+    add_model_args(c)
+    add_sampling_args(c)
+    c.add_argument("--system", default=None, help="a system message, folded into the first user turn")
+    c.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
+    c.add_argument("--pan-and-scan", action="store_true", help="Gemma 3 vision: add crops of wide/tall images")
+    add_decode_args(c)
+    c.set_defaults(func=run, max_tokens=512)
+
+
+def run(args) -> int:
+    from gemmakit.api import settle_for_serving, stream_generation
+    from gemmakit.chat_template import render_chat
+
+    model, tokenizer = load_model(args)
+    if tokenizer is None:
+        raise tokenizer_missing(args.model)
+    settle_for_serving(model)  # a chat waits for its user anyway: no reply pays the huge-page copy
+    from gemmakit.vision.chat import ChatImages
+
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    images = ChatImages(model)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("gemmakit chat: /reset clears the history, /image PATH attaches an image, /exit or Ctrl-D quits.",
+              file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            images.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/image"):
+            try:
+                print(images.attach(text[len("/image"):].strip()), file=sys.stderr)
+            except GemmakitError as exc:  # a bad image costs the user nothing but this line
+                print_error(exc)
+            continue
+        history.append({"role": "user", "content": images.mark(text)})
+        reply = ""
+        for piece, _ in stream_generation(model, tokenizer, render_chat(history), images=images.all() or None,
+                                          pan_and_scan=args.pan_and_scan, **sampling_kwargs(args)):
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+    return 0
