@@ -37,7 +37,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import gemmakit
     from gemmakit.train.export import save_hf_directory
-    from gemmakit.train.lora import LoRAConfig, apply_lora
+    from gemmakit.models.lora import LoRAConfig, apply_lora
 
     model, tok = gemmakit.load()
     ids = torch.randint(3, 200_000, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(0))

@@ -68,7 +68,7 @@ def test_dense_projections_merge_without_changing_the_model() -> None:
     import copy
 
     from gemmakit.models.decoder import fuse_dense_projections
-    from gemmakit.train.lora import LoRAConfig, apply_lora
+    from gemmakit.models.lora import LoRAConfig, apply_lora
 
     config = tiny_config("gemma3", hidden_size=64, intermediate_size=128, num_layers=3, sliding_window=6)
     model = random_model(config, seed=8).eval()

@@ -14,7 +14,8 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from gemmakit.train.lora import LoRAConfig, apply_lora, lora_parameters, save_adapter  # noqa: E402
+from gemmakit.checkpoints.peft import save_adapter  # noqa: E402
+from gemmakit.models.lora import LoRAConfig, apply_lora, lora_parameters  # noqa: E402
 from tiny import random_model, tiny_config, write_gguf  # noqa: E402
 
 

@@ -10,7 +10,8 @@ import torch
 import gemmakit
 from gemmakit.errors import CheckpointError, InvalidRequestError
 from gemmakit.train.data import load_blocks, pack, parse_example, read_jsonl
-from gemmakit.train.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora, save_adapter
+from gemmakit.checkpoints.peft import save_adapter
+from gemmakit.models.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
 from gemmakit.train.loop import Trainer, TrainConfig
 from train_helpers import synthetic_task, tiny_gguf, write_jsonl
 

@@ -124,7 +124,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
         kernel()  # build (first run only) or load the CPU kernel now, not in the middle of a prefill
     model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress, keep_quantised=keep or via_blocks)
     if adapter is not None:
-        from gemmakit.train.lora import load_adapter
+        from gemmakit.checkpoints.peft import load_adapter
 
         model = load_adapter(model, adapter)
     if quantised:

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from gemmakit.train.data import load_blocks
-from gemmakit.train.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+from gemmakit.checkpoints.peft import save_adapter
+from gemmakit.models.lora import LoRAConfig, apply_lora, merge_lora
 from gemmakit.train.loop import Trainer, TrainConfig, TrainResult
 
 
