@@ -129,13 +129,15 @@ def test_serve_loads_the_quantisation_and_device_asked_for(tiny_gguf, monkeypatc
 
     import gemmakit.serve as serve
 
-    built = {}
-    monkeypatch.setattr(serve, "build_app", lambda model, *args, **kwargs: built.setdefault("model", model))
+    import gemmakit.api as api
+
+    loaded, load_model = [], api.load_model
+    monkeypatch.setattr(api, "load_model", lambda *args, **kwargs: loaded.append(load_model(*args, **kwargs)) or loaded[-1])
+    monkeypatch.setattr(serve, "build_app", lambda model, *args, **kwargs: None)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
     serve.run_server(str(tiny_gguf), quant="int8", device="cpu")
-    assert built["model"].weights_format == "int8" and built["model"].device.type == "cpu"
-    built.clear()
+    assert loaded[-1].report.weights == "int8" and loaded[-1].model.device.type == "cpu"
     serve.run_server(str(tiny_gguf), prefill_dtype="float32")  # --prefill-dtype too
-    assert built["model"].prefill_dtype == "float32"
+    assert loaded[-1].report.prefill_dtype == "float32"
     with pytest.raises(InvalidRequestError, match="unknown prefill dtype"):
         serve.run_server(str(tiny_gguf), prefill_dtype="float16")

@@ -16,8 +16,9 @@ import torch
 import gemmakit
 import gemmakit.models.decoder as decoder
 import gemmakit.models.fused_decode as fused_decode
-from gemmakit.kernels.gemm import bf16_supported
+from gemmakit.api import LoadOptions, load_model
 from gemmakit.kernels.build import kernel
+from gemmakit.kernels.gemm import bf16_supported
 from tiny import random_model, tiny_config, write_gguf
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="the CPU kernel could not be built here")
@@ -129,9 +130,9 @@ def test_bf16_prefill_is_close_to_float32_and_decode_is_untouched(tmp_path) -> N
 
     config = tiny_config("gemma3", num_layers=3, hidden_size=256, intermediate_size=256)
     path = write_gguf(tmp_path / "m.gguf", random_model(config, seed=4), quant="Q8_0")
-    ref, _ = gemmakit.load(path, prefill_dtype="float32")
-    bf16, _ = gemmakit.load(path, prefill_dtype="bfloat16")
-    assert (ref.prefill_dtype, bf16.prefill_dtype) == ("float32", "bfloat16")
+    ref, _, ref_report = load_model(path, LoadOptions(prefill_dtype="float32"))
+    bf16, _, bf16_report = load_model(path, LoadOptions(prefill_dtype="bfloat16"))
+    assert (ref_report.prefill_dtype, bf16_report.prefill_dtype) == ("float32", "bfloat16")
     ids = torch.tensor([list(range(2, 72))])  # 70 rows: past the block kernel's 16 and bf16's 64
     with torch.inference_mode():
         a, b = ref(ids), bf16(ids)
@@ -160,7 +161,7 @@ def test_bf16_prefill_is_refused_on_a_cpu_without_bf16_dot_products(tmp_path, mo
     monkeypatch.setattr(gemm, "bf16_supported", lambda: False)
     with pytest.raises(InvalidRequestError, match="bfloat16 dot products"):
         gemmakit.load(path, prefill_dtype="bfloat16")
-    assert gemmakit.load(path)[0].prefill_dtype == "float32"
+    assert load_model(path).report.prefill_dtype == "float32"
 
 
 def test_onednn_isa_limit_and_the_avx2_switch_turn_bf16_off(monkeypatch) -> None:
@@ -200,14 +201,14 @@ def test_auto_prefill_takes_bf16_only_for_quantised_codes_on_a_bf16_cpu(tmp_path
 
     for supported in (True, False):
         monkeypatch.setattr(gemm, "bf16_supported", lambda: supported)
-        quantised, _ = gemmakit.load(q8)
-        assert quantised.prefill_dtype == ("bfloat16" if supported else "float32")
+        quantised, _, report = load_model(q8)
+        assert report.prefill_dtype == ("bfloat16" if supported else "float32")
         assert kinds(quantised) == {torch.bfloat16 if supported else torch.float32}
-        half, _ = gemmakit.load(f16)
-        assert half.weights_format.startswith("float16") and half.prefill_dtype == "float32"
+        half, _, report = load_model(f16)
+        assert report.weights.startswith("float16") and report.prefill_dtype == "float32"
         assert kinds(half) == {torch.float32}
-        assert gemmakit.load(q8, quant="none")[0].prefill_dtype == "float32"
-        assert gemmakit.load(q8, prefill_dtype="float32")[0].prefill_dtype == "float32"
+        assert load_model(q8, LoadOptions(quant="none")).report.prefill_dtype == "float32"
+        assert load_model(q8, LoadOptions(prefill_dtype="float32")).report.prefill_dtype == "float32"
 
 
 def test_dequantise_to_bf16_equals_converting_the_float32_weights() -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import gemmakit
+from gemmakit.api import LoadOptions, load_model
 from gemmakit.engine.generate import generate_steps
 from gemmakit.quant.ggml import packable
 from gemmakit.quant.grouped import GGMLWeight
@@ -48,9 +49,9 @@ def test_hf_half_precision_directory_keeps_its_weights(tmp_path, kernel_or_skip,
     from transformers import AutoModelForCausalLM
 
     random_hf_model("gemma3").to(dtype).save_pretrained(tmp_path / "hf")
-    kept, _ = gemmakit.load(tmp_path / "hf")
-    expanded, _ = gemmakit.load(tmp_path / "hf", dtype="float32")
-    assert kept.weights_format == f"{name} (float32 compute)" and expanded.weights_format == "float32"
+    kept, _, kept_report = load_model(tmp_path / "hf")
+    expanded, _, expanded_report = load_model(tmp_path / "hf", LoadOptions(dtype="float32"))
+    assert kept_report.weights == f"{name} (float32 compute)" and expanded_report.weights == "float32"
     assert _kept_types(kept) == {ggml_type} and not _kept_types(expanded)
     # every projection and the tied embedding stay 16-bit: about half of float32's bytes
     assert _weight_bytes(kept) < 0.52 * _weight_bytes(expanded)
@@ -195,5 +196,5 @@ def test_without_the_kernel_16_bit_checkpoints_expand_as_before(tmp_path, monkey
 
     random_hf_model("gemma3").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     monkeypatch.setattr(kernels, "kernel", lambda: None)
-    model, _ = gemmakit.load(tmp_path / "hf")
-    assert model.weights_format == "float32" and not _kept_types(model)
+    model, _, report = load_model(tmp_path / "hf")
+    assert report.weights == "float32" and not _kept_types(model)

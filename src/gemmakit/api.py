@@ -10,15 +10,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from gemmakit.checkpoints import build_model, open_checkpoint
+from gemmakit.checkpoints.peft import load_adapter
 from gemmakit.engine.generate import GenerationStats, generate_steps
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.errors import InvalidRequestError, TokenizerError
 from gemmakit.heap import forget_unused_code, keep_freed_heap, return_freed_heap
+from gemmakit.kernels import build, gemm
+from gemmakit.kernels.gemm import HALF_TYPES
 from gemmakit.models.decoder import GemmaModel
+from gemmakit.quant.grouped import GGMLWeight, set_prefill_dtype
+from gemmakit.quant.linear import default_compute_dtype, quantize_model, requantize_blocks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,12 +66,70 @@ def checked_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+QUANTS = ("auto", "none", "gguf", "int8", "int4")
+KV_CACHES = ("auto", "int8")
+PREFILL_DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model, checked once when made: every option's allowed values live here.
+
+    ``dtype`` None lets ``quant`` decide (float32 for float weights). See :func:`load` for what
+    each option does."""
+
+    dtype: torch.dtype | None = None
+    quant: str = "auto"
+    kv_cache: str = "auto"
+    prefill_dtype: str = "auto"
+    device: torch.device = torch.device("cpu")
+    compile: bool = False
+    adapter: Path | None = None
+    config: object = None  # a preset name or ModelConfig, for a .ckpt (which stores none)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # normalise in place: the dataclass is frozen to callers
+        set_(self, "dtype", None if self.dtype is None else parse_dtype(self.dtype))
+        set_(self, "quant", self.quant or "auto")
+        set_(self, "device", checked_device(self.device))
+        set_(self, "adapter", None if self.adapter is None else Path(self.adapter))
+        for name, value, allowed, what in (("quant", self.quant, QUANTS, "quantisation"),
+                                           ("kv_cache", self.kv_cache, KV_CACHES, "KV cache storage"),
+                                           ("prefill_dtype", self.prefill_dtype, PREFILL_DTYPES, "prefill dtype")):
+            if value not in allowed:
+                raise InvalidRequestError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+        if self.quant == "gguf" and self.adapter is not None:
+            raise InvalidRequestError("a LoRA adapter is merged into float weights; use --quant none with --adapter")
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_model` decided and how long it took."""
+
+    source: str  # the checkpoint's path (or the default model's)
+    weights: str  # how the weights are held: "gguf" (quantised blocks), "int8"/"int4", a float dtype,
+    #               or "bfloat16 (float32 compute)" for 16-bit matrices kept on the block kernel
+    prefill_dtype: str  # "float32" or "bfloat16": what a prompt's products of quantised weights run in
+    kv_cache: str  # "float" (the model's dtype) or "int8"
+    seconds: float
+
+
+class Loaded(NamedTuple):
+    model: nn.Module
+    tokenizer: object  # a Tokenizer, or None when the checkpoint carries no tokenizer files
+    report: LoadReport
+
+
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = False, config=None,
          adapter: str | Path | None = None, quant: str | None = None, compile: bool = False,
          kv_cache: str = "auto", prefill_dtype: str = "auto"):
     """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, a gemma_pytorch
-    ``.ckpt``, or the default model.
+    ``.ckpt``, or the default model (:func:`load_model` also says what it decided).
 
     The tokenizer is ``None`` when the source carries no tokenizer files. ``config`` (a preset name
     or ModelConfig) names the architecture of a ``.ckpt``, which stores none. ``adapter`` is a LoRA
@@ -88,75 +153,65 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     two tokens are close. ``"float32"`` is the reference numerics (the dequantised model up to
     float32 rounding). ``"auto"`` (the default) is bfloat16 for quantised (8-bit or fewer) weights
     on a CPU with bfloat16 dot products (AVX512_BF16 or AMX), float32 for everything else;
-    ``model.prefill_dtype`` says which was chosen.
+    the report's ``prefill_dtype`` says which was chosen.
     """
-    if prefill_dtype not in PREFILL_DTYPES:
-        raise InvalidRequestError(f"unknown prefill dtype {prefill_dtype!r}; choose one of {', '.join(PREFILL_DTYPES)}")
-    device = checked_device(device)
+    options = LoadOptions(dtype=dtype, quant=quant or "auto", kv_cache=kv_cache, prefill_dtype=prefill_dtype,
+                          device=device, compile=compile, adapter=adapter, config=config)
+    model, tokenizer, _ = load_model(source, options, progress=progress)
+    return model, tokenizer
+
+
+def load_model(source: str | Path | None = None, options: LoadOptions = LoadOptions(),
+               progress: bool = False) -> Loaded:
+    """:func:`load` with its options made and checked beforehand; returns the model, its tokenizer
+    and a :class:`LoadReport` of what was decided."""
+    device, quant, dtype, adapter = options.device, options.quant, options.dtype, options.adapter
     t0 = time.perf_counter()
     keep_freed_heap()  # a prefill reuses its scratch memory instead of faulting it in again (heap.py)
-    checkpoint = open_checkpoint(source, config)
-    keep = quant == "gguf" or (quant in (None, "auto") and dtype is None and adapter is None and _cpu(device)
-                                 and bool(checkpoint.packed))
-    if keep and quant in (None, "auto") and checkpoint.metadata.get("format") != "gguf":
-        from gemmakit.kernels.build import kernel
-
+    checkpoint = open_checkpoint(source, options.config)
+    keep = quant == "gguf" or (quant == "auto" and dtype is None and adapter is None and options.on_cpu
+                               and bool(checkpoint.packed))
+    if keep and quant == "auto" and checkpoint.metadata.get("format") != "gguf":
         # A checkpoint's 16-bit matrices pay only on the kernel: without it every product would
         # widen its matrix first, slower than holding the float32 expansion.
-        keep = kernel() is not None
-    if quant == "gguf" and adapter is not None:
-        raise InvalidRequestError("a LoRA adapter is merged into float weights; use --quant none with --adapter")
+        keep = build.kernel() is not None
     if quant == "gguf" and not checkpoint.packed:
         raise InvalidRequestError(f"{checkpoint.source} has no quantised or 16-bit matrices to keep as stored; "
                                   "--quant gguf needs a quantised .gguf or a bfloat16/float16 checkpoint "
                                   "(or use int8/int4)")
-    quantised = quant not in (None, "auto", "none", "gguf")
+    quantised = quant in ("int8", "int4")
     if quantised and dtype is None:
-        from gemmakit.quant.linear import default_compute_dtype
-
         dtype = default_compute_dtype(quant, device)  # float32 on the CPU's block kernels
+    dtype = dtype or torch.float32
     # int8/int4 from a quantised GGUF: requantise its blocks directly, never building the float model
-    via_blocks = (quant in ("int8", "int4") and adapter is None and _cpu(device) and bool(checkpoint.packed)
-                  and parse_dtype(dtype) == torch.float32)
+    via_blocks = quantised and adapter is None and options.on_cpu and bool(checkpoint.packed) and dtype == torch.float32
     if keep or via_blocks:
-        from gemmakit.kernels.build import kernel
-
-        kernel()  # build (first run only) or load the CPU kernel now, not in the middle of a prefill
-    model = build_model(checkpoint, parse_dtype(dtype), device, progress=progress, keep_quantised=keep or via_blocks)
+        build.kernel()  # build (first run only) or load the CPU kernel now, not in the middle of a prefill
+    model = build_model(checkpoint, dtype, device, progress=progress, keep_quantised=keep or via_blocks)
     if adapter is not None:
-        from gemmakit.checkpoints.peft import load_adapter
-
         model = load_adapter(model, adapter)
     if quantised:
-        from gemmakit.quant.linear import quantize_model, requantize_blocks
-
         if via_blocks:
             requantize_blocks(model, quant)
-        model = quantize_model(model, quant, dtype=parse_dtype(dtype))  # any float matrices left
-    model.prefill_dtype = _set_prefill_dtype(model, prefill_dtype, keep or quant in ("int8", "int4"), _cpu(device))
+        model = quantize_model(model, quant, dtype=dtype)  # any float matrices left
+    prefill = _set_prefill_dtype(model, options.prefill_dtype, keep or quantised, options.on_cpu)
     decoder = getattr(model, "decoder", model)  # a vision model's language decoder holds the caches
-    if kv_cache not in ("auto", "int8"):
-        raise InvalidRequestError(f"unknown KV cache storage {kv_cache!r}; choose auto or int8")
-    decoder.kv_int8 = kv_cache == "int8"
-    if compile:
+    decoder.kv_int8 = options.kv_cache == "int8"
+    if options.compile:
         if "recurrent" in decoder.config.layer_kinds:
             raise InvalidRequestError("--compile covers attention models; RecurrentGemma runs eagerly")
         decoder.compile_decode()
     return_freed_heap()  # the vocabulary's parsing leaves ~10 MB of freed fragments
     forget_unused_code()  # ~85 MB of libtorch's code ran once, at import; a generation uses ~20 MB
-    model.load_seconds = time.perf_counter() - t0
-    # how the weights are held, for reports: "gguf" (quantised blocks), "int8"/"int4", or the float dtype
-    model.weights_format = _kept_format(model) if keep else (quant if quantised else str(model.dtype).removeprefix("torch."))
-    model.source = checkpoint.source
-    return model, checkpoint.tokenizer
+    weights = _kept_format(model) if keep else (quant if quantised else str(model.dtype).removeprefix("torch."))
+    report = LoadReport(source=str(checkpoint.source), weights=weights, prefill_dtype=prefill,
+                        kv_cache="int8" if decoder.kv_int8 else "float", seconds=time.perf_counter() - t0)
+    return Loaded(model, checkpoint.tokenizer, report)
 
 
 def _kept_format(model) -> str:
     """How weights kept as stored are held: "gguf" (quantised blocks), or "bfloat16"/"float16" for a
     checkpoint's 16-bit float matrices on the block kernel (float32 compute)."""
-    from gemmakit.quant.ggml import HALF_TYPES
-    from gemmakit.quant.grouped import GGMLWeight
-
     types = {t for m in model.modules() if isinstance(m, GGMLWeight) for t in m.types}
     plain = {t: str(d).removeprefix("torch.") for d, t in HALF_TYPES.items()}
     if types and types <= set(plain):
@@ -173,8 +228,6 @@ def settle_for_serving(model) -> int:
     return decoder.move_weights_to_huge_pages() if hasattr(decoder, "move_weights_to_huge_pages") else 0
 
 
-PREFILL_DTYPES = ("auto", "float32", "bfloat16")
-
 
 def _set_prefill_dtype(model, requested: str, quantised: bool, on_cpu: bool) -> str:
     """Apply ``load(prefill_dtype=...)``; returns the dtype the quantised weights' prefill runs in.
@@ -182,19 +235,16 @@ def _set_prefill_dtype(model, requested: str, quantised: bool, on_cpu: bool) -> 
     "auto" takes bfloat16 only where it is both fast (native bfloat16 dot products) and small
     against the weights' own error: GGML blocks of 8-bit or fewer codes, which is what
     ``quantised_codes_only`` selects (a 16-bit checkpoint's exact matrices keep float32)."""
-    from gemmakit.kernels.gemm import bf16_supported
-    from gemmakit.quant.grouped import set_prefill_dtype
-
     if requested == "float32":
         return "float32"
     if requested == "auto":
-        if on_cpu and bf16_supported() and set_prefill_dtype(model, torch.bfloat16, quantised_codes_only=True):
+        if on_cpu and gemm.bf16_supported() and set_prefill_dtype(model, torch.bfloat16, quantised_codes_only=True):
             return "bfloat16"
         return "float32"
     if not quantised or set_prefill_dtype(model, torch.bfloat16) == 0:
         raise InvalidRequestError("--prefill-dtype bfloat16 applies to quantised weights (a quantised .gguf's "
                                   "blocks, or --quant int8 or int4); for float weights use --dtype bfloat16")
-    if on_cpu and not bf16_supported():
+    if on_cpu and not gemm.bf16_supported():
         raise InvalidRequestError("--prefill-dtype bfloat16 needs a CPU with bfloat16 dot products (AVX512_BF16 "
                                   "or AMX), which this one lacks or oneDNN may not use; use --prefill-dtype "
                                   "float32 or auto")

@@ -29,7 +29,7 @@ def run(args) -> int:
     from gemmakit.api import settle_for_serving, stream_generation
     from gemmakit.chat_template import render_chat
 
-    model, tokenizer = load_model(args)
+    model, tokenizer, _ = load_model(args)
     if tokenizer is None:
         raise tokenizer_missing(args.model)
     settle_for_serving(model)  # a chat waits for its user anyway: no reply pays the huge-page copy

@@ -109,13 +109,15 @@ def train_config(args, default_lr: float):
 
 
 def load_model(args):
-    from gemmakit.api import load
+    """``(model, tokenizer, report)`` for a command's model arguments (api.load_model)."""
+    from gemmakit import api
 
-    return load(args.model, dtype=getattr(args, "dtype", None), device=getattr(args, "device", "cpu"),
-                progress=sys.stderr.isatty(),
-                config=getattr(args, "config", None), adapter=getattr(args, "adapter", None),
-                quant=getattr(args, "quant", "none"), compile=getattr(args, "compile", False),
-                kv_cache=getattr(args, "kv_cache", "auto"), prefill_dtype=getattr(args, "prefill_dtype", "auto"))
+    options = api.LoadOptions(dtype=getattr(args, "dtype", None), device=getattr(args, "device", "cpu"),
+                              config=getattr(args, "config", None), adapter=getattr(args, "adapter", None),
+                              quant=getattr(args, "quant", "none"), compile=getattr(args, "compile", False),
+                              kv_cache=getattr(args, "kv_cache", "auto"),
+                              prefill_dtype=getattr(args, "prefill_dtype", "auto"))
+    return api.load_model(args.model, options, progress=sys.stderr.isatty())
 
 
 def sampling_kwargs(args) -> dict:

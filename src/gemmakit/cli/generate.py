@@ -51,7 +51,7 @@ def run(args) -> int:
 
     for path in images:  # a bad image fails before the model is loaded
         load_image(path)
-    model, tokenizer = load_model(args)
+    model, tokenizer, report = load_model(args)
     if tokenizer is None:
         raise tokenizer_missing(args.model)
     stop_ids = None
@@ -75,9 +75,9 @@ def run(args) -> int:
         print(json.dumps({
             "prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
             "stats": {"prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
-                      "load_s": round(model.load_seconds, 4),
-                      "weights": getattr(model, "weights_format", None), "weight_bytes": _weight_bytes(model),
-                      "prefill_dtype": getattr(model, "prefill_dtype", "float32"),
+                      "load_s": round(report.seconds, 4),
+                      "weights": report.weights, "weight_bytes": _weight_bytes(model),
+                      "prefill_dtype": report.prefill_dtype,
                       # (moved at the 32nd decoding step: gemmakit/huge_pages.py)
                       "huge_page_bytes": getattr(getattr(model, "decoder", model), "weights_in_huge_pages", 0),
                       "prefill_tokens_per_s": round(s.prefill_tokens_per_s, 2),
@@ -94,14 +94,14 @@ def _weight_bytes(model) -> int:
 
 
 def _generate_speculative(args, model, tokenizer, prompt: str) -> int:
-    from gemmakit.api import load
+    from gemmakit.api import LoadOptions, load_model
     from gemmakit.engine.speculative import speculative_greedy
 
     if args.temperature != 0.0:
         raise invalid("--draft-model decodes greedily; use --temperature 0")
     # The draft loads as its own default (as serve's does): a quantised GGUF stays in its blocks
     # whatever --quant the target asked for, since only its token ids reach the output.
-    draft, _ = load(args.draft_model, dtype=args.dtype, device=args.device)
+    draft, _, draft_report = load_model(args.draft_model, LoadOptions(dtype=args.dtype, device=args.device))
     ids = tokenizer.encode(prompt, add_bos=True)
     stops = tokenizer.stop_ids()
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def _generate_speculative(args, model, tokenizer, prompt: str) -> int:
     seconds = time.perf_counter() - t0
     text = tokenizer.decode([t for t in out if t not in stops])
     if args.json:
-        stats = {**stats, "draft_weights": getattr(draft, "weights_format", None), "seconds": round(seconds, 3),
+        stats = {**stats, "draft_weights": draft_report.weights, "seconds": round(seconds, 3),
                  "tokens_per_s": round(len(out) / seconds, 2)}  # both prefills included
         print(json.dumps({"prompt_ids": ids, "token_ids": out, "text": text, "speculative": stats},
                          ensure_ascii=False))

@@ -28,15 +28,15 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
         from gemmakit.errors import GemmakitError
 
         raise GemmakitError("serving needs FastAPI and uvicorn: pip install 'gemmakit[serve]'") from None
-    from gemmakit.api import load, settle_for_serving
+    from gemmakit.api import LoadOptions, load_model, settle_for_serving
 
-    model, tokenizer = load(model_source, dtype=dtype, adapter=adapter, quant=quant, device=device, kv_cache=kv_cache,
-                            prefill_dtype=prefill_dtype)
-    draft = load(draft_model, dtype=dtype, device=device)[0] if draft_model else None
+    model, tokenizer, report = load_model(model_source, LoadOptions(
+        dtype=dtype, adapter=adapter, quant=quant, device=device, kv_cache=kv_cache, prefill_dtype=prefill_dtype))
+    draft = load_model(draft_model, LoadOptions(dtype=dtype, device=device)).model if draft_model else None
     for loaded in (model, draft):
         if loaded is not None:
             settle_for_serving(loaded)  # before the first request, not during one
-    app = build_app(model, tokenizer, model_id(getattr(model, "source", model_source)), api_key=api_key,
+    app = build_app(model, tokenizer, model_id(report.source), api_key=api_key,
                     max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes, draft=draft,
                     draft_tokens=draft_tokens)
     uvicorn.run(app, host=host, port=port, log_level="warning")
