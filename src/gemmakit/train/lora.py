@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.errors import CheckpointError, InvalidRequestError
+from gemmakit.io import atomic_directory
 from gemmakit.models.decoder import GemmaModel
 from gemmakit.models.gemm import Linear
 
@@ -142,7 +143,6 @@ def save_adapter(model: GemmaModel, directory: str | Path, config: LoRAConfig, b
     from safetensors.torch import save_file
 
     from gemmakit.checkpoints.safetensors import hf_names
-    from gemmakit.train.files import atomic_directory
 
     hf = hf_names(model.config)
     tensors: dict[str, torch.Tensor] = {}
