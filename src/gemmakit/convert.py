@@ -1,85 +1,24 @@
 """``gemmakit convert SRC DST``: any supported checkpoint -> a Hugging Face safetensors directory.
 
-The output is what transformers itself would save for GemmaForCausalLM, Gemma2ForCausalLM or
-Gemma3ForCausalLM: ``config.json`` (older-style keys that transformers 4.x and 5.x both read),
-``model.safetensors`` (or numbered shards plus an index) under transformers' tensor names, and the
-tokenizer files. Tensors stream from the source one at a time into shards of bounded size, so
-peak memory is one shard, not the model. Everything is written into a temporary directory next
-to DST and renamed at the end: an interrupted conversion leaves no half-written DST behind.
+Tensors stream from the source one at a time into :func:`gemmakit.checkpoints.hf_writer.write_hf_directory`,
+which writes what transformers itself would save (config.json, safetensors shards, tokenizer files)
+into a temporary directory next to DST and renames it at the end: an interrupted conversion leaves
+no half-written DST behind.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from gemmakit.checkpoints import open_checkpoint
 from gemmakit.checkpoints.base import parameter_shapes
-from gemmakit.checkpoints.safetensors import config_from_hf, hf_names
-from gemmakit.errors import CheckpointError, InvalidRequestError, UnsupportedModelError
-from gemmakit.models.config import ModelConfig, alternating
-
-ARCHITECTURES = {"gemma": ("gemma", "GemmaForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
-                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
-DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' own default max_shard_size ("5GB")
-
-
-def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
-    """The transformers ``config.json`` dict of ``config``; checked to read back as the same model."""
-    model_type, architecture = ARCHITECTURES[config.family]
-    ids = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, **(special_ids or {})}
-    out: dict[str, Any] = {
-        "architectures": [architecture], "model_type": model_type,
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim, "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
-        "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "attention_dropout": 0.0,
-        "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True, **ids,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if config.family == "gemma":
-        out["hidden_act"] = "gelu_pytorch_tanh"
-    else:
-        kinds = {"local": "sliding_attention", "global": "full_attention"}
-        out.update(query_pre_attn_scalar=config.query_pre_attn_scalar, sliding_window=config.sliding_window,
-                   layer_types=[kinds[k] for k in config.layer_kinds],
-                   attn_logit_softcapping=config.attn_logit_softcap,
-                   final_logit_softcapping=config.final_logit_softcap)
-        if config.query_pre_attn_scalar == int(config.query_pre_attn_scalar):
-            out["query_pre_attn_scalar"] = int(config.query_pre_attn_scalar)
-    if config.family == "gemma2":
-        out["cache_implementation"] = "hybrid"
-    if config.family == "gemma3":
-        out["rope_local_base_freq"] = config.rope_local_theta
-        out["rope_scaling"] = ({"rope_type": "linear", "factor": config.rope_scaling_factor}
-                               if config.rope_scaling_factor != 1.0 else None)
-        period = next((p for p in range(2, config.num_layers + 2)
-                       if alternating(config.num_layers, p) == config.layer_kinds), None)
-        if period is not None:  # for transformers versions that predate layer_types
-            out["sliding_window_pattern"] = period
-    if config.sliding_window is None:
-        out.pop("sliding_window", None)
-    _check_round_trip(config, out)
-    return out
-
-
-def _check_round_trip(config: ModelConfig, raw: dict[str, Any]) -> None:
-    """Refuse to write a config.json that transformers would read as a different model."""
-    back = config_from_hf(raw)
-    ignore = ("name", "extra")
-    mismatched = [f for f in config.__dataclass_fields__ if f not in ignore
-                  and getattr(back, f) != getattr(config, f)]
-    if mismatched:
-        raise UnsupportedModelError(
-            f"this {config.family} model cannot be written as a transformers {raw['model_type']} config "
-            f"without changing it ({', '.join(mismatched)} would differ)")
+from gemmakit.checkpoints.hf_writer import DEFAULT_SHARD_BYTES, write_hf_directory
+from gemmakit.checkpoints.safetensors import hf_names
+from gemmakit.errors import CheckpointError, InvalidRequestError
+from gemmakit.models.config import ModelConfig
 
 
 def convert(source: str | Path | None, destination: str | Path, dtype: torch.dtype | None = None,
@@ -93,8 +32,7 @@ def convert(source: str | Path | None, destination: str | Path, dtype: torch.dty
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise InvalidRequestError(f"{destination} already exists; give a new directory to write to")
     checkpoint = open_checkpoint(source, config)
-    cfg = checkpoint.config
-    if cfg.family == "recurrentgemma":  # its own transformers layout, written by its adapter
+    if checkpoint.config.family == "recurrentgemma":  # its own transformers layout, written by its adapter
         from gemmakit.checkpoints.base import build_model
         from gemmakit.checkpoints.recurrent_gemma import save_hf_directory
 
@@ -102,71 +40,21 @@ def convert(source: str | Path | None, destination: str | Path, dtype: torch.dty
             destination.rmdir()  # empty (checked above)
         model = build_model(checkpoint, dtype or torch.float32)
         return save_hf_directory(model, destination, checkpoint.tokenizer)
-    tmp = destination.parent / f".{destination.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir(parents=True)
-        written_dtype = _write_weights(checkpoint, tmp, dtype, max_shard_bytes)
-        tok = checkpoint.tokenizer
-        special = ({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-                   if tok is not None else None)
-        raw = hf_config(cfg, written_dtype, special)
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        if destination.exists():  # an empty directory: rename() replaces it on POSIX
-            destination.rmdir()
-        os.replace(tmp, destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return destination
+    return write_hf_directory(destination, checkpoint.config, _hf_tensors(checkpoint, dtype), checkpoint.tokenizer,
+                              max_shard_bytes)
 
 
-def _write_weights(checkpoint, directory: Path, dtype: torch.dtype | None, max_shard_bytes: int) -> torch.dtype:
-    """Stream tensors into safetensors shards; returns the dtype most bytes were written in."""
-    from safetensors.torch import save_file
-
+def _hf_tensors(checkpoint, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors under transformers' names, read (and checked) one at a time."""
     names = hf_names(checkpoint.config, "model.")
     shapes = parameter_shapes(checkpoint.config)
     shown = checkpoint.file_names.get
     missing = [shown(n, n) for n in names if n not in checkpoint.tensors]
     if missing:
         raise CheckpointError(f"{checkpoint.source}: missing tensors {', '.join(missing[:3])}")
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes, total, by_dtype = 0, 0, {}
-    files: list[tuple[Path, list[str]]] = []
-
-    def flush() -> None:
-        file = directory / f"shard-{len(files)}.tmp"
-        save_file(shards[-1], str(file), metadata={"format": "pt"})
-        files.append((file, list(shards[-1])))
-        shards[-1] = {}
-
     for ours, theirs in names.items():
         tensor = checkpoint.tensors[ours]()
         if tuple(tensor.shape) != shapes[ours]:
             raise CheckpointError(f"{checkpoint.source}: tensor {shown(ours, ours)} has shape {tuple(tensor.shape)}, "
                                   f"expected {shapes[ours]}")
-        tensor = (tensor.to(dtype) if dtype is not None else tensor).contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
-            flush()
-            shard_bytes = 0
-        shards[-1][theirs] = tensor
-        shard_bytes += size
-        total += size
-        by_dtype[tensor.dtype] = by_dtype.get(tensor.dtype, 0) + size
-    flush()
-    if len(files) == 1:
-        files[0][0].rename(directory / "model.safetensors")
-    else:
-        weight_map = {}
-        for i, (file, keys) in enumerate(files):
-            final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-            file.rename(directory / final)
-            weight_map.update({k: final for k in keys})
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return max(by_dtype, key=by_dtype.get)
+        yield theirs, tensor.to(dtype) if dtype is not None else tensor

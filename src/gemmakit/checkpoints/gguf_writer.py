@@ -8,8 +8,6 @@ uses it to write Q8_0 / Q4_1 files, which gemmakit then runs without expanding t
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from gemmakit.errors import InvalidRequestError, UnsupportedModelError
+from gemmakit.io import atomic_file
 from gemmakit.models.config import ModelConfig, alternating
 
 # --scheme -> GGML block type of every matrix (norms stay float32)
@@ -182,12 +181,7 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
     all_names = gguf_names(cfg)
     names = {ours: all_names[ours] for ours in parameter_shapes(cfg)}  # the tensors this config really has
     qtype = SCHEMES[scheme]
-    fd, tmp = tempfile.mkstemp(prefix=destination.name + ".", suffix=".partial", dir=destination.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
-    try:
+    with atomic_file(destination) as tmp:
         writer = gguf.GGUFWriter(tmp, cfg.family)
         add_model_metadata(writer, cfg, Path(str(source)).stem + f"-{scheme}")
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if scheme == "int8" else gguf.LlamaFileType.MOSTLY_Q4_1)
@@ -199,9 +193,5 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return QuantizeReport(tensors=len(names), bytes=destination.stat().st_size, seconds=time.perf_counter() - t0,
                           qtype=qtype)

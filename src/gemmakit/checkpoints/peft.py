@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from gemmakit.checkpoints.safetensors import hf_names
 from gemmakit.errors import CheckpointError, InvalidRequestError
+from gemmakit.io import atomic_directory
 from gemmakit.models.decoder import GemmaModel
 from gemmakit.models.lora import TARGETS, LoRAConfig, LoRALinear, apply_lora, merge_lora
-from gemmakit.train.files import atomic_directory
 
 
 def _peft_key(our_module: str, hf: dict[str, str], part: str) -> str:

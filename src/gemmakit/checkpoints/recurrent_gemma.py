@@ -9,15 +9,12 @@ halves it), the Conv1D weight is a ``[W, 1, K]`` ``nn.Conv1d`` kernel, and the f
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gemmakit.checkpoints.hf_writer import write_hf_directory
 from gemmakit.errors import CheckpointError, InvalidRequestError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig
 
@@ -124,31 +121,14 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
 
 
 def save_hf_directory(model, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write a recurrent ``model`` as a transformers RecurrentGemmaForCausalLM directory.
-
-    Everything is written into a temporary sibling directory that is renamed into place at the
-    end, so a failure never leaves a half-written model behind.
-    """
-    from safetensors.torch import save_file
-
+    """Write a recurrent ``model`` as a transformers RecurrentGemmaForCausalLM directory (never over an
+    existing one), atomically: a failure never leaves a half-written model behind."""
     config: ModelConfig = model.config
     if config.family != "recurrentgemma":
         raise UnsupportedModelError(f"save_hf_directory writes RecurrentGemma models, not {config.family!r}")
     out = Path(out_dir)
     if out.exists():
         raise InvalidRequestError(f"{out} already exists; choose a new output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        params = dict(model.named_parameters())
-        tensors = {theirs: to_hf_tensor(ours, params[ours].detach().cpu())
-                   for ours, theirs in hf_names(config).items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(to_hf_config(config), indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    params = dict(model.named_parameters())
+    tensors = ((theirs, to_hf_tensor(ours, params[ours].detach().cpu())) for ours, theirs in hf_names(config).items())
+    return write_hf_directory(out, config, tensors, tokenizer)

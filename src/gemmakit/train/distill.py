@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.errors import CheckpointError, InvalidRequestError
+from gemmakit.io import atomic_directory
 from gemmakit.train.data import Blocks
 
 STORE_FORMAT = "gemmakit-teacher-topk-1"
@@ -73,8 +74,6 @@ def precompute_teacher(teacher: nn.Module, blocks: Blocks, k: int, directory: st
                        progress: bool = False) -> TeacherTopK:
     """Run the teacher over every block once and store its top-k logits (atomically) in ``directory``."""
     from safetensors.torch import save_file
-
-    from gemmakit.train.files import atomic_directory
 
     teacher.eval()
     values, ids = [], []

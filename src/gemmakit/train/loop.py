@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gemmakit.errors import CheckpointError, InvalidRequestError
+from gemmakit.io import atomic_file
 from gemmakit.train.data import Blocks, epoch_order
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -240,8 +241,6 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write ``out/checkpoint.pt`` atomically: a crash mid-write leaves the previous one intact."""
-        from gemmakit.train.files import atomic_file
-
         state = {
             "format": FORMAT, "step": self.step, "config": dataclasses.asdict(self.config),
             "data": self.fingerprint(), "rng": torch.get_rng_state(),
