@@ -299,11 +299,13 @@ def _generate_speculative(args, model, tokenizer, prompt: str) -> int:
 
 def cmd_chat(args) -> int:
     from gemmakit.api import settle_for_serving, stream_generation
-    from gemmakit.chat_template import render_chat
+    from gemmakit.chat import pretrained_warning, render_chat
 
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise _tokenizer_missing(args.model)
+    if warning := pretrained_warning(tokenizer, getattr(model, "source", args.model)):
+        print(warning, file=sys.stderr)
     settle_for_serving(model)  # a chat waits for its user anyway: no reply pays the huge-page copy
     from gemmakit.vision.chat import ChatImages
 
@@ -336,7 +338,7 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": images.mark(text)})
         reply = ""
-        for piece, _ in stream_generation(model, tokenizer, render_chat(history), images=images.all() or None,
+        for piece, _ in stream_generation(model, tokenizer, render_chat(history, tokenizer=tokenizer), images=images.all() or None,
                                           pan_and_scan=args.pan_and_scan, **_sampling_kwargs(args)):
             reply += piece
             sys.stdout.write(piece)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -30,6 +31,10 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
     for loaded in (model, draft):
         if loaded is not None:
             settle_for_serving(loaded)  # before the first request, not during one
+    from gemmakit.chat import pretrained_warning
+
+    if warning := pretrained_warning(tokenizer, getattr(model, "source", model_source)):
+        print(warning, file=sys.stderr)
     app = build_app(model, tokenizer, model_id(getattr(model, "source", model_source)), api_key=api_key,
                     max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes, draft=draft,
                     draft_tokens=draft_tokens)

@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from gemmakit.chat_template import render_chat
+from gemmakit.chat import render_chat
 from gemmakit.engine.scheduler import Engine, Event, Request, RequestHandle
 from gemmakit.errors import GemmakitError
 from gemmakit.serve import protocol
@@ -116,7 +116,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if "messages" in body and vision is not None:
             ids = (await asyncio.to_thread(vision.prepare, body, None))[2]
         elif "messages" in body:
-            text = render_chat(protocol.chat_messages(body, accepts_images))
+            text = render_chat(protocol.chat_messages(body, accepts_images), tokenizer=tokenizer)
             ids = tokenizer.encode(text, add_bos=True)
         elif isinstance(body.get("prompt"), str):
             ids = tokenizer.encode(body["prompt"], add_bos=bool(body.get("add_special_tokens", True)))
@@ -149,7 +149,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if vision is not None:
             text, images, ids = await asyncio.to_thread(vision.prepare, body, common)  # decodes images
             return await run(request, ids, common, None, chat=True, images=(text, images))
-        prompt = tokenizer.encode(render_chat(protocol.chat_messages(body, accepts_images)), add_bos=True)
+        prompt = tokenizer.encode(render_chat(protocol.chat_messages(body, accepts_images), tokenizer=tokenizer), add_bos=True)
         return await run(request, prompt, common, logprobs, chat=True)
 
     @app.post("/v1/completions")
