@@ -172,7 +172,8 @@ WEATHER_TOOL = {"type": "function", "function": {
 TOOL_CHAT = [{"role": "system", "content": "Be helpful."},
              {"role": "user", "content": "Weather in Paris?"},
              {"role": "assistant", "content": None, "tool_calls": [
-                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                 {"id": "c1", "type": "function",
+                  "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
              {"role": "tool", "tool_call_id": "c1", "content": "18 C, sunny"},
              {"role": "assistant", "content": "It is 18 C and sunny."},
              {"role": "user", "content": "Thanks!"}]
@@ -193,8 +194,8 @@ def test_gemma1_2_template_gets_the_system_message_folded_in(tiny_tokenizer, hf_
     the first turn, which is the built-in renderer's text too."""
     tokenizer = with_template(tiny_tokenizer, GEMMA_1_2_TEMPLATE)
     for messages in SYSTEM_CONVERSATIONS.values():
-        by_hand = [{"role": "user", "content": messages[0]["content"].strip() + "\n\n" + messages[1]["content"].strip()},
-                   *messages[2:]]
+        folded = messages[0]["content"].strip() + "\n\n" + messages[1]["content"].strip()
+        by_hand = [{"role": "user", "content": folded}, *messages[2:]]
         assert render_chat(messages, tokenizer=tokenizer) == official(hf_tokenizer, GEMMA_1_2_TEMPLATE, by_hand)
     messages = SYSTEM_CONVERSATIONS["system"]
     assert render_chat(messages, tokenizer=tokenizer) == render_chat(messages)

@@ -338,7 +338,8 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": images.mark(text)})
         reply = ""
-        for piece, _ in stream_generation(model, tokenizer, render_chat(history, tokenizer=tokenizer), images=images.all() or None,
+        prompt = render_chat(history, tokenizer=tokenizer)
+        for piece, _ in stream_generation(model, tokenizer, prompt, images=images.all() or None,
                                           pan_and_scan=args.pan_and_scan, **_sampling_kwargs(args)):
             reply += piece
             sys.stdout.write(piece)

@@ -84,9 +84,12 @@ def render_template(template: str, messages: Sequence[Mapping[str, Any]], add_ge
     import jinja2
 
     compiled = _compile(template)
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise InvalidRequestError(f"message {i} is not a {{role, content}} object")
     # Keys holding None are dropped, as transformers drops them: OpenAI clients send
     # "content": null or "tool_calls": null, and templates test for a key's presence.
-    chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
+    chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
     context = _plain({**variables, "messages": chat, "tools": list(tools) if tools is not None else None,
                       "documents": None, "add_generation_prompt": bool(add_generation_prompt)})
     try:

@@ -149,7 +149,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if vision is not None:
             text, images, ids = await asyncio.to_thread(vision.prepare, body, common)  # decodes images
             return await run(request, ids, common, None, chat=True, images=(text, images))
-        prompt = tokenizer.encode(render_chat(protocol.chat_messages(body, accepts_images), tokenizer=tokenizer), add_bos=True)
+        text = render_chat(protocol.chat_messages(body, accepts_images), tokenizer=tokenizer)
+        prompt = tokenizer.encode(text, add_bos=True)
         return await run(request, prompt, common, logprobs, chat=True)
 
     @app.post("/v1/completions")
