@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gemmakit
-from gemmakit.chat_template import render_chat
+from gemmakit.chat import render_chat
 from tiny import random_model, tiny_config, write_gguf
 
 

@@ -127,7 +127,7 @@ def test_server_smoke_with_a_recurrent_model(model, tmp_path):
     from tiny import tiny_config, write_gguf
 
     import gemmakit
-    from gemmakit.chat_template import render_chat
+    from gemmakit.chat import render_chat
     from gemmakit.serve.app import create_app
 
     tokenizer = gemmakit.load(write_gguf(tmp_path / "t.gguf", random_model(tiny_config("gemma"))))[1]

@@ -305,7 +305,7 @@ def test_cli_generate_chat_and_info(pair, monkeypatch, capsys):
 
     monkeypatch.setattr("sys.stdin", io.StringIO("hi there\n/exit\n"))
     assert main(["chat", "-m", str(path), "-n", "4"]) == 0
-    from gemmakit.chat_template import render_chat
+    from gemmakit.chat import render_chat
 
     reply = gemmakit.generate(loaded, tokenizer, render_chat([{"role": "user", "content": "hi there"}]), max_tokens=4)
     assert capsys.readouterr().out == reply + "\n"

@@ -20,7 +20,7 @@ from live_server import live_server  # noqa: E402
 from tiny import random_model, tiny_config, write_gguf  # noqa: E402
 
 import gemmakit  # noqa: E402
-from gemmakit.chat_template import render_chat  # noqa: E402
+from gemmakit.chat import render_chat  # noqa: E402
 from gemmakit.engine.scheduler import Engine  # noqa: E402
 from gemmakit.serve.app import create_app  # noqa: E402
 

@@ -28,7 +28,7 @@ from tiny import random_model, tiny_config, write_gguf  # noqa: E402
 
 import gemmakit  # noqa: E402
 from gemmakit.api import stream_generation  # noqa: E402
-from gemmakit.chat_template import render_chat  # noqa: E402
+from gemmakit.chat import render_chat  # noqa: E402
 from gemmakit.serve import build_app  # noqa: E402
 
 QUESTION = "what is in the picture"

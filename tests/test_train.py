@@ -38,7 +38,7 @@ def test_chat_loss_only_on_model_turns(tokenizer):
     ex = parse_example(line, tokenizer)
     scored = tokenizer.decode([i for i, t in zip(ex.ids, ex.targets) if t])
     assert scored == "the hat<end_of_turn>\nwe sat<end_of_turn>\n"
-    assert tokenizer.decode(ex.ids[1:]) == gemmakit.chat_template.render_chat(
+    assert tokenizer.decode(ex.ids[1:]) == gemmakit.chat.render_chat(
         json.loads(line)["messages"], add_generation_prompt=False)
 
 

@@ -126,7 +126,8 @@ def write_hf_as_gguf(path: Path, hf_model, config: ModelConfig, **metadata) -> P
 
 
 def _write_gguf_file(path: Path, c: ModelConfig, arch: str, arrays: dict[str, np.ndarray], quant: str | None,
-                     with_tokenizer: bool, sliding_window_pattern=None, fim_tokens: bool = False) -> Path:
+                     with_tokenizer: bool, sliding_window_pattern=None, fim_tokens: bool = False,
+                     chat_template: str | None = None) -> Path:
     import gguf
 
     from gemmakit.checkpoints.gguf_writer import add_model_metadata, add_tensor
@@ -147,6 +148,8 @@ def _write_gguf_file(path: Path, c: ModelConfig, arch: str, arrays: dict[str, np
         w.add_pad_token_id(0)
         w.add_add_bos_token(True)
         w.add_add_space_prefix(False)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
     for name, data in arrays.items():
         add_tensor(w, name, data, quant)
     w.write_header_to_file()

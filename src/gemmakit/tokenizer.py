@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gemmakit.chat.template import pick_template, template_from_directory
 from gemmakit.errors import ModelNotFoundError, TokenizerError
 from gemmakit.kernels import build
 
@@ -59,6 +60,9 @@ class Tokenizer:
         self.vocab_size = len(pieces)
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.source = source
+        # The checkpoint's Jinja chat template (gemmakit.chat renders it), None where it ships none;
+        # the from_* constructors read it from the same GGUF or directory as the vocabulary.
+        self.chat_template: str | None = None
         self._pieces = pieces
         self._types = bytes(types)  # SentencePiece's piece types are 1..6: a byte each, not a list of ints
         self._encode_plain = encode_plain
@@ -203,10 +207,12 @@ class Tokenizer:
         spec = dict(bos=(special_id("bos", "<bos>"), "<bos>"), eos=(special_id("eos", "<eos>"), "<eos>"),
                     pad=(special_id("padding", "<pad>"), "<pad>"), unk=(unk, "<unk>"),
                     add_dummy_prefix=bool(m.get("tokenizer.ggml.add_space_prefix", False)))  # Gemma: False
-        compact = cls._compact(pieces, scores, types, spec, source=str(gguf.path))
-        if compact is not None:
-            return compact
-        return cls._from_proto(build_model_proto(pieces, scores, types, **spec), source=str(gguf.path), types=types)
+        tokenizer = cls._compact(pieces, scores, types, spec, source=str(gguf.path))
+        if tokenizer is None:
+            tokenizer = cls._from_proto(build_model_proto(pieces, scores, types, **spec), source=str(gguf.path),
+                                        types=types)
+        tokenizer.chat_template = pick_template(m.get("tokenizer.chat_template"))
+        return tokenizer
 
     @classmethod
     def _compact(cls, pieces: list[str], scores: list[float], types: list[int], spec: dict,
@@ -241,15 +247,19 @@ class Tokenizer:
 
     @classmethod
     def from_sentencepiece_file(cls, path: str | Path) -> Tokenizer:
-        """Load a SentencePiece ``tokenizer.model`` (the file Gemma checkpoints ship)."""
+        """Load a SentencePiece ``tokenizer.model`` (the file Gemma checkpoints ship), with the chat
+        template of the directory it is in."""
         path = Path(path)
         if not path.is_file():
             raise ModelNotFoundError(f"{path}: no such tokenizer.model file")
-        return cls._from_proto(path.read_bytes(), source=str(path))
+        tokenizer = cls._from_proto(path.read_bytes(), source=str(path))
+        tokenizer.chat_template = template_from_directory(path.parent)
+        return tokenizer
 
     @classmethod
     def from_tokenizer_json(cls, path: str | Path) -> Tokenizer:
-        """Load a Hugging Face ``tokenizer.json`` with the ``tokenizers`` library."""
+        """Load a Hugging Face ``tokenizer.json`` with the ``tokenizers`` library, with the chat
+        template of the directory it is in."""
         path = Path(path)
         if not path.is_file():
             raise ModelNotFoundError(f"{path}: no such tokenizer.json file")
@@ -283,9 +293,11 @@ class Tokenizer:
             return hf.encode(text, add_special_tokens=False).ids
 
         unk = special_id("unk", "<unk>")
-        return cls(pieces=pieces, types=types, encode_plain=encode_plain, bos_id=special_id("bos", "<bos>"),
-                   eos_id=special_id("eos", "<eos>"), pad_id=special_id("pad", "<pad>"),
-                   unk_id=unk if unk >= 0 else None, tokenizer_json=hf.to_str, source=str(path))
+        tokenizer = cls(pieces=pieces, types=types, encode_plain=encode_plain, bos_id=special_id("bos", "<bos>"),
+                        eos_id=special_id("eos", "<eos>"), pad_id=special_id("pad", "<pad>"),
+                        unk_id=unk if unk >= 0 else None, tokenizer_json=hf.to_str, source=str(path))
+        tokenizer.chat_template = template_from_directory(path.parent)
+        return tokenizer
 
     @classmethod
     def from_directory(cls, path: str | Path) -> Tokenizer | None:
@@ -351,6 +363,8 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "padding_side": "left",
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                          encoding="utf-8")
         (directory / "special_tokens_map.json").write_text(

@@ -186,6 +186,8 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
         add_model_metadata(writer, cfg, Path(str(source)).stem + f"-{scheme}")
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if scheme == "int8" else gguf.LlamaFileType.MOSTLY_Q4_1)
         add_vocabulary(writer, vocab)
+        if checkpoint.tokenizer.chat_template is not None:
+            writer.add_chat_template(checkpoint.tokenizer.chat_template)
         items = list(names.items())
         for ours, theirs in (progress(items) if progress else items):
             add_tensor(writer, theirs, checkpoint.tensors[ours]().float().numpy(), qtype)

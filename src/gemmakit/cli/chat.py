@@ -27,11 +27,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from gemmakit.api import settle_for_serving, stream_generation
-    from gemmakit.chat_template import render_chat
+    from gemmakit.chat import pretrained_warning, render_chat
 
-    model, tokenizer, _ = load_model(args)
+    model, tokenizer, report = load_model(args)
     if tokenizer is None:
         raise tokenizer_missing(args.model)
+    if warning := pretrained_warning(tokenizer, report.source):
+        print(warning, file=sys.stderr)
     settle_for_serving(model)  # a chat waits for its user anyway: no reply pays the huge-page copy
     from gemmakit.vision.chat import ChatImages
 
@@ -64,7 +66,8 @@ def run(args) -> int:
             continue
         history.append({"role": "user", "content": images.mark(text)})
         reply = ""
-        for piece, _ in stream_generation(model, tokenizer, render_chat(history), images=images.all() or None,
+        prompt = render_chat(history, tokenizer=tokenizer)
+        for piece, _ in stream_generation(model, tokenizer, prompt, images=images.all() or None,
                                           pan_and_scan=args.pan_and_scan, **sampling_kwargs(args)):
             reply += piece
             sys.stdout.write(piece)

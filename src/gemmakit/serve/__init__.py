@@ -8,6 +8,7 @@ one-at-a-time paths for image and --draft-model requests.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -29,6 +30,7 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
 
         raise GemmakitError("serving needs FastAPI and uvicorn: pip install 'gemmakit[serve]'") from None
     from gemmakit.api import LoadOptions, load_model, settle_for_serving
+    from gemmakit.chat import pretrained_warning
 
     model, tokenizer, report = load_model(model_source, LoadOptions(
         dtype=dtype, adapter=adapter, quant=quant, device=device, kv_cache=kv_cache, prefill_dtype=prefill_dtype))
@@ -36,6 +38,8 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
     for loaded in (model, draft):
         if loaded is not None:
             settle_for_serving(loaded)  # before the first request, not during one
+    if warning := pretrained_warning(tokenizer, report.source):
+        print(warning, file=sys.stderr)
     app = build_app(model, tokenizer, model_id(report.source), api_key=api_key,
                     max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes, draft=draft,
                     draft_tokens=draft_tokens)

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from gemmakit.chat_template import render_chat
+from gemmakit.chat import render_chat
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
 from gemmakit.engine.stopping import StopStrings
@@ -90,7 +90,7 @@ class VisionRunner:
         if common is not None:
             _check_supported(common, logprobs)
         chat, images = vision_chat(messages, self.layout)
-        prompt = render_chat(chat)
+        prompt = render_chat(chat, tokenizer=self.tokenizer)
         _, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, images or None)
         if not isinstance(ids, list):  # text only (Gemma 3): its text decoder reads the prompt
             ids = self.tokenizer.encode(ids, add_bos=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.chat_template import render_chat
+from gemmakit.chat import render_chat
 from gemmakit.errors import GemmakitError, InvalidRequestError
 
 
@@ -104,13 +104,13 @@ def _chat_example(messages, tokenizer) -> Example:
         raise ValueError("the chat has no assistant turn to learn from")
     if model_turns[0] == 0 or (model_turns[0] == 1 and messages[0].get("role") == "system"):
         raise ValueError("the chat must start with a user turn")
-    full = render_chat(messages, add_generation_prompt=False)
+    full = render_chat(messages, add_generation_prompt=False, tokenizer=tokenizer)
     # Character spans of the model turns: what the template adds for turn k, after the
     # "<start_of_turn>model\n" header that the prompt for turn k already ends with.
     spans: list[tuple[int, int]] = []
     for k in model_turns:
-        before = render_chat(messages[:k], add_generation_prompt=True)
-        after = render_chat(messages[:k + 1], add_generation_prompt=False)
+        before = render_chat(messages[:k], add_generation_prompt=True, tokenizer=tokenizer)
+        after = render_chat(messages[:k + 1], add_generation_prompt=False, tokenizer=tokenizer)
         if not (full.startswith(before) and full.startswith(after)):
             raise ValueError(f"message {k} cannot be rendered incrementally")
         spans.append((len(before), len(after)))

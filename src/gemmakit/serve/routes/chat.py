@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Request
 
-from gemmakit.chat_template import render_chat
+from gemmakit.chat import render_chat
 from gemmakit.serve.dependencies import State, json_body
 from gemmakit.serve.generation import run
 from gemmakit.serve.schemas import ChatRequest, text_chat
@@ -23,5 +23,6 @@ async def chat_completions(request: Request, body: Annotated[ChatRequest, json_b
         text, images, ids = await asyncio.to_thread(state.vision.prepare, body.messages, common,
                                                     body.logprobs)  # decodes the images
         return await run(state, request, ids, common, None, chat=True, images=(text, images))
-    prompt = state.tokenizer.encode(render_chat(text_chat(body.messages, state.accepts_images)), add_bos=True)
+    text = render_chat(text_chat(body.messages, state.accepts_images), tokenizer=state.tokenizer)
+    prompt = state.tokenizer.encode(text, add_bos=True)
     return await run(state, request, prompt, common, body.logprob_count, chat=True)

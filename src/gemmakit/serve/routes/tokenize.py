@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter
 
-from gemmakit.chat_template import render_chat
+from gemmakit.chat import render_chat
 from gemmakit.serve.dependencies import State, json_body
 from gemmakit.serve.errors import FieldError
 from gemmakit.serve.schemas import DetokenizeRequest, TokenizeRequest, text_chat
@@ -21,7 +21,8 @@ async def tokenize(body: Annotated[TokenizeRequest, json_body(TokenizeRequest)],
     if body.is_chat and state.vision is not None:  # images placed where their parts are
         ids = (await asyncio.to_thread(state.vision.prepare, body.messages))[2]
     elif body.is_chat:
-        ids = state.tokenizer.encode(render_chat(text_chat(body.messages, state.accepts_images)), add_bos=True)
+        text = render_chat(text_chat(body.messages, state.accepts_images), tokenizer=state.tokenizer)
+        ids = state.tokenizer.encode(text, add_bos=True)
     elif body.prompt is not None:
         ids = state.tokenizer.encode(body.prompt, add_bos=bool(body.add_special_tokens))
     else:

@@ -1,4 +1,6 @@
-"""Gemma's chat format, rendered as the official chat templates render it.
+"""gemmakit's own rendering of Gemma's chat format, for checkpoints that ship no chat template.
+
+It renders the turns as the official chat templates do:
 
     <start_of_turn>user
     {text}<end_of_turn>
@@ -50,7 +52,7 @@ def _text(content: Any, i: int, first_part_only: bool = False) -> str:
     raise InvalidRequestError(f"message {i} has no text content")
 
 
-def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+def render_builtin(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
     """Render ``[{"role": ..., "content": ...}, ...]`` into one prompt string (without ``<bos>``)."""
     if not messages:
         raise InvalidRequestError("a chat needs at least one message")
