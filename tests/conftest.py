@@ -13,6 +13,18 @@ sys.path.insert(0, str(TESTS))  # for `import tiny`
 GOLDEN = TESTS / "data" / "gemma3_270m_golden.json"
 
 
+# Fixtures that load the real 270M model: a test that asks for one takes seconds, so it is `slow`.
+_REAL_MODEL_FIXTURES = {"real_model_path", "real_model", "real_gguf"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that use the real model `slow`; modules of CLI, server, compile and training
+    tests mark themselves (``pytestmark``). `pytest -m "not slow"` then runs the quick loop."""
+    for item in items:
+        if _REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def golden() -> dict:
     return json.loads(GOLDEN.read_text())

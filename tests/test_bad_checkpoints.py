@@ -20,6 +20,8 @@ import gemmakit
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from tiny import random_hf_model, random_model, tiny_config, write_gguf
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 transformers = pytest.importorskip("transformers")
 
 

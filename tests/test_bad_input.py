@@ -12,6 +12,8 @@ import gemmakit
 from gemmakit.errors import (CheckpointError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError)
 from tiny import random_model, tiny_config, write_gguf
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):

@@ -14,6 +14,8 @@ import gemmakit
 from gemmakit.chat import render_chat
 from tiny import random_model, tiny_config, write_gguf
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 GEMMA_3_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "google-gemma-3-it.jinja").read_text()
 # A template unlike the built-in format, so that a prompt shows which of the two rendered it.
 MARKED_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if 'forbidden' in m.content %}"

@@ -13,6 +13,8 @@ import gemmakit
 from gemmakit.chat import render_chat
 from tiny import random_model, tiny_config, write_gguf
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):

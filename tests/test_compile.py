@@ -7,11 +7,14 @@ the ring and global layers attend over a static, partly unwritten buffer.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import gemmakit
 from gemmakit.engine.generate import generate_steps
 from tiny import random_model, tiny_config, write_gguf
+
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
 
 
 def test_compiled_decode_equals_eager(tmp_path) -> None:

@@ -15,6 +15,8 @@ from gemmakit.convert import convert
 from gemmakit.errors import CheckpointError, InvalidRequestError
 from tiny import random_hf_model, random_model, tiny_config, write_ckpt, write_gguf
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 transformers = pytest.importorskip("transformers")
 IDS = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(3))
 

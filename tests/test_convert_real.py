@@ -7,6 +7,8 @@ import torch
 
 from gemmakit.convert import convert
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -16,7 +16,8 @@ from gemmakit.train.loop import Trainer, TrainConfig
 from gemmakit.train.perplexity import perplexity
 from train_helpers import synthetic_task, tiny_gguf, write_jsonl
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # tiny models: threads only add contention
+              pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

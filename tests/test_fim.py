@@ -21,6 +21,8 @@ from gemmakit.errors import TokenizerError
 from gemmakit.fim import fim_prompt
 from tiny import FIM_VOCAB_SIZE, random_model, tiny_config, write_gguf
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 PREFIX, SUFFIX = "the heat was ", "in the west\n"
 
 

@@ -19,6 +19,8 @@ from gemmakit.errors import CheckpointError
 from gemmakit.models.config import PRESETS
 from tiny import random_hf_model as hf_model, write_ckpt
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -8,9 +8,13 @@ import subprocess
 import sys
 
 
+import pytest
+
 import gemmakit
 from gemmakit.api import stream_generation
 from gemmakit.models.decoder import HUGE_PAGES_AFTER_STEPS
+
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
 
 NEAR_TIE = 0.01
 

@@ -9,6 +9,8 @@ import pytest
 
 from gemmakit.heap import _unmodified_code_mappings
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 LISTING = """\
 7f0000000000-7f0000100000 r-xp 00000000 08:01 11 /lib/libkept.so
 Rss:                 512 kB

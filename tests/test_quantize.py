@@ -26,6 +26,8 @@ from gemmakit.quant.grouped import GroupedEmbedding
 from golden_check import assert_greedy_matches_golden
 from tiny import random_model, tiny_config, write_gguf
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())

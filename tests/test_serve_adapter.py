@@ -18,6 +18,8 @@ from gemmakit.checkpoints.peft import save_adapter  # noqa: E402
 from gemmakit.models.lora import LoRAConfig, apply_lora, lora_parameters  # noqa: E402
 from tiny import random_model, tiny_config, write_gguf  # noqa: E402
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 
 def _free_port() -> int:
     with socket.socket() as s:

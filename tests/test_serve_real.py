@@ -14,6 +14,8 @@ from gemmakit.chat import render_chat  # noqa: E402
 from gemmakit.engine.scheduler import Engine  # noqa: E402
 from gemmakit.serve.app import create_app  # noqa: E402
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 
 def test_real_model_through_the_server(real_model, golden):
     model, tokenizer = real_model

@@ -9,6 +9,8 @@ from gemmakit.engine.speculative import speculative_greedy
 from gemmakit.errors import InvalidRequestError
 from tiny import random_model, tiny_config
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 
 def plain_greedy(model, prompt, n):
     return [s.tokens[0] for s in generate_steps(model, [prompt], n) if s.tokens[0] is not None]

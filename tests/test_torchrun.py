@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from train_helpers import synthetic_task, tiny_gguf, write_jsonl
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, the real model, servers, compiling or training: seconds a test
+
 SRC = str(Path(__file__).parents[1] / "src")
 
 
