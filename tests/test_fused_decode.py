@@ -175,6 +175,7 @@ def test_onednn_isa_limit_and_the_avx2_switch_turn_bf16_off(monkeypatch) -> None
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert gemm._onednn_may_use_bf16()
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("GEMMAKIT_CPU_ISA", "native")
     native_name = kernels._build_name()
     monkeypatch.setenv("GEMMAKIT_CPU_ISA", "avx2")
     assert not any(f.startswith(("avx512", "amx")) for f in kernels.cpu_flags().split())
