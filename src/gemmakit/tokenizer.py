@@ -28,6 +28,7 @@ import numpy as np
 
 from gemmakit.chat.template import pick_template, template_from_directory
 from gemmakit.errors import ModelNotFoundError, TokenizerError
+from gemmakit.io import read_json_object
 from gemmakit.kernels import build
 
 if TYPE_CHECKING:
@@ -281,7 +282,7 @@ class Tokenizer:
         for i, added in hf.get_added_tokens_decoder().items():
             if 0 <= i < n:
                 types[i] = CONTROL if added.special else USER_DEFINED
-        config = _read_json(path.parent / "tokenizer_config.json")
+        config = read_json_object(path.parent / "tokenizer_config.json")
 
         def special_id(name: str, default: str) -> int:
             piece = config.get(f"{name}_token", default)
@@ -516,14 +517,6 @@ def _column(metadata: dict[str, Any], key: str, n: int, path: Path) -> Any:
         got = len(value) if hasattr(value, "__len__") else 1
         raise TokenizerError(f"{path}: {key} has {got} entries but the vocabulary has {n} tokens")
     return value
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _first_line(e: BaseException) -> str:

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.errors import InvalidRequestError
+from gemmakit.io import read_json_object
+
 
 # The special tokens transformers passes to every template, by their attribute names.
 SPECIAL_TOKEN_NAMES = ("bos", "eos", "unk", "pad", "mask")
@@ -47,7 +49,7 @@ def template_from_directory(directory: str | Path) -> str | None:
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
     for name in ("tokenizer_config.json", "chat_template.json"):
-        found = pick_template(_read_json(directory / name).get("chat_template"))
+        found = pick_template(read_json_object(directory / name).get("chat_template"))
         if found is not None:
             return found
     return None
@@ -179,14 +181,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
         return _plain(value.item())  # a numpy or torch scalar
     return f"<{type(value).__name__}>"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -61,7 +61,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = norm_and_rope(q, self.q_norm, ctx.cos, ctx.sin), norm_and_rope(k, self.k_norm, ctx.cos, ctx.sin)
         if cache is not None:
-            k, v = _update_cache(cache, k, v, ctx)
+            k, v = cache.update_and_fetch(k, v, ctx)
         out, mask = None, ctx.mask
         if last_row_only and T > 1:
             q, mask, T = q[:, :, -1:], mask[..., -1:, :], 1
@@ -128,46 +128,3 @@ def _gemm_attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
     return (q.device.type == "cpu" and q.dtype == torch.float32 and T >= gemm.MIN_ROWS and gemm.enabled()
             and not (torch.is_grad_enabled() and q.requires_grad)
             and (H // k.shape[1]) * T * S * 4 <= _GEMM_ATTENTION_BYTES)
-
-
-def _update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
-                  ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store this step's keys/values and return all keys/values the step may attend to."""
-    T = k.shape[2]
-    if ctx.write_slots is not None:
-        return _update_rows(cache, k, v, ctx)
-    dtype = k.dtype
-    if ctx.write_index is not None:  # static-shape decode step (compiled): masks hide unwritten columns
-        cache.store(ctx.write_index, k, v)
-        return cache.load(dtype=dtype)
-    if ctx.causal:  # a fresh cache: the step attends to its own keys only; keep what later steps need
-        if ctx.ring:
-            cache.store(ctx.ring_slots, k[:, :, ctx.ring_skip:], v[:, :, ctx.ring_skip:])
-        else:
-            cache.store(slice(0, T), k, v)
-        return k, v
-    if not ctx.ring:
-        end = ctx.cache_start + T
-        cache.store(slice(ctx.cache_start, end), k, v)
-        return cache.load(end, dtype)
-    if ctx.write_first:  # one decoding token: it replaces a slot it could not see (see cache.step_contexts)
-        cache.store(ctx.ring_slots, k, v)
-        return cache.load(dtype=dtype)
-    # Ring: attend to what the ring held before this step plus the new keys, then keep the newest.
-    old_k, old_v = cache.load(dtype=dtype)
-    all_k = torch.cat([old_k, k], dim=2)
-    all_v = torch.cat([old_v, v], dim=2)
-    cache.store(ctx.ring_slots, k[:, :, ctx.ring_skip:], v[:, :, ctx.ring_skip:])
-    return all_k, all_v
-
-
-def _update_rows(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
-                 ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row writes (continuous batching): each row's keys go to its own slots ``ctx.write_slots``."""
-    if not ctx.ring or ctx.write_first:
-        cache.scatter(ctx.write_slots, k, v)
-        return cache.load(ctx.attend_len, k.dtype)
-    old_k, old_v = cache.load(ctx.attend_len, k.dtype)
-    all_k, all_v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
-    cache.scatter(ctx.write_slots, k, v)
-    return all_k, all_v

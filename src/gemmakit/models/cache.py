@@ -33,7 +33,8 @@ class LayerCache:
     group's largest entry. Per group rather than per vector because Gemma's values carry outliers
     (absmax ~9x the RMS in the 270M's first layers) that would coarsen a whole vector's step.
     1.125 bytes per entry: 56% of bfloat16, 28% of float32.
-    Attention code reads and writes through :meth:`store` and :meth:`load`, which hide the difference.
+    Attention layers store and fetch through :meth:`update_and_fetch`, which follows the step's context;
+    :meth:`store` and :meth:`load` hide the int8 difference.
     """
 
     keys: torch.Tensor
@@ -66,6 +67,46 @@ class LayerCache:
             codes, scale = _quantize(x, scales.shape[-1])
             buffer.scatter_(2, index[:, None, :, None].expand_as(codes), codes)
             scales.scatter_(2, index[:, None, :, None].expand_as(scale), scale)
+
+    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values ``[B, kv_heads, T, head_dim]`` where ``ctx`` (built by the
+        cache's ``contexts``) says, and return all keys/values the step may attend to."""
+        T = k.shape[2]
+        if ctx.write_slots is not None:
+            return self._update_rows(k, v, ctx)
+        dtype = k.dtype
+        if ctx.write_index is not None:  # static-shape decode step (compiled): masks hide unwritten columns
+            self.store(ctx.write_index, k, v)
+            return self.load(dtype=dtype)
+        if ctx.causal:  # a fresh cache: the step attends to its own keys only; keep what later steps need
+            if ctx.ring:
+                self.store(ctx.ring_slots, k[:, :, ctx.ring_skip:], v[:, :, ctx.ring_skip:])
+            else:
+                self.store(slice(0, T), k, v)
+            return k, v
+        if not ctx.ring:
+            end = ctx.cache_start + T
+            self.store(slice(ctx.cache_start, end), k, v)
+            return self.load(end, dtype)
+        if ctx.write_first:  # one decoding token: it replaces a slot it could not see (see cache.step_contexts)
+            self.store(ctx.ring_slots, k, v)
+            return self.load(dtype=dtype)
+        # Ring: attend to what the ring held before this step plus the new keys, then keep the newest.
+        old_k, old_v = self.load(dtype=dtype)
+        all_k = torch.cat([old_k, k], dim=2)
+        all_v = torch.cat([old_v, v], dim=2)
+        self.store(ctx.ring_slots, k[:, :, ctx.ring_skip:], v[:, :, ctx.ring_skip:])
+        return all_k, all_v
+
+    def _update_rows(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row writes (continuous batching): each row's keys go to its own slots ``ctx.write_slots``."""
+        if not ctx.ring or ctx.write_first:
+            self.scatter(ctx.write_slots, k, v)
+            return self.load(ctx.attend_len, k.dtype)
+        old_k, old_v = self.load(ctx.attend_len, k.dtype)
+        all_k, all_v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+        self.scatter(ctx.write_slots, k, v)
+        return all_k, all_v
 
     def load(self, end: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots ``[0, end)`` (all slots by default) in ``dtype``."""
@@ -173,6 +214,11 @@ class KVCache:
         first_col = self.length + num_new - keep
         slots = torch.arange(first_col, first_col + keep, device=self.ring_positions.device) % self.window
         return slots, num_new - keep
+
+    def static_step_inputs(self) -> tuple:
+        """What the compiled one-token step (:func:`static_step_contexts`) reads and writes: the next
+        column, the layers' buffers and the positions, tensors whose addresses never change."""
+        return self.next_column(), self.layers, self.global_positions, self.ring_positions
 
     def next_column(self) -> torch.Tensor:
         """The timeline column a one-token step writes next, as a ``[1]`` device tensor: a compiled

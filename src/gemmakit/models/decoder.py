@@ -192,7 +192,7 @@ class GemmaModel(nn.Module):
         """One token through the compiled step (``compile_decode``): its rotary tables and masks are
         worked out inside the compiled graph too, so on CUDA a step is a few launches and one graph
         replay rather than dozens of small launches from Python around it."""
-        args = (h, positions, cache.next_column(), cache.layers, cache.global_positions, cache.ring_positions)
+        args = (h, positions, *cache.static_step_inputs())
         if h.device.type != "cuda":
             return self._compiled_step(*args)
         # A CUDA-graph replay writes its outputs into the graph's own memory, which the next replay
