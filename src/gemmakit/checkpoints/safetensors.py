@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gemmakit.checkpoints import gemma4
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
@@ -56,6 +57,8 @@ def read_config_json(path: Path) -> dict[str, Any]:
 def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Translate a transformers config dict (text part) into our ModelConfig."""
     model_type = raw.get("model_type")
+    if gemma4.text_config(raw) is not None:
+        return gemma4.config_from_hf(gemma4.text_config(raw), source)
     if model_type == "recurrent_gemma":
         from gemmakit.checkpoints import recurrent_gemma
 
@@ -67,7 +70,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     if family is None:
         raise UnsupportedModelError(
             f"{source}: model_type {model_type!r} is not supported; "
-            f"gemmakit reads {', '.join([*TEXT_MODEL_TYPES, 'recurrent_gemma'])}"
+            f"gemmakit reads {', '.join([*TEXT_MODEL_TYPES, *gemma4.MODEL_TYPES, 'recurrent_gemma'])}"
         )
     try:
         layers = int(raw["num_hidden_layers"])
@@ -143,6 +146,8 @@ def hf_names(config: ModelConfig, prefix: str = "model.") -> dict[str, str]:
         from gemmakit.checkpoints import recurrent_gemma
 
         return recurrent_gemma.hf_names(config, prefix)
+    if config.family == "gemma4":
+        return gemma4.hf_names(config, prefix)
     names = {"embed.weight": f"{prefix}embed_tokens.weight", "final_norm.weight": f"{prefix}norm.weight"}
     per_layer = {**(_LAYER_NAMES_V1 if config.family == "gemma" else _LAYER_NAMES_V23), **_SHARED_LAYER_NAMES}
     for i in range(config.num_layers):

@@ -25,7 +25,8 @@ from gemmakit.models.cache import KVCache
 def _snapshot(cache: KVCache, num_new: int) -> tuple[int, torch.Tensor, torch.Tensor, list]:
     """What a forward of ``num_new`` tokens will overwrite in the rings."""
     slots, _ = cache.ring_slots(num_new)
-    saved = [c.snapshot(slots) if kind == "local" else None for kind, c in zip(cache.config.layer_kinds, cache.layers)]
+    saved = [c.snapshot(slots) if kind == "local" and c is not None else None
+             for kind, c in zip(cache.config.layer_kinds, cache.layers)]
     return cache.length, slots, cache.ring_positions[:, slots].clone(), saved
 
 

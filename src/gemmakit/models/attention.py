@@ -15,7 +15,7 @@ from gemmakit.kernels import gemm, ops
 from gemmakit.kernels.gemm import Linear
 from gemmakit.models.cache import LayerCache
 from gemmakit.models.config import LayerPlan, ModelConfig
-from gemmakit.models.layers import RMSNorm, norm_and_rope, softcap
+from gemmakit.models.layers import RMSNorm, norm_and_rope, softcap, unit_rms
 from gemmakit.models.masks import StepContext, query_blocks_of
 
 
@@ -27,18 +27,23 @@ class Attention(nn.Module):
         self.head_dim = plan.head_dim
         self.scale = config.attention_scale
         self.logit_softcap = config.attn_logit_softcap
-        d, hd = config.hidden_size, plan.head_dim
+        self.index, self.kv_source, self.stores_kv = plan.index, plan.kv_source, plan.stores_kv
+        self.v_norm_eps = config.rms_norm_eps if config.v_norm else None  # values get an RMSNorm without scale
+        d, hd, eps = config.hidden_size, plan.head_dim, config.rms_norm_eps
+        own_kv = not plan.reads_shared_kv  # a layer reading an earlier layer's keys/values has no k/v weights
         self.q_proj = Linear(d, config.num_heads * hd, bias=False)
-        self.k_proj = Linear(d, plan.num_kv_heads * hd, bias=False)
-        self.v_proj = Linear(d, plan.num_kv_heads * hd, bias=False)
+        self.k_proj = Linear(d, plan.num_kv_heads * hd, bias=False) if own_kv else None
+        self.v_proj = Linear(d, plan.num_kv_heads * hd, bias=False) if own_kv and not plan.k_eq_v else None
         self.o_proj = Linear(config.num_heads * hd, d, bias=config.attn_out_bias)
-        self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(hd, eps, config.norm_offset) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, eps, config.norm_offset) if config.qk_norm and own_kv else None
         self.qkv_proj: nn.Module | None = None  # set by fuse(): q, k and v in one matmul
 
     def projections_to_fuse(self) -> list[nn.Module] | None:
-        """q, k and v while they are separate layers (``quant.grouped.unmerged_projections``)."""
-        return None if self.qkv_proj is not None else [self.q_proj, self.k_proj, self.v_proj]
+        """q, k and v while they are separate layers (``quant.grouped.unmerged_projections``):
+        q, k and v, or q and k where the values are the keys' projection."""
+        parts = [p for p in (self.q_proj, self.k_proj, self.v_proj) if p is not None]
+        return None if self.qkv_proj is not None or len(parts) < 2 else parts
 
     def fuse(self, sizes: list[int], qkv: nn.Module) -> None:
         """Use one projection returning q|k|v (of ``sizes``) in place of the three
@@ -47,21 +52,30 @@ class Attention(nn.Module):
         self.q_proj = self.k_proj = self.v_proj = None
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: LayerCache | None,
-                last_row_only: bool = False) -> torch.Tensor:
+                last_row_only: bool = False, shared_kv: dict | None = None) -> torch.Tensor:
         """``x [B, T, hidden] -> [B, T, hidden]``; with ``last_row_only`` every row's keys and values
         still go to the cache but only the last row attends, returning ``[B, 1, hidden]`` (the final
-        layer of a prefill whose logits are wanted for the last position only)."""
+        layer of a prefill whose logits are wanted for the last position only).
+
+        ``shared_kv`` carries, within one forward step, the keys and values that layers storing
+        them for later layers (``LayerPlan.stores_kv``) attended to, by layer index: a layer that
+        reads shared keys/values attends to those, with the same mask, as its kind's step context
+        is the same."""
         B, T, _ = x.shape
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            q, *kv = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, kv = self.q_proj(x), [p(x) for p in (self.k_proj, self.v_proj) if p is not None]
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = norm_and_rope(q, self.q_norm, ctx.cos, ctx.sin), norm_and_rope(k, self.k_norm, ctx.cos, ctx.sin)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v, ctx)
+        q = norm_and_rope(q, self.q_norm, ctx.cos, ctx.sin)
+        if self.kv_source != self.index:
+            k, v = shared_kv[self.kv_source]
+        else:
+            k, v = self._keys_and_values(kv, B, T, ctx)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v, ctx)
+            if self.stores_kv:
+                shared_kv[self.index] = (k, v)
         out, mask = None, ctx.mask
         if last_row_only and T > 1:
             q, mask, T = q[:, :, -1:], mask[..., -1:, :], 1
@@ -71,6 +85,16 @@ class Attention(nn.Module):
         if out is None:
             out = self._attend(q, k, v, mask, ctx.causal, ctx)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def _keys_and_values(self, kv: list[torch.Tensor], B: int, T: int,
+                         ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's new keys (normed, rotated) and values (normed where the config says), both
+        ``[B, Hkv, T, D]``, from the k (and v) projections' outputs."""
+        k = kv[0].view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = k if len(kv) == 1 else kv[1].view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.v_norm_eps is not None:
+            v = unit_rms(v.float(), self.v_norm_eps).to(v.dtype)
+        return norm_and_rope(k, self.k_norm, ctx.cos, ctx.sin), v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                 causal: bool = False, ctx: StepContext | None = None) -> torch.Tensor:

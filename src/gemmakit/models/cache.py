@@ -267,7 +267,7 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
         out["recurrent"] = RecurrentContext(positions)
     if "global" in kinds:
         g = c.kind_plans["global"]
-        cos, sin = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, g.rope_scaling, dtype)
+        cos, sin = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, g.rope_scaling, dtype, g.rope_proportion)
         k_groups = groups
         if fresh:
             if cache is not None:
@@ -289,7 +289,7 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
     if "local" in kinds:
         lp = c.kind_plans["local"]
         window = lp.window
-        cos, sin = rope_cos_sin(positions, lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype)
+        cos, sin = rope_cos_sin(positions, lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype, lp.rope_proportion)
         if fresh and T <= (window or T):
             mask = attention_mask(positions, positions, window)
             slots, skip = cache.ring_slots(T) if cache is not None else (None, 0)
@@ -333,7 +333,7 @@ def static_step_contexts(config: ModelConfig, positions: torch.Tensor, index: to
         out["recurrent"] = RecurrentContext(positions)
     if "global" in kinds:
         g = c.kind_plans["global"]
-        cos, sin = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, g.rope_scaling, dtype)
+        cos, sin = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, g.rope_scaling, dtype, g.rope_proportion)
         global_positions.index_copy_(1, index, positions)
         if groups is not None:
             global_groups.index_copy_(1, index, groups)
@@ -341,7 +341,7 @@ def static_step_contexts(config: ModelConfig, positions: torch.Tensor, index: to
         out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
     if "local" in kinds:
         lp = c.kind_plans["local"]
-        cos, sin = rope_cos_sin(positions, lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype)
+        cos, sin = rope_cos_sin(positions, lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype, lp.rope_proportion)
         slots = index % ring_positions.shape[1]
         k_pos = ring_positions.index_copy(1, slots, positions)
         k_groups = None if groups is None else ring_groups.index_copy(1, slots, groups)
@@ -378,10 +378,11 @@ def layer_states(config: ModelConfig, batch: int, max_len: int, window: int, dty
                  kv_int8: bool = False) -> list[LayerCache | RecurrentState]:
     """One zeroed state per layer: a recurrent state, or keys/values of ``window`` (local) or
     ``max_len`` (global) slots, plus ``extra_slots`` (the serving cache's slot for padding)."""
-    states: list[LayerCache | RecurrentState] = []
+    states: list[LayerCache | RecurrentState | None] = []
     for i, plan in enumerate(config.layer_plan):
-        if plan.kv_source != i:
-            raise NotImplementedError("layers that read another layer's keys and values need a cache that shares them")
+        if plan.reads_shared_kv:  # attends to an earlier layer's keys and values: nothing of its own to keep
+            states.append(None)
+            continue
         if plan.mixer == "recurrent":
             width = config.recurrent_width
             states.append(RecurrentState(

@@ -40,10 +40,29 @@ class LayerPlan:
     rope_scaling: float  # linear position scaling
     rotary_dim: int  # leading dims of each head that RoPE rotates (the rest pass through)
     kv_source: int  # the layer whose keys and values this layer attends to (its own index: no sharing)
+    index: int = 0  # this layer's place in the stack
+    intermediate_size: int = 0  # the MLP's width (Gemma 4 doubles it on layers that read shared keys/values)
+    # Share of each head's frequency pairs that rotate, the rest having frequency 0 (pass through):
+    # Gemma 4's "proportional" RoPE on global layers, whose exponents still divide by the whole head_dim.
+    rope_proportion: float = 1.0
+    k_eq_v: bool = False  # the values are the key projection's output (Gemma 4's global layers)
+    stores_kv: bool = False  # a later layer reads this layer's keys and values
 
     @property
     def attends(self) -> bool:
         return self.mixer != "recurrent"
+
+    @property
+    def reads_shared_kv(self) -> bool:
+        """Whether this layer attends to an earlier layer's keys and values instead of its own
+        (it has no key/value projections and no cache)."""
+        return self.kv_source != self.index
+
+    @property
+    def context_key(self) -> tuple:
+        """What a step context (rotary tables, mask) depends on: equal for all layers of a kind."""
+        return (self.mixer, self.window, self.head_dim, self.num_kv_heads, self.rope_theta, self.rope_scaling,
+                self.rotary_dim, self.rope_proportion)
 
 
 @dataclass(frozen=True)
@@ -84,6 +103,21 @@ class ModelConfig:
     embed_scale_bf16: bool = False  # sqrt(hidden) rounded to bfloat16 before scaling (as RecurrentGemma trained)
     mlp_bias: bool = False  # biases on the MLP projections (RecurrentGemma)
     attn_out_bias: bool = False  # bias on the attention output projection (RecurrentGemma)
+    # Gemma 4 switches; the defaults leave the earlier families untouched.
+    norm_offset: float = 1.0  # RMSNorm scales by (norm_offset + weight): 1 up to Gemma 3, 0 from Gemma 4
+    global_head_dim: int | None = None  # global layers' own head size (None = head_dim)
+    global_kv_heads: int | None = None  # global layers' own KV-head count (None = num_kv_heads)
+    rope_global_proportion: float = 1.0  # LayerPlan.rope_proportion of global layers
+    k_eq_v: bool = False  # global layers' values are their keys' projection (no v_proj)
+    v_norm: bool = False  # an RMSNorm without scale on the values
+    num_kv_shared_layers: int = 0  # the last N layers read the keys/values of the last earlier layer of their kind
+    double_wide_mlp: bool = False  # layers that read shared keys/values have an MLP twice as wide
+    layer_scalar: bool = False  # each layer's output is multiplied by a learnt scalar
+    per_layer_input_dim: int = 0  # per-layer embeddings (PLE): each layer's slice of the table (0 = none)
+    per_layer_vocab_size: int = 0  # rows of the per-layer embedding table
+    num_experts: int = 0  # mixture-of-experts FFN beside the dense MLP (0 = none)
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
 
     def __post_init__(self) -> None:
         if len(self.layer_kinds) != self.num_layers:
@@ -94,17 +128,41 @@ class ModelConfig:
             raise ValueError("local layers need a sliding_window")
         if "recurrent" in self.layer_kinds and self.recurrent_width % self.num_heads:
             raise ValueError(f"lru_width {self.recurrent_width} is not a multiple of num_heads {self.num_heads}")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token {self.experts_per_token} must be in 1..{self.num_experts}")
+        self.kv_sources()  # raises for a sharing the layer kinds cannot satisfy
+
+    def kv_sources(self) -> list[int]:
+        """For each layer, the layer whose keys and values it attends to. The last
+        ``num_kv_shared_layers`` layers read those of the last earlier layer of the same kind (as
+        Gemma 3n and Gemma 4 do), so only the layers before them need a cache."""
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        sources = list(range(self.num_layers))
+        for i in range(first_shared, self.num_layers):
+            kind = self.layer_kinds[i]
+            earlier = [j for j in range(first_shared) if self.layer_kinds[j] == kind]
+            if not earlier:
+                raise ValueError(f"layer {i} ({kind}) shares keys and values, but no earlier {kind} layer has any")
+            sources[i] = earlier[-1]
+        return sources
 
     @functools.cached_property
     def layer_plan(self) -> tuple[LayerPlan, ...]:
         """Each layer's :class:`LayerPlan` (made once per config)."""
         plans = []
+        sources = self.kv_sources()
         for i, kind in enumerate(self.layer_kinds):
-            local = kind == "local"
+            local, shared = kind == "local", sources[i] != i
+            head_dim = self.head_dim if local else self.global_head_dim or self.head_dim
             plans.append(LayerPlan(
-                mixer=kind, window=self.sliding_window if local else None, head_dim=self.head_dim,
-                num_kv_heads=self.num_kv_heads, rope_theta=self.rope_local_theta if local else self.rope_theta,
-                rope_scaling=1.0 if local else self.rope_scaling_factor, rotary_dim=self.rotary_dim, kv_source=i))
+                mixer=kind, window=self.sliding_window if local else None, head_dim=head_dim,
+                num_kv_heads=self.num_kv_heads if local else self.global_kv_heads or self.num_kv_heads,
+                rope_theta=self.rope_local_theta if local else self.rope_theta,
+                rope_scaling=1.0 if local else self.rope_scaling_factor,
+                rotary_dim=int(head_dim * self.rope_fraction), kv_source=sources[i], index=i,
+                intermediate_size=self.intermediate_size * (2 if shared and self.double_wide_mlp else 1),
+                rope_proportion=1.0 if local else self.rope_global_proportion,
+                k_eq_v=self.k_eq_v and kind == "global", stores_kv=i in sources[i + 1:]))
         return tuple(plans)
 
     @functools.cached_property
@@ -114,12 +172,22 @@ class ModelConfig:
         out: dict[LayerKind, LayerPlan] = {}
         for plan in self.layer_plan:
             first = out.setdefault(plan.mixer, plan)
-            if dataclasses.replace(plan, kv_source=first.kv_source) != first:
+            if plan.context_key != first.context_key:
                 raise ValueError(f"the {plan.mixer} layers do not share one plan: {first} and {plan}")
         return out
 
     def replace(self, **changes: object) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def plain_blocks(self) -> bool:
+        """Whether every block is a Gemma 1-3 one (what the fused C++ decode step implements): no
+        norm without unit offset, value norm, shared or K=V keys, experts, per-layer embeddings or
+        layer scalars."""
+        return (self.norm_offset == 1.0 and not (self.v_norm or self.k_eq_v or self.num_kv_shared_layers
+                or self.num_experts or self.per_layer_input_dim or self.layer_scalar or self.double_wide_mlp)
+                and self.global_head_dim in (None, self.head_dim) and self.global_kv_heads in (None, self.num_kv_heads)
+                and self.rope_global_proportion == 1.0)
 
     @property
     def attention_scale(self) -> float:

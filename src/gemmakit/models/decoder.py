@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.heap import return_freed_heap
@@ -23,6 +24,7 @@ from gemmakit.models.fused_decode import fused_hidden
 from gemmakit.models.griffin import RecurrentBlock
 from gemmakit.models.layers import GeGLU, RMSNorm, softcap
 from gemmakit.models.masks import StepContext
+from gemmakit.models.moe import MixtureOfExperts
 from gemmakit.models.row_cache import RowKVCache
 from gemmakit.quant import ggml_ops
 from gemmakit.quant.grouped import unmerged_projections
@@ -46,32 +48,63 @@ class DecoderBlock(nn.Module):
     """pre-norm -> mixer -> (post-norm) -> residual; pre-norm -> GeGLU -> (post-norm) -> residual.
 
     The mixer is attention for global/local layers and Griffin's recurrent block for recurrent ones.
+    Gemma 4 adds, where its config says: a mixture of experts beside the MLP (each with its own
+    post-norm, summed before the shared one), the per-layer embedding's gated residual after the
+    FFN, and a learnt scalar on the block's output.
     """
 
     def __init__(self, config: ModelConfig, plan: LayerPlan) -> None:
         super().__init__()
         self.kind = kind = plan.mixer
-        eps = config.rms_norm_eps
-        self.attn_norm = RMSNorm(config.hidden_size, eps)
+        eps, offset, d = config.rms_norm_eps, config.norm_offset, config.hidden_size
+        self.attn_norm = RMSNorm(d, eps, offset)
         if kind == "recurrent":
             self.recurrent = RecurrentBlock(config)
         else:
             self.attn = Attention(config, plan)
-        self.post_attn_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else nn.Identity()
-        self.mlp_norm = RMSNorm(config.hidden_size, eps)
-        self.mlp = GeGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.post_mlp_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else nn.Identity()
+        self.post_attn_norm = RMSNorm(d, eps, offset) if config.post_norms else nn.Identity()
+        self.mlp_norm = RMSNorm(d, eps, offset)
+        self.mlp = GeGLU(d, plan.intermediate_size, bias=config.mlp_bias)
+        self.post_mlp_norm = RMSNorm(d, eps, offset) if config.post_norms else nn.Identity()
+        self.moe = MixtureOfExperts(config) if config.num_experts else None
+        self.dense_norm = RMSNorm(d, eps, offset) if config.num_experts else None  # the MLP's own post-norm
+        self.per_layer = PerLayerInput(config) if config.per_layer_input_dim else None
+        self.layer_scalar = nn.Parameter(torch.ones(1)) if config.layer_scalar else None
 
-    def forward(self, h: torch.Tensor, ctx: StepContext, cache, last_row_only: bool = False) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ctx: StepContext, cache, last_row_only: bool = False,
+                per_layer_input: torch.Tensor | None = None, shared_kv: dict | None = None) -> torch.Tensor:
         """``h [B, T, hidden]`` -> the block's output; with ``last_row_only``, that of the last row
-        alone (``[B, 1, hidden]``), the cache still receiving every row's state."""
+        alone (``[B, 1, hidden]``), the cache still receiving every row's state.
+        ``per_layer_input [B, T, per_layer_input_dim]``: this layer's per-layer embedding;
+        ``shared_kv``: see :meth:`Attention.forward`."""
         x = self.attn_norm(h)
         if self.kind == "recurrent":  # the recurrence needs every row; only its output is cut
             mixed = self.recurrent(x, ctx, cache)[:, -1:] if last_row_only else self.recurrent(x, ctx, cache)
         else:
-            mixed = self.attn(x, ctx, cache, last_row_only)
+            mixed = self.attn(x, ctx, cache, last_row_only, shared_kv)
         h = (h[:, -1:] if last_row_only else h) + self.post_attn_norm(mixed)
-        return h + self.post_mlp_norm(self.mlp(self.mlp_norm(h)))
+        ff = self.mlp(self.mlp_norm(h))
+        if self.moe is not None:
+            ff = self.dense_norm(ff) + self.moe(h)
+        h = h + self.post_mlp_norm(ff)
+        if self.per_layer is not None:
+            h = h + self.per_layer(h, per_layer_input[:, -1:] if last_row_only else per_layer_input)
+        return h if self.layer_scalar is None else h * self.layer_scalar
+
+
+class PerLayerInput(nn.Module):
+    """A layer's share of the per-layer embeddings (PLE): ``norm(proj(gelu(gate(h)) * e))`` for the
+    layer's embedding ``e`` of the token, added to the residual stream after the FFN."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, p = config.hidden_size, config.per_layer_input_dim
+        self.gate = Linear(d, p, bias=False)
+        self.proj = Linear(p, d, bias=False)
+        self.norm = RMSNorm(d, config.rms_norm_eps, config.norm_offset)
+
+    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(F.gelu(self.gate(h), approximate="tanh") * embedding))
 
 
 class GemmaModel(nn.Module):
@@ -82,7 +115,12 @@ class GemmaModel(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(config, plan) for plan in config.layer_plan)
-        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
+        if config.per_layer_input_dim:  # per-layer embeddings (PLE): one table row per token, sliced by layer
+            width = config.num_layers * config.per_layer_input_dim
+            self.per_layer_embed = nn.Embedding(config.per_layer_vocab_size, width)
+            self.per_layer_model_proj = Linear(config.hidden_size, width, bias=False)
+            self.per_layer_proj_norm = RMSNorm(config.per_layer_input_dim, config.rms_norm_eps, config.norm_offset)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -112,15 +150,31 @@ class GemmaModel(nn.Module):
         h = self.embed(input_ids)
         return h * self._embed_scale(h.dtype)
 
-    def _embed_scale(self, dtype: torch.dtype) -> float:
-        """sqrt(hidden) rounded to ``dtype`` (or first to bfloat16, as RecurrentGemma was trained),
-        as a Python float: exactly representable in ``dtype``, so ``h * scale`` equals the product
-        with a ``dtype`` tensor, without making that tensor every step."""
+    def _embed_scale(self, dtype: torch.dtype, width: int | None = None) -> float:
+        """sqrt(hidden) (or sqrt(width)) rounded to ``dtype`` (or first to bfloat16, as
+        RecurrentGemma was trained), as a Python float: exactly representable in ``dtype``, so
+        ``h * scale`` equals the product with a ``dtype`` tensor, without making that tensor every step."""
         scales = self.__dict__.setdefault("_embed_scales", {})
-        if dtype not in scales:
+        width = width or self.config.hidden_size
+        if (dtype, width) not in scales:
             scale_dtype = torch.bfloat16 if self.config.embed_scale_bf16 else dtype
-            scales[dtype] = float(torch.tensor(self.config.hidden_size**0.5, dtype=scale_dtype).to(dtype))
-        return scales[dtype]
+            scales[dtype, width] = float(torch.tensor(width**0.5, dtype=scale_dtype).to(dtype))
+        return scales[dtype, width]
+
+    def per_layer_inputs(self, input_ids: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor | None:
+        """Each layer's per-layer embedding ``[B, T, layers, per_layer_input_dim]`` (None without
+        PLE): the token's row of the table (scaled by sqrt of its width) plus a normed projection
+        of the token embeddings ``h``, the sum scaled by 1/sqrt(2)."""
+        c = self.config
+        if not c.per_layer_input_dim:
+            return None
+        if input_ids is None:
+            raise ValueError("a model with per-layer embeddings needs the token ids, not embeddings alone")
+        shape = (*h.shape[:2], c.num_layers, c.per_layer_input_dim)
+        table = self.per_layer_embed(input_ids)
+        table = table * self._embed_scale(table.dtype, c.per_layer_input_dim)
+        projected = self.per_layer_model_proj(h) * c.hidden_size**-0.5
+        return (self.per_layer_proj_norm(projected.view(shape)) + table.view(shape)) * 2**-0.5
 
     def forward(
         self,
@@ -141,8 +195,9 @@ class GemmaModel(nn.Module):
         if cache is not None:
             cache.check_room(T)
             self._settle_for_decoding(h, lambda: start > 0)
+        per_layer = self.per_layer_inputs(input_ids, h)
         if T == 1 and groups is None and cache is not None and cache.static and self._compiled_step is not None:
-            logits = self._run_compiled_step(h, positions, cache)
+            logits = self._run_compiled_step(h, positions, cache, per_layer)
             cache.advance(positions, groups)
             return logits
         if cache is None:
@@ -154,7 +209,7 @@ class GemmaModel(nn.Module):
         if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
             logits = self._logits(fused)
         else:
-            logits = self._layers_and_head(h, contexts, layer_caches, last_only and T > 1)
+            logits = self._layers_and_head(h, contexts, layer_caches, last_only and T > 1, per_layer)
         if cache is not None:
             cache.advance(positions, groups)
         return logits
@@ -188,11 +243,12 @@ class GemmaModel(nn.Module):
     _decoding_steps = 0  # decoding steps counted until then
     weights_in_huge_pages = 0  # the bytes it moved
 
-    def _run_compiled_step(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _run_compiled_step(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                           per_layer: torch.Tensor | None = None) -> torch.Tensor:
         """One token through the compiled step (``compile_decode``): its rotary tables and masks are
         worked out inside the compiled graph too, so on CUDA a step is a few launches and one graph
         replay rather than dozens of small launches from Python around it."""
-        args = (h, positions, *cache.static_step_inputs())
+        args = (h, positions, *cache.static_step_inputs(), per_layer)
         if h.device.type != "cuda":
             return self._compiled_step(*args)
         # A CUDA-graph replay writes its outputs into the graph's own memory, which the next replay
@@ -202,22 +258,27 @@ class GemmaModel(nn.Module):
         return self._compiled_step(*args).clone()
 
     def _static_step(self, h: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, layer_caches: list,
-                     global_positions: torch.Tensor, ring_positions: torch.Tensor) -> torch.Tensor:
+                     global_positions: torch.Tensor, ring_positions: torch.Tensor,
+                     per_layer: torch.Tensor | None = None) -> torch.Tensor:
         """What ``compile_decode`` compiles: one token's contexts over a static cache, the blocks, the
         final norm and the head, as a function of tensors whose shapes never change."""
         contexts = static_step_contexts(self.config, positions, index, global_positions, ring_positions, h.dtype)
-        return self._layers_and_head(h, contexts, layer_caches, False)
+        return self._layers_and_head(h, contexts, layer_caches, False, per_layer)
 
-    def _layers_and_head(self, h: torch.Tensor, contexts: dict, layer_caches: list, last_only: bool) -> torch.Tensor:
-        """Everything after the per-step bookkeeping: the blocks, the final norm and the head.
+    def _layers_and_head(self, h: torch.Tensor, contexts: dict, layer_caches: list, last_only: bool,
+                         per_layer: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything after the per-step bookkeeping: the blocks (given their per-layer embeddings
+        ``per_layer``, see :meth:`per_layer_inputs`), the final norm and the head.
 
         The compiled decode step (``_static_step``) runs it after building its contexts in the graph.
         """
         rows, final = h.shape[1], len(self.layers) - 1
+        shared_kv: dict = {}  # keys/values layers hand on to later layers (Attention.forward)
         # With last_only, the final layer works out its output for the last row alone (its keys and
         # values still go to the cache): ~5% of a 512-token prefill of an 18-layer model.
         for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
-            h = layer(h, contexts[layer.kind], layer_cache, last_only and i == final)
+            h = layer(h, contexts[layer.kind], layer_cache, last_only and i == final,
+                      None if per_layer is None else per_layer[:, :, i], shared_kv)
         if last_only:
             if rows >= TRIM_ROWS and h.device.type == "cpu" and not torch.compiler.is_compiling():
                 return_freed_heap()  # the layers' scratch, before the head streams the whole embedding in
@@ -268,14 +329,17 @@ class GemmaModel(nn.Module):
                       last_only: bool) -> torch.Tensor:
         """Forward over a cache whose rows advance independently (the serving engine's batches)."""
         h = self.embed_tokens(input_ids)  # [B, T, hidden]
+        per_layer = self.per_layer_inputs(input_ids, h)
         self._settle_for_decoding(h, lambda: int(positions.max()) >= h.shape[1])  # (a row continues)
         contexts = cache.contexts(positions, h.dtype)
         fused = fused_hidden(self, h, contexts, cache) if h.shape[1] == 1 else None
         if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
             cache.advance(positions)
             return self._logits(fused)
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer(h, contexts[layer.kind], layer_cache)
+        shared_kv: dict = {}
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            h = layer(h, contexts[layer.kind], layer_cache, False, None if per_layer is None else per_layer[:, :, i],
+                      shared_kv)
         cache.advance(positions)
         if last_only:
             h = h[:, -1:]

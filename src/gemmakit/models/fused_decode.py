@@ -159,7 +159,7 @@ def _unchanged(fingerprint: tuple) -> bool:
 def _build(model: nn.Module):
     ext = build.kernel()
     c = model.config
-    if ext is None or any(kind not in ("global", "local") for kind in c.layer_kinds):
+    if ext is None or any(kind not in ("global", "local") for kind in c.layer_kinds) or not c.plain_blocks:
         return None
     if len({(p.head_dim, p.num_kv_heads) for p in c.layer_plan}) != 1:  # the C++ stack has one attention shape
         return None

@@ -16,30 +16,36 @@ from gemmakit.kernels.gemm import Linear
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)``, computed in float32.
+    """Gemma's RMSNorm: ``x / rms(x) * (offset + weight)``, computed in float32.
 
-    The weight is stored as the offset from one (zero-initialised), as in the reference
-    checkpoints; GGUF files store ``1 + weight`` and the loader subtracts the one.
+    Up to Gemma 3 the weight is stored as the offset from one (zero-initialised, ``offset`` 1), as
+    in the reference checkpoints (GGUF files store ``1 + weight`` and the loader subtracts the
+    one); from Gemma 4 on it is the scale itself (``offset`` 0).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 1.0) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A decode step runs ~100 norms on tiny tensors, where each dispatched op (even a no-op cast)
         # costs microseconds: on the CPU in float32 one kernel call does it all (kernels/ops.py),
         # elsewhere casts are skipped when the input is already float32.
-        if x.device.type == "cpu" and x.dtype == torch.float32:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and self.offset == 1.0:
             out = ops.rms_norm(x, self.weight, self.eps)
             if out is not None:
                 return out
-        f32 = torch.float32
-        xf = x if x.dtype == f32 else x.float()
-        w = self.weight if self.weight.dtype == f32 else self.weight.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps)) * (1.0 + w)
-        return out if x.dtype == f32 else out.to(x.dtype)
+        w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        out = unit_rms(x.float(), self.eps) * (w + self.offset if self.offset else w)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps)`` over the last dim in ``x``'s dtype: an RMSNorm without scale
+    (Gemma 4's value norm and router input)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
 
 
 class GeGLU(nn.Module):
@@ -82,14 +88,18 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, scaling: float, dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, theta: float, scaling: float, dtype: torch.dtype,
+    proportion: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary cos/sin tables for integer positions ``[B, T]`` -> two ``[B, 1, T, head_dim]``.
 
-    Linear scaling divides the frequencies (equivalently, the positions) by ``scaling``.
+    Linear scaling divides the frequencies (equivalently, the positions) by ``scaling``. With
+    ``proportion`` < 1 only that share of the frequency pairs rotates, the others having
+    frequency 0 (cos 1, sin 0: those dims pass through), as Gemma 4's "proportional" RoPE does.
     Negative positions (left padding) produce finite junk that the attention mask hides.
     """
-    angles = positions.float()[..., None] * _inverse_frequencies(head_dim, theta, scaling, positions.device)
+    inv_freq = _inverse_frequencies(head_dim, theta, scaling, positions.device, proportion)
+    angles = positions.float()[..., None] * inv_freq
     # [B, T, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, head_dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -98,15 +108,19 @@ def rope_cos_sin(
 _INVERSE_FREQUENCIES: dict[tuple, torch.Tensor] = {}
 
 
-def _inverse_frequencies(head_dim: int, theta: float, scaling: float, device: torch.device) -> torch.Tensor:
-    """``1 / theta^(2i / head_dim) / scaling``, float32: the same few ops every step (a decode step
-    built them twice, ~10 small dispatches each), so made once per table and device. A compiled
-    graph computes them itself (the compiler folds them into constants)."""
-    key, compiling = (head_dim, theta, scaling, device), torch.compiler.is_compiling()
+def _inverse_frequencies(head_dim: int, theta: float, scaling: float, device: torch.device,
+                         proportion: float = 1.0) -> torch.Tensor:
+    """``1 / theta^(2i / head_dim) / scaling``, float32, for the first ``proportion`` of the pairs
+    and 0 for the rest: the same few ops every step (a decode step built them twice, ~10 small
+    dispatches each), so made once per table and device. A compiled graph computes them itself
+    (the compiler folds them into constants)."""
+    key, compiling = (head_dim, theta, scaling, device, proportion), torch.compiler.is_compiling()
     if not compiling and key in _INVERSE_FREQUENCIES:
         return _INVERSE_FREQUENCIES[key]
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     inv_freq = inv_freq / scaling
+    if proportion < 1.0:
+        inv_freq[int(proportion * head_dim // 2):] = 0.0
     if not compiling:
         _INVERSE_FREQUENCIES[key] = inv_freq
     return inv_freq
@@ -128,7 +142,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def norm_and_rope(x: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``apply_rope(norm(x))`` (``norm`` may be None): on the CPU in float32 with autograd off, one
     kernel call instead of ~9 dispatched ops per tensor, which a decoding step pays twice a layer."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
+    if x.device.type == "cpu" and x.dtype == torch.float32 and (norm is None or norm.offset == 1.0):
         out = ops.norm_rope(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, cos, sin)
         if out is not None:
             return out

@@ -50,11 +50,13 @@ class RowKVCache:
         self.recurrent_len = torch.zeros(rows, dtype=torch.long, device=device)
 
     def nbytes(self) -> int:
-        return sum(c.rg_lru.nbytes + c.conv.nbytes if isinstance(c, RecurrentState) else c.nbytes for c in self.layers)
+        return sum(c.rg_lru.nbytes + c.conv.nbytes if isinstance(c, RecurrentState) else c.nbytes
+                   for c in self.layers if c is not None)
 
     def view(self, start: int, stop: int) -> RowKVCache:
         """Rows ``[start, stop)`` as a cache sharing this one's storage (writes land here)."""
-        layers = [RecurrentState(c.rg_lru[start:stop], c.conv[start:stop]) if isinstance(c, RecurrentState)
+        layers = [None if c is None  # a layer reading shared keys/values keeps none
+                  else RecurrentState(c.rg_lru[start:stop], c.conv[start:stop]) if isinstance(c, RecurrentState)
                   else LayerCache(*(t[start:stop] if t is not None else None
                                     for t in (c.keys, c.values, c.key_scale, c.value_scale)))
                   for c in self.layers]
@@ -103,7 +105,8 @@ class RowKVCache:
             out["recurrent"] = RecurrentContext(positions)  # padding (-1) leaves a row's state as it is
         if "global" in kinds:
             g = c.kind_plans["global"]
-            cos, sin = rope_cos_sin(positions.clamp(min=0), g.rotary_dim, g.rope_theta, g.rope_scaling, dtype)
+            cos, sin = rope_cos_sin(positions.clamp(min=0), g.rotary_dim, g.rope_theta, g.rope_scaling, dtype,
+                                    g.rope_proportion)
             slots = torch.where(real, positions, self.max_len)  # [B, T]
             self.global_positions.scatter_(1, slots, positions)
             self.global_positions[:, self.max_len] = -1
@@ -113,7 +116,8 @@ class RowKVCache:
                                         write_slots=slots, attend_len=length)
         if "local" in kinds:
             lp = c.kind_plans["local"]
-            cos, sin = rope_cos_sin(positions.clamp(min=0), lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype)
+            cos, sin = rope_cos_sin(positions.clamp(min=0), lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype,
+                                    lp.rope_proportion)
             # Only the last `window` new tokens of a row survive in its ring; the rest go to trash.
             row_end = positions.max(dim=1, keepdim=True).values + 1
             keep = real & (positions >= row_end - self.window)

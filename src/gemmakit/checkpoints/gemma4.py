@@ -1,0 +1,174 @@
+"""Gemma 4 text decoders in Hugging Face layout (``model_type: gemma4_text``, or the ``text_config``
+of a ``gemma4`` multimodal checkpoint): config and tensor names.
+
+Read through :mod:`gemmakit.checkpoints.safetensors`. Facts from transformers 5.23's
+``models/gemma4`` (configuration_gemma4.py, modeling_gemma4.py):
+  - global ("full_attention") layers have their own head size and, where ``attention_k_eq_v``
+    holds, their own KV-head count; config.json states them as ``per_layer_config`` (newer files) or
+    as ``global_head_dim`` / ``num_global_key_value_heads`` (default 512 / none);
+  - their values are the key projection's output when ``attention_k_eq_v`` (no ``v_proj``);
+  - RoPE is "default" on sliding layers and "proportional" on global ones (a share of the
+    frequency pairs rotates, the exponents still over the whole head);
+  - attention is scaled by 1 (the q/k norms take the place of 1/sqrt(d)); RMSNorm multiplies by
+    its weight (no unit offset); values get an RMSNorm without scale;
+  - the last ``num_kv_shared_layers`` layers have no k/v weights and read the keys and values of
+    the last earlier layer of their type;
+  - per-layer embeddings (PLE) when ``hidden_size_per_layer_input`` (default 256) is non-zero;
+  - ``enable_moe_block``: experts beside the dense MLP in every layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gemmakit.errors import CheckpointError, UnsupportedModelError
+from gemmakit.models.config import LayerKind, ModelConfig
+
+MODEL_TYPES = ("gemma4_text", "gemma4")
+
+_LAYER_KINDS = {"sliding_attention": "local", "full_attention": "global"}
+
+# our per-layer name -> transformers' name under layers.{i}. (every layer)
+_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attn_norm.weight": "post_attention_layernorm.weight",
+    "mlp_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_mlp_norm.weight": "post_feedforward_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+    "layer_scalar": "layer_scalar",
+}
+_OWN_KV = {"attn.k_proj.weight": "self_attn.k_proj.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
+_V = {"attn.v_proj.weight": "self_attn.v_proj.weight"}
+_PER_LAYER = {
+    "per_layer.gate.weight": "per_layer_input_gate.weight",
+    "per_layer.proj.weight": "per_layer_projection.weight",
+    "per_layer.norm.weight": "post_per_layer_input_norm.weight",
+}
+_EXPERTS = {
+    "dense_norm.weight": "post_feedforward_layernorm_1.weight",
+    "moe.pre_norm.weight": "pre_feedforward_layernorm_2.weight",
+    "moe.post_norm.weight": "post_feedforward_layernorm_2.weight",
+    "moe.router.scale": "router.scale",
+    "moe.router.proj.weight": "router.proj.weight",
+    "moe.router.per_expert_scale": "router.per_expert_scale",
+    "moe.experts.gate_up_proj": "experts.gate_up_proj",
+    "moe.experts.down_proj": "experts.down_proj",
+}
+_MODEL = {
+    "embed.weight": "embed_tokens.weight",
+    "final_norm.weight": "norm.weight",
+}
+_MODEL_PER_LAYER = {
+    "per_layer_embed.weight": "embed_tokens_per_layer.weight",
+    "per_layer_model_proj.weight": "per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "per_layer_projection_norm.weight",
+}
+
+
+def text_config(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The Gemma 4 text decoder's config dict inside ``raw``, or None when ``raw`` is not Gemma 4."""
+    if raw.get("model_type") == "gemma4_text":
+        return raw
+    if raw.get("model_type") == "gemma4" and isinstance(raw.get("text_config"), dict):
+        return {**raw["text_config"], "model_type": "gemma4_text"}
+    return None
+
+
+def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Our config from a transformers Gemma4TextConfig dict."""
+    try:
+        layers = int(raw["num_hidden_layers"])
+        types = raw.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                           for i in range(layers)]
+        try:
+            kinds: tuple[LayerKind, ...] = tuple(_LAYER_KINDS[t] for t in types)
+        except KeyError as exc:
+            raise UnsupportedModelError(f"{source}: unknown layer type {exc.args[0]!r}") from None
+        if raw.get("use_bidirectional_attention") == "all":
+            raise UnsupportedModelError(f"{source}: bidirectional Gemma 4 (use_bidirectional_attention 'all') "
+                                        "is an embedding model, not a causal LM")
+        if raw.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or raw.get("attention_bias"):
+            raise UnsupportedModelError(f"{source}: only gelu_pytorch_tanh MLPs without attention biases are supported")
+        hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        head_dim = int(raw.get("head_dim") or hidden // heads)
+        k_eq_v = bool(raw.get("attention_k_eq_v", False))
+        global_head_dim, global_kv = _global_shape(raw, kinds, k_eq_v)
+        rope = raw.get("rope_parameters") or {}
+        full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        for params in (full, sliding):
+            if params.get("rope_type", "default") not in ("default", "proportional"):
+                raise UnsupportedModelError(f"{source}: RoPE type {params['rope_type']!r} is not supported")
+        if sliding.get("rope_type") == "proportional" and sliding.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModelError(f"{source}: partial RoPE on sliding layers is not supported")
+        proportional = full.get("rope_type", "proportional" if not full else "default") == "proportional"
+        moe = bool(raw.get("enable_moe_block", False))
+        per_layer_dim = int(raw.get("hidden_size_per_layer_input", 256) or 0)
+        return ModelConfig(
+            family="gemma4", name=str(raw.get("_name_or_path") or "gemma4"),
+            vocab_size=int(raw["vocab_size"]), hidden_size=hidden, intermediate_size=int(raw["intermediate_size"]),
+            num_layers=layers, num_heads=heads, num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=head_dim, layer_kinds=kinds,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 131_072)),
+            query_pre_attn_scalar=1.0, sliding_window=int(raw.get("sliding_window", 512)) if "local" in kinds else None,
+            rope_theta=float(full.get("rope_theta", 1_000_000.0)), rope_local_theta=float(sliding.get("rope_theta", 10_000.0)),
+            rope_scaling_factor=float(full.get("factor", 1.0)),
+            rope_global_proportion=float(full.get("partial_rotary_factor", 0.25 if not full else 1.0))
+            if proportional else 1.0,
+            qk_norm=True, post_norms=True, final_logit_softcap=_optional_float(raw.get("final_logit_softcapping")),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), norm_offset=0.0, v_norm=True, layer_scalar=True,
+            global_head_dim=global_head_dim, global_kv_heads=global_kv, k_eq_v=k_eq_v,
+            num_kv_shared_layers=int(raw.get("num_kv_shared_layers", 0) or 0),
+            double_wide_mlp=bool(raw.get("use_double_wide_mlp", False)),
+            per_layer_input_dim=per_layer_dim,
+            per_layer_vocab_size=int(raw.get("vocab_size_per_layer_input", 262_144)) if per_layer_dim else 0,
+            num_experts=int(raw["num_experts"]) if moe else 0,
+            experts_per_token=int(raw["top_k_experts"]) if moe else 0,
+            expert_intermediate_size=int(raw["moe_intermediate_size"]) if moe else 0,
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: required key {exc.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+
+
+def _global_shape(raw: dict[str, Any], kinds: tuple[LayerKind, ...], k_eq_v: bool) -> tuple[int, int | None]:
+    """Global layers' head size and KV-head count (None = the sliding layers' count)."""
+    per_layer = raw.get("per_layer_config")
+    if isinstance(per_layer, dict) and per_layer:
+        shapes = {(int(v.get("head_dim", raw.get("head_dim"))), v.get("num_key_value_heads"))
+                  for k, v in per_layer.items() if kinds[int(k)] == "global"}
+        if len(shapes) != 1:
+            raise UnsupportedModelError(f"per_layer_config gives the global layers different shapes: {sorted(shapes)}")
+        (head_dim, kv), = shapes
+        return head_dim, None if kv is None else int(kv)
+    kv = raw.get("num_global_key_value_heads") if k_eq_v else None
+    return int(raw.get("global_head_dim", 512)), None if kv is None else int(kv)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def hf_names(config: ModelConfig, prefix: str = "model.") -> dict[str, str]:
+    """Our parameter name -> the transformers name, for every parameter of ``config``."""
+    names = {ours: prefix + theirs for ours, theirs in _MODEL.items()}
+    if config.per_layer_input_dim:
+        names.update({ours: prefix + theirs for ours, theirs in _MODEL_PER_LAYER.items()})
+    for plan in config.layer_plan:
+        block = dict(_BLOCK)
+        if not plan.reads_shared_kv:
+            block.update(_OWN_KV)
+            if not plan.k_eq_v:
+                block.update(_V)
+        if config.per_layer_input_dim:
+            block.update(_PER_LAYER)
+        if config.num_experts:
+            block.update(_EXPERTS)
+        i = plan.index
+        names.update({f"layers.{i}.{ours}": f"{prefix}layers.{i}.{theirs}" for ours, theirs in block.items()})
+    return names
