@@ -57,11 +57,11 @@ def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
     model, _ = gemmakit.load(path)
-    return hf, model
+    return hf, model, path
 
 
 def test_logits_match_transformers(pair):
-    hf, model = pair
+    hf, model, _ = pair
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(ids).logits
@@ -70,7 +70,7 @@ def test_logits_match_transformers(pair):
 
 
 def test_cached_chunks_equal_full_forward(pair):
-    _, model = pair
+    _, model, _ = pair
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
     full = model(ids)
     cache = model.new_cache(2, 32)
@@ -79,7 +79,7 @@ def test_cached_chunks_equal_full_forward(pair):
 
 
 def test_cached_greedy_equals_transformers(pair):
-    hf, model = pair
+    hf, model, _ = pair
     prompt = [2, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140]  # longer than the window of 5
     produced = [s.tokens[0] for s in generate_steps(model, [prompt], 16)]
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_cached_greedy_equals_transformers(pair):
 
 
 def test_batch_of_different_lengths_equals_one_by_one(pair):
-    _, model = pair
+    _, model, _ = pair
     prompts = [[2, 5, 9, 33, 41, 17, 80, 81, 3], [2, 7, 11]]
     together = [s.tokens for s in generate_steps(model, prompts, 8)]
     alone = [[s.tokens[0] for s in generate_steps(model, [p], 8)] for p in prompts]
@@ -96,8 +96,19 @@ def test_batch_of_different_lengths_equals_one_by_one(pair):
 
 
 def test_cache_holds_only_the_layers_that_produce_keys_and_values(pair):
-    _, model = pair
+    _, model, _ = pair
     cache = model.new_cache(1, 16)
     owners = [i for i, plan in enumerate(model.config.layer_plan) if not plan.reads_shared_kv]
     assert [i for i, c in enumerate(cache.layers) if c is not None] == owners
     assert cache.nbytes() == model.config.kv_cache_bytes(16, bytes_per_value=4) or model.config.sliding_window > 16
+
+
+def test_convert_writes_a_directory_transformers_reads_as_the_same_model(pair, tmp_path):
+    from gemmakit.convert import convert
+
+    hf, _, path = pair
+    out = convert(path, tmp_path / "out")
+    back = transformers.Gemma4ForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)

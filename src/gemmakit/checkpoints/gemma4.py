@@ -172,3 +172,42 @@ def hf_names(config: ModelConfig, prefix: str = "model.") -> dict[str, str]:
         i = plan.index
         names.update({f"layers.{i}.{ours}": f"{prefix}layers.{i}.{theirs}" for ours, theirs in block.items()})
     return names
+
+
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """The Gemma4TextConfig ``config.json`` dict of ``config`` (as transformers 5.23 saves it)."""
+    kinds = {"local": "sliding_attention", "global": "full_attention"}
+    glob = next((p for p in config.layer_plan if p.mixer == "global"), None)
+    full = ({"rope_type": "proportional", "partial_rotary_factor": config.rope_global_proportion,
+             "rope_theta": config.rope_theta} if config.rope_global_proportion != 1.0
+            else {"rope_type": "default", "rope_theta": config.rope_theta})
+    if config.rope_scaling_factor != 1.0:
+        full = {**full, "rope_type": "proportional", "factor": config.rope_scaling_factor}
+    out: dict[str, Any] = {
+        "architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim, "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True,
+        "layer_types": [kinds[k] for k in config.layer_kinds], "sliding_window": config.sliding_window or 512,
+        "final_logit_softcapping": config.final_logit_softcap,
+        "rope_parameters": {"full_attention": full,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_theta}},
+        "attention_k_eq_v": config.k_eq_v, "num_kv_shared_layers": config.num_kv_shared_layers,
+        "use_double_wide_mlp": config.double_wide_mlp,
+        "hidden_size_per_layer_input": config.per_layer_input_dim,
+        "vocab_size_per_layer_input": config.per_layer_vocab_size or config.vocab_size,
+        "enable_moe_block": bool(config.num_experts),
+        "num_experts": config.num_experts or None, "top_k_experts": config.experts_per_token or None,
+        "moe_intermediate_size": config.expert_intermediate_size or None,
+        "per_layer_config": {str(p.index): {"head_dim": p.head_dim} | (
+            {"num_key_value_heads": p.num_kv_heads} if config.global_kv_heads is not None else {})
+            for p in config.layer_plan if p.mixer == "global"},
+    }
+    if glob is not None:  # what transformers versions that predate per_layer_config read
+        out["global_head_dim"] = glob.head_dim
+        if config.global_kv_heads is not None:
+            out["num_global_key_value_heads"] = config.global_kv_heads
+    return out

@@ -2,7 +2,7 @@
 
 The one writer behind ``gemmakit convert``, the training exports (``finetune --merge``, ``distill``)
 and RecurrentGemma's export. The output is what transformers itself would save for
-GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM or RecurrentGemmaForCausalLM:
+GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma4ForCausalLM or RecurrentGemmaForCausalLM:
 ``config.json`` (older-style keys that transformers 4.x and 5.x both read, checked to read back as
 the same model), ``model.safetensors`` (or numbered shards plus an index) under transformers'
 tensor names, and the tokenizer files. Tensors are taken one at a time into shards of bounded
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from gemmakit.checkpoints import gemma4
 from gemmakit.checkpoints.safetensors import config_from_hf
 from gemmakit.errors import UnsupportedModelError
 from gemmakit.io import atomic_directory
@@ -54,6 +55,10 @@ def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict[str, in
         from gemmakit.checkpoints.recurrent_gemma import to_hf_config  # it imports this module
 
         out = {**to_hf_config(config), **ids, "torch_dtype": str(dtype).removeprefix("torch.")}
+        _check_round_trip(config, out)
+        return out
+    if config.family == "gemma4":
+        out = {**gemma4.to_hf_config(config), **ids, "dtype": str(dtype).removeprefix("torch.")}
         _check_round_trip(config, out)
         return out
     model_type, architecture = ARCHITECTURES[config.family]
