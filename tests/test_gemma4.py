@@ -112,3 +112,20 @@ def test_convert_writes_a_directory_transformers_reads_as_the_same_model(pair, t
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, hf(ids).logits)
+
+
+def test_parameter_count_is_the_models_and_transformers(pair):
+    hf, model, _ = pair
+    ours = sum(p.numel() for p in model.parameters())
+    assert model.config.num_parameters() == ours == sum(p.numel() for p in hf.parameters()) + model.config.num_layers
+
+
+@pytest.mark.parametrize("name", ["gemma4-e2b", "gemma4-e4b", "gemma4-12b", "gemma4-26b-a4b", "gemma4-31b"])
+def test_preset_reads_back_through_transformers_config(name):
+    from gemmakit.checkpoints.gemma4 import config_from_hf, to_hf_config
+    from gemmakit.models.config import PRESETS
+
+    preset = PRESETS[name]
+    raw = transformers.Gemma4TextConfig(**to_hf_config(preset)).to_dict()
+    assert config_from_hf(raw).replace(name=name) == preset
+    assert PRESETS[name + "-it"] == preset.replace(name=name + "-it")

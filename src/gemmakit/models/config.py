@@ -10,6 +10,9 @@ Sources for the preset numbers (checked against each other where both exist):
   [g3]  Gemma 3 technical report (arXiv 2503.19786), Table 1 and section 2
   [g2]  Gemma 2 technical report (arXiv 2408.00118), Table 1
   [g1]  Gemma technical report (arXiv 2403.08295), Table 1
+  [hf4] transformers ``models/gemma4/convert_gemma4_weights.py`` (``_VARIANTS``) and, for the 12B,
+        ``models/gemma4_unified/convert_gemma4_unified_weights.py``
+  [dm4] google-deepmind/gemma ``gemma/gm/nn/gemma4`` model configs
   [rg]  google-deepmind/recurrentgemma ``recurrentgemma/common.py`` (Preset.RECURRENT_GEMMA_*_V1) and
         the RecurrentGemma report (arXiv 2404.07839), Table 1; [hf] google/recurrentgemma-{2b,9b}
 """
@@ -204,19 +207,39 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """Parameter count computed from the shapes (the LM head is tied to the embedding)."""
-        d, h = self.hidden_size, self.head_dim
-        attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
-        norms_per_layer = d * (4 if self.post_norms else 2) + (2 * h if self.qk_norm else 0)
-        mlp = 3 * d * self.intermediate_size
-        if "recurrent" not in self.layer_kinds and not (self.mlp_bias or self.attn_out_bias):
-            return self.vocab_size * d + self.num_layers * (attn + mlp + norms_per_layer) + d
-        # Griffin: attention and recurrent blocks differ in size; biases count too.
+        d, heads = self.hidden_size, self.num_heads
+        total = self.vocab_size * d + d + self.per_layer_embedding_parameters()
+        if self.per_layer_input_dim:  # the model projection into the table's width and its norm
+            total += d * self.num_layers * self.per_layer_input_dim + self.per_layer_input_dim
         w, k = self.recurrent_width, self.conv1d_width
-        attn += d if self.attn_out_bias else 0
-        mlp += (2 * self.intermediate_size + d) if self.mlp_bias else 0
-        recurrent = 3 * d * w + 2 * w + d + (k * w + w) + 2 * (w * w // self.num_heads + w) + w
-        mixers = sum(recurrent if kind == "recurrent" else attn for kind in self.layer_kinds)
-        return self.vocab_size * d + mixers + self.num_layers * (mlp + norms_per_layer) + d
+        for plan in self.layer_plan:
+            hd, kv, inter = plan.head_dim, plan.num_kv_heads, plan.intermediate_size
+            total += d * (4 if self.post_norms else 2) + 3 * d * inter
+            total += (2 * inter + d) if self.mlp_bias else 0
+            if plan.mixer == "recurrent":
+                total += 3 * d * w + 2 * w + d + (k * w + w) + 2 * (w * w // heads + w) + w
+                continue
+            own_kv = not plan.reads_shared_kv
+            total += 2 * d * heads * hd + (d if self.attn_out_bias else 0)  # q and o
+            total += own_kv * d * kv * hd * (1 if plan.k_eq_v else 2)
+            total += hd * (1 + own_kv) if self.qk_norm else 0
+            if self.num_experts:  # router (scale, projection, per-expert scales), experts, three norms
+                E, i = self.num_experts, self.expert_intermediate_size
+                total += d + d * E + E + 3 * E * i * d + 3 * d
+            if self.per_layer_input_dim:
+                total += 2 * d * self.per_layer_input_dim + d
+            total += 1 if self.layer_scalar else 0
+        return total
+
+    def per_layer_embedding_parameters(self) -> int:
+        """The per-layer embedding table's size (PLE): a lookup table that need not sit in fast memory."""
+        return self.per_layer_vocab_size * self.num_layers * self.per_layer_input_dim
+
+    def active_parameters(self) -> int:
+        """Parameters a token runs through: the experts it was not routed to and the PLE table
+        (one row read per token) left out."""
+        unused = self.num_layers * 3 * (self.num_experts - self.experts_per_token) * self.expert_intermediate_size
+        return self.num_parameters() - unused * self.hidden_size - self.per_layer_embedding_parameters()
 
     def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_value: float = 2.0) -> int:
         """KV-cache size at a context length: local layers hold only their window, layers reading
@@ -295,6 +318,28 @@ def _recurrentgemma(name: str, hidden: int, layers: int, heads: int) -> ModelCon
     )
 
 
+def _gemma4(name: str, hidden: int, inter: int, layers: int, heads: int, kv: int, period: int, window: int,
+            context: int, global_kv: int | None = None, shared: int = 0, per_layer: int = 0, double_wide: bool = False,
+            experts: tuple[int, int, int] = (0, 0, 0)) -> ModelConfig:
+    # [hf4] transformers models/gemma4/convert_gemma4_weights.py _VARIANTS (gemma4_unified's converter
+    # for the 12B), checked against [dm4] google-deepmind/gemma gm/nn/gemma4 configs; shared by all:
+    # vocab 262144, head size 256 (sliding) / 512 (global), RoPE 10k default (sliding) / 1M
+    # proportional with 1/4 of the pairs rotating (global), attention scale 1, final soft-cap 30,
+    # RMSNorm scaling by the weight itself, value norms, layer scalars. K=V global layers with their
+    # own KV-head count where ``global_kv`` is given.
+    num_experts, top_k, expert_width = experts
+    return ModelConfig(
+        family="gemma4", name=name, vocab_size=262_144, hidden_size=hidden, intermediate_size=inter,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=256, layer_kinds=alternating(layers, period),
+        max_position_embeddings=context, query_pre_attn_scalar=1.0, sliding_window=window,
+        rope_theta=1_000_000.0, rope_local_theta=10_000.0, rope_global_proportion=0.25, qk_norm=True,
+        post_norms=True, final_logit_softcap=30.0, norm_offset=0.0, v_norm=True, layer_scalar=True,
+        global_head_dim=512, global_kv_heads=global_kv, k_eq_v=global_kv is not None, num_kv_shared_layers=shared,
+        double_wide_mlp=double_wide, per_layer_input_dim=per_layer, per_layer_vocab_size=262_144 if per_layer else 0,
+        num_experts=num_experts, experts_per_token=top_k, expert_intermediate_size=expert_width,
+    )
+
+
 def _presets() -> dict[str, ModelConfig]:
     table = [
         _gemma1("gemma-2b", 2048, 16384, 18, 8, 1),  # MQA
@@ -313,12 +358,20 @@ def _presets() -> dict[str, ModelConfig]:
         _gemma3("gemma3-27b", 5376, 21504, 62, 32, 16, 128, 168, 1024, 131_072, 262_208, 8.0),
         _recurrentgemma("recurrentgemma-2b", 2560, 26, 10),
         _recurrentgemma("recurrentgemma-9b", 4096, 38, 16),
+        # E2B: 4 sliding : 1 global, the last 20 layers read shared K/V with an MLP twice as wide (12288)
+        _gemma4("gemma4-e2b", 1536, 6144, 35, 8, 1, 5, 512, 131_072, shared=20, per_layer=256, double_wide=True),
+        _gemma4("gemma4-e4b", 2560, 10240, 42, 8, 2, 6, 512, 131_072, shared=18, per_layer=256),
+        _gemma4("gemma4-12b", 3840, 15360, 48, 16, 8, 6, 1024, 262_144, global_kv=1),
+        # 26B-A4B: 128 experts of width 704, 8 per token, beside a dense MLP of width 2112 in every layer
+        _gemma4("gemma4-26b-a4b", 2816, 2112, 30, 16, 8, 6, 1024, 262_144, global_kv=2, experts=(128, 8, 704)),
+        _gemma4("gemma4-31b", 5376, 21504, 60, 32, 16, 6, 1024, 262_144, global_kv=4),
     ]
     presets = {c.name: c for c in table}
     # Instruction-tuned variants differ only in weights.
     for base in ["gemma-2b", "gemma-7b", "codegemma-7b", "gemma2-2b", "gemma2-9b", "gemma2-27b",
                  "gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b",
-                 "recurrentgemma-2b", "recurrentgemma-9b"]:
+                 "recurrentgemma-2b", "recurrentgemma-9b", "gemma4-e2b", "gemma4-e4b", "gemma4-12b",
+                 "gemma4-26b-a4b", "gemma4-31b"]:
         presets[base + "-it"] = presets[base].replace(name=base + "-it")
     return presets
 
