@@ -47,7 +47,8 @@ _SPECIAL_LOOKING = re.compile(r"<\|[^<>\s]+\|>|<[^<>\s]*_[^<>\s]*>")
 # dict lookup (6k alternatives like <unused123> in one regex would cost ~130 ms to compile and
 # ~10 µs per '<' in the text). Any other special strings get literal alternatives, longest first.
 _ANGLE = re.compile(r"<[^<>\s]+>")
-_STOP_PIECES = ("<end_of_turn>", "<|file_separator|>")  # Gemma's end-of-turn; CodeGemma's end-of-file
+# Gemma's end-of-turn (Gemma 4's is "<turn|>"); CodeGemma's end-of-file
+_STOP_PIECES = ("<end_of_turn>", "<turn|>", "<|file_separator|>")
 
 
 class Tokenizer:
@@ -181,9 +182,11 @@ class Tokenizer:
         """Rebuild the SentencePiece model a GGUF's ``tokenizer.ggml.*`` metadata was made from."""
         m = gguf.metadata
         kind = m.get("tokenizer.ggml.model", "llama")
+        if kind == "gemma4":
+            return cls._from_gguf_bpe(gguf)
         if kind != "llama":  # llama.cpp's name for SentencePiece vocabularies
-            raise TokenizerError(f"{gguf.path}: tokenizer type {kind!r} is not SentencePiece ('llama'); "
-                                 "gemmakit only runs Gemma's SentencePiece vocabularies")
+            raise TokenizerError(f"{gguf.path}: tokenizer type {kind!r} is neither SentencePiece ('llama') nor "
+                                 "Gemma 4's BPE ('gemma4'), the vocabularies gemmakit runs")
         pieces = m.get("tokenizer.ggml.tokens")
         if not pieces:
             raise TokenizerError(f"{gguf.path}: GGUF has no tokenizer.ggml.tokens vocabulary")
@@ -212,6 +215,50 @@ class Tokenizer:
         if tokenizer is None:
             tokenizer = cls._from_proto(build_model_proto(pieces, scores, types, **spec), source=str(gguf.path),
                                         types=types)
+        tokenizer.chat_template = pick_template(m.get("tokenizer.chat_template"))
+        return tokenizer
+
+    @classmethod
+    def _from_gguf_bpe(cls, gguf: GGUFFile) -> Tokenizer:
+        """Gemma 4's vocabulary as llama.cpp stores it (``tokenizer.ggml.model`` "gemma4"): BPE merges
+        over the whole text with spaces written as '▁' and byte fallback, SentencePiece-style (what
+        its tokenizer.json says too), run by the ``tokenizers`` library."""
+        from tokenizers import AddedToken, decoders, models, normalizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        m = gguf.metadata
+        pieces = list(m.get("tokenizer.ggml.tokens") or [])
+        merges_text = m.get("tokenizer.ggml.merges")
+        if not pieces or merges_text is None:
+            raise TokenizerError(f"{gguf.path}: a gemma4 vocabulary needs tokenizer.ggml.tokens and .merges")
+        n = len(pieces)
+        types = _column(m, "tokenizer.ggml.token_type", n, gguf.path)
+        types = [t if 1 <= t <= 6 else NORMAL for t in types.tolist()] if types is not None else [NORMAL] * n
+        merges = []
+        for merge in merges_text:  # "a b"; the split is at the first space after the first character, as llama.cpp does
+            cut = merge.find(" ", 1)
+            if cut > 0:
+                merges.append((merge[:cut], merge[cut + 1:]))
+        unk = next((p for p, t in zip(pieces, types) if t == UNKNOWN), None)
+        hf = HFTokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token=unk,
+                                    fuse_unk=True, byte_fallback=True))
+        hf.normalizer = normalizers.Replace(" ", _SPACE)
+        hf.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+        hf.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                               for p, t in zip(pieces, types) if t == CONTROL])
+        hf.add_tokens([AddedToken(p, normalized=False) for p, t in zip(pieces, types) if t == USER_DEFINED])
+
+        def special_id(key: str, piece: str) -> int:
+            value = m.get(f"tokenizer.ggml.{key}_token_id")
+            if value is None:
+                value = hf.token_to_id(piece)
+            return int(value) if value is not None and 0 <= int(value) < n else -1
+
+        tokenizer = cls(pieces=pieces, types=types, encode_plain=lambda text: hf.encode(text, add_special_tokens=False).ids,
+                        bos_id=special_id("bos", "<bos>"), eos_id=special_id("eos", "<eos>"),
+                        pad_id=special_id("padding", "<pad>"),
+                        unk_id=pieces.index(unk) if unk is not None else None, tokenizer_json=hf.to_str,
+                        source=str(gguf.path))
         tokenizer.chat_template = pick_template(m.get("tokenizer.chat_template"))
         return tokenizer
 

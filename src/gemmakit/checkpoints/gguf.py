@@ -24,7 +24,7 @@ from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
 from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize, ggml_blocks, packable
 
-SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gemma4")
 
 # GGUF block-tensor suffix -> our per-layer parameter name
 _LAYER_NAMES = {
@@ -41,6 +41,30 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "post_ffw_norm": "post_mlp_norm",
+    # Gemma 4 (llama.cpp's gemma4 architecture)
+    "layer_output_scale": "layer_scalar",
+    "inp_gate": "per_layer.gate",
+    "proj": "per_layer.proj",
+    "post_norm": "per_layer.norm",
+    "ffn_gate_inp": "moe.router.proj",
+    "pre_ffw_norm_2": "moe.pre_norm",
+    "post_ffw_norm_1": "dense_norm",
+    "post_ffw_norm_2": "moe.post_norm",
+}
+# block tensors whose GGUF name is not ``<ours>.weight``
+_LAYER_NAMES_EXACT = {
+    "layer_output_scale.weight": "layer_scalar",
+    "ffn_gate_inp.scale": "moe.router.scale",
+    "ffn_down_exps.scale": "moe.router.per_expert_scale",
+    "ffn_gate_up_exps.weight": "moe.experts.gate_up_proj",
+    "ffn_down_exps.weight": "moe.experts.down_proj",
+}
+_MODEL_NAMES = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "final_norm.weight",
+    "per_layer_token_embd.weight": "per_layer_embed.weight",
+    "per_layer_model_proj.weight": "per_layer_model_proj.weight",
+    "per_layer_proj_norm.weight": "per_layer_proj_norm.weight",
 }
 
 
@@ -70,11 +94,12 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     hidden = int(get("embedding_length"))
     layers = int(get("block_count"))
     heads = int(get("attention.head_count"))
-    kv_heads = int(get("attention.head_count_kv", heads))
+    kv_heads = _per_layer(get("attention.head_count_kv", heads), layers, "attention.head_count_kv", f)[0]
     head_dim = int(get("attention.key_length", hidden // heads))
     vocab = len(m["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in m else f.tensors["token_embd.weight"].shape[0]
     base = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
+        vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=_per_layer(get("feed_forward_length"), layers, "feed_forward_length", f)[0],
         num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=int(get("context_length")),
         # stored as float32: take its shortest decimal form (1e-06, not 9.99999997e-07)
@@ -95,6 +120,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
             post_norms=True, attn_logit_softcap=float(get("attn_logit_softcapping", 50.0)),
             final_logit_softcap=float(get("final_logit_softcapping", 30.0)), **base,
         )
+    if arch == "gemma4":
+        return _gemma4_config(f, get, base)
     scaling = float(m.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
     if m.get(f"{arch}.rope.scaling.type", "linear") not in ("linear", "none"):
         raise UnsupportedModelError(f"{f.path}: RoPE scaling type {m[f'{arch}.rope.scaling.type']!r} is not supported")
@@ -103,6 +130,53 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         sliding_window=int(get("attention.sliding_window")), rope_theta=float(get("rope.freq_base", 1_000_000.0)),
         rope_local_theta=10_000.0, rope_scaling_factor=scaling, qk_norm=True, post_norms=True, **base,
     )
+
+
+def _gemma4_config(f: GGUFFile, get, base: dict) -> ModelConfig:
+    """llama.cpp's ``gemma4`` metadata: per-layer arrays where the layers differ (KV heads of the
+    global layers, the double-wide MLP of the layers sharing K/V); K=V global layers are those
+    without ``attn_v``; the share of the global layers' rotating pairs is the count of 1s in
+    ``rope_freqs`` (the others hold 1e30, i.e. frequency 0)."""
+    layers = base["num_layers"]
+    kinds = _layer_kinds(f, layers, 6)
+    shared = int(get("attention.shared_kv_layers", 0))
+    first_global = kinds.index("global") if "global" in kinds else None
+    local_dim = int(get("attention.key_length_swa", base["head_dim"]))
+    kv = _per_layer(get("attention.head_count_kv", base["num_heads"]), layers, "attention.head_count_kv", f)
+    ff = _per_layer(get("feed_forward_length"), layers, "feed_forward_length", f)
+    local_kv = next((kv[i] for i, k in enumerate(kinds) if k == "local"), kv[0])
+    global_kv = kv[first_global] if first_global is not None else local_kv
+    k_eq_v = first_global is not None and f"blk.{first_global}.attn_v.weight" not in f.tensors
+    proportion = 1.0
+    if "rope_freqs.weight" in f.tensors:
+        factors = dequantize(f.tensors["rope_freqs.weight"].raw, f.tensors["rope_freqs.weight"].ggml_type,
+                             f.tensors["rope_freqs.weight"].shape)
+        proportion = float((factors == 1.0).sum()) / factors.numel()
+    per_layer = int(get("embedding_length_per_layer_input", 0))
+    experts = int(f.metadata.get("gemma4.expert_count", 0) or 0)
+    return ModelConfig(
+        family="gemma4", layer_kinds=kinds, query_pre_attn_scalar=1.0,
+        sliding_window=int(get("attention.sliding_window")) if "local" in kinds else None,
+        rope_theta=float(get("rope.freq_base", 1_000_000.0)), rope_local_theta=float(get("rope.freq_base_swa", 10_000.0)),
+        rope_global_proportion=proportion, qk_norm=True, post_norms=True,
+        final_logit_softcap=float(get("final_logit_softcapping", 30.0)),  # llama.cpp's default where absent
+        norm_offset=0.0, v_norm=True, layer_scalar=True,
+        global_head_dim=base["head_dim"], global_kv_heads=global_kv if global_kv != local_kv or k_eq_v else None,
+        k_eq_v=k_eq_v, num_kv_shared_layers=shared, double_wide_mlp=len(set(ff)) > 1, per_layer_input_dim=per_layer,
+        per_layer_vocab_size=f.tensors["per_layer_token_embd.weight"].shape[0] if per_layer else 0,
+        num_experts=experts, experts_per_token=int(get("expert_used_count")) if experts else 0,
+        expert_intermediate_size=int(get("expert_feed_forward_length")) if experts else 0,
+        **{**base, "head_dim": local_dim, "num_kv_heads": local_kv, "intermediate_size": ff[0]},
+    )
+
+
+def _per_layer(value, layers: int, key: str, f: GGUFFile) -> list[int]:
+    """A metadata value llama.cpp writes as one number or as one per layer."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != layers:
+            raise CheckpointError(f"{f.path}: {f.architecture}.{key} has {len(value)} entries for {layers} layers")
+        return [int(v) for v in value]
+    return [int(value)] * layers
 
 
 def _layer_kinds(f: GGUFFile, layers: int, default_period: int) -> tuple[LayerKind, ...]:
@@ -120,24 +194,30 @@ def _layer_kinds(f: GGUFFile, layers: int, default_period: int) -> tuple[LayerKi
 
 
 def _our_name(gguf_name: str) -> str | None:
-    if gguf_name == "token_embd.weight":
-        return "embed.weight"
-    if gguf_name == "output_norm.weight":
-        return "final_norm.weight"
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_NAMES:
-        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
+    if gguf_name in _MODEL_NAMES:
+        return _MODEL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) != 3 or parts[0] != "blk":
+        return None
+    if parts[2] in _LAYER_NAMES_EXACT:
+        return f"layers.{parts[1]}.{_LAYER_NAMES_EXACT[parts[2]]}"
+    tensor, _, suffix = parts[2].partition(".")
+    if suffix == "weight" and tensor in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[tensor]}.weight"
     return None
 
 
 def gguf_names(config: ModelConfig) -> dict[str, str]:
     """Our parameter name -> the GGUF tensor name llama.cpp uses, for every parameter of ``config``."""
-    theirs = {ours: gguf for gguf, ours in _LAYER_NAMES.items()}
-    names = {"embed.weight": "token_embd.weight", "final_norm.weight": "output_norm.weight"}
-    for i in range(config.num_layers):
-        for ours, gguf in theirs.items():
-            names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{gguf}.weight"
-    return names
+    ours_to_gguf = {f"{ours}.weight": f"{gguf}.weight" for gguf, ours in _LAYER_NAMES.items()}
+    ours_to_gguf.update({ours: gguf for gguf, ours in _LAYER_NAMES_EXACT.items()})
+    names = {ours: gguf for gguf, ours in _MODEL_NAMES.items()}
+    for name in parameter_shapes(config):
+        layer, _, rest = name.partition(".")
+        if layer == "layers":
+            i, _, tail = rest.partition(".")
+            names[name] = f"blk.{i}.{ours_to_gguf.get(tail, tail)}"
+    return {ours: names[ours] for ours in parameter_shapes(config)}
 
 
 def _loader(t: GGUFTensor, norm_offset: float) -> TensorLoader:
@@ -180,7 +260,8 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
             raise UnsupportedModelError(
                 f"{f.path}: tensor {name} uses quantisation type {t.ggml_type} which gemmakit cannot read"
             )
-        tensors[ours] = _loader(t, 1.0 if name.endswith("norm.weight") else 0.0)
+        # Gemma 1-3 files store norms as 1 + w (our weights are the offset from one); Gemma 4's as w
+        tensors[ours] = _loader(t, config.norm_offset if name.endswith("norm.weight") else 0.0)
         if packable(t.ggml_type, t.shape):
             packed[ours] = _packed_loader(t)
         found[ours] = t.shape
