@@ -71,11 +71,32 @@ def describe(source: str | None, context: int | None = None) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "parameters": params,
         "weight_bytes": {name: int(params * b) for name, b in BYTES_PER_PARAM.items()},
+        **_gemma4_extras(config),
         "context": context,
         "kv_cache_bytes": {name: config.kv_cache_bytes(context, bytes_per_value=b)
                            for name, b in (("float32", 4.0), ("bfloat16", 2.0),
                                            ("int8", int8_kv_bytes_per_value(config)))},
     } | _state(config, context)
+
+
+def _gemma4_extras(config: ModelConfig) -> dict[str, Any]:
+    """What sets Gemma 4 (and 3n) apart in memory: the per-layer embedding table, which is read a
+    row per token and can stay mapped on disk; the experts a token does not run; layers without a
+    cache of their own; global layers' own head shape."""
+    out: dict[str, Any] = {}
+    if config.per_layer_input_dim:
+        out["per_layer_embedding_parameters"] = config.per_layer_embedding_parameters()
+    if config.num_experts:
+        out["experts"] = {"count": config.num_experts, "per_token": config.experts_per_token,
+                          "width": config.expert_intermediate_size}
+    if config.num_experts or config.per_layer_input_dim:
+        out["active_parameters"] = config.active_parameters()
+    if config.num_kv_shared_layers:
+        out["kv_shared_layers"] = config.num_kv_shared_layers
+    glob = config.kind_plans.get("global")
+    if glob is not None and (glob.head_dim, glob.num_kv_heads) != (config.head_dim, config.num_kv_heads):
+        out["global_attention"] = {"head_dim": glob.head_dim, "kv_heads": glob.num_kv_heads, "k_eq_v": glob.k_eq_v}
+    return out
 
 
 def _state(config: ModelConfig, context: int) -> dict[str, Any]:
@@ -102,6 +123,21 @@ def format_report(r: dict[str, Any]) -> str:
         f"vocabulary   {r['vocab_size']}; max context {r['max_context']}",
         f"parameters   {r['parameters']:,} ({r['parameters'] / 1e6:.0f}M)",
     ]
+    if "global_attention" in r:
+        g = r["global_attention"]
+        lines[2] += f"; global layers kv {g['kv_heads']} x {g['head_dim']}" + (" (K=V)" if g["k_eq_v"] else "")
+    if "per_layer_embedding_parameters" in r:
+        ple = r["per_layer_embedding_parameters"]
+        lines.append(f"             of which the per-layer embedding table {ple / 1e6:.0f}M "
+                     f"(a row per token; bfloat16 {_gib(2 * ple)}, can stay on disk)")
+    if "experts" in r:
+        e = r["experts"]
+        lines.append(f"experts      {e['count']} of width {e['width']} per layer, {e['per_token']} per token")
+    if "active_parameters" in r:
+        lines.append(f"active       {r['active_parameters'] / 1e6:.0f}M parameters per token")
+    if "kv_shared_layers" in r:
+        lines.append(f"K/V sharing  the last {r['kv_shared_layers']} layers reuse earlier layers' keys/values "
+                     "(no cache of their own)")
     if "vision" in r:
         v = r["vision"]
         lines.append(f"vision       SigLIP {v['image_size']}px / {v['patch_size']}, {v['layers']} layers x "
