@@ -339,3 +339,38 @@ def test_pretrained_warning(tiny_tokenizer):
     assert pretrained_warning(tiny_tokenizer, "/models/gemma-3-270m-it.gguf") is None
     assert pretrained_warning(with_template(tiny_tokenizer, GEMMA_3_TEMPLATE), "/models/base.gguf") is None
     assert pretrained_warning(None, "/models/base.gguf") is None
+
+
+THOUGHTFUL = [{"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "<|channel>thought\nadd them<channel|>4"},
+              {"role": "user", "content": "and 3+3?"}]
+
+
+@pytest.mark.parametrize("thinking", [False, True], ids=["plain", "thinking"])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_builtin_gemma4_turns_are_what_the_official_template_writes(hf_tokenizer, thinking, add_generation_prompt):
+    from gemmakit.chat import render_builtin
+
+    # (the official template writes a system message's content list as Python would print it; the
+    # built-in renderer takes its text, so the parts chat here has a plain system string)
+    parts = [{"role": "system", "content": "Describe images."}, *PARTS_CONVERSATION[1:]]
+    for messages in [*CONVERSATIONS.values(), *SYSTEM_CONVERSATIONS.values(), THOUGHTFUL, parts]:
+        ours = render_builtin(messages, add_generation_prompt, turns="gemma4", enable_thinking=thinking)
+        assert ours == official(hf_tokenizer, OFFICIAL["gemma-4"], messages, add_generation_prompt,
+                                enable_thinking=thinking)
+
+
+def test_thought_splitter_separates_thoughts_from_the_answer_across_pieces():
+    from gemmakit.chat.thinking import ThoughtSplitter
+
+    reply = "<|channel>thought\nFirst, add.\nThen check.<channel|>The answer is 4."
+    for size in (1, 2, 3, 7, len(reply)):
+        splitter = ThoughtSplitter()
+        events = [e for i in range(0, len(reply), size) for e in splitter.push(reply[i:i + size])]
+        events += splitter.flush()
+        assert "".join(t for k, t in events if k == "thought") == "First, add.\nThen check."
+        assert "".join(t for k, t in events if k == "answer") == "The answer is 4."
+        assert (splitter.thought, splitter.answer) == ("First, add.\nThen check.", "The answer is 4.")
+    plain = ThoughtSplitter()
+    assert plain.push("no thoughts <here> <|chan") == [("answer", "no thoughts <here> ")]  # a marker may follow
+    assert plain.push("ged") + plain.flush() == [("answer", "<|changed")]

@@ -4,7 +4,7 @@
 server's chat route and /tokenize, chat-formatted training data, vision prompts). With a tokenizer
 that carries its checkpoint's chat template (``tokenizer.chat_template``) it renders that template
 (template.py); otherwise gemmakit's built-in Gemma renderer (builtin.py), which writes the same
-text the official Gemma 1/2/3 templates write.
+text the official Gemma 1/2/3 templates write, or, for a Gemma 4 vocabulary, Gemma 4's.
 
 The prompt never starts with ``<bos>``: official templates write ``{{ bos_token }}`` first, but the
 tokenizer adds the token itself (``encode(prompt, add_bos=True)``, as for a plain prompt), so a
@@ -38,7 +38,8 @@ def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
     if template is None:
         if tools:
             raise InvalidRequestError("this model has no chat template, so it has no format for tools")
-        return render_builtin(messages, add_generation_prompt)
+        return render_builtin(messages, add_generation_prompt, turns=turn_format(tokenizer),
+                              enable_thinking=bool(variables.get("enable_thinking")))
     specials = special_tokens(tokenizer)
     context = {**specials, **variables}
     try:
@@ -53,6 +54,12 @@ def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
             raise InvalidRequestError(f"the model's chat template refuses this chat: {exc}") from None
     bos = specials.get("bos_token")
     return text.removeprefix(bos) if bos else text
+
+
+def turn_format(tokenizer) -> str:
+    """"gemma4" for a vocabulary with Gemma 4's turn markers (``<|turn>``), else "gemma"."""
+    find = getattr(tokenizer, "token_to_id", None)
+    return "gemma4" if find is not None and find("<|turn>") is not None else "gemma"
 
 
 def _fold_system(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:

@@ -33,7 +33,7 @@ from gemmakit.errors import InvalidRequestError
 ROLES = {"user": "user", "assistant": "model", "model": "model"}
 
 
-def _text(content: Any, i: int, first_part_only: bool = False) -> str:
+def _text(content: Any, i: int, first_part_only: bool = False, image: str = "<start_of_image>") -> str:
     """The text of a message's content: a string, or the parts of a multimodal content list."""
     if isinstance(content, str):
         return content
@@ -43,7 +43,7 @@ def _text(content: Any, i: int, first_part_only: bool = False) -> str:
         pieces = []
         for part in content:
             if part.get("type") == "image":
-                pieces.append("<start_of_image>")
+                pieces.append(image)
             elif part.get("type") == "text" and isinstance(part.get("text"), str):
                 pieces.append(part["text"].strip())
             else:
@@ -52,10 +52,14 @@ def _text(content: Any, i: int, first_part_only: bool = False) -> str:
     raise InvalidRequestError(f"message {i} has no text content")
 
 
-def render_builtin(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-    """Render ``[{"role": ..., "content": ...}, ...]`` into one prompt string (without ``<bos>``)."""
+def render_builtin(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, *,
+                   turns: str = "gemma", enable_thinking: bool = False) -> str:
+    """Render ``[{"role": ..., "content": ...}, ...]`` into one prompt string (without ``<bos>``), in
+    Gemma 1-3's turn format or, with ``turns="gemma4"``, Gemma 4's (:func:`render_gemma4`)."""
     if not messages:
         raise InvalidRequestError("a chat needs at least one message")
+    if turns == "gemma4":
+        return render_gemma4(messages, add_generation_prompt, enable_thinking)
     prefix = ""
     turns = list(messages)
     if turns[0].get("role") == "system":
@@ -79,4 +83,46 @@ def render_builtin(messages: Sequence[Mapping[str, Any]], add_generation_prompt:
         parts.append(f"<start_of_turn>user\n{prefix.strip()}<end_of_turn>\n")
     if add_generation_prompt:
         parts.append("<start_of_turn>model\n")
+    return "".join(parts)
+
+
+def render_gemma4(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                  enable_thinking: bool = False) -> str:
+    """Gemma 4's turn format, as its official template writes a chat without tools:
+
+        <|turn>system
+        <|think|>            (with thinking on)
+        {system text}<turn|>
+        <|turn>user
+        {text}<turn|>
+        <|turn>model
+        {answer, earlier thoughts stripped}<turn|>
+        <|turn>model
+        <|channel>thought
+        <channel|>           (the empty thought that turns thinking off)
+
+    The system role is native; roles must alternate as for the earlier generations."""
+    from gemmakit.chat.thinking import strip_thoughts
+
+    turns = list(messages)
+    parts: list[str] = []
+    if enable_thinking or turns[0].get("role") == "system":
+        system = _text(turns[0].get("content"), 0).strip() if turns[0].get("role") == "system" else ""
+        parts.append("<|turn>system\n" + ("<|think|>\n" if enable_thinking else "") + system + "<turn|>\n")
+        if turns[0].get("role") == "system":
+            turns = turns[1:]
+    offset = len(messages) - len(turns)
+    for j, message in enumerate(turns):
+        i, role = j + offset, message.get("role")
+        if role not in ROLES:
+            raise InvalidRequestError(f"message {i} has unknown role {role!r} (use system, user or assistant)"
+                                      if role != "system" else "a system message may only come first")
+        if (role == "user") != (j % 2 == 0):
+            raise InvalidRequestError(f"message {i} is from {role!r}: roles must alternate user/assistant, "
+                                      "starting with user")
+        text = _text(message.get("content"), i, image="<|image|>")
+        text = strip_thoughts(text) if role != "user" else text.strip()
+        parts.append(f"<|turn>{ROLES[role]}\n{text}<turn|>\n")
+    if add_generation_prompt:
+        parts.append("<|turn>model\n" + ("" if enable_thinking else "<|channel>thought\n<channel|>"))
     return "".join(parts)
