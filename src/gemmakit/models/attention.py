@@ -2,7 +2,7 @@
 
 A layer does not know whether it is "global" or "local" beyond which :class:`StepContext` it is
 handed (models/masks.py): the context carries the rotary tables, the mask and where to write into
-the cache, all computed once per forward step by the cache.
+the cache (a ``CacheWrite``, models/cache_writes.py), all computed once per forward step by the cache.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         elif T == 1 and ctx.bias is not None:  # decoding on the CPU: the one-query kernel (kernels/ops.py)
             out = ops.decode_attention(q, k, v, ctx.bias, self.scale, self.logit_softcap)
         if out is None:
-            out = self._attend(q, k, v, mask, ctx.causal, ctx)  # [B, H, T, D]
+            out = self._attend(q, k, v, mask, ctx.write.attends_own_keys_causally, ctx)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
     def _keys_and_values(self, kv: list[torch.Tensor], B: int, T: int,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gemmakit.models.cache_writes import Append, FreshCausal, RingWrite, StaticWrite, Uncached
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.layers import rope_cos_sin
 from gemmakit.models.masks import RecurrentContext, StepContext, attention_mask
@@ -33,7 +34,8 @@ class LayerCache:
     group's largest entry. Per group rather than per vector because Gemma's values carry outliers
     (absmax ~9x the RMS in the 270M's first layers) that would coarsen a whole vector's step.
     1.125 bytes per entry: 56% of bfloat16, 28% of float32.
-    Attention layers store and fetch through :meth:`update_and_fetch`, which follows the step's context;
+    Attention layers store and fetch through :meth:`update_and_fetch`, which follows the step's
+    :class:`~gemmakit.models.cache_writes.CacheWrite`;
     :meth:`store` and :meth:`load` hide the int8 difference.
     """
 
@@ -69,44 +71,9 @@ class LayerCache:
             scales.scatter_(2, index[:, None, :, None].expand_as(scale), scale)
 
     def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values ``[B, kv_heads, T, head_dim]`` where ``ctx`` (built by the
-        cache's ``contexts``) says, and return all keys/values the step may attend to."""
-        T = k.shape[2]
-        if ctx.write_slots is not None:
-            return self._update_rows(k, v, ctx)
-        dtype = k.dtype
-        if ctx.write_index is not None:  # static-shape decode step (compiled): masks hide unwritten columns
-            self.store(ctx.write_index, k, v)
-            return self.load(dtype=dtype)
-        if ctx.causal:  # a fresh cache: the step attends to its own keys only; keep what later steps need
-            if ctx.ring:
-                self.store(ctx.ring_slots, k[:, :, ctx.ring_skip:], v[:, :, ctx.ring_skip:])
-            else:
-                self.store(slice(0, T), k, v)
-            return k, v
-        if not ctx.ring:
-            end = ctx.cache_start + T
-            self.store(slice(ctx.cache_start, end), k, v)
-            return self.load(end, dtype)
-        if ctx.write_first:  # one decoding token: it replaces a slot it could not see (see cache.step_contexts)
-            self.store(ctx.ring_slots, k, v)
-            return self.load(dtype=dtype)
-        # Ring: attend to what the ring held before this step plus the new keys, then keep the newest.
-        old_k, old_v = self.load(dtype=dtype)
-        all_k = torch.cat([old_k, k], dim=2)
-        all_v = torch.cat([old_v, v], dim=2)
-        self.store(ctx.ring_slots, k[:, :, ctx.ring_skip:], v[:, :, ctx.ring_skip:])
-        return all_k, all_v
-
-    def _update_rows(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row writes (continuous batching): each row's keys go to its own slots ``ctx.write_slots``."""
-        if not ctx.ring or ctx.write_first:
-            self.scatter(ctx.write_slots, k, v)
-            return self.load(ctx.attend_len, k.dtype)
-        old_k, old_v = self.load(ctx.attend_len, k.dtype)
-        all_k, all_v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
-        self.scatter(ctx.write_slots, k, v)
-        return all_k, all_v
+        """Store this step's keys/values ``[B, kv_heads, T, head_dim]`` where ``ctx.write`` (built by
+        the cache's ``contexts``) says, and return all keys/values the step may attend to."""
+        return ctx.write.apply(self, k, v)
 
     def load(self, end: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots ``[0, end)`` (all slots by default) in ``dtype``."""
@@ -273,10 +240,10 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
             if cache is not None:
                 cache.global_positions[:, :T] = positions
             mask = attention_mask(positions, positions, None)
-            out["global"] = StepContext(cos, sin, mask, ring=False, causal=True)
+            out["global"] = StepContext(cos, sin, mask, FreshCausal(slice(0, T) if cache is not None else None))
         else:
             if cache is None:
-                k_pos = positions
+                k_pos, write = positions, Uncached()
             else:
                 end = cache.length + positions.shape[1]
                 cache.global_positions[:, cache.length:end] = positions
@@ -284,8 +251,8 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
                 if groups is not None:
                     cache.global_groups[:, cache.length:end] = groups
                     k_groups = cache.global_groups[:, :end]
-            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, groups, k_groups),
-                                        ring=False, cache_start=cache.length if cache is not None else 0)
+                write = Append(cache.length)
+            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, groups, k_groups), write)
     if "local" in kinds:
         lp = c.kind_plans["local"]
         window = lp.window
@@ -293,10 +260,10 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
         if fresh and T <= (window or T):
             mask = attention_mask(positions, positions, window)
             slots, skip = cache.ring_slots(T) if cache is not None else (None, 0)
-            out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, ring_skip=skip, causal=True)
+            out["local"] = StepContext(cos, sin, mask, FreshCausal(slots, skip))
         elif cache is None:
             mask = attention_mask(positions, positions, window, groups, groups, bypass)
-            out["local"] = StepContext(cos, sin, mask, ring=True)
+            out["local"] = StepContext(cos, sin, mask, Uncached())
         elif positions.shape[1] == 1 and (cache.window == window or cache.length < cache.window):
             # One new token (decoding): the slot it overwrites holds the position one full window
             # back, which it may not see anyway (or nothing yet, in a ring shorter than the window);
@@ -306,13 +273,13 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
             k_pos = cache.ring_positions.index_copy(1, slots, positions)
             k_groups = None if groups is None else cache.ring_groups.index_copy(1, slots, groups)
             mask = attention_mask(positions, k_pos, window, groups, k_groups, bypass)
-            out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, write_first=True)
+            out["local"] = StepContext(cos, sin, mask, RingWrite(slots, write_first=True))
         else:
             k_pos = torch.cat([cache.ring_positions, positions], dim=1)
             k_groups = None if groups is None else torch.cat([cache.ring_groups, groups], dim=1)
             slots, skip = cache.ring_slots(positions.shape[1])
             mask = attention_mask(positions, k_pos, window, groups, k_groups, bypass)
-            out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, ring_skip=skip)
+            out["local"] = StepContext(cos, sin, mask, RingWrite(slots, skip))
     return out
 
 
@@ -338,7 +305,7 @@ def static_step_contexts(config: ModelConfig, positions: torch.Tensor, index: to
         if groups is not None:
             global_groups.index_copy_(1, index, groups)
         mask = attention_mask(positions, global_positions, None, groups, global_groups)
-        out["global"] = StepContext(cos, sin, mask, ring=False, write_index=index)
+        out["global"] = StepContext(cos, sin, mask, StaticWrite(index))
     if "local" in kinds:
         lp = c.kind_plans["local"]
         cos, sin = rope_cos_sin(positions, lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype, lp.rope_proportion)
@@ -346,7 +313,7 @@ def static_step_contexts(config: ModelConfig, positions: torch.Tensor, index: to
         k_pos = ring_positions.index_copy(1, slots, positions)
         k_groups = None if groups is None else ring_groups.index_copy(1, slots, groups)
         mask = attention_mask(positions, k_pos, lp.window, groups, k_groups, c.group_bypasses_window)
-        out["local"] = StepContext(cos, sin, mask, ring=True, ring_slots=slots, write_first=True)
+        out["local"] = StepContext(cos, sin, mask, StaticWrite(slots))
     return out
 
 

@@ -76,23 +76,12 @@ def _step_applies(h: torch.Tensor, cache: KVCache | RowKVCache) -> bool:
 
 def _write_slots(ctx: StepContext | None, rows: int) -> list[int] | None:
     """Where each row's new key goes, for a step whose layers store first and then attend to slots
-    ``[0, S)`` of their buffer (``S`` = the mask's width); None for any other kind of step.
-
-    - a growing cache's global layer (KVCache): column ``cache_start``, the same for every row;
-    - a ring (KVCache, sliding window): the ring slot of this step, stored before attending;
-    - the serving engine's rows (RowKVCache): each row's own slot (padding rows: the trash slot).
-    """
-    if ctx is None or ctx.bias is None or ctx.causal or ctx.write_index is not None:
+    ``[0, S)`` of their buffer (``S`` = the mask's width), as the C++ step does: the step's write
+    kind knows (``CacheWrite.decode_slots``, models/cache_writes.py). None where the step has no
+    one-query bias or its write does something else; the eager layers then run it."""
+    if ctx is None or ctx.bias is None:
         return None
-    if ctx.write_slots is not None:  # RowKVCache: per-row slots, attending to attend_len slots
-        if ctx.write_slots.shape[1] != 1 or (ctx.ring and not ctx.write_first) or ctx.attend_len != ctx.bias.shape[-1]:
-            return None
-        return ctx.write_slots[:, 0].tolist()
-    if not ctx.ring:
-        return [ctx.cache_start] * rows
-    if ctx.write_first and ctx.ring_slots is not None:
-        return [int(ctx.ring_slots[0])] * rows
-    return None
+    return ctx.write.decode_slots(rows, ctx.bias.shape[-1])
 
 
 # --------------------------------------------------------------------------- building the stack

@@ -1,6 +1,7 @@
 """What the layers of one kind need for one forward step, built once per step and handed to every
 layer of that kind: the rotary tables, the attention mask and where to write into the cache
-(:class:`StepContext`), or a recurrent layer's positions (:class:`RecurrentContext`).
+(:class:`StepContext`, whose ``write`` is one of models/cache_writes.py's kinds), or a recurrent
+layer's positions (:class:`RecurrentContext`).
 
 The caches (models/cache.py, models/row_cache.py) build them, since what a step may see depends on
 what the cache holds; masks are a pure function of query and key positions (:func:`attention_mask`).
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from gemmakit.models.cache_writes import CacheWrite
 
 
 # The 0 / -inf of a one-query mask's float32 bias (StepContext.bias), made once.
@@ -24,18 +27,7 @@ class StepContext:
     cos: torch.Tensor  # [B, 1, T, D]
     sin: torch.Tensor  # [B, 1, T, D]
     mask: torch.Tensor  # [B, 1, T, S] bool, True = may attend
-    ring: bool  # True: cache is a ring (local layer); False: append at cache_start
-    cache_start: int = 0  # first timeline column written by this step
-    ring_slots: torch.Tensor | None = None  # ring indices receiving the last new keys
-    ring_skip: int = 0  # how many of the new keys fall out of the window before being stored
-    write_slots: torch.Tensor | None = None  # [B, T] per-row slot of each new key (RowKVCache)
-    attend_len: int = 0  # with write_slots: how many stored slots the step attends to
-    write_first: bool = False  # on a ring: store, then attend to the ring alone (no concatenation)
-    write_index: torch.Tensor | None = None  # global, static shapes: the one column to write; attend to all
-    # The step's queries see exactly the step's own keys, causally (a fresh cache, no padding, no
-    # groups, within the window): attend to the new keys alone with SDPA's causal kernel, which
-    # skips the masked half instead of computing it (``mask`` is then the plain causal [T, T] one).
-    causal: bool = False
+    write: CacheWrite  # where the step's keys go in each layer's cache, and which keys it attends to
     bias: torch.Tensor | None = None  # one query per row: the mask as 0 / -inf float32, for the decode kernel
     _blocks: dict = field(default_factory=dict, repr=False, compare=False)  # query_blocks' answers, by batch row
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from gemmakit.models.cache import LayerCache, RecurrentState, layer_states
+from gemmakit.models.cache_writes import RowWrite
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.layers import rope_cos_sin
 from gemmakit.models.masks import RecurrentContext, StepContext, attention_mask
@@ -112,8 +113,8 @@ class RowKVCache:
             self.global_positions[:, self.max_len] = -1
             length = int(positions.max()) + 1  # no real query sees a column past its own position
             k_pos = self.global_positions[:, :length]
-            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None), ring=False,
-                                        write_slots=slots, attend_len=length)
+            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None),
+                                        RowWrite(slots, length, write_first=True))
         if "local" in kinds:
             lp = c.kind_plans["local"]
             cos, sin = rope_cos_sin(positions.clamp(min=0), lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype,
@@ -131,9 +132,8 @@ class RowKVCache:
             else:
                 k_pos = torch.cat([self.ring_positions[:, :self.window], positions], dim=1)
                 self._pending_ring = slots
-            out["local"] = StepContext(cos, sin, attention_mask(positions, k_pos, lp.window), ring=True,
-                                       write_slots=slots, attend_len=self.window,
-                                       write_first=self._pending_ring is None)
+            out["local"] = StepContext(cos, sin, attention_mask(positions, k_pos, lp.window),
+                                       RowWrite(slots, self.window, write_first=self._pending_ring is None))
         return out
 
     def advance(self, positions: torch.Tensor) -> None:
