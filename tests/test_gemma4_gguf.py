@@ -82,3 +82,16 @@ def test_converted_to_hf_transformers_computes_the_same(loaded, tmp_path):
     ids = torch.tensor([RECORDED["ids"]])
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow  # a CLI subprocess
+@pytest.mark.parametrize("think", [[], ["--think"], ["--think", "hide"]], ids=["plain", "think", "hide"])
+def test_chat_runs_on_a_gemma4_vocabulary(think):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gemmakit.cli", "chat", "--model", str(DATA / f"{NAMES[0]}.gguf"),
+                           "-n", "4", "--seed", "0", *think], input="Hello there\n/exit\n", capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr

@@ -18,7 +18,10 @@ def add_parser(sub) -> None:
                                    "/exit (or Ctrl-D) quits.")
     add_model_args(c)
     add_sampling_args(c)
-    c.add_argument("--system", default=None, help="a system message, folded into the first user turn")
+    c.add_argument("--system", default=None, help="a system message (Gemma 1-3: folded into the first user turn)")
+    c.add_argument("--think", nargs="?", const="show", choices=["show", "hide"], default=None,
+                   help="Gemma 4: let the model reason before it answers; its thoughts are shown dimmed "
+                        "(show, the default; on stderr when stdout is not a terminal) or not at all (hide)")
     c.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     c.add_argument("--pan-and-scan", action="store_true", help="Gemma 3 vision: add crops of wide/tall images")
     add_decode_args(c)
@@ -28,6 +31,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from gemmakit.api import settle_for_serving, stream_generation
     from gemmakit.chat import pretrained_warning, render_chat
+    from gemmakit.chat.thinking import ThoughtSplitter
 
     model, tokenizer, report = load_model(args)
     if tokenizer is None:
@@ -65,13 +69,27 @@ def run(args) -> int:
                 print_error(exc)
             continue
         history.append({"role": "user", "content": images.mark(text)})
-        reply = ""
-        prompt = render_chat(history, tokenizer=tokenizer)
-        for piece, _ in stream_generation(model, tokenizer, prompt, images=images.all() or None,
-                                          pan_and_scan=args.pan_and_scan, **sampling_kwargs(args)):
-            reply += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        prompt = render_chat(history, tokenizer=tokenizer, enable_thinking=args.think is not None)
+        splitter = ThoughtSplitter()
+        pieces = stream_generation(model, tokenizer, prompt, images=images.all() or None,
+                                   pan_and_scan=args.pan_and_scan, **sampling_kwargs(args))
+        for piece, _ in pieces:
+            _show(splitter.push(piece), args.think)
+        _show(splitter.flush(), args.think)
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
+        history.append({"role": "assistant", "content": splitter.answer})  # the template drops thoughts anyway
     return 0
+
+
+def _show(events: list[tuple[str, str]], think: str | None) -> None:
+    """Write a reply's answer to stdout and its thoughts, unless hidden, dimmed (or to stderr when
+    stdout is not a terminal, so that stdout carries the answer alone)."""
+    for kind, text in events:
+        if kind == "answer":
+            sys.stdout.write(text)
+        elif think != "hide":
+            if sys.stdout.isatty():
+                sys.stdout.write(f"\x1b[2m{text}\x1b[0m")
+            else:
+                sys.stderr.write(text)
+    sys.stdout.flush()

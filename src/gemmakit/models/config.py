@@ -133,7 +133,9 @@ class ModelConfig:
             raise ValueError(f"lru_width {self.recurrent_width} is not a multiple of num_heads {self.num_heads}")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token {self.experts_per_token} must be in 1..{self.num_experts}")
-        self.kv_sources()  # raises for a sharing the layer kinds cannot satisfy
+        # Worked out now, not on first use: a compiled step reads them, and Python 3.11's cached_property
+        # takes a lock that torch.compile cannot trace (a graph break in every compiled step).
+        self.kind_plans  # noqa: B018  (also raises for plans the layer kinds cannot share)
 
     def kv_sources(self) -> list[int]:
         """For each layer, the layer whose keys and values it attends to. The last
