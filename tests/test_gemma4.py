@@ -30,15 +30,18 @@ CONFIGS = {
                     hidden_size_per_layer_input=0, attention_k_eq_v=True, num_global_key_value_heads=1),
     # 31B-like: plain global layers with a v projection, no sharing, no PLE
     "dense": dict(hidden_size_per_layer_input=0),
+    # the 12B: transformers' gemma4_unified, K=V global layers
+    "unified": dict(attention_k_eq_v=True, num_global_key_value_heads=1),
 }
 
 
 def _hf_model(name: str):
-    config = transformers.Gemma4TextConfig(
+    unified = name == "unified"
+    config = (transformers.Gemma4UnifiedTextConfig if unified else transformers.Gemma4TextConfig)(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=len(TYPES), num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=5, layer_types=TYPES,
         max_position_embeddings=256, final_logit_softcapping=30.0, **CONFIGS[name])
-    return transformers.Gemma4ForCausalLM(config)
+    return (transformers.Gemma4UnifiedForCausalLM if unified else transformers.Gemma4ForCausalLM)(config)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -108,7 +111,7 @@ def test_convert_writes_a_directory_transformers_reads_as_the_same_model(pair, t
 
     hf, _, path = pair
     out = convert(path, tmp_path / "out")
-    back = transformers.Gemma4ForCausalLM.from_pretrained(out).eval()
+    back = transformers.Gemma4ForCausalLM.from_pretrained(out).eval()  # (the unified 12B's layout too)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, hf(ids).logits)

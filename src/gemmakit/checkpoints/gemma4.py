@@ -24,7 +24,7 @@ from typing import Any
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig
 
-MODEL_TYPES = ("gemma4_text", "gemma4")
+MODEL_TYPES = ("gemma4_text", "gemma4", "gemma4_unified_text", "gemma4_unified")
 
 _LAYER_KINDS = {"sliding_attention": "local", "full_attention": "global"}
 
@@ -71,11 +71,13 @@ _MODEL_PER_LAYER = {
 
 
 def text_config(raw: dict[str, Any]) -> dict[str, Any] | None:
-    """The Gemma 4 text decoder's config dict inside ``raw``, or None when ``raw`` is not Gemma 4."""
-    if raw.get("model_type") == "gemma4_text":
+    """The Gemma 4 text decoder's config dict inside ``raw``, or None when ``raw`` is not Gemma 4.
+    ``gemma4_unified`` (the 12B) is the same decoder without per-layer embeddings or experts."""
+    kind = raw.get("model_type")
+    if kind in ("gemma4_text", "gemma4_unified_text"):
         return raw
-    if raw.get("model_type") == "gemma4" and isinstance(raw.get("text_config"), dict):
-        return {**raw["text_config"], "model_type": "gemma4_text"}
+    if kind in ("gemma4", "gemma4_unified") and isinstance(raw.get("text_config"), dict):
+        return {**raw["text_config"], "model_type": f"{kind}_text"}
     return None
 
 
@@ -106,8 +108,9 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         if sliding.get("rope_type") == "proportional" and sliding.get("partial_rotary_factor", 1.0) != 1.0:
             raise UnsupportedModelError(f"{source}: partial RoPE on sliding layers is not supported")
         proportional = full.get("rope_type", "proportional" if not full else "default") == "proportional"
-        moe = bool(raw.get("enable_moe_block", False))
-        per_layer_dim = int(raw.get("hidden_size_per_layer_input", 256) or 0)
+        unified = raw.get("model_type") == "gemma4_unified_text"  # its config has neither PLE nor experts
+        moe = bool(raw.get("enable_moe_block", False)) and not unified
+        per_layer_dim = 0 if unified else int(raw.get("hidden_size_per_layer_input", 256) or 0)
         return ModelConfig(
             family="gemma4", name=str(raw.get("_name_or_path") or "gemma4"),
             vocab_size=int(raw["vocab_size"]), hidden_size=hidden, intermediate_size=int(raw["intermediate_size"]),
