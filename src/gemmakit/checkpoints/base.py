@@ -47,6 +47,7 @@ def half_precision_matrices(config: ModelConfig, tensors: Mapping[str, TensorLoa
     projections) as block-kernel weights, for ``Checkpoint.packed``: on the CPU, by default, they
     stay in their 16-bit form with float32 activations (``build_model(keep_quantised=True)``), half
     of float32's memory with the float32 expansion's results, since each weight widens exactly.
+    Gemma 4's per-layer embedding table too: it is read a row per token (E2B's is 2.3B entries).
 
     ``header(name)`` gives a parameter's stored dtype and shape without reading its data;
     ``tensors[name]()`` must return the stored tensor itself (a view of a mapped file, not a
@@ -58,7 +59,7 @@ def half_precision_matrices(config: ModelConfig, tensors: Mapping[str, TensorLoa
 
     packed = {}
     for name, load in tensors.items():
-        if not (name == "embed.weight" or name.endswith("_proj.weight")):
+        if not (name in ("embed.weight", "per_layer_embed.weight") or name.endswith("_proj.weight")):
             continue
         if name.endswith("o_proj.weight") and config.attn_out_bias:
             continue
