@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from gemmakit.errors import InvalidRequestError
 from gemmakit.models.cache import LayerCache, RecurrentState, layer_states
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.layers import rope_cos_sin
@@ -93,8 +94,6 @@ class RowKVCache:
         """Rotary tables, masks and write slots of one step; ``positions`` ``[B, T]``, -1 = padding."""
         c = self.config
         if int(positions.max()) >= self.max_len:
-            from gemmakit.errors import InvalidRequestError
-
             raise InvalidRequestError(f"a sequence would exceed the cache size of {self.max_len} tokens")
         real = positions >= 0
         out: dict[str, StepContext] = {}
