@@ -268,18 +268,18 @@ def test_official_pytorch_checkpoint_loads(pair, tmp_path, tokenizer):
 def test_export_to_hf_directory_loads_in_transformers(pair, tmp_path, tokenizer):
     from transformers import RecurrentGemmaForCausalLM
 
-    from gemmakit.checkpoints.recurrent_gemma import save_hf_directory
+    from gemmakit.checkpoints.hf_writer import save_recurrent_gemma
     from gemmakit.errors import InvalidRequestError
 
     _, model, _ = pair
-    out = save_hf_directory(model, tmp_path / "export", tokenizer)
+    out = save_recurrent_gemma(model, tmp_path / "export", tokenizer)
     reloaded = RecurrentGemmaForCausalLM.from_pretrained(out).eval()
     ids = _ids(2, 30, 8)
     with torch.no_grad():
         assert (reloaded(ids, use_cache=False).logits - model(ids)).abs().max().item() <= 1e-4
     assert gemmakit.load(out)[0].config.replace(name="") == model.config.replace(name="")
     with pytest.raises(InvalidRequestError):
-        save_hf_directory(model, out)  # never overwrites
+        save_recurrent_gemma(model, out)  # never overwrites
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -26,6 +26,7 @@ from gemmakit.kernels.gemm import HALF_TYPES
 from gemmakit.models.decoder import GemmaModel
 from gemmakit.quant.grouped import GGMLWeight, set_prefill_dtype
 from gemmakit.quant.linear import default_compute_dtype, quantize_model, requantize_blocks
+from gemmakit.vision.generate import prepare_vision
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -274,8 +275,7 @@ def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max
 
     ``images`` (paths, bytes or PIL images) need a vision-language model; see gemmakit.vision.
     """
-    from gemmakit.vision.generate import prepare_vision  # vision add-on: checks everything before any work
-
+    # the vision add-on: checks everything before any work
     model, prompt, chunk = prepare_vision(model, tokenizer, prompt, images, pan_and_scan)
     if isinstance(prompt, str):
         _require_tokenizer(tokenizer)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.checkpoints import open_checkpoint
+from gemmakit.checkpoints import build_model, open_checkpoint
 from gemmakit.checkpoints.base import parameter_shapes
-from gemmakit.checkpoints.hf_writer import DEFAULT_SHARD_BYTES, write_hf_directory
+from gemmakit.checkpoints.hf_writer import DEFAULT_SHARD_BYTES, save_recurrent_gemma, write_hf_directory
 from gemmakit.checkpoints.safetensors import hf_names
 from gemmakit.errors import CheckpointError, InvalidRequestError
 from gemmakit.models.config import ModelConfig
@@ -32,14 +32,11 @@ def convert(source: str | Path | None, destination: str | Path, dtype: torch.dty
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise InvalidRequestError(f"{destination} already exists; give a new directory to write to")
     checkpoint = open_checkpoint(source, config)
-    if checkpoint.config.family == "recurrentgemma":  # its own transformers layout, written by its adapter
-        from gemmakit.checkpoints.base import build_model
-        from gemmakit.checkpoints.recurrent_gemma import save_hf_directory
-
+    if checkpoint.config.family == "recurrentgemma":  # its own transformers layout (checkpoints/recurrent_gemma.py)
         if destination.is_dir():
             destination.rmdir()  # empty (checked above)
         model = build_model(checkpoint, dtype or torch.float32)
-        return save_hf_directory(model, destination, checkpoint.tokenizer)
+        return save_recurrent_gemma(model, destination, checkpoint.tokenizer)
     return write_hf_directory(destination, checkpoint.config, _hf_tensors(checkpoint, dtype), checkpoint.tokenizer,
                               max_shard_bytes)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from gemmakit.api import stream
 from gemmakit.errors import TokenizerError
 
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FILE_SEPARATOR = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_separator|>"
@@ -42,8 +43,6 @@ def fim_stop_ids(tokenizer) -> frozenset[int]:
 
 def stream_infill(model, tokenizer, prefix: str, suffix: str, max_tokens: int = 128, **sampling) -> Iterator[str]:
     """Yield the middle piece by piece (sampling keywords as for :func:`gemmakit.generate`)."""
-    from gemmakit.api import stream
-
     if tokenizer is None:
         raise TokenizerError("fill-in-the-middle needs the model's tokenizer")
     yield from stream(model, tokenizer, fim_prompt(tokenizer, prefix, suffix), max_tokens,

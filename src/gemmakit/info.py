@@ -12,7 +12,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from gemmakit.checkpoints import open_checkpoint
+from gemmakit.models.cache import kv_int8_groups
 from gemmakit.models.config import PRESETS, ModelConfig
+from gemmakit.models.multimodal import VISION_PRESETS
 
 # int8: a code per weight plus a float16 scale per 32 (Q8_0, what gemmakit's CPU int8 runs; off the
 # CPU its float32 scales make 1.125)
@@ -21,8 +24,6 @@ BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0625, "int4": 0.5}
 
 def int8_kv_bytes_per_value(config: ModelConfig) -> float:
     """``--kv-cache int8``: a code per entry plus a float32 scale per group of 32 (models/cache.py)."""
-    from gemmakit.models.cache import kv_int8_groups
-
     return 1.0 + 4.0 * kv_int8_groups(config.head_dim) / config.head_dim
 GIB = 1024**3
 
@@ -30,12 +31,8 @@ GIB = 1024**3
 def _config_for(source: str | None) -> tuple[ModelConfig, dict[str, Any]]:
     if source is not None and source in PRESETS and not Path(source).exists():
         return PRESETS[source], {"source": f"preset {source}"}
-    from gemmakit.models.multimodal import VISION_PRESETS
-
     if source is not None and source in VISION_PRESETS and not Path(source).exists():
         return VISION_PRESETS[source], {"source": f"preset {source}"}
-    from gemmakit.checkpoints import open_checkpoint
-
     checkpoint = open_checkpoint(source)
     extra: dict[str, Any] = {"source": checkpoint.source}
     path = Path(checkpoint.source)

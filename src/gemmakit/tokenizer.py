@@ -20,11 +20,14 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
 
 from gemmakit.chat.template import pick_template, template_from_directory
 from gemmakit.errors import ModelNotFoundError, TokenizerError
@@ -223,6 +226,7 @@ class Tokenizer:
         """Gemma 4's vocabulary as llama.cpp stores it (``tokenizer.ggml.model`` "gemma4"): BPE merges
         over the whole text with spaces written as '▁' and byte fallback, SentencePiece-style (what
         its tokenizer.json says too), run by the ``tokenizers`` library."""
+        # optional: only Gemma 4's GGUF vocabulary needs it
         from tokenizers import AddedToken, decoders, models, normalizers
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -312,7 +316,7 @@ class Tokenizer:
         if not path.is_file():
             raise ModelNotFoundError(f"{path}: no such tokenizer.json file")
         try:
-            from tokenizers import Tokenizer as HFTokenizer
+            from tokenizers import Tokenizer as HFTokenizer  # optional: only tokenizer.json needs it
         except ImportError:
             raise TokenizerError(f"{path}: reading tokenizer.json needs the tokenizers package; "
                                  "run `pip install tokenizers`") from None
@@ -362,9 +366,6 @@ class Tokenizer:
     @classmethod
     def _from_proto(cls, proto: bytes, source: str, types: list[int] | None = None) -> Tokenizer:
         """Load a serialized ModelProto; ``types`` (its pieces' types) may be passed when already known."""
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
         try:
             if types is None:
                 types = [p.type for p in pb.ModelProto.FromString(proto).pieces]
@@ -480,8 +481,6 @@ def build_model_proto(pieces: Sequence[str], scores: Sequence[float], types: Seq
     identity normalisation (no NFKC). The trainer-spec split flags only matter for training but are
     set to Gemma's values so that the saved file reads like the original.
     """
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     model = pb.ModelProto()
     spec = model.trainer_spec
     spec.model_type = pb.TrainerSpec.BPE
@@ -518,8 +517,6 @@ def _varint(n: int) -> bytes:
 def _piece_records(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> bytes:
     """``ModelProto.pieces`` (field 1) in protobuf wire format: one length-delimited
     ``SentencePiece {1: piece (string), 2: score (float32), 3: type (enum)}`` per entry."""
-    import struct
-
     pack_score = struct.Struct("<f").pack
     out = bytearray()
     for piece, score, kind in zip(pieces, scores, types):

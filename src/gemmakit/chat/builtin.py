@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gemmakit.chat.thinking import strip_thoughts
 from gemmakit.errors import InvalidRequestError
 
 ROLES = {"user": "user", "assistant": "model", "model": "model"}
@@ -102,8 +103,6 @@ def render_gemma4(messages: Sequence[Mapping[str, Any]], add_generation_prompt: 
         <channel|>           (the empty thought that turns thinking off)
 
     The system role is native; roles must alternate as for the earlier generations."""
-    from gemmakit.chat.thinking import strip_thoughts
-
     turns = list(messages)
     parts: list[str] = []
     if enable_thinking or turns[0].get("role") == "system":

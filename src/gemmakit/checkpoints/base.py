@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm import tqdm
 
 from gemmakit.errors import CheckpointError
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import GemmaModel
+from gemmakit.models.multimodal import MultimodalConfig, VisionLanguageModel
+from gemmakit.quant.ggml import HALF_TYPES, GGMLBlocks, packable
+from gemmakit.quant.grouped import fuse_projections, install
 
 if TYPE_CHECKING:
-    from gemmakit.quant.ggml import GGMLBlocks
     from gemmakit.tokenizer import Tokenizer
 
 TensorLoader = Callable[[], torch.Tensor]
@@ -38,7 +41,7 @@ class Checkpoint:
     file_names: Mapping[str, str] = field(default_factory=dict)
     # our parameter name -> loader of the same matrix as the file's quantised GGML blocks;
     # build_model(keep_quantised=True) uses these instead of expanding the weights to float
-    packed: Mapping[str, Callable[[], "GGMLBlocks"]] = field(default_factory=dict)
+    packed: Mapping[str, Callable[[], GGMLBlocks]] = field(default_factory=dict)
 
 
 def half_precision_matrices(config: ModelConfig, tensors: Mapping[str, TensorLoader],
@@ -55,8 +58,6 @@ def half_precision_matrices(config: ModelConfig, tensors: Mapping[str, TensorLoa
     """
     if config.family == "recurrentgemma":
         return {}
-    from gemmakit.quant.ggml import HALF_TYPES, GGMLBlocks, packable
-
     packed = {}
     for name, load in tensors.items():
         if not (name in ("embed.weight", "per_layer_embed.weight") or name.endswith("_proj.weight")):
@@ -136,8 +137,6 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     names = list(expected)
     iterator = names
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(names, desc="loading weights", unit="tensor", leave=False)
     packed = checkpoint.packed if keep_quantised else {}
 
@@ -149,8 +148,6 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     with torch.no_grad():
         for name in iterator:
             if name in packed:
-                from gemmakit.quant.grouped import install
-
                 blocks = packed[name]()
                 check_shape(name, (blocks.blocks.shape[0], blocks.in_features))
                 install(model, name, blocks, dtype)
@@ -163,8 +160,6 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
             module_name, _, param_name = name.rpartition(".")
             setattr(model.get_submodule(module_name), param_name, torch.nn.Parameter(tensor, requires_grad=False))
     if packed:
-        from gemmakit.quant.grouped import fuse_projections
-
         fuse_projections(model)
     model.eval()
     return model
@@ -172,6 +167,4 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
 
 def _model_class(config) -> type:
     """A vision-language config (models/multimodal.py) builds the decoder with its vision add-on."""
-    from gemmakit.models.multimodal import MultimodalConfig, VisionLanguageModel
-
     return VisionLanguageModel if isinstance(config, MultimodalConfig) else GemmaModel

@@ -34,6 +34,7 @@ import torch
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
 from gemmakit.errors import CheckpointError
 from gemmakit.models.config import PRESETS, ModelConfig, preset
+from gemmakit.tokenizer import Tokenizer
 
 SUFFIXES = (".ckpt", ".pt", ".pth")
 _EMBED_NAMES = ("embedder.weight", "text_token_embedder.weight")
@@ -203,8 +204,6 @@ def open_gemma_pytorch_checkpoint(path: str | Path, config: ModelConfig | str | 
         config = preset(config) if isinstance(config, str) else config
         config = config.replace(vocab_size=_embed_shape(shapes, str(path))[0])
     _check_shapes(state, config, embed_name, str(path))
-    from gemmakit.tokenizer import Tokenizer
-
     tokenizer = None
     for candidate in (path.parent / "tokenizer.model", path.parent / "tokenizer" / "tokenizer.model"):
         if candidate.is_file():

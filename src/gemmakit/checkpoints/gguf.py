@@ -23,6 +23,7 @@ from gemmakit.checkpoints.gguf_reader import GGUFFile, GGUFTensor, open_gguf
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
 from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize, ggml_blocks, packable
+from gemmakit.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gemma4")
 
@@ -267,8 +268,6 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
         found[ours] = t.shape
     names = gguf_names(config)
     check_file_tensors(str(path), parameter_shapes(config), found, names)
-    from gemmakit.tokenizer import Tokenizer
-
     tokenizer = Tokenizer.from_gguf(f) if "tokenizer.ggml.tokens" in f.metadata else None
     return Checkpoint(config=config, tensors=tensors, source=str(path), tokenizer=tokenizer,
                       metadata={"format": "gguf", "file_type": f.metadata.get("general.file_type")},

@@ -13,12 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from sentencepiece import sentencepiece_model_pb2
 
+from gemmakit.checkpoints import open_checkpoint
+from gemmakit.checkpoints.base import parameter_shapes
+from gemmakit.checkpoints.gguf import DEFAULT_LOCAL_PERIOD, assumed_query_scalar, gguf_names
 from gemmakit.errors import InvalidRequestError, UnsupportedModelError
 from gemmakit.io import atomic_file
 from gemmakit.models.config import ModelConfig, alternating
+from gemmakit.quant.ggml_ops import ggml_quantize
 
 # --scheme -> GGML block type of every matrix (norms stay float32)
 SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
@@ -30,10 +36,6 @@ def add_model_metadata(writer, config: ModelConfig, name: str, sliding_window_pa
     ``sliding_window_pattern``: "auto" writes one bool per layer when the layer kinds differ from the
     family's default; None writes no key; anything else is written as given (tests of the reader).
     """
-    import gguf
-
-    from gemmakit.checkpoints.gguf import DEFAULT_LOCAL_PERIOD, assumed_query_scalar
-
     c = config
     arch = c.family
     if arch not in ("gemma", "gemma2", "gemma3") or "recurrent" in c.layer_kinds:
@@ -92,8 +94,6 @@ def vocabulary_of(tokenizer) -> Vocabulary:
     if model_proto is None:
         raise UnsupportedModelError("the source's tokenizer has no SentencePiece model (tokenizer.model) "
                                     "to write into the GGUF")
-    from sentencepiece import sentencepiece_model_pb2
-
     model = sentencepiece_model_pb2.ModelProto()
     model.ParseFromString(model_proto())
     return Vocabulary(pieces=[p.piece for p in model.pieces], scores=[p.score for p in model.pieces],
@@ -121,16 +121,12 @@ def add_vocabulary(writer, vocab: Vocabulary) -> None:
 
 def add_tensor(writer, name: str, data: np.ndarray, qtype_name: str | None) -> None:
     """Add one tensor (float32 numpy, GGUF name); matrices in ``qtype_name`` blocks."""
-    import gguf
-
     data = np.ascontiguousarray(data, dtype=np.float32)
     if name.endswith("norm.weight"):
         data = data + 1.0  # llama.cpp's converter stores Gemma norms as 1 + w
     if qtype_name is not None and data.ndim == 2:
         qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
-        if qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
-            from gemmakit.quant.ggml_ops import ggml_quantize  # the same bytes, ~20x faster
-
+        if qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):  # gguf-py's bytes, ~20x faster
             blocks = ggml_quantize(torch.from_numpy(data), qtype).numpy()
         else:
             blocks = gguf.quants.quantize(data, qtype)
@@ -154,12 +150,6 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
     Tensors are read one at a time from the source; the file appears under its name only when
     complete (written next to it under a temporary name, then renamed).
     """
-    import gguf
-
-    from gemmakit.checkpoints import open_checkpoint
-    from gemmakit.checkpoints.base import parameter_shapes
-    from gemmakit.checkpoints.gguf import gguf_names
-
     if scheme not in SCHEMES:
         raise InvalidRequestError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     destination = Path(destination)

@@ -17,6 +17,7 @@ from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.multimodal import (GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE_TOKEN, PALIGEMMA_IMAGE_TOKEN,
                                         MultimodalConfig)
 from gemmakit.models.siglip import SiglipConfig
+from gemmakit.tokenizer import Tokenizer
 
 VISION_MODEL_TYPES = ("paligemma", "gemma3")
 _VISION_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.",
@@ -110,8 +111,6 @@ def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint
         raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"
                               + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     tensors: dict[str, TensorLoader] = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in mapping.items()}
-    from gemmakit.tokenizer import Tokenizer
-
     # the language decoder's 16-bit matrices may stay as stored (see half_precision_matrices); the
     # vision tower and projector keep the float path
     text_tensors = {ours: tensors[f"decoder.{ours}"] for ours in text_mapping}

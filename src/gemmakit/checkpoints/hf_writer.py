@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from gemmakit.checkpoints import gemma4
+from gemmakit.checkpoints import gemma4, recurrent_gemma
 from gemmakit.checkpoints.safetensors import config_from_hf
-from gemmakit.errors import UnsupportedModelError
+from gemmakit.errors import InvalidRequestError, UnsupportedModelError
 from gemmakit.io import atomic_directory
 from gemmakit.models.config import ModelConfig, alternating
 
@@ -48,13 +48,26 @@ def write_hf_directory(destination: str | Path, config: ModelConfig, tensors: It
     return destination
 
 
+def save_recurrent_gemma(model, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write a recurrent ``model`` as a transformers RecurrentGemmaForCausalLM directory (never over an
+    existing one), atomically: a failure never leaves a half-written model behind."""
+    config: ModelConfig = model.config
+    if config.family != "recurrentgemma":
+        raise UnsupportedModelError(f"save_recurrent_gemma writes RecurrentGemma models, not {config.family!r}")
+    out = Path(out_dir)
+    if out.exists():
+        raise InvalidRequestError(f"{out} already exists; choose a new output directory")
+    params = dict(model.named_parameters())
+    tensors = ((theirs, recurrent_gemma.to_hf_tensor(ours, params[ours].detach().cpu()))
+               for ours, theirs in recurrent_gemma.hf_names(config).items())
+    return write_hf_directory(out, config, tensors, tokenizer)
+
+
 def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
     """The transformers ``config.json`` dict of ``config``; checked to read back as the same model."""
     ids = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, **(special_ids or {})}
     if config.family == "recurrentgemma":
-        from gemmakit.checkpoints.recurrent_gemma import to_hf_config  # it imports this module
-
-        out = {**to_hf_config(config), **ids, "torch_dtype": str(dtype).removeprefix("torch.")}
+        out = {**recurrent_gemma.to_hf_config(config), **ids, "torch_dtype": str(dtype).removeprefix("torch.")}
         _check_round_trip(config, out)
         return out
     if config.family == "gemma4":

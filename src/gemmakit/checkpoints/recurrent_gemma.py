@@ -1,20 +1,19 @@
-"""RecurrentGemma in Hugging Face layout (``model_type: recurrent_gemma``): config, names, export.
+"""RecurrentGemma in Hugging Face layout (``model_type: recurrent_gemma``): config, names, tensors, both ways.
 
 Read through :mod:`gemmakit.checkpoints.safetensors`, which hands RecurrentGemma directories here
 for their config and tensor names. The layout differs from the other Gemmas in three ways worth
 knowing: the MLP's ``intermediate_size`` in config.json is twice the real width (transformers
 halves it), the Conv1D weight is a ``[W, 1, K]`` ``nn.Conv1d`` kernel, and the final norm is
-``model.final_norm``. :func:`save_hf_directory` writes the same layout back.
+``model.final_norm``. :func:`gemmakit.checkpoints.hf_writer.save_recurrent_gemma` writes the layout
+back with this module's ``to_hf_*`` functions.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from gemmakit.checkpoints.hf_writer import write_hf_directory
 from gemmakit.errors import CheckpointError, InvalidRequestError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig
 
@@ -118,17 +117,3 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
         "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
         "torch_dtype": "float32",
     }
-
-
-def save_hf_directory(model, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write a recurrent ``model`` as a transformers RecurrentGemmaForCausalLM directory (never over an
-    existing one), atomically: a failure never leaves a half-written model behind."""
-    config: ModelConfig = model.config
-    if config.family != "recurrentgemma":
-        raise UnsupportedModelError(f"save_hf_directory writes RecurrentGemma models, not {config.family!r}")
-    out = Path(out_dir)
-    if out.exists():
-        raise InvalidRequestError(f"{out} already exists; choose a new output directory")
-    params = dict(model.named_parameters())
-    tensors = ((theirs, to_hf_tensor(ours, params[ours].detach().cpu())) for ours, theirs in hf_names(config).items())
-    return write_hf_directory(out, config, tensors, tokenizer)

@@ -25,6 +25,7 @@ import torch
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader
 from gemmakit.errors import CheckpointError
 from gemmakit.models.config import PRESETS, LayerKind, ModelConfig
+from gemmakit.tokenizer import Tokenizer
 
 SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -137,8 +138,6 @@ def open_recurrentgemma_torch(path: Path) -> Checkpoint:
     tensors: dict[str, TensorLoader] = {
         ours: (lambda n=theirs, h=how: _convert(state[n], h)) for ours, (theirs, how) in mapping.items()
     }
-    from gemmakit.tokenizer import Tokenizer
-
     tokenizer = Tokenizer.from_directory(path.parent)
     dtype = state["embedder.input_embedding"].dtype
     return Checkpoint(config=config, tensors=tensors, source=str(path), tokenizer=tokenizer,

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
-from gemmakit.checkpoints import gemma4
+from gemmakit.checkpoints import gemma4, recurrent_gemma
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
+from gemmakit.tokenizer import Tokenizer
 
 TEXT_MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
@@ -60,8 +62,6 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     if gemma4.text_config(raw) is not None:
         return gemma4.config_from_hf(gemma4.text_config(raw), source)
     if model_type == "recurrent_gemma":
-        from gemmakit.checkpoints import recurrent_gemma
-
         return recurrent_gemma.config_from_hf(raw, source)
     if model_type == "gemma3" and "text_config" in raw:
         raw = {**raw["text_config"], "model_type": "gemma3_text"}
@@ -143,8 +143,6 @@ def _linear_factor(rope: dict[str, Any]) -> float:
 def hf_names(config: ModelConfig, prefix: str = "model.") -> dict[str, str]:
     """Our parameter name -> the transformers name, for every parameter of ``config``."""
     if config.family == "recurrentgemma":
-        from gemmakit.checkpoints import recurrent_gemma
-
         return recurrent_gemma.hf_names(config, prefix)
     if config.family == "gemma4":
         return gemma4.hf_names(config, prefix)
@@ -162,9 +160,6 @@ class _ShardedFiles:
     """Maps tensor names to the shard file holding them; opens each shard lazily."""
 
     def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
-        self._safe_open = safe_open
         index = directory / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -184,7 +179,7 @@ class _ShardedFiles:
 
     def _open(self, file: Path):
         try:
-            return self._safe_open(str(file), framework="pt")
+            return safe_open(str(file), framework="pt")
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
 
@@ -209,12 +204,8 @@ class _ShardedFiles:
         return view.get_dtype(), tuple(view.get_shape())
 
 
-def open_hf_directory(directory: Path) -> Checkpoint:
-    raw = read_config_json(directory)
-    from gemmakit.checkpoints.hf_vision import is_vision_config, open_hf_vision_directory
-
-    if is_vision_config(raw):  # PaliGemma / Gemma 3 with its vision tower
-        return open_hf_vision_directory(directory, raw)
+def open_hf_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint:
+    """A text model's directory; ``raw`` is its config.json (:func:`read_config_json`)."""
     config = config_from_hf(raw, str(directory / "config.json"))
     files = _ShardedFiles(directory)
     available = files.names()
@@ -228,11 +219,8 @@ def open_hf_directory(directory: Path) -> Checkpoint:
                               + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     tensors: dict[str, TensorLoader] = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in mapping.items()}
     if config.family == "recurrentgemma":
-        from gemmakit.checkpoints.recurrent_gemma import from_hf_tensor
-
-        tensors = {ours: (lambda o=ours, n=theirs: from_hf_tensor(o, files.get(n))) for ours, theirs in mapping.items()}
-    from gemmakit.tokenizer import Tokenizer
-
+        tensors = {ours: (lambda o=ours, n=theirs: recurrent_gemma.from_hf_tensor(o, files.get(n)))
+                   for ours, theirs in mapping.items()}
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
                       tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
                       file_names=mapping, packed=half_precision_matrices(config, tensors, header_of(files, mapping)))

@@ -32,6 +32,7 @@ def run(args) -> int:
     from gemmakit.api import settle_for_serving, stream_generation
     from gemmakit.chat import pretrained_warning, render_chat
     from gemmakit.chat.thinking import ThoughtSplitter
+    from gemmakit.vision.chat import ChatImages
 
     model, tokenizer, report = load_model(args)
     if tokenizer is None:
@@ -39,8 +40,6 @@ def run(args) -> int:
     if warning := pretrained_warning(tokenizer, report.source):
         print(warning, file=sys.stderr)
     settle_for_serving(model)  # a chat waits for its user anyway: no reply pays the huge-page copy
-    from gemmakit.vision.chat import ChatImages
-
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     images = ChatImages(model)
     interactive = sys.stdin.isatty()

@@ -24,14 +24,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from gemmakit.models.lora import DEFAULT_TARGETS, LoRAConfig, _resolve_targets
     from gemmakit.train.finetune import finetune
-    from gemmakit.models.lora import DEFAULT_TARGETS, LoRAConfig
 
     lora = None if args.full else LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                              targets=tuple(args.targets or DEFAULT_TARGETS))
     if lora is not None:  # reject bad targets before loading anything
-        from gemmakit.models.lora import _resolve_targets
-
         _resolve_targets(lora.targets)
     finetune(args.model, args.data, args.out, lora, train_config(args, 2e-5 if args.full else 2e-4),
              seq_len=args.seq_len, dtype=args.dtype, resume=args.resume, skip_bad=args.skip_bad_lines,

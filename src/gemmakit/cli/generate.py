@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from gemmakit.api import stream_generation
+    from gemmakit.fim import fim_prompt, fim_stop_ids
+    from gemmakit.vision.preprocess import load_image
 
     fim = args.fim_prefix is not None or args.fim_suffix is not None
     if fim and args.prompt is not None:
@@ -47,8 +49,6 @@ def run(args) -> int:
     if not fim and not prompt:
         raise invalid("the prompt is empty")
     images = args.image or []
-    from gemmakit.vision.preprocess import load_image
-
     for path in images:  # a bad image fails before the model is loaded
         load_image(path)
     model, tokenizer, report = load_model(args)
@@ -56,8 +56,6 @@ def run(args) -> int:
         raise tokenizer_missing(args.model)
     stop_ids = None
     if fim:
-        from gemmakit.fim import fim_prompt, fim_stop_ids
-
         prompt = fim_prompt(tokenizer, args.fim_prefix or "", args.fim_suffix or "")
         stop_ids = fim_stop_ids(tokenizer)
     if getattr(args, "draft_model", None):

@@ -21,17 +21,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from gemmakit.info import describe, format_report
+    from gemmakit.info import describe, format_report, preset_table
     from gemmakit.models.config import PRESETS
+    from gemmakit.models.multimodal import VISION_PRESETS
 
     if args.list:
-        from gemmakit.models.multimodal import VISION_PRESETS
-
         print("\n".join(sorted([*PRESETS, *VISION_PRESETS])))
         return 0
     if args.all_presets:
-        from gemmakit.info import preset_table
-
         print(preset_table(args.context))
         return 0
     report = describe(args.model, args.context)

@@ -25,12 +25,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from tqdm import tqdm
+
     from gemmakit.checkpoints.gguf_writer import quantize_checkpoint
 
     progress = None
     if sys.stderr.isatty():
-        from tqdm import tqdm
-
         def progress(items):
             return tqdm(items, desc=f"quantising to {args.scheme}", unit="tensor", leave=False)
 

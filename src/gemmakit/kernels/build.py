@@ -18,7 +18,10 @@ paths; with ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` torch's kernels
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -50,15 +53,14 @@ def kernel():
         if os.environ.get("GEMMAKIT_KERNELS", "1") == "0":
             return None
         try:
-            from torch.utils.cpp_extension import load
-
+            cpp_extension = _cpp_extension()
             _ninja_on_path()
             if not _is_built():
                 print("gemmakit: building the CPU kernels (quantised weights, tokenizer; once, up to a minute)...",
                       file=sys.stderr, flush=True)
-            _module = load(name=_build_name(), sources=[str(p) for p in _SOURCES],
-                           extra_cflags=["-O3", f"-march={_MARCH[cpu_isa()]}", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           verbose=False)
+            _module = cpp_extension.load(name=_build_name(), sources=[str(p) for p in _SOURCES],
+                                         extra_cflags=["-O3", f"-march={_MARCH[cpu_isa()]}", "-fopenmp"],
+                                         extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no Python headers, unusual platform
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"gemmakit: warning: CPU kernel unavailable ({first}); using the slower torch fallback "
@@ -67,14 +69,20 @@ def kernel():
     return _module
 
 
+def _cpp_extension():
+    """torch's extension builder, imported only when the kernel is first asked for: ~0.2 s of
+    imports (setuptools among them) that may fail, which ``kernel`` turns into the torch fallback."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension
+
+
 def _ninja_on_path() -> None:
     """torch's builder runs ``ninja`` from PATH; the pip package's binary may not be there when the
     venv is not activated (e.g. ``.venv/bin/gemmakit`` called directly)."""
-    import shutil
-
     if shutil.which("ninja") is None:
         try:
-            import ninja
+            import ninja  # optional: the pip package's binary, looked for only when PATH has none
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except (ImportError, AttributeError):
@@ -98,9 +106,6 @@ def _build_name() -> str:
     # The sources', the CPU's and the target ISA's fingerprint in the name: an edited kernel, or a
     # home directory shared with another CPU (the build uses -march=native), never loads a stale
     # cached build.
-    import hashlib
-    import platform
-
     cpu = platform.machine() + _proc_cpu_flags() + cpu_isa()
     digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + cpu.encode()).hexdigest()[:12]
     return f"gemmakit_kernels_{digest}"
@@ -125,10 +130,9 @@ def _proc_cpu_flags() -> str:
 
 
 def _is_built() -> bool:
-    from torch.utils.cpp_extension import _get_build_directory
-
+    get_build_directory = _cpp_extension()._get_build_directory
     try:
-        build = Path(_get_build_directory(_build_name(), verbose=False))
+        build = Path(get_build_directory(_build_name(), verbose=False))
     except Exception:
         return False
     return any(build.glob("*.so"))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gemmakit.errors import InvalidRequestError
 from gemmakit.models.cache_writes import Append, FreshCausal, RingWrite, StaticWrite, Uncached
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.layers import rope_cos_sin
@@ -208,8 +209,6 @@ class KVCache:
         # Global layers fill a buffer of max_len; a ring that holds the full window never runs out.
         bounded = self.has_global or self.window < (self.config.sliding_window or 0)
         if bounded and self.length + num_new > self.max_len:
-            from gemmakit.errors import InvalidRequestError
-
             raise InvalidRequestError(
                 f"sequence of {self.length + num_new} tokens exceeds the cache size {self.max_len}; "
                 "use a shorter prompt or fewer new tokens"

@@ -30,6 +30,7 @@ from torch import nn
 from gemmakit.kernels import build
 from gemmakit.kernels.gemm import KERNEL_MAX_ROWS, Linear
 from gemmakit.models.cache import KVCache, LayerCache
+from gemmakit.models.layers import RMSNorm
 from gemmakit.models.masks import StepContext
 from gemmakit.models.row_cache import RowKVCache
 from gemmakit.quant.grouped import GGMLWeight, GroupedLinear
@@ -173,8 +174,6 @@ def _build(model: nn.Module):
 
 def _norm(module: nn.Module | None) -> torch.Tensor | None:
     """An RMSNorm's float32 weight, an empty tensor for an absent norm, None for anything else."""
-    from gemmakit.models.layers import RMSNorm
-
     if module is None or isinstance(module, nn.Identity):
         return _EMPTY
     if type(module) is RMSNorm and module.weight.dtype == torch.float32:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from gemmakit.errors import InvalidRequestError
 from gemmakit.models.cache import LayerCache, RecurrentState, layer_states
 from gemmakit.models.cache_writes import RowWrite
 from gemmakit.models.config import ModelConfig
@@ -96,8 +97,6 @@ class RowKVCache:
         """Rotary tables, masks and write slots of one step; ``positions`` ``[B, T]``, -1 = padding."""
         c = self.config
         if int(positions.max()) >= self.max_len:
-            from gemmakit.errors import InvalidRequestError
-
             raise InvalidRequestError(f"a sequence would exceed the cache size of {self.max_len} tokens")
         real = positions >= 0
         out: dict[str, StepContext] = {}

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.errors import InvalidRequestError
 from gemmakit.kernels.gemm import Linear
 
 
@@ -127,8 +128,6 @@ class SiglipVisionModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
         if tuple(pixel_values.shape[1:]) != expected:
-            from gemmakit.errors import InvalidRequestError
-
             raise InvalidRequestError(f"pixel_values have shape {tuple(pixel_values.shape)}; this vision tower "
                                       f"takes [N, {', '.join(map(str, expected))}]")
         w = self.patch_embedding.weight

@@ -5,8 +5,10 @@ float matmul) where it is not: identical results up to float32 rounding, only sl
 
 from __future__ import annotations
 
+import gguf
 import torch
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gemmakit.kernels import build
 from gemmakit.kernels.gemm import KERNEL_MAX_ROWS, linear
@@ -67,9 +69,7 @@ def ggml_quantize(w: torch.Tensor, ggml_type: int) -> torch.Tensor:
     ext = build.kernel()
     if ext is not None:
         return ext.ggml_quantize(w.contiguous(), int(ggml_type))
-    import gguf
-
-    return torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType(ggml_type)))
+    return torch.from_numpy(gguf.quants.quantize(w.numpy(), GGMLQuantizationType(ggml_type)))
 
 
 def _dequantize_parts(blocks: list[torch.Tensor], types: list[int], K: int,
@@ -96,8 +96,6 @@ def _ggml_dispatch(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int]
 
 
 def _ggml_dequantize_torch(blocks: torch.Tensor, ggml_type: int, K: int) -> torch.Tensor:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     if ggml_type not in PACKABLE_TYPES:
         raise ValueError(f"ggml kernel: unsupported GGML type {ggml_type} "
                          f"(supported: {sorted(int(t) for t in PACKABLE_TYPES)})")

@@ -27,9 +27,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
-from gemmakit.quant.ggml import GGMLBlocks
+from gemmakit.errors import CheckpointError
+from gemmakit.quant.ggml import HALF_TYPES, GGMLBlocks
 from gemmakit.quant.ggml_ops import ggml_linear, ggml_rows
 
 
@@ -123,8 +125,6 @@ class GGMLWeight(nn.Module):
         return ggml_rows(blocks, index, ggml_type, self.in_features).to(dtype)
 
     def extra_repr(self) -> str:
-        from gguf import GGMLQuantizationType
-
         kinds = "+".join(GGMLQuantizationType(t).name for t in self.types)
         return f"{self.out_features}x{self.in_features}, GGML blocks {kinds}"
 
@@ -195,8 +195,6 @@ def install(model: nn.Module, name: str, packed: GroupedCodes | GGMLBlocks, dtyp
     else:
         raise TypeError(f"{name}: cannot keep a {type(child).__name__} quantised")
     if (new.w.out_features, new.w.in_features) != tuple(child.weight.shape):
-        from gemmakit.errors import CheckpointError
-
         raise CheckpointError(f"tensor {name} has shape {(new.w.out_features, new.w.in_features)}, "
                               f"expected {tuple(child.weight.shape)}")
     setattr(parent, child_name, new)
@@ -240,8 +238,6 @@ def set_prefill_dtype(model: nn.Module, dtype: torch.dtype, quantised_codes_only
     returns how many weights that covers (decode-sized products keep the float32 block kernels).
     ``quantised_codes_only`` takes only GGML-block weights of quantised codes (not F16/BF16 ones,
     and not the grouped int8 codes, whose products are float32 whatever is set)."""
-    from gemmakit.quant.ggml import HALF_TYPES
-
     plain = set(HALF_TYPES.values())
     if quantised_codes_only:
         weights = [m for m in model.modules() if isinstance(m, GGMLWeight) and not plain & set(m.types)]

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.errors import InvalidRequestError
+from gemmakit.heap import forget_file_pages
 from gemmakit.kernels import build
 from gemmakit.quant.ggml import GGMLBlocks, ggml_blocks
 from gemmakit.quant.ggml_ops import ggml_dequantize, ggml_quantize
@@ -203,8 +205,6 @@ def _fitting_group(in_features: int, group: int) -> int | None:
 def _dense_rows(blocks: torch.Tensor, ggml_type: int, K: int, rows: int):
     """A GGML matrix as float32 chunks of ``rows`` rows, each chunk's file pages handed back as soon
     as it is decoded (a whole 178 MB embedding's, held until its end, set the load's peak)."""
-    from gemmakit.heap import forget_file_pages
-
     for first in range(0, blocks.shape[0], rows):
         chunk = blocks[first:first + rows]
         dense = ggml_dequantize(chunk, ggml_type, K)
@@ -250,8 +250,6 @@ def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP,
     layer whose input size does not split into groups keeps its float weight.
     """
     if scheme not in SCHEMES:
-        from gemmakit.errors import InvalidRequestError
-
         raise InvalidRequestError(f"unknown quantisation {scheme!r}; choose one of {', '.join(SCHEMES)} or none")
     dtype = dtype or default_compute_dtype(scheme, next(model.parameters()).device)
 

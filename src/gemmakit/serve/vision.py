@@ -20,12 +20,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from gemmakit.api import stream_generation
 from gemmakit.chat import render_chat
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
 from gemmakit.engine.stopping import StopStrings
 from gemmakit.serve.errors import FieldError
 from gemmakit.serve.schemas import Common, ImagePart, Message, chat_dicts
+from gemmakit.vision.generate import prepare_vision
 from gemmakit.vision.preprocess import load_image
 
 
@@ -85,8 +87,6 @@ class VisionRunner:
                 logprobs: bool = False) -> tuple[str, list[bytes], list[int]]:
         """``(rendered prompt, images, prompt ids)`` of a chat request's messages (``common`` and ``logprobs``
         its other fields; None for /tokenize); raises FieldError/GemmakitError for bad input."""
-        from gemmakit.vision.generate import prepare_vision
-
         if common is not None:
             _check_supported(common, logprobs)
         chat, images = vision_chat(messages, self.layout)
@@ -109,8 +109,6 @@ class VisionRunner:
         return handle
 
     def _run(self, handle: RequestHandle, prompt: str, images: list[bytes]) -> None:
-        from gemmakit.api import stream_generation
-
         request, emit = handle.request, handle.on_event
         stop_ids = request.stop_ids if request.stop_ids is not None else self.tokenizer.stop_ids()
         p: SamplingParams = request.params

@@ -13,6 +13,7 @@ runs once, is freed, and training reads its outputs back.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -22,11 +23,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
+from gemmakit.api import load, parse_dtype
+from gemmakit.checkpoints import open_checkpoint
 from gemmakit.errors import CheckpointError, InvalidRequestError
 from gemmakit.io import atomic_directory
-from gemmakit.train.data import Blocks
+from gemmakit.models.config import PRESETS
+from gemmakit.models.decoder import GemmaModel
+from gemmakit.train import distributed
+from gemmakit.train.data import Blocks, load_blocks
+from gemmakit.train.export import save_hf_directory
+from gemmakit.train.loop import Trainer
 
 STORE_FORMAT = "gemmakit-teacher-topk-1"
 
@@ -73,14 +83,10 @@ def teacher_topk(teacher: nn.Module, ids: torch.Tensor, k: int) -> tuple[torch.T
 def precompute_teacher(teacher: nn.Module, blocks: Blocks, k: int, directory: str | Path, batch_size: int = 4,
                        progress: bool = False) -> TeacherTopK:
     """Run the teacher over every block once and store its top-k logits (atomically) in ``directory``."""
-    from safetensors.torch import save_file
-
     teacher.eval()
     values, ids = [], []
     starts = range(0, len(blocks), batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="teacher top-k", unit="batch", file=sys.stderr)
     for start in starts:
         v, i = teacher_topk(teacher, blocks.ids[start:start + batch_size, :-1], k)
@@ -96,8 +102,6 @@ def precompute_teacher(teacher: nn.Module, blocks: Blocks, k: int, directory: st
 
 def load_teacher_store(directory: str | Path, blocks: Blocks) -> TeacherTopK:
     """Read a store written by :func:`precompute_teacher` for exactly these blocks."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     try:
         meta = json.loads((directory / "meta.json").read_text())
@@ -169,8 +173,6 @@ def mean_kl(student: nn.Module, teacher: nn.Module, blocks: Blocks, batch_size: 
 
 def random_student(config, dtype: torch.dtype, device, seed: int = 0):
     """A freshly initialised student of a preset's shape (matrices N(0, 0.02), norms at zero = scale 1)."""
-    from gemmakit.models.decoder import GemmaModel
-
     torch.manual_seed(seed)
     with torch.device(device):
         model = GemmaModel(config).to(dtype)
@@ -188,16 +190,6 @@ def distill(teacher_src: str | None, student_src: str, data: str | Path, out: st
             precompute: str | Path | None = None, seq_len: int = 256, dtype: str = "float32",
             resume: bool = False, skip_bad: bool = False, heldout: float = 0.1, progress: bool = True, log=print):
     """``gemmakit distill``: all inputs are checked before the teacher runs or the first step."""
-    import gc
-
-    from gemmakit.api import load, parse_dtype
-    from gemmakit.checkpoints import open_checkpoint
-    from gemmakit.models.config import PRESETS
-    from gemmakit.train import distributed
-    from gemmakit.train.data import load_blocks
-    from gemmakit.train.export import save_hf_directory
-    from gemmakit.train.loop import Trainer
-
     config.check()
     if precompute is not None and not top_k:
         top_k = 64  # a precomputed store always holds top-k logits

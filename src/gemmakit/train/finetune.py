@@ -12,9 +12,14 @@ import math
 import sys
 from pathlib import Path
 
-from gemmakit.train.data import load_blocks
+from gemmakit.api import parse_dtype
+from gemmakit.checkpoints import build_model, open_checkpoint
 from gemmakit.checkpoints.peft import save_adapter
+from gemmakit.errors import TokenizerError
 from gemmakit.models.lora import LoRAConfig, apply_lora, merge_lora
+from gemmakit.train import distributed
+from gemmakit.train.data import load_blocks
+from gemmakit.train.export import save_hf_directory
 from gemmakit.train.loop import Trainer, TrainConfig, TrainResult
 
 
@@ -22,11 +27,6 @@ def finetune(model_src: str | None, data: str | Path, out: str | Path, lora: LoR
              config: TrainConfig, seq_len: int = 256, dtype: str = "float32", resume: bool = False,
              skip_bad: bool = False, heldout: float = 0.1, merge: bool = False, progress: bool = True,
              log=print) -> TrainResult:
-    from gemmakit.api import parse_dtype
-    from gemmakit.checkpoints import build_model, open_checkpoint
-    from gemmakit.errors import TokenizerError
-    from gemmakit.train import distributed
-
     config.check()
     checkpoint = open_checkpoint(model_src)  # the tokenizer, without the weights yet: check the data first
     tokenizer = checkpoint.tokenizer
@@ -72,8 +72,6 @@ def finetune(model_src: str | None, data: str | Path, out: str | Path, lora: LoR
 
 
 def _save_outputs(model, tokenizer, out: Path, lora: LoRAConfig | None, merge: bool, source) -> None:
-    from gemmakit.train.export import save_hf_directory
-
     if lora is not None:
         save_adapter(model, out / "adapter", lora, base_model=str(source or ""))
         if not merge:

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 from gemmakit.errors import CheckpointError, InvalidRequestError
 from gemmakit.io import atomic_file
@@ -168,8 +170,6 @@ class Trainer:
             (loss_sum * weight).backward()
             loss_total += loss_sum.item() if weight else 0.0
         if self.world > 1:
-            import torch.distributed as dist
-
             t = torch.tensor([loss_total], dtype=torch.float64)
             dist.all_reduce(t)
             loss_total = t.item()
@@ -193,8 +193,6 @@ class Trainer:
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         bar = None
         if self.progress and self.rank == 0:
-            from tqdm import tqdm
-
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
                        dynamic_ncols=True, file=sys.stderr)
         seq = self.train.ids.shape[1] - 1
@@ -287,11 +285,16 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _shard_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of the full ``value``, placed as the DTensor ``param`` is."""
+    from torch.distributed.tensor import distribute_tensor  # ~1.5 s to import: only sharded runs need it
+
+    return distribute_tensor(value, param.device_mesh, param.placements)
+
+
 def _load_full(param: torch.Tensor, value: torch.Tensor) -> None:
     if hasattr(param, "full_tensor"):  # DTensor: take this rank's shard of the full value
-        from torch.distributed.tensor import distribute_tensor
-
-        param.copy_(distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements))
+        param.copy_(_shard_like(param, value.to(param.dtype)))
     else:
         param.copy_(value)
 
@@ -311,8 +314,6 @@ def _load_full_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) ->
         state[k] = {}
         for n, v in s.items():
             if torch.is_tensor(v) and v.dim() > 0 and hasattr(p, "full_tensor"):
-                from torch.distributed.tensor import distribute_tensor
-
-                v = distribute_tensor(v, p.device_mesh, p.placements)
+                v = _shard_like(p, v)
             state[k][n] = v
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from gemmakit.errors import InvalidRequestError
 
@@ -50,8 +51,6 @@ def perplexity(model, ids: list[int], n_ctx: int, bos_id: int | None, progress: 
     nll_sum, nll2_sum, count = 0.0, 0.0, 0
     chunks = range(n_chunk)
     if progress:
-        from tqdm import tqdm
-
         chunks = tqdm(chunks, desc="perplexity", unit="chunk", file=sys.stderr)
     for i in chunks:
         window = tokens[i:i + 1].clone()  # [1, n_ctx]

@@ -10,13 +10,12 @@ from __future__ import annotations
 from PIL import Image
 
 from gemmakit.errors import InvalidRequestError
+from gemmakit.models.multimodal import VisionLanguageModel
 from gemmakit.vision.preprocess import load_image
 
 
 class ChatImages:
     def __init__(self, model) -> None:
-        from gemmakit.models.multimodal import VisionLanguageModel
-
         self.vision = model.config if isinstance(model, VisionLanguageModel) else None
         self._attached: list[Image.Image] = []  # all images in the history, in order
         self._pending = 0  # attached since the last user message

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from gemmakit.errors import InvalidRequestError, TokenizerError
+from gemmakit.models.multimodal import ImagePrompt, VisionLanguageModel
+from gemmakit.vision.prompt import build_prompt
 
 
 def prepare_vision(model, tokenizer, prompt, images, pan_and_scan: bool = False):
@@ -11,8 +13,6 @@ def prepare_vision(model, tokenizer, prompt, images, pan_and_scan: bool = False)
     Every check (model kind, image files, placeholder counts, context length) happens here, before
     the engine starts, so bad input never fails half-way through a generation.
     """
-    from gemmakit.models.multimodal import ImagePrompt, VisionLanguageModel
-
     is_vlm = isinstance(model, VisionLanguageModel)
     if not images:
         if pan_and_scan:
@@ -31,8 +31,7 @@ def prepare_vision(model, tokenizer, prompt, images, pan_and_scan: bool = False)
         raise TokenizerError("this model has no tokenizer; a prompt with images needs one")
     if pan_and_scan and model.config.layout != "gemma3":
         raise InvalidRequestError("pan & scan is a Gemma 3 option; PaliGemma sees one fixed-size view")
-    from gemmakit.vision.preprocess import preprocess, spec_for
-    from gemmakit.vision.prompt import build_prompt
+    from gemmakit.vision.preprocess import preprocess, spec_for  # PIL (~25 ms to import): only requests with images
 
     pixel_values, crops = preprocess(list(images), spec_for(model.config), pan_and_scan)
     ids = build_prompt(model.config, tokenizer, prompt, crops)
