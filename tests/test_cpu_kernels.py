@@ -181,3 +181,22 @@ def test_prefill_attention_in_query_blocks_matches_softmax_attention(T, S, windo
         out = att._attend_gemm(q, k, v, mask)
     ref = _reference(q, k, v, mask, att.scale, None)
     assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+def test_a_lock_left_by_an_interrupted_build_is_cleared_and_a_live_one_kept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from gemmakit.kernels import build
+
+    monkeypatch.setattr(build, "_build_directory", lambda: tmp_path)
+    lock, obj = tmp_path / "lock", tmp_path / "rope.o"
+    lock.touch()
+    obj.touch()
+    build._clear_stale_lock()  # a build writing files now: its lock stays
+    assert lock.exists()
+    old = time.time() - build.STALE_LOCK_SECONDS - 60
+    for f in (lock, obj):
+        os.utime(f, (old, old))
+    build._clear_stale_lock()
+    assert not lock.exists()

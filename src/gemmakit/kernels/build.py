@@ -24,6 +24,7 @@ import platform
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -55,6 +56,7 @@ def kernel():
         try:
             cpp_extension = _cpp_extension()
             _ninja_on_path()
+            _clear_stale_lock()
             if not _is_built():
                 print("gemmakit: building the CPU kernels (quantised weights, tokenizer; once, up to a minute)...",
                       file=sys.stderr, flush=True)
@@ -129,10 +131,34 @@ def _proc_cpu_flags() -> str:
         return ""
 
 
-def _is_built() -> bool:
-    get_build_directory = _cpp_extension()._get_build_directory
+def _build_directory() -> Path | None:
     try:
-        build = Path(get_build_directory(_build_name(), verbose=False))
+        return Path(_cpp_extension()._get_build_directory(_build_name(), verbose=False))
     except Exception:
-        return False
-    return any(build.glob("*.so"))
+        return None
+
+
+def _is_built() -> bool:
+    build = _build_directory()
+    return build is not None and any(build.glob("*.so"))
+
+
+STALE_LOCK_SECONDS = 300  # a build writes an object file at least every minute or two, even on 2 busy cores
+
+
+def _clear_stale_lock() -> None:
+    """Remove the build lock a killed build left behind: torch's builder waits for that file to go
+    away, forever, so one Ctrl-C during the first build would hang every later run. A lock whose
+    directory has seen no write for STALE_LOCK_SECONDS belongs to no live build."""
+    build = _build_directory()
+    lock = build / "lock" if build is not None else None
+    if lock is None or not lock.exists():
+        return
+    try:
+        newest = max(f.stat().st_mtime for f in build.iterdir())
+    except (OSError, ValueError):
+        return
+    if time.time() - newest > STALE_LOCK_SECONDS:
+        print(f"gemmakit: removing the stale kernel build lock {lock} (left by an interrupted build)",
+              file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
