@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as pb
 
 from gemmakit.chat.template import pick_template, template_from_directory
 from gemmakit.errors import ModelNotFoundError, TokenizerError
@@ -366,6 +365,7 @@ class Tokenizer:
     @classmethod
     def _from_proto(cls, proto: bytes, source: str, types: list[int] | None = None) -> Tokenizer:
         """Load a serialized ModelProto; ``types`` (its pieces' types) may be passed when already known."""
+        pb = model_pb2()
         try:
             if types is None:
                 types = [p.type for p in pb.ModelProto.FromString(proto).pieces]
@@ -481,6 +481,7 @@ def build_model_proto(pieces: Sequence[str], scores: Sequence[float], types: Seq
     identity normalisation (no NFKC). The trainer-spec split flags only matter for training but are
     set to Gemma's values so that the saved file reads like the original.
     """
+    pb = model_pb2()
     model = pb.ModelProto()
     spec = model.trainer_spec
     spec.model_type = pb.TrainerSpec.BPE
@@ -503,6 +504,15 @@ def build_model_proto(pieces: Sequence[str], scores: Sequence[float], types: Seq
     # straight to wire format rather than built as Python protobuf objects first (which cost ~35 MB
     # of peak memory and most of a second for Gemma's vocabulary).
     return _piece_records(pieces, scores, types) + model.SerializeToString()
+
+
+def model_pb2():
+    """SentencePiece's protobuf messages (``ModelProto``), imported on first use: the protobuf
+    runtime takes tens of ms to import, and a GGUF's vocabulary on the CPU kernel's encoder never
+    needs it (only tokenizer.model files, the torch fallback and writing a model do)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    return sentencepiece_model_pb2
 
 
 def _varint(n: int) -> bytes:

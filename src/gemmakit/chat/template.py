@@ -105,7 +105,7 @@ def render_template(template: str, messages: Sequence[Mapping[str, Any]], add_ge
 
 
 def _jinja2():
-    """jinja2 with the parts used here, imported on first use: ~50 ms that only rendering a
+    """jinja2 with the parts used here, imported on first use: tens of ms that only rendering a
     checkpoint's own chat template needs (loading a tokenizer does not)."""
     import jinja2
     import jinja2.ext

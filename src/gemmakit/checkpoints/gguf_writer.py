@@ -16,7 +16,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from sentencepiece import sentencepiece_model_pb2
 
 from gemmakit.checkpoints import open_checkpoint
 from gemmakit.checkpoints.base import parameter_shapes
@@ -25,6 +24,7 @@ from gemmakit.errors import InvalidRequestError, UnsupportedModelError
 from gemmakit.io import atomic_file
 from gemmakit.models.config import ModelConfig, alternating
 from gemmakit.quant.ggml_ops import ggml_quantize
+from gemmakit.tokenizer import model_pb2
 
 # --scheme -> GGML block type of every matrix (norms stay float32)
 SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
@@ -94,7 +94,7 @@ def vocabulary_of(tokenizer) -> Vocabulary:
     if model_proto is None:
         raise UnsupportedModelError("the source's tokenizer has no SentencePiece model (tokenizer.model) "
                                     "to write into the GGUF")
-    model = sentencepiece_model_pb2.ModelProto()
+    model = model_pb2().ModelProto()
     model.ParseFromString(model_proto())
     return Vocabulary(pieces=[p.piece for p in model.pieces], scores=[p.score for p in model.pieces],
                       types=[int(p.type) for p in model.pieces], bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,

@@ -72,7 +72,7 @@ def kernel():
 
 
 def _cpp_extension():
-    """torch's extension builder, imported only when the kernel is first asked for: ~0.2 s of
+    """torch's extension builder, imported only when the kernel is first asked for: 0.05-0.2 s of
     imports (setuptools among them) that may fail, which ``kernel`` turns into the torch fallback."""
     from torch.utils import cpp_extension
 

@@ -31,7 +31,7 @@ def prepare_vision(model, tokenizer, prompt, images, pan_and_scan: bool = False)
         raise TokenizerError("this model has no tokenizer; a prompt with images needs one")
     if pan_and_scan and model.config.layout != "gemma3":
         raise InvalidRequestError("pan & scan is a Gemma 3 option; PaliGemma sees one fixed-size view")
-    from gemmakit.vision.preprocess import preprocess, spec_for  # PIL (~25 ms to import): only requests with images
+    from gemmakit.vision.preprocess import preprocess, spec_for  # PIL, tens of ms: only requests with images
 
     pixel_values, crops = preprocess(list(images), spec_for(model.config), pan_and_scan)
     ids = build_prompt(model.config, tokenizer, prompt, crops)
