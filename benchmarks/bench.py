@@ -46,7 +46,7 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    import gemmakit
+    from gemmakit.api import LoadOptions, load_model
     from gemmakit.engine.generate import generate_steps
     from gemmakit.kernels.build import kernel
 
@@ -62,12 +62,12 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
         kind = kind.removesuffix(suffix)
     t0 = time.perf_counter()
     if kind == HF_BF16:
-        model, tok = gemmakit.load(_hf_bf16_dir())  # the defaults: bf16 matrices kept as they are
-    elif kind in ("int8", "int4", "gguf"):
-        model, tok = gemmakit.load(path, quant=kind, compile=compiled,  # gguf: the file's blocks as they are
-                                   prefill_dtype=prefill_dtype, kv_cache=kv_cache)
+        options = LoadOptions()  # the defaults: bf16 matrices kept as they are
+    elif kind in ("int8", "int4", "gguf"):  # gguf: the file's blocks as they are
+        options = LoadOptions(quant=kind, compile=compiled, prefill_dtype=prefill_dtype, kv_cache=kv_cache)
     else:
-        model, tok = gemmakit.load(path, dtype=kind, quant="none", compile=compiled)
+        options = LoadOptions(dtype=kind, quant="none", compile=compiled)
+    model, tok, report = load_model(_hf_bf16_dir() if kind == HF_BF16 else path, options)
     ids = _prompt_ids(lambda t: tok.encode(t, add_bos=True))
     if compiled:  # the first decode step compiles (for this cache size): load time, not decode time
         for step, _ in enumerate(generate_steps(model, [ids], NEW_TOKENS)):  # same cache-size bucket
@@ -78,7 +78,7 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
     for step in generate_steps(model, [ids], NEW_TOKENS):
         stats = step.stats
     return {"load_s": load_s, "prefill_tps": stats.prefill_tokens_per_s, "decode_tps": stats.decode_tokens_per_s,
-            "prefill_dtype": getattr(model, "prefill_dtype", "float32")}
+            "prefill_dtype": report.prefill_dtype}
 
 
 def run_llama(path: str, threads: int) -> dict:

@@ -8,6 +8,7 @@ never two full copies of the weights.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -92,9 +93,15 @@ def skeleton():
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter name -> shape for ``config`` (from a meta-device model: no memory, no drift)."""
+    return dict(_parameter_shapes(config))
+
+
+@functools.lru_cache(maxsize=4)
+def _parameter_shapes(config: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # a loader asks several times (names, checks); a meta model of a big config takes ~50 ms to build
     with skeleton():
         model = GemmaModel(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
 
 
 def check_file_tensors(source: str, shapes: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],

@@ -213,12 +213,13 @@ def gguf_names(config: ModelConfig) -> dict[str, str]:
     ours_to_gguf = {f"{ours}.weight": f"{gguf}.weight" for gguf, ours in _LAYER_NAMES.items()}
     ours_to_gguf.update({ours: gguf for gguf, ours in _LAYER_NAMES_EXACT.items()})
     names = {ours: gguf for gguf, ours in _MODEL_NAMES.items()}
-    for name in parameter_shapes(config):
+    shapes = parameter_shapes(config)
+    for name in shapes:
         layer, _, rest = name.partition(".")
         if layer == "layers":
             i, _, tail = rest.partition(".")
             names[name] = f"blk.{i}.{ours_to_gguf.get(tail, tail)}"
-    return {ours: names[ours] for ours in parameter_shapes(config)}
+    return {ours: names[ours] for ours in shapes}
 
 
 def _loader(t: GGUFTensor, norm_offset: float) -> TensorLoader:
@@ -266,8 +267,9 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
         if packable(t.ggml_type, t.shape):
             packed[ours] = _packed_loader(t)
         found[ours] = t.shape
+    shapes = parameter_shapes(config)
     names = gguf_names(config)
-    check_file_tensors(str(path), parameter_shapes(config), found, names)
+    check_file_tensors(str(path), shapes, found, names)
     tokenizer = Tokenizer.from_gguf(f) if "tokenizer.ggml.tokens" in f.metadata else None
     return Checkpoint(config=config, tensors=tensors, source=str(path), tokenizer=tokenizer,
                       metadata={"format": "gguf", "file_type": f.metadata.get("general.file_type")},
