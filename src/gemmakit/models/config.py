@@ -45,6 +45,8 @@ class LayerPlan:
     kv_source: int  # the layer whose keys and values this layer attends to (its own index: no sharing)
     index: int = 0  # this layer's place in the stack
     intermediate_size: int = 0  # the MLP's width (Gemma 4 doubles it on layers that read shared keys/values)
+    # Gemma 3n's "gaussian top-k": the share of MLP gate activations a layer zeroes (0 = dense MLP)
+    activation_sparsity: float = 0.0
     # Share of each head's frequency pairs that rotate, the rest having frequency 0 (pass through):
     # Gemma 4's "proportional" RoPE on global layers, whose exponents still divide by the whole head_dim.
     rope_proportion: float = 1.0
@@ -121,6 +123,13 @@ class ModelConfig:
     num_experts: int = 0  # mixture-of-experts FFN beside the dense MLP (0 = none)
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
+    # Gemma 3n switches; the defaults leave the other families untouched.
+    intermediate_sizes: tuple[int, ...] = ()  # each layer's MLP width where they differ (() = intermediate_size)
+    activation_sparsity: tuple[float, ...] = ()  # per layer, LayerPlan.activation_sparsity (() = all dense)
+    altup_inputs: int = 0  # AltUp's parallel residual streams, of which stream 0 runs through the layers (0 = none)
+    altup_coef_clip: float | None = None  # AltUp's coefficient matrices are clipped to this while training
+    altup_correct_scale: bool = True  # the corrected active stream is scaled (learnt) before it gates the PLE
+    laurel_rank: int = 0  # LAuReL's low-rank residual branch beside attention (0 = none)
 
     def __post_init__(self) -> None:
         if len(self.layer_kinds) != self.num_layers:
@@ -131,6 +140,11 @@ class ModelConfig:
             raise ValueError("local layers need a sliding_window")
         if "recurrent" in self.layer_kinds and self.recurrent_width % self.num_heads:
             raise ValueError(f"lru_width {self.recurrent_width} is not a multiple of num_heads {self.num_heads}")
+        for name in ("intermediate_sizes", "activation_sparsity"):
+            if getattr(self, name) and len(getattr(self, name)) != self.num_layers:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {self.num_layers} layers")
+        if self.altup_inputs == 1 or self.altup_inputs < 0:
+            raise ValueError(f"altup_inputs {self.altup_inputs}: AltUp needs at least 2 streams (0 = none)")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token {self.experts_per_token} must be in 1..{self.num_experts}")
         # Worked out now, not on first use: a compiled step reads them, and Python 3.11's cached_property
@@ -159,13 +173,15 @@ class ModelConfig:
         for i, kind in enumerate(self.layer_kinds):
             local, shared = kind == "local", sources[i] != i
             head_dim = self.head_dim if local else self.global_head_dim or self.head_dim
+            width = self.intermediate_sizes[i] if self.intermediate_sizes else self.intermediate_size
             plans.append(LayerPlan(
                 mixer=kind, window=self.sliding_window if local else None, head_dim=head_dim,
                 num_kv_heads=self.num_kv_heads if local else self.global_kv_heads or self.num_kv_heads,
                 rope_theta=self.rope_local_theta if local else self.rope_theta,
                 rope_scaling=1.0 if local else self.rope_scaling_factor,
                 rotary_dim=int(head_dim * self.rope_fraction), kv_source=sources[i], index=i,
-                intermediate_size=self.intermediate_size * (2 if shared and self.double_wide_mlp else 1),
+                intermediate_size=width * (2 if shared and self.double_wide_mlp else 1),
+                activation_sparsity=self.activation_sparsity[i] if self.activation_sparsity else 0.0,
                 rope_proportion=1.0 if local else self.rope_global_proportion,
                 k_eq_v=self.k_eq_v and kind == "global", stores_kv=i in sources[i + 1:]))
         return tuple(plans)
@@ -187,10 +203,12 @@ class ModelConfig:
     @property
     def plain_blocks(self) -> bool:
         """Whether every block is a Gemma 1-3 one (what the fused C++ decode step implements): no
-        norm without unit offset, value norm, shared or K=V keys, experts, per-layer embeddings or
-        layer scalars."""
+        norm without unit offset, value norm, shared or K=V keys, experts, per-layer embeddings,
+        layer scalars, per-layer MLP widths, sparse activations, AltUp streams or LAuReL."""
         return (self.norm_offset == 1.0 and not (self.v_norm or self.k_eq_v or self.num_kv_shared_layers
-                or self.num_experts or self.per_layer_input_dim or self.layer_scalar or self.double_wide_mlp)
+                or self.num_experts or self.per_layer_input_dim or self.layer_scalar or self.double_wide_mlp
+                or self.intermediate_sizes or any(self.activation_sparsity) or self.altup_inputs
+                or self.laurel_rank)
                 and self.global_head_dim in (None, self.head_dim) and self.global_kv_heads in (None, self.num_kv_heads)
                 and self.rope_global_proportion == 1.0)
 
@@ -213,6 +231,9 @@ class ModelConfig:
         total = self.vocab_size * d + d + self.per_layer_embedding_parameters()
         if self.per_layer_input_dim:  # the model projection into the table's width and its norm
             total += d * self.num_layers * self.per_layer_input_dim + self.per_layer_input_dim
+        S = self.altup_inputs
+        if S:  # each extra stream's projections in from the embedding and back out before the final norm
+            total += 2 * (S - 1) * d * d
         w, k = self.recurrent_width, self.conv1d_width
         for plan in self.layer_plan:
             hd, kv, inter = plan.head_dim, plan.num_kv_heads, plan.intermediate_size
@@ -231,6 +252,10 @@ class ModelConfig:
             if self.per_layer_input_dim:
                 total += 2 * d * self.per_layer_input_dim + d
             total += 1 if self.layer_scalar else 0
+            if S:  # router (norm, projection), prediction and correction coefficients, output scale
+                total += d + d * S + S * S * S + S * S + d
+            if self.laurel_rank:
+                total += 2 * d * self.laurel_rank + d
         return total
 
     def per_layer_embedding_parameters(self) -> int:
