@@ -137,6 +137,17 @@ def test_cache_holds_only_the_layers_that_produce_keys_and_values(pair):
     assert cache.nbytes() == model.config.kv_cache_bytes(16, bytes_per_value=4)
 
 
+def test_convert_writes_a_directory_transformers_reads_as_the_same_model(pair, tmp_path):
+    from gemmakit.convert import convert
+
+    hf, _, path = pair
+    out = convert(path, tmp_path / "out")
+    back = transformers.Gemma3nForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+
+
 def test_parameter_count_is_the_models_and_transformers(pair):
     hf, model, _ = pair
     ours = sum(p.numel() for p in model.parameters())

@@ -163,3 +163,28 @@ def hf_names(config: ModelConfig, prefix: str = "model.") -> dict[str, str]:
         names.update({f"layers.{i}.{ours}": f"{prefix}layers.{i}.{theirs}" for ours, theirs in block.items()})
     return names
 
+
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """The Gemma3nTextConfig ``config.json`` dict of ``config`` (as transformers 5.23 saves it)."""
+    kinds = {"local": "sliding_attention", "global": "full_attention"}
+    plans = config.layer_plan
+    return {
+        "architectures": ["Gemma3nForCausalLM"], "model_type": "gemma3n_text",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        # lists, not tuples: transformers' strict config class checks the types
+        "intermediate_size": [p.intermediate_size for p in plans], "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim, "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True,
+        "layer_types": [kinds[k] for k in config.layer_kinds], "sliding_window": config.sliding_window or 512,
+        "final_logit_softcapping": config.final_logit_softcap,
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": config.rope_theta},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_theta}},
+        "num_kv_shared_layers": config.num_kv_shared_layers,
+        "hidden_size_per_layer_input": config.per_layer_input_dim,
+        "vocab_size_per_layer_input": config.per_layer_vocab_size,
+        "activation_sparsity_pattern": [p.activation_sparsity for p in plans],
+        "altup_num_inputs": config.altup_inputs, "altup_active_idx": 0, "altup_coef_clip": config.altup_coef_clip,
+        "altup_correct_scale": config.altup_correct_scale, "laurel_rank": config.laurel_rank,
+    }
