@@ -152,3 +152,38 @@ def test_parameter_count_is_the_models_and_transformers(pair):
     hf, model, _ = pair
     ours = sum(p.numel() for p in model.parameters())
     assert model.config.num_parameters() == ours == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("name", ["gemma3n-e2b", "gemma3n-e4b"])
+def test_preset_reads_back_through_transformers_config(name):
+    from gemmakit.checkpoints.gemma3n import config_from_hf, to_hf_config
+    from gemmakit.models.config import PRESETS
+
+    preset = PRESETS[name]
+    raw = transformers.Gemma3nTextConfig(**to_hf_config(preset)).to_dict()
+    assert config_from_hf(raw).replace(name=name) == preset
+    assert PRESETS[name + "-it"] == preset.replace(name=name + "-it")
+
+
+@pytest.mark.parametrize("name", ["gemma3n-e2b", "gemma3n-e4b"])
+def test_preset_parameter_count_is_transformers(name):
+    """The full-size text decoder, built by transformers on the meta device (no memory)."""
+    from gemmakit.checkpoints.gemma3n import to_hf_config
+    from gemmakit.models.config import PRESETS
+
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        hf = transformers.Gemma3nForCausalLM(transformers.Gemma3nTextConfig(**to_hf_config(preset)))
+    assert preset.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
+def test_transformers_defaults_are_e4b():
+    """A config.json that leaves keys out gets Gemma3nTextConfig's defaults, E4B's values."""
+    from gemmakit.checkpoints.gemma3n import config_from_hf
+    from gemmakit.models.config import PRESETS
+
+    assert config_from_hf({"model_type": "gemma3n_text"}).replace(name="gemma3n-e4b") == PRESETS["gemma3n-e4b"]
+    multimodal = {"model_type": "gemma3n", "text_config": transformers.Gemma3nTextConfig().to_dict()}
+    from gemmakit.checkpoints.safetensors import config_from_hf as any_config
+
+    assert any_config(multimodal).replace(name="gemma3n-e4b") == PRESETS["gemma3n-e4b"]

@@ -13,6 +13,9 @@ Sources for the preset numbers (checked against each other where both exist):
   [hf4] transformers ``models/gemma4/convert_gemma4_weights.py`` (``_VARIANTS``) and, for the 12B,
         ``models/gemma4_unified/convert_gemma4_unified_weights.py``
   [dm4] google-deepmind/gemma ``gemma/gm/nn/gemma4`` model configs
+  [hf3n] transformers ``models/gemma3n/convert_gemma3n_weights.py`` (``_VARIANTS``) and the defaults of
+        ``Gemma3nTextConfig`` (which are E4B's), checked against [dm3n] google-deepmind/gemma
+        ``gemma/gm/nn/gemma3n/_gemma3n.py``
   [rg]  google-deepmind/recurrentgemma ``recurrentgemma/common.py`` (Preset.RECURRENT_GEMMA_*_V1) and
         the RecurrentGemma report (arXiv 2404.07839), Table 1; [hf] google/recurrentgemma-{2b,9b}
 """
@@ -367,6 +370,26 @@ def _gemma4(name: str, hidden: int, inter: int, layers: int, heads: int, kv: int
     )
 
 
+def _gemma3n(name: str, inter: int, layers: int, shared: int) -> ModelConfig:
+    # [hf3n] _VARIANTS (E2B: 30 layers, MLP 8192, 10 shared; E4B: Gemma3nTextConfig's defaults: 35 layers,
+    # MLP 16384, 15 shared), checked against [dm3n] _get_gemma3n_config; shared by both: width 2048, 8 heads,
+    # 2 KV heads of 256, 4 sliding : 1 global (window 512), RoPE 10k / 1M, attention scale 1, RMSNorm
+    # scaling by the weight itself, value norms, gaussian top-k sparsity 0.95 on the first 10 layers,
+    # 4 AltUp streams (coefficients clipped to 120 in training), LAuReL rank 64, PLE 256 from a
+    # 262144-row table. The vocabulary is the HF checkpoints' 262400 (the text's 262144, then 128
+    # image and 128 audio soft-token ids; [dm3n] counts 262144). Final soft-cap 30 as in [hf3n]
+    # (and llama.cpp), where [dm3n] has none: the HF checkpoints' outputs are the reference.
+    return ModelConfig(
+        family="gemma3n", name=name, vocab_size=262_400, hidden_size=2048, intermediate_size=inter,
+        num_layers=layers, num_heads=8, num_kv_heads=2, head_dim=256, layer_kinds=alternating(layers, 5),
+        max_position_embeddings=32_768, query_pre_attn_scalar=1.0, sliding_window=512,
+        rope_theta=1_000_000.0, rope_local_theta=10_000.0, qk_norm=True, post_norms=True, final_logit_softcap=30.0,
+        norm_offset=0.0, v_norm=True, num_kv_shared_layers=shared, per_layer_input_dim=256,
+        per_layer_vocab_size=262_144, activation_sparsity=(0.95,) * 10 + (0.0,) * (layers - 10),
+        altup_inputs=4, altup_coef_clip=120.0, laurel_rank=64,
+    )
+
+
 def _presets() -> dict[str, ModelConfig]:
     table = [
         _gemma1("gemma-2b", 2048, 16384, 18, 8, 1),  # MQA
@@ -385,6 +408,10 @@ def _presets() -> dict[str, ModelConfig]:
         _gemma3("gemma3-27b", 5376, 21504, 62, 32, 16, 128, 168, 1024, 131_072, 262_208, 8.0),
         _recurrentgemma("recurrentgemma-2b", 2560, 26, 10),
         _recurrentgemma("recurrentgemma-9b", 4096, 38, 16),
+        # E2B is E4B's 30-layer MatFormer sub-model (half the MLP width); both keep the first 20 layers'
+        # keys and values, the later ones reading those of layers 18 (sliding) and 19 (global)
+        _gemma3n("gemma3n-e2b", 8192, 30, 10),
+        _gemma3n("gemma3n-e4b", 16_384, 35, 15),
         # E2B: 4 sliding : 1 global, the last 20 layers read shared K/V with an MLP twice as wide (12288)
         _gemma4("gemma4-e2b", 1536, 6144, 35, 8, 1, 5, 512, 131_072, shared=20, per_layer=256, double_wide=True),
         _gemma4("gemma4-e4b", 2560, 10240, 42, 8, 2, 6, 512, 131_072, shared=18, per_layer=256),
@@ -397,7 +424,7 @@ def _presets() -> dict[str, ModelConfig]:
     # Instruction-tuned variants differ only in weights.
     for base in ["gemma-2b", "gemma-7b", "codegemma-7b", "gemma2-2b", "gemma2-9b", "gemma2-27b",
                  "gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b",
-                 "recurrentgemma-2b", "recurrentgemma-9b", "gemma4-e2b", "gemma4-e4b", "gemma4-12b",
+                 "recurrentgemma-2b", "recurrentgemma-9b", "gemma3n-e2b", "gemma3n-e4b", "gemma4-e2b", "gemma4-e4b", "gemma4-12b",
                  "gemma4-26b-a4b", "gemma4-31b"]:
         presets[base + "-it"] = presets[base].replace(name=base + "-it")
     return presets
