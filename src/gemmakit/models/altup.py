@@ -42,17 +42,19 @@ class AltUp(nn.Module):
         routed = self.router(self.router_norm(x) * self.router_scale)
         return torch.tanh(routed.float()).type_as(x)
 
-    def _coefficients(self, layer: Linear) -> torch.Tensor:
+    def _mix(self, coefficients: nn.Module, routed: torch.Tensor) -> torch.Tensor:
         # Training keeps the coefficient matrices within +-clip, as the reference trained them (it
         # clamps them in place; a clamped copy gives the same forward pass). At inference the
-        # stored values are used as they are, as in transformers.
-        w = layer.weight
-        return w.clamp(-self.clip, self.clip) if self.training and self.clip is not None else w
+        # stored values are used as they are, as in transformers, through the module itself
+        # (which may hold a quantised weight).
+        if self.training and self.clip is not None:
+            return F.linear(routed, coefficients.weight.clamp(-self.clip, self.clip))
+        return coefficients(routed)
 
     def predict(self, streams: torch.Tensor) -> torch.Tensor:
         """``[S, B, T, hidden]``: each stream plus a routed mix of all of them."""
         S = self.streams
-        mix = F.linear(self._route(streams[0]), self._coefficients(self.predict_coefs))  # [B, T, S*S]
+        mix = self._mix(self.predict_coefs, self._route(streams[0]))  # [B, T, S*S]
         mix = mix.unflatten(-1, (S, S)).transpose(-1, -2)  # [B, T, from, to]
         predicted = torch.matmul(streams.permute(1, 2, 3, 0), mix).permute(3, 0, 1, 2)
         return (predicted + streams).contiguous()
@@ -60,7 +62,7 @@ class AltUp(nn.Module):
     def correct(self, predictions: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
         """Every stream moved by its routed share (1 + coefficient) of the layer's change to the
         active one: ``activated [B, T, hidden]`` is the layer's output for ``predictions[0]``."""
-        shares = F.linear(self._route(activated), self._coefficients(self.correct_coefs)) + 1.0  # [B, T, S]
+        shares = self._mix(self.correct_coefs, self._route(activated)) + 1.0  # [B, T, S]
         change = activated - predictions[0]
         return (change * shares.permute(2, 0, 1).unsqueeze(-1) + predictions).contiguous()
 
