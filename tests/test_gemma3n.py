@@ -129,6 +129,43 @@ def test_batch_of_different_lengths_equals_one_by_one(pair):
     assert [list(t) for t in zip(*together)] == alone
 
 
+def test_serving_rows_equal_one_by_one(pair):
+    """The serving engine's cache, whose rows advance independently (models/row_cache.py)."""
+    from gemmakit.models.row_cache import RowKVCache
+
+    _, model, _ = pair
+    prompts, following = [[2, 5, 9, 33, 41, 17, 80, 81, 3], [2, 7, 11]], [50, 160]
+    ids, positions = torch.zeros(2, 9, dtype=torch.long), torch.full((2, 9), -1)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)], positions[r, :len(p)] = torch.tensor(p), torch.arange(len(p))
+    cache = RowKVCache(model.config, 2, 32, torch.float32)
+    prefill = model(ids, cache=cache, positions=positions)
+    step = model(torch.tensor([following]).T, cache=cache, positions=torch.tensor([[9], [3]]))
+    for r, p in enumerate(prompts):
+        alone = model(torch.tensor([p + [following[r]]]))[0]
+        assert (prefill[r, len(p) - 1] - alone[len(p) - 1]).abs().max().item() <= 1e-4
+        assert (step[r, -1] - alone[-1]).abs().max().item() <= 1e-4
+
+
+def test_the_language_model_of_a_multimodal_checkpoint_loads(pair, tmp_path):
+    """Gemma3nForConditionalGeneration's layout: the decoder under ``model.language_model.``, its
+    config as the ``text_config`` of a ``gemma3n`` one, beside towers gemmakit does not read."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _, model, path = pair
+    weights = {k.replace("model.", "model.language_model.", 1): v for k, v in load_file(path / "model.safetensors").items()}
+    weights["model.embed_vision.embedding.weight"] = torch.zeros(4, 8)  # stands for the towers and embedders
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    text = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3n", "text_config": text,
+                                                      "architectures": ["Gemma3nForConditionalGeneration"]}))
+    loaded, _ = gemmakit.load(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(loaded(ids), model(ids))
+
+
 def test_cache_holds_only_the_layers_that_produce_keys_and_values(pair):
     _, model, _ = pair
     cache = model.new_cache(1, 16)
