@@ -9,10 +9,13 @@ Facts this adapter relies on (from llama.cpp's converter and loader):
   is hidden / heads). Newer converters may write ``{arch}.attention.sliding_window_pattern``: an
   integer period n (layer i is local unless i % n == n - 1; 0 means all local) or one bool per
   layer (true = sliding window); when present it wins.
+- Gemma 3n (``gemma3n``): see :func:`_gemma3n_config` for what llama.cpp hard-codes and the
+  converter writes; the model's AltUp projections are stacked into one [3, H, H] tensor each.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ from gemmakit.models.config import LayerKind, ModelConfig, alternating
 from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize, ggml_blocks, packable
 from gemmakit.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gemma4")
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gemma3n", "gemma4")
 
 # GGUF block-tensor suffix -> our per-layer parameter name
 _LAYER_NAMES = {
@@ -51,6 +54,14 @@ _LAYER_NAMES = {
     "pre_ffw_norm_2": "moe.pre_norm",
     "post_ffw_norm_1": "dense_norm",
     "post_ffw_norm_2": "moe.post_norm",
+    # Gemma 3n (llama.cpp's gemma3n architecture)
+    "altup_router": "altup.router",
+    "altup_router_norm": "altup.router_norm",
+    "altup_predict_coef": "altup.predict_coefs",
+    "altup_correct_coef": "altup.correct_coefs",
+    "laurel_l": "laurel.left",
+    "laurel_r": "laurel.right",
+    "laurel_post_norm": "laurel.norm",
 }
 # block tensors whose GGUF name is not ``<ours>.weight``
 _LAYER_NAMES_EXACT = {
@@ -59,6 +70,7 @@ _LAYER_NAMES_EXACT = {
     "ffn_down_exps.scale": "moe.router.per_expert_scale",
     "ffn_gate_up_exps.weight": "moe.experts.gate_up_proj",
     "ffn_down_exps.weight": "moe.experts.down_proj",
+    "altup_correct_scale.weight": "altup.output_scale",
 }
 _MODEL_NAMES = {
     "token_embd.weight": "embed.weight",
@@ -67,6 +79,14 @@ _MODEL_NAMES = {
     "per_layer_model_proj.weight": "per_layer_model_proj.weight",
     "per_layer_proj_norm.weight": "per_layer_proj_norm.weight",
 }
+# model tensors holding several of ours stacked on a leading dim: GGUF name -> our name of entry {i}
+_STACKED_NAMES = {
+    "altup_proj.weight": "altup.expand.{}.weight",
+    "altup_unembd_proj.weight": "altup.collapse.{}.weight",
+}
+# llama.cpp's gemma3n loader wants keys and values on every layer, so converted files may carry them
+# on the layers that read an earlier layer's (hub checkpoints have such unused weights); none of ours
+_UNUSED_SHARED_KV = ("attn_k.weight", "attn_v.weight", "attn_k_norm.weight")
 
 
 # What llama.cpp assumes where GGUF metadata is silent (and so what a GGUF writer must not contradict):
@@ -123,6 +143,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         )
     if arch == "gemma4":
         return _gemma4_config(f, get, base)
+    if arch == "gemma3n":
+        return _gemma3n_config(f, get, base)
     scaling = float(m.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
     if m.get(f"{arch}.rope.scaling.type", "linear") not in ("linear", "none"):
         raise UnsupportedModelError(f"{f.path}: RoPE scaling type {m[f'{arch}.rope.scaling.type']!r} is not supported")
@@ -171,6 +193,77 @@ def _gemma4_config(f: GGUFFile, get, base: dict) -> ModelConfig:
     )
 
 
+def _gemma3n_config(f: GGUFFile, get, base: dict) -> ModelConfig:
+    """llama.cpp's ``gemma3n`` metadata. Its loader hard-codes 4 AltUp streams (stream 0 active),
+    PLE width 256, LAuReL rank 64, keys and values from the first 20 layers, sparsity 0.95 on the
+    first 10 layers and a final soft-cap of 30, reading none of the keys the converter writes for
+    them; here the keys win where present (on the published models they agree with those
+    constants), the constants stand in where absent, and LAuReL's rank, never written, is
+    ``laurel_l``'s shape. AltUp's training-time coefficient clip is not stored: Gemma 3n's 120."""
+    m, layers = f.metadata, base["num_layers"]
+
+    def optional(key: str, default):
+        value = m.get(f"gemma3n.{key}")
+        return default if value is None else value
+
+    if int(optional("altup.active_idx", 0)) != 0:
+        raise UnsupportedModelError(f"{f.path}: AltUp's active stream must be stream 0 (gemma3n.altup.active_idx)")
+    scales = optional("activation_sparsity_scale", None)
+    if scales is None:
+        sparsity = [0.95 if i < 10 else 0.0 for i in range(layers)]
+    else:
+        if len(scales) != layers:
+            raise CheckpointError(f"{f.path}: gemma3n.activation_sparsity_scale has {len(scales)} entries "
+                                  f"for {layers} layers")
+        sparsity = [_sparsity_of(float(x)) for x in scales]
+    ff = _per_layer(get("feed_forward_length"), layers, "feed_forward_length", f)
+    per_layer = int(optional("embedding_length_per_layer_input", 256))
+    kinds = _layer_kinds(f, layers, 5)
+    return ModelConfig(
+        family="gemma3n", layer_kinds=kinds, query_pre_attn_scalar=1.0,
+        sliding_window=int(get("attention.sliding_window")) if "local" in kinds else None,
+        rope_theta=float(get("rope.freq_base", 1_000_000.0)), rope_local_theta=float(get("rope.freq_base_swa", 10_000.0)),
+        qk_norm=True, post_norms=True, final_logit_softcap=float(optional("final_logit_softcapping", 30.0)),
+        norm_offset=0.0, v_norm=True, num_kv_shared_layers=int(optional("attention.shared_kv_layers", max(layers - 20, 0))),
+        per_layer_input_dim=per_layer, per_layer_vocab_size=_per_layer_table_rows(f),
+        intermediate_sizes=tuple(ff) if len(set(ff)) > 1 else (), activation_sparsity=tuple(sparsity) if any(sparsity) else (),
+        altup_inputs=int(optional("altup.num_inputs", 4)), altup_coef_clip=120.0,
+        laurel_rank=f.tensors["blk.0.laurel_l.weight"].shape[0] if "blk.0.laurel_l.weight" in f.tensors else 64,
+        **{**base, "intermediate_size": ff[0]},
+    )
+
+
+def _sparsity_of(stds: float) -> float:
+    """The target sparsity whose standard-normal quantile the converter stored (-inf: a dense layer),
+    to 6 places: 1.6448536 -> 0.95, whose quantile gives back the stored float32."""
+    return 0.0 if stds == -math.inf else round(0.5 * (1.0 + math.erf(stds / math.sqrt(2.0))), 6)
+
+
+def _per_layer_table_rows(f: GGUFFile) -> int:
+    """Rows of the per-layer embedding table that hold embeddings. llama.cpp's converter pads
+    Gemma 3n's table with zero rows up to the vocabulary (262144 -> 262400: the image and audio
+    soft-token ids), where transformers keeps the shorter table and reads row 0 for ids beyond it;
+    the padding is found as the trailing all-zero rows (two reads of 256 rows on the published
+    models), so that those ids read what they read in transformers."""
+    t = f.tensors["per_layer_token_embd.weight"]
+    end = t.shape[0]
+    while end > 0:
+        start = max(end - 256, 0)
+        rows = _row_slice(t, start, end)
+        used = (dequantize(rows.raw, rows.ggml_type, rows.shape) != 0).any(1).nonzero()
+        if len(used):
+            return start + int(used[-1]) + 1
+        end = start
+    return t.shape[0]
+
+
+def _row_slice(t: GGUFTensor, start: int, end: int) -> GGUFTensor:
+    """Rows ``start:end`` of a matrix (each row is whole blocks, so rows are contiguous bytes)."""
+    row_bytes = t.raw.nbytes // t.shape[0]
+    return GGUFTensor(name=t.name, shape=(end - start, *t.shape[1:]), ggml_type=t.ggml_type,
+                      raw=t.raw[start * row_bytes:end * row_bytes], file_offset=t.file_offset + start * row_bytes)
+
+
 def _per_layer(value, layers: int, key: str, f: GGUFFile) -> list[int]:
     """A metadata value llama.cpp writes as one number or as one per layer."""
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -214,6 +307,8 @@ def gguf_names(config: ModelConfig) -> dict[str, str]:
     ours_to_gguf.update({ours: gguf for gguf, ours in _LAYER_NAMES_EXACT.items()})
     names = {ours: gguf for gguf, ours in _MODEL_NAMES.items()}
     shapes = parameter_shapes(config)
+    for gguf, ours in _STACKED_NAMES.items():
+        names.update({ours.format(i): f"{gguf}[{i}]" for i in range(max(config.altup_inputs - 1, 0))})
     for name in shapes:
         layer, _, rest = name.partition(".")
         if layer == "layers":
@@ -244,13 +339,31 @@ def _packed_loader(t: GGUFTensor):
     return load
 
 
+def _stacked_loader(t: GGUFTensor, i: int) -> TensorLoader:
+    def load() -> torch.Tensor:
+        return dequantize(t.raw, t.ggml_type, t.shape)[i].clone()  # one matrix of the stack, not a view of all
+
+    return load
+
+
 def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
     f = open_gguf(path)
     config = config_from_gguf(f)
     tensors: dict[str, TensorLoader] = {}
     packed = {}
     found: dict[str, tuple[int, ...]] = {}
+    shares_kv = {plan.index for plan in config.layer_plan if plan.reads_shared_kv}
     for name, t in f.tensors.items():
+        if name in _STACKED_NAMES:
+            for i in range(t.shape[0]):
+                tensors[_STACKED_NAMES[name].format(i)] = _stacked_loader(t, i)
+                found[_STACKED_NAMES[name].format(i)] = t.shape[1:]
+            continue
+        parts = name.split(".", 2)
+        if parts[0] == "blk" and parts[2] in _UNUSED_SHARED_KV and int(parts[1]) in shares_kv:
+            continue
+        if config.family == "gemma3n" and name == "per_layer_token_embd.weight":
+            t = _row_slice(t, 0, config.per_layer_vocab_size)  # without the converter's zero padding
         ours = _our_name(name)
         if ours is None:
             if name == "output.weight":  # an untied head would be a different model

@@ -2,7 +2,8 @@
 
 The one writer behind ``gemmakit convert``, the training exports (``finetune --merge``, ``distill``)
 and RecurrentGemma's export. The output is what transformers itself would save for
-GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma4ForCausalLM or RecurrentGemmaForCausalLM:
+GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3nForCausalLM, Gemma4ForCausalLM or
+RecurrentGemmaForCausalLM:
 ``config.json`` (older-style keys that transformers 4.x and 5.x both read, checked to read back as
 the same model), ``model.safetensors`` (or numbered shards plus an index) under transformers'
 tensor names, and the tokenizer files. Tensors are taken one at a time into shards of bounded
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from gemmakit.checkpoints import gemma4, recurrent_gemma
+from gemmakit.checkpoints import gemma3n, gemma4, recurrent_gemma
 from gemmakit.checkpoints.safetensors import config_from_hf
 from gemmakit.errors import InvalidRequestError, UnsupportedModelError
 from gemmakit.io import atomic_directory
@@ -70,8 +71,9 @@ def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict[str, in
         out = {**recurrent_gemma.to_hf_config(config), **ids, "torch_dtype": str(dtype).removeprefix("torch.")}
         _check_round_trip(config, out)
         return out
-    if config.family == "gemma4":
-        out = {**gemma4.to_hf_config(config), **ids, "dtype": str(dtype).removeprefix("torch.")}
+    adapter = {"gemma4": gemma4, "gemma3n": gemma3n}.get(config.family)
+    if adapter is not None:
+        out = {**adapter.to_hf_config(config), **ids, "dtype": str(dtype).removeprefix("torch.")}
         _check_round_trip(config, out)
         return out
     model_type, architecture = ARCHITECTURES[config.family]

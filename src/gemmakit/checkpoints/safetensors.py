@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directories: config.json + model.safetensors (or a sharded index).
 
 Reads the names transformers uses for GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM and the
-language model inside Gemma3ForConditionalGeneration, in both the older config style
+language model inside Gemma3ForConditionalGeneration (Gemma 3n's and Gemma 4's through their own
+adapters, checkpoints/gemma3n.py and checkpoints/gemma4.py), in both the older config style
 (``rope_theta``, ``rope_scaling``, ``rope_local_base_freq``) and the newer one (``rope_parameters``,
 ``layer_types``). Tensors are read lazily, one at a time, from whichever shard holds them.
 """
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from gemmakit.checkpoints import gemma4, recurrent_gemma
+from gemmakit.checkpoints import gemma3n, gemma4, recurrent_gemma
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
@@ -61,6 +62,8 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     model_type = raw.get("model_type")
     if gemma4.text_config(raw) is not None:
         return gemma4.config_from_hf(gemma4.text_config(raw), source)
+    if gemma3n.text_config(raw) is not None:
+        return gemma3n.config_from_hf(gemma3n.text_config(raw), source)
     if model_type == "recurrent_gemma":
         return recurrent_gemma.config_from_hf(raw, source)
     if model_type == "gemma3" and "text_config" in raw:
@@ -70,7 +73,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     if family is None:
         raise UnsupportedModelError(
             f"{source}: model_type {model_type!r} is not supported; "
-            f"gemmakit reads {', '.join([*TEXT_MODEL_TYPES, *gemma4.MODEL_TYPES, 'recurrent_gemma'])}"
+            f"gemmakit reads {', '.join([*TEXT_MODEL_TYPES, *gemma3n.MODEL_TYPES, *gemma4.MODEL_TYPES, 'recurrent_gemma'])}"
         )
     try:
         layers = int(raw["num_hidden_layers"])
@@ -146,6 +149,8 @@ def hf_names(config: ModelConfig, prefix: str = "model.") -> dict[str, str]:
         return recurrent_gemma.hf_names(config, prefix)
     if config.family == "gemma4":
         return gemma4.hf_names(config, prefix)
+    if config.family == "gemma3n":
+        return gemma3n.hf_names(config, prefix)
     names = {"embed.weight": f"{prefix}embed_tokens.weight", "final_norm.weight": f"{prefix}norm.weight"}
     per_layer = {**(_LAYER_NAMES_V1 if config.family == "gemma" else _LAYER_NAMES_V23), **_SHARED_LAYER_NAMES}
     for i in range(config.num_layers):

@@ -13,6 +13,9 @@ Sources for the preset numbers (checked against each other where both exist):
   [hf4] transformers ``models/gemma4/convert_gemma4_weights.py`` (``_VARIANTS``) and, for the 12B,
         ``models/gemma4_unified/convert_gemma4_unified_weights.py``
   [dm4] google-deepmind/gemma ``gemma/gm/nn/gemma4`` model configs
+  [hf3n] transformers ``models/gemma3n/convert_gemma3n_weights.py`` (``_VARIANTS``) and the defaults of
+        ``Gemma3nTextConfig`` (which are E4B's), checked against [dm3n] google-deepmind/gemma
+        ``gemma/gm/nn/gemma3n/_gemma3n.py``
   [rg]  google-deepmind/recurrentgemma ``recurrentgemma/common.py`` (Preset.RECURRENT_GEMMA_*_V1) and
         the RecurrentGemma report (arXiv 2404.07839), Table 1; [hf] google/recurrentgemma-{2b,9b}
 """
@@ -45,6 +48,8 @@ class LayerPlan:
     kv_source: int  # the layer whose keys and values this layer attends to (its own index: no sharing)
     index: int = 0  # this layer's place in the stack
     intermediate_size: int = 0  # the MLP's width (Gemma 4 doubles it on layers that read shared keys/values)
+    # Gemma 3n's "gaussian top-k": the share of MLP gate activations a layer zeroes (0 = dense MLP)
+    activation_sparsity: float = 0.0
     # Share of each head's frequency pairs that rotate, the rest having frequency 0 (pass through):
     # Gemma 4's "proportional" RoPE on global layers, whose exponents still divide by the whole head_dim.
     rope_proportion: float = 1.0
@@ -121,6 +126,13 @@ class ModelConfig:
     num_experts: int = 0  # mixture-of-experts FFN beside the dense MLP (0 = none)
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
+    # Gemma 3n switches; the defaults leave the other families untouched.
+    intermediate_sizes: tuple[int, ...] = ()  # each layer's MLP width where they differ (() = intermediate_size)
+    activation_sparsity: tuple[float, ...] = ()  # per layer, LayerPlan.activation_sparsity (() = all dense)
+    altup_inputs: int = 0  # AltUp's parallel residual streams, of which stream 0 runs through the layers (0 = none)
+    altup_coef_clip: float | None = None  # AltUp's coefficient matrices are clipped to this while training
+    altup_correct_scale: bool = True  # the corrected active stream is scaled (learnt) before it gates the PLE
+    laurel_rank: int = 0  # LAuReL's low-rank residual branch beside attention (0 = none)
 
     def __post_init__(self) -> None:
         if len(self.layer_kinds) != self.num_layers:
@@ -131,6 +143,11 @@ class ModelConfig:
             raise ValueError("local layers need a sliding_window")
         if "recurrent" in self.layer_kinds and self.recurrent_width % self.num_heads:
             raise ValueError(f"lru_width {self.recurrent_width} is not a multiple of num_heads {self.num_heads}")
+        for name in ("intermediate_sizes", "activation_sparsity"):
+            if getattr(self, name) and len(getattr(self, name)) != self.num_layers:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {self.num_layers} layers")
+        if self.altup_inputs == 1 or self.altup_inputs < 0:
+            raise ValueError(f"altup_inputs {self.altup_inputs}: AltUp needs at least 2 streams (0 = none)")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token {self.experts_per_token} must be in 1..{self.num_experts}")
         # Worked out now, not on first use: a compiled step reads them, and Python 3.11's cached_property
@@ -159,13 +176,15 @@ class ModelConfig:
         for i, kind in enumerate(self.layer_kinds):
             local, shared = kind == "local", sources[i] != i
             head_dim = self.head_dim if local else self.global_head_dim or self.head_dim
+            width = self.intermediate_sizes[i] if self.intermediate_sizes else self.intermediate_size
             plans.append(LayerPlan(
                 mixer=kind, window=self.sliding_window if local else None, head_dim=head_dim,
                 num_kv_heads=self.num_kv_heads if local else self.global_kv_heads or self.num_kv_heads,
                 rope_theta=self.rope_local_theta if local else self.rope_theta,
                 rope_scaling=1.0 if local else self.rope_scaling_factor,
                 rotary_dim=int(head_dim * self.rope_fraction), kv_source=sources[i], index=i,
-                intermediate_size=self.intermediate_size * (2 if shared and self.double_wide_mlp else 1),
+                intermediate_size=width * (2 if shared and self.double_wide_mlp else 1),
+                activation_sparsity=self.activation_sparsity[i] if self.activation_sparsity else 0.0,
                 rope_proportion=1.0 if local else self.rope_global_proportion,
                 k_eq_v=self.k_eq_v and kind == "global", stores_kv=i in sources[i + 1:]))
         return tuple(plans)
@@ -187,10 +206,12 @@ class ModelConfig:
     @property
     def plain_blocks(self) -> bool:
         """Whether every block is a Gemma 1-3 one (what the fused C++ decode step implements): no
-        norm without unit offset, value norm, shared or K=V keys, experts, per-layer embeddings or
-        layer scalars."""
+        norm without unit offset, value norm, shared or K=V keys, experts, per-layer embeddings,
+        layer scalars, per-layer MLP widths, sparse activations, AltUp streams or LAuReL."""
         return (self.norm_offset == 1.0 and not (self.v_norm or self.k_eq_v or self.num_kv_shared_layers
-                or self.num_experts or self.per_layer_input_dim or self.layer_scalar or self.double_wide_mlp)
+                or self.num_experts or self.per_layer_input_dim or self.layer_scalar or self.double_wide_mlp
+                or self.intermediate_sizes or any(self.activation_sparsity) or self.altup_inputs
+                or self.laurel_rank)
                 and self.global_head_dim in (None, self.head_dim) and self.global_kv_heads in (None, self.num_kv_heads)
                 and self.rope_global_proportion == 1.0)
 
@@ -213,6 +234,9 @@ class ModelConfig:
         total = self.vocab_size * d + d + self.per_layer_embedding_parameters()
         if self.per_layer_input_dim:  # the model projection into the table's width and its norm
             total += d * self.num_layers * self.per_layer_input_dim + self.per_layer_input_dim
+        S = self.altup_inputs
+        if S:  # each extra stream's projections in from the embedding and back out before the final norm
+            total += 2 * (S - 1) * d * d
         w, k = self.recurrent_width, self.conv1d_width
         for plan in self.layer_plan:
             hd, kv, inter = plan.head_dim, plan.num_kv_heads, plan.intermediate_size
@@ -231,6 +255,10 @@ class ModelConfig:
             if self.per_layer_input_dim:
                 total += 2 * d * self.per_layer_input_dim + d
             total += 1 if self.layer_scalar else 0
+            if S:  # router (norm, projection), prediction and correction coefficients, output scale
+                total += d + d * S + S * S * S + S * S + d
+            if self.laurel_rank:
+                total += 2 * d * self.laurel_rank + d
         return total
 
     def per_layer_embedding_parameters(self) -> int:
@@ -342,6 +370,26 @@ def _gemma4(name: str, hidden: int, inter: int, layers: int, heads: int, kv: int
     )
 
 
+def _gemma3n(name: str, inter: int, layers: int, shared: int) -> ModelConfig:
+    # [hf3n] _VARIANTS (E2B: 30 layers, MLP 8192, 10 shared; E4B: Gemma3nTextConfig's defaults: 35 layers,
+    # MLP 16384, 15 shared), checked against [dm3n] _get_gemma3n_config; shared by both: width 2048, 8 heads,
+    # 2 KV heads of 256, 4 sliding : 1 global (window 512), RoPE 10k / 1M, attention scale 1, RMSNorm
+    # scaling by the weight itself, value norms, gaussian top-k sparsity 0.95 on the first 10 layers,
+    # 4 AltUp streams (coefficients clipped to 120 in training), LAuReL rank 64, PLE 256 from a
+    # 262144-row table. The vocabulary is the HF checkpoints' 262400 (the text's 262144, then 128
+    # image and 128 audio soft-token ids; [dm3n] counts 262144). Final soft-cap 30 as in [hf3n]
+    # (and llama.cpp), where [dm3n] has none: the HF checkpoints' outputs are the reference.
+    return ModelConfig(
+        family="gemma3n", name=name, vocab_size=262_400, hidden_size=2048, intermediate_size=inter,
+        num_layers=layers, num_heads=8, num_kv_heads=2, head_dim=256, layer_kinds=alternating(layers, 5),
+        max_position_embeddings=32_768, query_pre_attn_scalar=1.0, sliding_window=512,
+        rope_theta=1_000_000.0, rope_local_theta=10_000.0, qk_norm=True, post_norms=True, final_logit_softcap=30.0,
+        norm_offset=0.0, v_norm=True, num_kv_shared_layers=shared, per_layer_input_dim=256,
+        per_layer_vocab_size=262_144, activation_sparsity=(0.95,) * 10 + (0.0,) * (layers - 10),
+        altup_inputs=4, altup_coef_clip=120.0, laurel_rank=64,
+    )
+
+
 def _presets() -> dict[str, ModelConfig]:
     table = [
         _gemma1("gemma-2b", 2048, 16384, 18, 8, 1),  # MQA
@@ -360,6 +408,10 @@ def _presets() -> dict[str, ModelConfig]:
         _gemma3("gemma3-27b", 5376, 21504, 62, 32, 16, 128, 168, 1024, 131_072, 262_208, 8.0),
         _recurrentgemma("recurrentgemma-2b", 2560, 26, 10),
         _recurrentgemma("recurrentgemma-9b", 4096, 38, 16),
+        # E2B is E4B's 30-layer MatFormer sub-model (half the MLP width); both keep the first 20 layers'
+        # keys and values, the later ones reading those of layers 18 (sliding) and 19 (global)
+        _gemma3n("gemma3n-e2b", 8192, 30, 10),
+        _gemma3n("gemma3n-e4b", 16_384, 35, 15),
         # E2B: 4 sliding : 1 global, the last 20 layers read shared K/V with an MLP twice as wide (12288)
         _gemma4("gemma4-e2b", 1536, 6144, 35, 8, 1, 5, 512, 131_072, shared=20, per_layer=256, double_wide=True),
         _gemma4("gemma4-e4b", 2560, 10240, 42, 8, 2, 6, 512, 131_072, shared=18, per_layer=256),
@@ -372,7 +424,7 @@ def _presets() -> dict[str, ModelConfig]:
     # Instruction-tuned variants differ only in weights.
     for base in ["gemma-2b", "gemma-7b", "codegemma-7b", "gemma2-2b", "gemma2-9b", "gemma2-27b",
                  "gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b",
-                 "recurrentgemma-2b", "recurrentgemma-9b", "gemma4-e2b", "gemma4-e4b", "gemma4-12b",
+                 "recurrentgemma-2b", "recurrentgemma-9b", "gemma3n-e2b", "gemma3n-e4b", "gemma4-e2b", "gemma4-e4b", "gemma4-12b",
                  "gemma4-26b-a4b", "gemma4-31b"]:
         presets[base + "-it"] = presets[base].replace(name=base + "-it")
     return presets

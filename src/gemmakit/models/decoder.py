@@ -1,12 +1,15 @@
 """The one Gemma decoder: embedding, N residual blocks of per-layer kinds, final norm, tied head.
 
-Gemma 1, Gemma 2, Gemma 3 and RecurrentGemma are all this module; :class:`~gemmakit.models.config.ModelConfig`
-decides which layers are global, local or recurrent (Griffin), whether post-norms and QK-norms exist,
-the soft-caps and the RoPE settings. Nothing here branches on a model name.
+Gemma 1, Gemma 2, Gemma 3, Gemma 3n, Gemma 4 and RecurrentGemma are all this module;
+:class:`~gemmakit.models.config.ModelConfig` decides which layers are global, local or recurrent
+(Griffin), whether post-norms and QK-norms exist, the soft-caps and the RoPE settings, and which of
+the later families' additions a block has (per-layer embeddings, experts, AltUp streams, LAuReL).
+Nothing here branches on a model name.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,12 +20,13 @@ from gemmakit.heap import return_freed_heap
 from gemmakit.huge_pages import move_to_huge_pages
 from gemmakit.kernels import gemm, ops
 from gemmakit.kernels.gemm import Linear
+from gemmakit.models.altup import AltUp, AltUpStreams
 from gemmakit.models.attention import Attention
 from gemmakit.models.cache import KVCache, static_step_contexts, step_contexts
 from gemmakit.models.config import LayerPlan, ModelConfig
 from gemmakit.models.fused_decode import fused_hidden
 from gemmakit.models.griffin import RecurrentBlock
-from gemmakit.models.layers import GeGLU, RMSNorm, softcap
+from gemmakit.models.layers import GeGLU, Laurel, RMSNorm, softcap
 from gemmakit.models.masks import StepContext
 from gemmakit.models.moe import MixtureOfExperts
 from gemmakit.models.row_cache import RowKVCache
@@ -51,6 +55,13 @@ class DecoderBlock(nn.Module):
     Gemma 4 adds, where its config says: a mixture of experts beside the MLP (each with its own
     post-norm, summed before the shared one), the per-layer embedding's gated residual after the
     FFN, and a learnt scalar on the block's output.
+
+    Gemma 3n's blocks take and return AltUp's ``[S, B, T, hidden]`` streams (models/altup.py):
+    the steps above run on the active stream's prediction, with a LAuReL branch beside attention
+    (the attention residual and LAuReL's output averaged as ``(a + b) / sqrt(2)``); AltUp's
+    correction then spreads the result to every stream, and the per-layer embedding's residual,
+    gated by the (scaled) corrected active stream rather than taken after the FFN as in Gemma 4,
+    goes into the other streams, not the active one.
     """
 
     def __init__(self, config: ModelConfig, plan: LayerPlan) -> None:
@@ -64,32 +75,58 @@ class DecoderBlock(nn.Module):
             self.attn = Attention(config, plan)
         self.post_attn_norm = RMSNorm(d, eps, offset) if config.post_norms else nn.Identity()
         self.mlp_norm = RMSNorm(d, eps, offset)
-        self.mlp = GeGLU(d, plan.intermediate_size, bias=config.mlp_bias)
+        self.mlp = GeGLU(d, plan.intermediate_size, bias=config.mlp_bias, sparsity=plan.activation_sparsity)
         self.post_mlp_norm = RMSNorm(d, eps, offset) if config.post_norms else nn.Identity()
         self.moe = MixtureOfExperts(config) if config.num_experts else None
         self.dense_norm = RMSNorm(d, eps, offset) if config.num_experts else None  # the MLP's own post-norm
         self.per_layer = PerLayerInput(config) if config.per_layer_input_dim else None
         self.layer_scalar = nn.Parameter(torch.ones(1)) if config.layer_scalar else None
+        self.altup = AltUp(config) if config.altup_inputs else None
+        self.altup_correct_scale = config.altup_correct_scale
+        self.laurel = Laurel(d, config.laurel_rank, eps, offset) if config.laurel_rank else None
 
     def forward(self, h: torch.Tensor, ctx: StepContext, cache, last_row_only: bool = False,
                 per_layer_input: torch.Tensor | None = None, shared_kv: dict | None = None) -> torch.Tensor:
-        """``h [B, T, hidden]`` -> the block's output; with ``last_row_only``, that of the last row
-        alone (``[B, 1, hidden]``), the cache still receiving every row's state.
-        ``per_layer_input [B, T, per_layer_input_dim]``: this layer's per-layer embedding;
-        ``shared_kv``: see :meth:`Attention.forward`."""
+        """``h [B, T, hidden]`` (with AltUp, ``[S, B, T, hidden]``) -> the block's output; with
+        ``last_row_only``, that of the last row alone (``T`` = 1), the cache still receiving every
+        row's state. ``per_layer_input [B, T, per_layer_input_dim]``: this layer's per-layer
+        embedding; ``shared_kv``: see :meth:`Attention.forward`."""
+        def cut(t: torch.Tensor) -> torch.Tensor:  # the rows this block returns
+            return t[..., -1:, :] if last_row_only else t
+
+        if per_layer_input is not None:
+            per_layer_input = cut(per_layer_input)
+        streams = None
+        if self.altup is not None:
+            streams = self.altup.predict(h)
+            h = streams[0]
         x = self.attn_norm(h)
         if self.kind == "recurrent":  # the recurrence needs every row; only its output is cut
-            mixed = self.recurrent(x, ctx, cache)[:, -1:] if last_row_only else self.recurrent(x, ctx, cache)
+            mixed = cut(self.recurrent(x, ctx, cache))
         else:
             mixed = self.attn(x, ctx, cache, last_row_only, shared_kv)
-        h = (h[:, -1:] if last_row_only else h) + self.post_attn_norm(mixed)
+        h = cut(h) + self.post_attn_norm(mixed)
+        if self.laurel is not None:
+            h = (h + self.laurel(cut(x))) / math.sqrt(2)
         ff = self.mlp(self.mlp_norm(h))
         if self.moe is not None:
             ff = self.dense_norm(ff) + self.moe(h)
         h = h + self.post_mlp_norm(ff)
+        if streams is not None:
+            return self._correct(cut(streams), h, per_layer_input)
         if self.per_layer is not None:
-            h = h + self.per_layer(h, per_layer_input[:, -1:] if last_row_only else per_layer_input)
+            h = h + self.per_layer(h, per_layer_input)
         return h if self.layer_scalar is None else h * self.layer_scalar
+
+    def _correct(self, predictions: torch.Tensor, h: torch.Tensor, per_layer_input: torch.Tensor | None) -> torch.Tensor:
+        """AltUp's correction of the ``[S, B, T, hidden]`` predictions by the block's output ``h``,
+        then the per-layer embedding's residual into every stream but the active one."""
+        streams = self.altup.correct(predictions, h)
+        if self.per_layer is None:
+            return streams
+        active = self.altup.scaled_active(streams) if self.altup_correct_scale else streams[0]
+        # out of place: autograd still needs the corrected active stream as it was
+        return torch.cat([streams[:1], streams[1:] + self.per_layer(active, per_layer_input)])
 
 
 class PerLayerInput(nn.Module):
@@ -121,6 +158,8 @@ class GemmaModel(nn.Module):
             self.per_layer_embed = nn.Embedding(config.per_layer_vocab_size, width)
             self.per_layer_model_proj = Linear(config.hidden_size, width, bias=False)
             self.per_layer_proj_norm = RMSNorm(config.per_layer_input_dim, config.rms_norm_eps, config.norm_offset)
+        # AltUp's extra residual streams in and out (Gemma 3n); the blocks pass all of them on
+        self.altup = AltUpStreams(config) if config.altup_inputs else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -171,6 +210,10 @@ class GemmaModel(nn.Module):
         if input_ids is None:
             raise ValueError("a model with per-layer embeddings needs the token ids, not embeddings alone")
         shape = (*h.shape[:2], c.num_layers, c.per_layer_input_dim)
+        if c.per_layer_vocab_size < c.vocab_size:
+            # Gemma 3n's table covers the text vocabulary only (262144 of 262400 ids): the image and
+            # audio soft-token ids beyond it read row 0, as in the reference
+            input_ids = torch.where(input_ids < c.per_layer_vocab_size, input_ids, 0)
         table = self.per_layer_embed(input_ids)
         table = table * self._embed_scale(table.dtype, c.per_layer_input_dim)
         projected = self.per_layer_model_proj(h) * c.hidden_size**-0.5
@@ -274,6 +317,8 @@ class GemmaModel(nn.Module):
         """
         rows, final = h.shape[1], len(self.layers) - 1
         shared_kv: dict = {}  # keys/values layers hand on to later layers (Attention.forward)
+        if self.altup is not None:
+            h = self.altup.spread(h)  # [S, B, T, hidden]
         # With last_only, the final layer works out its output for the last row alone (its keys and
         # values still go to the cache): ~5% of a 512-token prefill of an 18-layer model.
         for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
@@ -282,6 +327,12 @@ class GemmaModel(nn.Module):
         if last_only:
             if rows >= TRIM_ROWS and h.device.type == "cpu" and not torch.compiler.is_compiling():
                 return_freed_heap()  # the layers' scratch, before the head streams the whole embedding in
+        return self._head(h)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The last block's output (AltUp's streams merged first) through the final norm and the head."""
+        if self.altup is not None:
+            h = self.altup.merge(h)
         return self._logits(self.final_norm(h))
 
     _compiled_step = None
@@ -337,13 +388,15 @@ class GemmaModel(nn.Module):
             cache.advance(positions)
             return self._logits(fused)
         shared_kv: dict = {}
+        if self.altup is not None:
+            h = self.altup.spread(h)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             h = layer(h, contexts[layer.kind], layer_cache, False, None if per_layer is None else per_layer[:, :, i],
                       shared_kv)
         cache.advance(positions)
         if last_only:
-            h = h[:, -1:]
-        return self._logits(self.final_norm(h))
+            h = h[..., -1:, :]
+        return self._head(h)
 
 def fuse_dense_projections(model: nn.Module) -> int:
     """Merge each attention's float q/k/v and each MLP's gate/up into one ``Linear`` apiece (their

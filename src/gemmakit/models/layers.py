@@ -1,4 +1,5 @@
-"""The small building blocks every Gemma decoder shares: RMSNorm, GeGLU, RoPE, soft-capping.
+"""The small building blocks every Gemma decoder shares: RMSNorm, GeGLU, RoPE, soft-capping, and
+Gemma 3n's LAuReL branch.
 
 Numerics follow the reference implementations exactly, because float32 parity to 1e-4 is a goal:
 RMSNorm is computed in float32 and scales by ``1 + weight``; RoPE angles are computed in float32
@@ -6,6 +7,8 @@ and rotate the two halves of each head (not interleaved pairs).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +52,23 @@ def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class GeGLU(nn.Module):
-    """Gated MLP: ``down(gelu_tanh(gate(x)) * up(x))``."""
+    """Gated MLP: ``down(gelu_tanh(gate(x)) * up(x))``.
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
+    With ``sparsity`` > 0 (Gemma 3n's first layers), the gate keeps only its activations above a
+    cutoff placed, per token, where that share of a normal distribution with the gate's own mean
+    and (population) standard deviation would lie below it, shifted down by the cutoff
+    (``relu(gate - cutoff)``): a top-k without sorting, assuming roughly Gaussian gate values.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, sparsity: float = 0.0) -> None:
         super().__init__()
         self.gate_proj = Linear(hidden, intermediate, bias=bias)
         self.up_proj = Linear(hidden, intermediate, bias=bias)
         self.down_proj = Linear(intermediate, hidden, bias=bias)
+        # the standard normal's quantile at the target sparsity (1.645 for 0.95), worked out in
+        # float32 as the reference does; rounded to the activations' dtype when used
+        self.cutoff_stds = (float(torch.erfinv(2 * torch.tensor(sparsity, device="cpu") - 1) * math.sqrt(2))
+                            if sparsity > 0.0 else None)
 
         self.gate_up_proj: nn.Module | None = None  # set by fuse(): gate and up in one matmul
 
@@ -74,10 +87,33 @@ class GeGLU(nn.Module):
             gate, up = self.gate_up_proj(x).split(self.gate_up_sizes, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.cutoff_stds is not None:
+            gate = gaussian_top_k(gate, self.cutoff_stds)
         act = ops.gelu_mul(gate, up)  # one pass in the CPU kernel when it applies
         if act is None:
             act = F.gelu(gate, approximate="tanh") * up
         return self.down_proj(act)
+
+
+def gaussian_top_k(x: torch.Tensor, stds: float) -> torch.Tensor:
+    """``relu(x - (mean + stds * std))`` over the last dim (std with divisor N, not N-1)."""
+    mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True, correction=0)
+    multiplier = stds if x.dtype == torch.float32 else float(torch.tensor(stds, device="cpu").to(x.dtype))
+    return F.relu(x - (mean + std * multiplier))
+
+
+class Laurel(nn.Module):
+    """LAuReL (learned augmented residual layer, Gemma 3n): ``x + norm(right(left(x)))`` with a
+    low-rank ``left``/``right`` pair, a branch beside attention that sees the same normed input."""
+
+    def __init__(self, hidden: int, rank: int, eps: float, offset: float) -> None:
+        super().__init__()
+        self.left = Linear(hidden, rank, bias=False)
+        self.right = Linear(rank, hidden, bias=False)
+        self.norm = RMSNorm(hidden, eps, offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.right(self.left(x)))
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -1,14 +1,15 @@
-"""Rebuild the files in this folder: tiny random Gemma 4 checkpoints written by transformers, turned into
-GGUF by llama.cpp's own converter, and llama.cpp's logits on them (the independent reference that
-tests/test_gemma4_gguf.py compares gemmakit with).
+"""Rebuild the files in this folder: tiny random Gemma 4 and Gemma 3n checkpoints written by
+transformers, turned into GGUF by llama.cpp's own converter, and llama.cpp's logits on them (the
+independent reference that tests/test_gemma4_gguf.py compares gemmakit with) or, for Gemma 3n,
+transformers' logits on the checkpoint the file was converted from (tests/test_gemma3n_gguf.py).
 
     pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     PYTHONPATH=llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py \\
-        python tests/data/gguf_llamacpp/make.py llama_cpp_python-0.3.36/vendor/llama.cpp
+        python tests/data/gguf_llamacpp/make.py llama_cpp_python-0.3.36/vendor/llama.cpp [gemma4] [gemma3n]
 
 Needs transformers >= 5.5, sentencepiece and llama-cpp-python 0.3.36 (built from source). The
 tokenizer is a 384-piece SentencePiece BPE model trained here, converted to tokenizer.json by
-transformers, since the gemma4 converter reads tokenizer.json.
+transformers, since the gemma4 converter reads tokenizer.json (the gemma3n one reads tokenizer.model).
 """
 
 from __future__ import annotations
@@ -45,14 +46,19 @@ VARIANTS = {
 IDS = [2] + np.random.RandomState(0).randint(6, VOCAB, size=15).tolist()  # longer than the window of 8
 
 
-def tokenizer(directory: Path) -> int:
+def tokenizer(directory: Path, gemma3: bool = False) -> int:
+    """Train the tokenizer into ``directory``; returns its size. ``gemma3``: Gemma 3's (and 3n's)
+    piece names (<pad> <eos> <bos> <unk>) and turn markers, for the gemma3n converter, which reads
+    tokenizer.model itself."""
     import sentencepiece as spm
     from transformers import GemmaTokenizer
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([TEXT] * 50 + TEXT.split()), model_writer=model, model_type="bpe", vocab_size=VOCAB,
-        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=["<|turn>", "<turn|>"],
+        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"] if gemma3 else ["<|turn>", "<turn|>"],
+        **(dict(pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>") if gemma3 else {}),
         add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
         split_digits=True, hard_vocab_limit=False, minloglevel=2)
     (directory / "tokenizer.model").write_bytes(model.getvalue())
@@ -71,7 +77,7 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
                 t.copy_(1.0 + 0.2 * r if scale_like else 0.15 * r)
 
 
-def main(llama_cpp_dir: str) -> None:
+def gemma4(llama_cpp_dir: str) -> None:
     import llama_cpp
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
@@ -95,5 +101,78 @@ def main(llama_cpp_dir: str) -> None:
     (HERE / "llama_cpp_logits.json").write_text(json.dumps(logits) + "\n")
 
 
+# Gemma 3n as llama.cpp's gemma3n graph can run it: it hard-codes 4 AltUp streams, PLE width 256,
+# LAuReL rank 64, keys and values from the first 20 layers (so 22 layers: the last two sliding ones
+# read layer 18's), sparsity on exactly the first 10 layers and one MLP width for all layers (its
+# loader checks every layer against the first's, though the converter writes one per layer). The PLE
+# table (320 rows) is shorter than the vocabulary, as on the published models, so the converter pads
+# it with zero rows. Width 32 keeps the file small: the PLE table is most of it.
+GEMMA3N = dict(num_hidden_layers=22, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+               intermediate_size=128, vocab_size_per_layer_input=320,
+               max_position_embeddings=256, sliding_window=8, final_logit_softcapping=30.0,
+               hidden_size_per_layer_input=256, laurel_rank=64, altup_num_inputs=4, num_kv_shared_layers=2,
+               activation_sparsity_pattern=[0.95] * 10 + [0.0] * 12, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+# within the PLE table (llama.cpp reads the converter's zero rows past it, transformers row 0), and not
+GEMMA3N_IDS = [2] + np.random.RandomState(0).randint(6, 320, size=15).tolist()
+IDS_BEYOND_PLE = [2] + np.random.RandomState(1).randint(6, VOCAB, size=15).tolist()
+
+
+def _q8_0_exact(model: torch.nn.Module) -> None:
+    """Round every matrix the converter may store as Q8_0 to Q8_0's values, so that the file holds
+    exactly the weights transformers computes with (and rounding it again changes nothing)."""
+    import gguf
+
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point() and t.dim() >= 2 and t.shape[-1] % 32 == 0:
+                q = gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.Q8_0)
+                t.copy_(torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)).view(t.shape))
+
+
+def gemma3n(llama_cpp_dir: str) -> None:
+    import llama_cpp
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    name = "gemma3n-altup-laurel-ple"
+    out = HERE / f"{name}.gguf"
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = Path(tmp) / name
+        hf.mkdir()
+        config = Gemma3nTextConfig(vocab_size=tokenizer(hf, gemma3=True), **GEMMA3N)
+        model = Gemma3nForCausalLM(config).eval()
+        randomise(model, 7)
+        with torch.no_grad():  # AltUp's output scale multiplies like a norm's weight
+            for layer in model.model.layers:
+                layer.altup.correct_output_scale.add_(1.0)
+        _q8_0_exact(model)
+        model.save_pretrained(hf)
+        with torch.no_grad():
+            reference = {"ids": GEMMA3N_IDS, "ids_beyond_ple": IDS_BEYOND_PLE,
+                         "transformers": model(torch.tensor([GEMMA3N_IDS])).logits[0].numpy().round(5).tolist(),
+                         "transformers_beyond_ple": model(torch.tensor([IDS_BEYOND_PLE])).logits[0].numpy()
+                         .round(5).tolist()}
+        # transformers 5 gives the layers reading shared keys/values no k/v weights, but llama.cpp's
+        # loader wants them on every layer: unused ones, as the hub checkpoints carry
+        weights = load_file(hf / "model.safetensors")
+        g = torch.Generator().manual_seed(8)
+        for i in range(config.num_hidden_layers - config.num_kv_shared_layers, config.num_hidden_layers):
+            prefix = f"model.layers.{i}.self_attn."
+            weights[prefix + "k_proj.weight"] = 0.15 * torch.randn(config.head_dim, config.hidden_size, generator=g)
+            weights[prefix + "v_proj.weight"] = 0.15 * torch.randn(config.head_dim, config.hidden_size, generator=g)
+            weights[prefix + "k_norm.weight"] = 1.0 + 0.2 * torch.randn(config.head_dim, generator=g)
+        save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+        subprocess.run([sys.executable, f"{llama_cpp_dir}/convert_hf_to_gguf.py", str(hf), "--outfile", str(out),
+                        "--outtype", "q8_0"], check=True)
+    # llama.cpp runs the file, but its logits are no reference here: its gaussian top-k divides the
+    # variance by N-1 (transformers by N), which on a 128-wide MLP moves them by ~1.2, and its Q8_0
+    # products quantise the activations too, which this small, chaotic model amplifies to ~2
+    # (with float32 weights and the N-1 std put into gemmakit, the two agreed within 0.05)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_batch=64, verbose=False, n_threads=2)
+    llm.eval(GEMMA3N_IDS)
+    (HERE / "gemma3n_logits.json").write_text(json.dumps(reference) + "\n")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    for which in sys.argv[2:] or ["gemma4", "gemma3n"]:
+        {"gemma4": gemma4, "gemma3n": gemma3n}[which](sys.argv[1])
