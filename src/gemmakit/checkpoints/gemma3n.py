@@ -24,25 +24,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from gemmakit.checkpoints import gemma4
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig
 
 MODEL_TYPES = ("gemma3n_text", "gemma3n")
 
-_LAYER_KINDS = {"sliding_attention": "local", "full_attention": "global"}
-
-# our per-layer name -> transformers' name under layers.{i}. (every layer)
+# Gemma 3n's blocks are Gemma 4's (the same transformers names) without the layer scalar, plus
+# AltUp and LAuReL; our name -> transformers' name under layers.{i}.
 _BLOCK = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "post_attn_norm.weight": "post_attention_layernorm.weight",
-    "mlp_norm.weight": "pre_feedforward_layernorm.weight",
-    "post_mlp_norm.weight": "post_feedforward_layernorm.weight",
-    "attn.q_proj.weight": "self_attn.q_proj.weight",
-    "attn.q_norm.weight": "self_attn.q_norm.weight",
-    "attn.o_proj.weight": "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
-    "mlp.up_proj.weight": "mlp.up_proj.weight",
-    "mlp.down_proj.weight": "mlp.down_proj.weight",
+    **{ours: theirs for ours, theirs in gemma4.BLOCK_NAMES.items() if ours != "layer_scalar"},
+    **gemma4.PER_LAYER_NAMES,
     "altup.router_norm.weight": "altup.router_norm.weight",
     "altup.router.weight": "altup.modality_router.weight",
     "altup.predict_coefs.weight": "altup.prediction_coefs.weight",
@@ -51,22 +43,10 @@ _BLOCK = {
     "laurel.left.weight": "laurel.linear_left.weight",
     "laurel.right.weight": "laurel.linear_right.weight",
     "laurel.norm.weight": "laurel.post_laurel_norm.weight",
-    "per_layer.gate.weight": "per_layer_input_gate.weight",
-    "per_layer.proj.weight": "per_layer_projection.weight",
-    "per_layer.norm.weight": "post_per_layer_input_norm.weight",
 }
-_OWN_KV = {
-    "attn.k_proj.weight": "self_attn.k_proj.weight",
-    "attn.v_proj.weight": "self_attn.v_proj.weight",
-    "attn.k_norm.weight": "self_attn.k_norm.weight",
-}
-_MODEL = {
-    "embed.weight": "embed_tokens.weight",
-    "final_norm.weight": "norm.weight",
-    "per_layer_embed.weight": "embed_tokens_per_layer.weight",
-    "per_layer_model_proj.weight": "per_layer_model_projection.weight",
-    "per_layer_proj_norm.weight": "per_layer_projection_norm.weight",
-}
+_OWN_KV = {**gemma4.OWN_KV_NAMES, **gemma4.V_NAMES}
+_MODEL = {**gemma4.MODEL_NAMES, **gemma4.MODEL_PER_LAYER_NAMES}
+_LAYER_KINDS = gemma4.LAYER_KINDS
 
 
 def text_config(raw: dict[str, Any]) -> dict[str, Any] | None:

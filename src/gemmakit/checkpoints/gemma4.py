@@ -26,10 +26,10 @@ from gemmakit.models.config import LayerKind, ModelConfig
 
 MODEL_TYPES = ("gemma4_text", "gemma4", "gemma4_unified_text", "gemma4_unified")
 
-_LAYER_KINDS = {"sliding_attention": "local", "full_attention": "global"}
+LAYER_KINDS = {"sliding_attention": "local", "full_attention": "global"}
 
 # our per-layer name -> transformers' name under layers.{i}. (every layer)
-_BLOCK = {
+BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "post_attn_norm.weight": "post_attention_layernorm.weight",
     "mlp_norm.weight": "pre_feedforward_layernorm.weight",
@@ -42,14 +42,14 @@ _BLOCK = {
     "mlp.down_proj.weight": "mlp.down_proj.weight",
     "layer_scalar": "layer_scalar",
 }
-_OWN_KV = {"attn.k_proj.weight": "self_attn.k_proj.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
-_V = {"attn.v_proj.weight": "self_attn.v_proj.weight"}
-_PER_LAYER = {
+OWN_KV_NAMES = {"attn.k_proj.weight": "self_attn.k_proj.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
+V_NAMES = {"attn.v_proj.weight": "self_attn.v_proj.weight"}
+PER_LAYER_NAMES = {
     "per_layer.gate.weight": "per_layer_input_gate.weight",
     "per_layer.proj.weight": "per_layer_projection.weight",
     "per_layer.norm.weight": "post_per_layer_input_norm.weight",
 }
-_EXPERTS = {
+EXPERT_NAMES = {
     "dense_norm.weight": "post_feedforward_layernorm_1.weight",
     "moe.pre_norm.weight": "pre_feedforward_layernorm_2.weight",
     "moe.post_norm.weight": "post_feedforward_layernorm_2.weight",
@@ -59,11 +59,11 @@ _EXPERTS = {
     "moe.experts.gate_up_proj": "experts.gate_up_proj",
     "moe.experts.down_proj": "experts.down_proj",
 }
-_MODEL = {
+MODEL_NAMES = {
     "embed.weight": "embed_tokens.weight",
     "final_norm.weight": "norm.weight",
 }
-_MODEL_PER_LAYER = {
+MODEL_PER_LAYER_NAMES = {
     "per_layer_embed.weight": "embed_tokens_per_layer.weight",
     "per_layer_model_proj.weight": "per_layer_model_projection.weight",
     "per_layer_proj_norm.weight": "per_layer_projection_norm.weight",
@@ -88,7 +88,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         types = raw.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
                                            for i in range(layers)]
         try:
-            kinds: tuple[LayerKind, ...] = tuple(_LAYER_KINDS[t] for t in types)
+            kinds: tuple[LayerKind, ...] = tuple(LAYER_KINDS[t] for t in types)
         except KeyError as exc:
             raise UnsupportedModelError(f"{source}: unknown layer type {exc.args[0]!r}") from None
         if raw.get("use_bidirectional_attention") == "all":
@@ -159,19 +159,19 @@ def _optional_float(value: Any) -> float | None:
 
 def hf_names(config: ModelConfig, prefix: str = "model.") -> dict[str, str]:
     """Our parameter name -> the transformers name, for every parameter of ``config``."""
-    names = {ours: prefix + theirs for ours, theirs in _MODEL.items()}
+    names = {ours: prefix + theirs for ours, theirs in MODEL_NAMES.items()}
     if config.per_layer_input_dim:
-        names.update({ours: prefix + theirs for ours, theirs in _MODEL_PER_LAYER.items()})
+        names.update({ours: prefix + theirs for ours, theirs in MODEL_PER_LAYER_NAMES.items()})
     for plan in config.layer_plan:
-        block = dict(_BLOCK)
+        block = dict(BLOCK_NAMES)
         if not plan.reads_shared_kv:
-            block.update(_OWN_KV)
+            block.update(OWN_KV_NAMES)
             if not plan.k_eq_v:
-                block.update(_V)
+                block.update(V_NAMES)
         if config.per_layer_input_dim:
-            block.update(_PER_LAYER)
+            block.update(PER_LAYER_NAMES)
         if config.num_experts:
-            block.update(_EXPERTS)
+            block.update(EXPERT_NAMES)
         i = plan.index
         names.update({f"layers.{i}.{ours}": f"{prefix}layers.{i}.{theirs}" for ours, theirs in block.items()})
     return names
