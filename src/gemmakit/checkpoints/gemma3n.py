@@ -26,7 +26,7 @@ from typing import Any
 
 from gemmakit.checkpoints import gemma4
 from gemmakit.errors import CheckpointError, UnsupportedModelError
-from gemmakit.models.config import LayerKind, ModelConfig
+from gemmakit.models.config import ModelConfig
 
 MODEL_TYPES = ("gemma3n_text", "gemma3n")
 
@@ -46,7 +46,6 @@ _BLOCK = {
 }
 _OWN_KV = {**gemma4.OWN_KV_NAMES, **gemma4.V_NAMES}
 _MODEL = {**gemma4.MODEL_NAMES, **gemma4.MODEL_PER_LAYER_NAMES}
-_LAYER_KINDS = gemma4.LAYER_KINDS
 
 
 def text_config(raw: dict[str, Any]) -> dict[str, Any] | None:
@@ -62,14 +61,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     """Our config from a transformers Gemma3nTextConfig dict."""
     try:
         layers = int(raw.get("num_hidden_layers", 35))
-        types = raw.get("layer_types") or ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention"
-                                           for i in range(layers)]
-        try:
-            kinds: tuple[LayerKind, ...] = tuple(_LAYER_KINDS[t] for t in types)
-        except KeyError as exc:
-            raise UnsupportedModelError(f"{source}: unknown layer type {exc.args[0]!r}") from None
-        if raw.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or raw.get("attention_bias"):
-            raise UnsupportedModelError(f"{source}: only gelu_pytorch_tanh MLPs without attention biases are supported")
+        kinds = gemma4.layer_kinds(raw, layers, 5, source)
         if int(raw.get("altup_active_idx", 0)) != 0:
             raise UnsupportedModelError(f"{source}: AltUp's active stream must be stream 0 (altup_active_idx), "
                                         "as the model's stream projections assume")

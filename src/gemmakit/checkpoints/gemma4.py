@@ -85,17 +85,10 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     """Our config from a transformers Gemma4TextConfig dict."""
     try:
         layers = int(raw["num_hidden_layers"])
-        types = raw.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-                                           for i in range(layers)]
-        try:
-            kinds: tuple[LayerKind, ...] = tuple(LAYER_KINDS[t] for t in types)
-        except KeyError as exc:
-            raise UnsupportedModelError(f"{source}: unknown layer type {exc.args[0]!r}") from None
+        kinds = layer_kinds(raw, layers, 6, source)
         if raw.get("use_bidirectional_attention") == "all":
             raise UnsupportedModelError(f"{source}: bidirectional Gemma 4 (use_bidirectional_attention 'all') "
                                         "is an embedding model, not a causal LM")
-        if raw.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or raw.get("attention_bias"):
-            raise UnsupportedModelError(f"{source}: only gelu_pytorch_tanh MLPs without attention biases are supported")
         hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
         head_dim = int(raw.get("head_dim") or hidden // heads)
         k_eq_v = bool(raw.get("attention_k_eq_v", False))
@@ -137,6 +130,20 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         raise CheckpointError(f"{source}: required key {exc.args[0]!r} is missing") from None
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: {exc}") from None
+
+
+def layer_kinds(raw: dict[str, Any], layers: int, period: int, source: str) -> tuple[LayerKind, ...]:
+    """The layer kinds of a Gemma 3n / Gemma 4 config.json (``layer_types``, else one global layer
+    every ``period``), after refusing what these decoders do not have: another MLP activation,
+    attention biases."""
+    if raw.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or raw.get("attention_bias"):
+        raise UnsupportedModelError(f"{source}: only gelu_pytorch_tanh MLPs without attention biases are supported")
+    types = raw.get("layer_types") or ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+                                       for i in range(layers)]
+    try:
+        return tuple(LAYER_KINDS[t] for t in types)
+    except KeyError as exc:
+        raise UnsupportedModelError(f"{source}: unknown layer type {exc.args[0]!r}") from None
 
 
 def _global_shape(raw: dict[str, Any], kinds: tuple[LayerKind, ...], k_eq_v: bool) -> tuple[int, int | None]:
