@@ -78,7 +78,6 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
 
 
 def gemma4(llama_cpp_dir: str) -> None:
-    import llama_cpp
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     logits = {"ids": IDS}
@@ -94,10 +93,7 @@ def gemma4(llama_cpp_dir: str) -> None:
             out = HERE / f"{name}.gguf"
             subprocess.run([sys.executable, f"{llama_cpp_dir}/convert_hf_to_gguf.py", str(hf), "--outfile", str(out),
                             "--outtype", "f32"], check=True)
-        llm = llama_cpp.Llama(model_path=str(out), logits_all=True, n_ctx=64, n_batch=64, verbose=False,
-                              n_threads=2, type_k=0, type_v=0)  # float32 K/V: llama.cpp's own noise is enough
-        llm.eval(IDS)
-        logits[name] = np.asarray(llm.scores[:len(IDS)], dtype=np.float32).round(5).tolist()
+        logits[name] = llama_cpp_logits(out, IDS).round(5).tolist()
     (HERE / "llama_cpp_logits.json").write_text(json.dumps(logits) + "\n")
 
 
@@ -129,8 +125,38 @@ def _q8_0_exact(model: torch.nn.Module) -> None:
                 t.copy_(torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)).view(t.shape))
 
 
-def gemma3n(llama_cpp_dir: str) -> None:
+def float32_copy(source: Path, destination: Path) -> None:
+    """``source`` with every tensor widened to F32 and its metadata unchanged (gguf-py), so that
+    llama.cpp runs the same weights without quantising its activations for Q8_0 products."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(destination, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            kind = field.types[0]
+            writer.add_key_value(key, field.contents(), kind,
+                                 field.types[1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        writer.add_tensor(t.name, values.reshape([int(n) for n in reversed(t.shape)]),
+                          raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
     import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64, verbose=False,
+                          n_threads=2, type_k=0, type_v=0)  # float32 K/V
+    llm.eval(ids)
+    return np.asarray(llm.scores[:len(ids)], dtype=np.float32)
+
+
+def gemma3n(llama_cpp_dir: str) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
@@ -164,12 +190,12 @@ def gemma3n(llama_cpp_dir: str) -> None:
         save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
         subprocess.run([sys.executable, f"{llama_cpp_dir}/convert_hf_to_gguf.py", str(hf), "--outfile", str(out),
                         "--outtype", "q8_0"], check=True)
-    # llama.cpp runs the file, but its logits are no reference here: its gaussian top-k divides the
-    # variance by N-1 (transformers by N), which on a 128-wide MLP moves them by ~1.2, and its Q8_0
-    # products quantise the activations too, which this small, chaotic model amplifies to ~2
-    # (with float32 weights and the N-1 std put into gemmakit, the two agreed within 0.05)
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_batch=64, verbose=False, n_threads=2)
-    llm.eval(GEMMA3N_IDS)
+    # llama.cpp's own logits, on the file widened to F32 (Q8_0 products would quantise the
+    # activations, which this small, chaotic model amplifies to ~2): they differ from transformers'
+    # by ~1.2 through two numeric choices of llama.cpp's, which tests/test_gemma3n_gguf.py reproduces
+    with tempfile.TemporaryDirectory() as tmp:
+        float32_copy(out, Path(tmp) / "f32.gguf")
+        reference["llama_cpp_f32"] = llama_cpp_logits(Path(tmp) / "f32.gguf", GEMMA3N_IDS).round(5).tolist()
     (HERE / "gemma3n_logits.json").write_text(json.dumps(reference) + "\n")
 
 
