@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gemmakit.checkpoints import build_model, open_checkpoint
-from gemmakit.checkpoints.matformer import MatformerPlan, resolve_plan, slice_checkpoint
+from gemmakit.checkpoints.matformer import MatformerPlan, resolve_plan
 from gemmakit.checkpoints.peft import load_adapter
 from gemmakit.engine.generate import GenerationStats, generate_steps
 from gemmakit.engine.sampling import SamplingParams
@@ -175,9 +175,7 @@ def load_model(source: str | Path | None = None, options: LoadOptions = LoadOpti
     device, quant, dtype, adapter = options.device, options.quant, options.dtype, options.adapter
     t0 = time.perf_counter()
     keep_freed_heap()  # a prefill reuses its scratch memory instead of faulting it in again (heap.py)
-    checkpoint = open_checkpoint(source, options.config)
-    if options.matformer is not None:
-        checkpoint = slice_checkpoint(checkpoint, options.matformer)
+    checkpoint = open_checkpoint(source, options.config, options.matformer)
     keep = quant == "gguf" or (quant == "auto" and dtype is None and adapter is None and options.on_cpu
                                and bool(checkpoint.packed))
     if keep and quant == "auto" and checkpoint.metadata.get("format") != "gguf":

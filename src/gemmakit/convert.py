@@ -16,7 +16,6 @@ import torch
 from gemmakit.checkpoints import build_model, open_checkpoint
 from gemmakit.checkpoints.base import parameter_shapes
 from gemmakit.checkpoints.hf_writer import DEFAULT_SHARD_BYTES, save_recurrent_gemma, write_hf_directory
-from gemmakit.checkpoints.matformer import slice_checkpoint
 from gemmakit.checkpoints.safetensors import hf_names
 from gemmakit.errors import CheckpointError, InvalidRequestError
 from gemmakit.models.config import ModelConfig
@@ -34,9 +33,7 @@ def convert(source: str | Path | None, destination: str | Path, dtype: torch.dty
     destination = Path(destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise InvalidRequestError(f"{destination} already exists; give a new directory to write to")
-    checkpoint = open_checkpoint(source, config)
-    if matformer is not None:
-        checkpoint = slice_checkpoint(checkpoint, matformer)
+    checkpoint = open_checkpoint(source, config, matformer)
     if checkpoint.config.family == "recurrentgemma":  # its own transformers layout (checkpoints/recurrent_gemma.py)
         if destination.is_dir():
             destination.rmdir()  # empty (checked above)
