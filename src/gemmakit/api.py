@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gemmakit.checkpoints import build_model, open_checkpoint
+from gemmakit.checkpoints.matformer import MatformerPlan, resolve_plan
 from gemmakit.checkpoints.peft import load_adapter
 from gemmakit.engine.generate import GenerationStats, generate_steps
 from gemmakit.engine.sampling import SamplingParams
@@ -87,6 +88,7 @@ class LoadOptions:
     compile: bool = False
     adapter: Path | None = None
     config: object = None  # a preset name or ModelConfig, for a .ckpt (which stores none)
+    matformer: MatformerPlan | None = None  # a Gemma 3n sub-model to cut out (a plan's name, JSON path or dict)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise in place: the dataclass is frozen to callers
@@ -94,6 +96,7 @@ class LoadOptions:
         set_(self, "quant", self.quant or "auto")
         set_(self, "device", checked_device(self.device))
         set_(self, "adapter", None if self.adapter is None else Path(self.adapter))
+        set_(self, "matformer", None if self.matformer is None else resolve_plan(self.matformer))
         for name, value, allowed, what in (("quant", self.quant, QUANTS, "quantisation"),
                                            ("kv_cache", self.kv_cache, KV_CACHES, "KV cache storage"),
                                            ("prefill_dtype", self.prefill_dtype, PREFILL_DTYPES, "prefill dtype")):
@@ -128,7 +131,7 @@ class Loaded(NamedTuple):
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = False, config=None,
          adapter: str | Path | None = None, quant: str | None = None, compile: bool = False,
-         kv_cache: str = "auto", prefill_dtype: str = "auto"):
+         kv_cache: str = "auto", prefill_dtype: str = "auto", matformer=None):
     """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, a gemma_pytorch
     ``.ckpt``, or the default model (:func:`load_model` also says what it decided).
 
@@ -155,9 +158,12 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     float32 rounding). ``"auto"`` (the default) is bfloat16 for quantised (8-bit or fewer) weights
     on a CPU with bfloat16 dot products (AVX512_BF16 or AMX), float32 for everything else;
     the report's ``prefill_dtype`` says which was chosen.
+    ``matformer`` loads a Gemma 3n E4B checkpoint as a smaller model nested in it: a named plan
+    (``"e2b"``, see :data:`gemmakit.checkpoints.matformer.PLANS`), the path of a JSON plan, or its dict
+    (``{"ffn_hidden_dims": [...], "layers_to_skip": [...]}``).
     """
     options = LoadOptions(dtype=dtype, quant=quant or "auto", kv_cache=kv_cache, prefill_dtype=prefill_dtype,
-                          device=device, compile=compile, adapter=adapter, config=config)
+                          device=device, compile=compile, adapter=adapter, config=config, matformer=matformer)
     model, tokenizer, _ = load_model(source, options, progress=progress)
     return model, tokenizer
 
@@ -169,7 +175,7 @@ def load_model(source: str | Path | None = None, options: LoadOptions = LoadOpti
     device, quant, dtype, adapter = options.device, options.quant, options.dtype, options.adapter
     t0 = time.perf_counter()
     keep_freed_heap()  # a prefill reuses its scratch memory instead of faulting it in again (heap.py)
-    checkpoint = open_checkpoint(source, options.config)
+    checkpoint = open_checkpoint(source, options.config, options.matformer)
     keep = quant == "gguf" or (quant == "auto" and dtype is None and adapter is None and options.on_cpu
                                and bool(checkpoint.packed))
     if keep and quant == "auto" and checkpoint.metadata.get("format") != "gguf":

@@ -22,16 +22,18 @@ from gemmakit.models.config import ModelConfig
 
 
 def convert(source: str | Path | None, destination: str | Path, dtype: torch.dtype | None = None,
-            config: ModelConfig | str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+            config: ModelConfig | str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+            matformer=None) -> Path:
     """Write ``source`` as a Hugging Face directory at ``destination``; returns its path.
 
     ``dtype`` casts every tensor (default: keep the dtype each tensor is read in: the stored dtype
-    for safetensors and .ckpt, float32 for dequantised GGUF tensors).
+    for safetensors and .ckpt, float32 for dequantised GGUF tensors). ``matformer`` (a plan, as
+    :func:`gemmakit.load` takes it) writes the Gemma 3n sub-model it cuts out instead.
     """
     destination = Path(destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise InvalidRequestError(f"{destination} already exists; give a new directory to write to")
-    checkpoint = open_checkpoint(source, config)
+    checkpoint = open_checkpoint(source, config, matformer)
     if checkpoint.config.family == "recurrentgemma":  # its own transformers layout (checkpoints/recurrent_gemma.py)
         if destination.is_dir():
             destination.rmdir()  # empty (checked above)

@@ -30,3 +30,7 @@ class TokenizerError(GemmakitError):
 
 class InvalidRequestError(GemmakitError):
     """A request is malformed: empty prompt, prompt longer than the context, bad sampling values."""
+
+
+class MatformerPlanError(InvalidRequestError):
+    """A MatFormer plan (``--matformer``) is malformed or does not fit the checkpoint it slices."""

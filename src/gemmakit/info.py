@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.checkpoints import open_checkpoint
+from gemmakit.checkpoints.matformer import resolve_plan, slice_config
 from gemmakit.models.cache import kv_int8_groups
 from gemmakit.models.config import PRESETS, ModelConfig
 from gemmakit.models.multimodal import VISION_PRESETS
@@ -41,8 +42,19 @@ def _config_for(source: str | None) -> tuple[ModelConfig, dict[str, Any]]:
     return checkpoint.config, extra
 
 
-def describe(source: str | None, context: int | None = None) -> dict[str, Any]:
+def describe(source: str | None, context: int | None = None, matformer=None) -> dict[str, Any]:
+    """``matformer`` (a plan, as :func:`gemmakit.load` takes it) describes the Gemma 3n sub-model it
+    cuts out of ``source`` instead."""
     config, extra = _config_for(source)
+    if matformer is not None:
+        plan = resolve_plan(matformer)
+        whole = config
+        config, kept = slice_config(whole, plan)
+        extra["matformer"] = {"plan": plan.name, "source": plan.source, "layers_kept": len(kept),
+                              "layers_of": whole.num_layers,
+                              "skipped": sorted(set(range(whole.num_layers)) - set(kept)),
+                              "mlp_widths": sorted({p.intermediate_size for p in config.layer_plan}),
+                              "unsliced_parameters": whole.num_parameters()}
     context = context or config.max_position_embeddings
     params = config.num_parameters()
     if hasattr(config, "vision"):  # a vision-language model: report its decoder, and the tower beside it
@@ -140,6 +152,12 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"vision       SigLIP {v['image_size']}px / {v['patch_size']}, {v['layers']} layers x "
                      f"{v['hidden_size']}, {v['tokens_per_image']} tokens per image, "
                      f"{v['parameters'] / 1e6:.0f}M parameters (included above)")
+    if "matformer" in r:
+        m = r["matformer"]
+        skipped = f" (skipping {', '.join(map(str, m['skipped']))})" if m["skipped"] else ""
+        lines.append(f"MatFormer    plan {m['plan']}: {m['layers_kept']} of {m['layers_of']} layers{skipped}, "
+                     f"MLP widths {', '.join(map(str, m['mlp_widths']))}; "
+                     f"cut from {m['unsliced_parameters']:,} parameters")
     if "file_bytes" in r:
         lines.append(f"file         {_gib(r['file_bytes'])}")
     lines.append("weights      " + ", ".join(f"{k} {_gib(v)}" for k, v in r["weight_bytes"].items()))

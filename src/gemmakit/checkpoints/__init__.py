@@ -14,6 +14,7 @@ from gemmakit.checkpoints.base import Checkpoint, build_model
 from gemmakit.checkpoints.gemma_pytorch import open_gemma_pytorch_checkpoint
 from gemmakit.checkpoints.gguf import open_gguf_checkpoint
 from gemmakit.checkpoints.hf_vision import is_vision_config, open_hf_vision_directory
+from gemmakit.checkpoints.matformer import slice_checkpoint
 from gemmakit.checkpoints.recurrentgemma_torch import open_recurrentgemma_torch
 from gemmakit.checkpoints.safetensors import open_hf_directory, read_config_json
 from gemmakit.errors import GemmakitError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
@@ -38,12 +39,20 @@ def default_model_path() -> Path:
         raise ModelNotFoundError(f"could not assemble the default model: {exc}") from exc
 
 
-def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None = None) -> Checkpoint:
+def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None = None,
+                    matformer=None) -> Checkpoint:
     """Open any supported model source without loading its weights yet.
 
     ``config`` (a ModelConfig or preset name) is for sources that store no config: gemma_pytorch
     ``.ckpt`` files, whose architecture is otherwise inferred from their tensor shapes.
+    ``matformer`` (a plan: checkpoints/matformer.py) opens a Gemma 3n checkpoint as the sub-model
+    the plan cuts out of it.
     """
+    checkpoint = _open(source, config)
+    return checkpoint if matformer is None else slice_checkpoint(checkpoint, matformer)
+
+
+def _open(source: str | Path | None, config: ModelConfig | str | None) -> Checkpoint:
     if source is None:
         source = default_model_path()
     path = Path(source)

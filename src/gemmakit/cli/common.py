@@ -21,6 +21,7 @@ def add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--config", metavar="PRESET", default=None,
                    help="architecture preset of a .ckpt, which stores no config (default: inferred from its shapes)")
     if dtype:
+        add_matformer_arg(p)
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="compute dtype of the weights (default: float32, exact parity with the reference)")
         p.add_argument("--quant", choices=["auto", "none", "gguf", "int8", "int4"], default="auto",
@@ -34,6 +35,13 @@ def add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
         p.add_argument("--device", default="cpu",
                        help="where the model runs: cpu (default) or cuda / cuda:N (needs torch's CUDA build); on "
                             "a GPU, --compile replays each decode step as a CUDA graph")
+
+
+def add_matformer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--matformer", metavar="PLAN", default=None,
+                   help="Gemma 3n: load an E4B checkpoint as a smaller model nested in it (MatFormer): a named "
+                        "plan such as e2b (Google's published slicing configs, listed in the docs) or a JSON file "
+                        '{"ffn_hidden_dims": [a width per kept layer], "layers_to_skip": [...]}')
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +124,8 @@ def load_model(args):
                               config=getattr(args, "config", None), adapter=getattr(args, "adapter", None),
                               quant=getattr(args, "quant", "none"), compile=getattr(args, "compile", False),
                               kv_cache=getattr(args, "kv_cache", "auto"),
-                              prefill_dtype=getattr(args, "prefill_dtype", "auto"))
+                              prefill_dtype=getattr(args, "prefill_dtype", "auto"),
+                              matformer=getattr(args, "matformer", None))
     return api.load_model(args.model, options, progress=sys.stderr.isatty())
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gemmakit.cli.common import invalid
+from gemmakit.cli.common import add_matformer_arg, invalid
 
 
 def add_parser(sub) -> None:
@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     v.add_argument("--config", metavar="PRESET", default=None, help="architecture preset of a .ckpt source")
     v.add_argument("--shard-size", type=float, default=5.0, metavar="GB",
                    help="largest safetensors shard in GB (default 5)")
+    add_matformer_arg(v)
     v.set_defaults(func=run)
 
 
@@ -28,6 +29,6 @@ def run(args) -> int:
         raise invalid("--shard-size must be positive")
     dtype = parse_dtype(args.dtype) if args.dtype else None
     out = convert(args.source, args.destination, dtype=dtype, config=args.config,
-                  max_shard_bytes=int(args.shard_size * 1e9))
+                  max_shard_bytes=int(args.shard_size * 1e9), matformer=args.matformer)
     print(out)
     return 0

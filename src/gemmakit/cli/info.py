@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gemmakit.cli.common import EPILOG
+from gemmakit.cli.common import EPILOG, add_matformer_arg
 
 
 def add_parser(sub) -> None:
@@ -13,6 +13,7 @@ def add_parser(sub) -> None:
                    help="a .gguf file, checkpoint directory or preset name (see --list)")
     i.add_argument("--context", type=int, default=None, help="context length for the KV-cache figure "
                                                               "(default: the model's maximum)")
+    add_matformer_arg(i)
     i.add_argument("--list", action="store_true", help="list the preset names")
     i.add_argument("--all-presets", action="store_true",
                    help="a table of weights + KV-cache memory for every preset (bf16, int8, int4)")
@@ -31,6 +32,6 @@ def run(args) -> int:
     if args.all_presets:
         print(preset_table(args.context))
         return 0
-    report = describe(args.model, args.context)
+    report = describe(args.model, args.context, matformer=args.matformer)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -43,5 +43,6 @@ def run(args) -> int:
         raise invalid(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
     run_server(args.model, args.host, args.port, args.api_key, args.max_batch, args.dtype, args.max_seq_len, kv_bytes,
                adapter=args.adapter, draft_model=args.draft_model, draft_tokens=args.draft_tokens,
-               quant=args.quant, device=args.device, kv_cache=args.kv_cache, prefill_dtype=args.prefill_dtype)
+               quant=args.quant, device=args.device, kv_cache=args.kv_cache, prefill_dtype=args.prefill_dtype,
+               matformer=args.matformer)
     return 0
