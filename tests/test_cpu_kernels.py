@@ -50,21 +50,23 @@ def test_decode_attention_declines_what_it_does_not_run() -> None:
     assert decode_attention(q, k, v, torch.zeros(1, 1, 1, 5), 0.25, None) is None
 
 
+@pytest.mark.parametrize("offset", [1.0, 0.0])  # Gemma 1-3's weights stored as offsets from one; Gemma 4's
 @pytest.mark.parametrize("shape", [(1, 1, 640), (2, 4, 1, 256), (3, 37, 24), (700, 640)])
-def test_rms_norm_kernel_matches_the_formula(shape) -> None:
+def test_rms_norm_kernel_matches_the_formula(shape, offset) -> None:
     g = torch.Generator().manual_seed(shape[-1])
     x = torch.randn(shape, generator=g) * 3
     weight = torch.randn(shape[-1], generator=g)
-    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + weight.double())
+    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + weight.double())
     with torch.inference_mode():
-        out = rms_norm(x, weight, 1e-6)
+        out = rms_norm(x, weight, 1e-6, offset)
     assert out is not None and out.shape == x.shape
     assert (out.double() - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
-    assert rms_norm(x, weight, 1e-6) is None  # autograd on: torch's ops, never mixed with the kernel
+    assert rms_norm(x, weight, 1e-6, offset) is None  # autograd on: torch's ops, never mixed with the kernel
 
 
-def test_rms_norm_module_uses_the_kernel_only_without_autograd() -> None:
-    norm = RMSNorm(64)
+@pytest.mark.parametrize("offset", [1.0, 0.0])
+def test_rms_norm_module_uses_the_kernel_only_without_autograd(offset) -> None:
+    norm = RMSNorm(64, offset=offset)
     with torch.no_grad():
         norm.weight.normal_()
     x = torch.randn(5, 64)
@@ -94,9 +96,9 @@ def test_gemm_linear_keeps_autograd() -> None:
     assert torch.allclose(w.grad, x.sum(0).expand(16, 32), atol=1e-4)
 
 
-@pytest.mark.parametrize("with_norm", [True, False])
+@pytest.mark.parametrize("with_norm,offset", [(True, 1.0), (True, 0.0), (False, 1.0)])
 @pytest.mark.parametrize("B,H,T,D,rot", [(1, 4, 1, 256, 256), (2, 3, 5, 64, 64), (2, 2, 3, 32, 16)])
-def test_norm_rope_matches_torch_ops(with_norm, B, H, T, D, rot) -> None:
+def test_norm_rope_matches_torch_ops(with_norm, offset, B, H, T, D, rot) -> None:
     """QK-norm + RoPE in one call against RMSNorm's and apply_rope's float64 maths, on a strided
     view of a projection's output (as attention hands it over) and with partial rotary tables."""
     from gemmakit.models.layers import apply_rope, norm_and_rope
@@ -105,14 +107,14 @@ def test_norm_rope_matches_torch_ops(with_norm, B, H, T, D, rot) -> None:
     x = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # [B, H, T, D], not contiguous
     angles = torch.randn(B, 1, T, rot // 2, generator=g) * 10
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-    norm = RMSNorm(D, eps=1e-6) if with_norm else None
+    norm = RMSNorm(D, eps=1e-6, offset=offset) if with_norm else None
     if norm is not None:
         norm.weight.data = torch.randn(D, generator=g) * 0.5
     with torch.no_grad():
         out = norm_and_rope(x, norm, cos, sin)
     xd = x.double()
     if norm is not None:
-        xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + norm.weight.double())
+        xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + norm.weight.double())
     expected = apply_rope(xd, cos.double(), sin.double())
     assert out.shape == x.shape and out.is_contiguous()
     assert (out.double() - expected).abs().max().item() < 1e-5

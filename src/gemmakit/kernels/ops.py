@@ -53,13 +53,14 @@ def _eager_float32_kernel(*tensors: torch.Tensor):
     return build.kernel()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """Gemma's RMSNorm of float32 CPU ``x`` in one kernel call, or None where the kernel does not apply:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 1.0) -> torch.Tensor | None:
+    """Gemma's RMSNorm ``x / rms(x) * (offset + weight)`` of float32 CPU ``x`` in one kernel call, or
+    None where the kernel does not apply:
     other dtypes or devices, inside a compiled graph (the compiler fuses it anyway), and with autograd
     on (generation runs without it; training and a plain ``model(ids)`` keep torch's ops, so the two
     never mix within one forward and LoRA at B = 0 reproduces its base bit for bit)."""
     ext = _eager_float32_kernel(x, weight)
-    return None if ext is None else ext.rms_norm(x, weight, eps)
+    return None if ext is None else ext.rms_norm(x, weight, eps, offset)
 
 
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
@@ -74,10 +75,10 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
 
 
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
-              sin: torch.Tensor) -> torch.Tensor | None:
+              sin: torch.Tensor, offset: float = 1.0) -> torch.Tensor | None:
     """Optional RMSNorm of each head vector, then the rotary embedding, of ``x [B, H, T, D]`` in one
     kernel call; None where it does not apply (the same conditions as :func:`rms_norm`)."""
     ext = _eager_float32_kernel(x, cos, sin, *([] if weight is None else [weight]))
     if ext is None:
         return None
-    return ext.norm_rope(x, weight if weight is not None else torch.empty(0), eps, cos, sin)
+    return ext.norm_rope(x, weight if weight is not None else torch.empty(0), eps, offset, cos, sin)

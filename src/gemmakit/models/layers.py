@@ -36,8 +36,8 @@ class RMSNorm(nn.Module):
         # A decode step runs ~100 norms on tiny tensors, where each dispatched op (even a no-op cast)
         # costs microseconds: on the CPU in float32 one kernel call does it all (kernels/ops.py),
         # elsewhere casts are skipped when the input is already float32.
-        if x.device.type == "cpu" and x.dtype == torch.float32 and self.offset == 1.0:
-            out = ops.rms_norm(x, self.weight, self.eps)
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            out = ops.rms_norm(x, self.weight, self.eps, self.offset)
             if out is not None:
                 return out
         w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
@@ -178,8 +178,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def norm_and_rope(x: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``apply_rope(norm(x))`` (``norm`` may be None): on the CPU in float32 with autograd off, one
     kernel call instead of ~9 dispatched ops per tensor, which a decoding step pays twice a layer."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and (norm is None or norm.offset == 1.0):
-        out = ops.norm_rope(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, cos, sin)
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        out = (ops.norm_rope(x, None, 0.0, cos, sin) if norm is None
+               else ops.norm_rope(x, norm.weight, norm.eps, cos, sin, norm.offset))
         if out is not None:
             return out
     return apply_rope(x if norm is None else norm(x), cos, sin)

@@ -11,8 +11,9 @@
 torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
 torch::Tensor decode_attention_cached(torch::Tensor q, torch::Tensor k, torch::Tensor k_scale, torch::Tensor v,
                                       torch::Tensor v_scale, torch::Tensor bias, double scale, double softcap);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, double offset);
+torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, double offset, torch::Tensor cos,
+                        torch::Tensor sin);
 torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up);
 
 namespace {
@@ -27,9 +28,12 @@ torch::Tensor apply_part(const DecodePart& p, const torch::Tensor& x) {
   TORCH_CHECK(false, "decode_step: unknown projection kind ", p.kind);
 }
 
+// The fused step runs the Gemma 1-3 layout, whose norm weights are stored as offsets from one.
+constexpr double kNormOffset = 1.0;
+
 // An absent norm passes x through, as nn.Identity does in the eager model.
 torch::Tensor maybe_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  return weight.defined() ? rms_norm(x, weight, eps) : x;
+  return weight.defined() ? rms_norm(x, weight, eps, kNormOffset) : x;
 }
 
 torch::Tensor defined_or_none(const torch::Tensor& t) { return t.numel() > 0 ? t : torch::Tensor(); }
@@ -142,15 +146,15 @@ torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys
     TORCH_CHECK(keys[i].dim() == 4 && keys[i].size(2) >= S, "decode_step: layer ", i, ": the cache cannot hold this step");
 
     // Attention: pre-norm, q|k|v in one call, QK-norm + RoPE, store k/v, attend, output projection.
-    const torch::Tensor qkv = layer.qkv.apply(rms_norm(h, layer.attn_norm, eps_));
+    const torch::Tensor qkv = layer.qkv.apply(rms_norm(h, layer.attn_norm, eps_, kNormOffset));
     TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == (H + 2 * Hkv) * D, "decode_step: q|k|v has the wrong width");
     const torch::Tensor q4 = qkv.narrow(1, 0, H * D).view({B, 1, H, D}).transpose(1, 2);
     const torch::Tensor k4 = qkv.narrow(1, H * D, Hkv * D).view({B, 1, Hkv, D}).transpose(1, 2);
     const torch::Tensor v4 = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({B, 1, Hkv, D}).transpose(1, 2);
     const torch::Tensor q = norm_rope(q4, layer.q_norm.defined() ? layer.q_norm : no_norm,
-                                      layer.q_norm.defined() ? eps_ : no_norm_eps, cos, sin);
+                                      layer.q_norm.defined() ? eps_ : no_norm_eps, kNormOffset, cos, sin);
     const torch::Tensor k = norm_rope(k4, layer.k_norm.defined() ? layer.k_norm : no_norm,
-                                      layer.k_norm.defined() ? eps_ : no_norm_eps, cos, sin);
+                                      layer.k_norm.defined() ? eps_ : no_norm_eps, kNormOffset, cos, sin);
     const float* new_values = qkv.data_ptr<float>() + (H + Hkv) * D;
     torch::Tensor k_scale, v_scale;  // undefined: a float32 cache
     if (int8) {
@@ -168,9 +172,9 @@ torch::Tensor DecodeStack::step(torch::Tensor h, std::vector<torch::Tensor> keys
     h = h + maybe_norm(layer.o.apply(attended.view({B, H * D})), layer.post_attn_norm, eps_);
 
     // MLP: pre-norm, gate|up in one call, GELU(tanh) * up, down projection.
-    const torch::Tensor gu = layer.gate_up.apply(rms_norm(h, layer.mlp_norm, eps_));
+    const torch::Tensor gu = layer.gate_up.apply(rms_norm(h, layer.mlp_norm, eps_, kNormOffset));
     const torch::Tensor act = gelu_mul(gu.narrow(1, 0, intermediate_), gu.narrow(1, intermediate_, intermediate_));
     h = h + maybe_norm(layer.down.apply(act), layer.post_mlp_norm, eps_);
   }
-  return rms_norm(h, final_norm_, eps_);
+  return rms_norm(h, final_norm_, eps_, kNormOffset);
 }

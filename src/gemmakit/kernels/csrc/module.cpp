@@ -19,8 +19,9 @@ void ggml_dequantize_into(torch::Tensor blocks, int64_t type, int64_t K, torch::
 std::string ggml_simd();
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias, double scale,
                                double softcap);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, double offset);
+torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, double offset, torch::Tensor cos,
+                        torch::Tensor sin);
 torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up);
 torch::Tensor ggml_quantize(torch::Tensor w, int64_t type);
 
@@ -30,7 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ggml_dequantize_into", &ggml_dequantize_into, "ggml_dequantize into a given [N, K] float32 or bfloat16 tensor");
   m.def("ggml_simd", &ggml_simd, "the SIMD path ggml_matmul was built with: avx512, avx2 or scalar");
   m.def("decode_attention", &decode_attention, "softmax(cap(scale q.k) + bias) @ v for one query per row");
-  m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2) + eps) * (1 + weight), float32");
+  m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2) + eps) * (offset + weight), float32");
   m.def("norm_rope", &norm_rope, "optional RMSNorm, then the rotary embedding (half-split), float32");
   m.def("ggml_quantize", &ggml_quantize, "float32 [N, K] -> GGML Q8_0 or Q4_1 block rows, llama.cpp's rounding");
   m.def("gelu_mul", &gelu_mul, "GELU(tanh)(gate) * up as x / (1 + exp(-2u)) * up, float32");

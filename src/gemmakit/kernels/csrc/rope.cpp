@@ -1,7 +1,7 @@
 // gemmakit CPU kernel: Gemma's optional per-head RMSNorm (QK-norm) and the rotary embedding in one
 // call, float32.
 //
-//     y = x / sqrt(mean(x^2) + eps) * (1 + weight)      (when a weight is given)
+//     y = x / sqrt(mean(x^2) + eps) * (offset + weight)      (when a weight is given)
 //     out[i] = y[i] * cos[i] - y[i + h] * sin[i]        (i < h, h = rot / 2)
 //     out[i] = y[i] * cos[i] + y[i - h] * sin[i]        (h <= i < rot)
 //     out[i] = y[i]                                     (rot <= i: partial rotary)
@@ -20,7 +20,8 @@
 // x [B, H, T, D] (any strides, contiguous last dim); weight [D] or an empty tensor for no norm;
 // cos, sin [B, 1, T, rot] (any strides, contiguous last dim, rot even and <= D). Returns a new
 // contiguous [B, H, T, D].
-torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor cos, torch::Tensor sin) {
+torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, double offset, torch::Tensor cos,
+                        torch::Tensor sin) {
   TORCH_CHECK(x.dim() == 4 && cos.dim() == 4 && sin.sizes() == cos.sizes(), "norm_rope: x [B, H, T, D], cos/sin [B, 1, T, rot]");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && cos.scalar_type() == torch::kFloat32 &&
                   sin.scalar_type() == torch::kFloat32, "norm_rope is float32");
@@ -52,7 +53,7 @@ torch::Tensor norm_rope(torch::Tensor x, torch::Tensor weight, double eps, torch
       float* o = op + r * D;
       const float* src = v;  // the vector to rotate: x itself, or its normalised copy
       if (norm) {
-        gemmakit::rms_norm_row(v, wp, y.data(), D, feps);
+        gemmakit::rms_norm_row(v, wp, y.data(), D, feps, static_cast<float>(offset));
         src = y.data();
       }
       for (int64_t i = 0; i < half; ++i) o[i] = src[i] * c[i] - src[i + half] * s[i];

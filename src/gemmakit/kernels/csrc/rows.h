@@ -14,10 +14,11 @@
 
 namespace gemmakit {
 
-// o = v / sqrt(mean(v^2) + eps) * (1 + w) for one row of D floats (w stored as the offset from one).
+// o = v / sqrt(mean(v^2) + eps) * (offset + w) for one row of D floats: offset 1 where w is stored
+// as the offset from one (Gemma 1-3), 0 where it is the scale itself (Gemma 4, 3n; 0 + w is w).
 // The roundings follow torch's: the mean is a float32 sum (in sixteen lanes, then combined) divided
-// by D, then eps added, one over the square root, and (v * r) * (1 + w). o may be a scratch row.
-inline void rms_norm_row(const float* v, const float* w, float* o, int64_t D, float eps) {
+// by D, then eps added, one over the square root, and (v * r) * (offset + w). o may be a scratch row.
+inline void rms_norm_row(const float* v, const float* w, float* o, int64_t D, float eps, float offset) {
   int64_t i = 0;
   float ss = 0.f;
 #if defined(__AVX512F__)
@@ -38,13 +39,13 @@ inline void rms_norm_row(const float* v, const float* w, float* o, int64_t D, fl
   const float r_inv = 1.f / std::sqrt(ss / float(D) + eps);
   i = 0;
 #if defined(__AVX512F__)
-  const __m512 vr = _mm512_set1_ps(r_inv), one = _mm512_set1_ps(1.f);
+  const __m512 vr = _mm512_set1_ps(r_inv), vo = _mm512_set1_ps(offset);
   for (; i + 16 <= D; i += 16) {
     const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(v + i), vr);
-    _mm512_storeu_ps(o + i, _mm512_mul_ps(scaled, _mm512_add_ps(one, _mm512_loadu_ps(w + i))));
+    _mm512_storeu_ps(o + i, _mm512_mul_ps(scaled, _mm512_add_ps(vo, _mm512_loadu_ps(w + i))));
   }
 #endif
-  for (; i < D; ++i) o[i] = (v[i] * r_inv) * (1.f + w[i]);
+  for (; i < D; ++i) o[i] = (v[i] * r_inv) * (offset + w[i]);
 }
 
 // fn(r0, r1) over rows [0, rows) of row_len elements each: on the calling thread when the call has
