@@ -20,6 +20,7 @@ from gemmakit.checkpoints.gguf_reader import open_gguf
 from gemmakit.engine.generate import generate_steps
 from gemmakit.kernels.gemm import bf16_supported
 from gemmakit.quant.grouped import GGMLExperts
+from gemmakit.quant.linear import quantize_model
 from tiny import LLAMACPP_DATA, gemma4_experts_gguf, llama_cpp_quantize
 
 IDS = [2] + np.random.RandomState(0).randint(6, 380, size=15).tolist()
@@ -142,6 +143,30 @@ def test_convert_dequantises_the_experts_and_info_reads_them(loaded, tmp_path):
     report = describe(str(path))
     assert report["experts"] == {"count": 8, "per_token": 2, "width": 256}
     assert report["file_bytes"] == path.stat().st_size
+
+
+def test_requantised_experts_equal_quantising_the_dequantised_model(files):
+    """``--quant int8`` from a quantised file requantises the expert blocks directly, to the bytes
+    that quantising the dequantised float model gives."""
+    direct, _ = gemmakit.load(files["Q4_0"], quant="int8")
+    via_float = quantize_model(gemmakit.load(files["Q4_0"], quant="none")[0], "int8")
+    a, b = direct.state_dict(), via_float.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(s.types == [8] for e in _experts(direct) for s in (e.gate_up_proj, e.down_proj))  # Q8_0
+    ids = torch.tensor([IDS])
+    assert torch.equal(direct(ids), via_float(ids))
+
+
+def test_int8_of_a_float_model_is_the_q8_0_files_experts(files):
+    """A float file loaded with ``--quant int8`` holds its experts as Q8_0 blocks: byte for byte
+    those gguf-py's quantiser wrote into the Q8_0 file of the same weights."""
+    requantised, _ = gemmakit.load(files["F32"], quant="int8")
+    stored, _ = gemmakit.load(files["Q8_0"])
+    for a, b in zip(_experts(requantised), _experts(stored)):
+        for name in ("gate_up_proj", "down_proj"):
+            assert isinstance(getattr(a, name), GGMLExperts)
+            assert torch.equal(getattr(a, name).parts()[0], getattr(b, name).parts()[0])
 
 
 def test_a_bfloat16_directorys_experts_stay_16_bit(files, tmp_path):
