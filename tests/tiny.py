@@ -231,7 +231,8 @@ LLAMACPP_DATA = Path(__file__).parent / "data" / "gguf_llamacpp"
 
 
 def gemma4_experts_gguf(path: Path, hidden: int = 256, expert_width: int = 256, experts: int = 8,
-                        per_token: int = 2, intermediate: int = 256, quant: str | None = None, seed: int = 0) -> Path:
+                        per_token: int = 2, intermediate: int = 256, context: int = 256, quant: str | None = None,
+                        seed: int = 0) -> Path:
     """llama.cpp's tiny Gemma 4 mixture (data/gguf_llamacpp/gemma4-experts.gguf, written by its
     converter) widened to ``hidden``, ``experts`` experts of ``expert_width``: its metadata and
     vocabulary with those sizes, random weights, F32 or, with ``quant`` (a type gguf-py can write:
@@ -247,9 +248,9 @@ def gemma4_experts_gguf(path: Path, hidden: int = 256, expert_width: int = 256, 
     source = LLAMACPP_DATA / "gemma4-experts.gguf"
     config = config_from_gguf(open_gguf(source)).replace(
         hidden_size=hidden, intermediate_size=intermediate, num_experts=experts, experts_per_token=per_token,
-        expert_intermediate_size=expert_width)
-    sizes = {"embedding_length": hidden, "feed_forward_length": intermediate, "expert_count": experts,
-             "expert_used_count": per_token, "expert_feed_forward_length": expert_width}
+        expert_intermediate_size=expert_width, max_position_embeddings=context)
+    sizes = {"context_length": context, "embedding_length": hidden, "feed_forward_length": intermediate,
+             "expert_count": experts, "expert_used_count": per_token, "expert_feed_forward_length": expert_width}
     reader = gguf.GGUFReader(source)
     writer = gguf.GGUFWriter(str(path), "gemma4")
     for key, field in reader.fields.items():

@@ -54,7 +54,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, i))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, prompt: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
+                prompt: bool = False) -> torch.Tensor:
         """``x [N, hidden]``, each row sent to the experts ``index [N, k]`` with ``weights [N, k]``
         -> the weighted sum of their outputs ``[N, hidden]``. ``prompt``: the rows are a prompt's
         (block weights may then multiply in their ``prefill_dtype``)."""
