@@ -225,3 +225,72 @@ def random_hf_model(kind: str):
             if "norm" in name:
                 p.normal_(0.0, 0.5)
     return model.eval()
+
+
+LLAMACPP_DATA = Path(__file__).parent / "data" / "gguf_llamacpp"
+
+
+def gemma4_experts_gguf(path: Path, hidden: int = 256, expert_width: int = 256, experts: int = 8,
+                        per_token: int = 2, intermediate: int = 256, context: int = 256, quant: str | None = None,
+                        seed: int = 0) -> Path:
+    """llama.cpp's tiny Gemma 4 mixture (data/gguf_llamacpp/gemma4-experts.gguf, written by its
+    converter) widened to ``hidden``, ``experts`` experts of ``expert_width``: its metadata and
+    vocabulary with those sizes, random weights, F32 or, with ``quant`` (a type gguf-py can write:
+    Q8_0, Q4_0, Q5_0 ...), every matrix in that type but the router, which llama.cpp's quantiser
+    leaves in F32 too. Rows of 256 let llama.cpp requantise the file into K-quants; the test
+    file's 64-wide, 24-deep experts fall back to F16 there."""
+    import gguf
+
+    from gemmakit.checkpoints.base import parameter_shapes
+    from gemmakit.checkpoints.gguf import config_from_gguf, gguf_names
+    from gemmakit.checkpoints.gguf_reader import open_gguf
+
+    source = LLAMACPP_DATA / "gemma4-experts.gguf"
+    config = config_from_gguf(open_gguf(source)).replace(
+        hidden_size=hidden, intermediate_size=intermediate, num_experts=experts, experts_per_token=per_token,
+        expert_intermediate_size=expert_width, max_position_embeddings=context)
+    sizes = {"context_length": context, "embedding_length": hidden, "feed_forward_length": intermediate,
+             "expert_count": experts, "expert_used_count": per_token, "expert_feed_forward_length": expert_width}
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(str(path), "gemma4")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        kind, value = field.types[0], field.contents()
+        short = key.removeprefix("gemma4.")
+        if short in sizes:
+            value = [sizes[short]] * len(value) if isinstance(value, list) else sizes[short]
+        writer.add_key_value(key, value, kind, field.types[1] if kind == gguf.GGUFValueType.ARRAY else None)
+    g = torch.Generator().manual_seed(seed)
+    names = gguf_names(config)
+    for ours, shape in parameter_shapes(config).items():
+        r = torch.randn(shape, generator=g)
+        if len(shape) == 1 or ours.endswith("layer_scalar"):  # norms and scales multiply: near one
+            data = 1.0 + 0.2 * r
+        else:  # about unit gain per matrix, so that quantisation noise is not amplified layer after layer
+            data = r / shape[-1] ** 0.5
+        data, name = data.numpy(), names[ours]
+        qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
+        if qtype is not None and data.ndim >= 2 and data.shape[-1] % 32 == 0 and "ffn_gate_inp" not in name:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, data)
+    rope = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    writer.add_tensor(rope.name, np.asarray(rope.data, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def llama_cpp_quantize(source: Path, destination: Path, ftype: str = "Q4_K_M") -> Path:
+    """``source`` requantised by llama.cpp itself (llama-cpp-python's ``llama_model_quantize``)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(destination).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantise {source}")
+    return destination

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from gemmakit.errors import CheckpointError
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import GemmaModel
+from gemmakit.models.moe import Experts
 from gemmakit.models.multimodal import MultimodalConfig, VisionLanguageModel
 from gemmakit.quant.ggml import HALF_TYPES, GGMLBlocks, packable
 from gemmakit.quant.grouped import fuse_projections, install
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from gemmakit.tokenizer import Tokenizer
 
 TensorLoader = Callable[[], torch.Tensor]
+# our names of a mixture's stacked expert matrices (models/moe.py ``Experts.expert_stacks``)
+EXPERT_STACKS = tuple(f"experts.{name}" for name in Experts.expert_stacks)
 
 
 @dataclass
@@ -51,7 +54,8 @@ def half_precision_matrices(config: ModelConfig, tensors: Mapping[str, TensorLoa
     projections) as block-kernel weights, for ``Checkpoint.packed``: on the CPU, by default, they
     stay in their 16-bit form with float32 activations (``build_model(keep_quantised=True)``), half
     of float32's memory with the float32 expansion's results, since each weight widens exactly.
-    Gemma 4's per-layer embedding table too: it is read a row per token (E2B's is 2.3B entries).
+    Gemma 4's per-layer embedding table too: it is read a row per token (E2B's is 2.3B entries);
+    and a mixture's stacked experts (22.8B of 26B-A4B's 25.2B parameters).
 
     ``header(name)`` gives a parameter's stored dtype and shape without reading its data;
     ``tensors[name]()`` must return the stored tensor itself (a view of a mapped file, not a
@@ -61,14 +65,14 @@ def half_precision_matrices(config: ModelConfig, tensors: Mapping[str, TensorLoa
         return {}
     packed = {}
     for name, load in tensors.items():
-        if not (name in ("embed.weight", "per_layer_embed.weight") or name.endswith("_proj.weight")):
+        if not (name in ("embed.weight", "per_layer_embed.weight") or name.endswith(("_proj.weight", *EXPERT_STACKS))):
             continue
         if name.endswith("o_proj.weight") and config.attn_out_bias:
             continue
         dtype, shape = header(name)
         ggml_type = HALF_TYPES.get(dtype)
         if ggml_type is not None and packable(ggml_type, shape):
-            packed[name] = lambda f=load, t=ggml_type, k=shape[1]: GGMLBlocks(f().contiguous().view(torch.uint8), t, k)
+            packed[name] = lambda f=load, t=ggml_type, k=shape[-1]: GGMLBlocks(f().contiguous().view(torch.uint8), t, k)
     return packed
 
 
@@ -156,7 +160,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
         for name in iterator:
             if name in packed:
                 blocks = packed[name]()
-                check_shape(name, (blocks.blocks.shape[0], blocks.in_features))
+                check_shape(name, (*blocks.blocks.shape[:-1], blocks.in_features))
                 install(model, name, blocks, dtype)
                 continue
             tensor = checkpoint.tensors[name]()

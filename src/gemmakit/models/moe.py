@@ -2,7 +2,9 @@
 ``num_experts`` GeGLU experts per token, beside the dense MLP every layer keeps.
 
 Only the chosen experts run: the tokens' picks are sorted by expert, so each expert that some
-token chose multiplies its tokens' rows in one matmul; the others are never touched.
+token chose multiplies its tokens' rows in one matmul; the others are never touched. A quantised
+GGUF's experts stay in its blocks (quant/grouped.py ``GGMLExperts``), each product reading only
+its expert's rows: 26B-A4B's dequantised to bfloat16 would be ~50 GB, about three times a Q4_K_M file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 from gemmakit.kernels.gemm import Linear
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.layers import RMSNorm, unit_rms
+from gemmakit.quant.grouped import GGMLExperts
 
 
 class Router(nn.Module):
@@ -40,7 +43,10 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """``num_experts`` GeGLU MLPs stored as stacked matrices: ``gate_up [E, 2I, hidden]`` (gate
-    rows first) and ``down [E, hidden, I]``, as transformers keeps them."""
+    rows first) and ``down [E, hidden, I]``, as transformers keeps them; either may be a
+    :class:`GGMLExperts` of the same shape instead (a quantised checkpoint's, or ``--quant``'s)."""
+
+    expert_stacks = ("gate_up_proj", "down_proj")  # what quant/grouped.py's install may keep as blocks
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -48,24 +54,31 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, i))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
+                prompt: bool = False) -> torch.Tensor:
         """``x [N, hidden]``, each row sent to the experts ``index [N, k]`` with ``weights [N, k]``
-        -> the weighted sum of their outputs ``[N, hidden]``."""
+        -> the weighted sum of their outputs ``[N, hidden]``. ``prompt``: the rows are a prompt's
+        (block weights may then multiply in their ``prefill_dtype``)."""
         k = index.shape[1]
         picks = index.reshape(-1)
         order = torch.argsort(picks, stable=True)  # the picks grouped by expert
         rows = order // k  # the token of each pick
-        counts = torch.bincount(picks, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(picks).tolist()
         chosen = x[rows]
         out = torch.empty_like(chosen)
         start = 0
         for expert, n in enumerate(counts):
             if n:
-                gate, up = F.linear(chosen[start:start + n], self.gate_up_proj[expert]).chunk(2, dim=-1)
-                out[start:start + n] = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[expert])
+                gate, up = _product(self.gate_up_proj, expert, chosen[start:start + n], prompt).chunk(2, dim=-1)
+                out[start:start + n] = _product(self.down_proj, expert, F.gelu(gate, approximate="tanh") * up, prompt)
                 start += n
         out = (out * weights.reshape(-1)[order, None]).to(x.dtype)  # weighed in float32, as the reference
         return torch.zeros_like(x).index_add_(0, rows, out)
+
+
+def _product(w: torch.Tensor | GGMLExperts, expert: int, x: torch.Tensor, prompt: bool) -> torch.Tensor:
+    """``x [n, K]`` times expert ``expert``'s matrix of the stack ``w``, transposed."""
+    return w.matmul(x, expert, prompt) if isinstance(w, GGMLExperts) else F.linear(x, w[expert])
 
 
 class MixtureOfExperts(nn.Module):
@@ -83,4 +96,5 @@ class MixtureOfExperts(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(-1, h.shape[-1])
         weights, index = self.router(flat)
-        return self.post_norm(self.experts(self.pre_norm(flat), weights, index).view(h.shape))
+        out = self.experts(self.pre_norm(flat), weights, index, prompt=h.dim() >= 3 and h.shape[-2] > 1)
+        return self.post_norm(out.view(h.shape))

@@ -290,25 +290,27 @@ PACKABLE_TYPES: frozenset[int] = frozenset((*(int(t) for t in _CODES), *_PLAIN16
 
 
 def packable(ggml_type: int, shape: tuple[int, ...]) -> bool:
-    """Whether a tensor can stay as it is stored on the block kernel: a matrix of a quantised type,
-    or of float16/bfloat16 with rows a multiple of the kernel's 32 weights."""
+    """Whether a tensor can stay as it is stored on the block kernel: a matrix, or a stack of
+    matrices (a mixture's experts, ``[E, N, K]``), of a quantised type, or of float16/bfloat16 with
+    rows a multiple of the kernel's 32 weights."""
     ggml_type = int(ggml_type)
-    if ggml_type not in PACKABLE_TYPES or len(shape) != 2:
+    if ggml_type not in PACKABLE_TYPES or len(shape) not in (2, 3):
         return False
-    return ggml_type not in _PLAIN16 or int(shape[1]) % 32 == 0
+    return ggml_type not in _PLAIN16 or int(shape[-1]) % 32 == 0
 
 
 class GGMLBlocks(NamedTuple):
-    """A quantised matrix ``[N, K]`` exactly as a GGUF stores it: row n is ``K / block_size`` blocks
-    (for F16/BF16, the row's K 16-bit floats)."""
+    """A quantised matrix ``[N, K]`` (or a stack of them, ``[E, N, K]``) exactly as a GGUF stores
+    it: row n is ``K / block_size`` blocks (for F16/BF16, the row's K 16-bit floats)."""
 
-    blocks: torch.Tensor  # [N, K / block_size * type_size] uint8
+    blocks: torch.Tensor  # [N, K / block_size * type_size] uint8 ([E, N, ...] for a stack)
     ggml_type: int
     in_features: int  # K
 
 
-def ggml_blocks(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> GGMLBlocks:
-    """A quantised GGML matrix's bytes, checked, as ``[N, row_bytes]`` *sharing* ``raw``'s memory.
+def ggml_blocks(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> GGMLBlocks:
+    """A quantised GGML matrix's bytes, checked, as ``[N, row_bytes]`` (a stack's as ``[E, N,
+    row_bytes]``) *sharing* ``raw``'s memory.
 
     For a GGUF that memory is the file's read-only memory map: the model then holds no copy of its
     weights at all (the pages are the page cache's, read on first use, as llama.cpp does), and a
@@ -320,5 +322,4 @@ def ggml_blocks(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int
     if not packable(ggml_type, shape):
         raise UnsupportedModelError(f"GGML {_type_name(ggml_type)} {shape} cannot stay quantised")
     blocks = _checked_blocks(raw, ggml_type, shape)
-    N, K = shape
-    return GGMLBlocks(blocks.reshape(N, -1), ggml_type, K)
+    return GGMLBlocks(blocks.reshape(*shape[:-1], -1), ggml_type, shape[-1])

@@ -8,6 +8,8 @@ Two weight holders share one interface (``matmul``, ``rows``, ``in_features``/``
   and v; gate and up) are one weight of several parts, in whatever types the file mixed, run as one
   call. This is how ``--quant gguf`` (the default for a quantised GGUF on the CPU) holds weights,
   and, as GGML's F16/BF16 types, how a bfloat16/float16 checkpoint's matrices stay 16-bit.
+  :class:`GGMLExperts` is the same for a mixture's experts: one ``[E, N, row_bytes]`` tensor, as a
+  GGUF stores them, multiplied one expert at a time.
 - :class:`GroupedWeight` keeps int8 codes with a float32 scale per group of 32 inputs: what
   ``--quant int8`` requantises a float checkpoint into where the block kernel does not run (off
   the CPU, or with no built kernel). It dequantises for each matmul, in torch; on the CPU with
@@ -98,7 +100,7 @@ class GGMLWeight(nn.Module):
         for i, part in enumerate(parts):
             self.register_buffer(f"blocks_{i}", part.blocks.contiguous())
         self.types = [int(p.ggml_type) for p in parts]
-        self.sizes = [p.blocks.shape[0] for p in parts]
+        self.sizes = [p.blocks.shape[-2] for p in parts]
         self.in_features = parts[0].in_features
         self.out_features = sum(self.sizes)
 
@@ -127,6 +129,37 @@ class GGMLWeight(nn.Module):
     def extra_repr(self) -> str:
         kinds = "+".join(GGMLQuantizationType(t).name for t in self.types)
         return f"{self.out_features}x{self.in_features}, GGML blocks {kinds}"
+
+
+class GGMLExperts(GGMLWeight):
+    """A mixture's experts, ``E`` matrices of one shape and type, as one GGML tensor ``[E, N,
+    row_bytes]`` (a GGUF's ``ffn_*_exps`` as stored, or requantised): the file's 3-D tensor stays
+    whole, and ``matmul(x, e)`` reads expert ``e``'s rows alone, so unchosen experts cost nothing.
+
+    It keeps GGMLWeight's buffers, types and ``prefill_dtype``, so what walks the model's block
+    weights (requantising, the bfloat16 prefill, huge pages) covers the experts too; only the
+    product differs, taking the expert to multiply by.
+    """
+
+    def __init__(self, parts: list[GGMLBlocks]) -> None:
+        super().__init__(parts)
+        self.num_experts = parts[0].blocks.shape[0]
+
+    def matmul(self, x: torch.Tensor, expert: int, prompt: bool = False) -> torch.Tensor:
+        """``x [n, K]`` (the rows sent to ``expert``) times that expert's matrix: ``[n, N]`` float32;
+        in ``prefill_dtype`` where ``prompt`` (the rows come from a prompt) and there are at least
+        PREFILL_MIN_ROWS of them, as GGMLWeight decides for a prompt's products."""
+        dtype = self.prefill_dtype if prompt and x.shape[0] >= PREFILL_MIN_ROWS else torch.float32
+        return ggml_linear(x, [b[expert] for b in self.parts()], self.types, self.in_features, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_experts} experts of {super().extra_repr()}"
+
+
+def replace_stack(module: nn.Module, name: str, experts: GGMLExperts) -> None:
+    """Put ``experts`` in place of ``module``'s stacked-experts parameter ``name``."""
+    delattr(module, name)  # (torch refuses a module assigned to a parameter's name)
+    setattr(module, name, experts)
 
 
 def stack_rows(weights: list[GroupedWeight]) -> GroupedCodes | None:
@@ -183,8 +216,18 @@ class GroupedEmbedding(nn.Module):
 
 
 def install(model: nn.Module, name: str, packed: GroupedCodes | GGMLBlocks, dtype: torch.dtype) -> None:
-    """Put a quantised weight in place of parameter ``name`` (``embed.weight`` or a linear's ``.weight``)."""
-    module_name = name.rpartition(".")[0]
+    """Put a quantised weight in place of parameter ``name`` (``embed.weight``, a linear's
+    ``.weight``, or a stack of experts that its module names in ``expert_stacks``)."""
+    module_name, _, param_name = name.rpartition(".")
+    if isinstance(packed, GGMLBlocks) and packed.blocks.dim() == 3:
+        owner = model.get_submodule(module_name)
+        if param_name not in getattr(owner, "expert_stacks", ()):
+            raise TypeError(f"{name}: cannot keep a stack of matrices quantised in a {type(owner).__name__}")
+        shape, expected = (*packed.blocks.shape[:2], packed.in_features), tuple(owner.get_parameter(param_name).shape)
+        if shape != expected:
+            raise CheckpointError(f"tensor {name} has shape {shape}, expected {expected}")
+        replace_stack(owner, param_name, GGMLExperts([packed]))
+        return
     parent_name, _, child_name = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     child = getattr(parent, child_name)

@@ -37,7 +37,8 @@ from gemmakit.heap import forget_file_pages
 from gemmakit.kernels import build
 from gemmakit.quant.ggml import GGMLBlocks, ggml_blocks
 from gemmakit.quant.ggml_ops import ggml_dequantize, ggml_quantize
-from gemmakit.quant.grouped import GGMLWeight, GroupedCodes, GroupedEmbedding, GroupedLinear, fuse_projections
+from gemmakit.quant.grouped import (GGMLExperts, GGMLWeight, GroupedCodes, GroupedEmbedding, GroupedLinear,
+                                    fuse_projections, replace_stack)
 
 
 SCHEMES = ("int8", "int4")
@@ -214,11 +215,16 @@ def _dense_rows(blocks: torch.Tensor, ggml_type: int, K: int, rows: int):
 
 
 def _requantized(w: GGMLWeight, ggml_type: int, rows: int) -> GGMLWeight:
-    """Each of ``w``'s parts as ``ggml_type`` blocks, kept apart as ``fuse_projections`` keeps them."""
+    """Each of ``w``'s parts as ``ggml_type`` blocks, kept apart as ``fuse_projections`` keeps them
+    (an expert stack as one matrix of all its experts' rows: blocks never cross rows)."""
     K = w.in_features
-    return GGMLWeight([
-        GGMLBlocks(_block_rows(_dense_rows(blocks, source_type, K, rows), blocks.shape[0], K, ggml_type), ggml_type, K)
-        for blocks, source_type in zip(w.parts(), w.types)])
+
+    def convert(blocks: torch.Tensor, source_type: int) -> GGMLBlocks:
+        flat = blocks.reshape(-1, blocks.shape[-1])
+        out = _block_rows(_dense_rows(flat, source_type, K, rows), flat.shape[0], K, ggml_type)
+        return GGMLBlocks(out.view(*blocks.shape[:-1], -1), ggml_type, K)
+
+    return type(w)([convert(blocks, source_type) for blocks, source_type in zip(w.parts(), w.types)])
 
 
 @torch.no_grad()
@@ -234,10 +240,11 @@ def requantize_blocks(model: nn.Module, scheme: str, rows: int = 4096) -> int:
     """
     ggml_type, converted = CPU_BLOCK_TYPE[scheme], 0
     for module in list(model.modules()):
-        w = module._modules.get("w")
-        if isinstance(w, GGMLWeight) and w.in_features % BLOCK == 0:
-            module.w = _requantized(w, ggml_type, rows)
-            converted += 1
+        for name in ("w", *getattr(module, "expert_stacks", ())):  # linear layers' weights, experts' stacks
+            w = module._modules.get(name)
+            if isinstance(w, GGMLWeight) and w.in_features % BLOCK == 0:
+                setattr(module, name, _requantized(w, ggml_type, rows))
+                converted += 1
     return converted
 
 
@@ -271,6 +278,14 @@ def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP,
                 elif scheme == "int4" and (g := _fitting_group(w.shape[1], group)):
                     setattr(parent, name, Int4Linear(w, g, dtype))
                 del child, w
+    for module in list(model.modules()):  # a mixture's expert stacks [E, N, K]: blocks on the CPU's kernel, else float
+        for name in getattr(module, "expert_stacks", ()):
+            w = getattr(module, name)
+            if isinstance(w, nn.Parameter) and w.device.type == "cpu" and build.kernel() is not None:
+                if (packed := blocks(w.detach().flatten(0, 1))) is not None:  # all experts' rows as one matrix
+                    stack = GGMLBlocks(packed.blocks.view(*w.shape[:2], -1), packed.ggml_type, packed.in_features)
+                    replace_stack(module, name, GGMLExperts([stack]))
+            del w
     if embedding and isinstance(getattr(model, "embed", None), nn.Embedding):
         w = model.embed.weight.detach()
         if (packed := blocks(w)) is not None:
