@@ -27,7 +27,8 @@ class Attention(nn.Module):
         self.head_dim = plan.head_dim
         self.scale = config.attention_scale
         self.logit_softcap = config.attn_logit_softcap
-        self.index, self.kv_source, self.stores_kv = plan.index, plan.kv_source, plan.stores_kv
+        self.index, self.stores_kv = plan.index, plan.stores_kv
+        self.shared_kv_key = plan.shared_kv_key if plan.reads_shared_kv else None
         self.v_norm_eps = config.rms_norm_eps if config.v_norm else None  # values get an RMSNorm without scale
         d, hd, eps = config.hidden_size, plan.head_dim, config.rms_norm_eps
         own_kv = not plan.reads_shared_kv  # a layer reading an earlier layer's keys/values has no k/v weights
@@ -60,7 +61,8 @@ class Attention(nn.Module):
         ``shared_kv`` carries, within one forward step, the keys and values that layers storing
         them for later layers (``LayerPlan.stores_kv``) attended to, by layer index: a layer that
         reads shared keys/values attends to those, with the same mask, as its kind's step context
-        is the same."""
+        is the same. A model whose layers read keys and values from outside (a Gemma 4 assistant)
+        is handed them by kind, with a context whose mask covers them."""
         B, T, _ = x.shape
         if self.qkv_proj is not None:
             q, *kv = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
@@ -68,8 +70,8 @@ class Attention(nn.Module):
             q, kv = self.q_proj(x), [p(x) for p in (self.k_proj, self.v_proj) if p is not None]
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         q = norm_and_rope(q, self.q_norm, ctx.cos, ctx.sin)
-        if self.kv_source != self.index:
-            k, v = shared_kv[self.kv_source]
+        if self.shared_kv_key is not None:
+            k, v = shared_kv[self.shared_kv_key]
         else:
             k, v = self._keys_and_values(kv, B, T, ctx)
             if cache is not None:

@@ -198,6 +198,32 @@ class KVCache:
         """This step's rotary tables, masks and write slots for each layer kind (:func:`step_contexts`)."""
         return step_contexts(self.config, positions, dtype, groups, self)
 
+    def read_by_kind(self, reader: ModelConfig, positions: torch.Tensor, dtype: torch.dtype
+                     ) -> tuple[dict[str, StepContext], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """What a model whose layers read this cache's keys and values (``reader.external_kv``: a
+        Gemma 4 assistant drafting for the model that fills the cache) needs for queries at
+        ``positions [B, T]``, which come after every cached position: for each of the reader's
+        layer kinds, a step context (the reader's rotary tables; a mask over the cached positions,
+        within the reader's window on sliding layers) and the keys and values
+        ``[B, kv_heads, slots, head_dim]`` of the layer this model's last layer of that kind reads
+        (``ModelConfig.kv_producers``). Nothing is written: the reader keeps no keys of its own."""
+        producers = self.config.kv_producers()
+        contexts: dict[str, StepContext] = {}
+        shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for kind, plan in reader.kind_plans.items():
+            layer = self.layers[producers[kind]]
+            if kind == "global":
+                k, v = layer.load(self.length, dtype)
+                k_pos = self.global_positions[:, :self.length]
+            else:  # the ring as it stands: empty slots hold position -1, which the mask hides
+                k, v = layer.load(dtype=dtype)
+                k_pos = self.ring_positions
+            cos, sin = rope_cos_sin(positions, plan.rotary_dim, plan.rope_theta, plan.rope_scaling, dtype,
+                                    plan.rope_proportion)
+            contexts[kind] = StepContext(cos, sin, attention_mask(positions, k_pos, plan.window), Uncached())
+            shared[kind] = (k.to(dtype), v.to(dtype))
+        return contexts, shared
+
     def advance(self, positions: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         """After every layer ran: record what the ring now holds and move the cursor past the step."""
         slots, skip = self.ring_slots(positions.shape[1])

@@ -31,6 +31,10 @@ from gemmakit.errors import ModelNotFoundError
 
 LayerKind = Literal["global", "local", "recurrent"]
 
+# LayerPlan.kv_source of a layer that attends to keys and values handed in from outside the model
+# (ModelConfig.external_kv: a Gemma 4 assistant reads those of the model it drafts for)
+EXTERNAL_KV = -1
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -45,7 +49,7 @@ class LayerPlan:
     rope_theta: float
     rope_scaling: float  # linear position scaling
     rotary_dim: int  # leading dims of each head that RoPE rotates (the rest pass through)
-    kv_source: int  # the layer whose keys and values this layer attends to (its own index: no sharing)
+    kv_source: int  # the layer whose keys and values this layer attends to (its own index: no sharing; EXTERNAL_KV)
     index: int = 0  # this layer's place in the stack
     intermediate_size: int = 0  # the MLP's width (Gemma 4 doubles it on layers that read shared keys/values)
     # Gemma 3n's "gaussian top-k": the share of MLP gate activations a layer zeroes (0 = dense MLP)
@@ -65,6 +69,13 @@ class LayerPlan:
         """Whether this layer attends to an earlier layer's keys and values instead of its own
         (it has no key/value projections and no cache)."""
         return self.kv_source != self.index
+
+    @property
+    def shared_kv_key(self) -> int | str:
+        """Where the keys and values this layer reads come from, as ``Attention.forward``'s
+        ``shared_kv`` holds them: the producing layer's index, or for keys and values handed in
+        from outside the model (``kv_source`` EXTERNAL_KV), the layer kind."""
+        return self.mixer if self.kv_source == EXTERNAL_KV else self.kv_source
 
     @property
     def context_key(self) -> tuple:
@@ -133,6 +144,9 @@ class ModelConfig:
     altup_coef_clip: float | None = None  # AltUp's coefficient matrices are clipped to this while training
     altup_correct_scale: bool = True  # the corrected active stream is scaled (learnt) before it gates the PLE
     laurel_rank: int = 0  # LAuReL's low-rank residual branch beside attention (0 = none)
+    # Every layer attends to keys and values handed in by kind from outside the model (a Gemma 4
+    # assistant drafter reads its target's cache): no layer has k/v projections or a cache.
+    external_kv: bool = False
 
     def __post_init__(self) -> None:
         if len(self.layer_kinds) != self.num_layers:
@@ -157,7 +171,10 @@ class ModelConfig:
     def kv_sources(self) -> list[int]:
         """For each layer, the layer whose keys and values it attends to. The last
         ``num_kv_shared_layers`` layers read those of the last earlier layer of the same kind (as
-        Gemma 3n and Gemma 4 do), so only the layers before them need a cache."""
+        Gemma 3n and Gemma 4 do), so only the layers before them need a cache. With
+        ``external_kv``, every layer's is EXTERNAL_KV."""
+        if self.external_kv:
+            return [EXTERNAL_KV] * self.num_layers
         first_shared = self.num_layers - self.num_kv_shared_layers
         sources = list(range(self.num_layers))
         for i in range(first_shared, self.num_layers):
@@ -167,6 +184,14 @@ class ModelConfig:
                 raise ValueError(f"layer {i} ({kind}) shares keys and values, but no earlier {kind} layer has any")
             sources[i] = earlier[-1]
         return sources
+
+    def kv_producers(self) -> dict[LayerKind, int]:
+        """For each attention kind, the layer whose keys and values this model's last layer of that
+        kind attends to (the last of the kind with its own, when later ones share them): what a
+        Gemma 4 assistant drafting for this model reads, as transformers' ``shared_kv_states``."""
+        sources = self.kv_sources()
+        return {kind: sources[max(i for i, k in enumerate(self.layer_kinds) if k == kind)]
+                for kind in dict.fromkeys(self.layer_kinds) if kind != "recurrent"}
 
     @functools.cached_property
     def layer_plan(self) -> tuple[LayerPlan, ...]:
@@ -206,12 +231,12 @@ class ModelConfig:
     @property
     def plain_blocks(self) -> bool:
         """Whether every block is a Gemma 1-3 one (what the fused C++ decode step implements): no
-        norm without unit offset, value norm, shared or K=V keys, experts, per-layer embeddings,
-        layer scalars, per-layer MLP widths, sparse activations, AltUp streams or LAuReL."""
+        norm without unit offset, value norm, shared, K=V or outside keys, experts, per-layer
+        embeddings, layer scalars, per-layer MLP widths, sparse activations, AltUp streams or LAuReL."""
         return (self.norm_offset == 1.0 and not (self.v_norm or self.k_eq_v or self.num_kv_shared_layers
                 or self.num_experts or self.per_layer_input_dim or self.layer_scalar or self.double_wide_mlp
                 or self.intermediate_sizes or any(self.activation_sparsity) or self.altup_inputs
-                or self.laurel_rank)
+                or self.laurel_rank or self.external_kv)
                 and self.global_head_dim in (None, self.head_dim) and self.global_kv_heads in (None, self.num_kv_heads)
                 and self.rope_global_proportion == 1.0)
 

@@ -227,8 +227,14 @@ class GemmaModel(nn.Module):
         last_only: bool = False,
         inputs_embeds: torch.Tensor | None = None,  # [B, T, hidden], already scaled; replaces input_ids
         groups: torch.Tensor | None = None,  # [B, T]; tokens sharing a group >= 0 attend both ways
-    ) -> torch.Tensor:
+        with_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, T, vocab]`` (the last position's alone with ``last_only``); with
+        ``with_hidden``, also the final norm's output ``[B, T, hidden]`` the head read (what a
+        Gemma 4 assistant drafts from, models/assistant.py)."""
         if isinstance(cache, RowKVCache):
+            if with_hidden:
+                raise ValueError("the serving cache's forward returns logits only")
             return self._forward_rows(input_ids, cache, positions, last_only)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
@@ -239,7 +245,8 @@ class GemmaModel(nn.Module):
             cache.check_room(T)
             self._settle_for_decoding(h, lambda: start > 0)
         per_layer = self.per_layer_inputs(input_ids, h)
-        if T == 1 and groups is None and cache is not None and cache.static and self._compiled_step is not None:
+        if (T == 1 and groups is None and cache is not None and cache.static and self._compiled_step is not None
+                and not with_hidden):
             logits = self._run_compiled_step(h, positions, cache, per_layer)
             cache.advance(positions, groups)
             return logits
@@ -250,12 +257,12 @@ class GemmaModel(nn.Module):
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         fused = fused_hidden(self, h, contexts, cache) if T == 1 and cache is not None else None
         if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
-            logits = self._logits(fused)
+            out = (self._logits(fused), fused) if with_hidden else self._logits(fused)
         else:
-            logits = self._layers_and_head(h, contexts, layer_caches, last_only and T > 1, per_layer)
+            out = self._layers_and_head(h, contexts, layer_caches, last_only and T > 1, per_layer, with_hidden)
         if cache is not None:
             cache.advance(positions, groups)
-        return logits
+        return out
 
     def _settle_for_decoding(self, h: torch.Tensor, continues: Callable[[], bool]) -> None:
         """Count a decoding step (``h [B, T, hidden]`` of at most DECODE_STEP_ROWS positions on the
@@ -309,9 +316,11 @@ class GemmaModel(nn.Module):
         return self._layers_and_head(h, contexts, layer_caches, False, per_layer)
 
     def _layers_and_head(self, h: torch.Tensor, contexts: dict, layer_caches: list, last_only: bool,
-                         per_layer: torch.Tensor | None = None) -> torch.Tensor:
+                         per_layer: torch.Tensor | None = None,
+                         with_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Everything after the per-step bookkeeping: the blocks (given their per-layer embeddings
-        ``per_layer``, see :meth:`per_layer_inputs`), the final norm and the head.
+        ``per_layer``, see :meth:`per_layer_inputs`), the final norm and the head; with
+        ``with_hidden``, the logits and the final norm's output.
 
         The compiled decode step (``_static_step``) runs it after building its contexts in the graph.
         """
@@ -320,15 +329,25 @@ class GemmaModel(nn.Module):
         if last_only:
             if rows >= TRIM_ROWS and h.device.type == "cpu" and not torch.compiler.is_compiling():
                 return_freed_heap()  # the layers' scratch, before the head streams the whole embedding in
-        return self._head(h)
+        h = self._final_hidden(h)
+        return (self._logits(h), h) if with_hidden else self._logits(h)
+
+    def hidden_over(self, h: torch.Tensor, contexts: dict, shared_kv: dict) -> torch.Tensor:
+        """The blocks over keys and values handed in from outside, by kind (``shared_kv``; each
+        kind's context masks them), then the final norm: ``[B, T, hidden]`` in, the final norm's
+        output out. For a model whose layers all read outside keys and values
+        (``ModelConfig.external_kv``: a Gemma 4 assistant, models/assistant.py), which has no cache."""
+        h = self._blocks(h, contexts, [None] * len(self.layers), False, None, dict(shared_kv))
+        return self._final_hidden(h)
 
     def _blocks(self, h: torch.Tensor, contexts: dict, layer_caches: list, last_only: bool,
-                per_layer: torch.Tensor | None) -> torch.Tensor:
+                per_layer: torch.Tensor | None, shared_kv: dict | None = None) -> torch.Tensor:
         """The residual blocks in order, each given its kind's context, its cache, its per-layer
-        embedding and the keys/values earlier layers hand on (Attention.forward). With
+        embedding and the keys/values earlier layers hand on (Attention.forward; ``shared_kv``
+        may start with keys and values handed in from outside, :meth:`hidden_over`). With
         ``last_only``, the final layer works out its output for the last row alone (its keys and
         values still go to the cache): ~5% of a 512-token prefill of an 18-layer model."""
-        shared_kv: dict = {}
+        shared_kv = {} if shared_kv is None else shared_kv
         if self.altup is not None:
             h = self.altup.spread(h)  # [S, B, T, hidden]
         final = len(self.layers) - 1
@@ -339,9 +358,13 @@ class GemmaModel(nn.Module):
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """The last block's output (AltUp's streams merged first) through the final norm and the head."""
+        return self._logits(self._final_hidden(h))
+
+    def _final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The last block's output (AltUp's streams merged first) through the final norm."""
         if self.altup is not None:
             h = self.altup.merge(h)
-        return self._logits(self.final_norm(h))
+        return self.final_norm(h)
 
     _compiled_step = None
 
