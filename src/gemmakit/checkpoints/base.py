@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from gemmakit.errors import CheckpointError
+from gemmakit.models.assistant import AssistantConfig, AssistantModel
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import GemmaModel
 from gemmakit.models.moe import Experts
@@ -136,6 +137,9 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     with skeleton():
         model = _model_class(checkpoint.config)(checkpoint.config)
     expected = {name: p for name, p in model.named_parameters()}
+    # integer tables (an assistant's token order) are filled too, keeping their dtype
+    indices = {name: b for name, b in model.named_buffers() if not b.is_floating_point()}
+    expected.update(indices)
     shown = checkpoint.file_names.get
     missing = sorted(set(expected) - set(checkpoint.tensors))
     if missing:
@@ -165,10 +169,13 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
                 continue
             tensor = checkpoint.tensors[name]()
             check_shape(name, tuple(tensor.shape))
+            module_name, _, param_name = name.rpartition(".")
+            if name in indices:
+                setattr(model.get_submodule(module_name), param_name, tensor.to(device, indices[name].dtype))
+                continue
             # Assign rather than copy: the loader's fresh tensor becomes the parameter, so no
             # second buffer of the model's size is ever allocated or touched.
             tensor = tensor.to(device=device, dtype=dtype).contiguous()
-            module_name, _, param_name = name.rpartition(".")
             setattr(model.get_submodule(module_name), param_name, torch.nn.Parameter(tensor, requires_grad=False))
     if packed:
         fuse_projections(model)
@@ -177,5 +184,8 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
 
 
 def _model_class(config) -> type:
-    """A vision-language config (models/multimodal.py) builds the decoder with its vision add-on."""
+    """A vision-language config (models/multimodal.py) builds the decoder with its vision add-on,
+    an assistant drafter's (models/assistant.py) the decoder with its projections and head."""
+    if isinstance(config, AssistantConfig):
+        return AssistantModel
     return VisionLanguageModel if isinstance(config, MultimodalConfig) else GemmaModel

@@ -15,6 +15,15 @@ Read through :mod:`gemmakit.checkpoints.safetensors`. Facts from transformers 5.
     the last earlier layer of their type;
   - per-layer embeddings (PLE) when ``hidden_size_per_layer_input`` (default 256) is non-zero;
   - ``enable_moe_block``: experts beside the dense MLP in every layer.
+
+The assistant drafters (``model_type: gemma4_assistant`` / ``gemma4_unified_assistant``,
+models/assistant.py) wrap such a decoder's config as ``text_config``; from transformers'
+``models/gemma4_assistant``: every layer reads its target's keys and values (``num_kv_shared_layers``
+is set to the layer count), and there are neither per-layer embeddings, experts nor a double-wide
+MLP; ``pre_projection``/``post_projection`` join and leave the target's width
+(``backbone_hidden_size``); the head is ``lm_head`` (tied to ``model.embed_tokens``) with no
+soft-cap, or with ``use_ordered_embeddings`` ``masked_embedding``'s clusters (``num_centroids``,
+``centroid_intermediate_top_k``, ``token_ordering``).
 """
 
 from __future__ import annotations
@@ -22,9 +31,13 @@ from __future__ import annotations
 from typing import Any
 
 from gemmakit.errors import CheckpointError, UnsupportedModelError
+from gemmakit.models.assistant import AssistantConfig
 from gemmakit.models.config import LayerKind, ModelConfig
 
 MODEL_TYPES = ("gemma4_text", "gemma4", "gemma4_unified_text", "gemma4_unified")
+# the assistant drafters and the backbone width each config class defaults to (transformers 5.23's
+# Gemma4AssistantConfig: E2B's 1536; Gemma4UnifiedAssistantConfig: the 12B's 3840)
+ASSISTANT_MODEL_TYPES = {"gemma4_assistant": 1536, "gemma4_unified_assistant": 3840}
 
 LAYER_KINDS = {"sliding_attention": "local", "full_attention": "global"}
 
@@ -221,3 +234,50 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
         if config.global_kv_heads is not None:
             out["num_global_key_value_heads"] = config.global_kv_heads
     return out
+
+
+def is_assistant(raw: dict[str, Any]) -> bool:
+    return raw.get("model_type") in ASSISTANT_MODEL_TYPES
+
+
+def assistant_config_from_hf(raw: dict[str, Any], source: str = "config.json") -> AssistantConfig:
+    """Our config from a transformers Gemma4AssistantConfig (or Gemma4UnifiedAssistantConfig) dict."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{source}: an assistant's config needs its text_config")
+    layers = text.get("num_hidden_layers")
+    for key, allowed in (("hidden_size_per_layer_input", (0, None)), ("enable_moe_block", (False, None)),
+                         ("use_double_wide_mlp", (False, None)), ("num_kv_shared_layers", (0, None, layers))):
+        if text.get(key) not in allowed:
+            raise UnsupportedModelError(f"{source}: an assistant with {key} {text[key]!r} is not one transformers "
+                                        "defines (its layers all read the target's keys and values)")
+    unified = raw["model_type"] == "gemma4_unified_assistant"
+    # Read as a decoder whose layers have their own keys and values, then made to read the target's.
+    # No final soft-cap: the assistant's head is its lm_head alone, whatever the text config says.
+    inner = {**text, "model_type": "gemma4_unified_text" if unified else "gemma4_text", "num_kv_shared_layers": 0,
+             "hidden_size_per_layer_input": 0, "enable_moe_block": False}
+    name = str(raw.get("_name_or_path") or raw["model_type"])
+    decoder = config_from_hf(inner, source).replace(external_kv=True, final_logit_softcap=None, name=name)
+    ordered = bool(raw.get("use_ordered_embeddings", False))
+    try:
+        return AssistantConfig(
+            decoder=decoder, name=name,
+            backbone_hidden_size=int(raw.get("backbone_hidden_size", ASSISTANT_MODEL_TYPES[raw["model_type"]])),
+            num_centroids=int(raw.get("num_centroids", 2048)) if ordered else 0,
+            centroid_top_k=int(raw.get("centroid_intermediate_top_k", 32)) if ordered else 0)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+
+
+def assistant_hf_names(config: AssistantConfig, tied: bool = True) -> dict[str, str]:
+    """Our parameter (and token-order buffer) name -> the transformers name. The decoder's embedding
+    is only ever the head: ``lm_head.weight`` where the file does not tie it to ``model.embed_tokens``."""
+    names = {f"decoder.{ours}": theirs for ours, theirs in hf_names(config.decoder).items()}
+    if not tied:
+        names["decoder.embed.weight"] = "lm_head.weight"
+    names["pre_projection.weight"] = "pre_projection.weight"
+    names["post_projection.weight"] = "post_projection.weight"
+    if config.num_centroids:
+        names["head.centroids.weight"] = "masked_embedding.centroids.weight"
+        names["head.token_ordering"] = "masked_embedding.token_ordering"
+    return names

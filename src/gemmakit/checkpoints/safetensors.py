@@ -211,6 +211,8 @@ class _ShardedFiles:
 
 def open_hf_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint:
     """A text model's directory; ``raw`` is its config.json (:func:`read_config_json`)."""
+    if gemma4.is_assistant(raw):
+        return open_hf_assistant_directory(directory, raw)
     config = config_from_hf(raw, str(directory / "config.json"))
     files = _ShardedFiles(directory)
     available = files.names()
@@ -229,6 +231,28 @@ def open_hf_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint:
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
                       tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
                       file_names=mapping, packed=half_precision_matrices(config, tensors, header_of(files, mapping)))
+
+
+def open_hf_assistant_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint:
+    """A Gemma 4 assistant drafter's directory (checkpoints/gemma4.py, models/assistant.py)."""
+    config = gemma4.assistant_config_from_hf(raw, str(directory / "config.json"))
+    files = _ShardedFiles(directory)
+    available = files.names()
+    tied = raw.get("tie_word_embeddings", True) or "lm_head.weight" not in available
+    mapping = gemma4.assistant_hf_names(config, tied)
+    missing = [theirs for theirs in mapping.values() if theirs not in available]
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"
+                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    tensors: dict[str, TensorLoader] = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in mapping.items()}
+    # the layers' and the head's 16-bit matrices may stay as stored (half_precision_matrices); the
+    # projections in and out and the clusters' map are small and keep the float path
+    decoder = {ours.removeprefix("decoder."): theirs for ours, theirs in mapping.items() if ours.startswith("decoder.")}
+    packed = {f"decoder.{ours}": load for ours, load in half_precision_matrices(
+        config.decoder, {ours: tensors[f"decoder.{ours}"] for ours in decoder}, header_of(files, decoder)).items()}
+    return Checkpoint(config=config, tensors=tensors, source=str(directory),
+                      tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
+                      file_names=mapping, packed=packed)
 
 
 # safetensors' dtype names of the floats it stores -> torch's

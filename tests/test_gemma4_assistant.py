@@ -1,0 +1,171 @@
+"""Gemma 4 assistant drafters against transformers, on small random-weight models saved by transformers.
+
+The target is E2B-like (per-layer embeddings, the last layers reading shared keys/values, K=V
+global layers with their own KV-head count) with a sliding window of 5, shorter than the prompts.
+The assistants have their own width, head count and layer count, one with a dense head and one
+with the clustered head of the E2B/E4B assistants.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemmakit
+from gemmakit.engine.generate import generate_steps
+from gemmakit.models.assistant import AssistantModel
+from tiny import VOCAB_SIZE, tiny_vocab
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "Gemma4AssistantForCausalLM"):
+    pytest.skip("this transformers has no Gemma 4 assistant", allow_module_level=True)
+
+WINDOW = 5
+TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2 + ["sliding_attention", "full_attention"]
+TARGET = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=len(TYPES),
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=WINDOW,
+              layer_types=TYPES, max_position_embeddings=256, final_logit_softcapping=30.0, num_kv_shared_layers=3,
+              use_double_wide_mlp=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB_SIZE,
+              attention_k_eq_v=True, num_global_key_value_heads=1)
+# the assistant's key/value shapes are the target's (it reads them); its width, heads and depth its own
+ASSISTANT_TEXT = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                      sliding_window=WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                      max_position_embeddings=256, attention_k_eq_v=True, num_global_key_value_heads=1,
+                      hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
+CLUSTERS = dict(use_ordered_embeddings=True, num_centroids=13, centroid_intermediate_top_k=3)  # 299 = 13 x 23
+PROMPT = [2, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150]  # longer than the window
+
+
+@pytest.fixture(scope="module", autouse=True)
+def all_shared_layers():
+    """transformers 5.23's ``Gemma4TextConfig.kv_sharing_modes`` raises for a config whose layers all
+    read shared keys and values, which every assistant is, so no assistant can be built; 5.25 returns
+    "reuse" for each layer then. That answer is put in place where the installed version lacks it."""
+    config = transformers.Gemma4TextConfig(**{**ASSISTANT_TEXT, "num_kv_shared_layers": 3})
+    try:
+        config.kv_sharing_modes  # noqa: B018
+        yield
+        return
+    except ValueError:
+        pass
+    original = transformers.Gemma4TextConfig.kv_sharing_modes
+
+    def modes(self):
+        if self.num_kv_shared_layers == self.num_hidden_layers:
+            return ["reuse"] * self.num_hidden_layers
+        return original.fget(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers.Gemma4TextConfig, "kv_sharing_modes", property(modes))
+        yield
+
+
+def _randomise(model, seed: int) -> None:
+    """Weights far from their initial values, so that a mapping mistake shows."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 or name.endswith("layer_scalar"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
+
+
+def _hf_assistant(clustered: bool, seed: int, **text):
+    config = transformers.Gemma4AssistantConfig(
+        text_config=transformers.Gemma4TextConfig(**{**ASSISTANT_TEXT, **text}),
+        backbone_hidden_size=TARGET["hidden_size"], **(CLUSTERS if clustered else {}))
+    model = transformers.Gemma4AssistantForCausalLM(config).eval()
+    _randomise(model, seed)
+    if clustered:
+        order = torch.randperm(VOCAB_SIZE, generator=torch.Generator().manual_seed(seed))
+        model.masked_embedding.token_ordering.copy_(order)
+    return model
+
+
+def _tokenizer():
+    from gemmakit.tokenizer import Tokenizer, build_model_proto
+
+    pieces, scores, types = tiny_vocab()
+    proto = build_model_proto(pieces, scores, types, bos=(2, "<bos>"), eos=(1, "<eos>"), pad=(0, "<pad>"),
+                              unk=(3, "<unk>"))
+    return Tokenizer._from_proto(proto, source="tiny", types=types)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    hf = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**TARGET)).eval()
+    _randomise(hf, 1)  # (a seed whose greedy continuation of PROMPT varies)
+    path = tmp_path_factory.mktemp("target")
+    hf.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    model, _ = gemmakit.load(path)
+    return hf, model, path
+
+
+@pytest.fixture(scope="module", params=["dense", "clustered"])
+def assistant(request, tmp_path_factory):
+    hf = _hf_assistant(request.param == "clustered", seed=2)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    model, tokenizer = gemmakit.load(path)
+    assert isinstance(model, AssistantModel) and tokenizer is None
+    return hf, model, path
+
+
+def plain_greedy(model, prompt, n):
+    return [s.tokens[0] for s in generate_steps(model, [prompt], n)]
+
+
+def test_logits_match_transformers_for_the_targets_state(target, assistant):
+    """Three drafting steps from the target's state after the prompt: the target's embedding of the
+    next token and its last hidden state in, then the assistant's own state, over the target's keys
+    and values (transformers is handed the sliding ones a query at the next position sees)."""
+    hf_target, model, _ = target
+    hf, ours, _ = assistant
+    ids = torch.tensor([PROMPT])
+    P = len(PROMPT)
+    with torch.no_grad():
+        out = hf_target(ids, output_hidden_states=True, return_shared_kv_states=True, use_cache=False)
+        shared = {kind: (k, v) for kind, (k, v) in out.shared_kv_states.items()}
+        k, v = shared["sliding_attention"]
+        shared["sliding_attention"] = (k[:, :, P - WINDOW + 1:], v[:, :, P - WINDOW + 1:])
+        token, state = out.logits[:, -1:].argmax(-1), out.hidden_states[-1][:, -1:]
+        expected = []
+        for _ in range(3):
+            step = hf(inputs_embeds=torch.cat([hf_target.get_input_embeddings()(token), state], -1),
+                      position_ids=torch.tensor([[P]]), shared_kv_states=shared)
+            expected.append((step.logits, step.last_hidden_state))
+            token, state = step.logits.argmax(-1), step.last_hidden_state
+
+    cache = model.new_cache(1, 32)
+    with torch.inference_mode():
+        logits, hidden = model(ids, cache=cache, last_only=True, with_hidden=True)
+        reading = cache.read_by_kind(ours.config.decoder, torch.tensor([[P]]), ours.dtype)
+        token, state = logits.argmax(-1), hidden
+        for want_logits, want_state in expected:
+            got_logits, state = ours(model.embed_tokens(token), state, reading)
+            assert (got_logits - want_logits).abs().max().item() <= 1e-4
+            assert (state - want_state).abs().max().item() <= 1e-4
+            token = got_logits.argmax(-1)
+
+
+def test_propose_is_the_argmax_of_the_logits(target, assistant):
+    _, model, _ = target
+    _, ours, _ = assistant
+    cache = model.new_cache(1, 32)
+    with torch.inference_mode():
+        logits, hidden = model(torch.tensor([PROMPT]), cache=cache, last_only=True, with_hidden=True)
+        reading = cache.read_by_kind(ours.config.decoder, torch.tensor([[len(PROMPT)]]), ours.dtype)
+        token, state = logits.argmax(-1), hidden
+        for _ in range(4):
+            embedding = model.embed_tokens(token)
+            full, next_state = ours(embedding, state, reading)
+            proposed, proposed_state = ours.propose(embedding, state, reading)
+            assert proposed.tolist() == full.argmax(-1).tolist()
+            assert torch.equal(proposed_state, next_state)
+            token, state = proposed, next_state
