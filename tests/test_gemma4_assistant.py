@@ -8,11 +8,18 @@ with the clustered head of the E2B/E4B assistants.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import gemmakit
 from gemmakit.engine.generate import generate_steps
+from gemmakit.engine.speculative import speculative_greedy
+from gemmakit.errors import InvalidRequestError
 from gemmakit.models.assistant import AssistantModel
 from tiny import VOCAB_SIZE, tiny_vocab
 
@@ -169,3 +176,169 @@ def test_propose_is_the_argmax_of_the_logits(target, assistant):
             assert proposed.tolist() == full.argmax(-1).tolist()
             assert torch.equal(proposed_state, next_state)
             token, state = proposed, next_state
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_assistant_drafting_gives_the_targets_greedy_tokens(target, assistant, k):
+    hf_target, model, _ = target
+    _, ours, _ = assistant
+    expected = plain_greedy(model, PROMPT, 24)
+    with torch.no_grad():
+        out = hf_target.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, min_new_tokens=24)
+    assert expected == out[0, len(PROMPT):].tolist()
+    got, stats = speculative_greedy(model, ours, PROMPT, 24, k=k)
+    assert got == expected
+    assert stats["rounds"] > 0
+
+
+@pytest.mark.parametrize("kept", [0, 2, 3])
+def test_after_a_round_the_assistant_drafts_from_the_kept_tokens(target, assistant, kept):
+    """A round of 3 drafts of which the target keeps ``kept`` (rollback of the rest, the ring's
+    included): the next round's drafting state (the target's hidden state after the last kept
+    token, its cache read at the next position) gives the logits a fresh prefill of the kept
+    tokens gives."""
+    from gemmakit.engine.speculative import _AssistantDrafter, _rollback, _snapshot
+
+    _, model, _ = target
+    _, ours, _ = assistant
+    greedy = plain_greedy(model, PROMPT, 5)
+    proposals = (greedy[1:1 + kept] + [(greedy[1 + kept] + 1) % VOCAB_SIZE] * 3)[:3]
+
+    def next_logits(drafter: _AssistantDrafter, token: int) -> torch.Tensor:
+        reading = drafter.cache.read_by_kind(ours.config.decoder, torch.tensor([[drafter.cache.length]]), ours.dtype)
+        return ours(model.embed_tokens(torch.tensor([[token]])), drafter.state, reading)[0]
+
+    with torch.inference_mode():
+        cache = model.new_cache(1, 32)
+        drafter = _AssistantDrafter(model, ours)
+        drafter.start(None, 32, cache, model(torch.tensor([PROMPT]), cache=cache, last_only=True, with_hidden=True)[1])
+        block = torch.tensor([[greedy[0]] + proposals])
+        snap = _snapshot(cache, block.shape[1])
+        logits, hidden = model(block, cache=cache, with_hidden=True)
+        assert logits[0].argmax(-1).tolist()[:kept + 1] == greedy[1:kept + 2]
+        _rollback(cache, snap, kept + 1)
+        drafter.accepted(proposals, kept, hidden)
+        got = next_logits(drafter, greedy[kept + 1])
+
+        fresh_cache = model.new_cache(1, 32)
+        fresh = _AssistantDrafter(model, ours)
+        fresh.start(None, 32, fresh_cache, model(torch.tensor([PROMPT + greedy[:kept + 1]]), cache=fresh_cache,
+                                                 last_only=True, with_hidden=True)[1])
+        assert cache.length == fresh_cache.length
+        assert (got - next_logits(fresh, greedy[kept + 1])).abs().max().item() <= 1e-5
+
+
+def _copying_assistant(hf_target):
+    """A dense assistant made to propose the token it is given: identity blocks (no attention or MLP
+    output), and a head whose rows are the unit directions of the projected target embeddings."""
+    hf = _hf_assistant(False, seed=5)
+    d = ASSISTANT_TEXT["hidden_size"]
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+            layer.layer_scalar.fill_(1.0)
+        hf.model.norm.weight.fill_(1.0)
+        w = torch.randn(d, TARGET["hidden_size"], generator=torch.Generator().manual_seed(6))
+        hf.pre_projection.weight.copy_(torch.cat([w, torch.zeros_like(w)], 1))
+        rows = hf_target.model.embed_tokens.weight @ w.T
+        hf.model.embed_tokens.weight.copy_(rows / rows.norm(dim=-1, keepdim=True))
+    return hf
+
+
+def test_drafts_that_the_target_accepts(target, tmp_path):
+    """The target repeats tokens here and there; an assistant that proposes the last token has those
+    drafts accepted. Rounds and accepted drafts are what that rule gives on the target's greedy tokens."""
+    hf_target, model, _ = target
+    _copying_assistant(hf_target).save_pretrained(tmp_path / "copy")
+    ours, _ = gemmakit.load(tmp_path / "copy")
+    N, k = 30, 3
+    greedy = plain_greedy(model, PROMPT, N + k)
+    rounds = accepted = produced = i = 0
+    while True:  # the rounds of engine/speculative.py with drafts [g_i] * k
+        produced += 1
+        if produced >= N:
+            break
+        n = 0
+        while n < k and greedy[i + 1 + n] == greedy[i]:
+            n += 1
+        rounds, accepted = rounds + 1, accepted + n
+        produced += min(n, N - produced)
+        if produced >= N:
+            break
+        i += n + 1
+    got, stats = speculative_greedy(model, ours, PROMPT, N, k=k)
+    assert got == greedy[:N]
+    assert accepted > 0 and stats == {"rounds": rounds, "accepted": accepted}
+
+
+@pytest.mark.slow  # a CLI subprocess
+def test_cli_generate_with_an_assistant(target, assistant):
+    _, model, target_path = target
+    _, _, path = assistant
+    run = subprocess.run([sys.executable, "-m", "gemmakit.cli", "generate", "-m", str(target_path), "--json",
+                          "-n", "12", "--draft-model", str(path), "--draft-tokens", "3", "the cat"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    stops = _tokenizer().stop_ids()
+    expected = plain_greedy(model, out["prompt_ids"], 12)
+    expected = expected[:next((i + 1 for i, t in enumerate(expected) if t in stops), len(expected))]
+    assert out["token_ids"] == expected
+    assert out["speculative"]["rounds"] > 0
+
+
+@pytest.mark.slow  # a CLI subprocess
+def test_an_assistant_for_another_target_is_a_one_line_error(target, tmp_path):
+    _, model, target_path = target
+    hf = _hf_assistant(False, seed=3)
+    hf.config.backbone_hidden_size = 48
+    hf.pre_projection = torch.nn.Linear(96, 32, bias=False)
+    hf.post_projection = torch.nn.Linear(32, 48, bias=False)
+    hf.save_pretrained(tmp_path / "other")
+    other, _ = gemmakit.load(tmp_path / "other")
+    with pytest.raises(InvalidRequestError, match="does not fit the target: it was made for a target of width 48"):
+        speculative_greedy(model, other, PROMPT, 4)
+    run = subprocess.run([sys.executable, "-m", "gemmakit.cli", "generate", "-m", str(target_path), "-n", "4",
+                          "--draft-model", str(tmp_path / "other"), "the"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not fit the target" in lines[0], run.stderr
+
+
+def test_an_assistant_of_other_key_value_heads_is_refused(target, tmp_path):
+    _, model, _ = target
+    hf = _hf_assistant(False, seed=4, num_key_value_heads=1, num_attention_heads=2)
+    hf.save_pretrained(tmp_path / "mqa")
+    other, _ = gemmakit.load(tmp_path / "mqa")
+    with pytest.raises(InvalidRequestError, match="local layers read 1 key/value heads of 16"):
+        speculative_greedy(model, other, PROMPT, 4)
+
+
+@pytest.mark.slow  # a live server
+def test_serve_with_an_assistant(target, tmp_path):
+    """`serve --draft-model ASSISTANT`: greedy requests drafted by the assistant, the tokens of the
+    server without a draft."""
+    import httpx
+    import openai
+
+    from gemmakit.serve import build_app
+    from live_server import live_server
+
+    _, model, _ = target
+    _hf_assistant(True, seed=2).save_pretrained(tmp_path / "assistant")
+    ours, _ = gemmakit.load(tmp_path / "assistant")
+    tokenizer = _tokenizer()
+
+    def complete(app) -> tuple[str, str]:
+        with live_server(app) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+            text = client.completions.create(model="m", prompt="the cat", max_tokens=16, temperature=0)
+            return text.choices[0].text, httpx.get(url + "/metrics").text
+
+    want, _ = complete(build_app(model, tokenizer, "m", max_batch=2))
+    got, metrics = complete(build_app(model, tokenizer, "m", max_batch=2, draft=ours, draft_tokens=3))
+    assert got == want and want
+    assert float(next(line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("gemmakit_speculative_rounds_total"))) > 0

@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
     g.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     g.add_argument("--draft-model", metavar="SRC", default=None,
                    help="a smaller model with the same tokenizer that drafts tokens for --model to verify "
-                        "(speculative decoding; greedy only, output identical to --model alone). It loads as "
+                        "(speculative decoding; greedy only, output identical to --model alone), or the Gemma 4 "
+                        "assistant directory made for --model (Gemma4AssistantForCausalLM), which drafts from "
+                        "--model's own cache and hidden state. It loads as "
                         "its own default (a quantised .gguf stays in its blocks whatever --quant says), so "
                         "the same file can draft for its float32 self: --quant none --draft-model FILE")
     g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (default 4)")

@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
                    help="most tokens per sequence, prompt included (default: the context, capped at 4096)")
     s.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     s.add_argument("--draft-model", metavar="SRC", default=None,
-                   help="a smaller model with the same tokenizer: greedy single-choice requests (temperature 0, "
+                   help="a smaller model with the same tokenizer, or the Gemma 4 assistant directory made for "
+                        "--model: greedy single-choice requests (temperature 0, "
                         "no logprobs) are then served one at a time with speculative decoding, same tokens; "
                         "other requests keep the batching engine")
     s.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (default 4)")

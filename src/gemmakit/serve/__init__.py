@@ -68,9 +68,10 @@ def build_app(model, tokenizer, name: str, api_key: str | None = None, max_batch
         model = model.decoder
     speculative = None
     if draft is not None:
+        from gemmakit.engine.speculative import drafting_model
         from gemmakit.serve.speculative import SpeculativeRunner
 
-        speculative = SpeculativeRunner(model, getattr(draft, "decoder", draft), tokenizer, draft_tokens)
+        speculative = SpeculativeRunner(model, drafting_model(draft), tokenizer, draft_tokens)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes,
                     **engine_options)
     return create_app(engine, tokenizer, name, api_key=api_key, accepts_images=vision is not None, vision=vision,
