@@ -40,31 +40,31 @@ ASSISTANT_TEXT = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=4
                       sliding_window=WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                       max_position_embeddings=256, attention_k_eq_v=True, num_global_key_value_heads=1,
                       hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
+UNIFIED_TEXT = {k: v for k, v in ASSISTANT_TEXT.items() if "per_layer_input" not in k}
 CLUSTERS = dict(use_ordered_embeddings=True, num_centroids=13, centroid_intermediate_top_k=3)  # 299 = 13 x 23
 PROMPT = [2, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150]  # longer than the window
 
 
 @pytest.fixture(scope="module", autouse=True)
 def all_shared_layers():
-    """transformers 5.23's ``Gemma4TextConfig.kv_sharing_modes`` raises for a config whose layers all
-    read shared keys and values, which every assistant is, so no assistant can be built; 5.25 returns
-    "reuse" for each layer then. That answer is put in place where the installed version lacks it."""
-    config = transformers.Gemma4TextConfig(**{**ASSISTANT_TEXT, "num_kv_shared_layers": 3})
-    try:
-        config.kv_sharing_modes  # noqa: B018
-        yield
-        return
-    except ValueError:
-        pass
-    original = transformers.Gemma4TextConfig.kv_sharing_modes
-
-    def modes(self):
-        if self.num_kv_shared_layers == self.num_hidden_layers:
-            return ["reuse"] * self.num_hidden_layers
-        return original.fget(self)
-
+    """transformers 5.23's ``kv_sharing_modes`` (of Gemma4TextConfig and Gemma4UnifiedTextConfig)
+    raises for a config whose layers all read shared keys and values, which every assistant is, so
+    no assistant can be built; 5.25 returns "reuse" for each layer then. That answer is put in
+    place where the installed version lacks it."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transformers.Gemma4TextConfig, "kv_sharing_modes", property(modes))
+        for cls in (transformers.Gemma4TextConfig, transformers.Gemma4UnifiedTextConfig):
+            try:
+                cls(**{**UNIFIED_TEXT, "num_kv_shared_layers": 3}).kv_sharing_modes  # noqa: B018
+                continue
+            except ValueError:
+                pass
+
+            def modes(self, original=cls.kv_sharing_modes):
+                if self.num_kv_shared_layers == self.num_hidden_layers:
+                    return ["reuse"] * self.num_hidden_layers
+                return original.fget(self)
+
+            patch.setattr(cls, "kv_sharing_modes", property(modes))
         yield
 
 
@@ -132,8 +132,25 @@ def test_logits_match_transformers_for_the_targets_state(target, assistant):
     """Three drafting steps from the target's state after the prompt: the target's embedding of the
     next token and its last hidden state in, then the assistant's own state, over the target's keys
     and values (transformers is handed the sliding ones a query at the next position sees)."""
-    hf_target, model, _ = target
     hf, ours, _ = assistant
+    _compare_drafting_steps(target, hf, ours)
+
+
+def test_unified_assistant_logits_match_transformers(target, tmp_path):
+    """The 12B's assistant (gemma4_unified_assistant, whose text config has no per-layer embeddings)."""
+    config = transformers.Gemma4UnifiedAssistantConfig(
+        text_config=transformers.Gemma4UnifiedTextConfig(**UNIFIED_TEXT), backbone_hidden_size=TARGET["hidden_size"],
+        **CLUSTERS)
+    hf = transformers.Gemma4UnifiedAssistantForCausalLM(config).eval()
+    _randomise(hf, 7)
+    hf.masked_embedding.token_ordering.copy_(torch.randperm(VOCAB_SIZE, generator=torch.Generator().manual_seed(7)))
+    hf.save_pretrained(tmp_path)
+    ours, _ = gemmakit.load(tmp_path)
+    _compare_drafting_steps(target, hf, ours)
+
+
+def _compare_drafting_steps(target, hf, ours) -> None:
+    hf_target, model, _ = target
     ids = torch.tensor([PROMPT])
     P = len(PROMPT)
     with torch.no_grad():
@@ -159,6 +176,19 @@ def test_logits_match_transformers_for_the_targets_state(target, assistant):
             assert (got_logits - want_logits).abs().max().item() <= 1e-4
             assert (state - want_state).abs().max().item() <= 1e-4
             token = got_logits.argmax(-1)
+
+
+def test_info_counts_an_assistant_and_convert_refuses_it(assistant, tmp_path):
+    from gemmakit.convert import convert
+    from gemmakit.info import describe
+
+    hf, ours, path = assistant
+    report = describe(str(path))
+    assert report["parameters"] == sum(p.numel() for p in hf.parameters()) + ours.config.decoder.num_layers
+    assert report["parameters"] == sum(p.numel() for p in ours.parameters())
+    assert report["kv_cache_bytes"]["float32"] == 0  # it reads its target's
+    with pytest.raises(InvalidRequestError, match="assistant drafter"):
+        convert(path, tmp_path / "out")
 
 
 def test_propose_is_the_argmax_of_the_logits(target, assistant):

@@ -18,6 +18,7 @@ from gemmakit.checkpoints.base import parameter_shapes
 from gemmakit.checkpoints.hf_writer import DEFAULT_SHARD_BYTES, save_recurrent_gemma, write_hf_directory
 from gemmakit.checkpoints.safetensors import hf_names
 from gemmakit.errors import CheckpointError, InvalidRequestError
+from gemmakit.models.assistant import AssistantConfig
 from gemmakit.models.config import ModelConfig
 
 
@@ -34,6 +35,9 @@ def convert(source: str | Path | None, destination: str | Path, dtype: torch.dty
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise InvalidRequestError(f"{destination} already exists; give a new directory to write to")
     checkpoint = open_checkpoint(source, config, matformer)
+    if isinstance(checkpoint.config, AssistantConfig):
+        raise InvalidRequestError(f"{checkpoint.source} is a Gemma 4 assistant drafter, read only from its Hugging "
+                                  "Face directory as it is; use it as --draft-model for its Gemma 4 model")
     if checkpoint.config.family == "recurrentgemma":  # its own transformers layout (checkpoints/recurrent_gemma.py)
         if destination.is_dir():
             destination.rmdir()  # empty (checked above)

@@ -63,6 +63,10 @@ def describe(source: str | None, context: int | None = None, matformer=None) -> 
                            "hidden_size": v.hidden_size, "tokens_per_image": config.tokens_per_image,
                            "parameters": v.num_parameters()}
         config = config.text
+    if hasattr(config, "backbone_hidden_size"):  # an assistant drafter: its layers keep no cache
+        extra["assistant"] = {"target_hidden_size": config.backbone_hidden_size,
+                              "clusters": config.num_centroids, "clusters_scored": config.centroid_top_k}
+        config = config.decoder
     kinds = Counter(config.layer_kinds)
     return {
         **extra,
@@ -147,6 +151,12 @@ def format_report(r: dict[str, Any]) -> str:
     if "kv_shared_layers" in r:
         lines.append(f"K/V sharing  the last {r['kv_shared_layers']} layers reuse earlier layers' keys/values "
                      "(no cache of their own)")
+    if "assistant" in r:
+        a = r["assistant"]
+        head = (f"clustered head: {a['clusters']} clusters, {a['clusters_scored']} scored" if a["clusters"]
+                else "dense head")
+        lines.append(f"assistant    drafts for a Gemma 4 model of width {a['target_hidden_size']}, reading its "
+                     f"keys/values (no cache of its own); {head}")
     if "vision" in r:
         v = r["vision"]
         lines.append(f"vision       SigLIP {v['image_size']}px / {v['patch_size']}, {v['layers']} layers x "
