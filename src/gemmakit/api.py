@@ -24,6 +24,7 @@ from gemmakit.errors import InvalidRequestError, TokenizerError
 from gemmakit.heap import forget_unused_code, keep_freed_heap, return_freed_heap
 from gemmakit.kernels import build, gemm
 from gemmakit.kernels.gemm import HALF_TYPES
+from gemmakit.models.assistant import AssistantModel
 from gemmakit.models.decoder import GemmaModel
 from gemmakit.quant.grouped import GGMLWeight, set_prefill_dtype
 from gemmakit.quant.linear import default_compute_dtype, quantize_model, requantize_blocks
@@ -205,6 +206,8 @@ def load_model(source: str | Path | None = None, options: LoadOptions = LoadOpti
     decoder = getattr(model, "decoder", model)  # a vision model's language decoder holds the caches
     decoder.kv_int8 = options.kv_cache == "int8"
     if options.compile:
+        if isinstance(model, AssistantModel):
+            raise InvalidRequestError("--compile covers decoding models; a Gemma 4 assistant drafter runs eagerly")
         if "recurrent" in decoder.config.layer_kinds:
             raise InvalidRequestError("--compile covers attention models; RecurrentGemma runs eagerly")
         decoder.compile_decode()
