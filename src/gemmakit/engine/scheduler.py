@@ -174,6 +174,8 @@ class Engine:
             raise InvalidRequestError(f"n must be in [1, {self.rows * 4}], got {request.n}")
         if request.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a model with a tokenizer")
+        if any(not 0 <= t < vocab for t, _ in request.params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
         handle = RequestHandle(next(self._ids), request, on_event)
         max_new = min(request.max_tokens, self.max_seq_len - len(prompt))
         stop_ids = self.default_stop_ids if request.stop_ids is None else request.stop_ids
@@ -301,7 +303,7 @@ class Engine:
             seq.fed += len(chunk)
             self.stats.prefilled_tokens_total += len(chunk)
             if seq.fed == seq.prompt_len:
-                produced += self._sample(seq, logits[i], picks[i])
+                produced += self._sample_or_fail(seq, logits[i], picks[i])
         return produced
 
     def _decode(self, seqs: list[_Sequence]) -> int:
@@ -311,8 +313,18 @@ class Engine:
         for i, seq in enumerate(seqs):
             self._row_tokens[seq.row].append(seq.tokens[-1])
             seq.fed += 1
-            produced += self._sample(seq, logits[i], picks[i])
+            produced += self._sample_or_fail(seq, logits[i], picks[i])
         return produced
+
+    def _sample_or_fail(self, seq: _Sequence, logits: torch.Tensor, token: int | None) -> int:
+        """:meth:`_sample`, where an error fails ``seq`` alone: what goes wrong in one row's sampling
+        (its parameters, its grammar, its consumer) is that row's, and its batch-mates go on."""
+        try:
+            return self._sample(seq, logits, token)
+        except Exception as exc:
+            if seq.row >= 0:
+                self._fail(seq, f"{type(exc).__name__}: {exc}")
+            return 0
 
     def _forward(self, seqs: list[_Sequence], chunks: list[list[int]]) -> torch.Tensor:
         """Run ``chunks`` (one per sequence) on the smallest slice of rows holding them -> logits [len(seqs), V]."""
@@ -391,12 +403,17 @@ class Engine:
         except Exception:  # a broken consumer must not stop the engine
             handle.cancel()
 
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        """End ``seq`` with an error; its row's keys/values are dropped, as nothing vouches for them."""
+        self.cache.truncate(seq.row, 0)
+        self._row_tokens[seq.row] = []
+        self._finish(seq, "error", message)
+
     def _fail_running(self, message: str) -> None:
+        """A step that failed outside any one row's sampling (a forward pass) fails every running row."""
         for seq in list(self._owner):
             if seq is not None:
-                self.cache.truncate(seq.row, 0)
-                self._row_tokens[seq.row] = []
-                self._finish(seq, "error", message)
+                self._fail(seq, message)
 
     # --- a synchronous helper (tests, scripts) --------------------------------------------------
 
@@ -427,10 +444,10 @@ class Engine:
 
 
 def _plain_greedy_picks(seqs: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
-    """The argmax of each row of ``logits [len(seqs), V]`` whose sequence decodes greedily without
-    penalties (None for the others, which :meth:`Engine._sample` samples alone): one argmax and
+    """The argmax of each row of ``logits [len(seqs), V]`` whose sequence decodes greedily on the
+    model's own logits (None for the others, which :meth:`Engine._sample` samples alone): one argmax and
     one read-back for the batch, where row by row would wait for the device once per row."""
-    plain = [i for i, s in enumerate(seqs) if s.handle.request.params.greedy and not s.handle.request.params.penalised]
+    plain = [i for i, s in enumerate(seqs) if s.handle.request.params.plain_greedy]
     picks: list[int | None] = [None] * len(seqs)
     if plain:
         for i, token in zip(plain, argmax(logits[plain]).tolist()):

@@ -2,7 +2,7 @@
 
 A field the server does not implement is refused with a 400 that names it (``extra="forbid"``
 here, and the same rule inside ``messages``), never silently ignored: a client that sends
-``logit_bias`` or ``tools`` learns at once that it has no effect. ``null`` means "not given", as
+``tools`` or ``suffix`` learns at once that it has no effect. ``null`` means "not given", as
 in OpenAI's API, so a field sent as null takes its default.
 
 The validators raise :func:`~gemmakit.serve.errors.invalid` with messages written for the
@@ -13,6 +13,7 @@ accepts: an int where a number is asked for, never a bool where an int is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -35,6 +36,8 @@ def _check(value: Any, name: str, kinds: tuple[type, ...], low: float | None = N
     """``value`` if it is one of ``kinds`` (a bool is no int) within ``[low, high]`` where given."""
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise invalid(f"'{name}' must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}", name)
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise invalid(f"'{name}' must be a finite number, got {value}", name)
     if low is not None and value < low or high is not None and value > high:
         bounds = f">= {low}" if high is None else f"between {low} and {high}"
         raise invalid(f"'{name}' must be {bounds}, got {value}", name)
@@ -59,6 +62,31 @@ def _stop(value: Any) -> tuple[str, ...]:
 
 
 Number = (int, float)
+
+
+def _logit_bias(value: Any, info: ValidationInfo) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}``, bias in [-100, 100], as sorted ``(id, bias)`` pairs."""
+    if not isinstance(value, dict):
+        raise invalid("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    if len(value) > 1024:  # OpenAI's limit; each entry costs a scatter per token
+        raise invalid(f"'logit_bias' may hold at most 1024 tokens, got {len(value)}", "logit_bias")
+    vocab = (info.context or {}).get("vocab_size")
+    out = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else None
+        if token is None or token < 0 or vocab is not None and token >= vocab:
+            raise invalid(f"'logit_bias' keys must be token ids in [0, {vocab}), got {key!r}", "logit_bias")
+        out[token] = float(_check(bias, f"logit_bias.{key}", Number, -100.0, 100.0))
+    return tuple(sorted(out.items()))
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    """OpenAI's bookkeeping map: at most 16 string pairs (keys up to 64 characters, values up to 512)."""
+    if not isinstance(value, dict) or len(value) > 16 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in value.items()):
+        raise invalid("'metadata' must be an object of at most 16 string values (keys up to 64 characters, "
+                      "values up to 512)", "metadata")
+    return value
 
 
 class Body(BaseModel):
@@ -219,7 +247,9 @@ class Sampling(ServedRequest):
     stream: Annotated[bool, checked((bool,))] = False
     stream_options: Annotated[StreamOptions, checked((dict,))] = StreamOptions()
     n: Annotated[int, checked((int,), 1, 16)] = 1
+    logit_bias: Annotated[tuple[tuple[int, float], ...], BeforeValidator(_logit_bias)] = ()
     ignore_eos: Annotated[bool, checked((bool,))] = False
+    user: Annotated[str | None, checked((str,))] = None  # bookkeeping: accepted, not used
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -229,7 +259,7 @@ class Sampling(ServedRequest):
         params = SamplingParams(temperature=self.temperature, top_p=self.top_p or 1e-9, top_k=self.top_k,  # 0: top-1
                                 min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                                seed=self.seed)
+                                seed=self.seed, logit_bias=self.logit_bias)
         return Common(max_tokens=default_max_tokens if max_tokens is None else max_tokens, params=params, n=self.n,
                       stop=self.stop, stream=self.stream, include_usage=bool(self.stream_options.include_usage),
                       ignore_eos=self.ignore_eos)
@@ -242,6 +272,12 @@ class ChatRequest(Sampling):
     max_completion_tokens: Annotated[int | None, checked((int,), 1)] = None  # OpenAI's newer name, first
     logprobs: Annotated[bool, checked((bool,))] = False
     top_logprobs: Annotated[int | None, checked((int,), 0, 20)] = None
+    # OpenAI's bookkeeping fields, accepted and not used: this server keeps no completions (store),
+    # and prefix caching needs no key (prompt_cache_key)
+    metadata: Annotated[dict[str, str] | None, BeforeValidator(_metadata)] = None
+    store: Annotated[bool, checked((bool,))] = False
+    safety_identifier: Annotated[str | None, checked((str,))] = None
+    prompt_cache_key: Annotated[str | None, checked((str,))] = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatRequest:

@@ -152,6 +152,6 @@ def _check_supported(common: Common, logprobs: bool) -> None:
     if logprobs:
         raise FieldError("logprobs are not available for vision models", "logprobs")
     p, default = common.params, SamplingParams()
-    for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+    for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"):
         if getattr(p, name) != getattr(default, name):
             raise FieldError(f"'{name}' is not supported for vision models", name)
