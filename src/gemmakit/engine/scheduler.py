@@ -11,6 +11,10 @@ sequence holds one row. Every iteration of the loop
 4. runs one decode step for every sequence that has a sampled token to feed;
 5. samples per sequence with its own parameters and generator, and reports tokens as events.
 
+A sequence with a grammar (engine/grammar.py) samples under its own token mask; constrained
+and free sequences share the batch. The masks of a step are computed on a worker thread while
+its forward pass runs, and applied to each row by the sampler.
+
 So requests join and leave the batch at token boundaries. The engine knows nothing of HTTP: a
 caller hands :meth:`Engine.submit` a callback, which runs on the engine thread.
 """
@@ -26,6 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemmakit.engine.grammar import (
+    CompiledGrammar, Grammar, GrammarCompiler, GrammarMatcher, apply_mask, fill_masks, start_masks,
+)
 from gemmakit.engine.sampling import SamplingParams, apply_penalties, argmax, make_generator, sample_one
 from gemmakit.engine.stopping import TokenOutput
 from gemmakit.errors import InvalidRequestError
@@ -44,6 +51,7 @@ class Request:
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
     stop_ids: frozenset[int] | None = None  # None: the tokenizer's end-of-turn ids
     logprobs: int | None = None  # None: off; k: the chosen token's logprob plus the k best
+    grammar: Grammar | CompiledGrammar | None = None  # what the output must match (each choice its own state)
 
 
 @dataclass
@@ -93,6 +101,7 @@ class _Sequence:
     generated: int = 0
     counts: torch.Tensor | None = None  # [V] times each token was generated (penalties)
     seen: torch.Tensor | None = None  # [V] bool: in prompt or output (repetition penalty)
+    grammar: GrammarMatcher | None = None
 
 
 @dataclass
@@ -176,9 +185,14 @@ class Engine:
             raise InvalidRequestError("stop strings need a model with a tokenizer")
         if any(not 0 <= t < vocab for t, _ in request.params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
+        grammar = request.grammar
+        if isinstance(grammar, Grammar):
+            grammar = self.compile_grammar(grammar)
         handle = RequestHandle(next(self._ids), request, on_event)
         max_new = min(request.max_tokens, self.max_seq_len - len(prompt))
         stop_ids = self.default_stop_ids if request.stop_ids is None else request.stop_ids
+        if grammar is not None:  # a complete output may end with an end token, whatever ignore_eos says
+            stop_ids = stop_ids | grammar.eos_ids
         seqs = []
         for i in range(request.n):
             seed = None if request.params.seed is None else request.params.seed + i
@@ -186,13 +200,24 @@ class Engine:
                 handle=handle, index=i, tokens=list(prompt), prompt_len=len(prompt), max_new=max_new,
                 generator=make_generator(seed),
                 output=TokenOutput(stop_ids, request.stop,
-                                   self.tokenizer.stream_decoder() if self.tokenizer is not None else None)))
+                                   self.tokenizer.stream_decoder() if self.tokenizer is not None else None),
+                grammar=grammar.matcher() if grammar is not None else None))
         with self._lock:
             self.stats.requests_total += 1
             self.stats.prompt_tokens_total += len(prompt) * request.n
             self._incoming.extend(seqs)
             self._lock.notify()
         return handle
+
+    def compile_grammar(self, grammar: Grammar) -> CompiledGrammar:
+        """``grammar`` checked against this engine's vocabulary (a :class:`GrammarError` if it is bad).
+
+        The first grammar builds the vocabulary's index (about a second for 262k tokens); a caller
+        that must not block (the server's event loop) calls this on a thread and submits the result.
+        """
+        if self.tokenizer is None:
+            raise InvalidRequestError("a grammar needs a model with a tokenizer")
+        return GrammarCompiler.for_tokenizer(self.tokenizer, self.model.config.vocab_size).compile(grammar)
 
     @property
     def queue_depth(self) -> int:
@@ -295,7 +320,8 @@ class Engine:
     def _prefill(self, seqs: list[_Sequence]) -> int:
         """One chunk of every prompt still being read, left-padded into one forward pass."""
         chunks = [s.tokens[s.fed:min(s.fed + self.prefill_chunk, s.prompt_len)] for s in seqs]
-        logits = self._forward(seqs, chunks)
+        ending = [i for i, (s, c) in enumerate(zip(seqs, chunks)) if s.fed + len(c) == s.prompt_len]
+        logits, masks = self._forward_and_masks(seqs, chunks, ending)
         produced = 0
         picks = _plain_greedy_picks(seqs, logits)  # (used only by rows whose prompt ends in this chunk)
         for i, (seq, chunk) in enumerate(zip(seqs, chunks)):
@@ -303,24 +329,43 @@ class Engine:
             seq.fed += len(chunk)
             self.stats.prefilled_tokens_total += len(chunk)
             if seq.fed == seq.prompt_len:
-                produced += self._sample_or_fail(seq, logits[i], picks[i])
+                produced += self._sample_or_fail(seq, logits[i], picks[i], masks.get(i))
         return produced
 
     def _decode(self, seqs: list[_Sequence]) -> int:
-        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs])
+        logits, masks = self._forward_and_masks(seqs, [[s.tokens[-1]] for s in seqs], range(len(seqs)))
         picks = _plain_greedy_picks(seqs, logits)
         produced = 0
         for i, seq in enumerate(seqs):
             self._row_tokens[seq.row].append(seq.tokens[-1])
             seq.fed += 1
-            produced += self._sample_or_fail(seq, logits[i], picks[i])
+            produced += self._sample_or_fail(seq, logits[i], picks[i], masks.get(i))
         return produced
 
-    def _sample_or_fail(self, seq: _Sequence, logits: torch.Tensor, token: int | None) -> int:
+    def _forward_and_masks(self, seqs: list[_Sequence], chunks: list[list[int]],
+                           sampling) -> tuple[torch.Tensor, dict[int, object]]:
+        """:meth:`_forward`, and beside it, on the grammar worker thread, the next-token masks of
+        the constrained rows among ``sampling`` (indices into ``seqs``): ``(logits, {index: mask})``.
+
+        A failed mask computation is no row's in particular, so it leaves ``{}``: each constrained
+        row then computes its own in :meth:`_sample`, where an error fails that row alone.
+        """
+        constrained = [i for i in sampling if seqs[i].grammar is not None]
+        job = start_masks([seqs[i].grammar for i in constrained]) if constrained else None
+        try:
+            logits = self._forward(seqs, chunks)
+        finally:
+            try:
+                masks = dict(zip(constrained, job.result())) if job is not None else {}
+            except Exception:
+                masks = {}
+        return logits, masks
+
+    def _sample_or_fail(self, seq: _Sequence, logits: torch.Tensor, token: int | None, mask=None) -> int:
         """:meth:`_sample`, where an error fails ``seq`` alone: what goes wrong in one row's sampling
         (its parameters, its grammar, its consumer) is that row's, and its batch-mates go on."""
         try:
-            return self._sample(seq, logits, token)
+            return self._sample(seq, logits, token, mask)
         except Exception as exc:
             if seq.row >= 0:
                 self._fail(seq, f"{type(exc).__name__}: {exc}")
@@ -343,9 +388,12 @@ class Engine:
         index = torch.tensor([s.row - lo for s in seqs], device=logits.device)
         return logits[index, -1].float()  # [len(seqs), V]
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor, token: int | None = None) -> int:
+    def _sample(self, seq: _Sequence, logits: torch.Tensor, token: int | None = None, mask=None) -> int:
         """Pick the next token of ``seq`` from ``logits [V]`` (unless ``token`` is already picked,
-        by :func:`_plain_greedy_picks`), report it, and finish if it stops."""
+        by :func:`_plain_greedy_picks`), under its grammar's ``mask`` if it has a grammar (computed
+        here if not given), report it, and finish if it stops.
+
+        Logprobs are the model's own, before biases, penalties and the mask, as vLLM reports them."""
         params = seq.handle.request.params
         raw = logits
         if params.penalised:
@@ -354,8 +402,14 @@ class Engine:
                 seq.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
                 seq.seen[torch.tensor(seq.tokens[:seq.prompt_len])] = True
             logits = apply_penalties(logits, params, seq.seen, seq.counts)
+        if seq.grammar is not None:
+            logits = apply_mask(logits, mask if mask is not None else fill_masks([seq.grammar])[0])
         if token is None:
             token = sample_one(logits, params, seq.generator)
+        ended = False
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
+            ended = seq.grammar.finished
         seq.tokens.append(token)
         seq.generated += 1
         if seq.counts is not None:
@@ -373,7 +427,7 @@ class Engine:
             if want > 0:
                 top = torch.topk(logp, want)
                 event.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
-        event.text, finish = seq.output.push(token, seq.generated, seq.max_new)
+        event.text, finish = seq.output.push(token, seq.generated, seq.max_new, end=ended)
         if finish is not None:
             event.finish_reason = finish
             self._emit(handle, event)
@@ -447,7 +501,7 @@ def _plain_greedy_picks(seqs: list[_Sequence], logits: torch.Tensor) -> list[int
     """The argmax of each row of ``logits [len(seqs), V]`` whose sequence decodes greedily on the
     model's own logits (None for the others, which :meth:`Engine._sample` samples alone): one argmax and
     one read-back for the batch, where row by row would wait for the device once per row."""
-    plain = [i for i, s in enumerate(seqs) if s.handle.request.params.plain_greedy]
+    plain = [i for i, s in enumerate(seqs) if s.handle.request.params.plain_greedy and s.grammar is None]
     picks: list[int | None] = [None] * len(seqs)
     if plain:
         for i, token in zip(plain, argmax(logits[plain]).tolist()):
