@@ -19,8 +19,9 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
+from gemmakit.engine.grammar import CompiledGrammar, GrammarError
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
-from gemmakit.serve.errors import error_response
+from gemmakit.serve.errors import FieldError, error_response
 from gemmakit.serve.schemas import Common
 from gemmakit.serve.state import ServerState
 
@@ -43,15 +44,16 @@ async def run(state: ServerState, request: HTTPRequest, prompt: list[int], commo
     ``images`` (rendered text, image bytes) sends it to the vision runner; greedy requests go to
     the speculative runner when there is one; everything else to the batching engine.
     """
+    grammar = await compiled_grammar(state, common)
     stream = _Stream(asyncio.get_running_loop())
     if images is not None:
-        handle = state.vision.submit(images[0], images[1], prompt, common, stream.on_event)
-    elif state.speculative is not None and state.speculative.accepts(common, logprobs):
+        handle = state.vision.submit(images[0], images[1], prompt, common, stream.on_event, grammar)
+    elif grammar is None and state.speculative is not None and state.speculative.accepts(common, logprobs):
         handle = state.speculative.submit(prompt, common, stream.on_event)
     else:
         engine_request = Request(prompt_ids=tuple(prompt), max_tokens=common.max_tokens, params=common.params,
                                  n=common.n, stop=common.stop, logprobs=logprobs,
-                                 stop_ids=frozenset() if common.ignore_eos else None)
+                                 stop_ids=frozenset() if common.ignore_eos else None, grammar=grammar)
         handle = state.engine.submit(engine_request, stream.on_event)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     answer = _Answer(state, handle, stream, rid, chat)
@@ -59,6 +61,17 @@ async def run(state: ServerState, request: HTTPRequest, prompt: list[int], commo
         return StreamingResponse(answer.sse(common.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return await answer.collect(request)
+
+
+async def compiled_grammar(state: ServerState, common: Common) -> CompiledGrammar | None:
+    """The request's grammar compiled against the served vocabulary, on a thread (the first one
+    builds the vocabulary's index, about a second); one that does not compile is a 400 naming its field."""
+    if common.constraint is None:
+        return None
+    try:
+        return await asyncio.to_thread(state.engine.compile_grammar, common.constraint.grammar)
+    except GrammarError as exc:
+        raise FieldError(str(exc), common.constraint.param) from None
 
 
 class _Answer:

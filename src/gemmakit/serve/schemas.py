@@ -14,12 +14,14 @@ accepts: an int where a number is asked for, never a bool where an int is.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from gemmakit.engine.grammar import Grammar, GrammarError
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.serve.errors import FieldError, invalid
 
@@ -198,6 +200,85 @@ def text_chat(messages: list[Message], accepts_images: bool) -> list[dict[str, s
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A request's grammar, and the field it came from (the ``param`` of a 400 if it does not compile)."""
+
+    grammar: Grammar
+    param: str
+
+
+_FORMAT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _response_format(value: Any) -> Constraint | None:
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` or ``json_schema``.
+
+    A ``json_schema`` constrains the output whether ``strict`` or not. Strict, a keyword the
+    grammar library does not implement is a 400; not strict, it is ignored (the output still
+    follows everything else in the schema).
+    """
+    if not isinstance(value, dict):
+        raise invalid("'response_format' must be an object with a 'type'", "response_format")
+    kind = value.get("type")
+    if kind in ("text", "json_object"):
+        _no_other_keys(value, ("type",), "response_format")
+        return None if kind == "text" else Constraint(Grammar.json_object(), "response_format")
+    if kind != "json_schema":
+        raise invalid(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                      "response_format.type")
+    _no_other_keys(value, ("type", "json_schema"), "response_format")
+    spec = value.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise invalid(f"'{where}' must be an object with 'name' and 'schema'", where)
+    _no_other_keys(spec, ("name", "description", "schema", "strict"), where)
+    name = spec.get("name")
+    if not isinstance(name, str) or not _FORMAT_NAME.fullmatch(name):
+        raise invalid(f"'{where}.name' must be 1 to 64 letters, digits, '_' or '-'", f"{where}.name")
+    if not isinstance(spec.get("description", ""), str):
+        raise invalid(f"'{where}.description' must be a string", f"{where}.description")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid(f"'{where}.strict' must be true or false", f"{where}.strict")
+    schema = spec.get("schema", {})  # OpenAI's schema is optional: then any JSON value
+    if not isinstance(schema, (dict, bool)):
+        raise invalid(f"'{where}.schema' must be a JSON schema object", f"{where}.schema")
+    return Constraint(Grammar.json_schema(schema, lenient=not strict), f"{where}.schema")
+
+
+STRUCTURED_OUTPUTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _structured_outputs(value: Any) -> Constraint:
+    """vLLM's extension ``structured_outputs``: exactly one of ``json`` (a schema), ``regex``,
+    ``choice`` (a list of strings), ``grammar`` (Lark or GBNF) or ``json_object: true``."""
+    if not isinstance(value, dict):
+        raise invalid("'structured_outputs' must be an object", "structured_outputs")
+    _no_other_keys(value, STRUCTURED_OUTPUTS, "structured_outputs")
+    given = [k for k in STRUCTURED_OUTPUTS if value.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise invalid(f"'structured_outputs' needs exactly one of {', '.join(STRUCTURED_OUTPUTS)}",
+                      "structured_outputs")
+    key = given[0]
+    item, where = value[key], f"structured_outputs.{key}"
+    try:
+        if key == "json" and isinstance(item, (dict, bool, str)):
+            return Constraint(Grammar.json_schema(item), where)
+        if key in ("regex", "grammar") and isinstance(item, str) and item:
+            return Constraint(Grammar.regex(item) if key == "regex" else Grammar.lark(item), where)
+        if key == "choice" and isinstance(item, list) and item and all(isinstance(c, str) and c for c in item):
+            return Constraint(Grammar.choice(item), where)
+        if key == "json_object" and item is True:
+            return Constraint(Grammar.json_object(), where)
+    except GrammarError as exc:  # JSON text that is not JSON
+        raise invalid(str(exc), where) from None
+    wanted = {"json": "a JSON schema (an object or its JSON text)", "regex": "a non-empty string",
+              "grammar": "a non-empty string", "choice": "a non-empty list of non-empty strings",
+              "json_object": "true"}[key]
+    raise invalid(f"'{where}' must be {wanted}", where)
+
+
+@dataclass(frozen=True)
 class Common:
     """The fields chat and text completions share, as the engine and the runners take them."""
 
@@ -208,6 +289,7 @@ class Common:
     stream: bool
     include_usage: bool
     ignore_eos: bool  # vLLM's extension: keep going past end-of-turn tokens (benchmarks, tests)
+    constraint: Constraint | None = None  # response_format or structured_outputs
 
 
 class ServedRequest(Body):
@@ -250,6 +332,14 @@ class Sampling(ServedRequest):
     logit_bias: Annotated[tuple[tuple[int, float], ...], BeforeValidator(_logit_bias)] = ()
     ignore_eos: Annotated[bool, checked((bool,))] = False
     user: Annotated[str | None, checked((str,))] = None  # bookkeeping: accepted, not used
+    response_format: Annotated[Constraint | None, BeforeValidator(_response_format)] = None
+    structured_outputs: Annotated[Constraint | None, BeforeValidator(_structured_outputs)] = None  # vLLM's
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> Sampling:
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise invalid("give 'response_format' or 'structured_outputs', not both", "structured_outputs")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -262,7 +352,7 @@ class Sampling(ServedRequest):
                                 seed=self.seed, logit_bias=self.logit_bias)
         return Common(max_tokens=default_max_tokens if max_tokens is None else max_tokens, params=params, n=self.n,
                       stop=self.stop, stream=self.stream, include_usage=bool(self.stream_options.include_usage),
-                      ignore_eos=self.ignore_eos)
+                      ignore_eos=self.ignore_eos, constraint=self.response_format or self.structured_outputs)
 
 
 class ChatRequest(Sampling):
