@@ -397,10 +397,23 @@ def _prompt(value: Any) -> str | list[int]:
 
 
 class CompletionRequest(Sampling):
-    """``POST /v1/completions``: one prompt, a string (encoded with <bos>) or token ids."""
+    """``POST /v1/completions``: one prompt, a string (encoded with <bos>) or token ids.
+
+    ``echo`` puts the prompt before the completion, and with ``logprobs`` its tokens' logprobs
+    before the completion's (the first token's null); ``max_tokens: 0`` then scores a text
+    without generating, as evaluation harnesses do.
+    """
 
     prompt: Annotated[str | list[int], BeforeValidator(_prompt)] = Field(default=None, validate_default=True)
     logprobs: Annotated[int | None, checked((int,), 0, 20)] = None
+    max_tokens: Annotated[int | None, checked((int,), 0)] = None
+    echo: Annotated[bool, checked((bool,))] = False
+
+    @model_validator(mode="after")
+    def _echo_is_not_streamed(self) -> CompletionRequest:
+        if self.echo and self.stream:
+            raise invalid("'echo' is not supported with 'stream': true", "echo")
+        return self
 
     @property
     def logprob_count(self) -> int | None:
