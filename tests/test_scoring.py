@@ -125,6 +125,17 @@ def test_scoring_requests_run_concurrently(served, client):
         assert got[i][1:] == pytest.approx(reference(model, tokenizer.encode(p, add_bos=True))[0], abs=2e-4)
 
 
+def test_tokenizer_info(served):
+    """vLLM's route, which lm-eval's remote tokenizer reads before it tokenises through /tokenize."""
+    url, _, tokenizer, _ = served
+    import httpx
+
+    info = httpx.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["eos_token"] == "<eos>" and info["bos_token"] == "<bos>" and info["pad_token"] == "<pad>"
+    ids = post(url, "/tokenize", {"prompt": info["bos_token"], "add_special_tokens": False}).json()["tokens"]
+    assert ids == [tokenizer.bos_id]
+
+
 def test_echo_errors(served):
     url = served[0]
     err = error_of(post(url, "/v1/completions", {"prompt": "x", "echo": True, "stream": True}), 400)
