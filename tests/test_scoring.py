@@ -146,3 +146,22 @@ def test_echo_errors(served):
     err = error_of(post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                       "echo": True}), 400)
     assert err["code"] == "unsupported_field"
+
+
+def test_real_model_scores_equal_a_forward_pass(real_model):
+    """The real 270M through the server: echo + logprobs + max_tokens 0 gives each prompt token's
+    logprob as one plain forward pass over the prompt does."""
+    from gemmakit.engine.scheduler import Engine
+    from gemmakit.serve.app import create_app
+
+    model, tokenizer = real_model
+    prompt = "The capital of France is Paris, and the capital of Italy is Rome."
+    want, best = reference(model, tokenizer.encode(prompt, add_bos=True))
+    engine = Engine(model, tokenizer, max_batch=2, max_seq_len=256)
+    with live_server(create_app(engine, tokenizer, "gemma-3-270m")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+        out = client.completions.create(model="gemma-3-270m", prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == prompt and lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-3)
+    assert [max(t, key=t.get) for t in lp.top_logprobs[1:]] == [tokenizer.decode([b]) for b in best]
