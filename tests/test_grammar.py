@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -119,7 +120,7 @@ def test_a_grammar_ends_the_sequence_and_its_text(engine, tiny):
     """A complete output ends the row with "stop" (no end token needed), even with ignore_eos."""
     _, _, tokenizer = tiny
     events = []
-    done = __import__("threading").Event()
+    done = threading.Event()
 
     def on_event(ev):
         events.append(ev)

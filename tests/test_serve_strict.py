@@ -144,8 +144,13 @@ def test_the_engine_fails_one_row_and_finishes_the_others(served, monkeypatch):
     greedy = scheduler.Request(tuple(tokenizer.encode("abc", add_bos=True)), max_tokens=12, stop_ids=frozenset())
     alone = engine.generate([greedy])[0][0]
     sample_one = scheduler.sample_one
-    monkeypatch.setattr(scheduler, "sample_one", lambda logits, params, generator=None: (
-        (_ for _ in ()).throw(ValueError("bad row")) if params.seed == 5 else sample_one(logits, params, generator)))
+
+    def failing(logits, params, generator=None):
+        if params.seed == 5:
+            raise ValueError("bad row")
+        return sample_one(logits, params, generator)
+
+    monkeypatch.setattr(scheduler, "sample_one", failing)
     bad = scheduler.Request(tuple(tokenizer.encode("xyz", add_bos=True)), max_tokens=12,
                             params=scheduler.SamplingParams(temperature=1.0, seed=5))
     together = engine.generate([greedy, bad, greedy])
