@@ -140,7 +140,7 @@ def test_bad_requests_are_refused_with_a_typed_error():
     with pytest.raises(InvalidRequestError, match="context"):
         engine.submit(Request(tuple([2] * 200)), print)
     with pytest.raises(InvalidRequestError, match="max_tokens"):
-        engine.submit(Request((2, 3), max_tokens=0), print)
+        engine.submit(Request((2, 3), max_tokens=-1), print)  # 0 reads (and scores) the prompt only
     with pytest.raises(InvalidRequestError, match="token ids"):
         engine.submit(Request((2, 10_000)), print)
     with pytest.raises(InvalidRequestError, match="min_p"):

@@ -19,6 +19,7 @@ from gemmakit.checkpoints import build_model, open_checkpoint
 from gemmakit.checkpoints.matformer import MatformerPlan, resolve_plan
 from gemmakit.checkpoints.peft import load_adapter
 from gemmakit.engine.generate import GenerationStats, generate_steps
+from gemmakit.engine.grammar import CompiledGrammar, Grammar, GrammarCompiler
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.errors import InvalidRequestError, TokenizerError
 from gemmakit.heap import forget_unused_code, keep_freed_heap, return_freed_heap
@@ -279,11 +280,26 @@ def _require_tokenizer(tokenizer) -> None:
 def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max_tokens: int = 256,
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                       stop_ids: frozenset[int] | None = None, images: list | None = None,
-                      pan_and_scan: bool = False) -> Iterator[tuple[str, Generation]]:
+                      pan_and_scan: bool = False, json_schema=None,
+                      grammar: Grammar | CompiledGrammar | None = None) -> Iterator[tuple[str, Generation]]:
     """Yield ``(new_text, generation_so_far)`` as tokens are produced (the engine of the API and CLI).
 
     ``images`` (paths, bytes or PIL images) need a vision-language model; see gemmakit.vision.
+    ``json_schema`` (a dict, its JSON text, or a pydantic model class) makes the output one JSON
+    value that validates against it; ``grammar`` (a :class:`~gemmakit.engine.grammar.Grammar`:
+    a regex, a choice, a Lark or GBNF grammar) constrains it likewise. The generation ends when
+    the output is complete.
     """
+    if json_schema is not None and grammar is not None:
+        raise InvalidRequestError("give json_schema or grammar, not both")
+    if json_schema is not None:
+        schema = json_schema.model_json_schema() if hasattr(json_schema, "model_json_schema") else json_schema
+        grammar = Grammar.json_schema(schema)
+    compiled = grammar if isinstance(grammar, CompiledGrammar) else None
+    if compiled is None and grammar is not None:  # a bad schema fails before any work
+        _require_tokenizer(tokenizer)
+        vocab = getattr(model, "decoder", model).config.vocab_size  # a vision model's text decoder
+        compiled = GrammarCompiler.for_tokenizer(tokenizer, vocab).compile(grammar)
     # the vision add-on: checks everything before any work
     model, prompt, chunk = prepare_vision(model, tokenizer, prompt, images, pan_and_scan)
     if isinstance(prompt, str):
@@ -295,10 +311,12 @@ def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max
         prompt_ids = list(prompt)
     if stop_ids is None:
         stop_ids = tokenizer.stop_ids() if tokenizer is not None else frozenset()
+    if compiled is not None:  # a complete output may end with an end token
+        stop_ids = stop_ids | compiled.eos_ids
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     result = Generation(prompt_ids=prompt_ids)
     decoder = tokenizer.stream_decoder() if tokenizer is not None else None
-    for step in generate_steps(model, [prompt_ids], max_tokens, params, stop_ids, **chunk):
+    for step in generate_steps(model, [prompt_ids], max_tokens, params, stop_ids, grammar=compiled, **chunk):
         token = step.tokens[0]
         result.stats = step.stats
         if token is None:
@@ -319,7 +337,11 @@ def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max
 
 
 def generate(model: GemmaModel, tokenizer, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> str:
-    """Generate a continuation of ``prompt`` and return it as text."""
+    """Generate a continuation of ``prompt`` and return it as text.
+
+    ``json_schema=`` (a dict, JSON text or pydantic model class) makes it JSON valid under that
+    schema; ``grammar=`` takes any :class:`~gemmakit.engine.grammar.Grammar`. See stream_generation.
+    """
     result = Generation(prompt_ids=[])
     for _, result in stream_generation(model, tokenizer, prompt, max_tokens, **kwargs):
         pass

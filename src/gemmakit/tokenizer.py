@@ -157,6 +157,11 @@ class Tokenizer:
         surface = self._surface_bytes
         return b"".join([surface(int(i), skip_special) for i in ids]).decode("utf-8", "replace")
 
+    def token_bytes(self, i: int) -> bytes:
+        """The UTF-8 bytes id ``i`` decodes to (one byte for a ``<0xNN>`` piece; a special token's
+        own string), as grammar masks match tokens against text (engine/grammar.py)."""
+        return self._surface_bytes(int(i), False)
+
     def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
         """A decoder that turns ids pushed one at a time into text, never splitting a character."""
         return StreamDecoder(self, skip_special)

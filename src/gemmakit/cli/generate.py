@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from gemmakit.cli.common import (
     EPILOG, add_decode_args, add_image_args, add_model_args, add_sampling_args, invalid, load_model, sampling_kwargs,
@@ -30,6 +31,8 @@ def add_parser(sub) -> None:
                         "its own default (a quantised .gguf stays in its blocks whatever --quant says), so "
                         "the same file can draft for its float32 self: --quant none --draft-model FILE")
     g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round (default 4)")
+    g.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="a JSON schema file: the output is one JSON value valid under it (constrained decoding)")
     add_decode_args(g)
     add_image_args(g)
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
@@ -53,6 +56,7 @@ def run(args) -> int:
     images = args.image or []
     for path in images:  # a bad image fails before the model is loaded
         load_image(path)
+    grammar = _json_schema(args.json_schema) if args.json_schema else None  # so does a bad schema file
     model, tokenizer, report = load_model(args)
     if tokenizer is None:
         raise tokenizer_missing(args.model)
@@ -61,12 +65,14 @@ def run(args) -> int:
         prompt = fim_prompt(tokenizer, args.fim_prefix or "", args.fim_suffix or "")
         stop_ids = fim_stop_ids(tokenizer)
     if getattr(args, "draft_model", None):
-        if fim or images:
-            raise invalid("--draft-model works with plain text prompts, not with images or fill-in-the-middle")
+        if fim or images or grammar:
+            raise invalid("--draft-model works with plain text prompts, not with images, fill-in-the-middle "
+                          "or --json-schema")
         return _generate_speculative(args, model, tokenizer, prompt)
     result = None
     for piece, result in stream_generation(model, tokenizer, prompt, stop_ids=stop_ids, images=images or None,
-                                           pan_and_scan=args.pan_and_scan, **sampling_kwargs(args)):
+                                           pan_and_scan=args.pan_and_scan, grammar=grammar,
+                                           **sampling_kwargs(args)):
         if not args.json and piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -86,6 +92,17 @@ def run(args) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def _json_schema(path: str):
+    """The grammar of the JSON schema in the file at ``path``; a missing or non-JSON file is a one-line error."""
+    from gemmakit.engine.grammar import Grammar
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise invalid(f"cannot read the JSON schema {path}: {exc.strerror or exc}") from None
+    return Grammar.json_schema(text)
 
 
 def _weight_bytes(model) -> int:

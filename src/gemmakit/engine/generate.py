@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemmakit.engine.grammar import CompiledGrammar, GrammarMatcher, apply_mask, start_masks
 from gemmakit.engine.sampling import SamplingParams, make_generator, sample
 from gemmakit.errors import InvalidRequestError
 
@@ -64,12 +65,15 @@ def generate_steps(
     stop_ids: frozenset[int] = frozenset(),
     prefill_chunk: int = PREFILL_CHUNK,
     overlap: bool | None = None,
+    grammar: CompiledGrammar | None = None,
 ) -> Iterator[StepOutput]:
     """Yield one :class:`StepOutput` per generated position until every row stops.
 
     ``prefill_chunk`` bounds the tokens per prefill call; a prompt with images prefills in one call
     (its bidirectional image groups must be whole). ``overlap`` queues each decode step before the
     previous step's tokens are read (on by default off the CPU; the tokens are the same either way).
+    ``grammar`` constrains every row (each its own state); a row stops when its output is complete.
+    Its masks are computed while each forward pass runs, and the next step waits for the tokens.
     """
     context = model.config.max_position_embeddings
     check_prompts(prompts, context)
@@ -89,25 +93,31 @@ def generate_steps(
     cache = model.new_cache(B, longest + max_new_tokens)
     generator = make_generator(sampling.seed, device)
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+    constraint = _Constraint(grammar, B) if grammar is not None else None
+    if constraint is not None:
+        stop_ids = stop_ids | grammar.eos_ids
 
     t0 = time.perf_counter()
+    job = constraint.start() if constraint is not None else None
     for start in range(0, longest, prefill_chunk):
         chunk = slice(start, start + prefill_chunk)
         logits = model(ids[:, chunk], cache=cache, positions=positions[:, chunk], last_only=True)
-    next_tokens = sample(logits[:, -1], sampling, generator)
+    next_tokens = _pick(logits[:, -1], sampling, generator, constraint, job)
     stats.prefill_s = time.perf_counter() - t0
 
     finished = [False] * B
     next_pos = positions[:, -1:] + 1
     # Off the CPU, reading a step's tokens back waits for the device; queue the next step first,
-    # so that the device computes it while the host handles (and yields) this one's tokens.
-    ahead = device.type != "cpu" if overlap is None else overlap
+    # so that the device computes it while the host handles (and yields) this one's tokens. A
+    # grammar's next mask needs this step's tokens first, so constrained steps never run ahead.
+    ahead = (device.type != "cpu" if overlap is None else overlap) and constraint is None
     reader = _TokenReader(device, B)
 
     def decode_step(tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoding step after ``tokens`` at ``pos``: the sampled next tokens and their positions."""
+        job = constraint.start() if constraint is not None else None  # runs beside the forward pass
         logits = model(tokens[:, None], cache=cache, positions=pos, last_only=True)
-        return sample(logits[:, -1], sampling, generator), pos + 1
+        return _pick(logits[:, -1], sampling, generator, constraint, job), pos + 1
 
     pending = reader.start(next_tokens)
     t1 = time.perf_counter()
@@ -122,7 +132,7 @@ def generate_steps(
                 out.append(None)
                 continue
             out.append(tok)
-            if tok in stop_ids:
+            if tok in stop_ids or constraint is not None and constraint.matchers[row].finished:
                 finished[row] = True
         stats.generated_tokens += sum(t is not None for t in out)
         if step == max_new_tokens - 1:
@@ -134,6 +144,39 @@ def generate_steps(
         if not queued:
             next_tokens, next_pos = decode_step(next_tokens, next_pos)
         pending = reader.start(next_tokens)
+
+
+class _Constraint:
+    """The grammar state of each row of a constrained batch."""
+
+    def __init__(self, grammar: CompiledGrammar, batch: int) -> None:
+        self.matchers: list[GrammarMatcher] = [grammar.matcher() for _ in range(batch)]
+
+    def live(self) -> list[int]:
+        return [row for row, m in enumerate(self.matchers) if not m.finished]
+
+    def start(self):
+        """The masks of the rows still in their grammar, computed on the grammar thread: ``(rows, future)``."""
+        rows = self.live()
+        return rows, start_masks([self.matchers[r] for r in rows]) if rows else None
+
+
+def _pick(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator,
+          constraint: _Constraint | None, job) -> torch.Tensor:
+    """The next token of each row of ``logits [B, V]``; under its grammar's mask where there is one
+    (``job`` from :meth:`_Constraint.start`), and each matcher advanced by its row's token."""
+    if constraint is None:
+        return sample(logits, sampling, generator)
+    rows, future = job
+    if future is not None:
+        logits = logits.float().clone()
+        for row, mask in zip(rows, future.result()):
+            logits[row] = apply_mask(logits[row], mask)
+    tokens = sample(logits, sampling, generator)
+    picked = tokens.tolist()
+    for row in rows:
+        constraint.matchers[row].advance(picked[row])
+    return tokens
 
 
 class _TokenReader:

@@ -11,6 +11,10 @@ sequence holds one row. Every iteration of the loop
 4. runs one decode step for every sequence that has a sampled token to feed;
 5. samples per sequence with its own parameters and generator, and reports tokens as events.
 
+A sequence with a grammar (engine/grammar.py) samples under its own token mask; constrained
+and free sequences share the batch. The masks of a step are computed on a worker thread while
+its forward pass runs, and applied to each row by the sampler.
+
 So requests join and leave the batch at token boundaries. The engine knows nothing of HTTP: a
 caller hands :meth:`Engine.submit` a callback, which runs on the engine thread.
 """
@@ -26,11 +30,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemmakit.engine.grammar import (
+    CompiledGrammar, Grammar, GrammarCompiler, GrammarMatcher, apply_mask, fill_masks, start_masks,
+)
 from gemmakit.engine.sampling import SamplingParams, apply_penalties, argmax, make_generator, sample_one
 from gemmakit.engine.stopping import TokenOutput
 from gemmakit.errors import InvalidRequestError
 from gemmakit.heap import return_freed_heap
 from gemmakit.models.row_cache import RowKVCache
+
+
+SCORE_CHUNK = 64  # prompt tokens per forward pass of a scored prompt: 64 x 262k float32 logits = 64 MiB
+SCORE_SLICE = 16  # positions per log-softmax when scoring
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class Request:
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
     stop_ids: frozenset[int] | None = None  # None: the tokenizer's end-of-turn ids
     logprobs: int | None = None  # None: off; k: the chosen token's logprob plus the k best
+    grammar: Grammar | CompiledGrammar | None = None  # what the output must match (each choice its own state)
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob plus the k best (scoring)
 
 
 @dataclass
@@ -73,6 +86,9 @@ class RequestHandle:
         self.remaining = request.n  # choices not finished yet
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
+        # with request.prompt_logprobs: (token, logprob, top [(id, logprob)]) per prompt token, the
+        # first one's logprob and top None (nothing comes before it); complete before the first event
+        self.prompt_scores: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
 
     def cancel(self) -> None:
         """Stop generating for this request (safe from any thread); its row is freed next step."""
@@ -93,6 +109,8 @@ class _Sequence:
     generated: int = 0
     counts: torch.Tensor | None = None  # [V] times each token was generated (penalties)
     seen: torch.Tensor | None = None  # [V] bool: in prompt or output (repetition penalty)
+    grammar: GrammarMatcher | None = None
+    scores: bool = False  # computes its prompt's logprobs (the first choice of a scoring request)
 
 
 @dataclass
@@ -168,15 +186,24 @@ class Engine:
         if len(prompt) >= self.max_seq_len:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt)} tokens but this server's context is {self.max_seq_len} tokens")
-        if request.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if request.max_tokens < 0:  # 0: the prompt is read (and scored) and nothing is generated
+            raise InvalidRequestError(f"max_tokens must be >= 0, got {request.max_tokens}")
+        if request.prompt_logprobs is not None and not 0 <= request.prompt_logprobs <= 20:
+            raise InvalidRequestError(f"prompt_logprobs must be in [0, 20], got {request.prompt_logprobs}")
         if not 1 <= request.n <= self.rows * 4:
             raise InvalidRequestError(f"n must be in [1, {self.rows * 4}], got {request.n}")
         if request.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a model with a tokenizer")
+        if any(not 0 <= t < vocab for t, _ in request.params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
+        grammar = request.grammar
+        if isinstance(grammar, Grammar):
+            grammar = self.compile_grammar(grammar)
         handle = RequestHandle(next(self._ids), request, on_event)
         max_new = min(request.max_tokens, self.max_seq_len - len(prompt))
         stop_ids = self.default_stop_ids if request.stop_ids is None else request.stop_ids
+        if grammar is not None:  # a complete output may end with an end token, whatever ignore_eos says
+            stop_ids = stop_ids | grammar.eos_ids
         seqs = []
         for i in range(request.n):
             seed = None if request.params.seed is None else request.params.seed + i
@@ -184,13 +211,25 @@ class Engine:
                 handle=handle, index=i, tokens=list(prompt), prompt_len=len(prompt), max_new=max_new,
                 generator=make_generator(seed),
                 output=TokenOutput(stop_ids, request.stop,
-                                   self.tokenizer.stream_decoder() if self.tokenizer is not None else None)))
+                                   self.tokenizer.stream_decoder() if self.tokenizer is not None else None),
+                grammar=grammar.matcher() if grammar is not None else None,
+                scores=request.prompt_logprobs is not None and i == 0))
         with self._lock:
             self.stats.requests_total += 1
             self.stats.prompt_tokens_total += len(prompt) * request.n
             self._incoming.extend(seqs)
             self._lock.notify()
         return handle
+
+    def compile_grammar(self, grammar: Grammar) -> CompiledGrammar:
+        """``grammar`` checked against this engine's vocabulary (a :class:`GrammarError` if it is bad).
+
+        The first grammar builds the vocabulary's index (about a second for 262k tokens); a caller
+        that must not block (the server's event loop) calls this on a thread and submits the result.
+        """
+        if self.tokenizer is None:
+            raise InvalidRequestError("a grammar needs a model with a tokenizer")
+        return GrammarCompiler.for_tokenizer(self.tokenizer, self.model.config.vocab_size).compile(grammar)
 
     @property
     def queue_depth(self) -> int:
@@ -268,7 +307,9 @@ class Engine:
             if not free:
                 return
             seq = self._waiting.popleft()
-            row, reuse = self._pick_row(free, seq.tokens)
+            # a scored prompt is computed whole: cached keys/values come without their logits
+            row, reuse = (min(free, key=lambda r: self._row_used[r]), 0) if seq.scores else self._pick_row(
+                free, seq.tokens)
             self.cache.truncate(row, reuse)
             self._row_tokens[row] = self._row_tokens[row][:reuse]
             self._owner[row] = seq
@@ -291,31 +332,92 @@ class Engine:
         return best_row, best_len
 
     def _prefill(self, seqs: list[_Sequence]) -> int:
-        """One chunk of every prompt still being read, left-padded into one forward pass."""
-        chunks = [s.tokens[s.fed:min(s.fed + self.prefill_chunk, s.prompt_len)] for s in seqs]
-        logits = self._forward(seqs, chunks)
+        """One chunk of every prompt still being read: the scored prompts in one forward pass,
+        with logits at every position, the others (the usual case) in another, with the last only."""
+        scored = [s for s in seqs if s.scores]
+        plain = [s for s in seqs if not s.scores]
+        return (self._prefill_rows(plain, self.prefill_chunk, False) if plain else 0) + (
+            self._prefill_rows(scored, min(self.prefill_chunk, SCORE_CHUNK), True) if scored else 0)
+
+    def _prefill_rows(self, seqs: list[_Sequence], size: int, score: bool) -> int:
+        """One chunk of at most ``size`` tokens of each of ``seqs``, left-padded into one forward pass."""
+        chunks = [s.tokens[s.fed:min(s.fed + size, s.prompt_len)] for s in seqs]
+        ending = [i for i, (s, c) in enumerate(zip(seqs, chunks)) if s.fed + len(c) == s.prompt_len]
+        logits, masks = self._forward_and_masks(seqs, chunks, ending, every_position=score)
         produced = 0
-        picks = _plain_greedy_picks(seqs, logits)  # (used only by rows whose prompt ends in this chunk)
+        last = logits[:, -1] if score else logits  # [len(seqs), V]
+        picks = _plain_greedy_picks(seqs, last)  # (used only by rows whose prompt ends in this chunk)
         for i, (seq, chunk) in enumerate(zip(seqs, chunks)):
+            if score:
+                self._score(seq, logits[i, logits.shape[1] - len(chunk):])
             self._row_tokens[seq.row].extend(chunk)
             seq.fed += len(chunk)
             self.stats.prefilled_tokens_total += len(chunk)
             if seq.fed == seq.prompt_len:
-                produced += self._sample(seq, logits[i], picks[i])
+                if seq.max_new == 0:  # only read (and scored): nothing to generate
+                    self._finish(seq, "length")
+                    continue
+                produced += self._sample_or_fail(seq, last[i], picks[i], masks.get(i))
         return produced
 
+    def _score(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """The logprobs of the prompt tokens that ``logits [len(chunk), V]`` (one per position of the
+        chunk starting at ``seq.fed``) predict, appended to the handle's ``prompt_scores``."""
+        scores, k = seq.handle.prompt_scores, seq.handle.request.prompt_logprobs
+        if seq.fed == 0:
+            scores.append((seq.tokens[0], None, None))
+        predicted = seq.tokens[seq.fed + 1:seq.fed + 1 + len(logits)][:seq.prompt_len - seq.fed - 1]
+        for start in range(0, len(predicted), SCORE_SLICE):  # bounds the float32 log-softmax's memory
+            ids = torch.tensor(predicted[start:start + SCORE_SLICE], device=logits.device)
+            logp = torch.log_softmax(logits[start:start + len(ids)].float(), dim=-1)
+            chosen = logp.gather(-1, ids[:, None])[:, 0].tolist()
+            top = torch.topk(logp, k, dim=-1) if k else None
+            for j, token in enumerate(ids.tolist()):
+                best = [(int(i), float(v)) for v, i in zip(top.values[j], top.indices[j])] if top is not None else []
+                scores.append((token, chosen[j], best))
+
     def _decode(self, seqs: list[_Sequence]) -> int:
-        logits = self._forward(seqs, [[s.tokens[-1]] for s in seqs])
+        logits, masks = self._forward_and_masks(seqs, [[s.tokens[-1]] for s in seqs], range(len(seqs)))
         picks = _plain_greedy_picks(seqs, logits)
         produced = 0
         for i, seq in enumerate(seqs):
             self._row_tokens[seq.row].append(seq.tokens[-1])
             seq.fed += 1
-            produced += self._sample(seq, logits[i], picks[i])
+            produced += self._sample_or_fail(seq, logits[i], picks[i], masks.get(i))
         return produced
 
-    def _forward(self, seqs: list[_Sequence], chunks: list[list[int]]) -> torch.Tensor:
-        """Run ``chunks`` (one per sequence) on the smallest slice of rows holding them -> logits [len(seqs), V]."""
+    def _forward_and_masks(self, seqs: list[_Sequence], chunks: list[list[int]], sampling,
+                           every_position: bool = False) -> tuple[torch.Tensor, dict[int, object]]:
+        """:meth:`_forward`, and beside it, on the grammar worker thread, the next-token masks of
+        the constrained rows among ``sampling`` (indices into ``seqs``): ``(logits, {index: mask})``.
+
+        A failed mask computation is no row's in particular, so it leaves ``{}``: each constrained
+        row then computes its own in :meth:`_sample`, where an error fails that row alone.
+        """
+        constrained = [i for i in sampling if seqs[i].grammar is not None]
+        job = start_masks([seqs[i].grammar for i in constrained]) if constrained else None
+        try:
+            logits = self._forward(seqs, chunks, every_position)
+        finally:
+            try:
+                masks = dict(zip(constrained, job.result())) if job is not None else {}
+            except Exception:
+                masks = {}
+        return logits, masks
+
+    def _sample_or_fail(self, seq: _Sequence, logits: torch.Tensor, token: int | None, mask=None) -> int:
+        """:meth:`_sample`, where an error fails ``seq`` alone: what goes wrong in one row's sampling
+        (its parameters, its grammar, its consumer) is that row's, and its batch-mates go on."""
+        try:
+            return self._sample(seq, logits, token, mask)
+        except Exception as exc:
+            if seq.row >= 0:
+                self._fail(seq, f"{type(exc).__name__}: {exc}")
+            return 0
+
+    def _forward(self, seqs: list[_Sequence], chunks: list[list[int]], every_position: bool = False) -> torch.Tensor:
+        """Run ``chunks`` (one per sequence) on the smallest slice of rows holding them -> logits
+        ``[len(seqs), V]``, or ``[len(seqs), T, V]`` at every (left-padded) position if asked."""
         lo = min(s.row for s in seqs)
         hi = max(s.row for s in seqs) + 1
         T = max(len(c) for c in chunks)
@@ -327,13 +429,16 @@ class Engine:
             ids[r, T - len(chunk):] = torch.tensor(chunk, dtype=torch.long)
             positions[r, T - len(chunk):] = torch.arange(seq.fed, seq.fed + len(chunk))
         logits = self.model(ids.to(device), cache=self.cache.view(lo, hi), positions=positions.to(device),
-                            last_only=True)  # [rows, 1, V]
+                            last_only=not every_position)  # [rows, 1 or T, V]
         index = torch.tensor([s.row - lo for s in seqs], device=logits.device)
-        return logits[index, -1].float()  # [len(seqs), V]
+        return logits[index].float() if every_position else logits[index, -1].float()
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor, token: int | None = None) -> int:
+    def _sample(self, seq: _Sequence, logits: torch.Tensor, token: int | None = None, mask=None) -> int:
         """Pick the next token of ``seq`` from ``logits [V]`` (unless ``token`` is already picked,
-        by :func:`_plain_greedy_picks`), report it, and finish if it stops."""
+        by :func:`_plain_greedy_picks`), under its grammar's ``mask`` if it has a grammar (computed
+        here if not given), report it, and finish if it stops.
+
+        Logprobs are the model's own, before biases, penalties and the mask, as vLLM reports them."""
         params = seq.handle.request.params
         raw = logits
         if params.penalised:
@@ -342,8 +447,14 @@ class Engine:
                 seq.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
                 seq.seen[torch.tensor(seq.tokens[:seq.prompt_len])] = True
             logits = apply_penalties(logits, params, seq.seen, seq.counts)
+        if seq.grammar is not None:
+            logits = apply_mask(logits, mask if mask is not None else fill_masks([seq.grammar])[0])
         if token is None:
             token = sample_one(logits, params, seq.generator)
+        ended = False
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
+            ended = seq.grammar.finished
         seq.tokens.append(token)
         seq.generated += 1
         if seq.counts is not None:
@@ -361,7 +472,7 @@ class Engine:
             if want > 0:
                 top = torch.topk(logp, want)
                 event.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
-        event.text, finish = seq.output.push(token, seq.generated, seq.max_new)
+        event.text, finish = seq.output.push(token, seq.generated, seq.max_new, end=ended)
         if finish is not None:
             event.finish_reason = finish
             self._emit(handle, event)
@@ -391,12 +502,17 @@ class Engine:
         except Exception:  # a broken consumer must not stop the engine
             handle.cancel()
 
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        """End ``seq`` with an error; its row's keys/values are dropped, as nothing vouches for them."""
+        self.cache.truncate(seq.row, 0)
+        self._row_tokens[seq.row] = []
+        self._finish(seq, "error", message)
+
     def _fail_running(self, message: str) -> None:
+        """A step that failed outside any one row's sampling (a forward pass) fails every running row."""
         for seq in list(self._owner):
             if seq is not None:
-                self.cache.truncate(seq.row, 0)
-                self._row_tokens[seq.row] = []
-                self._finish(seq, "error", message)
+                self._fail(seq, message)
 
     # --- a synchronous helper (tests, scripts) --------------------------------------------------
 
@@ -427,10 +543,10 @@ class Engine:
 
 
 def _plain_greedy_picks(seqs: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
-    """The argmax of each row of ``logits [len(seqs), V]`` whose sequence decodes greedily without
-    penalties (None for the others, which :meth:`Engine._sample` samples alone): one argmax and
+    """The argmax of each row of ``logits [len(seqs), V]`` whose sequence decodes greedily on the
+    model's own logits (None for the others, which :meth:`Engine._sample` samples alone): one argmax and
     one read-back for the batch, where row by row would wait for the device once per row."""
-    plain = [i for i, s in enumerate(seqs) if s.handle.request.params.greedy and not s.handle.request.params.penalised]
+    plain = [i for i, s in enumerate(seqs) if s.handle.request.params.plain_greedy and s.grammar is None]
     picks: list[int | None] = [None] * len(seqs)
     if plain:
         for i, token in zip(plain, argmax(logits[plain]).tolist()):

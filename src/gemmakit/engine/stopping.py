@@ -56,17 +56,18 @@ class TokenOutput:
         self.stopper = StopStrings(stops)
         self.decoder = decoder  # a Tokenizer.stream_decoder(), or None for ids-only engines
 
-    def push(self, token: int, generated: int, max_tokens: int) -> tuple[str, str | None]:
-        """``(text, finish_reason or None)`` for the ``generated``-th new token ``token``."""
-        text, finish = "", None
+    def push(self, token: int, generated: int, max_tokens: int, end: bool = False) -> tuple[str, str | None]:
+        """``(text, finish_reason or None)`` for the ``generated``-th new token ``token``; ``end``:
+        nothing may follow it (a grammar's output is complete), so it stops."""
+        text, finish, cut = "", None, False
         if token in self.stop_ids:
             finish = "stop"
         else:
-            text, stopped = self.stopper.push(self.decoder.push(token) if self.decoder is not None else "")
-            finish = "stop" if stopped else None
+            text, cut = self.stopper.push(self.decoder.push(token) if self.decoder is not None else "")
+            finish = "stop" if cut or end else None
         if finish is None and generated >= max_tokens:
             finish = "length"
-        if finish == "length" or token in self.stop_ids:  # not cut by a stop string: release held text
+        if finish is not None and not cut:  # not cut by a stop string: release held text
             text += self.flush()
         return text, finish
 

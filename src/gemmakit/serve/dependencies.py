@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from typing import Annotated, Any, TypeVar
 
@@ -49,9 +50,25 @@ def json_body(model: type[M]):
             raise FieldError(f"the request body is not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise FieldError("the request body must be a JSON object")
+        if (where := non_finite(data)) is not None:
+            raise FieldError(f"'{where}' must be a finite number (JSON has no NaN or Infinity)", where)
         try:
             return model.model_validate(data, context=state.validation_context())
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from None
 
     return Depends(parse)
+
+
+def non_finite(value: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinity in a parsed body (Python's json reads ``NaN`` and
+    ``Infinity``, which JSON has not), or None. Checked once here, for every field at every
+    depth: a NaN passes each ``<``/``>`` bound check, and a NaN temperature reaches the sampler."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path or "body"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        if (found := non_finite(item, where)) is not None:
+            return found
+    return None

@@ -14,13 +14,15 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
+from gemmakit.engine.grammar import CompiledGrammar, GrammarError
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
-from gemmakit.serve.errors import error_response
+from gemmakit.serve.errors import FieldError, error_response
 from gemmakit.serve.schemas import Common
 from gemmakit.serve.state import ServerState
 
@@ -36,36 +38,62 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
+@dataclass(frozen=True)
+class Echo:
+    """A text completion's ``echo``: the prompt's text to put first, and whether its first token
+    is the <bos> the server added (in the logprobs, but no part of the text)."""
+
+    text: str
+    added_bos: bool
+
+
 async def run(state: ServerState, request: HTTPRequest, prompt: list[int], common: Common, logprobs: int | None,
-              chat: bool, images: tuple[str, list[bytes]] | None = None):
+              chat: bool, images: tuple[str, list[bytes]] | None = None, echo: Echo | None = None):
     """Submit ``prompt`` to the path that serves it and answer with the whole completion or its stream.
 
     ``images`` (rendered text, image bytes) sends it to the vision runner; greedy requests go to
-    the speculative runner when there is one; everything else to the batching engine.
+    the speculative runner when there is one; everything else to the batching engine. ``echo``
+    with ``logprobs`` has the engine score the prompt.
     """
+    grammar = await compiled_grammar(state, common)
     stream = _Stream(asyncio.get_running_loop())
+    plain = grammar is None and echo is None and common.max_tokens > 0
     if images is not None:
-        handle = state.vision.submit(images[0], images[1], prompt, common, stream.on_event)
-    elif state.speculative is not None and state.speculative.accepts(common, logprobs):
+        handle = state.vision.submit(images[0], images[1], prompt, common, stream.on_event, grammar)
+    elif plain and state.speculative is not None and state.speculative.accepts(common, logprobs):
         handle = state.speculative.submit(prompt, common, stream.on_event)
     else:
         engine_request = Request(prompt_ids=tuple(prompt), max_tokens=common.max_tokens, params=common.params,
                                  n=common.n, stop=common.stop, logprobs=logprobs,
-                                 stop_ids=frozenset() if common.ignore_eos else None)
+                                 stop_ids=frozenset() if common.ignore_eos else None, grammar=grammar,
+                                 prompt_logprobs=logprobs if echo is not None else None)
         handle = state.engine.submit(engine_request, stream.on_event)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    answer = _Answer(state, handle, stream, rid, chat)
+    answer = _Answer(state, handle, stream, rid, chat, echo)
     if common.stream:
         return StreamingResponse(answer.sse(common.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return await answer.collect(request)
 
 
+async def compiled_grammar(state: ServerState, common: Common) -> CompiledGrammar | None:
+    """The request's grammar compiled against the served vocabulary, on a thread (the first one
+    builds the vocabulary's index, about a second); one that does not compile is a 400 naming its field."""
+    if common.constraint is None:
+        return None
+    try:
+        return await asyncio.to_thread(state.engine.compile_grammar, common.constraint.grammar)
+    except GrammarError as exc:
+        raise FieldError(str(exc), common.constraint.param) from None
+
+
 class _Answer:
     """The events of one submitted request turned into OpenAI's completion objects."""
 
-    def __init__(self, state: ServerState, handle: RequestHandle, stream: _Stream, rid: str, chat: bool) -> None:
+    def __init__(self, state: ServerState, handle: RequestHandle, stream: _Stream, rid: str, chat: bool,
+                 echo: Echo | None = None) -> None:
         self.state, self.handle, self.stream, self.rid, self.chat = state, handle, stream, rid, chat
+        self.echo = echo
         self.want_logprobs = handle.request.logprobs is not None
 
     def token_text(self, token_id: int) -> str:
@@ -88,7 +116,7 @@ class _Answer:
         """The whole completion as one JSON object; a 499 if the client left first."""
         handle, chat = self.handle, self.chat
         n = handle.request.n
-        texts, reasons = [""] * n, [None] * n
+        texts, reasons = [self.echo.text if self.echo else ""] * n, [None] * n
         content: list[list[dict]] = [[] for _ in range(n)]
         legacy: list[dict[str, list]] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
                                          for _ in range(n)]
@@ -123,11 +151,28 @@ class _Answer:
                         "logprobs": {"content": content[i]} if self.want_logprobs else None,
                         "finish_reason": reasons[i]} for i in range(n)]
         else:
+            if self.echo is not None and self.want_logprobs:
+                prompt = self.prompt_logprobs()
+                legacy = [{key: prompt[key] + lg[key] for key in lg} for lg in legacy]
             choices = [{"index": i, "text": texts[i], "logprobs": legacy[i] if self.want_logprobs else None,
                         "finish_reason": reasons[i]} for i in range(n)]
         return {"id": self.rid, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": self.state.model_name, "choices": choices,
                 "usage": self.usage()}
+
+    def prompt_logprobs(self) -> dict[str, list]:
+        """The prompt's tokens in the legacy ``logprobs`` lists (the engine scored them): the first
+        token's logprob and top list null; a <bos> the server added takes no room in the text."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for j, (token, logprob, top) in enumerate(self.handle.prompt_scores):
+            text = self.token_text(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append(None if top is None else {self.token_text(i): lp for i, lp in top})
+            out["text_offset"].append(offset)
+            offset += 0 if j == 0 and self.echo.added_bos else len(text)
+        return out
 
     async def sse(self, include_usage: bool) -> AsyncIterator[str]:
         """The completion as server-sent events: one chunk per event, then ``[DONE]``."""

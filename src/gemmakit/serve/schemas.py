@@ -2,7 +2,7 @@
 
 A field the server does not implement is refused with a 400 that names it (``extra="forbid"``
 here, and the same rule inside ``messages``), never silently ignored: a client that sends
-``logit_bias`` or ``tools`` learns at once that it has no effect. ``null`` means "not given", as
+``tools`` or ``suffix`` learns at once that it has no effect. ``null`` means "not given", as
 in OpenAI's API, so a field sent as null takes its default.
 
 The validators raise :func:`~gemmakit.serve.errors.invalid` with messages written for the
@@ -13,12 +13,15 @@ accepts: an int where a number is asked for, never a bool where an int is.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from gemmakit.engine.grammar import Grammar, GrammarError
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.serve.errors import FieldError, invalid
 
@@ -35,6 +38,8 @@ def _check(value: Any, name: str, kinds: tuple[type, ...], low: float | None = N
     """``value`` if it is one of ``kinds`` (a bool is no int) within ``[low, high]`` where given."""
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise invalid(f"'{name}' must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}", name)
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise invalid(f"'{name}' must be a finite number, got {value}", name)
     if low is not None and value < low or high is not None and value > high:
         bounds = f">= {low}" if high is None else f"between {low} and {high}"
         raise invalid(f"'{name}' must be {bounds}, got {value}", name)
@@ -59,6 +64,31 @@ def _stop(value: Any) -> tuple[str, ...]:
 
 
 Number = (int, float)
+
+
+def _logit_bias(value: Any, info: ValidationInfo) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}``, bias in [-100, 100], as sorted ``(id, bias)`` pairs."""
+    if not isinstance(value, dict):
+        raise invalid("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    if len(value) > 1024:  # OpenAI's limit; each entry costs a scatter per token
+        raise invalid(f"'logit_bias' may hold at most 1024 tokens, got {len(value)}", "logit_bias")
+    vocab = (info.context or {}).get("vocab_size")
+    out = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else None
+        if token is None or token < 0 or vocab is not None and token >= vocab:
+            raise invalid(f"'logit_bias' keys must be token ids in [0, {vocab}), got {key!r}", "logit_bias")
+        out[token] = float(_check(bias, f"logit_bias.{key}", Number, -100.0, 100.0))
+    return tuple(sorted(out.items()))
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    """OpenAI's bookkeeping map: at most 16 string pairs (keys up to 64 characters, values up to 512)."""
+    if not isinstance(value, dict) or len(value) > 16 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in value.items()):
+        raise invalid("'metadata' must be an object of at most 16 string values (keys up to 64 characters, "
+                      "values up to 512)", "metadata")
+    return value
 
 
 class Body(BaseModel):
@@ -170,6 +200,85 @@ def text_chat(messages: list[Message], accepts_images: bool) -> list[dict[str, s
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A request's grammar, and the field it came from (the ``param`` of a 400 if it does not compile)."""
+
+    grammar: Grammar
+    param: str
+
+
+_FORMAT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _response_format(value: Any) -> Constraint | None:
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` or ``json_schema``.
+
+    A ``json_schema`` constrains the output whether ``strict`` or not. Strict, a keyword the
+    grammar library does not implement is a 400; not strict, it is ignored (the output still
+    follows everything else in the schema).
+    """
+    if not isinstance(value, dict):
+        raise invalid("'response_format' must be an object with a 'type'", "response_format")
+    kind = value.get("type")
+    if kind in ("text", "json_object"):
+        _no_other_keys(value, ("type",), "response_format")
+        return None if kind == "text" else Constraint(Grammar.json_object(), "response_format")
+    if kind != "json_schema":
+        raise invalid(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                      "response_format.type")
+    _no_other_keys(value, ("type", "json_schema"), "response_format")
+    spec = value.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise invalid(f"'{where}' must be an object with 'name' and 'schema'", where)
+    _no_other_keys(spec, ("name", "description", "schema", "strict"), where)
+    name = spec.get("name")
+    if not isinstance(name, str) or not _FORMAT_NAME.fullmatch(name):
+        raise invalid(f"'{where}.name' must be 1 to 64 letters, digits, '_' or '-'", f"{where}.name")
+    if not isinstance(spec.get("description", ""), str):
+        raise invalid(f"'{where}.description' must be a string", f"{where}.description")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid(f"'{where}.strict' must be true or false", f"{where}.strict")
+    schema = spec.get("schema", {})  # OpenAI's schema is optional: then any JSON value
+    if not isinstance(schema, (dict, bool)):
+        raise invalid(f"'{where}.schema' must be a JSON schema object", f"{where}.schema")
+    return Constraint(Grammar.json_schema(schema, lenient=not strict), f"{where}.schema")
+
+
+STRUCTURED_OUTPUTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _structured_outputs(value: Any) -> Constraint:
+    """vLLM's extension ``structured_outputs``: exactly one of ``json`` (a schema), ``regex``,
+    ``choice`` (a list of strings), ``grammar`` (Lark or GBNF) or ``json_object: true``."""
+    if not isinstance(value, dict):
+        raise invalid("'structured_outputs' must be an object", "structured_outputs")
+    _no_other_keys(value, STRUCTURED_OUTPUTS, "structured_outputs")
+    given = [k for k in STRUCTURED_OUTPUTS if value.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise invalid(f"'structured_outputs' needs exactly one of {', '.join(STRUCTURED_OUTPUTS)}",
+                      "structured_outputs")
+    key = given[0]
+    item, where = value[key], f"structured_outputs.{key}"
+    try:
+        if key == "json" and isinstance(item, (dict, bool, str)):
+            return Constraint(Grammar.json_schema(item), where)
+        if key in ("regex", "grammar") and isinstance(item, str) and item:
+            return Constraint(Grammar.regex(item) if key == "regex" else Grammar.lark(item), where)
+        if key == "choice" and isinstance(item, list) and item and all(isinstance(c, str) and c for c in item):
+            return Constraint(Grammar.choice(item), where)
+        if key == "json_object" and item is True:
+            return Constraint(Grammar.json_object(), where)
+    except GrammarError as exc:  # JSON text that is not JSON
+        raise invalid(str(exc), where) from None
+    wanted = {"json": "a JSON schema (an object or its JSON text)", "regex": "a non-empty string",
+              "grammar": "a non-empty string", "choice": "a non-empty list of non-empty strings",
+              "json_object": "true"}[key]
+    raise invalid(f"'{where}' must be {wanted}", where)
+
+
+@dataclass(frozen=True)
 class Common:
     """The fields chat and text completions share, as the engine and the runners take them."""
 
@@ -180,6 +289,7 @@ class Common:
     stream: bool
     include_usage: bool
     ignore_eos: bool  # vLLM's extension: keep going past end-of-turn tokens (benchmarks, tests)
+    constraint: Constraint | None = None  # response_format or structured_outputs
 
 
 class ServedRequest(Body):
@@ -219,7 +329,17 @@ class Sampling(ServedRequest):
     stream: Annotated[bool, checked((bool,))] = False
     stream_options: Annotated[StreamOptions, checked((dict,))] = StreamOptions()
     n: Annotated[int, checked((int,), 1, 16)] = 1
+    logit_bias: Annotated[tuple[tuple[int, float], ...], BeforeValidator(_logit_bias)] = ()
     ignore_eos: Annotated[bool, checked((bool,))] = False
+    user: Annotated[str | None, checked((str,))] = None  # bookkeeping: accepted, not used
+    response_format: Annotated[Constraint | None, BeforeValidator(_response_format)] = None
+    structured_outputs: Annotated[Constraint | None, BeforeValidator(_structured_outputs)] = None  # vLLM's
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> Sampling:
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise invalid("give 'response_format' or 'structured_outputs', not both", "structured_outputs")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -229,10 +349,10 @@ class Sampling(ServedRequest):
         params = SamplingParams(temperature=self.temperature, top_p=self.top_p or 1e-9, top_k=self.top_k,  # 0: top-1
                                 min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                                seed=self.seed)
+                                seed=self.seed, logit_bias=self.logit_bias)
         return Common(max_tokens=default_max_tokens if max_tokens is None else max_tokens, params=params, n=self.n,
                       stop=self.stop, stream=self.stream, include_usage=bool(self.stream_options.include_usage),
-                      ignore_eos=self.ignore_eos)
+                      ignore_eos=self.ignore_eos, constraint=self.response_format or self.structured_outputs)
 
 
 class ChatRequest(Sampling):
@@ -242,6 +362,12 @@ class ChatRequest(Sampling):
     max_completion_tokens: Annotated[int | None, checked((int,), 1)] = None  # OpenAI's newer name, first
     logprobs: Annotated[bool, checked((bool,))] = False
     top_logprobs: Annotated[int | None, checked((int,), 0, 20)] = None
+    # OpenAI's bookkeeping fields, accepted and not used: this server keeps no completions (store),
+    # and prefix caching needs no key (prompt_cache_key)
+    metadata: Annotated[dict[str, str] | None, BeforeValidator(_metadata)] = None
+    store: Annotated[bool, checked((bool,))] = False
+    safety_identifier: Annotated[str | None, checked((str,))] = None
+    prompt_cache_key: Annotated[str | None, checked((str,))] = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatRequest:
@@ -271,10 +397,23 @@ def _prompt(value: Any) -> str | list[int]:
 
 
 class CompletionRequest(Sampling):
-    """``POST /v1/completions``: one prompt, a string (encoded with <bos>) or token ids."""
+    """``POST /v1/completions``: one prompt, a string (encoded with <bos>) or token ids.
+
+    ``echo`` puts the prompt before the completion, and with ``logprobs`` its tokens' logprobs
+    before the completion's (the first token's null); ``max_tokens: 0`` then scores a text
+    without generating, as evaluation harnesses do.
+    """
 
     prompt: Annotated[str | list[int], BeforeValidator(_prompt)] = Field(default=None, validate_default=True)
     logprobs: Annotated[int | None, checked((int,), 0, 20)] = None
+    max_tokens: Annotated[int | None, checked((int,), 0)] = None
+    echo: Annotated[bool, checked((bool,))] = False
+
+    @model_validator(mode="after")
+    def _echo_is_not_streamed(self) -> CompletionRequest:
+        if self.echo and self.stream:
+            raise invalid("'echo' is not supported with 'stream': true", "echo")
+        return self
 
     @property
     def logprob_count(self) -> int | None:

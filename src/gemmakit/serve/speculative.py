@@ -34,11 +34,11 @@ class SpeculativeRunner:
 
     @staticmethod
     def accepts(common: Common, logprobs: int | None) -> bool:
-        """Greedy, one choice, no logprobs, no penalties: what speculative decoding reproduces exactly."""
+        """Greedy, one choice, no logprobs, no penalties or biases: what speculative decoding reproduces exactly."""
         p, default = common.params, SamplingParams()
         greedy = p.temperature == 0 or p.top_k == 1
         plain = all(getattr(p, name) == getattr(default, name)
-                    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"))
+                    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"))
         return greedy and plain and common.n == 1 and logprobs is None
 
     def submit(self, prompt_ids: list[int], common: Common, on_event: Callable[[Event], None]) -> RequestHandle:

@@ -100,9 +100,9 @@ class VisionRunner:
         return prompt, images, ids
 
     def submit(self, prompt: str, images: list[bytes], prompt_ids: list[int], common: Common,
-               on_event: Callable[[Event], None]) -> RequestHandle:
+               on_event: Callable[[Event], None], grammar=None) -> RequestHandle:
         request = Request(prompt_ids=tuple(prompt_ids), max_tokens=common.max_tokens, params=common.params,
-                          stop=common.stop, stop_ids=frozenset() if common.ignore_eos else None)
+                          stop=common.stop, stop_ids=frozenset() if common.ignore_eos else None, grammar=grammar)
         handle = RequestHandle(0, request, on_event)
         threading.Thread(target=self._run, args=(handle, prompt, images), daemon=True,
                          name="gemmakit-vision").start()
@@ -111,6 +111,8 @@ class VisionRunner:
     def _run(self, handle: RequestHandle, prompt: str, images: list[bytes]) -> None:
         request, emit = handle.request, handle.on_event
         stop_ids = request.stop_ids if request.stop_ids is not None else self.tokenizer.stop_ids()
+        if request.grammar is not None:
+            stop_ids = stop_ids | request.grammar.eos_ids
         p: SamplingParams = request.params
         stopper = StopStrings(request.stop)
         finish = "length"
@@ -124,7 +126,7 @@ class VisionRunner:
                 for piece, result in stream_generation(
                         self.model, self.tokenizer, prompt, max_tokens=request.max_tokens,
                         temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
-                        stop_ids=stop_ids, images=images or None):
+                        stop_ids=stop_ids, images=images or None, grammar=request.grammar):
                     new = result.token_ids[seen:]
                     seen = len(result.token_ids)
                     handle.completion_tokens = seen
@@ -139,6 +141,8 @@ class VisionRunner:
                     if handle.cancelled:
                         emit(Event(0, finish_reason="cancelled"))
                         return
+                if request.grammar is not None and seen < request.max_tokens:  # the output is complete
+                    finish = "stop"
                 tail = stopper.flush()  # empty after a stop string
                 emit(Event(0, text=tail, finish_reason=finish))
         except Exception as exc:  # reported to the client as a server error, the server keeps serving
@@ -152,6 +156,6 @@ def _check_supported(common: Common, logprobs: bool) -> None:
     if logprobs:
         raise FieldError("logprobs are not available for vision models", "logprobs")
     p, default = common.params, SamplingParams()
-    for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+    for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"):
         if getattr(p, name) != getattr(default, name):
             raise FieldError(f"'{name}' is not supported for vision models", name)

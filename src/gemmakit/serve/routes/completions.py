@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from gemmakit.serve.dependencies import State, json_body
 from gemmakit.serve.errors import FieldError
-from gemmakit.serve.generation import run
+from gemmakit.serve.generation import Echo, run
 from gemmakit.serve.schemas import CompletionRequest
 
 router = APIRouter()
@@ -27,4 +27,9 @@ async def completions(request: Request, body: Annotated[CompletionRequest, json_
         prompt = state.tokenizer.encode(body.prompt, add_bos=True)
     else:
         prompt = body.prompt
-    return await run(state, request, prompt, common, body.logprob_count, chat=False)
+    echo = None
+    if body.echo:  # the prompt as given; an id prompt as its text
+        state.require_tokenizer()
+        text = body.prompt if isinstance(body.prompt, str) else state.tokenizer.decode(prompt)
+        echo = Echo(text, added_bos=isinstance(body.prompt, str))
+    return await run(state, request, prompt, common, body.logprob_count, chat=False, echo=echo)

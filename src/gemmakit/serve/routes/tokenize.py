@@ -1,4 +1,5 @@
-"""``POST /tokenize`` and ``POST /detokenize`` (vLLM's routes): the ids a prompt becomes, and back."""
+"""``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` (vLLM's routes): the ids a
+prompt becomes, and back, and the special tokens (lm-eval's remote tokenizer reads all three)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,18 @@ async def tokenize(body: Annotated[TokenizeRequest, json_body(TokenizeRequest)],
 async def detokenize(body: Annotated[DetokenizeRequest, json_body(DetokenizeRequest)], state: State):
     state.require_tokenizer()
     return {"prompt": state.tokenizer.decode(body.tokens)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(state: State):
+    """The special tokens as text, the chat template and the context: what a client that tokenises
+    through this server (lm-eval's ``tokenizer_backend=remote``) needs besides /tokenize."""
+    state.require_tokenizer()
+    tokenizer = state.tokenizer
+
+    def piece(i: int) -> str | None:
+        return tokenizer.id_to_piece(i) if 0 <= i < tokenizer.vocab_size else None
+
+    return {"eos_token": piece(tokenizer.eos_id), "bos_token": piece(tokenizer.bos_id),
+            "pad_token": piece(tokenizer.pad_id), "chat_template": tokenizer.chat_template,
+            "model_max_length": state.engine.max_seq_len, "vocab_size": tokenizer.vocab_size}
