@@ -49,7 +49,7 @@ def test_unknown_fields_are_400s_that_name_them(served):
     url, _ = served
     cases = [
         ("/v1/chat/completions", {"messages": MESSAGES, "frobnicate": 1}, "frobnicate"),
-        ("/v1/chat/completions", {"messages": MESSAGES, "tools": []}, "tools"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "functions": []}, "functions"),  # the legacy API
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "ann"}]},
          "messages[0].name"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi",

@@ -23,8 +23,17 @@ SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn
 
 FIM_TOKENS = ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|file_separator|>"]
 
+# The control tokens of a vocabulary's tool syntax: Gemma 4's turns, thoughts, calls and string
+# quote; FunctionGemma's calls and quote
+TOOL_TOKENS = {
+    "gemma4": ["<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>", "<|tool_call>",
+               "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'],
+    "functiongemma": ["<start_function_declaration>", "<end_function_declaration>", "<start_function_call>",
+                      "<end_function_call>", "<start_function_response>", "<end_function_response>", "<escape>"],
+}
 
-def tiny_vocab(fim: bool = False) -> tuple[list[str], list[float], list[int]]:
+
+def tiny_vocab(fim: bool = False, tool_tokens: str | None = None) -> tuple[list[str], list[float], list[int]]:
     """A SentencePiece-style vocabulary: specials, 256 byte-fallback pieces, then letters and merges.
 
     ``fim=True`` appends CodeGemma's fill-in-the-middle pieces (USER_DEFINED, as in CodeGemma's
@@ -41,6 +50,10 @@ def tiny_vocab(fim: bool = False) -> tuple[list[str], list[float], list[int]]:
         tokens += FIM_TOKENS
         types += [4] * len(FIM_TOKENS)
         scores += [0.0] * len(FIM_TOKENS)
+    if tool_tokens:  # CONTROL, after everything else
+        tokens += TOOL_TOKENS[tool_tokens]
+        types += [3] * len(TOOL_TOKENS[tool_tokens])
+        scores += [0.0] * len(TOOL_TOKENS[tool_tokens])
     return tokens, scores, types
 
 
@@ -127,7 +140,7 @@ def write_hf_as_gguf(path: Path, hf_model, config: ModelConfig, **metadata) -> P
 
 def _write_gguf_file(path: Path, c: ModelConfig, arch: str, arrays: dict[str, np.ndarray], quant: str | None,
                      with_tokenizer: bool, sliding_window_pattern=None, fim_tokens: bool = False,
-                     chat_template: str | None = None) -> Path:
+                     chat_template: str | None = None, tool_tokens: str | None = None) -> Path:
     import gguf
 
     from gemmakit.checkpoints.gguf_writer import add_model_metadata, add_tensor
@@ -137,7 +150,7 @@ def _write_gguf_file(path: Path, c: ModelConfig, arch: str, arrays: dict[str, np
     w = gguf.GGUFWriter(str(path), arch)
     add_model_metadata(w, replace(c, family=arch), "tiny-" + arch, sliding_window_pattern)
     if with_tokenizer:
-        tokens, scores, types = tiny_vocab(fim_tokens)
+        tokens, scores, types = tiny_vocab(fim_tokens, tool_tokens)
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
         w.add_token_scores(scores)

@@ -49,8 +49,9 @@ _SPECIAL_LOOKING = re.compile(r"<\|[^<>\s]+\|>|<[^<>\s]*_[^<>\s]*>")
 # dict lookup (6k alternatives like <unused123> in one regex would cost ~130 ms to compile and
 # ~10 µs per '<' in the text). Any other special strings get literal alternatives, longest first.
 _ANGLE = re.compile(r"<[^<>\s]+>")
-# Gemma's end-of-turn (Gemma 4's is "<turn|>"); CodeGemma's end-of-file
-_STOP_PIECES = ("<end_of_turn>", "<turn|>", "<|file_separator|>")
+# Gemma's end-of-turn (Gemma 4's is "<turn|>"); CodeGemma's end-of-file; the tokens a model
+# writes after a tool call to hand over to the tool (Gemma 4's, FunctionGemma's)
+_STOP_PIECES = ("<end_of_turn>", "<turn|>", "<|file_separator|>", "<|tool_response>", "<start_function_response>")
 
 
 class Tokenizer:
@@ -113,6 +114,10 @@ class Tokenizer:
         """The vocabulary piece of id ``i`` as SentencePiece spells it (spaces as '▁')."""
         self._check_id(i)
         return self._pieces[i]
+
+    def special_id(self, text: str) -> int | None:
+        """The id of the special token spelt ``text`` (``<|tool_call>``), or None where there is none."""
+        return self._special_by_text.get(text)
 
     def is_special(self, i: int) -> bool:
         """True for control tokens (``<bos>``, ``<start_of_turn>`` ...), which decode(skip_special=True) drops."""

@@ -13,13 +13,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
+from gemmakit.chat.tools import Piece, ReplyParser
 from gemmakit.engine.grammar import CompiledGrammar, GrammarError
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
 from gemmakit.serve.errors import FieldError, error_response
@@ -48,12 +49,14 @@ class Echo:
 
 
 async def run(state: ServerState, request: HTTPRequest, prompt: list[int], common: Common, logprobs: int | None,
-              chat: bool, images: tuple[str, list[bytes]] | None = None, echo: Echo | None = None):
+              chat: bool, images: tuple[str, list[bytes]] | None = None, echo: Echo | None = None,
+              reply: Callable[[], ReplyParser | None] | None = None):
     """Submit ``prompt`` to the path that serves it and answer with the whole completion or its stream.
 
     ``images`` (rendered text, image bytes) sends it to the vision runner; greedy requests go to
     the speculative runner when there is one; everything else to the batching engine. ``echo``
-    with ``logprobs`` has the engine score the prompt.
+    with ``logprobs`` has the engine score the prompt. ``reply`` makes each chat choice's parser
+    (reasoning, content and tool calls apart; chat/tools.py).
     """
     grammar = await compiled_grammar(state, common)
     stream = _Stream(asyncio.get_running_loop())
@@ -69,7 +72,7 @@ async def run(state: ServerState, request: HTTPRequest, prompt: list[int], commo
                                  prompt_logprobs=logprobs if echo is not None else None)
         handle = state.engine.submit(engine_request, stream.on_event)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    answer = _Answer(state, handle, stream, rid, chat, echo)
+    answer = _Answer(state, handle, stream, rid, chat, echo, reply)
     if common.stream:
         return StreamingResponse(answer.sse(common.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -91,10 +94,23 @@ class _Answer:
     """The events of one submitted request turned into OpenAI's completion objects."""
 
     def __init__(self, state: ServerState, handle: RequestHandle, stream: _Stream, rid: str, chat: bool,
-                 echo: Echo | None = None) -> None:
+                 echo: Echo | None = None, reply: Callable[[], ReplyParser | None] | None = None) -> None:
         self.state, self.handle, self.stream, self.rid, self.chat = state, handle, stream, rid, chat
         self.echo = echo
         self.want_logprobs = handle.request.logprobs is not None
+        n = handle.request.n
+        self.parsers = [reply() for _ in range(n)] if reply is not None else [None] * n
+
+    def pieces(self, ev: Event) -> list[Piece]:
+        """The reply pieces an event completes (all of its text as content without a parser)."""
+        parser = self.parsers[ev.index]
+        if parser is None:
+            return [Piece("content", ev.text)] if ev.text else []
+        return parser.push(ev.text) + (parser.flush() if ev.finish_reason is not None else [])
+
+    def finish_reason(self, ev: Event) -> str:
+        parser = self.parsers[ev.index]
+        return "tool_calls" if ev.finish_reason == "stop" and parser is not None and parser.calls else ev.finish_reason
 
     def token_text(self, token_id: int) -> str:
         tokenizer = self.state.tokenizer
@@ -117,6 +133,7 @@ class _Answer:
         handle, chat = self.handle, self.chat
         n = handle.request.n
         texts, reasons = [self.echo.text if self.echo else ""] * n, [None] * n
+        replies: list[list[Piece]] = [[] for _ in range(n)]
         content: list[list[dict]] = [[] for _ in range(n)]
         legacy: list[dict[str, list]] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
                                          for _ in range(n)]
@@ -139,15 +156,17 @@ class _Answer:
                         lg["token_logprobs"].append(ev.logprob)
                         lg["top_logprobs"].append({self.token_text(i): lp for i, lp in ev.top_logprobs or []})
                 texts[ev.index] += ev.text
+                if chat:
+                    replies[ev.index] += self.pieces(ev)
                 if ev.finish_reason is not None:
                     if ev.finish_reason == "error":
                         return error_response(500, ev.error or "generation failed", "server_error")
-                    reasons[ev.index] = ev.finish_reason
+                    reasons[ev.index] = self.finish_reason(ev)
         finally:  # an error, a disconnect or a cancelled task: free the row
             if any(r is None for r in reasons):
                 handle.cancel()
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+            choices = [{"index": i, "message": _message(replies[i]),
                         "logprobs": {"content": content[i]} if self.want_logprobs else None,
                         "finish_reason": reasons[i]} for i in range(n)]
         else:
@@ -179,6 +198,7 @@ class _Answer:
         handle, chat = self.handle, self.chat
         n = handle.request.n
         open_choices = n
+        calls_sent = [0] * n
         created_at = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -203,7 +223,8 @@ class _Answer:
                     return
                 if ev.finish_reason is not None:
                     open_choices -= 1
-                if not ev.text and ev.finish_reason is None and not self.want_logprobs:
+                pieces = self.pieces(ev) if chat else []
+                if not (pieces if chat else ev.text) and ev.finish_reason is None and not self.want_logprobs:
                     continue
                 logprobs = None
                 if self.want_logprobs and ev.token_id is not None:
@@ -214,8 +235,9 @@ class _Answer:
                                     "top_logprobs": [{self.token_text(i): lp for i, lp in ev.top_logprobs or []}],
                                     "text_offset": [0]}
                 if chat:
-                    choice = {"index": ev.index, "delta": {"content": ev.text} if ev.text else {},
-                              "logprobs": logprobs, "finish_reason": ev.finish_reason}
+                    delta, calls_sent[ev.index] = _delta(pieces, calls_sent[ev.index])
+                    choice = {"index": ev.index, "delta": delta, "logprobs": logprobs,
+                              "finish_reason": self.finish_reason(ev) if ev.finish_reason is not None else None}
                 else:
                     choice = {"index": ev.index, "text": ev.text, "logprobs": logprobs,
                               "finish_reason": ev.finish_reason}
@@ -226,3 +248,36 @@ class _Answer:
         finally:  # normal end, or the client went away (the task is cancelled): free the row
             if open_choices:
                 handle.cancel()
+
+
+def _message(pieces: list[Piece]) -> dict[str, Any]:
+    """A chat choice's ``message``: content (null beside calls, as OpenAI's), reasoning, calls."""
+    content = "".join(p.text for p in pieces if p.kind == "content")
+    reasoning = "".join(p.text for p in pieces if p.kind == "reasoning")
+    calls = [p.call.as_openai() for p in pieces if p.kind == "tool_call"]
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _delta(pieces: list[Piece], calls_sent: int) -> tuple[dict[str, Any], int]:
+    """One chunk's ``delta`` and the choice's count of calls sent so far; each call goes out whole,
+    in one delta with its index, id, name and arguments."""
+    delta: dict[str, Any] = {}
+    content = "".join(p.text for p in pieces if p.kind == "content")
+    reasoning = "".join(p.text for p in pieces if p.kind == "reasoning")
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    if content:
+        delta["content"] = content
+    calls = []
+    for p in pieces:
+        if p.kind == "tool_call":
+            calls.append({"index": calls_sent, **p.call.as_openai()})
+            calls_sent += 1
+    if calls:
+        delta["tool_calls"] = calls
+    return delta, calls_sent

@@ -13,6 +13,7 @@ accepts: an int where a number is asked for, never a bool where an int is.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -113,9 +114,30 @@ class ImagePart(Body):
     url: Any = None
 
 
+class FunctionCall(Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallEntry(Body):
+    """An earlier assistant turn's call, rendered back into the prompt."""
+
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class Message(Body):
     role: Any = None  # render_chat names a wrong one
     content: str | list[TextPart | ImagePart]
+    tool_calls: tuple[ToolCallEntry, ...] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    name: str | None = None  # tool: the function's name (OpenAI's older field)
+    reasoning_content: str | None = None  # assistant: Gemma 4's thoughts between calls
+
+
+# The keys each role's message may have beyond role and content.
+_ROLE_KEYS = {"assistant": ("tool_calls", "reasoning_content", "reasoning"), "tool": ("tool_call_id", "name")}
 
 
 def _no_other_keys(obj: dict, allowed: tuple[str, ...], path: str) -> None:
@@ -140,6 +162,39 @@ def _image_part(part: dict, path: str) -> ImagePart:
     return ImagePart(type=part["type"], url=value)
 
 
+def _tool_calls(value: Any, where: str) -> tuple[ToolCallEntry, ...]:
+    if not isinstance(value, list):
+        raise invalid(f"'{where}' must be a list of calls", where)
+    out = []
+    for j, call in enumerate(value):
+        at = f"{where}[{j}]"
+        if not isinstance(call, dict):
+            raise invalid(f"'{at}' must be an object", at)
+        _no_other_keys(call, ("id", "type", "function"), at)
+        function = call.get("function")
+        if call.get("type", "function") != "function" or not isinstance(function, dict):
+            raise invalid(f"'{at}' must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}", at)
+        _no_other_keys(function, ("name", "arguments"), f"{at}.function")
+        name, arguments = function.get("name"), function.get("arguments", "{}")
+        if not isinstance(name, str) or not name:
+            raise invalid(f"'{at}.function.name' must be a non-empty string", f"{at}.function.name")
+        if isinstance(arguments, dict):  # some clients send the object itself
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        if not isinstance(arguments, str):
+            raise invalid(f"'{at}.function.arguments' must be a JSON string", f"{at}.function.arguments")
+        try:
+            if not isinstance(json.loads(arguments or "{}"), dict):
+                raise ValueError
+        except ValueError:
+            raise invalid(f"'{at}.function.arguments' must be a JSON object's text", f"{at}.function.arguments") \
+                from None
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            raise invalid(f"'{at}.id' must be a non-empty string", f"{at}.id")
+        out.append(ToolCallEntry(id=call_id, function=FunctionCall(name=name, arguments=arguments or "{}")))
+    return tuple(out)
+
+
 def _messages(value: Any) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise invalid("'messages' must be a non-empty list", "messages")
@@ -147,7 +202,9 @@ def _messages(value: Any) -> list[Message]:
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise invalid(f"messages[{i}] must be an object", "messages")
-        _no_other_keys(m, ("role", "content"), f"messages[{i}]")
+        role = m.get("role")
+        _no_other_keys(m, ("role", "content", *(_ROLE_KEYS.get(role, ()) if isinstance(role, str) else ())),
+                       f"messages[{i}]")
         content = m.get("content")
         if isinstance(content, list):
             parts: list[TextPart | ImagePart] = []
@@ -161,11 +218,28 @@ def _messages(value: Any) -> list[Message]:
                 else:
                     raise invalid(f"messages[{i}] has a content part of unknown type {kind!r}", "messages")
             content = parts
-        if content is None and m.get("role") == "assistant":
+        if content is None and role == "assistant":
             content = ""
         if not isinstance(content, (str, list)):
             raise invalid(f"messages[{i}] needs a string 'content'", "messages")
-        out.append(Message(role=m.get("role"), content=content))
+        extra: dict[str, Any] = {}
+        if m.get("tool_calls") is not None:
+            extra["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        thoughts = m.get("reasoning_content", m.get("reasoning"))
+        if thoughts is not None:
+            if not isinstance(thoughts, str):
+                raise invalid(f"'messages[{i}].reasoning_content' must be a string", f"messages[{i}].reasoning_content")
+            extra["reasoning_content"] = thoughts
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise invalid(f"messages[{i}] is a tool result and needs its 'tool_call_id'", f"messages[{i}].tool_call_id")
+            extra["tool_call_id"] = call_id
+            if m.get("name") is not None:
+                if not isinstance(m["name"], str):
+                    raise invalid(f"'messages[{i}].name' must be a string", f"messages[{i}].name")
+                extra["name"] = m["name"]
+        out.append(Message(role=role, content=content, **extra))
     return out
 
 
@@ -176,7 +250,7 @@ def chat_dicts(messages: list[Message], on_image: Callable[[ImagePart], dict | N
     """``messages`` as render_chat takes them; ``on_image(part)`` says what an image part becomes.
 
     It returns a part to keep, None to drop it, or raises: text-only and vision requests share
-    this walk and differ only there.
+    this walk and differ only there. Calls, call ids and thoughts are kept under OpenAI's keys.
     """
     out = []
     for m in messages:
@@ -185,17 +259,23 @@ def chat_dicts(messages: list[Message], on_image: Callable[[ImagePart], dict | N
             kept = {"type": "text", "text": part.text} if isinstance(part, TextPart) else on_image(part)
             if kept is not None:
                 content.append(kept)
-        out.append({"role": m.role, "content": content})
+        entry: dict[str, Any] = {"role": m.role, "content": content}
+        if m.tool_calls:
+            entry["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        for key in ("tool_call_id", "name", "reasoning_content"):
+            if getattr(m, key) is not None:
+                entry[key] = getattr(m, key)
+        out.append(entry)
     return out
 
 
-def text_chat(messages: list[Message], accepts_images: bool) -> list[dict[str, str]]:
-    """``messages`` as ``[{"role", "content": str}]`` for render_chat (text parts joined)."""
+def text_chat(messages: list[Message], accepts_images: bool) -> list[dict[str, Any]]:
+    """``messages`` as render_chat takes them with each content a string (text parts joined)."""
     def refuse(part: ImagePart) -> None:
         raise FieldError("this model does not accept images" if not accepts_images
                          else "images are not supported by this server yet", "messages")
 
-    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+    return [{**m, "content": m["content"] if isinstance(m["content"], str)
              else "".join(p["text"] for p in m["content"])} for m in chat_dicts(messages, refuse)]
 
 
@@ -276,6 +356,67 @@ def _structured_outputs(value: Any) -> Constraint:
               "grammar": "a non-empty string", "choice": "a non-empty list of non-empty strings",
               "json_object": "true"}[key]
     raise invalid(f"'{where}' must be {wanted}", where)
+
+
+def _tools(value: Any) -> tuple[dict[str, Any], ...]:
+    """OpenAI's ``tools``: function tools, each ``{"type": "function", "function": {"name",
+    "description", "parameters", "strict"}}``; names unique."""
+    if not isinstance(value, list):
+        raise invalid("'tools' must be a list of function tools", "tools")
+    out, names = [], set()
+    for i, tool in enumerate(value):
+        at = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise invalid(f"'{at}' must be {{'type': 'function', 'function': {{...}}}} (only function tools are "
+                          "supported)", at)
+        _no_other_keys(tool, ("type", "function"), at)
+        function = tool["function"]
+        _no_other_keys(function, ("name", "description", "parameters", "strict"), f"{at}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not _FORMAT_NAME.fullmatch(name):
+            raise invalid(f"'{at}.function.name' must be 1 to 64 letters, digits, '_' or '-'", f"{at}.function.name")
+        if name in names:
+            raise invalid(f"two tools are named {name!r}", f"{at}.function.name")
+        names.add(name)
+        if not isinstance(function.get("description", ""), str):
+            raise invalid(f"'{at}.function.description' must be a string", f"{at}.function.description")
+        params = function.get("parameters")
+        if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+            raise invalid(f"'{at}.function.parameters' must be a JSON schema of type 'object'",
+                          f"{at}.function.parameters")
+        if function.get("strict") is not None and not isinstance(function["strict"], bool):
+            raise invalid(f"'{at}.function.strict' must be true or false", f"{at}.function.strict")
+        out.append({"type": "function", "function": {k: v for k, v in function.items() if v is not None}})
+    return tuple(out)
+
+
+def _tool_choice(value: Any) -> str:
+    """``"none"``, ``"auto"``, ``"required"``, or the name of the one function to call."""
+    if value in ("none", "auto", "required"):
+        return value
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict):
+        _no_other_keys(value, ("type", "function"), "tool_choice")
+        _no_other_keys(value["function"], ("name",), "tool_choice.function")
+        name = value["function"].get("name")
+        if isinstance(name, str) and name:
+            return "function:" + name
+    raise invalid("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                  "{'name': ...}}", "tool_choice")
+
+
+# Names a template's variables already have: chat_template_kwargs may not replace them.
+_TEMPLATE_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token", "unk_token",
+                   "pad_token", "mask_token"}
+
+
+def _template_kwargs(value: Any) -> dict[str, Any]:
+    """vLLM's ``chat_template_kwargs``: extra variables for the chat template (``enable_thinking``)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise invalid("'chat_template_kwargs' must be an object whose keys are names", "chat_template_kwargs")
+    taken = sorted(set(value) & _TEMPLATE_NAMES)
+    if taken:
+        raise invalid(f"'chat_template_kwargs' may not set {', '.join(taken)}", "chat_template_kwargs")
+    return dict(value)
 
 
 @dataclass(frozen=True)
@@ -368,12 +509,47 @@ class ChatRequest(Sampling):
     store: Annotated[bool, checked((bool,))] = False
     safety_identifier: Annotated[str | None, checked((str,))] = None
     prompt_cache_key: Annotated[str | None, checked((str,))] = None
+    tools: Annotated[tuple[dict[str, Any], ...], BeforeValidator(_tools)] = ()
+    tool_choice: Annotated[str | None, BeforeValidator(_tool_choice)] = None  # "auto" with tools, else "none"
+    parallel_tool_calls: Annotated[bool, checked((bool,))] = True
+    chat_template_kwargs: Annotated[dict[str, Any], BeforeValidator(_template_kwargs)] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatRequest:
         if not self.logprobs and self.top_logprobs is not None:
             raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatRequest:
+        choice = self.tool_choice or "none"
+        if choice != "none" and not self.tools:
+            raise invalid(f"'tool_choice' {choice.removeprefix('function:')!r} needs 'tools'", "tool_choice")
+        if choice.startswith("function:") and choice[9:] not in {t["function"]["name"] for t in self.tools}:
+            raise invalid(f"'tool_choice' names {choice[9:]!r}, which is not among 'tools'", "tool_choice")
+        if choice != "none" and (self.response_format is not None or self.structured_outputs is not None):
+            raise invalid("give 'tools' or a structured output ('response_format', 'structured_outputs'), not "
+                          "both; send tool_choice 'none' to keep the tools out", "tools")
+        return self
+
+    @property
+    def offered_tools(self) -> tuple[dict[str, Any], ...]:
+        """The tools the model is told of and may call: none with tool_choice "none"."""
+        return self.tools if self.effective_tool_choice != "none" else ()
+
+    @property
+    def effective_tool_choice(self) -> str:
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    @property
+    def forced_tools(self) -> tuple[dict[str, Any], ...]:
+        """The tools a constrained reply must call (all of them for "required", the named one), or ()."""
+        choice = self.effective_tool_choice
+        if choice == "required":
+            return self.tools
+        if choice.startswith("function:"):
+            return tuple(t for t in self.tools if t["function"]["name"] == choice[9:])
+        return ()
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens

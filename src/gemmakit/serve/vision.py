@@ -83,14 +83,15 @@ class VisionRunner:
         self.context = model.config.max_position_embeddings
         self._lock = threading.Lock()
 
-    def prepare(self, messages: list[Message], common: Common | None = None,
-                logprobs: bool = False) -> tuple[str, list[bytes], list[int]]:
+    def prepare(self, messages: list[Message], common: Common | None = None, logprobs: bool = False,
+                plan=None) -> tuple[str, list[bytes], list[int]]:
         """``(rendered prompt, images, prompt ids)`` of a chat request's messages (``common`` and ``logprobs``
-        its other fields; None for /tokenize); raises FieldError/GemmakitError for bad input."""
+        its other fields, ``plan`` its tools and template variables (a ChatPlan); None for /tokenize);
+        raises FieldError/GemmakitError for bad input."""
         if common is not None:
             _check_supported(common, logprobs)
         chat, images = vision_chat(messages, self.layout)
-        prompt = render_chat(chat, tokenizer=self.tokenizer)
+        prompt = plan.render(chat, self.tokenizer) if plan is not None else render_chat(chat, tokenizer=self.tokenizer)
         _, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, images or None)
         if not isinstance(ids, list):  # text only (Gemma 3): its text decoder reads the prompt
             ids = self.tokenizer.encode(ids, add_bos=True)
