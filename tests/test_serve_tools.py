@@ -233,3 +233,33 @@ def test_real_model_forced_calls_validate_in_a_batch_with_free_requests(real_cli
             jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
         if isinstance(job["tool_choice"], dict):
             assert [c.function.name for c in choice.message.tool_calls] == ["place_order"]
+
+
+def test_gemma4_thoughts_come_back_as_reasoning_content(served, client):
+    """A reply with a thought channel (forced here by a grammar naming the control tokens, as a random
+    model would never write one) comes back split, whole or streamed; thinking is switched per request."""
+    kind, url, tokenizer = served
+    if kind != "gemma4":
+        pytest.skip("the thought channel is Gemma 4's")
+    open_, close = tokenizer.special_id("<|channel>"), tokenizer.special_id("<channel|>")
+    grammar = f'start: <[{open_}]> "thought\\n" /[a-z]{{3,9}}/ <[{close}]> /[a-z]{{2,6}}/'
+    kwargs = dict(model="tiny", messages=ASK, max_tokens=40, temperature=0.8, seed=1,
+                  extra_body={"structured_outputs": {"grammar": grammar}})
+    message = client.chat.completions.create(**kwargs).choices[0].message
+    thought, answer = message.model_extra["reasoning_content"], message.content
+    assert 3 <= len(thought) <= 9 and thought.isalpha() and 2 <= len(answer) <= 6 and answer.isalpha()
+    streamed = {"reasoning_content": "", "content": ""}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        streamed["content"] += delta.content or ""
+        streamed["reasoning_content"] += (delta.model_extra or {}).get("reasoning_content") or ""
+    assert streamed == {"reasoning_content": thought, "content": answer}
+    # enable_thinking reaches the template (vLLM's chat_template_kwargs): the system turn asks for thoughts
+    from gemmakit.chat import render_chat
+
+    for thinking in (True, False):
+        reply = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=2, temperature=0,
+                                               extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+        prompt = render_chat(ASK, tokenizer=tokenizer, enable_thinking=thinking)
+        assert ("<|think|>" in prompt) == thinking
+        assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt, add_bos=True))
