@@ -3,7 +3,7 @@
 ``create_app(engine, tokenizer, model_name)`` builds the app (tests start it on a loopback port
 with a tiny model; ``gemmakit serve`` with a real one). Routes (serve/routes/):
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models
+    POST /v1/chat/completions   POST /v1/completions   POST /v1/responses   GET /v1/models
     GET /health   POST /tokenize   POST /detokenize   GET /metrics (Prometheus text)
 
 Requests are pydantic models (schemas.py), answered through generation.py; every error is in
@@ -21,7 +21,7 @@ from gemmakit.engine.scheduler import Engine
 from gemmakit.serve.dependencies import require_api_key
 from gemmakit.serve.errors import install_handlers
 from gemmakit.serve.middleware import ServeMiddleware
-from gemmakit.serve.routes import chat, completions, health_metrics, models, tokenize
+from gemmakit.serve.routes import chat, completions, health_metrics, models, responses, tokenize
 from gemmakit.serve.state import ServerState
 
 MAX_BODY_BYTES = 32 * 2**20  # room for several images as data: URIs
@@ -53,6 +53,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     app.add_middleware(ServeMiddleware, state=state)
     app.include_router(health_metrics.health)  # open: load balancers probe it without the key
     guarded = [Depends(require_api_key)]
-    for router in (chat.router, completions.router, models.router, tokenize.router, health_metrics.metrics):
+    for router in (chat.router, completions.router, responses.router, models.router, tokenize.router,
+                   health_metrics.metrics):
         app.include_router(router, dependencies=guarded)
     return app

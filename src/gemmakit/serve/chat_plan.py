@@ -8,6 +8,8 @@ grammar a forced call follows, and makes the parser that splits each choice's re
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,8 @@ from gemmakit.chat.tools import GEMMA4, ReplyParser, ToolSchemaError, ToolSyntax
     tool_syntax
 from gemmakit.engine.grammar import Grammar
 from gemmakit.serve.errors import FieldError
-from gemmakit.serve.schemas import ChatRequest, Constraint
+from gemmakit.serve.schemas import ChatRequest, Common, Constraint, text_chat
+from gemmakit.serve.state import ServerState
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,29 @@ class ChatPlan:
         if not self.tools and not self.thoughts:
             return None
         return ReplyParser(self.syntax, [t["function"]["name"] for t in self.tools], self.thoughts)
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A chat request ready to submit: prompt ids, images for the vision runner (or None), the
+    generation fields with a forced call's grammar, and the plan that reads the replies."""
+
+    prompt: list[int]
+    images: tuple[str, list[bytes]] | None
+    common: Common
+    plan: ChatPlan
+
+
+async def prepare_chat(state: ServerState, body: ChatRequest) -> PreparedChat:
+    """What /v1/chat/completions and /v1/responses do before submitting a chat."""
+    state.require_tokenizer()
+    plan = ChatPlan.of(body, state.tokenizer)
+    common = body.common(state.default_max_tokens)
+    if plan.constraint is not None:
+        common = dataclasses.replace(common, constraint=plan.constraint)
+    if state.vision is not None:  # a vision model's chat, images or not: its one-at-a-time path
+        text, images, ids = await asyncio.to_thread(state.vision.prepare, body.messages, common,
+                                                    body.logprobs, plan)  # decodes the images
+        return PreparedChat(ids, (text, images), common, plan)
+    text = plan.render(text_chat(body.messages, state.accepts_images), state.tokenizer)
+    return PreparedChat(state.tokenizer.encode(text, add_bos=True), None, common, plan)

@@ -58,6 +58,19 @@ async def run(state: ServerState, request: HTTPRequest, prompt: list[int], commo
     with ``logprobs`` has the engine score the prompt. ``reply`` makes each chat choice's parser
     (reasoning, content and tool calls apart; chat/tools.py).
     """
+    handle, stream = await submit(state, prompt, common, logprobs, images, echo)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    answer = _Answer(state, handle, stream, rid, chat, echo, reply)
+    if common.stream:
+        return StreamingResponse(answer.sse(common.include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await answer.collect(request)
+
+
+async def submit(state: ServerState, prompt: list[int], common: Common, logprobs: int | None = None,
+                 images: tuple[str, list[bytes]] | None = None, echo: Echo | None = None
+                 ) -> tuple[RequestHandle, _Stream]:
+    """``prompt`` submitted to the path that serves it: its handle, and the stream its events arrive on."""
     grammar = await compiled_grammar(state, common)
     stream = _Stream(asyncio.get_running_loop())
     plain = grammar is None and echo is None and common.max_tokens > 0
@@ -71,12 +84,7 @@ async def run(state: ServerState, request: HTTPRequest, prompt: list[int], commo
                                  stop_ids=frozenset() if common.ignore_eos else None, grammar=grammar,
                                  prompt_logprobs=logprobs if echo is not None else None)
         handle = state.engine.submit(engine_request, stream.on_event)
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    answer = _Answer(state, handle, stream, rid, chat, echo, reply)
-    if common.stream:
-        return StreamingResponse(answer.sse(common.include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    return await answer.collect(request)
+    return handle, stream
 
 
 async def compiled_grammar(state: ServerState, common: Common) -> CompiledGrammar | None:

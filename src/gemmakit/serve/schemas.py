@@ -233,7 +233,8 @@ def _messages(value: Any) -> list[Message]:
         if role == "tool":
             call_id = m.get("tool_call_id")
             if not isinstance(call_id, str) or not call_id:
-                raise invalid(f"messages[{i}] is a tool result and needs its 'tool_call_id'", f"messages[{i}].tool_call_id")
+                raise invalid(f"messages[{i}] is a tool result and needs its 'tool_call_id'",
+                              f"messages[{i}].tool_call_id")
             extra["tool_call_id"] = call_id
             if m.get("name") is not None:
                 if not isinstance(m["name"], str):
