@@ -193,42 +193,44 @@ class _Gemma4Value:
                 raise ValueError("an unclosed string")
             return text[i + len(quote):end], end + len(quote)
         if text.startswith("{", i):
-            out: dict[str, Any] = {}
-            i = self._skip(i + 1)
-            while not text.startswith("}", i):
-                if text.startswith(quote, i):
-                    key, i = self.read(i)
-                else:
-                    colon = text.find(":", i)
-                    if colon < 0:
-                        raise ValueError("a key without a value")
-                    key, i = text[i:colon].strip(), colon
-                i = self._skip(i)
-                if not text.startswith(":", i) or not key:
-                    raise ValueError("a key without a value")
-                out[key], i = self.read(i + 1)
-                i = self._skip(i)
-                if text.startswith(",", i):
-                    i = self._skip(i + 1)
-                elif not text.startswith("}", i):
-                    raise ValueError("',' or '}' expected")
-            return out, i + 1
+            members, i = self._sequence(i + 1, "}", self._member)
+            return dict(members), i
         if text.startswith("[", i):
-            items: list[Any] = []
-            i = self._skip(i + 1)
-            while not text.startswith("]", i):
-                item, i = self.read(i)
-                items.append(item)
-                i = self._skip(i)
-                if text.startswith(",", i):
-                    i = self._skip(i + 1)
-                elif not text.startswith("]", i):
-                    raise ValueError("',' or ']' expected")
-            return items, i + 1
+            return self._sequence(i + 1, "]", self.read)
         m = self._SCALAR.match(text, i)
         if m is None:
             raise ValueError("a value expected")
         return json.loads(m.group()), m.end()
+
+    def _sequence(self, i: int, close: str, item: Callable[[int], tuple[Any, int]]) -> tuple[list[Any], int]:
+        """Items read by ``item`` and separated by commas, up to ``close``."""
+        out: list[Any] = []
+        i = self._skip(i)
+        while not self.text.startswith(close, i):
+            value, i = item(i)
+            out.append(value)
+            i = self._skip(i)
+            if self.text.startswith(",", i):
+                i = self._skip(i + 1)
+            elif not self.text.startswith(close, i):
+                raise ValueError(f"',' or '{close}' expected")
+        return out, i + len(close)
+
+    def _member(self, i: int) -> tuple[tuple[str, Any], int]:
+        """``key:value``, the key bare or quoted."""
+        text = self.text
+        if text.startswith(self.quote, i):
+            key, i = self.read(i)
+        else:
+            colon = text.find(":", i)
+            if colon < 0:
+                raise ValueError("a key without a value")
+            key, i = text[i:colon].strip(), colon
+        i = self._skip(i)
+        if not text.startswith(":", i) or not key:
+            raise ValueError("a key without a value")
+        value, i = self.read(i + 1)
+        return (key, value), i
 
 
 def parse_json_calls(text: str, names: Sequence[str]) -> list[ToolCall] | None:
