@@ -20,10 +20,14 @@ from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.quant import ggml
 from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize
 
+# The types the block kernel runs (tests/test_ggml_kernel.py takes this list), then those read at load.
 QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+LOAD_ONLY_TYPES = [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
+ALL_TYPES = [*QUANT_TYPES, *LOAD_ONLY_TYPES]
 # Byte offsets of each block's fp16 fields (scale d, and min/dmin where the type has one).
 FP16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2),
-               T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+               T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q2_K: (80, 82), T.Q3_K: (108,),
+               T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
 
 
 def random_blocks(qtype: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -48,17 +52,18 @@ def assert_bit_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
 
 
 def test_supported_types() -> None:
-    assert SUPPORTED_TYPES == {int(t) for t in (T.F32, T.F16, T.BF16, *QUANT_TYPES)}
+    assert SUPPORTED_TYPES == {int(t) for t in (T.F32, T.F16, T.BF16, *ALL_TYPES)}
+    assert ggml.PACKABLE_TYPES.isdisjoint(int(t) for t in LOAD_ONLY_TYPES)
 
 
-@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows,cols", [(1, 256), (5, 768), (64, 512)])
 def test_random_blocks_match_gguf(qtype: T, rows: int, cols: int) -> None:
     raw = random_blocks(qtype, rows, cols, seed=rows * 1000 + int(qtype))
     assert_bit_equal(dequantize(raw, qtype, (rows, cols)), reference(raw, qtype, (rows, cols)))
 
 
-@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_slab_boundaries(qtype: T, monkeypatch: pytest.MonkeyPatch) -> None:
     """Several slabs and a short last one decode the same as one pass."""
     monkeypatch.setattr(ggml, "_SLAB_WEIGHTS", 3 * 256)
@@ -134,7 +139,7 @@ def test_wrong_byte_count_is_a_checkpoint_error() -> None:
         dequantize(np.zeros(10, np.uint8), T.F32, (3,))
 
 
-@pytest.mark.parametrize("qtype,expected", [(T.Q2_K, "Q2_K"), (T.IQ4_NL, "IQ4_NL"), (12345, "12345")])
+@pytest.mark.parametrize("qtype,expected", [(T.IQ2_XXS, "IQ2_XXS"), (T.TQ1_0, "TQ1_0"), (12345, "12345")])
 def test_unknown_type_is_unsupported(qtype: int, expected: str) -> None:
     with pytest.raises(UnsupportedModelError, match=expected) as info:
         dequantize(np.zeros(1024, np.uint8), qtype, (4, 256))

@@ -24,6 +24,10 @@ Q5_1      24     d:f16 | m:f16 | qh:u8[4] | qs:u8[16]                w = d*q + m
 Q4_K      144    d:f16 | dmin:f16 | scales:u8[12] (8x 6-bit sc, 8x 6-bit m) | qs:u8[128]
 Q5_K      176    d:f16 | dmin:f16 | scales:u8[12] | qh:u8[32] | qs:u8[128]
 Q6_K      210    ql:u8[128] | qh:u8[64] | scales:int8[16] | d:f16
+Q2_K      84     scales:u8[16] (lo nibble sc, hi m) | qs:u8[64] | d:f16 | dmin:f16  w = d*sc*q - dmin*m
+Q3_K      110    hmask:u8[32] | qs:u8[64] | scales:u8[12] (16x 6-bit) | d:f16  w = d*(sc-32)*q
+IQ4_NL    18     d:f16 | qs:u8[16] (nibble order of Q4_0)            w = d*kvalues[q]
+IQ4_XS    136    d:f16 | scales_h:u16 | scales_l:u8[4] | qs:u8[128]  w = d*(sc-32)*kvalues[q]
 ========  =====  ========================================================================
 """
 
@@ -164,6 +168,55 @@ def _c_q6_k(blocks):
     return q, blocks[:, 192:208].view(torch.int8) * _f16(blocks, 208), None
 
 
+def _c_q2_k(blocks):
+    # Weight 128h + 32j + l is bits 2j..2j+1 of qs byte 32h + l: the order _bit_fields yields.
+    n = blocks.shape[0]
+    q = _bit_fields(_field(blocks, 16, 80).view(n, 2, 32), 2).view(n, 256)
+    sc = blocks[:, 0:16]
+    d = _f16(blocks, 80) * (sc & 0x0F)
+    m = _f16(blocks, 82) * (sc >> 4)
+    return q.view(torch.int8), d, -m
+
+
+def _q3_k_scales(blocks: torch.Tensor) -> torch.Tensor:
+    """Q3_K's sixteen 6-bit scales minus 32, as int16 [n, 16]: bytes 0-7 hold the low nibbles
+    (scales 0-7 low halves, 8-15 high halves), bytes 8-11 the top two bits, 2 bits per scale in
+    the order of byte i's bit pairs for scales i, i+4, i+8, i+12."""
+    s = blocks[:, 96:108]
+    low = torch.cat([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], dim=1)
+    c = s[:, 8:12]
+    high = torch.cat([c & 3, (c >> 2) & 3, (c >> 4) & 3, (c >> 6) & 3], dim=1)
+    return (low | (high << 4)).to(torch.int16) - 32
+
+
+def _c_q3_k(blocks):
+    n = blocks.shape[0]
+    low = _bit_fields(_field(blocks, 32, 96).view(n, 2, 32), 2).view(n, 256)
+    # Bit 4h + j of hmask byte l is weight 128h + 32j + l's high bit; a clear bit means code - 4.
+    high = _bit_fields(_field(blocks, 0, 32).view(n, 1, 32), 1).view(n, 256)
+    q = low.view(torch.int8) - (high ^ 1).view(torch.int8) * 4
+    return q, _f16(blocks, 108) * _q3_k_scales(blocks), None
+
+
+# The sixteen non-uniform levels of IQ4_NL and IQ4_XS (ggml-common.h's kvalues_iq4nl).
+_IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                           dtype=torch.int8)
+
+
+def _c_iq4_nl(blocks):
+    return _IQ4_LEVELS[_nibbles(blocks, 2, 1).long()], _f16(blocks, 0), None
+
+
+def _c_iq4_xs(blocks):
+    n = blocks.shape[0]
+    codes = _IQ4_LEVELS[_nibbles(blocks, 8, 8).long()]
+    lo = blocks[:, 4:8]
+    low = torch.stack([lo & 0x0F, lo >> 4], dim=2).view(n, 8).to(torch.int16)
+    hi = blocks[:, 2:4].clone().view(torch.int16).to(torch.int32) & 0xFFFF
+    high = (hi >> torch.arange(0, 16, 2)) & 3
+    return codes, _f16(blocks, 0) * ((low | (high << 4)) - 32), None
+
+
 # type -> (unpacker, weights per scale group)
 _CODES: dict[int, tuple[Callable, int]] = {
     _T.Q8_0: (_c_q8_0, 32), _T.Q4_0: (_c_q4_0, 32), _T.Q4_1: (_c_q4_1, 32), _T.Q5_0: (_c_q5_0, 32),
@@ -187,7 +240,12 @@ def _decoder(unpack: Callable, group: int) -> _Kernel:
     return decode
 
 
-_KERNELS: dict[int, _Kernel] = {t: _decoder(unpack, group) for t, (unpack, group) in _CODES.items()}
+# Types read into floats at load (no block kernel for them yet): every tensor is dequantised.
+_LOAD_ONLY: dict[int, tuple[Callable, int]] = {
+    _T.Q2_K: (_c_q2_k, 16), _T.Q3_K: (_c_q3_k, 16), _T.IQ4_NL: (_c_iq4_nl, 32), _T.IQ4_XS: (_c_iq4_xs, 32),
+}
+
+_KERNELS: dict[int, _Kernel] = {t: _decoder(unpack, group) for t, (unpack, group) in {**_CODES, **_LOAD_ONLY}.items()}
 
 # Unquantised element types: just reinterpret the bytes and widen/narrow.
 _PLAIN: dict[int, torch.dtype] = {_T.F32: torch.float32, _T.F16: torch.float16, _T.BF16: torch.bfloat16}
