@@ -25,7 +25,7 @@ class ThoughtSplitter:
             marker = CLOSE if self._in_thought else OPEN
             at = self._pending.find(marker)
             if at < 0:
-                keep = _partial_suffix(self._pending, marker)
+                keep = partial_suffix(self._pending, marker)
                 self._emit(out, self._pending[:len(self._pending) - keep])
                 self._pending = self._pending[len(self._pending) - keep:]
                 break
@@ -57,7 +57,7 @@ class ThoughtSplitter:
         out.append((kind, text))
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest end of ``text`` that is a beginning of ``marker``."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
         if marker.startswith(text[-n:]):

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemmakit.chat.thinking import ThoughtSplitter
+from gemmakit.chat.thinking import ThoughtSplitter, partial_suffix
 from gemmakit.errors import InvalidRequestError
 
 
@@ -265,6 +265,18 @@ class Piece:
     call: ToolCall | None = None
 
 
+def reply_pieces(parser: ReplyParser | None, text: str, final: bool) -> list[Piece]:
+    """The pieces ``text`` completes (``final``: the reply's last text); without a parser, all content."""
+    if parser is None:
+        return [Piece("content", text)] if text else []
+    return parser.push(text) + (parser.flush() if final else [])
+
+
+def joined(pieces: list[Piece], kind: str) -> str:
+    """The text of the pieces of ``kind`` ("content" or "reasoning"), in order."""
+    return "".join(p.text for p in pieces if p.kind == kind)
+
+
 class ReplyParser:
     """A streamed reply split into reasoning (Gemma 4's thought channel), content and tool calls.
 
@@ -312,7 +324,7 @@ class ReplyParser:
                     # an unclosed call: what the model wrote is kept, as content
                     out += self._content((self.syntax.open if self._in_call else "") + self._take_all())
                 elif not self._in_call:
-                    keep = _partial_suffix(self._pending, marker)
+                    keep = partial_suffix(self._pending, marker)
                     out += self._content(self._pending[:len(self._pending) - keep])
                     self._pending = self._pending[len(self._pending) - keep:]
                 break
@@ -351,13 +363,6 @@ class ReplyParser:
     @staticmethod
     def _content(text: str) -> list[Piece]:
         return [Piece("content", text)] if text else []
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 # --- constraining a call -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
-from gemmakit.chat.tools import Piece, ReplyParser
+from gemmakit.chat.tools import Piece, ReplyParser, joined, reply_pieces
 from gemmakit.engine.grammar import CompiledGrammar, GrammarError
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
 from gemmakit.serve.errors import FieldError, error_response
@@ -111,12 +111,9 @@ class _Answer:
 
     def pieces(self, ev: Event) -> list[Piece]:
         """The reply pieces an event completes (all of its text as content without a parser)."""
-        parser = self.parsers[ev.index]
-        if parser is None:
-            return [Piece("content", ev.text)] if ev.text else []
-        return parser.push(ev.text) + (parser.flush() if ev.finish_reason is not None else [])
+        return reply_pieces(self.parsers[ev.index], ev.text, ev.finish_reason is not None)
 
-    def finish_reason(self, ev: Event) -> str:
+    def finish_reason(self, ev: Event) -> str | None:
         parser = self.parsers[ev.index]
         return "tool_calls" if ev.finish_reason == "stop" and parser is not None and parser.calls else ev.finish_reason
 
@@ -245,7 +242,7 @@ class _Answer:
                 if chat:
                     delta, calls_sent[ev.index] = _delta(pieces, calls_sent[ev.index])
                     choice = {"index": ev.index, "delta": delta, "logprobs": logprobs,
-                              "finish_reason": self.finish_reason(ev) if ev.finish_reason is not None else None}
+                              "finish_reason": self.finish_reason(ev)}
                 else:
                     choice = {"index": ev.index, "text": ev.text, "logprobs": logprobs,
                               "finish_reason": ev.finish_reason}
@@ -260,8 +257,7 @@ class _Answer:
 
 def _message(pieces: list[Piece]) -> dict[str, Any]:
     """A chat choice's ``message``: content (null beside calls, as OpenAI's), reasoning, calls."""
-    content = "".join(p.text for p in pieces if p.kind == "content")
-    reasoning = "".join(p.text for p in pieces if p.kind == "reasoning")
+    content, reasoning = joined(pieces, "content"), joined(pieces, "reasoning")
     calls = [p.call.as_openai() for p in pieces if p.kind == "tool_call"]
     message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
     if reasoning:
@@ -275,8 +271,7 @@ def _delta(pieces: list[Piece], calls_sent: int) -> tuple[dict[str, Any], int]:
     """One chunk's ``delta`` and the choice's count of calls sent so far; each call goes out whole,
     in one delta with its index, id, name and arguments."""
     delta: dict[str, Any] = {}
-    content = "".join(p.text for p in pieces if p.kind == "content")
-    reasoning = "".join(p.text for p in pieces if p.kind == "reasoning")
+    content, reasoning = joined(pieces, "content"), joined(pieces, "reasoning")
     if reasoning:
         delta["reasoning_content"] = reasoning
     if content:

@@ -27,7 +27,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BeforeValidator
 
-from gemmakit.chat.tools import Piece, ReplyParser
+from gemmakit.chat.tools import Piece, ReplyParser, reply_pieces
 from gemmakit.engine.scheduler import RequestHandle
 from gemmakit.serve.errors import error_response, invalid
 from gemmakit.serve.generation import _Stream
@@ -248,11 +248,6 @@ class ResponseAnswer:
         self.output: list[dict[str, Any]] = []  # the items, built as pieces arrive
         self.finish: str | None = None
 
-    def pieces(self, text: str, final: bool) -> list[Piece]:
-        if self.parser is None:
-            return [Piece("content", text)] if text else []
-        return self.parser.push(text) + (self.parser.flush() if final else [])
-
     def response(self, status: str) -> dict[str, Any]:
         prompt, completion = self.handle.prompt_tokens, self.handle.completion_tokens
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
@@ -326,7 +321,7 @@ class ResponseAnswer:
             ev = await self.stream.queue.get()
             if ev.finish_reason == "error":
                 raise _Failed(ev.error or "generation failed")
-            for piece in self.pieces(ev.text, ev.finish_reason is not None):
+            for piece in reply_pieces(self.parser, ev.text, ev.finish_reason is not None):
                 for event in self.take(piece):
                     yield event
             if ev.finish_reason is not None:
