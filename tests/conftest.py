@@ -14,7 +14,7 @@ GOLDEN = TESTS / "data" / "gemma3_270m_golden.json"
 
 
 # Fixtures that load the real 270M model: a test that asks for one takes seconds, so it is `slow`.
-_REAL_MODEL_FIXTURES = {"real_model_path", "real_model", "real_gguf"}
+_REAL_MODEL_FIXTURES = {"real_model_path", "real_model", "real_gguf", "gemma_hf_tokenizer", "embedding_gemma"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -41,6 +41,24 @@ def real_model(real_model_path):
     import gemmakit
 
     return gemmakit.load(real_model_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def gemma_hf_tokenizer(real_model_path, tmp_path_factory) -> Path:
+    """The real Gemma tokenizer as Hugging Face files, wrapping texts as EmbeddingGemma's does."""
+    pytest.importorskip("transformers")
+    from embedding_models import hf_tokenizer_directory
+
+    return hf_tokenizer_directory(real_model_path, tmp_path_factory.mktemp("gemma-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def embedding_gemma(gemma_hf_tokenizer, tmp_path_factory) -> Path:
+    """A random-weight EmbeddingGemma-shaped sentence-transformers directory (tests/embedding_models.py)."""
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
+    from embedding_models import embedding_gemma_directory
+
+    return embedding_gemma_directory(tmp_path_factory.mktemp("embedding") / "embeddinggemma-tiny", gemma_hf_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 from gemmakit.errors import GemmakitError
 
 if TYPE_CHECKING:
-    from gemmakit.api import Generation, generate, load, stream
+    from gemmakit.api import Generation, embed, generate, load, stream
     from gemmakit.fim import infill
 
-__all__ = ["GemmakitError", "Generation", "generate", "infill", "load", "stream"]
+__all__ = ["GemmakitError", "Generation", "embed", "generate", "infill", "load", "stream"]
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
-_LAZY = {"Generation": "gemmakit.api", "generate": "gemmakit.api", "load": "gemmakit.api",
+_LAZY = {"Generation": "gemmakit.api", "embed": "gemmakit.api", "generate": "gemmakit.api", "load": "gemmakit.api",
          "stream": "gemmakit.api", "infill": "gemmakit.fim"}
 
 

@@ -1,7 +1,10 @@
-"""The Python API: ``load`` a model, then ``generate`` or ``stream`` text from it.
+"""The Python API: ``load`` a model, then ``generate`` or ``stream`` text from it, or ``embed`` texts.
 
     model, tokenizer = gemmakit.load()                 # the default Gemma 3 270M
     print(gemmakit.generate(model, tokenizer, "The capital of France is", max_tokens=20))
+
+    encoder, tokenizer = gemmakit.load("embeddinggemma-300m")   # a sentence-transformers directory
+    vectors = gemmakit.embed(encoder, tokenizer, ["a text", "another"], prompt="document")
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 from gemmakit.checkpoints import build_model, open_checkpoint
 from gemmakit.checkpoints.matformer import MatformerPlan, resolve_plan
 from gemmakit.checkpoints.peft import load_adapter
+from gemmakit.engine.embed import DEFAULT_BATCH, embed_texts
 from gemmakit.engine.generate import GenerationStats, generate_steps
 from gemmakit.engine.grammar import CompiledGrammar, Grammar, GrammarCompiler
 from gemmakit.engine.sampling import SamplingParams
@@ -27,6 +31,7 @@ from gemmakit.kernels import build, gemm
 from gemmakit.kernels.gemm import HALF_TYPES
 from gemmakit.models.assistant import AssistantModel
 from gemmakit.models.decoder import GemmaModel
+from gemmakit.models.encoder import EmbeddingModel
 from gemmakit.quant.grouped import GGMLWeight, set_prefill_dtype
 from gemmakit.quant.linear import default_compute_dtype, quantize_model, requantize_blocks
 from gemmakit.vision.generate import prepare_vision
@@ -209,6 +214,8 @@ def load_model(source: str | Path | None = None, options: LoadOptions = LoadOpti
     if options.compile:
         if isinstance(model, AssistantModel):
             raise InvalidRequestError("--compile covers decoding models; a Gemma 4 assistant drafter runs eagerly")
+        if isinstance(model, EmbeddingModel):
+            raise InvalidRequestError("--compile covers decoding models; an embedding model runs eagerly")
         if "recurrent" in decoder.config.layer_kinds:
             raise InvalidRequestError("--compile covers attention models; RecurrentGemma runs eagerly")
         decoder.compile_decode()
@@ -290,6 +297,8 @@ def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max
     a regex, a choice, a Lark or GBNF grammar) constrains it likewise. The generation ends when
     the output is complete.
     """
+    if isinstance(model, EmbeddingModel):
+        raise InvalidRequestError("this is an embedding model: it makes embeddings (gemmakit.embed), not text")
     if json_schema is not None and grammar is not None:
         raise InvalidRequestError("give json_schema or grammar, not both")
     if json_schema is not None:
@@ -353,3 +362,19 @@ def stream(model: GemmaModel, tokenizer, prompt: str | list[int], max_tokens: in
     for piece, _ in stream_generation(model, tokenizer, prompt, max_tokens, **kwargs):
         if piece:
             yield piece
+
+
+def embed(model: EmbeddingModel, tokenizer, texts: str | list[str] | list[list[int]], dim: int | None = None,
+          prompt: str | None = None, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+    """Embed ``texts`` (a string, a list of them, or lists of token ids) with an embedding model:
+    a float32 tensor ``[len(texts), dim]`` (``[dim]`` for one string), L2-normalised where the
+    model normalises (EmbeddingGemma does), so a dot product is the cosine similarity.
+
+    ``prompt`` names one of the model's task prompts (EmbeddingGemma's "query", "document",
+    "classification", ...), put before each text; ``dim`` keeps the first ``dim`` features
+    (Matryoshka: EmbeddingGemma is trained for 768, 512, 256 and 128) and normalises again.
+    Texts run ``batch_size`` to a forward pass, grouped by length.
+    """
+    vectors = embed_texts(model, tokenizer, [texts] if isinstance(texts, str) else texts, dim=dim, prompt=prompt,
+                          batch_size=batch_size).vectors
+    return vectors[0] if isinstance(texts, str) else vectors

@@ -17,6 +17,8 @@ from gemmakit.checkpoints.hf_vision import is_vision_config, open_hf_vision_dire
 from gemmakit.checkpoints.matformer import slice_checkpoint
 from gemmakit.checkpoints.recurrentgemma_torch import open_recurrentgemma_torch
 from gemmakit.checkpoints.safetensors import open_hf_directory, read_config_json
+from gemmakit.checkpoints.sentence_transformers import (is_sentence_transformers_directory,
+                                                        open_sentence_transformers_directory)
 from gemmakit.errors import GemmakitError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 from gemmakit.models.config import PRESETS, ModelConfig
 
@@ -77,6 +79,8 @@ def _open(source: str | Path | None, config: ModelConfig | str | None) -> Checkp
 
 
 def _open_directory(path: Path) -> Checkpoint:
+    if is_sentence_transformers_directory(path):  # an embedding model (EmbeddingGemma)
+        return open_sentence_transformers_directory(path)
     if (path / "config.json").is_file():
         raw = read_config_json(path)
         if is_vision_config(raw):  # PaliGemma / Gemma 3 with its vision tower

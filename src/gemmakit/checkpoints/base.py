@@ -21,6 +21,7 @@ from gemmakit.errors import CheckpointError
 from gemmakit.models.assistant import AssistantConfig, AssistantModel
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import GemmaModel
+from gemmakit.models.encoder import EmbeddingConfig, EmbeddingModel
 from gemmakit.models.moe import Experts
 from gemmakit.models.multimodal import MultimodalConfig, VisionLanguageModel
 from gemmakit.quant.ggml import HALF_TYPES, GGMLBlocks, packable
@@ -185,7 +186,10 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
 
 def _model_class(config) -> type:
     """A vision-language config (models/multimodal.py) builds the decoder with its vision add-on,
-    an assistant drafter's (models/assistant.py) the decoder with its projections and head."""
+    an assistant drafter's (models/assistant.py) the decoder with its projections and head, an
+    embedding model's (models/encoder.py) the decoder with its pooling and projections."""
     if isinstance(config, AssistantConfig):
         return AssistantModel
+    if isinstance(config, EmbeddingConfig):  # a bidirectional decoder with pooling and projections
+        return EmbeddingModel
     return VisionLanguageModel if isinstance(config, MultimodalConfig) else GemmaModel

@@ -46,8 +46,9 @@ _SHARED_LAYER_NAMES = {
     "mlp.up_proj": "mlp.up_proj",
     "mlp.down_proj": "mlp.down_proj",
 }
-# Where the decoder's tensors live, by checkpoint layout (newest transformers first).
-_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+# Where the decoder's tensors live, by checkpoint layout (newest transformers first; a bare
+# Gemma3TextModel, as sentence-transformers saves EmbeddingGemma, has no prefix).
+_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -94,6 +95,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
             attn_logit_softcap=_optional_float(raw.get("attn_logit_softcapping")) if family != "gemma" else None,
             final_logit_softcap=_optional_float(raw.get("final_logit_softcapping")) if family != "gemma" else None,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), name=str(raw.get("_name_or_path") or family),
+            bidirectional=bool(raw.get("use_bidirectional_attention")) and family == "gemma3",  # EmbeddingGemma
         )
     except KeyError as exc:
         raise CheckpointError(f"{source}: required key {exc.args[0]!r} is missing") from None

@@ -22,7 +22,7 @@ from gemmakit.errors import InvalidRequestError
 from gemmakit.models.cache_writes import Append, FreshCausal, RingWrite, StaticWrite, Uncached
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.layers import rope_cos_sin
-from gemmakit.models.masks import RecurrentContext, StepContext, attention_mask
+from gemmakit.models.masks import RecurrentContext, StepContext, attention_mask, encoder_mask
 
 
 @dataclass
@@ -247,6 +247,8 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
     """Rotary tables and masks for each layer kind, built once per step: over ``cache`` (writing
     the step's positions into it), or over the step's own tokens where there is no cache."""
     c = config
+    if c.bidirectional:
+        return encoder_contexts(c, positions, dtype, cache)
     kinds = set(c.layer_kinds)
     out: dict[str, StepContext | RecurrentContext] = {}
     bypass = c.group_bypasses_window
@@ -305,6 +307,23 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
             slots, skip = cache.ring_slots(positions.shape[1])
             mask = attention_mask(positions, k_pos, window, groups, k_groups, bypass)
             out["local"] = StepContext(cos, sin, mask, RingWrite(slots, skip))
+    return out
+
+
+def encoder_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype,
+                     cache: KVCache | None = None) -> dict[str, StepContext]:
+    """Rotary tables and bidirectional masks (:func:`encoder_mask`) for a model whose queries see
+    keys on both sides (``ModelConfig.bidirectional``): a whole sequence in one step, so no cache."""
+    if cache is not None:
+        raise InvalidRequestError("a bidirectional (embedding) model reads each text whole; it has no cache "
+                                  "and does not generate")
+    out: dict[str, StepContext] = {}
+    for kind, plan in config.kind_plans.items():
+        if kind == "recurrent":
+            raise ValueError("a bidirectional model has attention layers only")
+        cos, sin = rope_cos_sin(positions, plan.rotary_dim, plan.rope_theta, plan.rope_scaling, dtype,
+                                plan.rope_proportion)
+        out[kind] = StepContext(cos, sin, encoder_mask(positions, plan.window), Uncached())
     return out
 
 

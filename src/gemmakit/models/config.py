@@ -147,6 +147,9 @@ class ModelConfig:
     # Every layer attends to keys and values handed in by kind from outside the model (a Gemma 4
     # assistant drafter reads its target's cache): no layer has k/v projections or a cache.
     external_kv: bool = False
+    # Every query sees the keys on both sides of it, with no cache (EmbeddingGemma's encoder): a
+    # local layer's query then sees sliding_window // 2 keys each way (models/masks.py encoder_mask).
+    bidirectional: bool = False
 
     def __post_init__(self) -> None:
         if len(self.layer_kinds) != self.num_layers:

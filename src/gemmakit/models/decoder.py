@@ -332,6 +332,15 @@ class GemmaModel(nn.Module):
         h = self._final_hidden(h)
         return (self._logits(h), h) if with_hidden else self._logits(h)
 
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The final norm's output ``[B, T, hidden]`` at every position of ``input_ids [B, T]``
+        (``positions [B, T]``, -1 = padding), with no cache and no head: what an embedding model
+        pools (models/encoder.py). The head would cost a vocabulary-wide product per token."""
+        h = self.embed_tokens(input_ids)
+        contexts = step_contexts(self.config, positions, h.dtype)
+        h = self._blocks(h, contexts, [None] * len(self.layers), False, self.per_layer_inputs(input_ids, h))
+        return self._final_hidden(h)
+
     def hidden_over(self, h: torch.Tensor, contexts: dict, shared_kv: dict) -> torch.Tensor:
         """The blocks over keys and values handed in from outside, by kind (``shared_kv``; each
         kind's context masks them), then the final norm: ``[B, T, hidden]`` in, the final norm's

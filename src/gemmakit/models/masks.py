@@ -80,6 +80,22 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
     return visible[:, None]
 
 
+def encoder_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask ``[B, 1, T, T]`` of a bidirectional (encoder) step over its own tokens at
+    ``positions [B, T]`` (-1 = padding): every real key is visible, on sliding-window layers only
+    those at most ``window // 2`` positions away on either side.
+
+    ``window`` is the checkpoint's own number: transformers' Gemma 3 in bidirectional mode turns
+    its ``sliding_window`` W into an exclusive bound of W // 2 + 1 on ``|q - k|``, and llama.cpp's
+    symmetric window masks ``|q - k| > W / 2``; both are the ``W // 2`` radius used here.
+    Padding queries see every key (a finite softmax); their outputs are never read."""
+    q, k = positions[:, :, None], positions[:, None, :]
+    visible = (k >= 0).expand(-1, positions.shape[1], -1)
+    if window is not None:
+        visible = visible & ((q - k).abs() <= window // 2)
+    return (visible | (q < 0))[:, None]
+
+
 @dataclass
 class RecurrentContext:
     """What recurrent layers need for this step: where each token sits in its sequence."""
