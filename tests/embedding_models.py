@@ -51,7 +51,7 @@ def embedding_gemma_directory(destination: Path, tokenizer_dir: Path, *, pooling
     then Pooling, the Dense layers ``(in, out, bias, activation)`` and Normalize, with
     EmbeddingGemma's task prompts."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
     from transformers import AutoTokenizer, Gemma3TextConfig, Gemma3TextModel
 
     config = Gemma3TextConfig(

@@ -67,7 +67,7 @@ def test_bidirectional_model_refuses_to_generate(bidirectional_dir):
 @pytest.mark.parametrize("mode", POOLING_MODES)
 @pytest.mark.parametrize("prompt_length", [0, 3])
 def test_pooling_matches_sentence_transformers(mode, prompt_length):
-    st_modules = pytest.importorskip("sentence_transformers.models")
+    st_modules = pytest.importorskip("sentence_transformers.sentence_transformer.modules")
     torch.manual_seed(2)
     tokens = torch.randn(3, 9, 16)
     attention = torch.tensor([[1] * n + [0] * (9 - n) for n in (9, 6, 4)])

@@ -119,9 +119,12 @@ def test_401_without_the_key_and_before_the_body_is_read(served):
 
 def test_404_and_405_are_openai_errors(served):
     url, _ = served
-    for path in ("/v1/nothing", "/v1/embeddings", "/"):
+    for path in ("/v1/nothing", "/"):
         err = error_of(httpx.post(url + path, content=b"{}", headers=AUTH, timeout=60), 404)
         assert path in err["message"] and err["type"] == "invalid_request_error"
+    # a generative model's server has the route, and says that it needs an embedding model
+    err = error_of(httpx.post(url + "/v1/embeddings", content=b'{"input": "hi"}', headers=AUTH, timeout=60), 400)
+    assert err["code"] == "model_not_embedding" and "needs an embedding model" in err["message"]
     r = httpx.get(url + "/v1/chat/completions", headers=AUTH)
     err = error_of(r, 405)
     assert "GET" in err["message"] and "POST" in r.headers["allow"]

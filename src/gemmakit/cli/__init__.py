@@ -13,12 +13,13 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from gemmakit.cli import chat, convert, distill, finetune, generate, info, perplexity, quantize, serve, tokenize
+from gemmakit.cli import (chat, convert, distill, embed, finetune, generate, info, perplexity, quantize, serve,
+                          tokenize)
 from gemmakit.cli.common import EPILOG, print_error
 from gemmakit.errors import GemmakitError
 
 # the order of `gemmakit --help`
-COMMANDS = (generate, chat, tokenize, serve, info, convert, quantize, finetune, distill, perplexity)
+COMMANDS = (generate, chat, embed, tokenize, serve, info, convert, quantize, finetune, distill, perplexity)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,15 @@ class Embeddings:
         return sum(self.token_counts)
 
 
+@dataclass
+class EncodedInputs:
+    """Inputs as the model reads them: each one's token ids (``rows``) and how many of its first
+    tokens are left out of the pooling (``skips``: the prompt's, where the model excludes prompts)."""
+
+    rows: list[list[int]]
+    skips: list[int]
+
+
 def embed_texts(model: EmbeddingModel, tokenizer, inputs: Sequence[str | Sequence[int]], dim: int | None = None,
                 prompt: str | None = None, batch_size: int = DEFAULT_BATCH) -> Embeddings:
     """Embed ``inputs`` (texts, or lists of token ids taken as they are) with ``model``.
@@ -48,36 +57,63 @@ def embed_texts(model: EmbeddingModel, tokenizer, inputs: Sequence[str | Sequenc
     an unknown prompt, a ``dim`` out of range, no inputs, or token ids outside the vocabulary.
     """
     check_embedding_model(model)
-    config = model.config
     if isinstance(inputs, str):
         inputs = [inputs]
-    if not inputs:
-        raise InvalidRequestError("no input to embed")
-    if dim is not None and not 1 <= dim <= config.dimension:
-        raise InvalidRequestError(f"dimensions {dim} is out of range: this model's embeddings have "
-                                  f"{config.dimension} (choose 1 to {config.dimension})")
+    check_dimensions(model, dim)
     if batch_size < 1:
         raise InvalidRequestError(f"batch_size must be at least 1, not {batch_size}")
+    encoded = encode_inputs(model, tokenizer, inputs, prompt)
+    vectors = embed_rows(model, encoded, batch_size)
+    return Embeddings(truncate(model, vectors, dim), [len(r) for r in encoded.rows])
+
+
+def encode_inputs(model: EmbeddingModel, tokenizer, inputs: Sequence[str | Sequence[int]],
+                  prompt: str | None = None) -> EncodedInputs:
+    """Tokenise ``inputs`` as sentence-transformers does, with the prompt ``prompt`` (a name)."""
+    if not inputs:
+        raise InvalidRequestError("no input to embed")
+    config = model.config
     prompt_text = prompt_of(model, prompt)
     rows = [_token_ids(model, tokenizer, item, prompt_text) for item in inputs]
     skip = 0
     if not config.include_prompt and prompt_text:  # the prompt's tokens are left out of the pooling
         skip = len(_token_ids(model, tokenizer, prompt_text, "")) - config.add_eos
+    # token-id inputs carry no prompt of ours, so nothing of theirs is skipped
+    skips = [skip if isinstance(item, str) else 0 for item in inputs]
+    return EncodedInputs(rows, skips)
+
+
+def embed_rows(model: EmbeddingModel, encoded: EncodedInputs, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+    """The full-width embeddings ``[N, dimension]`` (float32, in input order) of encoded inputs,
+    ``batch_size`` rows of similar length to a forward pass (fewer for long rows: BATCH_TOKENS)."""
+    rows, skips = encoded.rows, encoded.skips
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = torch.empty(len(rows), config.dimension, dtype=torch.float32)
+    out = torch.empty(len(rows), model.config.dimension, dtype=torch.float32)
     start = 0
     with torch.inference_mode():
         while start < len(order):
             longest = max(1, len(rows[order[min(start + batch_size, len(order)) - 1]]))
             count = max(1, min(batch_size, BATCH_TOKENS // longest))
             batch = order[start:start + count]
-            out[batch] = _forward(model, [rows[i] for i in batch], skip).float().cpu()
+            out[batch] = _forward(model, [rows[i] for i in batch], [skips[i] for i in batch]).float().cpu()
             start += count
-    if dim is not None and dim < config.dimension:
-        out = out[:, :dim]
-        if config.normalize:
-            out = F.normalize(out, p=2, dim=-1)
-    return Embeddings(out.contiguous(), [len(r) for r in rows])
+    return out
+
+
+def check_dimensions(model: EmbeddingModel, dim: int | None) -> None:
+    width = model.config.dimension
+    if dim is not None and not 1 <= dim <= width:
+        raise InvalidRequestError(f"dimensions {dim} is out of range: this model's embeddings have "
+                                  f"{width} (choose 1 to {width})")
+
+
+def truncate(model: EmbeddingModel, vectors: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """``vectors`` cut to their first ``dim`` features (Matryoshka), normalised again where the
+    model normalises; as they are for None or the full width."""
+    if dim is None or dim >= vectors.shape[-1]:
+        return vectors
+    out = vectors[:, :dim]
+    return (F.normalize(out, p=2, dim=-1) if model.config.normalize else out).contiguous()
 
 
 def check_embedding_model(model) -> None:
@@ -117,8 +153,9 @@ def _token_ids(model: EmbeddingModel, tokenizer, item: str | Sequence[int], prom
     return head + text[:max(0, limit - len(head) - len(tail))] + tail
 
 
-def _forward(model: EmbeddingModel, rows: list[list[int]], skip: int) -> torch.Tensor:
-    """One batch, padded on the right: padding has position -1 (no key sees it) and is not pooled."""
+def _forward(model: EmbeddingModel, rows: list[list[int]], skips: list[int]) -> torch.Tensor:
+    """One batch, padded on the right: padding has position -1 (no key sees it) and is not pooled,
+    nor are each row's first ``skips`` tokens."""
     T = max(1, max(len(r) for r in rows))
     device = model.device
     ids = torch.zeros(len(rows), T, dtype=torch.long)
@@ -126,5 +163,5 @@ def _forward(model: EmbeddingModel, rows: list[list[int]], skip: int) -> torch.T
     for b, row in enumerate(rows):
         ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
         positions[b, :len(row)] = torch.arange(len(row))
-    mask = positions >= skip
+    mask = positions >= torch.tensor(skips, dtype=torch.long)[:, None]
     return model(ids.to(device), positions.to(device), mask.to(device))

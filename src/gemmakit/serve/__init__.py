@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from gemmakit.errors import InvalidRequestError
+
 
 def model_id(source) -> str:
     """The id clients put in ``"model"``: the checkpoint's file or directory name without suffix."""
@@ -51,15 +53,23 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
 def build_app(model, tokenizer, name: str, api_key: str | None = None, max_batch: int = 8,
               max_seq_len: int | None = None, max_kv_bytes: int | None = None, draft=None, draft_tokens: int = 4,
               **engine_options):
-    """The app for a loaded model: a batching engine, plus the one-at-a-time image path for vision models.
+    """The app for a loaded model: a batching engine, plus the one-at-a-time image path for vision
+    models; for an embedding model, the embedding runner alone.
 
     The engine's per-row cache holds no image embeddings, so a vision model's engine runs its text
     decoder (text completions) and its chat requests go through :class:`~gemmakit.serve.vision.VisionRunner`.
     """
     from gemmakit.engine.scheduler import Engine
+    from gemmakit.models.encoder import EmbeddingModel
     from gemmakit.models.multimodal import VisionLanguageModel
     from gemmakit.serve.app import create_app
 
+    if isinstance(model, EmbeddingModel):
+        from gemmakit.serve.embeddings import EmbeddingRunner
+
+        if draft is not None:
+            raise InvalidRequestError("--draft-model speeds up generation; an embedding model does not generate")
+        return create_app(None, tokenizer, name, api_key=api_key, embedder=EmbeddingRunner(model))
     vision = None
     if isinstance(model, VisionLanguageModel):
         from gemmakit.serve.vision import VisionRunner

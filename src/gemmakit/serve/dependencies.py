@@ -31,6 +31,11 @@ async def require_api_key(state: State,
                        code="invalid_api_key")
 
 
+async def require_generation(state: State) -> None:
+    """The generating routes' guard: an embedding model's server answers them with a 400."""
+    state.require_engine()
+
+
 M = TypeVar("M", bound=BaseModel)
 
 

@@ -597,6 +597,56 @@ class CompletionRequest(Sampling):
         return self.logprobs
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+
+def _embedding_input(value: Any, info: ValidationInfo) -> tuple[str | tuple[int, ...], ...]:
+    """OpenAI's ``input``: a string, a list of strings, a list of token ids, or a list of such lists."""
+    vocab = (info.context or {}).get("vocab_size")
+
+    def ids(item: Any) -> tuple[int, ...] | None:
+        ok = isinstance(item, list) and item and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t and (vocab is None or t < vocab) for t in item)
+        return tuple(item) if ok else None
+
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            items: tuple = tuple(value)
+        elif (single := ids(value)) is not None:
+            items = (single,)
+        elif all(ids(item) is not None for item in value):
+            items = tuple(ids(item) for item in value)
+        else:
+            items = ()
+        if items:
+            if len(items) > MAX_EMBEDDING_INPUTS:
+                raise invalid(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} items, got {len(items)}", "input")
+            return items
+    raise invalid(f"'input' must be a string, a non-empty list of strings, a non-empty list of token ids in "
+                  f"[0, {vocab}), or a list of such lists", "input")
+
+
+class EmbeddingRequest(ServedRequest):
+    """``POST /v1/embeddings``. ``dimensions`` keeps the first features (Matryoshka) and normalises
+    again; ``prompt_name`` (sentence-transformers' name, an extension) picks one of the model's
+    task prompts, such as EmbeddingGemma's "query" or "document"."""
+
+    input: Annotated[tuple[str | tuple[int, ...], ...], BeforeValidator(_embedding_input)]
+    dimensions: Annotated[int | None, checked((int,), 1)] = None
+    encoding_format: Annotated[str, checked((str,))] = "float"
+    prompt_name: Annotated[str | None, checked((str,))] = None
+    user: Annotated[str | None, checked((str,))] = None  # bookkeeping: accepted, not used
+
+    @field_validator("encoding_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value not in ("float", "base64"):
+            raise invalid(f"'encoding_format' must be 'float' or 'base64', got {value!r}", "encoding_format")
+        return value
+
+
 class TokenizeRequest(ServedRequest):
     """``POST /tokenize``: a ``prompt`` string, or chat ``messages`` rendered as chat completions would."""
 

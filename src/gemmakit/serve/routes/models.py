@@ -12,4 +12,4 @@ router = APIRouter()
 @router.get("/v1/models")
 async def models(state: State):
     return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                        "owned_by": "gemmakit", "max_model_len": state.engine.max_seq_len}]}
+                                        "owned_by": "gemmakit", "max_model_len": state.max_seq_len}]}

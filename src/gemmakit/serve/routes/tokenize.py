@@ -28,7 +28,7 @@ async def tokenize(body: Annotated[TokenizeRequest, json_body(TokenizeRequest)],
         ids = state.tokenizer.encode(body.prompt, add_bos=bool(body.add_special_tokens))
     else:
         raise FieldError("give 'prompt' (a string) or 'messages'", "prompt")
-    return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_seq_len}
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.max_seq_len}
 
 
 @router.post("/detokenize")
@@ -49,4 +49,4 @@ async def tokenizer_info(state: State):
 
     return {"eos_token": piece(tokenizer.eos_id), "bos_token": piece(tokenizer.bos_id),
             "pad_token": piece(tokenizer.pad_id), "chat_template": tokenizer.chat_template,
-            "model_max_length": state.engine.max_seq_len, "vocab_size": tokenizer.vocab_size}
+            "model_max_length": state.max_seq_len, "vocab_size": tokenizer.vocab_size}
