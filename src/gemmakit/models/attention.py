@@ -100,7 +100,7 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                 causal: bool = False, ctx: StepContext | None = None) -> torch.Tensor:
-        if _gemm_attention_applies(q, k):
+        if _gemm_attention_applies(q, k) and not (ctx is not None and ctx.write.sees_both_sides):
             return self._attend_gemm(q, k, v, mask, ctx)
         if self.logit_softcap is None:
             gqa = self.num_heads != self.num_kv_heads

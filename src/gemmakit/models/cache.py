@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from gemmakit.errors import InvalidRequestError
-from gemmakit.models.cache_writes import Append, FreshCausal, RingWrite, StaticWrite, Uncached
+from gemmakit.models.cache_writes import Append, Bidirectional, FreshCausal, RingWrite, StaticWrite, Uncached
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.layers import rope_cos_sin
 from gemmakit.models.masks import RecurrentContext, StepContext, attention_mask, encoder_mask
@@ -323,7 +323,7 @@ def encoder_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.
             raise ValueError("a bidirectional model has attention layers only")
         cos, sin = rope_cos_sin(positions, plan.rotary_dim, plan.rope_theta, plan.rope_scaling, dtype,
                                 plan.rope_proportion)
-        out[kind] = StepContext(cos, sin, encoder_mask(positions, plan.window), Uncached())
+        out[kind] = StepContext(cos, sin, encoder_mask(positions, plan.window), Bidirectional())
     return out
 
 

@@ -34,6 +34,10 @@ class CacheWrite:
     # groups, within the window): attention may then use SDPA's causal kernel on the new keys alone,
     # which skips the masked half instead of computing it (the mask is the plain causal [T, T] one).
     attends_own_keys_causally: ClassVar[bool] = False
+    # The step's queries see keys on both sides (an embedding model's encoder). Its mask hides
+    # little, so the query-block GEMM attention has nothing to skip, and SDPA's fused kernel ran
+    # 2.3x faster on EmbeddingGemma's shapes (8 texts of 512 tokens) than it did.
+    sees_both_sides: ClassVar[bool] = False
 
     def apply(self, layer: LayerCache, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -52,6 +56,14 @@ class Uncached(CacheWrite):
 
     def apply(self, layer: LayerCache, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return k, v
+
+
+@dataclass(frozen=True)
+class Bidirectional(Uncached):
+    """No cache, and every query sees the step's keys on both sides of it, under the mask (an
+    encoder: models/masks.py ``encoder_mask``)."""
+
+    sees_both_sides: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
