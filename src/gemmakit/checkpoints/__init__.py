@@ -111,10 +111,10 @@ def _open_directory(path: Path) -> Checkpoint:
     # a vision file beside the model is not a second model (open_checkpoint attaches it)
     ggufs = [p for p in sorted(path.glob("*.gguf")) if not p.name.startswith("mmproj-")]
     if len(ggufs) == 1:
-        return open_checkpoint(ggufs[0])
+        return _open(ggufs[0], None)
     state_dicts = [p for suffix in (".pt", ".pth", ".ckpt") for p in sorted(path.glob(f"*{suffix}"))]
     if not ggufs and len(state_dicts) == 1:
-        return open_checkpoint(state_dicts[0])
+        return _open(state_dicts[0], None)
     raise UnsupportedModelError(f"{path}: directory has no config.json (Hugging Face layout) or single .gguf file")
 
 

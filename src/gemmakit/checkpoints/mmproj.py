@@ -82,16 +82,16 @@ def attach_mmproj(text: Checkpoint, path: Path) -> Checkpoint:
     if not isinstance(text.config, ModelConfig) or text.config.family != "gemma3":
         raise UnsupportedModelError(f"{path}: a Gemma 3 vision file, but {text.source} is a "
                                     f"{getattr(text.config, 'family', type(text.config).__name__)} model")
-    width = int(_key(f, "clip.vision.projection_dim"))
-    if width != text.config.hidden_size:
-        raise CheckpointError(f"{path}: its projector writes width {width} but {text.source} has width "
-                              f"{text.config.hidden_size}; the two files come from different models")
     tokenizer = text.tokenizer
     ids = [tokenizer.token_to_id(piece) if tokenizer is not None else None for piece in IMAGE_PIECES]
     if None in ids:
         raise UnsupportedModelError(f"{text.source}: a text-only model (its vocabulary has no "
                                     f"{IMAGE_PIECES[ids.index(None)]}); {path.name} needs the text GGUF of the same "
                                     "Gemma 3 vision model (4B, 12B or 27B)")
+    width = int(_key(f, "clip.vision.projection_dim"))
+    if width != text.config.hidden_size:
+        raise CheckpointError(f"{path}: its projector writes width {width} but {text.source} has width "
+                              f"{text.config.hidden_size}; the two files come from different models")
     config = _config(f, text, ids)
     tensors: dict[str, TensorLoader] = {f"decoder.{ours}": load for ours, load in text.tensors.items()}
     tensors.update(_tower_tensors(f, config))

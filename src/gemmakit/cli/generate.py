@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from gemmakit.cli.common import (
-    EPILOG, add_decode_args, add_image_args, add_model_args, add_sampling_args, invalid, load_model, sampling_kwargs,
-    tokenizer_missing,
+    EPILOG, add_decode_args, add_image_args, add_mmproj_args, add_model_args, add_sampling_args, invalid, load_model,
+    sampling_kwargs, tokenizer_missing,
 )
 
 
@@ -35,6 +35,7 @@ def add_parser(sub) -> None:
                    help="a JSON schema file: the output is one JSON value valid under it (constrained decoding)")
     add_decode_args(g)
     add_image_args(g)
+    add_mmproj_args(g)
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the text to continue ('-' reads standard input)")
     g.set_defaults(func=run)
