@@ -263,6 +263,61 @@ def gemma3_vision(llama_cpp_dir: str) -> None:
         subprocess.run([sys.executable, f"{llama_cpp_dir}/convert_hf_to_gguf.py", str(hf), "--outfile",
                         str(out / ("mmproj-gemma3-vision-f32.gguf" if extra else "gemma3-vision-f32.gguf")),
                         "--outtype", "f32", *extra], check=True)
+    images = vision_images()
+    features = llama_cpp_image_features(out / "gemma3-vision-f32.gguf", out / "mmproj-gemma3-vision-f32.gguf", images)
+    (out / "llama_cpp_image_features.json").write_text(json.dumps(
+        {"seed": 0, "features": [f.round(6).tolist() for f in features]}) + "\n")
+
+
+def vision_images(seed: int = 0) -> list[np.ndarray]:
+    """Two 32x32 RGB images (uint8 [H, W, 3]) at the tower's own size, so that no resize (where
+    llama.cpp's bilinear filter and Pillow's differ) comes between the files and the tower: a
+    gradient and noise."""
+    gradient = np.zeros((32, 32, 3), dtype=np.uint8)
+    gradient[..., 0] = np.linspace(0, 255, 32, dtype=np.uint8)[None]
+    gradient[..., 1] = np.linspace(255, 0, 32, dtype=np.uint8)[:, None]
+    gradient[8:20, 10:26, 2] = 220
+    return [gradient, np.random.RandomState(seed).randint(0, 256, size=(32, 32, 3)).astype(np.uint8)]
+
+
+def llama_cpp_image_features(text: Path, mmproj: Path, images: list[np.ndarray]) -> list[np.ndarray]:
+    """llama.cpp's soft tokens ``[tokens, text width]`` for each image: its mtmd library (clip.cpp)
+    encodes the image chunk of a prompt that is just the media marker."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+
+    llm = llama_cpp.Llama(model_path=str(text), n_ctx=64, verbose=False, n_threads=2)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.print_timings = False, 2, False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
+    if not ctx:
+        raise RuntimeError(f"llama.cpp could not open {mmproj}")
+    width = llama_cpp.llama_model_n_embd(llm._model.model)
+    marker = mtmd.mtmd_default_marker()
+    out = []
+    try:
+        for rgb in images:
+            h, w, _ = rgb.shape
+            bitmap = mtmd.mtmd_bitmap_init(w, h, (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes()))
+            chunks = mtmd.mtmd_input_chunks_init()
+            prompt = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+            if mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1):
+                raise RuntimeError("mtmd_tokenize failed")
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                    if mtmd.mtmd_encode_chunk(ctx, chunk):
+                        raise RuntimeError("mtmd_encode_chunk failed")
+                    embd = mtmd.mtmd_get_output_embd(ctx)
+                    out.append(np.ctypeslib.as_array(embd, shape=(n * width,)).reshape(n, width).copy())
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
+    finally:
+        mtmd.mtmd_free(ctx)
+    return out
 
 
 if __name__ == "__main__":
