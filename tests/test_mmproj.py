@@ -191,9 +191,11 @@ def test_several_mmproj_files_beside_the_gguf_are_an_error(tmp_path):
     assert isinstance(model, VisionLanguageModel)
 
 
-def _rewritten(source: Path, destination: Path, metadata: dict | None = None, widen: str | None = None) -> Path:
-    """``source`` with some metadata values replaced (gguf-py), and optionally the tensor ``widen``
-    given twice its last dimension (the projector of a wider text model)."""
+def _rewritten(source: Path, destination: Path, metadata: dict | None = None, widen: str | None = None,
+               q8_0: bool = False) -> Path:
+    """``source`` with some metadata values replaced (gguf-py), optionally the tensor ``widen``
+    given twice its last dimension (the projector of a wider text model), and with ``q8_0`` its
+    matrices quantised to Q8_0 (as llama.cpp's quantiser would)."""
     import gguf
 
     reader = gguf.GGUFReader(source)
@@ -209,12 +211,31 @@ def _rewritten(source: Path, destination: Path, metadata: dict | None = None, wi
         values = values.reshape([int(n) for n in reversed(t.shape)])
         if t.name == widen:
             values = np.concatenate([values, values], axis=-1)
+        if q8_0 and values.ndim == 2 and values.shape[-1] % 32 == 0:
+            kind = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(t.name, gguf.quants.quantize(values, kind), raw_dtype=kind)
+            continue
         writer.add_tensor(t.name, values, raw_dtype=gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return destination
+
+
+def test_a_quantised_text_gguf_keeps_its_blocks_beside_the_float_tower(tmp_path, gguf_model):
+    from gemmakit.api import LoadOptions, load_model
+
+    quantised = _rewritten(TEXT, tmp_path / "gemma3-vision-q8_0.gguf", q8_0=True)
+    (tmp_path / MMPROJ.name).symlink_to(MMPROJ)
+    blocks, tokenizer, report = load_model(quantised)  # the mmproj beside it, found
+    assert report.weights == "gguf" and isinstance(blocks, VisionLanguageModel)
+    expanded = load_model(quantised, LoadOptions(quant="none")).model
+    ids, pixel_values = _inputs(blocks, tokenizer, PROMPT, 2)
+    with torch.no_grad():
+        got, want = blocks(ids, pixel_values=pixel_values), expanded(ids, pixel_values=pixel_values)
+        assert (got - want).abs().max().item() <= 1e-4  # the blocks run as their float expansion
+        assert torch.equal(blocks.image_features(pixel_values), gguf_model[0].image_features(pixel_values))
 
 
 def _one_line_error(capsys, argv: list[str]) -> str:
@@ -273,6 +294,64 @@ def test_mmproj_with_a_source_that_is_not_gguf():
         gemmakit.load(HF, mmproj=MMPROJ)
     with pytest.raises(GemmakitError, match="no such file"):
         gemmakit.load(TEXT, mmproj=DATA / "mmproj-missing.gguf")
+
+
+@pytest.mark.slow  # a CLI subprocess
+def test_cli_chat_with_mmproj_attaches_images(tmp_path):
+    picture(0).save(tmp_path / "p.png")
+    proc = subprocess.run([sys.executable, "-m", "gemmakit.cli", "chat", "--model", str(TEXT), "--mmproj",
+                           str(MMPROJ), "-n", "3"], input=f"/image {tmp_path / 'p.png'}\nwhat is it\n",
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "(image attached" in proc.stderr and len(proc.stdout.splitlines()) == 1
+
+
+@pytest.mark.slow  # a server subprocess
+def test_cli_serve_with_mmproj_answers_image_chats(hf_model):
+    import base64
+    import io
+    import socket
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from gemmakit.api import stream_generation
+    from gemmakit.chat import render_chat
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "gemmakit.cli", "serve", "--model", str(TEXT), "--mmproj",
+                               str(MMPROJ), "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read() if server.poll() else ""
+            time.sleep(0.2)
+        buffer = io.BytesIO()
+        picture(1).save(buffer, format="PNG")
+        image_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        reply = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": TEXT.stem, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                      {"type": "text", "text": "what is it"}]}]}).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    hf, hf_tokenizer = hf_model
+    prompt = render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it"}]}])
+    result = None
+    for _, result in stream_generation(hf, hf_tokenizer, prompt, max_tokens=6, images=[picture(1)],
+                                       stop_ids=frozenset()):
+        pass
+    assert reply["choices"][0]["message"]["content"] == result.text
+    assert reply["usage"]["prompt_tokens"] == len(result.prompt_ids)
 
 
 @pytest.mark.slow  # a CLI subprocess
