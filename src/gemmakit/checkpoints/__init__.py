@@ -43,7 +43,7 @@ def default_model_path() -> Path:
 
 
 def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None = None,
-                    matformer=None, mmproj: str | Path | bool | None = None) -> Checkpoint:
+                    matformer=None, mmproj: str | Path | bool | None = False) -> Checkpoint:
     """Open any supported model source without loading its weights yet.
 
     ``config`` (a ModelConfig or preset name) is for sources that store no config: gemma_pytorch
@@ -51,7 +51,7 @@ def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None 
     ``matformer`` (a plan: checkpoints/matformer.py) opens a Gemma 3n checkpoint as the sub-model
     the plan cuts out of it. ``mmproj`` is llama.cpp's vision file for a Gemma 3 GGUF
     (checkpoints/mmproj.py); None takes the one ``mmproj-*.gguf`` beside the GGUF, if there is
-    one, and False none.
+    one, and False (the default: converting, quantising and training read text) none.
     """
     explicit = mmproj not in (None, False, True)
     if explicit and not Path(mmproj).is_file():

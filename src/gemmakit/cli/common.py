@@ -134,7 +134,7 @@ def load_model(args):
                               quant=getattr(args, "quant", "none"), compile=getattr(args, "compile", False),
                               kv_cache=getattr(args, "kv_cache", "auto"),
                               prefill_dtype=getattr(args, "prefill_dtype", "auto"),
-                              matformer=getattr(args, "matformer", None), mmproj=getattr(args, "mmproj", None))
+                              matformer=getattr(args, "matformer", None), mmproj=getattr(args, "mmproj", False))
     return api.load_model(args.model, options, progress=sys.stderr.isatty())
 
 

@@ -119,7 +119,8 @@ def _generate_speculative(args, model, tokenizer, prompt: str) -> int:
         raise invalid("--draft-model decodes greedily; use --temperature 0")
     # The draft loads as its own default (as serve's does): a quantised GGUF stays in its blocks
     # whatever --quant the target asked for, since only its token ids reach the output.
-    draft, _, draft_report = load_model(args.draft_model, LoadOptions(dtype=args.dtype, device=args.device))
+    draft, _, draft_report = load_model(args.draft_model, LoadOptions(dtype=args.dtype, device=args.device,
+                                                                          mmproj=False))
     ids = tokenizer.encode(prompt, add_bos=True)
     stops = tokenizer.stop_ids()
     t0 = time.perf_counter()

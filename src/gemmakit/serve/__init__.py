@@ -36,7 +36,8 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
     model, tokenizer, report = load_model(model_source, LoadOptions(
         dtype=dtype, adapter=adapter, quant=quant, device=device, kv_cache=kv_cache, prefill_dtype=prefill_dtype,
         matformer=matformer, mmproj=mmproj))
-    draft = load_model(draft_model, LoadOptions(dtype=dtype, device=device)).model if draft_model else None
+    draft = (load_model(draft_model, LoadOptions(dtype=dtype, device=device, mmproj=False)).model
+             if draft_model else None)  # a drafter drafts text, whatever lies beside it
     for loaded in (model, draft):
         if loaded is not None:
             settle_for_serving(loaded)  # before the first request, not during one
