@@ -57,8 +57,8 @@ _LAYER_NAMES = {"ln1": "layer_norm1", "ln2": "layer_norm2", "attn_q": "self_attn
 
 
 def mmproj_beside(model: Path) -> Path | None:
-    """The one ``mmproj-*.gguf`` in ``model``'s folder, as Ollama and LM Studio lay models out; None
-    if there is none, an error naming them if there are several."""
+    """The one ``mmproj-*.gguf`` in ``model``'s folder (a folder per model, as downloads of GGUF
+    vision models come); None if there is none, an error naming them if there are several."""
     found = [p for p in sorted(model.parent.glob("mmproj-*.gguf")) if p.resolve() != model.resolve()]
     if len(found) > 1:
         raise CheckpointError(f"{model.parent}: {len(found)} vision files beside {model.name} "
@@ -83,7 +83,10 @@ def attach_mmproj(text: Checkpoint, path: Path) -> Checkpoint:
         raise UnsupportedModelError(f"{path}: a Gemma 3 vision file, but {text.source} is a "
                                     f"{getattr(text.config, 'family', type(text.config).__name__)} model")
     tokenizer = text.tokenizer
-    ids = [tokenizer.token_to_id(piece) if tokenizer is not None else None for piece in IMAGE_PIECES]
+    if tokenizer is None:
+        raise CheckpointError(f"{text.source}: no tokenizer in the GGUF; the image tokens an mmproj needs are "
+                              "its <image_soft_token> and markers")
+    ids = [tokenizer.token_to_id(piece) for piece in IMAGE_PIECES]
     if None in ids:
         raise UnsupportedModelError(f"{text.source}: a text-only model (its vocabulary has no "
                                     f"{IMAGE_PIECES[ids.index(None)]}); {path.name} needs the text GGUF of the same "
