@@ -96,6 +96,7 @@ class LoadOptions:
     adapter: Path | None = None
     config: object = None  # a preset name or ModelConfig, for a .ckpt (which stores none)
     matformer: MatformerPlan | None = None  # a Gemma 3n sub-model to cut out (a plan's name, JSON path or dict)
+    mmproj: Path | bool | None = None  # llama.cpp's vision file; None: the mmproj-*.gguf beside, False: none
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise in place: the dataclass is frozen to callers
@@ -104,6 +105,9 @@ class LoadOptions:
         set_(self, "device", checked_device(self.device))
         set_(self, "adapter", None if self.adapter is None else Path(self.adapter))
         set_(self, "matformer", None if self.matformer is None else resolve_plan(self.matformer))
+        if self.mmproj is True:
+            raise InvalidRequestError("mmproj takes the vision file's path (or False for none, None to find it)")
+        set_(self, "mmproj", self.mmproj if self.mmproj in (None, False) else Path(self.mmproj))
         for name, value, allowed, what in (("quant", self.quant, QUANTS, "quantisation"),
                                            ("kv_cache", self.kv_cache, KV_CACHES, "KV cache storage"),
                                            ("prefill_dtype", self.prefill_dtype, PREFILL_DTYPES, "prefill dtype")):
@@ -138,7 +142,8 @@ class Loaded(NamedTuple):
 def load(source: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = False, config=None,
          adapter: str | Path | None = None, quant: str | None = None, compile: bool = False,
-         kv_cache: str = "auto", prefill_dtype: str = "auto", matformer=None):
+         kv_cache: str = "auto", prefill_dtype: str = "auto", matformer=None,
+         mmproj: str | Path | bool | None = None):
     """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, a gemma_pytorch
     ``.ckpt``, or the default model (:func:`load_model` also says what it decided).
 
@@ -168,9 +173,14 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     ``matformer`` loads a Gemma 3n E4B checkpoint as a smaller model nested in it: a named plan
     (``"e2b"``, see :data:`gemmakit.checkpoints.matformer.PLANS`), the path of a JSON plan, or its dict
     (``{"ffn_hidden_dims": [...], "layers_to_skip": [...]}``).
+    ``mmproj`` is llama.cpp's vision file for a Gemma 3 GGUF (``convert_hf_to_gguf.py --mmproj``
+    writes it): the text GGUF and it load as one vision-language model, the same one the Hugging
+    Face directory gives. Left None, the one ``mmproj-*.gguf`` beside the GGUF is used, if any
+    (several are an error); False loads the text model alone.
     """
     options = LoadOptions(dtype=dtype, quant=quant or "auto", kv_cache=kv_cache, prefill_dtype=prefill_dtype,
-                          device=device, compile=compile, adapter=adapter, config=config, matformer=matformer)
+                          device=device, compile=compile, adapter=adapter, config=config, matformer=matformer,
+                          mmproj=mmproj)
     model, tokenizer, _ = load_model(source, options, progress=progress)
     return model, tokenizer
 
@@ -182,7 +192,7 @@ def load_model(source: str | Path | None = None, options: LoadOptions = LoadOpti
     device, quant, dtype, adapter = options.device, options.quant, options.dtype, options.adapter
     t0 = time.perf_counter()
     keep_freed_heap()  # a prefill reuses its scratch memory instead of faulting it in again (heap.py)
-    checkpoint = open_checkpoint(source, options.config, options.matformer)
+    checkpoint = open_checkpoint(source, options.config, options.matformer, options.mmproj)
     keep = quant == "gguf" or (quant == "auto" and dtype is None and adapter is None and options.on_cpu
                                and bool(checkpoint.packed))
     if keep and quant == "auto" and checkpoint.metadata.get("format") != "gguf":

@@ -15,6 +15,7 @@ from gemmakit.checkpoints.gemma_pytorch import open_gemma_pytorch_checkpoint
 from gemmakit.checkpoints.gguf import open_gguf_checkpoint
 from gemmakit.checkpoints.hf_vision import is_vision_config, open_hf_vision_directory
 from gemmakit.checkpoints.matformer import slice_checkpoint
+from gemmakit.checkpoints.mmproj import attach_mmproj, mmproj_beside
 from gemmakit.checkpoints.recurrentgemma_torch import open_recurrentgemma_torch
 from gemmakit.checkpoints.safetensors import open_hf_directory, read_config_json
 from gemmakit.checkpoints.sentence_transformers import (is_sentence_transformers_directory,
@@ -42,15 +43,36 @@ def default_model_path() -> Path:
 
 
 def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None = None,
-                    matformer=None) -> Checkpoint:
+                    matformer=None, mmproj: str | Path | bool | None = False) -> Checkpoint:
     """Open any supported model source without loading its weights yet.
 
     ``config`` (a ModelConfig or preset name) is for sources that store no config: gemma_pytorch
     ``.ckpt`` files, whose architecture is otherwise inferred from their tensor shapes.
     ``matformer`` (a plan: checkpoints/matformer.py) opens a Gemma 3n checkpoint as the sub-model
-    the plan cuts out of it.
+    the plan cuts out of it. ``mmproj`` is llama.cpp's vision file for a Gemma 3 GGUF
+    (checkpoints/mmproj.py); None takes the one ``mmproj-*.gguf`` beside the GGUF, if there is
+    one, and False (the default: converting, quantising and training read text) none.
     """
+    explicit = mmproj not in (None, False, True)
+    if explicit and not Path(mmproj).is_file():
+        raise ModelNotFoundError(f"--mmproj: no such file: {mmproj}")
     checkpoint = _open(source, config)
+    gguf_source = checkpoint.metadata.get("format") == "gguf"
+    if explicit and not gguf_source:
+        raise InvalidRequestError(f"--mmproj goes with a GGUF text model; {checkpoint.source} is not one")
+    vision = Path(mmproj) if explicit else None
+    if vision is None and mmproj is None and gguf_source:
+        vision = mmproj_beside(Path(checkpoint.source))
+        if vision is not None and checkpoint.config.family != "gemma3":
+            vision = None  # another family's file lying in a shared folder is not this model's
+    if vision is not None:
+        try:
+            checkpoint = attach_mmproj(checkpoint, vision)
+        except GemmakitError as exc:
+            if explicit:
+                raise
+            raise type(exc)(f"{exc} (found beside the model: pass the right one with --mmproj FILE, or "
+                            "--no-mmproj for the text model alone)") from None
     return checkpoint if matformer is None else slice_checkpoint(checkpoint, matformer)
 
 
@@ -86,12 +108,13 @@ def _open_directory(path: Path) -> Checkpoint:
         if is_vision_config(raw):  # PaliGemma / Gemma 3 with its vision tower
             return open_hf_vision_directory(path, raw)
         return open_hf_directory(path, raw)
-    ggufs = sorted(path.glob("*.gguf"))
+    # a vision file beside the model is not a second model (open_checkpoint attaches it)
+    ggufs = [p for p in sorted(path.glob("*.gguf")) if not p.name.startswith("mmproj-")]
     if len(ggufs) == 1:
-        return open_checkpoint(ggufs[0])
+        return _open(ggufs[0], None)
     state_dicts = [p for suffix in (".pt", ".pth", ".ckpt") for p in sorted(path.glob(f"*{suffix}"))]
     if not ggufs and len(state_dicts) == 1:
-        return open_checkpoint(state_dicts[0])
+        return _open(state_dicts[0], None)
     raise UnsupportedModelError(f"{path}: directory has no config.json (Hugging Face layout) or single .gguf file")
 
 

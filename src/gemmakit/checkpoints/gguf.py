@@ -23,7 +23,7 @@ import torch
 
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader, check_file_tensors, parameter_shapes
 from gemmakit.checkpoints.gguf_reader import GGUFFile, GGUFTensor, open_gguf
-from gemmakit.errors import CheckpointError, UnsupportedModelError
+from gemmakit.errors import CheckpointError, InvalidRequestError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
 from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize, ggml_blocks, packable
 from gemmakit.tokenizer import Tokenizer
@@ -100,6 +100,9 @@ def assumed_query_scalar(arch: str, layers: int, hidden: int, heads: int, head_d
 
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
     arch = f.architecture
+    if arch == "clip":  # llama.cpp's vision half of a model (checkpoints/mmproj.py)
+        raise InvalidRequestError(f"{f.path}: llama.cpp's vision file (mmproj), not a model; load the text "
+                                  f"model's GGUF with --mmproj {f.path}")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"{f.path}: GGUF architecture {arch!r} is not supported (gemmakit runs {', '.join(SUPPORTED_ARCHITECTURES)})"

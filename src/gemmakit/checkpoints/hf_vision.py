@@ -8,6 +8,7 @@ and the one the hub checkpoints were published in (``vision_tower...``, ``langua
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,30 @@ def vision_names(config: MultimodalConfig, vision_prefix: str, projector_prefix:
     return names
 
 
+def image_normalisation(directory: Path) -> dict[str, tuple[float, float, float]]:
+    """The image processor's ``image_mean`` / ``image_std`` from ``preprocessor_config.json``, if the
+    directory has one (the config's defaults, 0.5, otherwise)."""
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc})") from None
+    found = {}
+    for key in ("image_mean", "image_std"):
+        value = raw.get(key) if isinstance(raw, dict) else None
+        if value is None:
+            continue
+        values = [value] * 3 if isinstance(value, (int, float)) else value
+        if not (isinstance(values, list) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
+            raise CheckpointError(f"{path}: {key} must be a number or three, got {value!r}")
+        found[key] = tuple(float(v) for v in values)
+    return found
+
+
 def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint:
-    config = multimodal_config_from_hf(raw, str(directory / "config.json"))
+    config = multimodal_config_from_hf(raw, str(directory / "config.json")).replace(**image_normalisation(directory))
     files = _ShardedFiles(directory)
     available = files.names()
 

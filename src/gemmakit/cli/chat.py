@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from gemmakit.cli.common import (
-    EPILOG, add_decode_args, add_model_args, add_sampling_args, load_model, print_error, sampling_kwargs,
-    tokenizer_missing,
+    EPILOG, add_decode_args, add_mmproj_args, add_model_args, add_sampling_args, load_model, print_error,
+    sampling_kwargs, tokenizer_missing,
 )
 from gemmakit.errors import GemmakitError
 
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     c.add_argument("--adapter", metavar="DIR", default=None, help="a LoRA adapter directory (PEFT layout) to apply")
     c.add_argument("--pan-and-scan", action="store_true", help="Gemma 3 vision: add crops of wide/tall images")
     add_decode_args(c)
+    add_mmproj_args(c)
     c.set_defaults(func=run, max_tokens=512)
 
 

@@ -44,6 +44,15 @@ def add_matformer_arg(p: argparse.ArgumentParser) -> None:
                         '{"ffn_hidden_dims": [a width per kept layer], "layers_to_skip": [...]}')
 
 
+def add_mmproj_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--mmproj", metavar="FILE", default=None,
+                       help="llama.cpp's vision file (mmproj-*.gguf) for a Gemma 3 4B/12B/27B --model GGUF: the two "
+                            "run as one vision model (default: the one mmproj-*.gguf beside the model, if any)")
+    group.add_argument("--no-mmproj", dest="mmproj", action="store_const", const=False,
+                       help="load a GGUF as text only, ignoring an mmproj-*.gguf beside it")
+
+
 def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", choices=["auto", "int8"], default="auto",
                    help="key/value cache storage: auto = the compute dtype; int8 = int8 with one scale per 32 "
@@ -125,7 +134,7 @@ def load_model(args):
                               quant=getattr(args, "quant", "none"), compile=getattr(args, "compile", False),
                               kv_cache=getattr(args, "kv_cache", "auto"),
                               prefill_dtype=getattr(args, "prefill_dtype", "auto"),
-                              matformer=getattr(args, "matformer", None))
+                              matformer=getattr(args, "matformer", None), mmproj=getattr(args, "mmproj", False))
     return api.load_model(args.model, options, progress=sys.stderr.isatty())
 
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from gemmakit.cli.common import (
-    EPILOG, add_decode_args, add_image_args, add_model_args, add_sampling_args, invalid, load_model, sampling_kwargs,
-    tokenizer_missing,
+    EPILOG, add_decode_args, add_image_args, add_mmproj_args, add_model_args, add_sampling_args, invalid, load_model,
+    sampling_kwargs, tokenizer_missing,
 )
 
 
@@ -35,6 +35,7 @@ def add_parser(sub) -> None:
                    help="a JSON schema file: the output is one JSON value valid under it (constrained decoding)")
     add_decode_args(g)
     add_image_args(g)
+    add_mmproj_args(g)
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the text to continue ('-' reads standard input)")
     g.set_defaults(func=run)
@@ -118,7 +119,8 @@ def _generate_speculative(args, model, tokenizer, prompt: str) -> int:
         raise invalid("--draft-model decodes greedily; use --temperature 0")
     # The draft loads as its own default (as serve's does): a quantised GGUF stays in its blocks
     # whatever --quant the target asked for, since only its token ids reach the output.
-    draft, _, draft_report = load_model(args.draft_model, LoadOptions(dtype=args.dtype, device=args.device))
+    draft, _, draft_report = load_model(args.draft_model, LoadOptions(dtype=args.dtype, device=args.device,
+                                                                          mmproj=False))
     ids = tokenizer.encode(prompt, add_bos=True)
     stops = tokenizer.stop_ids()
     t0 = time.perf_counter()

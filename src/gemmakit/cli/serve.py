@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gemmakit.cli.common import EPILOG, add_model_args, add_prefill_dtype_arg, invalid
+from gemmakit.cli.common import EPILOG, add_mmproj_args, add_model_args, add_prefill_dtype_arg, invalid
 
 
 def add_parser(sub) -> None:
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
                    help="key/value cache storage: auto = the compute dtype; int8 = int8 with one scale per 32 "
                         "entries (28%% of float32's bytes: about 3.5x the rows under --kv-cache-mib)")
     add_prefill_dtype_arg(s)
+    add_mmproj_args(s)
     s.set_defaults(func=run)
 
 
@@ -45,5 +46,5 @@ def run(args) -> int:
     run_server(args.model, args.host, args.port, args.api_key, args.max_batch, args.dtype, args.max_seq_len, kv_bytes,
                adapter=args.adapter, draft_model=args.draft_model, draft_tokens=args.draft_tokens,
                quant=args.quant, device=args.device, kv_cache=args.kv_cache, prefill_dtype=args.prefill_dtype,
-               matformer=args.matformer)
+               matformer=args.matformer, mmproj=args.mmproj)
     return 0

@@ -56,6 +56,9 @@ class MultimodalConfig:
     boi_token_id: int | None = None  # Gemma 3 <start_of_image>
     eoi_token_id: int | None = None  # Gemma 3 <end_of_image>
     name: str = "custom"
+    # the image processor's per-channel normalisation (every published PaliGemma and Gemma 3: 0.5)
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
         if self.projector == "linear" and self.tokens_per_image != self.vision.num_patches:

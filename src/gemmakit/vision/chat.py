@@ -24,7 +24,8 @@ class ChatImages:
         if not path:
             raise InvalidRequestError("usage: /image PATH")
         if self.vision is None:
-            raise InvalidRequestError("this is a text-only model; images need PaliGemma or Gemma 3 4B/12B/27B")
+            raise InvalidRequestError("this is a text-only model; images need PaliGemma or Gemma 3 4B/12B/27B "
+                                      "(a GGUF with its mmproj file: --mmproj FILE)")
         self._attached.append(load_image(path))
         self._pending += 1
         return f"(image attached: {path})"

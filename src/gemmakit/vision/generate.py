@@ -24,7 +24,8 @@ def prepare_vision(model, tokenizer, prompt, images, pan_and_scan: bool = False)
         return model.decoder, prompt, {}  # Gemma 3 without images is its text decoder
     if not is_vlm:
         raise InvalidRequestError("this is a text-only model; images need a vision model "
-                                  "(PaliGemma, PaliGemma 2, or Gemma 3 4B/12B/27B with its vision tower)")
+                                  "(PaliGemma, PaliGemma 2, or Gemma 3 4B/12B/27B with its vision tower: a GGUF "
+                                  "needs its mmproj file, --mmproj FILE / mmproj=...)")
     if not isinstance(prompt, str):
         raise InvalidRequestError("a prompt with images must be text (image tokens are placed for you)")
     if tokenizer is None:

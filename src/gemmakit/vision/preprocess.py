@@ -2,7 +2,8 @@
 
 PaliGemma uses SiglipImageProcessor (bicubic resize), Gemma 3 uses Gemma3ImageProcessor (bilinear
 resize, optional pan & scan); both squash the image to a square ``size`` x ``size`` (no crop, no
-padding), scale bytes by 1/255 and normalise with mean 0.5 and std 0.5 to [-1, 1]. Transparency is
+padding), scale bytes by 1/255 and normalise with the processor's mean and std per channel (0.5 and
+0.5 on every published model, giving [-1, 1]). Transparency is
 composited onto white, and the EXIF orientation tag is applied when a file is opened, so a phone
 photo is seen the right way up.
 """
@@ -30,15 +31,16 @@ class ImageSpec:
 
     size: int
     resample: Image.Resampling
-    mean: float = 0.5
-    std: float = 0.5
+    mean: float | tuple[float, ...] = 0.5  # one for all channels, or one per RGB channel
+    std: float | tuple[float, ...] = 0.5
     rescale: float = 1 / 255
 
 
 def spec_for(config) -> ImageSpec:
     """The processor settings of a :class:`~gemmakit.models.multimodal.MultimodalConfig`."""
     resample = Image.Resampling.BICUBIC if config.layout == "paligemma" else Image.Resampling.BILINEAR
-    return ImageSpec(size=config.vision.image_size, resample=resample)
+    return ImageSpec(size=config.vision.image_size, resample=resample, mean=tuple(config.image_mean),
+                     std=tuple(config.image_std))
 
 
 def load_image(source: ImageSource) -> Image.Image:
@@ -80,7 +82,7 @@ def pixel_values(image: Image.Image, spec: ImageSpec) -> torch.Tensor:
     """One RGB image -> normalised ``[3, size, size]`` float32."""
     resized = image.resize((spec.size, spec.size), resample=spec.resample)  # uint8, as the reference
     x = (np.asarray(resized, dtype=np.float64) * spec.rescale).astype(np.float32)  # [H, W, 3]
-    x = (x - np.float32(spec.mean)) / np.float32(spec.std)
+    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 

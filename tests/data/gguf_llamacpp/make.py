@@ -2,10 +2,13 @@
 transformers, turned into GGUF by llama.cpp's own converter, and llama.cpp's logits on them (the
 independent reference that tests/test_gemma4_gguf.py compares gemmakit with) or, for Gemma 3n,
 transformers' logits on the checkpoint the file was converted from (tests/test_gemma3n_gguf.py).
+``gemma3-vision/`` holds a tiny Gemma 3 vision-language directory as transformers saves it (``hf/``)
+and what ``convert_hf_to_gguf.py`` makes of it: the text GGUF and, with ``--mmproj``, the vision
+file llama.cpp's tools take with ``--mmproj`` (tests/test_mmproj.py).
 
     pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     PYTHONPATH=llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py \\
-        python tests/data/gguf_llamacpp/make.py llama_cpp_python-0.3.36/vendor/llama.cpp [gemma4] [gemma3n]
+        python tests/data/gguf_llamacpp/make.py llama_cpp_python-0.3.36/vendor/llama.cpp [gemma4] [gemma3n] [gemma3-vision]
 
 Needs transformers >= 5.5, sentencepiece and llama-cpp-python 0.3.36 (built from source). The
 tokenizer is a 384-piece SentencePiece BPE model trained here, converted to tokenizer.json by
@@ -46,10 +49,10 @@ VARIANTS = {
 IDS = [2] + np.random.RandomState(0).randint(6, VOCAB, size=15).tolist()  # longer than the window of 8
 
 
-def tokenizer(directory: Path, gemma3: bool = False) -> int:
+def tokenizer(directory: Path, gemma3: bool = False, vision: bool = False) -> int:
     """Train the tokenizer into ``directory``; returns its size. ``gemma3``: Gemma 3's (and 3n's)
     piece names (<pad> <eos> <bos> <unk>) and turn markers, for the gemma3n converter, which reads
-    tokenizer.model itself."""
+    tokenizer.model itself. ``vision``: Gemma 3's image markers too (ids 6, 7, 8)."""
     import sentencepiece as spm
     from transformers import GemmaTokenizer
 
@@ -57,7 +60,8 @@ def tokenizer(directory: Path, gemma3: bool = False) -> int:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([TEXT] * 50 + TEXT.split()), model_writer=model, model_type="bpe", vocab_size=VOCAB,
         byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"] if gemma3 else ["<|turn>", "<turn|>"],
+        user_defined_symbols=(["<start_of_turn>", "<end_of_turn>"] if gemma3 else ["<|turn>", "<turn|>"])
+        + (list(VISION_PIECES) if vision else []),
         **(dict(pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>") if gemma3 else {}),
         add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
         split_digits=True, hard_vocab_limit=False, minloglevel=2)
@@ -65,6 +69,9 @@ def tokenizer(directory: Path, gemma3: bool = False) -> int:
     tok = GemmaTokenizer.from_pretrained(directory, mask_token=None)
     tok.save_pretrained(directory)
     return len(tok)
+
+
+VISION_PIECES = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -199,6 +206,120 @@ def gemma3n(llama_cpp_dir: str) -> None:
     (HERE / "gemma3n_logits.json").write_text(json.dumps(reference) + "\n")
 
 
+# Gemma 3 with its SigLIP tower: 32 px images in 8 px patches (a 4x4 grid) pooled 2x2 to 4 soft
+# tokens, so the converter writes the pooling factor (it omits the published models' 4). A mean and
+# std other than the published 0.5 show that they are read from the file, not assumed.
+GEMMA3_VISION_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+                          query_pre_attn_scalar=16, hidden_activation="gelu_pytorch_tanh", pad_token_id=0,
+                          eos_token_id=1, bos_token_id=2)
+GEMMA3_VISION_TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, layer_norm_eps=1e-6, vision_use_head=False)
+GEMMA3_VISION_PROCESSOR = dict(image_processor_type="Gemma3ImageProcessor", do_resize=True,
+                               size={"height": 32, "width": 32}, resample=2, do_rescale=True,
+                               rescale_factor=1 / 255, do_normalize=True, image_mean=[0.48, 0.46, 0.41],
+                               image_std=[0.27, 0.26, 0.28], do_convert_rgb=True, do_pan_and_scan=False,
+                               image_seq_length=4)
+
+
+def gemma3_vision(llama_cpp_dir: str) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                              SiglipVisionConfig)
+
+    out = HERE / "gemma3-vision"
+    shutil.rmtree(out, ignore_errors=True)
+    hf = out / "hf"
+    hf.mkdir(parents=True)
+    vocab = tokenizer(hf, gemma3=True, vision=True)
+    # the specials listed as the published tokenizer_config.json lists them (transformers 5 writes
+    # none), which is where the converter learns that they are control tokens and not text
+    settings = json.loads((hf / "tokenizer_config.json").read_text())
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *VISION_PIECES]
+    settings["added_tokens_decoder"] = {str(i): dict(content=p, lstrip=False, normalized=False, rstrip=False,
+                                                     single_word=False, special=True) for i, p in enumerate(pieces)}
+    settings.pop("vocab_file", None)  # the path it was saved at
+    (hf / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    boi, eoi, soft = (6, 7, 8)  # after <start_of_turn> and <end_of_turn>, the first user-defined ids
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(vocab_size=vocab, **GEMMA3_VISION_TEXT).to_dict(),
+        vision_config=SiglipVisionConfig(**GEMMA3_VISION_TOWER).to_dict(), mm_tokens_per_image=4,
+        boi_token_index=boi, eoi_token_index=eoi, image_token_index=soft)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    randomise(model, 11)
+    with torch.no_grad():  # the converter stores the projector as F16 whatever --outtype says
+        model.model.multi_modal_projector.mm_input_projection_weight.copy_(
+            model.model.multi_modal_projector.mm_input_projection_weight.half().float())
+    model.save_pretrained(hf)
+    # in the layout the hub checkpoints were published in, which is the one the converter maps
+    # (transformers 5 saves the tower as ``vision_tower.embeddings...``)
+    weights = load_file(hf / "model.safetensors")
+    save_file({name.replace("vision_tower.", "vision_tower.vision_model.", 1): t for name, t in weights.items()},
+              hf / "model.safetensors", metadata={"format": "pt"})
+    (hf / "preprocessor_config.json").write_text(json.dumps(GEMMA3_VISION_PROCESSOR, indent=2) + "\n")
+    for extra in ("--mmproj",), ():
+        subprocess.run([sys.executable, f"{llama_cpp_dir}/convert_hf_to_gguf.py", str(hf), "--outfile",
+                        str(out / ("mmproj-gemma3-vision-f32.gguf" if extra else "gemma3-vision-f32.gguf")),
+                        "--outtype", "f32", *extra], check=True)
+    images = vision_images()
+    features = llama_cpp_image_features(out / "gemma3-vision-f32.gguf", out / "mmproj-gemma3-vision-f32.gguf", images)
+    (out / "llama_cpp_image_features.json").write_text(json.dumps(
+        {"seed": 0, "features": [f.round(6).tolist() for f in features]}) + "\n")
+
+
+def vision_images(seed: int = 0) -> list[np.ndarray]:
+    """Two 32x32 RGB images (uint8 [H, W, 3]) at the tower's own size, so that no resize (where
+    llama.cpp's bilinear filter and Pillow's differ) comes between the files and the tower: a
+    gradient and noise."""
+    gradient = np.zeros((32, 32, 3), dtype=np.uint8)
+    gradient[..., 0] = np.linspace(0, 255, 32, dtype=np.uint8)[None]
+    gradient[..., 1] = np.linspace(255, 0, 32, dtype=np.uint8)[:, None]
+    gradient[8:20, 10:26, 2] = 220
+    return [gradient, np.random.RandomState(seed).randint(0, 256, size=(32, 32, 3)).astype(np.uint8)]
+
+
+def llama_cpp_image_features(text: Path, mmproj: Path, images: list[np.ndarray]) -> list[np.ndarray]:
+    """llama.cpp's soft tokens ``[tokens, text width]`` for each image: its mtmd library (clip.cpp)
+    encodes the image chunk of a prompt that is just the media marker."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+
+    llm = llama_cpp.Llama(model_path=str(text), n_ctx=64, verbose=False, n_threads=2)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.print_timings = False, 2, False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
+    if not ctx:
+        raise RuntimeError(f"llama.cpp could not open {mmproj}")
+    width = llama_cpp.llama_model_n_embd(llm._model.model)
+    marker = mtmd.mtmd_default_marker()
+    out = []
+    try:
+        for rgb in images:
+            h, w, _ = rgb.shape
+            bitmap = mtmd.mtmd_bitmap_init(w, h, (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes()))
+            chunks = mtmd.mtmd_input_chunks_init()
+            prompt = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+            if mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1):
+                raise RuntimeError("mtmd_tokenize failed")
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                    if mtmd.mtmd_encode_chunk(ctx, chunk):
+                        raise RuntimeError("mtmd_encode_chunk failed")
+                    embd = mtmd.mtmd_get_output_embd(ctx)
+                    out.append(np.ctypeslib.as_array(embd, shape=(n * width,)).reshape(n, width).copy())
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
+    finally:
+        mtmd.mtmd_free(ctx)
+    return out
+
+
 if __name__ == "__main__":
-    for which in sys.argv[2:] or ["gemma4", "gemma3n"]:
-        {"gemma4": gemma4, "gemma3n": gemma3n}[which](sys.argv[1])
+    for which in sys.argv[2:] or ["gemma4", "gemma3n", "gemma3-vision"]:
+        {"gemma4": gemma4, "gemma3n": gemma3n, "gemma3-vision": gemma3_vision}[which](sys.argv[1])
