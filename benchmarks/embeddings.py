@@ -6,7 +6,7 @@ KV head of 256, sliding window 512, the 262144-piece vocabulary, mean pooling, d
 -> 768, Normalize) and random weights, written once as a sentence-transformers directory with
 the real Gemma tokenizer (taken from the bundled 270M GGUF). Each mode runs in its own
 subprocess, alternating with the reference in adjacent pairs (``--pairs``), and embeds
-``--texts`` texts of exactly 128 and of 512 tokens (``<bos>`` and ``<eos>`` included) in batches
+``--texts`` texts of 128 and of 512 tokens (``<bos>`` and ``<eos>`` included) in batches
 of 32, after one warm-up batch. Each gemmakit row also reports the smallest cosine between its
 embeddings and sentence-transformers' of the same texts (float32: the numbers are unchanged).
 
@@ -39,39 +39,21 @@ def model_directory() -> Path:
     if (directory / "modules.json").is_file():
         return directory
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import torch
-    from embedding_models import hf_tokenizer_directory
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
-    from transformers import AutoTokenizer, Gemma3TextConfig, Gemma3TextModel
+    from embedding_models import embedding_gemma_directory, hf_tokenizer_directory
 
     from gemmakit.checkpoints import default_model_path
 
     tokenizer_dir = hf_tokenizer_directory(Path(default_model_path()), CACHE / "tokenizer")
-    config = Gemma3TextConfig(
-        vocab_size=262_144, hidden_size=768, intermediate_size=1152, num_hidden_layers=24, num_attention_heads=3,
-        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
-        max_position_embeddings=2048, use_bidirectional_attention=True,
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
-    torch.manual_seed(0)
-    model = Gemma3TextModel(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.3 if "norm" in name else 0.02)
-    model.config.architectures = ["Gemma3TextModel"]
-    hf_dir = CACHE / "embeddinggemma-transformer"
-    model.save_pretrained(hf_dir)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(hf_dir)
-    dense = [Dense(768, 3072, bias=False, activation_function=torch.nn.Identity()),
-             Dense(3072, 768, bias=False, activation_function=torch.nn.Identity())]
-    modules = [Transformer(str(hf_dir), max_seq_length=2048), Pooling(768, "mean"), *dense, Normalize()]
-    SentenceTransformer(modules=modules, device="cpu").save(str(directory))
+    embedding_gemma_directory(
+        directory, tokenizer_dir, dense=((768, 3072, False, "Identity"), (3072, 768, False, "Identity")),
+        max_seq_length=2048, weight_std=0.02, hidden_size=768, intermediate_size=1152, num_hidden_layers=24,
+        num_attention_heads=3, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512)
     return directory
 
 
 def texts_of(length: int, count: int) -> list[str]:
-    """``count`` different texts of exactly ``length`` tokens with ``<bos>`` and ``<eos>`` (checked)."""
+    """``count`` different texts of ``length`` tokens with ``<bos>`` and ``<eos>`` (at most, and within
+    a token or two: the last word is cut a character at a time)."""
     from gemmakit.checkpoints import open_checkpoint
 
     tokenizer = open_checkpoint(model_directory()).tokenizer

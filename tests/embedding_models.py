@@ -45,32 +45,34 @@ def hf_tokenizer_directory(gguf_path: Path, destination: Path) -> Path:
 
 def embedding_gemma_directory(destination: Path, tokenizer_dir: Path, *, pooling="mean", include_prompt=True,
                               dense=((64, 256, False, "Identity"), (256, 64, False, "Identity")),
-                              normalize=True, max_seq_length=256, seed=0) -> Path:
+                              normalize=True, max_seq_length=256, seed=0, weight_std=0.05, **shape) -> Path:
     """An EmbeddingGemma-shaped sentence-transformers directory with random weights: Gemma 3
     layers (5 sliding : 1 global, 4 query heads on 1 KV head, QK-norm) run bidirectionally,
     then Pooling, the Dense layers ``(in, out, bias, activation)`` and Normalize, with
-    EmbeddingGemma's task prompts."""
+    EmbeddingGemma's task prompts. ``shape`` overrides the Gemma3TextConfig sizes (the
+    benchmark's are EmbeddingGemma 300M's)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
     from transformers import AutoTokenizer, Gemma3TextConfig, Gemma3TextModel
 
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=16) | shape
     config = Gemma3TextConfig(
-        vocab_size=262_144, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
-        max_position_embeddings=2048, use_bidirectional_attention=True,
+        vocab_size=262_144, **sizes, max_position_embeddings=2048, use_bidirectional_attention=True,
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
     torch.manual_seed(seed)
     model = Gemma3TextModel(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.normal_(0.0, 0.3 if "norm" in name else 0.05)
+            p.normal_(0.0, 0.3 if "norm" in name else weight_std)
     model.config.architectures = ["Gemma3TextModel"]
     hf_dir = destination.with_name(destination.name + "-transformer")
     model.save_pretrained(hf_dir)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(hf_dir)
     activations = {"Identity": torch.nn.Identity, "Tanh": torch.nn.Tanh, "GELU": torch.nn.GELU}
-    modules = [Transformer(str(hf_dir), max_seq_length=max_seq_length), Pooling(64, pooling, include_prompt=include_prompt)]
+    modules = [Transformer(str(hf_dir), max_seq_length=max_seq_length),
+               Pooling(config.hidden_size, pooling, include_prompt=include_prompt)]
     for i, (n_in, n_out, bias, activation) in enumerate(dense):
         layer = Dense(n_in, n_out, bias=bias, activation_function=activations[activation]())
         with torch.no_grad():  # random biases too, so a missing one shows

@@ -34,7 +34,7 @@ from torch import nn
 
 from gemmakit.kernels.gemm import Linear
 from gemmakit.models.config import ModelConfig
-from gemmakit.models.decoder import GemmaModel
+from gemmakit.models.decoder import DecoderAddOn, GemmaModel
 
 # What KVCache.read_by_kind hands a step: per kind, the contexts and the target's keys and values
 Reading = tuple[dict, dict]
@@ -104,7 +104,7 @@ class ClusteredHead(nn.Module):
         return ids, (rows @ h.unsqueeze(-1)).squeeze(-1)
 
 
-class AssistantModel(nn.Module):
+class AssistantModel(DecoderAddOn):
     """A Gemma 4 assistant drafter. ``propose(embedding, state, reading)`` is one drafting step's
     greedy token and next state; ``model(embedding, state, reading)`` its logits as transformers
     computes them."""
@@ -117,14 +117,6 @@ class AssistantModel(nn.Module):
         self.pre_projection = Linear(2 * b, d, bias=False)
         self.post_projection = Linear(d, b, bias=False)
         self.head = ClusteredHead(config) if config.num_centroids else None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.device
 
     def hidden(self, embedding: torch.Tensor, state: torch.Tensor,
                reading: Reading) -> tuple[torch.Tensor, torch.Tensor]:

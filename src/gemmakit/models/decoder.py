@@ -458,3 +458,18 @@ def fuse_dense_projections(model: nn.Module) -> int:
         module.fuse([w.shape[0] for w in weights], fused)
         merged += 1
     return merged
+
+
+class DecoderAddOn(nn.Module):
+    """Base of the models built around one :class:`GemmaModel` (``self.decoder``): a vision-language
+    model, an assistant drafter, an embedding model. Their dtype and device are the decoder's."""
+
+    decoder: GemmaModel
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device

@@ -23,7 +23,7 @@ from torch import nn
 
 from gemmakit.kernels.gemm import Linear
 from gemmakit.models.config import ModelConfig
-from gemmakit.models.decoder import GemmaModel
+from gemmakit.models.decoder import DecoderAddOn, GemmaModel
 
 POOLING_MODES = ("mean", "max", "cls", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
 
@@ -102,7 +102,7 @@ class Dense(nn.Module):
         return self.activation(self.linear(x))
 
 
-class EmbeddingModel(nn.Module):
+class EmbeddingModel(DecoderAddOn):
     """``model(ids, positions, mask)`` -> one embedding per row, ``[B, dimension]``."""
 
     def __init__(self, config: EmbeddingConfig) -> None:
@@ -110,14 +110,6 @@ class EmbeddingModel(nn.Module):
         self.config = config
         self.decoder = GemmaModel(config.decoder)
         self.dense = nn.ModuleList(Dense(spec) for spec in config.dense)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.device
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``input_ids``, ``positions`` ``[B, T]`` (-1 = padding) and ``mask [B, T]`` (True = a

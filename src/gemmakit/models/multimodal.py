@@ -36,7 +36,7 @@ from gemmakit.errors import InvalidRequestError, ModelNotFoundError
 from gemmakit.kernels.gemm import Linear
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig, preset
-from gemmakit.models.decoder import GemmaModel
+from gemmakit.models.decoder import DecoderAddOn, GemmaModel
 from gemmakit.models.layers import RMSNorm
 from gemmakit.models.siglip import SiglipConfig, SiglipVisionModel, so400m
 
@@ -115,7 +115,7 @@ class PooledProjector(nn.Module):
         return torch.matmul(self.norm(pooled), self.weight).type_as(patches)
 
 
-class VisionLanguageModel(nn.Module):
+class VisionLanguageModel(DecoderAddOn):
     """``model(input_ids, pixel_values=...)`` -> logits ``[B, T, vocab]``.
 
     ``input_ids`` hold ``tokens_per_image`` placeholder ids per image, in the order of
@@ -128,14 +128,6 @@ class VisionLanguageModel(nn.Module):
         self.vision = SiglipVisionModel(config.vision)
         self.projector = LinearProjector(config) if config.projector == "linear" else PooledProjector(config)
         self.decoder = GemmaModel(config.text)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.device
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return self.decoder.new_cache(batch, max_len)
