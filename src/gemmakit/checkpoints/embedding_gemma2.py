@@ -80,7 +80,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> tuple[Mo
         raise CheckpointError(f"{source}: required key {exc.args[0]!r} is missing") from None
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: {exc}") from None
-    per_layer = _per_layer_config(text.get("per_layer_config"), kinds, source)
+    per_layer = _per_layer_config(text, kinds, source)
     rope = text.get("rope_parameters") or {}
     rope = {kind: (rope.get(kind) or default) for kind, default in _ROPE_DEFAULTS.items()}
     # Gemma 4's reader with what EmbeddingGemma 2 fixes: no table for the per-layer inputs, no
@@ -93,9 +93,12 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> tuple[Mo
     return decoder.replace(bidirectional=True, name=name), width
 
 
-def _per_layer_config(raw: Any, kinds: tuple, source: str) -> dict[str, dict[str, int]]:
-    """The global layers' shapes (``per_layer_config``, else the builder's defaults), after
-    refusing overrides gemmakit's per-layer plan does not carry (other keys, sliding layers)."""
+def _per_layer_config(text: dict[str, Any], kinds: tuple, source: str) -> dict[str, dict[str, Any]]:
+    """Each global layer's head size and KV-head count, as transformers resolves them: a layer's
+    ``per_layer_config`` entry over the config's own values; with no ``per_layer_config`` at all,
+    the builder's defaults (512, 1). Overrides gemmakit's per-layer plan does not carry (other
+    keys, sliding layers) are refused."""
+    raw = text.get("per_layer_config")
     if not raw:
         return {str(i): dict(_GLOBAL_DEFAULTS) for i, kind in enumerate(kinds) if kind == "global"}
     if not isinstance(raw, dict):
@@ -108,8 +111,8 @@ def _per_layer_config(raw: Any, kinds: tuple, source: str) -> dict[str, dict[str
             raise UnsupportedModelError(f"{source}: per_layer_config sets {', '.join(extra or sorted(value))} on "
                                         f"layer {key} ({kinds[int(key)]}); gemmakit reads per-layer head sizes "
                                         "and KV-head counts of global layers only")
-    return {str(i): {**_GLOBAL_DEFAULTS, **raw.get(str(i), raw.get(i, {}))}
-            for i, kind in enumerate(kinds) if kind == "global"}
+    own = {"head_dim": text.get("head_dim"), "num_key_value_heads": text.get("num_key_value_heads")}
+    return {str(i): {**own, **raw.get(str(i), raw.get(i, {}))} for i, kind in enumerate(kinds) if kind == "global"}
 
 
 def hf_names(config: ModelConfig, prefix: str = "language_model.") -> dict[str, str]:
