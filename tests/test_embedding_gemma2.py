@@ -16,6 +16,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import gemmakit
@@ -60,7 +61,8 @@ def _save(model, directory):
 @pytest.fixture(scope="module")
 def composite(tmp_path_factory):
     """The composite EmbeddingGemma2Model (tensors under language_model.), as transformers saves it."""
-    model = _randomise(transformers.EmbeddingGemma2Model(transformers.EmbeddingGemma2Config(text_config=_text_config())), 0)
+    config = transformers.EmbeddingGemma2Config(text_config=_text_config())
+    model = _randomise(transformers.EmbeddingGemma2Model(config), 0)
     return _save(model, tmp_path_factory.mktemp("eg2") / "composite"), model
 
 
@@ -249,3 +251,18 @@ def test_sentence_transformers_directory_matches_encode(with_tokenizer, tmp_path
         assert got.shape == expected.shape
         assert _cosines(got, expected).min() >= 0.9999
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_info_reports_the_text_path(composite):
+    """`gemmakit info`: the parameters counted from the config are the text path's tensors in the
+    file (the projection included), and the report names the pipeline and the radius."""
+    from gemmakit.info import describe, format_report
+
+    directory, _ = composite
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        stored = sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys() if k.startswith("language_model."))
+    report = describe(str(directory))
+    assert report["parameters"] == stored
+    text = format_report(report)
+    assert "48 features per text" in text and "projected to 48, mean pooling, L2-normalised" in text
+    assert f"{RADIUS} tokens each way" in text and "KV cache" not in text

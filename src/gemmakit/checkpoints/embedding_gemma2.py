@@ -86,8 +86,8 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> tuple[Mo
     # Gemma 4's reader with what EmbeddingGemma 2 fixes: no table for the per-layer inputs, no
     # K=V, shared, double-wide or expert layers, and the radius as a centred window
     inner = {**text, "model_type": "gemma4_text", "per_layer_config": per_layer, "rope_parameters": rope,
-             "sliding_window": 2 * radius + 1, "vocab_size_per_layer_input": 0, "attention_k_eq_v": False, "num_kv_shared_layers": 0,
-             "use_double_wide_mlp": False, "enable_moe_block": False, "final_logit_softcapping": None}
+             "sliding_window": 2 * radius + 1, "vocab_size_per_layer_input": 0, "attention_k_eq_v": False,
+             "num_kv_shared_layers": 0, "use_double_wide_mlp": False, "enable_moe_block": False, "final_logit_softcapping": None}
     decoder = gemma4.config_from_hf(inner, source)
     name = str(raw.get("_name_or_path") or text.get("_name_or_path") or "embedding_gemma2")
     return decoder.replace(bidirectional=True, name=name), width

@@ -95,6 +95,11 @@ class EmbeddingConfig:
         return min(self.max_seq_length or self.decoder.max_position_embeddings,
                    self.decoder.max_position_embeddings)
 
+    def num_parameters(self) -> int:
+        """The decoder's parameters, the token projection's and the dense layers'."""
+        total = self.decoder.num_parameters() + (self.projection or 0) * self.decoder.hidden_size
+        return total + sum(d.in_features * d.out_features + d.bias * d.out_features for d in self.dense)
+
     def prompt(self, name: str | None) -> str:
         """The text of the prompt ``name`` (the default prompt for None; "" when there is none)."""
         prompts = dict(self.prompts)
