@@ -83,7 +83,8 @@ def embed_texts(model: EmbeddingModel, tokenizer, inputs: Sequence[str | Sequenc
 def check_embedding_model(model) -> None:
     if not isinstance(model, EmbeddingModel):
         raise InvalidRequestError("this model generates text; embeddings need an embedding model "
-                                  "(EmbeddingGemma: a sentence-transformers directory or a gemma-embedding GGUF)")
+                                  "(EmbeddingGemma: a sentence-transformers directory or a gemma-embedding GGUF; "
+                                  "EmbeddingGemma 2: its transformers or sentence-transformers directory)")
 
 
 def prompt_of(model: EmbeddingModel, name: str | None) -> str:

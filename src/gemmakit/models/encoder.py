@@ -70,7 +70,7 @@ class EmbeddingConfig:
             if mode not in POOLING_MODES:
                 raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}")
         if self.projection is not None and self.projection < 1:
-            raise ValueError(f"a token projection to {self.projection} features")
+            raise ValueError(f"the token projection's width must be positive, not {self.projection}")
         width = self.token_width * len(self.pooling)
         for layer in self.dense:
             if layer.in_features != width:
