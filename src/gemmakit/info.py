@@ -55,8 +55,16 @@ def describe(source: str | None, context: int | None = None, matformer=None) -> 
                               "skipped": sorted(set(range(whole.num_layers)) - set(kept)),
                               "mlp_widths": sorted({p.intermediate_size for p in config.layer_plan}),
                               "unsliced_parameters": whole.num_parameters()}
+    embedding = config if hasattr(config, "pooling") else None
+    if embedding is not None:  # an embedding model: its decoder, and what its tokens become
+        extra["embedding"] = {"dimension": embedding.dimension, "pooling": list(embedding.pooling),
+                              "projection": embedding.projection, "dense_layers": len(embedding.dense),
+                              "normalize": embedding.normalize, "max_tokens": embedding.max_tokens,
+                              # what a bidirectional sliding layer sees each way (models/masks.py encoder_mask)
+                              "sliding_radius": (embedding.decoder.sliding_window or 0) // 2 or None}
+        config = embedding.decoder
     context = context or config.max_position_embeddings
-    params = config.num_parameters()
+    params = (embedding or config).num_parameters()
     if hasattr(config, "vision"):  # a vision-language model: report its decoder, and the tower beside it
         v = config.vision
         extra["vision"] = {"image_size": v.image_size, "patch_size": v.patch_size, "layers": v.num_layers,
@@ -97,12 +105,12 @@ def _gemma4_extras(config: ModelConfig) -> dict[str, Any]:
     row per token and can stay mapped on disk; the experts a token does not run; layers without a
     cache of their own; global layers' own head shape."""
     out: dict[str, Any] = {}
-    if config.per_layer_input_dim:
+    if config.per_layer_embedding_parameters():  # (EmbeddingGemma 2's per-layer inputs have no table)
         out["per_layer_embedding_parameters"] = config.per_layer_embedding_parameters()
     if config.num_experts:
         out["experts"] = {"count": config.num_experts, "per_token": config.experts_per_token,
                           "width": config.expert_intermediate_size}
-    if config.num_experts or config.per_layer_input_dim:
+    if config.num_experts or config.per_layer_embedding_parameters():
         out["active_parameters"] = config.active_parameters()
     if config.num_kv_shared_layers:
         out["kv_shared_layers"] = config.num_kv_shared_layers
@@ -168,9 +176,20 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"MatFormer    plan {m['plan']}: {m['layers_kept']} of {m['layers_of']} layers{skipped}, "
                      f"MLP widths {', '.join(map(str, m['mlp_widths']))}; "
                      f"cut from {m['unsliced_parameters']:,} parameters")
+    if "embedding" in r:
+        e = r["embedding"]
+        steps = ([f"projected to {e['projection']}"] if e["projection"] else []) + ["+".join(e["pooling"]) + " pooling"]
+        steps += [f"{e['dense_layers']} dense layer(s)"] if e["dense_layers"] else []
+        steps += ["L2-normalised"] if e["normalize"] else []
+        lines.append(f"embedding    {e['dimension']} features per text (at most {e['max_tokens']} tokens): "
+                     + ", ".join(steps))
+        if e["sliding_radius"]:
+            lines[1] += f" (bidirectional: {e['sliding_radius']} tokens each way)"
     if "file_bytes" in r:
         lines.append(f"file         {_gib(r['file_bytes'])}")
     lines.append("weights      " + ", ".join(f"{k} {_gib(v)}" for k, v in r["weight_bytes"].items()))
+    if "embedding" in r:  # each text is read whole, with no cache
+        return "\n".join(lines)
     if "state_bytes" in r:
         when = "at any context" if r["state_is_constant"] else f"at {r['context']} tokens"
         lines.append(f"state        {when} (attention rings + recurrent state): "

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from gemmakit.checkpoints.base import Checkpoint, build_model
+from gemmakit.checkpoints.embedding_gemma2 import is_embedding_gemma2, open_embedding_gemma2_directory
 from gemmakit.checkpoints.gemma_pytorch import open_gemma_pytorch_checkpoint
 from gemmakit.checkpoints.gguf import open_gguf_checkpoint
 from gemmakit.checkpoints.hf_vision import is_vision_config, open_hf_vision_directory
@@ -105,6 +106,8 @@ def _open_directory(path: Path) -> Checkpoint:
         return open_sentence_transformers_directory(path)
     if (path / "config.json").is_file():
         raw = read_config_json(path)
+        if is_embedding_gemma2(raw):  # an embedding model's text path (its vision and audio towers unread)
+            return open_embedding_gemma2_directory(path, raw)
         if is_vision_config(raw):  # PaliGemma / Gemma 3 with its vision tower
             return open_hf_vision_directory(path, raw)
         return open_hf_directory(path, raw)

@@ -105,7 +105,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
         head_dim = int(raw.get("head_dim") or hidden // heads)
         k_eq_v = bool(raw.get("attention_k_eq_v", False))
-        global_head_dim, global_kv = _global_shape(raw, kinds, k_eq_v)
+        global_head_dim, global_kv = _global_shape(raw, kinds, k_eq_v, source)
         rope = raw.get("rope_parameters") or {}
         full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
         for params in (full, sliding):
@@ -159,14 +159,16 @@ def layer_kinds(raw: dict[str, Any], layers: int, period: int, source: str) -> t
         raise UnsupportedModelError(f"{source}: unknown layer type {exc.args[0]!r}") from None
 
 
-def _global_shape(raw: dict[str, Any], kinds: tuple[LayerKind, ...], k_eq_v: bool) -> tuple[int, int | None]:
+def _global_shape(raw: dict[str, Any], kinds: tuple[LayerKind, ...], k_eq_v: bool,
+                  source: str = "config.json") -> tuple[int, int | None]:
     """Global layers' head size and KV-head count (None = the sliding layers' count)."""
     per_layer = raw.get("per_layer_config")
     if isinstance(per_layer, dict) and per_layer:
         shapes = {(int(v.get("head_dim", raw.get("head_dim"))), v.get("num_key_value_heads"))
                   for k, v in per_layer.items() if kinds[int(k)] == "global"}
         if len(shapes) != 1:
-            raise UnsupportedModelError(f"per_layer_config gives the global layers different shapes: {sorted(shapes)}")
+            raise UnsupportedModelError(f"{source}: per_layer_config gives the global layers different shapes "
+                                        f"{sorted(shapes)}")
         (head_dim, kv), = shapes
         return head_dim, None if kv is None else int(kv)
     kv = raw.get("num_global_key_value_heads") if k_eq_v else None

@@ -4,7 +4,9 @@ Reads the names transformers uses for GemmaForCausalLM, Gemma2ForCausalLM, Gemma
 language model inside Gemma3ForConditionalGeneration (Gemma 3n's and Gemma 4's through their own
 adapters, checkpoints/gemma3n.py and checkpoints/gemma4.py), in both the older config style
 (``rope_theta``, ``rope_scaling``, ``rope_local_base_freq``) and the newer one (``rope_parameters``,
-``layer_types``). Tensors are read lazily, one at a time, from whichever shard holds them.
+``layer_types``). Tensors are read lazily, one at a time, from whichever shard holds them. Also
+what a directory's tokenizer files say about its inputs (the special tokens around a text, the
+longest input), for the embedding adapters.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         return gemma3n.config_from_hf(gemma3n.text_config(raw), source)
     if model_type == "recurrent_gemma":
         return recurrent_gemma.config_from_hf(raw, source)
+    if model_type in ("embedding_gemma2", "embedding_gemma2_text"):  # checkpoints/embedding_gemma2.py reads these
+        raise UnsupportedModelError(f"{source}: {model_type} is an embedding model (EmbeddingGemma 2), not a text "
+                                    "decoder; load its directory with gemmakit.load")
     if model_type == "gemma3" and "text_config" in raw:
         raw = {**raw["text_config"], "model_type": "gemma3_text"}
         model_type = "gemma3_text"
@@ -268,3 +273,45 @@ def header_of(files: _ShardedFiles, mapping: dict[str, str]):
         return _DTYPES.get(dtype), shape
 
     return header
+
+
+# a tokenizer's model_max_length above this is transformers' "no limit" placeholder
+NO_LIMIT = 1 << 30
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    """A tokenizer file's JSON object ({} when the file is absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+    return raw if isinstance(raw, dict) else {}
+
+
+def tokenizer_max_length(directory: Path) -> int | None:
+    """The directory's tokenizer_config.json ``model_max_length`` (None when absent or "no limit")."""
+    value = _optional_json(directory / "tokenizer_config.json").get("model_max_length")
+    return int(value) if isinstance(value, (int, float)) and 0 < value < NO_LIMIT else None
+
+
+def special_tokens_added(directory: Path) -> tuple[bool, bool]:
+    """Whether the directory's tokenizer puts ``<bos>`` before and ``<eos>`` after a text: the
+    single-sequence template of tokenizer.json's post-processor, which transformers 5 follows as
+    written (EmbeddingGemma's adds both), else tokenizer_config.json's add_bos_token/add_eos_token."""
+    config = _optional_json(directory / "tokenizer_config.json")
+    processor = _optional_json(directory / "tokenizer.json").get("post_processor") or {}
+    if processor.get("type") == "TemplateProcessing":
+        specials = [item["SpecialToken"]["id"] for item in processor.get("single", []) if "SpecialToken" in item]
+        sequence = next((i for i, item in enumerate(processor.get("single", [])) if "Sequence" in item), 0)
+        before = {item["SpecialToken"]["id"] for item in processor.get("single", [])[:sequence] if "SpecialToken" in item}
+        after = set(specials) - before
+        bos, eos = _token_text(config, "bos", "<bos>"), _token_text(config, "eos", "<eos>")
+        return bos in before, eos in after
+    return bool(config.get("add_bos_token", True)), bool(config.get("add_eos_token", False))
+
+
+def _token_text(config: dict, name: str, default: str) -> str:
+    value = config.get(f"{name}_token", default)
+    return value.get("content", default) if isinstance(value, dict) else str(value)

@@ -1,7 +1,8 @@
 """sentence-transformers directories (EmbeddingGemma as its model card ships it).
 
 ``modules.json`` lists the pipeline: a ``Transformer`` (a Hugging Face Gemma 3 text model run
-bidirectionally, in the directory itself or a sub-folder), then ``Pooling``, any ``Dense``
+bidirectionally, or an EmbeddingGemma 2 text model with its projection, checkpoints/embedding_gemma2.py,
+in the directory itself or a sub-folder), then ``Pooling``, any ``Dense``
 layers and ``Normalize``, each with its own folder of config (and weights). This adapter reads
 that list into an :class:`~gemmakit.models.encoder.EmbeddingConfig` and hands the Transformer's
 tensors (under ``decoder.``) and the dense layers' (``dense.N.linear.*``) to the loader; the
@@ -19,7 +20,9 @@ from typing import Any
 import torch
 
 from gemmakit.checkpoints.base import Checkpoint
-from gemmakit.checkpoints.safetensors import open_hf_directory, read_config_json
+from gemmakit.checkpoints.embedding_gemma2 import is_embedding_gemma2, open_embedding_gemma2_directory
+from gemmakit.checkpoints.safetensors import (NO_LIMIT, open_hf_directory, read_config_json, special_tokens_added,
+                                             tokenizer_max_length)
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.encoder import ACTIVATIONS, POOLING_MODES, DenseLayer, EmbeddingConfig
 
@@ -27,8 +30,6 @@ from gemmakit.models.encoder import ACTIVATIONS, POOLING_MODES, DenseLayer, Embe
 _LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
                    "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
                    "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-# a tokenizer's model_max_length above this is transformers' "no limit" placeholder
-_NO_LIMIT = 1 << 30
 
 
 def is_sentence_transformers_directory(path: Path) -> bool:
@@ -55,15 +56,23 @@ def open_sentence_transformers_directory(directory: Path) -> Checkpoint:
     if kinds[0] != "Transformer":
         raise UnsupportedModelError(f"{directory}: the first sentence-transformers module is {kinds[0]!r}; gemmakit "
                                     "reads pipelines that start with a Transformer (EmbeddingGemma's)")
-    inner = open_hf_directory(folders[0], read_config_json(folders[0]))
-    if not inner.config.bidirectional:
-        raise UnsupportedModelError(f"{directory}: the Transformer module is a causal decoder (config.json has no "
-                                    "use_bidirectional_attention); gemmakit's embedding models are EmbeddingGemma's "
-                                    "bidirectional Gemma 3")
+    raw = read_config_json(folders[0])
+    if is_embedding_gemma2(raw):  # its projection is part of the Transformer module: already our names
+        inner = open_embedding_gemma2_directory(folders[0], raw)
+        decoder, projection = inner.config.decoder, inner.config.projection
+        tensors, file_names, packed = dict(inner.tensors), dict(inner.file_names), dict(inner.packed)
+    else:
+        inner = open_hf_directory(folders[0], raw)
+        if not inner.config.bidirectional:
+            raise UnsupportedModelError(f"{directory}: the Transformer module is a causal decoder (config.json has "
+                                        "no use_bidirectional_attention); gemmakit's embedding models are "
+                                        "EmbeddingGemma's bidirectional Gemma 3 and EmbeddingGemma 2")
+        decoder, projection = inner.config, None
+        tensors = {f"decoder.{ours}": load for ours, load in inner.tensors.items()}
+        file_names = {f"decoder.{ours}": theirs for ours, theirs in inner.file_names.items()}
+        packed = {f"decoder.{ours}": load for ours, load in inner.packed.items()}
     pooling, include_prompt, normalize = None, True, False
     dense: list[DenseLayer] = []
-    tensors = {f"decoder.{ours}": load for ours, load in inner.tensors.items()}
-    file_names = {f"decoder.{ours}": theirs for ours, theirs in inner.file_names.items()}
     for kind, folder in zip(kinds[1:], folders[1:]):
         if normalize:
             raise UnsupportedModelError(f"{directory}: a {kind} module after Normalize is not supported")
@@ -94,7 +103,7 @@ def open_sentence_transformers_directory(directory: Path) -> Checkpoint:
     add_bos, add_eos = special_tokens_added(tokenizer_dir)
     try:
         config = EmbeddingConfig(
-            decoder=inner.config, pooling=pooling, include_prompt=include_prompt, dense=tuple(dense),
+            decoder=decoder, projection=projection, pooling=pooling, include_prompt=include_prompt, dense=tuple(dense),
             normalize=normalize, max_seq_length=_max_seq_length(folders[0], tokenizer_dir),
             add_bos=add_bos, add_eos=add_eos, prompts=tuple(prompts.items()),
             default_prompt=settings.get("default_prompt_name") or None, name=directory.name)
@@ -102,7 +111,6 @@ def open_sentence_transformers_directory(directory: Path) -> Checkpoint:
         raise CheckpointError(f"{directory}: {exc}") from None
     if config.default_prompt is not None and config.default_prompt not in prompts:
         raise CheckpointError(f"{directory}: default_prompt_name {config.default_prompt!r} is not one of the prompts")
-    packed = {f"decoder.{ours}": load for ours, load in inner.packed.items()}
     return Checkpoint(config=config, tensors=tensors, source=str(directory), tokenizer=inner.tokenizer,
                       native_dtype=inner.native_dtype, metadata={"format": "sentence-transformers"},
                       file_names=file_names, packed=packed)
@@ -161,30 +169,7 @@ def _dense_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _max_seq_length(transformer_dir: Path, tokenizer_dir: Path) -> int | None:
     """sentence_bert_config.json's max_seq_length (older saves), else the tokenizer's model_max_length."""
-    for raw, key in ((_json(transformer_dir / "sentence_bert_config.json", {}), "max_seq_length"),
-                     (_json(tokenizer_dir / "tokenizer_config.json", {}), "model_max_length")):
-        value = raw.get(key)
-        if isinstance(value, (int, float)) and 0 < value < _NO_LIMIT:
-            return int(value)
-    return None
-
-
-def special_tokens_added(directory: Path) -> tuple[bool, bool]:
-    """Whether the directory's tokenizer puts ``<bos>`` before and ``<eos>`` after a text: the
-    single-sequence template of tokenizer.json's post-processor, which transformers 5 follows as
-    written (EmbeddingGemma's adds both), else tokenizer_config.json's add_bos_token/add_eos_token."""
-    config = _json(directory / "tokenizer_config.json", {})
-    processor = (_json(directory / "tokenizer.json", {}) or {}).get("post_processor") or {}
-    if processor.get("type") == "TemplateProcessing":
-        specials = [item["SpecialToken"]["id"] for item in processor.get("single", []) if "SpecialToken" in item]
-        sequence = next((i for i, item in enumerate(processor.get("single", [])) if "Sequence" in item), 0)
-        before = {item["SpecialToken"]["id"] for item in processor.get("single", [])[:sequence] if "SpecialToken" in item}
-        after = set(specials) - before
-        bos, eos = _token_text(config, "bos", "<bos>"), _token_text(config, "eos", "<eos>")
-        return bos in before, eos in after
-    return bool(config.get("add_bos_token", True)), bool(config.get("add_eos_token", False))
-
-
-def _token_text(config: dict, name: str, default: str) -> str:
-    value = config.get(f"{name}_token", default)
-    return value.get("content", default) if isinstance(value, dict) else str(value)
+    value = _json(transformer_dir / "sentence_bert_config.json", {}).get("max_seq_length")
+    if isinstance(value, (int, float)) and 0 < value < NO_LIMIT:
+        return int(value)
+    return tokenizer_max_length(tokenizer_dir)

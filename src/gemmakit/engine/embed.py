@@ -119,7 +119,8 @@ def truncate(model: EmbeddingModel, vectors: torch.Tensor, dim: int | None) -> t
 def check_embedding_model(model) -> None:
     if not isinstance(model, EmbeddingModel):
         raise InvalidRequestError("this model generates text; embeddings need an embedding model "
-                                  "(EmbeddingGemma: a sentence-transformers directory or a gemma-embedding GGUF)")
+                                  "(EmbeddingGemma: a sentence-transformers directory or a gemma-embedding GGUF; "
+                                  "EmbeddingGemma 2: its transformers or sentence-transformers directory)")
 
 
 def prompt_of(model: EmbeddingModel, name: str | None) -> str:

@@ -133,7 +133,9 @@ class ModelConfig:
     double_wide_mlp: bool = False  # layers that read shared keys/values have an MLP twice as wide
     layer_scalar: bool = False  # each layer's output is multiplied by a learnt scalar
     per_layer_input_dim: int = 0  # per-layer embeddings (PLE): each layer's slice of the table (0 = none)
-    per_layer_vocab_size: int = 0  # rows of the per-layer embedding table
+    # rows of the per-layer embedding table; 0 with per_layer_input_dim set: no table, the per-layer
+    # inputs are the projection of the token embeddings alone (EmbeddingGemma 2's "projection-only" PLE)
+    per_layer_vocab_size: int = 0
     num_experts: int = 0  # mixture-of-experts FFN beside the dense MLP (0 = none)
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
@@ -148,7 +150,8 @@ class ModelConfig:
     # assistant drafter reads its target's cache): no layer has k/v projections or a cache.
     external_kv: bool = False
     # Every query sees the keys on both sides of it, with no cache (EmbeddingGemma's encoder): a
-    # local layer's query then sees sliding_window // 2 keys each way (models/masks.py encoder_mask).
+    # local layer's query then sees sliding_window // 2 keys each way (models/masks.py encoder_mask;
+    # EmbeddingGemma 2 states a radius R, read as a window of 2R + 1 keys centred on the query).
     bidirectional: bool = False
 
     def __post_init__(self) -> None:

@@ -155,7 +155,8 @@ class GemmaModel(nn.Module):
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
         if config.per_layer_input_dim:  # per-layer embeddings (PLE): one table row per token, sliced by layer
             width = config.num_layers * config.per_layer_input_dim
-            self.per_layer_embed = nn.Embedding(config.per_layer_vocab_size, width)
+            if config.per_layer_vocab_size:  # (EmbeddingGemma 2 has no table: the projection alone)
+                self.per_layer_embed = nn.Embedding(config.per_layer_vocab_size, width)
             self.per_layer_model_proj = Linear(config.hidden_size, width, bias=False)
             self.per_layer_proj_norm = RMSNorm(config.per_layer_input_dim, config.rms_norm_eps, config.norm_offset)
         # AltUp's extra residual streams in and out (Gemma 3n); the blocks pass all of them on
@@ -203,21 +204,24 @@ class GemmaModel(nn.Module):
     def per_layer_inputs(self, input_ids: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor | None:
         """Each layer's per-layer embedding ``[B, T, layers, per_layer_input_dim]`` (None without
         PLE): the token's row of the table (scaled by sqrt of its width) plus a normed projection
-        of the token embeddings ``h``, the sum scaled by 1/sqrt(2)."""
+        of the token embeddings ``h``, the sum scaled by 1/sqrt(2); without a table
+        (``per_layer_vocab_size`` 0, EmbeddingGemma 2), the normed projection alone, unscaled."""
         c = self.config
         if not c.per_layer_input_dim:
             return None
+        shape = (*h.shape[:2], c.num_layers, c.per_layer_input_dim)
+        projected = self.per_layer_proj_norm((self.per_layer_model_proj(h) * c.hidden_size**-0.5).view(shape))
+        if not c.per_layer_vocab_size:
+            return projected
         if input_ids is None:
             raise ValueError("a model with per-layer embeddings needs the token ids, not embeddings alone")
-        shape = (*h.shape[:2], c.num_layers, c.per_layer_input_dim)
         if c.per_layer_vocab_size < c.vocab_size:
             # Gemma 3n's table covers the text vocabulary only (262144 of 262400 ids): the image and
             # audio soft-token ids beyond it read row 0, as in the reference
             input_ids = torch.where(input_ids < c.per_layer_vocab_size, input_ids, 0)
         table = self.per_layer_embed(input_ids)
         table = table * self._embed_scale(table.dtype, c.per_layer_input_dim)
-        projected = self.per_layer_model_proj(h) * c.hidden_size**-0.5
-        return (self.per_layer_proj_norm(projected.view(shape)) + table.view(shape)) * 2**-0.5
+        return (projected + table.view(shape)) * 2**-0.5
 
     def forward(
         self,

@@ -1,8 +1,9 @@
 """Sentence embeddings from a bidirectional Gemma decoder (EmbeddingGemma).
 
 The model is sentence-transformers' pipeline as data: the decoder's final hidden states at every
-token (``ModelConfig.bidirectional``: each token sees both sides), pooled into one vector per text,
-through zero or more dense projections, then L2-normalised. :class:`EmbeddingConfig` records
+token (``ModelConfig.bidirectional``: each token sees both sides), optionally projected token by
+token (EmbeddingGemma 2's ``embedding_projection``), pooled into one vector per text, through zero
+or more dense projections, then L2-normalised. :class:`EmbeddingConfig` records
 which pooling, which projections and what the tokenizer wraps around a text; the checkpoint
 adapters (checkpoints/sentence_transformers.py, the GGUF reader) fill it from their files.
 
@@ -48,6 +49,9 @@ class EmbeddingConfig:
     becomes token ids (prompts, special tokens, the longest input)."""
 
     decoder: ModelConfig
+    # the width of a bias-free linear map applied to every token's final hidden state before pooling
+    # (EmbeddingGemma 2's embedding_projection, part of its transformers model); None = no such map
+    projection: int | None = None
     pooling: tuple[str, ...] = ("mean",)
     include_prompt: bool = True  # whether a prompt's tokens are pooled with the text's
     dense: tuple[DenseLayer, ...] = ()
@@ -65,7 +69,9 @@ class EmbeddingConfig:
         for mode in self.pooling:
             if mode not in POOLING_MODES:
                 raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}")
-        width = self.decoder.hidden_size * len(self.pooling)
+        if self.projection is not None and self.projection < 1:
+            raise ValueError(f"the token projection's width must be positive, not {self.projection}")
+        width = self.token_width * len(self.pooling)
         for layer in self.dense:
             if layer.in_features != width:
                 raise ValueError(f"a dense layer takes {layer.in_features} features where {width} arrive")
@@ -74,15 +80,25 @@ class EmbeddingConfig:
             width = layer.out_features
 
     @property
+    def token_width(self) -> int:
+        """The width of the per-token states that are pooled."""
+        return self.projection or self.decoder.hidden_size
+
+    @property
     def dimension(self) -> int:
         """The width of the embeddings the model returns."""
-        return self.dense[-1].out_features if self.dense else self.decoder.hidden_size * len(self.pooling)
+        return self.dense[-1].out_features if self.dense else self.token_width * len(self.pooling)
 
     @property
     def max_tokens(self) -> int:
         """The most tokens a text may have (the model's own limit where the config sets none)."""
         return min(self.max_seq_length or self.decoder.max_position_embeddings,
                    self.decoder.max_position_embeddings)
+
+    def num_parameters(self) -> int:
+        """The decoder's parameters, the token projection's and the dense layers'."""
+        total = self.decoder.num_parameters() + (self.projection or 0) * self.decoder.hidden_size
+        return total + sum(d.in_features * d.out_features + d.bias * d.out_features for d in self.dense)
 
     def prompt(self, name: str | None) -> str:
         """The text of the prompt ``name`` (the default prompt for None; "" when there is none)."""
@@ -109,16 +125,24 @@ class EmbeddingModel(DecoderAddOn):
         super().__init__()
         self.config = config
         self.decoder = GemmaModel(config.decoder)
+        if config.projection is not None:
+            self.projection = Linear(config.decoder.hidden_size, config.projection, bias=False)
         self.dense = nn.ModuleList(Dense(spec) for spec in config.dense)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``input_ids``, ``positions`` ``[B, T]`` (-1 = padding) and ``mask [B, T]`` (True = a
         token to pool) -> the embeddings ``[B, dimension]``, L2-normalised if the config says so."""
-        tokens = self.decoder.hidden_states(input_ids, positions)  # [B, T, hidden]
+        tokens = self.token_states(input_ids, positions)  # [B, T, token_width]
         x = torch.cat([pool(tokens, mask, mode) for mode in self.config.pooling], dim=-1)
         for layer in self.dense:
             x = layer(x)
         return F.normalize(x, p=2, dim=-1) if self.config.normalize else x
+
+    def token_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What is pooled: the decoder's final hidden states ``[B, T, token_width]``, through the
+        token projection where there is one (transformers' ``last_hidden_state`` for EmbeddingGemma 2)."""
+        tokens = self.decoder.hidden_states(input_ids, positions)  # [B, T, hidden]
+        return self.projection(tokens) if self.config.projection is not None else tokens
 
 
 def pool(tokens: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
