@@ -294,6 +294,13 @@ def _require_tokenizer(tokenizer) -> None:
         raise TokenizerError("this model has no tokenizer; pass token ids or a source with tokenizer files")
 
 
+def require_generative(model) -> None:
+    """Refuse an embedding model where text is to be generated, saying what it is for."""
+    if isinstance(model, EmbeddingModel):
+        raise InvalidRequestError("this is an embedding model: it makes embeddings (gemmakit embed, "
+                                  "gemmakit.embed, /v1/embeddings), not text")
+
+
 def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max_tokens: int = 256,
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                       stop_ids: frozenset[int] | None = None, images: list | None = None,
@@ -307,8 +314,7 @@ def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max
     a regex, a choice, a Lark or GBNF grammar) constrains it likewise. The generation ends when
     the output is complete.
     """
-    if isinstance(model, EmbeddingModel):
-        raise InvalidRequestError("this is an embedding model: it makes embeddings (gemmakit.embed), not text")
+    require_generative(model)
     if json_schema is not None and grammar is not None:
         raise InvalidRequestError("give json_schema or grammar, not both")
     if json_schema is not None:

@@ -30,12 +30,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from gemmakit.api import settle_for_serving, stream_generation
+    from gemmakit.api import require_generative, settle_for_serving, stream_generation
     from gemmakit.chat import pretrained_warning, render_chat
     from gemmakit.chat.thinking import ThoughtSplitter
     from gemmakit.vision.chat import ChatImages
 
     model, tokenizer, report = load_model(args)
+    require_generative(model)
     if tokenizer is None:
         raise tokenizer_missing(args.model)
     if warning := pretrained_warning(tokenizer, report.source):
