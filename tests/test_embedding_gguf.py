@@ -134,3 +134,47 @@ def test_unsupported_pooling_is_refused_in_one_line():
     for kind, mode in ((2, "cls"), (3, "lasttoken")):
         other = dataclasses.replace(f, metadata={**f.metadata, "gemma-embedding.pooling_type": kind})
         assert embedding_config_from_gguf(other, decoder).pooling == (mode,)
+
+
+def test_quantize_writes_a_gemma_embedding_file(tmp_path, q8_0):
+    """``gemmakit quantize`` on an embedding model writes llama.cpp's gemma-embedding layout: read
+    back, it is the Q8_0 file llama.cpp's own quantiser made, and llama.cpp runs it alike."""
+    from gemmakit.checkpoints.gguf_writer import quantize_checkpoint
+
+    out = tmp_path / "tiny-int8.gguf"
+    quantize_checkpoint(F32, out, "int8")
+    loaded = load_model(out)
+    assert loaded.report.weights == "gguf"
+
+    def unnamed(config):
+        return dataclasses.replace(config, name="", decoder=dataclasses.replace(config.decoder, name=""))
+
+    assert unnamed(loaded.model.config) == unnamed(q8_0.model.config)
+    got = gemmakit.embed(loaded.model, loaded.tokenizer, TEXTS, prompt="query")
+    torch.testing.assert_close(got, gemmakit.embed(q8_0.model, q8_0.tokenizer, TEXTS, prompt="query"),
+                               atol=1e-6, rtol=1e-5)
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(model_path=str(out), embedding=True, n_ctx=256, n_batch=256, n_ubatch=256, n_threads=2,
+                          verbose=False)
+    expected = llm.embed([PROMPTS["query"] + t for t in TEXTS], normalize=True)
+    assert _cosines(got, expected).min() >= 0.9995
+    assert _cosines(expected, RECORDED["llama_cpp_q8_0_query"]).min() >= 0.99999  # the same file, to llama.cpp
+
+
+def test_what_gemma_embedding_cannot_say_is_refused(tmp_path):
+    import gguf
+
+    from gemmakit.checkpoints.gguf_writer import add_embedding_metadata
+    from gemmakit.models.encoder import DenseLayer
+
+    config = open_checkpoint(F32).config
+    writer = gguf.GGUFWriter(tmp_path / "x.gguf", "gemma-embedding")
+    for change, message in ((dict(pooling=("weightedmean",)), "pools by mean, cls or lasttoken"),
+                            (dict(include_prompt=False), "include_prompt false"),
+                            (dict(normalize=False), "normalising"),
+                            (dict(dense=(DenseLayer(64, 64, True),)), "without bias or activation")):
+        with pytest.raises(UnsupportedModelError, match=message):
+            add_embedding_metadata(writer, dataclasses.replace(config, **change))

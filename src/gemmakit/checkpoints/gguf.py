@@ -163,7 +163,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
 
 
 # llama.cpp's enum llama_pooling_type, as the converter writes {arch}.pooling_type -> our pooling mode
-_POOLING_TYPES = {1: "mean", 2: "cls", 3: "lasttoken"}
+POOLING_TYPES = {1: "mean", 2: "cls", 3: "lasttoken"}
 # EmbeddingGemma's task prompts (its config_sentence_transformers.json), which a GGUF does not carry
 EMBEDDING_GEMMA_PROMPTS = (
     ("query", "task: search result | query: "), ("document", "title: none | text: "),
@@ -180,6 +180,11 @@ EMBEDDING_GEMMA_PROMPTS = (
 _DENSE_NAMES = ("dense_2.weight", "dense_3.weight")
 
 
+def dense_names(count: int) -> tuple[str, ...]:
+    """The GGUF names of an embedding model's ``count`` projections after pooling (at most two)."""
+    return _DENSE_NAMES[:count]
+
+
 def embedding_config_from_gguf(f: GGUFFile, decoder: ModelConfig) -> EmbeddingConfig:
     """A ``gemma-embedding`` file's pipeline, as llama.cpp runs it: the decoder's last hidden
     states pooled as ``{arch}.pooling_type`` says (mean where absent: EmbeddingGemma's), then
@@ -193,7 +198,7 @@ def embedding_config_from_gguf(f: GGUFFile, decoder: ModelConfig) -> EmbeddingCo
     say (llama.cpp's tokenizer adds them the same way)."""
     m = f.metadata
     kind = int(m.get(f"{f.architecture}.pooling_type", 1))
-    if kind not in _POOLING_TYPES:
+    if kind not in POOLING_TYPES:
         raise UnsupportedModelError(f"{f.path}: pooling type {kind} is not supported (gemmakit pools a "
                                     "gemma-embedding file by mean (1), first token (2) or last token (3))")
     dense, width = [], decoder.hidden_size
@@ -205,7 +210,7 @@ def embedding_config_from_gguf(f: GGUFFile, decoder: ModelConfig) -> EmbeddingCo
             dense.append(DenseLayer(in_features, out_features))
             width = out_features
     return EmbeddingConfig(
-        decoder=decoder, pooling=(_POOLING_TYPES[kind],), include_prompt=True, dense=tuple(dense), normalize=True,
+        decoder=decoder, pooling=(POOLING_TYPES[kind],), include_prompt=True, dense=tuple(dense), normalize=True,
         max_seq_length=decoder.max_position_embeddings, add_bos=bool(m.get("tokenizer.ggml.add_bos_token", True)),
         add_eos=bool(m.get("tokenizer.ggml.add_eos_token", False)), prompts=EMBEDDING_GEMMA_PROMPTS,
         name=decoder.name)
