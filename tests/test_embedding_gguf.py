@@ -71,6 +71,25 @@ def test_f32_file_matches_sentence_transformers_and_llama_cpp(f32, prompt):
     assert _cosines(got, llama).min() >= 0.99999  # measured 1 - 6e-8
 
 
+def test_f32_file_matches_its_source_directory_live(f32, tmp_path, monkeypatch):
+    """The directory the file was converted from, rebuilt by make_embedding.py (the same seeds):
+    sentence-transformers' encode on it and gemmakit's sentence-transformers reader both give
+    the file's embeddings."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    pytest.importorskip("sentencepiece")
+    monkeypatch.syspath_prepend(str(DATA))
+    import make_embedding
+
+    directory = make_embedding.directory(tmp_path / make_embedding.NAME)
+    got = gemmakit.embed(*f32, TEXTS, prompt="query")
+    expected = sentence_transformers.SentenceTransformer(str(directory), device="cpu").encode(
+        TEXTS, prompt_name="query", convert_to_tensor=True)
+    assert _cosines(got, expected).min() >= 0.9999
+    torch.testing.assert_close(got, expected, atol=5e-6, rtol=1e-4)
+    torch.testing.assert_close(gemmakit.embed(*gemmakit.load(directory), TEXTS, prompt="query"), got,
+                               atol=1e-6, rtol=1e-5)
+
+
 def test_the_sliding_window_is_the_files_own(f32):
     """Read as transformers' halved window or as a global one, the local layers see other keys and
     the embeddings leave llama.cpp's (measured cosines 0.61 and 0.73)."""
