@@ -194,6 +194,7 @@ def test_what_gemma_embedding_cannot_say_is_refused(tmp_path):
     for change, message in ((dict(pooling=("weightedmean",)), "pools by mean, cls or lasttoken"),
                             (dict(include_prompt=False), "include_prompt false"),
                             (dict(normalize=False), "normalising"),
-                            (dict(dense=(DenseLayer(64, 64, True),)), "without bias or activation")):
+                            (dict(dense=(DenseLayer(64, 64, True),)), "without bias or activation"),
+                            (dict(dense=(DenseLayer(64, 80), DenseLayer(80, 32))), "model's width \\(64\\), not 32")):
         with pytest.raises(UnsupportedModelError, match=message):
             add_embedding_metadata(writer, dataclasses.replace(config, **change))

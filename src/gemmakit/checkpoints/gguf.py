@@ -461,6 +461,7 @@ def _file_tensors(f: GGUFFile, config: ModelConfig, prefix: str = "", extra: dic
         found[ours] = t.shape
     return tensors, packed, found
 
+
 def _embedding_checkpoint(f: GGUFFile, decoder: ModelConfig) -> Checkpoint:
     """A ``gemma-embedding`` file: the decoder's tensors (under ``decoder.``) and the projections
     (``dense.N.linear.weight``), quantised ones kept as blocks like the decoder's."""

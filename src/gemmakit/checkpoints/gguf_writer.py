@@ -144,6 +144,9 @@ def add_embedding_metadata(writer, config: EmbeddingConfig) -> dict[str, str]:
     if len(config.dense) > 2 or any(d.bias or d.activation != "Identity" for d in config.dense):
         raise UnsupportedModelError("llama.cpp's gemma-embedding applies at most two dense layers, without bias "
                                     "or activation")
+    if len(config.dense) == 2 and config.dense[1].out_features != config.decoder.hidden_size:
+        raise UnsupportedModelError("llama.cpp's gemma-embedding wants its second dense layer to return the "
+                                    f"model's width ({config.decoder.hidden_size}), not {config.dense[1].out_features}")
     if not config.add_bos:
         raise UnsupportedModelError("llama.cpp's Gemma vocabulary puts <bos> before every text; this model does not")
     writer.add_pooling_type(gguf.PoolingType(modes[config.pooling[0]]))
