@@ -168,3 +168,23 @@ def test_unsupported_pipelines_are_refused_in_one_line(embedding_gemma, tmp_path
     (broken / "modules.json").write_text("[")
     with pytest.raises(CheckpointError, match="modules.json: invalid JSON"):
         gemmakit.load(broken)
+
+
+@pytest.mark.parametrize("prefill_dtype, floor", [("float32", 0.999), ("auto", 0.998)])
+def test_int8_embeddings_stay_close_to_float32(embedding_gemma, prefill_dtype, floor):
+    """``quant="int8"``: the decoder's matrices, its embedding table and the dense layers as 8-bit
+    blocks. On this random model the decoder's matrices give most of the error (cosine 0.99953
+    alone), the table 0.99987, the dense layers 0.99996; the whole: 0.99941 with float32
+    products over the texts, 0.99913 with the default bfloat16 ones."""
+    from gemmakit.api import LoadOptions, load_model
+    from gemmakit.quant.grouped import GroupedEmbedding, GroupedLinear
+
+    reference, tokenizer = gemmakit.load(embedding_gemma)
+    loaded = load_model(embedding_gemma, LoadOptions(quant="int8", prefill_dtype=prefill_dtype))
+    model = loaded.model
+    assert loaded.report.weights == "int8"
+    assert isinstance(model.decoder.embed, GroupedEmbedding) and isinstance(model.dense[1].linear, GroupedLinear)
+    for prompt in (None, "query", "document"):
+        expected = gemmakit.embed(reference, tokenizer, TEXTS, prompt=prompt)
+        got = gemmakit.embed(model, tokenizer, TEXTS, prompt=prompt)
+        assert _cosines(got, expected).min() >= floor

@@ -217,7 +217,9 @@ def load_model(source: str | Path | None = None, options: LoadOptions = LoadOpti
     if quantised:
         if via_blocks:
             requantize_blocks(model, quant)
-        model = quantize_model(model, quant, dtype=dtype)  # any float matrices left
+        # any float matrices left; an embedding model's table is its decoder's
+        model = quantize_model(model, quant, dtype=dtype,
+                               embedding_owner=model.decoder if isinstance(model, EmbeddingModel) else None)
     prefill = _set_prefill_dtype(model, options.prefill_dtype, keep or quantised, options.on_cpu)
     decoder = getattr(model, "decoder", model)  # a vision model's language decoder holds the caches
     decoder.kv_int8 = options.kv_cache == "int8"

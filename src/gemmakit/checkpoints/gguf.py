@@ -11,6 +11,8 @@ Facts this adapter relies on (from llama.cpp's converter and loader):
   layer (true = sliding window); when present it wins.
 - Gemma 3n (``gemma3n``): see :func:`_gemma3n_config` for what llama.cpp hard-codes and the
   converter writes; the model's AltUp projections are stacked into one [3, H, H] tensor each.
+- EmbeddingGemma (``gemma-embedding``): Gemma 3's decoder run bidirectionally, plus the pooling
+  and projections of its sentence-transformers pipeline; see :func:`embedding_config_from_gguf`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from gemmakit.checkpoints.base import Checkpoint, TensorLoader, check_file_tenso
 from gemmakit.checkpoints.gguf_reader import GGUFFile, GGUFTensor, open_gguf
 from gemmakit.errors import CheckpointError, InvalidRequestError, UnsupportedModelError
 from gemmakit.models.config import LayerKind, ModelConfig, alternating
+from gemmakit.models.encoder import DenseLayer, EmbeddingConfig
 from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize, ggml_blocks, packable
 from gemmakit.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gemma3n", "gemma4")
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gemma3n", "gemma4", "gemma-embedding")
 
 # GGUF block-tensor suffix -> our per-layer parameter name
 _LAYER_NAMES = {
@@ -91,7 +94,7 @@ _UNUSED_SHARED_KV = ("attn_k.weight", "attn_v.weight", "attn_k_norm.weight")
 
 # What llama.cpp assumes where GGUF metadata is silent (and so what a GGUF writer must not contradict):
 # every n-th layer global, and queries scaled by hidden/heads for the 27B shapes, else by head_dim.
-DEFAULT_LOCAL_PERIOD = {"gemma2": 2, "gemma3": 6}
+DEFAULT_LOCAL_PERIOD = {"gemma2": 2, "gemma3": 6, "gemma-embedding": 6}
 
 
 def assumed_query_scalar(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> float:
@@ -151,11 +154,69 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     scaling = float(m.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
     if m.get(f"{arch}.rope.scaling.type", "linear") not in ("linear", "none"):
         raise UnsupportedModelError(f"{f.path}: RoPE scaling type {m[f'{arch}.rope.scaling.type']!r} is not supported")
+    # gemma-embedding: the converter writes the local layers' base and the checkpoint's own window
+    # (not transformers' halved one); llama.cpp masks it symmetrically, as ModelConfig.bidirectional does
+    embedding = arch == "gemma-embedding"
     return ModelConfig(
         family="gemma3", layer_kinds=_layer_kinds(f, layers, DEFAULT_LOCAL_PERIOD[arch]), query_pre_attn_scalar=scalar,
         sliding_window=int(get("attention.sliding_window")), rope_theta=float(get("rope.freq_base", 1_000_000.0)),
-        rope_local_theta=10_000.0, rope_scaling_factor=scaling, qk_norm=True, post_norms=True, **base,
+        rope_local_theta=float(get("rope.freq_base_swa", 10_000.0)) if embedding else 10_000.0,
+        rope_scaling_factor=scaling, qk_norm=True, post_norms=True, bidirectional=embedding, **base,
     )
+
+
+# llama.cpp's enum llama_pooling_type, as the converter writes {arch}.pooling_type -> our pooling mode
+POOLING_TYPES = {1: "mean", 2: "cls", 3: "lasttoken"}
+# EmbeddingGemma's task prompts (its config_sentence_transformers.json), which a GGUF does not carry
+EMBEDDING_GEMMA_PROMPTS = (
+    ("query", "task: search result | query: "), ("document", "title: none | text: "),
+    ("BitextMining", "task: search result | query: "), ("Clustering", "task: clustering | query: "),
+    ("Classification", "task: classification | query: "), ("InstructionRetrieval", "task: code retrieval | query: "),
+    ("MultilabelClassification", "task: classification | query: "),
+    ("PairClassification", "task: sentence similarity | query: "), ("Reranking", "task: search result | query: "),
+    ("Retrieval", "task: search result | query: "), ("Retrieval-query", "task: search result | query: "),
+    ("Retrieval-document", "title: none | text: "), ("STS", "task: sentence similarity | query: "),
+    ("Summarization", "task: summarization | query: "),
+)
+# the GGUF names of the projections after pooling, in the order they apply (sentence-transformers'
+# 2_Dense and 3_Dense; the converter keeps their weights only, and llama.cpp applies no bias or activation)
+_DENSE_NAMES = ("dense_2.weight", "dense_3.weight")
+
+
+def dense_names(count: int) -> tuple[str, ...]:
+    """The GGUF names of an embedding model's ``count`` projections after pooling (at most two)."""
+    return _DENSE_NAMES[:count]
+
+
+def embedding_config_from_gguf(f: GGUFFile, decoder: ModelConfig) -> EmbeddingConfig:
+    """A ``gemma-embedding`` file's pipeline, as llama.cpp runs it: the decoder's last hidden
+    states pooled as ``{arch}.pooling_type`` says (mean where absent: EmbeddingGemma's), then
+    ``dense_2`` and ``dense_3`` where the converter kept them (``--sentence-transformers-dense-modules``),
+    bias-free and without activation, as EmbeddingGemma's are.
+
+    What the file does not record is EmbeddingGemma's: L2 normalisation at the end (its
+    ``Normalize`` module; llama.cpp's server normalises by default too), its task prompts, pooled
+    with the text (``include_prompt``), none by default, the longest input the context length,
+    and ``<bos>``/``<eos>`` around a text as ``tokenizer.ggml.add_bos_token``/``add_eos_token``
+    say (llama.cpp's tokenizer adds them the same way)."""
+    m = f.metadata
+    kind = int(m.get(f"{f.architecture}.pooling_type", 1))
+    if kind not in POOLING_TYPES:
+        raise UnsupportedModelError(f"{f.path}: pooling type {kind} is not supported (gemmakit pools a "
+                                    "gemma-embedding file by mean (1), first token (2) or last token (3))")
+    dense, width = [], decoder.hidden_size
+    for name in _DENSE_NAMES:
+        if name in f.tensors:
+            out_features, in_features = f.tensors[name].shape
+            if in_features != width:
+                raise CheckpointError(f"{f.path}: tensor {name} takes {in_features} features where {width} arrive")
+            dense.append(DenseLayer(in_features, out_features))
+            width = out_features
+    return EmbeddingConfig(
+        decoder=decoder, pooling=(POOLING_TYPES[kind],), include_prompt=True, dense=tuple(dense), normalize=True,
+        max_seq_length=decoder.max_position_embeddings, add_bos=bool(m.get("tokenizer.ggml.add_bos_token", True)),
+        add_eos=bool(m.get("tokenizer.ggml.add_eos_token", False)), prompts=EMBEDDING_GEMMA_PROMPTS,
+        name=decoder.name)
 
 
 def _gemma4_config(f: GGUFFile, get, base: dict) -> ModelConfig:
@@ -352,6 +413,24 @@ def _stacked_loader(t: GGUFTensor, i: int) -> TensorLoader:
 def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
     f = open_gguf(path)
     config = config_from_gguf(f)
+    if config.bidirectional:
+        return _embedding_checkpoint(f, config)
+    tensors, packed, found = _file_tensors(f, config)
+    names = gguf_names(config)
+    check_file_tensors(str(path), parameter_shapes(config), found, names)
+    return Checkpoint(config=config, tensors=tensors, source=str(path), tokenizer=_tokenizer(f),
+                      metadata={"format": "gguf", "file_type": f.metadata.get("general.file_type")},
+                      file_names=names, packed=packed)
+
+
+def _tokenizer(f: GGUFFile) -> Tokenizer | None:
+    return Tokenizer.from_gguf(f) if "tokenizer.ggml.tokens" in f.metadata else None
+
+
+def _file_tensors(f: GGUFFile, config: ModelConfig, prefix: str = "", extra: dict[str, str] | None = None
+                  ) -> tuple[dict[str, TensorLoader], dict, dict[str, tuple[int, ...]]]:
+    """The decoder's tensors by our names (after ``prefix``), the quantised ones' blocks, and the
+    shapes found; ``extra`` names tensors beside the decoder's (GGUF name -> our full name)."""
     tensors: dict[str, TensorLoader] = {}
     packed = {}
     found: dict[str, tuple[int, ...]] = {}
@@ -359,15 +438,15 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
     for name, t in f.tensors.items():
         if name in _STACKED_NAMES:
             for i in range(t.shape[0]):
-                tensors[_STACKED_NAMES[name].format(i)] = _stacked_loader(t, i)
-                found[_STACKED_NAMES[name].format(i)] = t.shape[1:]
+                tensors[prefix + _STACKED_NAMES[name].format(i)] = _stacked_loader(t, i)
+                found[prefix + _STACKED_NAMES[name].format(i)] = t.shape[1:]
             continue
         parts = name.split(".", 2)
         if parts[0] == "blk" and parts[2] in _UNUSED_SHARED_KV and int(parts[1]) in shares_kv:
             continue
         if config.family == "gemma3n" and name == "per_layer_token_embd.weight":
             t = _row_slice(t, 0, config.per_layer_vocab_size)  # without the converter's zero padding
-        ours = _our_name(name)
+        ours = (extra or {}).get(name) or (prefix + our if (our := _our_name(name)) else None)
         if ours is None:
             if name == "output.weight":  # an untied head would be a different model
                 raise UnsupportedModelError(f"{f.path}: separate output.weight (untied LM head) is not a Gemma layout")
@@ -383,10 +462,21 @@ def open_gguf_checkpoint(path: str | Path) -> Checkpoint:
         if packable(t.ggml_type, t.shape):
             packed[ours] = _packed_loader(t)
         found[ours] = t.shape
-    shapes = parameter_shapes(config)
-    names = gguf_names(config)
-    check_file_tensors(str(path), shapes, found, names)
-    tokenizer = Tokenizer.from_gguf(f) if "tokenizer.ggml.tokens" in f.metadata else None
-    return Checkpoint(config=config, tensors=tensors, source=str(path), tokenizer=tokenizer,
+    return tensors, packed, found
+
+
+def _embedding_checkpoint(f: GGUFFile, decoder: ModelConfig) -> Checkpoint:
+    """A ``gemma-embedding`` file: the decoder's tensors (under ``decoder.``) and the projections
+    (``dense.N.linear.weight``), quantised ones kept as blocks like the decoder's."""
+    config = embedding_config_from_gguf(f, decoder)
+    projections = {name: f"dense.{i}.linear.weight" for i, name in enumerate(n for n in _DENSE_NAMES if n in f.tensors)}
+    tensors, packed, found = _file_tensors(f, decoder, "decoder.", projections)
+    shapes = {f"decoder.{ours}": shape for ours, shape in parameter_shapes(decoder).items()}
+    shapes.update({f"dense.{i}.linear.weight": (layer.out_features, layer.in_features)
+                   for i, layer in enumerate(config.dense)})
+    names = {f"decoder.{ours}": theirs for ours, theirs in gguf_names(decoder).items()}
+    names.update({ours: theirs for theirs, ours in projections.items()})
+    check_file_tensors(str(f.path), shapes, found, names)
+    return Checkpoint(config=config, tensors=tensors, source=str(f.path), tokenizer=_tokenizer(f),
                       metadata={"format": "gguf", "file_type": f.metadata.get("general.file_type")},
                       file_names=names, packed=packed)

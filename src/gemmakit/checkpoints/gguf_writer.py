@@ -1,4 +1,4 @@
-"""Writing GGUF files (llama.cpp's layout for the gemma, gemma2 and gemma3 architectures).
+"""Writing GGUF files (llama.cpp's layout for the gemma, gemma2, gemma3 and gemma-embedding architectures).
 
 The inverse of checkpoints/gguf.py: the metadata keys it reads, norms stored as ``1 + w`` as
 llama.cpp's converter stores them, our tensor names mapped to llama.cpp's. ``gemmakit quantize``
@@ -19,10 +19,12 @@ import torch
 
 from gemmakit.checkpoints import open_checkpoint
 from gemmakit.checkpoints.base import parameter_shapes
-from gemmakit.checkpoints.gguf import DEFAULT_LOCAL_PERIOD, assumed_query_scalar, gguf_names
+from gemmakit.checkpoints.gguf import (DEFAULT_LOCAL_PERIOD, POOLING_TYPES, assumed_query_scalar, dense_names,
+                                       gguf_names)
 from gemmakit.errors import InvalidRequestError, UnsupportedModelError
 from gemmakit.io import atomic_file
 from gemmakit.models.config import ModelConfig, alternating
+from gemmakit.models.encoder import EmbeddingConfig
 from gemmakit.quant.ggml_ops import ggml_quantize
 from gemmakit.tokenizer import model_pb2
 
@@ -38,6 +40,9 @@ def add_model_metadata(writer, config: ModelConfig, name: str, sliding_window_pa
     """
     c = config
     arch = c.family
+    if c.bidirectional and writer.arch != "gemma-embedding":
+        raise UnsupportedModelError("a bidirectional decoder is written only as part of an embedding model "
+                                    "(llama.cpp's gemma-embedding)")
     if arch not in ("gemma", "gemma2", "gemma3") or "recurrent" in c.layer_kinds:
         raise UnsupportedModelError(f"GGUF (llama.cpp's format) has no layout for {arch} models; "
                                     "use `gemmakit convert` to write a transformers directory instead")
@@ -101,7 +106,7 @@ def vocabulary_of(tokenizer) -> Vocabulary:
                       unk_id=tokenizer.unk_id, pad_id=tokenizer.pad_id)
 
 
-def add_vocabulary(writer, vocab: Vocabulary) -> None:
+def add_vocabulary(writer, vocab: Vocabulary, add_eos: bool | None = None) -> None:
     user_defined = 4
     # llama.cpp's converter spells user-defined pieces with real spaces; checkpoints/gguf.py undoes it
     pieces = [p.replace("\u2581", " ") if t == user_defined else p for p, t in zip(vocab.pieces, vocab.types)]
@@ -116,7 +121,40 @@ def add_vocabulary(writer, vocab: Vocabulary) -> None:
     if vocab.pad_id >= 0:
         writer.add_pad_token_id(vocab.pad_id)
     writer.add_add_bos_token(True)
+    if add_eos is not None:
+        writer.add_add_eos_token(add_eos)
     writer.add_add_space_prefix(False)
+
+
+def add_embedding_metadata(writer, config: EmbeddingConfig) -> dict[str, str]:
+    """An embedding model's pooling and projections as llama.cpp's ``gemma-embedding`` keys;
+    returns the projections' names (ours -> GGUF). Refuses what llama.cpp would run differently:
+    it pools one way (mean, first or last token, over every token), applies at most two
+    bias-free projections without activation and cannot skip the normalisation clients apply.
+    The prompts are not written (a reader gives EmbeddingGemma's back)."""
+    modes = {mode: kind for kind, mode in POOLING_TYPES.items()}
+    if len(config.pooling) != 1 or config.pooling[0] not in modes:
+        raise UnsupportedModelError(f"llama.cpp's gemma-embedding pools by mean, cls or lasttoken, not "
+                                    f"{'+'.join(config.pooling)}")
+    if not config.include_prompt:
+        raise UnsupportedModelError("llama.cpp's gemma-embedding pools every token, a prompt's too "
+                                    "(this model leaves prompts out: include_prompt false)")
+    if not config.normalize:
+        raise UnsupportedModelError("a gemma-embedding GGUF is read as normalising its embeddings; this model does not")
+    if len(config.dense) > 2 or any(d.bias or d.activation != "Identity" for d in config.dense):
+        raise UnsupportedModelError("llama.cpp's gemma-embedding applies at most two dense layers, without bias "
+                                    "or activation")
+    if len(config.dense) == 2 and config.dense[1].out_features != config.decoder.hidden_size:
+        raise UnsupportedModelError("llama.cpp's gemma-embedding wants its second dense layer to return the "
+                                    f"model's width ({config.decoder.hidden_size}), not {config.dense[1].out_features}")
+    if not config.add_bos:
+        raise UnsupportedModelError("llama.cpp's Gemma vocabulary puts <bos> before every text; this model does not")
+    writer.add_pooling_type(gguf.PoolingType(modes[config.pooling[0]]))
+    names = {}
+    for i, (layer, gguf_name) in enumerate(zip(config.dense, dense_names(len(config.dense)))):
+        writer.add_dense_features_dims(gguf_name.removesuffix(".weight"), layer.in_features, layer.out_features)
+        names[f"dense.{i}.linear.weight"] = gguf_name
+    return names
 
 
 def add_tensor(writer, name: str, data: np.ndarray, qtype_name: str | None) -> None:
@@ -162,6 +200,9 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
     t0 = time.perf_counter()
     checkpoint = open_checkpoint(source, config)
     cfg = checkpoint.config
+    embedding = cfg if isinstance(cfg, EmbeddingConfig) else None
+    if embedding is not None:
+        cfg = embedding.decoder
     if getattr(cfg, "text", None) is not None:
         raise UnsupportedModelError("vision models are not written to GGUF by gemmakit (llama.cpp keeps the "
                                     "vision tower in a separate mmproj file); quantise at load with --quant int8")
@@ -170,12 +211,16 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
     vocab = vocabulary_of(checkpoint.tokenizer)
     all_names = gguf_names(cfg)
     names = {ours: all_names[ours] for ours in parameter_shapes(cfg)}  # the tensors this config really has
+    if embedding is not None:  # an embedding model's decoder is ``decoder.`` in its checkpoint
+        names = {f"decoder.{ours}": theirs for ours, theirs in names.items()}
     qtype = SCHEMES[scheme]
     with atomic_file(destination) as tmp:
-        writer = gguf.GGUFWriter(tmp, cfg.family)
+        writer = gguf.GGUFWriter(tmp, "gemma-embedding" if embedding is not None else cfg.family)
         add_model_metadata(writer, cfg, Path(str(source)).stem + f"-{scheme}")
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if scheme == "int8" else gguf.LlamaFileType.MOSTLY_Q4_1)
-        add_vocabulary(writer, vocab)
+        if embedding is not None:
+            names.update(add_embedding_metadata(writer, embedding))
+        add_vocabulary(writer, vocab, add_eos=embedding.add_eos if embedding is not None else None)
         if checkpoint.tokenizer.chat_template is not None:
             writer.add_chat_template(checkpoint.tokenizer.chat_template)
         items = list(names.items())

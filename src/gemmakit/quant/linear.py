@@ -249,12 +249,15 @@ def requantize_blocks(model: nn.Module, scheme: str, rows: int = 4096) -> int:
 
 
 def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP,
-                   dtype: torch.dtype | None = None, embedding: bool = True) -> nn.Module:
+                   dtype: torch.dtype | None = None, embedding: bool = True,
+                   embedding_owner: nn.Module | None = None) -> nn.Module:
     """Replace every bias-free ``nn.Linear`` (and the tied embedding/head) of ``model`` in place.
 
     Non-matrix parameters (norms) are cast to the compute ``dtype``; each float weight is freed as
     soon as its quantised replacement exists, so the peak is the float model plus one layer. A
-    layer whose input size does not split into groups keeps its float weight.
+    layer whose input size does not split into groups keeps its float weight. The embedding is
+    ``model.embed``, or ``embedding_owner.embed`` for a model that holds its decoder inside (an
+    embedding model's table, most of its weights, is only looked up: no head reads it).
     """
     if scheme not in SCHEMES:
         raise InvalidRequestError(f"unknown quantisation {scheme!r}; choose one of {', '.join(SCHEMES)} or none")
@@ -286,12 +289,13 @@ def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP,
                     stack = GGMLBlocks(packed.blocks.view(*w.shape[:2], -1), packed.ggml_type, packed.in_features)
                     replace_stack(module, name, GGMLExperts([stack]))
             del w
-    if embedding and isinstance(getattr(model, "embed", None), nn.Embedding):
-        w = model.embed.weight.detach()
+    owner = model if embedding_owner is None else embedding_owner
+    if embedding and isinstance(getattr(owner, "embed", None), nn.Embedding):
+        w = owner.embed.weight.detach()
         if (packed := blocks(w)) is not None:
-            model.embed = GroupedEmbedding(packed, dtype)
+            owner.embed = GroupedEmbedding(packed, dtype)
         elif scheme == "int4" and (g := _fitting_group(w.shape[1], group)):
-            model.embed = QuantTiedEmbedding(w, dtype, g)
+            owner.embed = QuantTiedEmbedding(w, dtype, g)
         del w
     fuse_projections(model)  # q/k/v and gate/up as one block-kernel call (skips other holders)
     for p in model.parameters():  # norm weights, and any matrix that could not be grouped
