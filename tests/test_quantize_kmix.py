@@ -9,8 +9,11 @@
   tests/data/gguf_llamacpp/kmix_types.json (the choices depend on shapes only, not on weights).
 * llama.cpp loads our files and its logits track gemmakit's on the same file. llama.cpp rounds
   activations to 8 bits in its block products (and to fp16 for F16 matrices) and gemmakit does not,
-  so the two differ by ~2% whatever the weights (measured on these tiny models: 1.9-2.3% relative
-  L2, the same on llama.cpp's own files); bound 6%.
+  so the two differ by a few percent whatever the weights: measured relative L2 on our files
+  3.7-4.0% (rows of 256, K types throughout) and 2.2-2.3% (fallback shapes), on llama.cpp's own
+  files of the same sources 3.9-4.1% and 2.2-2.3%, on the float32 source 0.05%; bound 6%.
+
+Rebuild the record with ``PYTHONPATH=src:tests python tests/test_quantize_kmix.py SCRATCH_DIR``.
 """
 
 from __future__ import annotations
@@ -193,8 +196,11 @@ def test_llama_cpp_runs_our_files(sources, tmp_path, shape, mix):
     max_rel = ((mine - theirs).abs().max() / theirs.abs().max()).item()
     assert rel < 0.06 and max_rel < 0.06, (rel, max_rel)
     assert (mine.argmax(-1) == theirs.argmax(-1)).sum().item() >= len(IDS) - 2
-    # and the file is the model, not noise (another random model is ~140% away)
-    assert ((mine - exact).norm() / exact.norm()).item() < 0.3
+    # and the file is the model, not noise: 4-6 bit weights on these deliberately noisy random
+    # models move the logits by 5-31% (measured), another random model is ~140% away
+    print(f"{shape} {mix}: gemmakit vs llama.cpp {rel:.4f} (max {max_rel:.4f}), vs float "
+          f"{((mine - exact).norm() / exact.norm()).item():.4f}")
+    assert ((mine - exact).norm() / exact.norm()).item() < 0.5
 
 
 @pytest.mark.slow
@@ -242,7 +248,8 @@ def test_real_model_q4_k_m(widened, tmp_path):
     types as llama.cpp's Q4_K_M of the same F32 file, the same weight error, and llama.cpp's logits
     on our file track gemmakit's."""
     ours = tmp_path / "ours.gguf"
-    quantize_checkpoint(widened, ours, "Q4_K_M")
+    report = quantize_checkpoint(widened, ours, "Q4_K_M")
+    print(f"270M Q4_K_M: {report.types}, {report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s")
     exact = {t.name: np.array(t.data).reshape([int(d) for d in reversed(t.shape)])
              for t in gguf.GGUFReader(str(widened)).tensors if len(t.shape) == 2 and t.shape[1] > 1}
     ours_err = _matrix_error(ours, exact)
@@ -259,6 +266,9 @@ def test_real_model_q4_k_m(widened, tmp_path):
     assert abs(ours_err - theirs_err) <= 0.01 * theirs_err, (ours_err, theirs_err)
     theirs = _llama_cpp_logits(ours, ids)
     rel = ((mine - theirs).norm() / theirs.norm()).item()
+    print(f"270M Q4_K_M: weight error ours {ours_err:.5f}, llama.cpp's {theirs_err:.5f}; logits gemmakit vs "
+          f"llama.cpp {rel:.4f}, top-1 {(mine.argmax(-1) == theirs.argmax(-1)).sum().item()}/{len(ids)}; "
+          f"llama.cpp's file {theirs_file.stat().st_size / 1e6:.1f} MB")
     assert rel < 0.08, rel
     assert (mine.argmax(-1) == theirs.argmax(-1)).sum().item() >= len(ids) - 2
 
