@@ -287,7 +287,8 @@ def test_hf_directory_source_gives_the_same_file(sources, tmp_path):
     tb = {t.name: t for t in gguf.GGUFReader(str(b)).tensors}
     assert ta.keys() == tb.keys()
     for name, t in ta.items():
-        assert t.tensor_type == tb[name].tensor_type and np.array_equal(np.asarray(t.data), np.asarray(tb[name].data)), name
+        assert t.tensor_type == tb[name].tensor_type, name
+        assert np.array_equal(np.asarray(t.data), np.asarray(tb[name].data)), name
 
 
 if __name__ == "__main__":
