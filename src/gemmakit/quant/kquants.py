@@ -65,25 +65,34 @@ def _fit_scale_min(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
     sum_w = weights.sum(axis=1, keepdims=True, dtype=f32)
     sum_x = (weights * x).sum(axis=1, keepdims=True, dtype=f32)
 
-    def error(levels, scale, offset):
-        diff = scale * levels + offset - x
-        return (weights * diff * diff).sum(axis=1, keepdims=True, dtype=f32)
+    sum_xx = (weights * x * x).sum(axis=1, keepdims=True, dtype=np.float64)
+
+    def error(sum_l, sum_l2, sum_xl, scale, offset):
+        # sum w (scale*l + offset - x)^2 expanded into the sums already at hand (float64 against
+        # the cancellation), which saves four passes over the weights per candidate.
+        s, m = scale.astype(np.float64), offset.astype(np.float64)
+        return (s * s * sum_l2 + m * m * sum_w + sum_xx + 2 * s * m * sum_l - 2 * s * sum_xl - 2 * m * sum_x)
+
+    def sums(levels):
+        wl = weights * levels
+        return (wl.sum(axis=1, keepdims=True, dtype=f32), (wl * levels).sum(axis=1, keepdims=True, dtype=f32),
+                (wl * x).sum(axis=1, keepdims=True, dtype=f32))
 
     iscale = f32(nmax) / span
     scale = f32(1) / iscale
     levels = np.clip(np.rint(iscale * (x - lo)), 0, nmax)
-    best = error(levels, scale, lo)
+    best = error(*sums(levels), scale, lo)
     offset = lo.copy()
     for step in range(nstep + 1):
         # As in llama.cpp, each candidate spaces its levels from the best offset found so far.
         span = hi - offset
         span = np.where(span == 0, f32(1), span)
         iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / span
-        levels = np.clip(np.rint(iscale * (x - offset)), 0, nmax).astype(f32)
-        wl = weights * levels
-        sum_l = wl.sum(axis=1, keepdims=True, dtype=f32)
-        sum_l2 = (wl * levels).sum(axis=1, keepdims=True, dtype=f32)
-        sum_xl = (wl * x).sum(axis=1, keepdims=True, dtype=f32)
+        levels = x - offset
+        levels *= iscale
+        np.rint(levels, out=levels)
+        np.clip(levels, 0, nmax, out=levels)
+        sum_l, sum_l2, sum_xl = sums(levels)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         safe = np.where(ok, det, f32(1))
@@ -92,7 +101,7 @@ def _fit_scale_min(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
         positive = this_min > 0  # the fit wants a positive offset: pin it to zero and refit the scale
         this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
         this_min = np.where(positive, f32(0), this_min)
-        cur = error(levels, this_scale, this_min)
+        cur = error(sum_l, sum_l2, sum_xl, this_scale, this_min)
         better = ok & (cur < best)
         best = np.where(better, cur, best)
         scale = np.where(better, this_scale, scale)
