@@ -13,9 +13,10 @@ llama.cpp's reference quantiser without an importance matrix (``quantize_row_q*_
   spacings; the sixteen scales become int8 against the block's largest-magnitude one.
 
 Finally every weight is rounded to the nearest level of its *stored* (rounded) scale, so what a
-reader decodes is the best the stored scales allow. Every array is float32 as in ggml; rounding
-is to nearest, ties to even (ggml's ``nearest_int``), so the bytes agree with llama.cpp's except
-where a float32 sum taken in a different order tips a candidate comparison.
+reader decodes is the best the stored scales allow. Every array is float32 as in ggml (a
+candidate's error aside, taken in float64 from sums already at hand); rounding is to nearest, ties
+to even (ggml's ``nearest_int``). So 97-98% of the blocks are llama.cpp's bytes, the rest differ
+where a sum taken in another order tips a near-equal candidate, and the error is llama.cpp's.
 
 Work goes a slab of rows at a time (about a million weights), so memory stays a few slab-sized
 temporaries whatever the tensor.
