@@ -100,8 +100,8 @@ def _ggml_quantize(w: np.ndarray, qtype) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
-def test_k_writers_match_llama_cpp_quantiser(qtype):
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q5_1", "Q8_0"])
+def test_writers_match_llama_cpp_quantiser(qtype):
     """Same search as llama.cpp's reference quantiser: the same error, and nearly all blocks the
     same bytes (a float32 sum in another order can tip a near-equal candidate)."""
     pytest.importorskip("llama_cpp")
@@ -113,7 +113,7 @@ def test_k_writers_match_llama_cpp_quantiser(qtype):
     assert abs(ours_err - theirs_err) <= 0.005 * theirs_err, (ours_err, theirs_err)
     size = gguf.GGML_QUANT_SIZES[t][1]
     same = (ours.reshape(-1, size) == theirs.reshape(-1, size)).all(axis=1).mean()
-    assert same > 0.9, same
+    assert same > (0.9 if qtype.endswith("_K") else 0.999), same  # the 32-weight types: no search at all
 
 
 def test_scheme_names():
