@@ -274,23 +274,36 @@ def test_real_model_q4_k_m(widened, tmp_path):
     assert (mine.argmax(-1) == theirs.argmax(-1)).sum().item() >= len(ids) - 2
 
 
-def test_hf_directory_source_gives_the_same_file(sources, tmp_path):
-    """A transformers directory of the same weights (``gemmakit convert`` of the GGUF) quantises to
-    the same tensors, byte for byte: the source format only changes how tensors are read."""
+@pytest.mark.parametrize("kind", ["hf", "ckpt"])
+def test_other_sources_give_the_same_file(sources, tmp_path, kind):
+    """A transformers directory of the same weights (``gemmakit convert`` of the GGUF), or a
+    gemma_pytorch .ckpt of them beside its tokenizer.model, quantises to the same tensors, byte for
+    byte: the source format only changes how tensors are read."""
+    from safetensors.torch import load_file
+
+    from gemmakit.checkpoints import open_checkpoint
     from gemmakit.convert import convert
+    from tiny import write_ckpt
 
     source, _ = sources["fallback"]
     hf = convert(source, tmp_path / "hf")
-    a, b = tmp_path / "from-gguf.gguf", tmp_path / "from-hf.gguf"
+    other, config = hf, None
+    if kind == "ckpt":
+        state = {}
+        for shard in sorted(hf.glob("*.safetensors")):
+            state.update(load_file(shard))
+        other = write_ckpt(hf / "model.ckpt", state)
+        config = open_checkpoint(hf).config
+        assert (hf / "tokenizer.model").is_file()
+    a, b = tmp_path / "from-gguf.gguf", tmp_path / f"from-{kind}.gguf"
     quantize_checkpoint(source, a, "Q4_K_M")
-    quantize_checkpoint(hf, b, "Q4_K_M")
+    quantize_checkpoint(other, b, "Q4_K_M", config=config)
     ta = {t.name: t for t in gguf.GGUFReader(str(a)).tensors}
     tb = {t.name: t for t in gguf.GGUFReader(str(b)).tensors}
     assert ta.keys() == tb.keys()
     for name, t in ta.items():
         assert t.tensor_type == tb[name].tensor_type, name
         assert np.array_equal(np.asarray(t.data), np.asarray(tb[name].data)), name
-
 
 if __name__ == "__main__":
     record_types(Path(sys.argv[1]))
