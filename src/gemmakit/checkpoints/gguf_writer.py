@@ -2,8 +2,8 @@
 
 The inverse of checkpoints/gguf.py: the metadata keys it reads, norms stored as ``1 + w`` as
 llama.cpp's converter stores them, our tensor names mapped to llama.cpp's. ``gemmakit quantize``
-uses it to write Q8_0 / Q4_1 files, which gemmakit then runs without expanding them
-(quant/grouped.py) and which llama.cpp can read too.
+uses it to write Q8_0 / Q4_1 files and llama.cpp's mixes (Q4_K_M, Q5_K_M, Q6_K, Q8_0), which
+gemmakit then runs without expanding them (quant/grouped.py) and which llama.cpp reads too.
 """
 
 from __future__ import annotations
@@ -26,10 +26,67 @@ from gemmakit.io import atomic_file
 from gemmakit.models.config import ModelConfig, alternating
 from gemmakit.models.encoder import EmbeddingConfig
 from gemmakit.quant.ggml_ops import ggml_quantize
+from gemmakit.quant.kquants import K_QUANTISERS
 from gemmakit.tokenizer import model_pb2
 
-# --scheme -> GGML block type of every matrix (norms stay float32)
-SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
+# --scheme int8 / int4 -> the GGML block type of every matrix (norms stay float32)
+UNIFORM = {"int8": "Q8_0", "int4": "Q4_1"}
+
+# --scheme naming one of llama.cpp's mixes -> (its default matrix type, the file type it records).
+# Some tensors then get more bits, as llama.cpp's quantiser gives them (tensor_type below).
+MIXES = {
+    "Q4_K_M": ("Q4_K", gguf.LlamaFileType.MOSTLY_Q4_K_M),
+    "Q5_K_M": ("Q5_K", gguf.LlamaFileType.MOSTLY_Q5_K_M),
+    "Q6_K": ("Q6_K", gguf.LlamaFileType.MOSTLY_Q6_K),
+    "Q8_0": ("Q8_0", gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+SCHEMES = (*UNIFORM, *MIXES)
+
+# A 256-weight K type on rows that are not a multiple of 256 falls back to the 32-weight type
+# llama.cpp picks for it (src/llama-quant.cpp, tensor_type_fallback).
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def scheme_name(text: str) -> str:
+    """``--scheme`` as written (any case) -> its canonical spelling: int8, int4, Q4_K_M, ..."""
+    return text.lower() if text.lower() in UNIFORM else text.upper()
+
+
+def _more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def _block_size(qtype: str) -> int:
+    return gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype)][0]
+
+
+def tensor_type(name: str, shape: tuple[int, ...], scheme: str, num_layers: int) -> str:
+    """The GGML type ``scheme`` stores tensor ``name`` (GGUF name, PyTorch-order ``shape``) in:
+    "F32" for vectors (norms), else the scheme's matrix type, llama.cpp's choice for a mix.
+
+    For a mix this follows llama.cpp's rules for a Gemma text model without an importance matrix:
+    the token embedding (which is also the output matrix, Gemma ties them) gets Q6_K, or Q8_0
+    when its rows are not a multiple of 256 or the mix is Q8_0; Q4_K_M and Q5_K_M give Q6_K to
+    attn_v and ffn_down in the layers _more_bits picks; then a K type whose row length is not a
+    multiple of 256 falls back (_FALLBACK), and a type that still does not fit becomes F16.
+    """
+    if len(shape) < 2:
+        return "F32"
+    if scheme in UNIFORM:
+        return UNIFORM[scheme]
+    qtype = MIXES[scheme][0]
+    row = int(shape[-1])
+    if name == "token_embd.weight":
+        qtype = "Q8_0" if row % _block_size(qtype) or qtype == "Q8_0" else "Q6_K"
+    elif scheme in ("Q4_K_M", "Q5_K_M") and name.endswith((".attn_v.weight", ".ffn_down.weight")):
+        if _more_bits(int(name.split(".")[1]), num_layers):
+            qtype = "Q6_K"
+    if row % _block_size(qtype):
+        qtype = _FALLBACK.get(qtype, qtype)
+    if row % _block_size(qtype):
+        qtype = "F16"
+    return qtype
 
 
 def add_model_metadata(writer, config: ModelConfig, name: str, sliding_window_pattern="auto") -> None:
@@ -157,18 +214,28 @@ def add_embedding_metadata(writer, config: EmbeddingConfig) -> dict[str, str]:
     return names
 
 
+def quantize_blocks(data: np.ndarray, qtype_name: str) -> np.ndarray:
+    """Float32 rows -> the GGML blocks of ``qtype_name`` as uint8 rows (F16: float16 values)."""
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    if qtype_name == "F16":
+        return data.astype(np.float16)
+    if qtype_name in K_QUANTISERS:
+        return K_QUANTISERS[qtype_name](data)
+    if qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):  # gguf-py's bytes, ~20x faster
+        return ggml_quantize(torch.from_numpy(data), qtype).numpy()
+    return gguf.quants.quantize(data, qtype)  # Q4_0, Q5_0, Q5_1: llama.cpp's reference rounding
+
+
 def add_tensor(writer, name: str, data: np.ndarray, qtype_name: str | None) -> None:
-    """Add one tensor (float32 numpy, GGUF name); matrices in ``qtype_name`` blocks."""
+    """Add one tensor (float32 numpy, GGUF name); matrices in ``qtype_name`` blocks (None or
+    "F32": float32)."""
     data = np.ascontiguousarray(data, dtype=np.float32)
     if name.endswith("norm.weight"):
         data = data + 1.0  # llama.cpp's converter stores Gemma norms as 1 + w
-    if qtype_name is not None and data.ndim == 2:
+    if qtype_name not in (None, "F32") and data.ndim == 2:
         qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
-        if qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):  # gguf-py's bytes, ~20x faster
-            blocks = ggml_quantize(torch.from_numpy(data), qtype).numpy()
-        else:
-            blocks = gguf.quants.quantize(data, qtype)
-        writer.add_tensor(name, blocks, raw_dtype=qtype)
+        blocks = quantize_blocks(data, qtype_name)
+        writer.add_tensor(name, blocks, raw_dtype=None if qtype_name == "F16" else qtype)
     else:
         writer.add_tensor(name, data)
 
@@ -178,16 +245,20 @@ class QuantizeReport:
     tensors: int
     bytes: int
     seconds: float
-    qtype: str
+    qtype: str  # the scheme's matrix type (int8: Q8_0, int4: Q4_1) or the mix's name (Q4_K_M, ...)
+    types: dict[str, int]  # GGML type -> how many tensors the file stores in it
 
 
 def quantize_checkpoint(source, destination: str | Path, scheme: str, force: bool = False, config=None,
                         progress: Callable | None = None) -> QuantizeReport:
-    """Read any source gemmakit loads, write ``destination`` as a GGUF whose matrices are ``scheme``.
+    """Read any source gemmakit loads, write ``destination`` as a GGUF whose matrices are ``scheme``:
+    int8 (all Q8_0), int4 (all Q4_1) or one of llama.cpp's mixes (MIXES, any case; tensor_type).
 
-    Tensors are read one at a time from the source; the file appears under its name only when
-    complete (written next to it under a temporary name, then renamed).
+    Tensors are read, quantised and written one at a time (memory: about one tensor); the file
+    appears under its name only when complete (written next to it under a temporary name, then
+    renamed).
     """
+    scheme = scheme_name(str(scheme))
     if scheme not in SCHEMES:
         raise InvalidRequestError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     destination = Path(destination)
@@ -213,11 +284,17 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
     names = {ours: all_names[ours] for ours in parameter_shapes(cfg)}  # the tensors this config really has
     if embedding is not None:  # an embedding model's decoder is ``decoder.`` in its checkpoint
         names = {f"decoder.{ours}": theirs for ours, theirs in names.items()}
-    qtype = SCHEMES[scheme]
+    if scheme in UNIFORM:
+        file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if scheme == "int8" else gguf.LlamaFileType.MOSTLY_Q4_1
+    else:
+        file_type = MIXES[scheme][1]
+    types: dict[str, int] = {}
     with atomic_file(destination) as tmp:
-        writer = gguf.GGUFWriter(tmp, "gemma-embedding" if embedding is not None else cfg.family)
+        # use_temp_file: each tensor's blocks go to a spool file as soon as they are made, so memory
+        # holds one tensor and its blocks, never the whole quantised model.
+        writer = gguf.GGUFWriter(tmp, "gemma-embedding" if embedding is not None else cfg.family, use_temp_file=True)
         add_model_metadata(writer, cfg, Path(str(source)).stem + f"-{scheme}")
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if scheme == "int8" else gguf.LlamaFileType.MOSTLY_Q4_1)
+        writer.add_file_type(file_type)
         if embedding is not None:
             names.update(add_embedding_metadata(writer, embedding))
         add_vocabulary(writer, vocab, add_eos=embedding.add_eos if embedding is not None else None)
@@ -225,10 +302,14 @@ def quantize_checkpoint(source, destination: str | Path, scheme: str, force: boo
             writer.add_chat_template(checkpoint.tokenizer.chat_template)
         items = list(names.items())
         for ours, theirs in (progress(items) if progress else items):
-            add_tensor(writer, theirs, checkpoint.tensors[ours]().float().numpy(), qtype)
+            data = checkpoint.tensors[ours]().float().numpy()
+            qtype = tensor_type(theirs, data.shape, scheme, cfg.num_layers)
+            types[qtype] = types.get(qtype, 0) + 1
+            add_tensor(writer, theirs, data, qtype)
+            del data
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
     return QuantizeReport(tensors=len(names), bytes=destination.stat().st_size, seconds=time.perf_counter() - t0,
-                          qtype=qtype)
+                          qtype=UNIFORM.get(scheme, scheme), types=types)
