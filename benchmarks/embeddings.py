@@ -4,13 +4,13 @@ model, one run, one table.
 The model has EmbeddingGemma 300M's shapes (24 Gemma 3 layers of width 768, 3 query heads on one
 KV head of 256, sliding window 512, the 262144-piece vocabulary, mean pooling, dense 768 -> 3072
 -> 768, Normalize) and random weights, written once as a sentence-transformers directory with
-the real Gemma tokenizer (taken from the bundled 270M GGUF). Each mode runs in its own
-subprocess, alternating with the reference in adjacent pairs (``--pairs``), and embeds
-``--texts`` texts of 128 and of 512 tokens (``<bos>`` and ``<eos>`` included) in batches
-of 32, after one warm-up batch. Each gemmakit row also reports the smallest cosine between its
-embeddings and sentence-transformers' of the same texts (float32: the numbers are unchanged).
+the real Gemma tokenizer (taken from the bundled 270M GGUF). Each gemmakit mode runs in its own
+subprocess beside sentence-transformers, the two taking turns batch by batch over ``--rounds``
+batches of 32 texts of 128 and of 512 tokens (``<bos>`` and ``<eos>`` included), after a
+warm-up batch each. Each row also reports the smallest cosine between gemmakit's embeddings and
+sentence-transformers' of the same texts (float32: the numbers are unchanged).
 
-    PYTHONPATH=src python benchmarks/embeddings.py [--pairs 1] [--texts 64] [--modes gemmakit int8]
+    PYTHONPATH=src python benchmarks/embeddings.py [--rounds 3] [--modes gemmakit gemmakit-int8 gemmakit-bf16]
 
 Not a test: the numbers depend on the machine and on what else it runs.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -70,95 +69,79 @@ def texts_of(length: int, count: int) -> list[str]:
     return out
 
 
-def run(mode: str, count: int, threads: int) -> dict:
-    import torch
-
-    torch.set_num_threads(threads)
-    directory = model_directory()
-    t0 = time.perf_counter()
+def _embedder(mode: str, directory: Path):
+    """``embed(texts) -> tensor`` for one engine, loaded."""
     if mode == "sentence-transformers":
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(str(directory), device="cpu")
+        return lambda texts: st.encode(texts, batch_size=BATCH, convert_to_tensor=True)
+    import gemmakit
 
-        def embed(texts):
-            return st.encode(texts, batch_size=BATCH, convert_to_tensor=True)
-    else:
-        import gemmakit
+    options = {"gemmakit": {}, "gemmakit-int8": {"quant": "int8"}, "gemmakit-bf16": {"dtype": "bfloat16"}}[mode]
+    model, tokenizer = gemmakit.load(directory, **options)
+    return lambda texts: gemmakit.embed(model, tokenizer, texts, batch_size=BATCH)
 
-        options = {"gemmakit": {}, "gemmakit-int8": {"quant": "int8"}, "gemmakit-bf16": {"dtype": "bfloat16"}}[mode]
-        model, tokenizer = gemmakit.load(directory, **options)
 
-        def embed(texts):
-            return gemmakit.embed(model, tokenizer, texts, batch_size=BATCH)
-    out = {"load_s": time.perf_counter() - t0}
+def run(mode: str, rounds: int, threads: int) -> dict:
+    """sentence-transformers and ``mode`` in one process, taking turns batch by batch: on a
+    shared machine the load changes by the minute, and turns a batch apart see the same load."""
+    import torch
+
+    torch.set_num_threads(threads)
+    directory = model_directory()
+    engines = {name: _embedder(name, directory) for name in ("sentence-transformers", mode)}
+    out: dict = {}
     for length in LENGTHS:
-        texts = texts_of(length, count)
-        embed(texts[:BATCH])  # warm-up: first-call allocations and kernel set-up
-        t0 = time.perf_counter()
-        vectors = embed(texts)
-        out[f"tps_{length}"] = count / (time.perf_counter() - t0)
-        out[f"vectors_{length}"] = vectors.float().tolist()
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        texts = texts_of(length, BATCH * rounds)
+        seconds: dict[str, list[float]] = {name: [] for name in engines}
+        vectors: dict[str, list] = {name: [] for name in engines}
+        for name, embed in engines.items():
+            embed(texts[:BATCH])  # warm-up: first-call allocations and kernel set-up
+        for r in range(rounds):
+            batch = texts[r * BATCH:(r + 1) * BATCH]
+            for name, embed in engines.items():
+                t0 = time.perf_counter()
+                vectors[name].append(embed(batch).float())
+                seconds[name].append(time.perf_counter() - t0)
+        ours, theirs = (torch.cat(vectors[n]).double() for n in (mode, "sentence-transformers"))
+        out[length] = {
+            "tps": {n: BATCH / statistics.median(s) for n, s in seconds.items()},
+            "ratio": statistics.median(t / o for t, o in zip(seconds["sentence-transformers"], seconds[mode])),
+            "ratios": [t / o for t, o in zip(seconds["sentence-transformers"], seconds[mode])],
+            "min_cosine": torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).min().item()}
     return out
-
-
-def _child(mode: str, count: int, threads: int, timeout: float) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, "--texts", str(count), "--threads", str(threads)],
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", default=["gemmakit"], choices=MODES[1:])
-    p.add_argument("--pairs", type=int, default=1, help="adjacent reference/gemmakit pairs per mode (median ratio)")
-    p.add_argument("--texts", type=int, default=64, help="texts per length (default 64: two batches of 32)")
+    p.add_argument("--rounds", type=int, default=3, help="batches of 32 per length, each engine (median ratio)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(run(a.child, a.texts, a.threads)))
+        print(json.dumps(run(a.child, a.rounds, a.threads)))
         return
     model_directory()  # built once, outside the timed children
-    import torch
-
-    rows = []
-    ratios: dict[str, dict[int, list[float]]] = {}
-    for mode in a.modes:
-        for _ in range(a.pairs):
-            reference = _child("sentence-transformers", a.texts, a.threads, a.timeout)
-            ours = _child(mode, a.texts, a.threads, a.timeout)
-            rows.append(("sentence-transformers", reference, None))
-            cosines = {n: torch.nn.functional.cosine_similarity(
-                torch.tensor(ours[f"vectors_{n}"], dtype=torch.float64),
-                torch.tensor(reference[f"vectors_{n}"], dtype=torch.float64), dim=-1).min().item() for n in LENGTHS}
-            rows.append((mode, ours, cosines))
-            for n in LENGTHS:
-                ratios.setdefault(mode, {}).setdefault(n, []).append(ours[f"tps_{n}"] / reference[f"tps_{n}"])
-    print(f"{a.texts} texts per length, batch {BATCH}, {a.threads} threads; texts/s (ratio to the "
-          "sentence-transformers row before it)\n")
-    print("| engine | load s | 128 tokens: texts/s | 512 tokens: texts/s | min cosine to s-t (128 / 512) | "
-          "peak RSS GB |")
+    print(f"batches of {BATCH} texts, {a.rounds} rounds per length, {a.threads} threads; texts/s are medians, "
+          "the ratio is the median of the per-round ratios (sentence-transformers' time / gemmakit's)\n")
+    print("| engine | 128 tokens: texts/s (s-t) | ratio (per round) | 512 tokens: texts/s (s-t) | ratio (per round) "
+          "| min cosine to s-t (128 / 512) |")
     print("|---|---|---|---|---|---|")
-    last = None
-    for mode, r, cosines in rows:
+    for mode in a.modes:
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--rounds", str(a.rounds),
+                               "--threads", str(a.threads)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+        r = {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
         cells = []
         for n in LENGTHS:
-            ratio = f" ({r[f'tps_{n}'] / last[f'tps_{n}']:.2f}x)" if cosines is not None else ""
-            cells.append(f"{r[f'tps_{n}']:.2f}{ratio}")
-        cos = " / ".join(f"{cosines[n]:.6f}" for n in LENGTHS) if cosines else ""
-        print(f"| {mode} | {r['load_s']:.1f} | {cells[0]} | {cells[1]} | {cos} | {r['peak_rss_gb']:.2f} |")
-        if cosines is None:
-            last = r
-    if a.pairs > 1:
-        print()
-        for mode, by_length in ratios.items():
-            print(f"{mode}: median ratio " + ", ".join(f"{n} tokens {statistics.median(v):.2f}x"
-                                                       for n, v in by_length.items()))
+            tps = r[n]["tps"]
+            cells += [f"{tps[mode]:.2f} ({tps['sentence-transformers']:.2f})",
+                      f"**{r[n]['ratio']:.2f}x** ({', '.join(f'{x:.2f}' for x in r[n]['ratios'])})"]
+        print(f"| {mode} | {' | '.join(cells)} | {r[128]['min_cosine']:.6f} / {r[512]['min_cosine']:.6f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
