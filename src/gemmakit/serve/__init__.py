@@ -43,7 +43,10 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
     for loaded in (model, draft):
         if loaded is not None:
             settle_for_serving(loaded)  # before the first request, not during one
-    if warning := pretrained_warning(tokenizer, report.source):
+    from gemmakit.models.encoder import EmbeddingModel
+
+    # an embedding model answers no chat, so a chat template's absence says nothing about it
+    if not isinstance(model, EmbeddingModel) and (warning := pretrained_warning(tokenizer, report.source)):
         print(warning, file=sys.stderr)
     app = build_app(model, tokenizer, model_id(report.source), api_key=api_key,
                     max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes, draft=draft,
