@@ -30,7 +30,8 @@ from typing import Any
 
 from gemmakit.checkpoints import gemma4
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
-from gemmakit.checkpoints.safetensors import _ShardedFiles, header_of, special_tokens_added, tokenizer_max_length
+from gemmakit.checkpoints.safetensors import (decoder_tensor_names, header_of, special_tokens_added,
+                                              tokenizer_max_length)
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.encoder import EmbeddingConfig
@@ -132,16 +133,7 @@ def open_embedding_gemma2_directory(directory: Path, raw: dict[str, Any]) -> Che
     L2-normalised. ``raw`` is its config.json."""
     source = str(directory / "config.json")
     decoder, width = config_from_hf(raw, source)
-    files = _ShardedFiles(directory)
-    available = files.names()
-    prefix = next((p for p in _PREFIXES if f"{p}embed_tokens.weight" in available), None)
-    if prefix is None:
-        raise CheckpointError(f"{directory}: no embed_tokens.weight under any known prefix {_PREFIXES}")
-    mapping = hf_names(decoder, prefix)
-    missing = [theirs for theirs in mapping.values() if theirs not in available]
-    if missing:
-        raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"
-                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    files, mapping = decoder_tensor_names(directory, lambda prefix: hf_names(decoder, prefix), _PREFIXES)
     tensors: dict[str, TensorLoader] = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in mapping.items()}
     add_bos, add_eos = special_tokens_added(directory)
     try:

@@ -12,6 +12,7 @@ longest input), for the embedding adapters.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,21 +217,30 @@ class _ShardedFiles:
         return view.get_dtype(), tuple(view.get_shape())
 
 
+def decoder_tensor_names(directory: Path, names_under: Callable[[str], dict[str, str]],
+                         prefixes: tuple[str, ...] = _PREFIXES) -> tuple[_ShardedFiles, dict[str, str]]:
+    """The directory's safetensors files and its decoder tensors' names (ours -> theirs:
+    ``names_under(prefix)``), under whichever of ``prefixes`` holds ``embed_tokens.weight``;
+    refuses a directory that lacks any of them, naming the first few."""
+    files = _ShardedFiles(directory)
+    available = files.names()
+    prefix = next((p for p in prefixes if f"{p}embed_tokens.weight" in available), None)
+    if prefix is None:
+        raise CheckpointError(f"{directory}: no embed_tokens.weight under any known prefix {prefixes}")
+    mapping = names_under(prefix)
+    missing = [theirs for theirs in mapping.values() if theirs not in available]
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"
+                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return files, mapping
+
+
 def open_hf_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint:
     """A text model's directory; ``raw`` is its config.json (:func:`read_config_json`)."""
     if gemma4.is_assistant(raw):
         return open_hf_assistant_directory(directory, raw)
     config = config_from_hf(raw, str(directory / "config.json"))
-    files = _ShardedFiles(directory)
-    available = files.names()
-    prefix = next((p for p in _PREFIXES if f"{p}embed_tokens.weight" in available), None)
-    if prefix is None:
-        raise CheckpointError(f"{directory}: no embed_tokens.weight under any known prefix {_PREFIXES}")
-    mapping = hf_names(config, prefix)
-    missing = [theirs for theirs in mapping.values() if theirs not in available]
-    if missing:
-        raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"
-                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    files, mapping = decoder_tensor_names(directory, lambda prefix: hf_names(config, prefix))
     tensors: dict[str, TensorLoader] = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in mapping.items()}
     if config.family == "recurrentgemma":
         tensors = {ours: (lambda o=ours, n=theirs: recurrent_gemma.from_hf_tensor(o, files.get(n)))
