@@ -393,6 +393,5 @@ def embed(model: EmbeddingModel, tokenizer, texts: str | list[str] | list[list[i
     (Matryoshka: EmbeddingGemma is trained for 768, 512, 256 and 128) and normalises again.
     Texts run ``batch_size`` to a forward pass, grouped by length.
     """
-    vectors = embed_texts(model, tokenizer, [texts] if isinstance(texts, str) else texts, dim=dim, prompt=prompt,
-                          batch_size=batch_size).vectors
+    vectors = embed_texts(model, tokenizer, texts, dim=dim, prompt=prompt, batch_size=batch_size)
     return vectors[0] if isinstance(texts, str) else vectors

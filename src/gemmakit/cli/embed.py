@@ -71,8 +71,7 @@ def run(args) -> int:
         raise invalid(f"--batch-size must be >= 1, got {args.batch_size}")
     texts = _read_texts(args)
     model, tokenizer, _ = load_model(args)
-    vectors = embed_texts(model, tokenizer, texts, dim=args.dim, prompt=args.prompt,
-                          batch_size=args.batch_size).vectors
+    vectors = embed_texts(model, tokenizer, texts, dim=args.dim, prompt=args.prompt, batch_size=args.batch_size)
     lines = (json.dumps({"index": i, "text": text, "embedding": vector}, ensure_ascii=False) + "\n"
              for i, (text, vector) in enumerate(zip(texts, vectors.tolist())))
     if args.output is None:

@@ -26,19 +26,6 @@ BATCH_TOKENS = 32 * 512
 
 
 @dataclass
-class Embeddings:
-    """What :func:`embed_texts` produced: ``vectors [N, dim]`` (float32, in input order) and the
-    tokens each text became (``token_counts``), for usage reports."""
-
-    vectors: torch.Tensor
-    token_counts: list[int]
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.token_counts)
-
-
-@dataclass
 class EncodedInputs:
     """Inputs as the model reads them: each one's token ids (``rows``) and how many of its first
     tokens are left out of the pooling (``skips``: the prompt's, where the model excludes prompts)."""
@@ -48,8 +35,9 @@ class EncodedInputs:
 
 
 def embed_texts(model: EmbeddingModel, tokenizer, inputs: Sequence[str | Sequence[int]], dim: int | None = None,
-                prompt: str | None = None, batch_size: int = DEFAULT_BATCH) -> Embeddings:
-    """Embed ``inputs`` (texts, or lists of token ids taken as they are) with ``model``.
+                prompt: str | None = None, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+    """Embed ``inputs`` (texts, or lists of token ids taken as they are) with ``model``: float32
+    ``[len(inputs), dim or the model's width]``, in input order (one string is one input).
 
     ``prompt`` names one of the model's prompts (``config.prompts``: "query", "document", ...),
     whose text goes before each text; None takes the model's default prompt (usually none).
@@ -64,7 +52,7 @@ def embed_texts(model: EmbeddingModel, tokenizer, inputs: Sequence[str | Sequenc
         raise InvalidRequestError(f"batch_size must be at least 1, not {batch_size}")
     encoded = encode_inputs(model, tokenizer, inputs, prompt)
     vectors = embed_rows(model, encoded, batch_size)
-    return Embeddings(truncate(model, vectors, dim), [len(r) for r in encoded.rows])
+    return truncate(model, vectors, dim)
 
 
 def encode_inputs(model: EmbeddingModel, tokenizer, inputs: Sequence[str | Sequence[int]],
