@@ -33,6 +33,11 @@ class EncodedInputs:
     rows: list[list[int]]
     skips: list[int]
 
+    @property
+    def tokens(self) -> int:
+        """The tokens embedded, special tokens included (what usage reports)."""
+        return sum(len(row) for row in self.rows)
+
 
 def embed_texts(model: EmbeddingModel, tokenizer, inputs: Sequence[str | Sequence[int]], dim: int | None = None,
                 prompt: str | None = None, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:

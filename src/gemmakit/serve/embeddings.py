@@ -96,7 +96,7 @@ class EmbeddingRunner:
             start += count
             self.requests += 1
             self.texts += count
-            self.tokens += sum(len(r) for r in job.encoded.rows)
+            self.tokens += job.encoded.tokens
 
 
 def embedding_list(vectors: torch.Tensor, encoding_format: str) -> list[dict]:

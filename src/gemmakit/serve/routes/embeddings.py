@@ -34,6 +34,6 @@ async def embeddings(body: Annotated[EmbeddingRequest, json_body(EmbeddingReques
     except InvalidRequestError as exc:
         raise FieldError(str(exc), "input") from None
     vectors = await runner.embed(encoded, body.dimensions)
-    tokens = sum(len(row) for row in encoded.rows)
+    tokens = encoded.tokens
     return {"object": "list", "data": embedding_list(vectors, body.encoding_format), "model": state.model_name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
