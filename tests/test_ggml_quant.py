@@ -24,10 +24,14 @@ from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize
 QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 LOAD_ONLY_TYPES = [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
 ALL_TYPES = [*QUANT_TYPES, *LOAD_ONLY_TYPES]
+# Decoded by gguf-py itself where the kernel is not built (quant/ggml.py): the block kernel's own
+# decoders for them are tested in test_ggml_kernel.py.
+REFERENCE_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0, T.MXFP4]
 # Byte offsets of each block's fp16 fields (scale d, and min/dmin where the type has one).
 FP16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2),
                T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q2_K: (80, 82), T.Q3_K: (108,),
-               T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
+               T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,),
+               T.IQ3_S: (0,), T.IQ1_S: (0,), T.IQ1_M: (), T.TQ1_0: (52,), T.TQ2_0: (64,), T.MXFP4: ()}
 
 
 def random_blocks(qtype: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -39,6 +43,15 @@ def random_blocks(qtype: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
         mag = np.exp(rng.uniform(np.log(1e-4), np.log(4.0), raw.shape[0]))
         val = (mag * rng.choice([-1.0, 1.0], raw.shape[0])).astype(np.float16)
         raw[:, off : off + 2] = val.view(np.uint8).reshape(-1, 2)
+    if qtype == T.MXFP4:  # the block's power-of-two scale (E8M0 byte 0), 2^-12 .. 2^3 (halved in the format)
+        raw[:, 0] = rng.integers(116, 132, raw.shape[0])
+    if qtype == T.IQ1_M:  # the fp16 scale is the top nibbles of the four 16-bit block scales (bytes 48..55)
+        mag = np.exp(rng.uniform(np.log(1e-4), np.log(4.0), raw.shape[0]))
+        d = (mag * rng.choice([-1.0, 1.0], raw.shape[0])).astype(np.float16).view(np.uint16)
+        sc = raw[:, 48:56].copy().view(np.uint16) & np.uint16(0x0FFF)
+        for i in range(4):
+            sc[:, i] |= ((d >> np.uint16(4 * i)) & np.uint16(0xF)) << np.uint16(12)
+        raw[:, 48:56] = sc.view(np.uint8)
     return raw.reshape(rows, -1)
 
 
@@ -52,7 +65,7 @@ def assert_bit_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
 
 
 def test_supported_types() -> None:
-    assert SUPPORTED_TYPES == {int(t) for t in (T.F32, T.F16, T.BF16, *ALL_TYPES)}
+    assert SUPPORTED_TYPES == {int(t) for t in (T.F32, T.F16, T.BF16, *ALL_TYPES, *REFERENCE_TYPES)}
     assert ggml.PACKABLE_TYPES.isdisjoint(int(t) for t in LOAD_ONLY_TYPES)
 
 
@@ -139,7 +152,7 @@ def test_wrong_byte_count_is_a_checkpoint_error() -> None:
         dequantize(np.zeros(10, np.uint8), T.F32, (3,))
 
 
-@pytest.mark.parametrize("qtype,expected", [(T.IQ2_XXS, "IQ2_XXS"), (T.TQ1_0, "TQ1_0"), (12345, "12345")])
+@pytest.mark.parametrize("qtype,expected", [(T.NVFP4, "NVFP4"), (T.Q8_1, "Q8_1"), (12345, "12345")])
 def test_unknown_type_is_unsupported(qtype: int, expected: str) -> None:
     with pytest.raises(UnsupportedModelError, match=expected) as info:
         dequantize(np.zeros(1024, np.uint8), qtype, (4, 256))

@@ -29,14 +29,16 @@ from pathlib import Path
 
 
 _CSRC = Path(__file__).parent / "csrc"
-# One extension: raw GGML blocks (ggml_matmul.cpp), one-query attention (decode_attention.cpp),
+# One extension: raw GGML blocks (ggml_matmul.cpp, and its block families ggml_kquants.cpp,
+# ggml_iq2.cpp, ggml_iq13.cpp), one-query attention (decode_attention.cpp),
 # RMSNorm (rms_norm.cpp), QK-norm + RoPE (rope.cpp), the MLP's GELU(gate) * up (gelu_mul.cpp), float
 # rows -> Q8_0 / Q4_1 blocks (ggml_quantize.cpp), SentencePiece's BPE over a compact vocabulary
 # (bpe.cpp), a decoding step's layers in one call (decode_step.cpp/.h), and the Python module (module.cpp).
-_SOURCES = [_CSRC / "ggml_matmul.cpp", _CSRC / "decode_attention.cpp", _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp",
+_SOURCES = [_CSRC / "ggml_matmul.cpp", _CSRC / "ggml_kquants.cpp", _CSRC / "ggml_iq2.cpp", _CSRC / "ggml_iq13.cpp",
+            _CSRC / "decode_attention.cpp", _CSRC / "rms_norm.cpp", _CSRC / "rope.cpp",
             _CSRC / "gelu_mul.cpp", _CSRC / "ggml_quantize.cpp", _CSRC / "bpe.cpp", _CSRC / "decode_step.cpp",
             _CSRC / "module.cpp"]
-_HEADERS = [_CSRC / "decode_step.h", _CSRC / "bpe.h", _CSRC / "rows.h"]  # part of the build's fingerprint, not compiled on their own
+_HEADERS = [_CSRC / "decode_step.h", _CSRC / "bpe.h", _CSRC / "rows.h", _CSRC / "ggml_blocks.h"]  # part of the build's fingerprint, not compiled on their own
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -63,12 +65,31 @@ def kernel():
             _module = cpp_extension.load(name=_build_name(), sources=[str(p) for p in _SOURCES],
                                          extra_cflags=["-O3", f"-march={_MARCH[cpu_isa()]}", "-fopenmp"],
                                          extra_ldflags=["-fopenmp"], verbose=False)
+            _set_grid_tables(_module)
         except Exception as e:  # no compiler, no Python headers, unusual platform
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"gemmakit: warning: CPU kernel unavailable ({first}); using the slower torch fallback "
                   "(set GEMMAKIT_KERNELS=0 to skip the build attempt)", file=sys.stderr)
             _module = None
     return _module
+
+
+def _set_grid_tables(module) -> None:
+    """Hand the kernel the IQ types' lookup tables (ggml_blocks.h). They are part of ggml's format;
+    gguf-py keeps them (as packed hex), so gemmakit restates none of them."""
+    import numpy as np
+    import torch
+    from gguf import quants
+
+    def grid(cls) -> torch.Tensor:
+        cls.init_grid()
+        # grid values as bytes, a grid point's first weight lowest (ggml's little-endian words);
+        # IQ1's -1/0/1 as int8's two's complement
+        return torch.from_numpy(cls.grid.reshape(-1).astype(np.int8).view(np.uint8).copy())
+
+    ksigns = torch.frombuffer(bytearray(quants.IQ2_XXS.ksigns), dtype=torch.uint8)
+    module.ggml_set_tables(grid(quants.IQ2_XXS), grid(quants.IQ2_XS), grid(quants.IQ2_S), grid(quants.IQ1_S),
+                           grid(quants.IQ3_XXS), grid(quants.IQ3_S), ksigns)
 
 
 def _cpp_extension():

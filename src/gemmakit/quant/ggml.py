@@ -36,6 +36,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable, NamedTuple
 
+import gguf
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -247,6 +248,23 @@ _LOAD_ONLY: dict[int, tuple[Callable, int]] = {
 
 _KERNELS: dict[int, _Kernel] = {t: _decoder(unpack, group) for t, (unpack, group) in {**_CODES, **_LOAD_ONLY}.items()}
 
+
+def _reference_decoder(ggml_type: int) -> _Kernel:
+    """gguf-py's numpy dequantisation, which follows ggml's C: the torch path of the types whose
+    decoding needs ggml's lookup grids (the block kernel has its own decoders for them)."""
+    qtype = GGMLQuantizationType(ggml_type)
+
+    def decode(blocks: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype)).view(out.shape))
+
+    return decode
+
+
+# The grid types (IQ1-IQ3), the ternary types and MXFP4.
+_REFERENCE_TYPES = (_T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS, _T.IQ3_S, _T.IQ1_S, _T.IQ1_M, _T.TQ1_0, _T.TQ2_0,
+                    _T.MXFP4)
+_KERNELS.update({int(t): _reference_decoder(t) for t in _REFERENCE_TYPES})
+
 # Unquantised element types: just reinterpret the bytes and widen/narrow.
 _PLAIN: dict[int, torch.dtype] = {_T.F32: torch.float32, _T.F16: torch.float16, _T.BF16: torch.bfloat16}
 
@@ -344,7 +362,9 @@ def dequantize(
 # float16 checkpoint then keeps half of float32's memory and computes what its float32 expansion
 # would, since each weight widens exactly (HALF_TYPES, kernels/gemm.py: GGML's F16 and BF16 codes).
 _PLAIN16 = tuple(HALF_TYPES.values())
-PACKABLE_TYPES: frozenset[int] = frozenset((*(int(t) for t in _CODES), *_PLAIN16))
+# Types the block kernel decodes with its block families (kernels/csrc/ggml_blocks.h) and keeps packed.
+_FAMILY_TYPES: tuple[int, ...] = ()
+PACKABLE_TYPES: frozenset[int] = frozenset((*(int(t) for t in (*_CODES, *_FAMILY_TYPES)), *_PLAIN16))
 
 
 def packable(ggml_type: int, shape: tuple[int, ...]) -> bool:

@@ -31,15 +31,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define GK_AVX512 1
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-#define GK_AVX2 1
-#endif
-#if defined(GK_AVX512) || defined(GK_AVX2) || defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "ggml_blocks.h"
 
 #if defined(__GNUC__)
 #define GK_INLINE __attribute__((always_inline))  // keeps accumulator arrays in registers
@@ -49,23 +41,16 @@
 
 namespace {
 
-// ------------------------------------------------------------------------------------ block types
+using namespace gemmakit_ggml;
 
-enum : int64_t { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14,
-                 BF16 = 30 };
+// ------------------------------------------------------------------------------------ block types
 
 // F16 and BF16 are plain 16-bit floats (GGML's block of one), taken here 32 at a time: a checkpoint's
 // half-precision matrices run in place as they are stored, with float32 activations, so a bfloat16
 // checkpoint computes exactly what its float32 expansion would (each weight widens exactly).
 inline bool is_plain16(int64_t type) { return type == F16 || type == BF16; }
 
-struct TypeInfo {
-  int64_t block;      // weights per block
-  int64_t bytes;      // bytes per block
-  int64_t group;      // weights per scale group
-  bool has_offset;    // w = scale * code + offset (else w = scale * code)
-  const char* name;
-};
+const Family* const kFamilies[] = {&kquants_family, &iq2_family, &iq13_family};
 
 bool type_info(int64_t t, TypeInfo* info) {
   switch (t) {
@@ -79,43 +64,27 @@ bool type_info(int64_t t, TypeInfo* info) {
     case Q6_K: *info = {256, 210, 16, false, "Q6_K"}; return true;
     case F16: *info = {32, 64, 32, false, "F16"}; return true;
     case BF16: *info = {32, 64, 32, false, "BF16"}; return true;
-    default: return false;
+    default:
+      for (const Family* f : kFamilies)
+        if (f->info(t, info)) return true;
+      return false;
   }
+}
+
+// The types multiplied straight from their blocks under AVX-512 / AVX2 (fused_row); the rest, and
+// every type of the portable build, are decoded a tile of rows at a time, then dotted.
+inline bool has_fused(int64_t t) {
+  return t == Q8_0 || t == Q4_0 || t == Q4_1 || t == Q5_0 || t == Q5_1 || t == Q4_K || t == Q5_K || t == Q6_K ||
+         is_plain16(t);
 }
 
 TypeInfo checked_type(int64_t t) {
   TypeInfo info;
-  TORCH_CHECK(type_info(t, &info), "ggml kernel: unsupported GGML type ", t,
-              " (supported: F16=1, Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14, BF16=30)");
+  TORCH_CHECK(type_info(t, &info), "ggml kernel: unsupported GGML type ", t);
   return info;
 }
 
 // ------------------------------------------------------------------------------------ helpers
-
-inline float fp16_to_f32(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = uint32_t(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (man << 13);  // inf / nan
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: normalise
-    int e = -1;
-    do { man <<= 1; ++e; } while ((man & 0x400) == 0);
-    bits = sign | (uint32_t(112 - e) << 23) | ((man & 0x3FF) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-#endif
-}
 
 // One 16-bit float (F16 or BF16, little-endian at p) as float32, exactly.
 inline float plain16_to_f32(int64_t type, const uint8_t* p) {
@@ -126,12 +95,6 @@ inline float plain16_to_f32(int64_t type, const uint8_t* p) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
-}
-
-inline uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
 }
 
 // Q4_K / Q5_K: the j-th (0..7) 6-bit scale and min packed in 12 bytes.
@@ -268,12 +231,6 @@ inline void decode_q6_half(const uint8_t* ql, const uint8_t* qh, int8_t* out) {
 #endif
 }
 
-// Where a decoded row's codes are: group g starts at q + g * gstride.
-struct Codes {
-  const int8_t* q;
-  int64_t gstride;
-};
-
 // One row of `nb` blocks -> codes (into `codes`, except Q8_0), a float scale per group and, for the
 // offset types, a float offset per group. Scales/offsets are rounded exactly as ggml computes them.
 Codes decode_row(int64_t type, const uint8_t* row, int64_t nb, int8_t* codes, float* scale, float* offset) {
@@ -341,6 +298,10 @@ Codes decode_row(int64_t type, const uint8_t* row, int64_t nb, int8_t* codes, fl
       }
       return {codes, 16};
     default:
+      for (const Family* f : kFamilies) {
+        TypeInfo info;
+        if (f->info(type, &info)) return f->decode(type, row, nb, codes, scale, offset);
+      }
       TORCH_CHECK(false, "ggml kernel: unsupported GGML type ", type);
   }
   return {codes, 32};
@@ -413,7 +374,7 @@ struct Mat {
 
 template <int MB>
 inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* offset, const float* x,
-                      const float* xsum, int64_t K, int64_t G, int64_t G32, float* y, int64_t ldy) {
+                      const float* xsum, int64_t K, int64_t G, float* y, int64_t ldy) {
   float out[MB];
   if (mat.info.group == 16)
     dot_rows<MB, 16>(c, scale, x, K, out);
@@ -421,7 +382,7 @@ inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* 
     dot_rows<MB, 32>(c, scale, x, K, out);
   if (mat.info.has_offset) {
     for (int m = 0; m < MB; ++m) {
-      const float* xs = xsum + m * G32;
+      const float* xs = xsum + m * G;
       float t = 0.f;
       for (int64_t g = 0; g < G; ++g) t += offset[g] * xs[g];
       out[m] += t;
@@ -871,12 +832,13 @@ constexpr int64_t kStreams = 4, kStreamMinBytes = 1 << 20;
 
 // Rows [r0, r1) of one matrix, all M rows of x: decode a tile of rows once (into L1), then run
 // every block of up to four rows of x over it.
-void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const float* xsum, int64_t M,
+void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const float* xsum32, const float* xsum16, int64_t M,
                  int64_t K, float* y, int64_t ldy, std::vector<int8_t>& codes, std::vector<float>& sc,
                  std::vector<float>& off) {
   const int64_t nb = K / mat.info.block;
 #if defined(GK_AVX512) || defined(GK_AVX2)
-  {
+  if (has_fused(mat.type)) {
+    const float* xsum = xsum32;
     const int64_t G32 = K / 32;
     const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
     auto one_row = [&](int64_t r) {
@@ -918,16 +880,26 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
     }
     return;
   }
-  const int64_t G = K / mat.info.group, G32 = K / 32;
+  const int64_t G = K / mat.info.group;
+  const float* xsum = mat.info.group == 16 ? xsum16 : xsum32;  // sums of x per group, for the offsets
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(32, kTileBytes / K));
   codes.resize(tile * K);
   sc.resize(tile * G);
   off.resize(tile * G);
   std::vector<Codes> rows(tile);
+#if defined(GK_AVX512) || defined(GK_AVX2)
+  const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
+#endif
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     const int64_t t1 = std::min(r1, t0 + tile);
     for (int64_t r = t0; r < t1; ++r) {
       const int64_t i = r - t0;
+#if defined(GK_AVX512) || defined(GK_AVX2)
+      if (r + ahead < mat.N) {
+        const char* p = reinterpret_cast<const char*>(mat.data + (r + ahead) * mat.row_bytes);
+        for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+      }
+#endif
       rows[i] = decode_row(mat.type, mat.data + r * mat.row_bytes, nb, codes.data() + i * K, sc.data() + i * G,
                            off.data() + i * G);
     }
@@ -938,12 +910,12 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
         const int64_t i = r - t0;
         float* yr = y + m * ldy + mat.col0 + r;
         const float* xm = x + m * K;
-        const float* xs = xsum + m * G32;
+        const float* xs = xsum ? xsum + m * G : nullptr;
         switch (mb) {
-          case 4: dot_block<4>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, G32, yr, ldy); break;
-          case 3: dot_block<3>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, G32, yr, ldy); break;
-          case 2: dot_block<2>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, G32, yr, ldy); break;
-          default: dot_block<1>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, G32, yr, ldy); break;
+          case 4: dot_block<4>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, yr, ldy); break;
+          case 3: dot_block<3>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, yr, ldy); break;
+          case 2: dot_block<2>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, yr, ldy); break;
+          default: dot_block<1>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, yr, ldy); break;
         }
       }
     }
@@ -1022,39 +994,45 @@ torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, st
   const int64_t M = x.size(0);
   std::vector<Mat> mats;
   int64_t total = 0;
-  bool any_offset = false;
+  bool any_offset32 = false, any_offset16 = false;
   for (size_t i = 0; i < blocks.size(); ++i) {
     const TypeInfo info = checked_type(types[i]);
     const std::string what = "ggml_matmul: blocks[" + std::to_string(i) + "]";
     check_blocks(blocks[i], info, K, what.c_str());
     mats.push_back({blocks[i].data_ptr<uint8_t>(), types[i], blocks[i].size(0), blocks[i].size(1), total, total, info});
     total += blocks[i].size(0);
-    any_offset = any_offset || info.has_offset;
+    any_offset32 = any_offset32 || (info.has_offset && info.group == 32);
+    any_offset16 = any_offset16 || (info.has_offset && info.group == 16);
   }
   auto y = torch::empty({M, total}, x.options());
   if (M == 0 || total == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t G32 = K / 32;
-  std::vector<float> xsum;  // [M, K/32]: sums of x over each group of 32, for the offset terms
-  if (any_offset) {
-    xsum.resize(M * G32);
+  // Sums of x over each group of 32 (and of 16) for the offset terms: w = scale * code + offset
+  // contributes offset_g * sum(x_g).
+  auto group_sums = [&](int64_t GS, std::vector<float>& sums) {
+    const int64_t G = K / GS;
+    sums.resize(M * G);
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < G32; ++g) {
-        const float* p = xp + m * K + g * 32;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* p = xp + m * K + g * GS;
         float s = 0.f;
-        for (int j = 0; j < 32; ++j) s += p[j];
-        xsum[m * G32 + g] = s;
+        for (int j = 0; j < GS; ++j) s += p[j];
+        sums[m * G + g] = s;
       }
-  }
-  const float* xs = any_offset ? xsum.data() : nullptr;
+  };
+  std::vector<float> xsum32, xsum16;
+  if (any_offset32) group_sums(32, xsum32);
+  if (any_offset16) group_sums(16, xsum16);
+  const float* xs32 = any_offset32 ? xsum32.data() : nullptr;
+  const float* xs16 = any_offset16 ? xsum16.data() : nullptr;
   const int64_t grain = std::max<int64_t>(16, (1 << 16) / K);
   at::parallel_for(0, total, grain, [&](int64_t n0, int64_t n1) {
     std::vector<int8_t> codes;
     std::vector<float> sc, off;
     for (const Mat& mat : mats) {
       const int64_t r0 = std::max(n0, mat.row0) - mat.row0, r1 = std::min(n1, mat.row0 + mat.N) - mat.row0;
-      if (r0 < r1) matmul_rows(mat, r0, r1, xp, xs, M, K, yp, total, codes, sc, off);
+      if (r0 < r1) matmul_rows(mat, r0, r1, xp, xs32, xs16, M, K, yp, total, codes, sc, off);
     }
   });
   return y;
@@ -1124,4 +1102,35 @@ std::string ggml_simd() {
 #else
   return "scalar";
 #endif
+}
+
+namespace gemmakit_ggml {
+
+Tables tables;
+
+const Tables& grid_tables() {
+  TORCH_CHECK(tables.ready, "ggml kernel: the IQ grid tables were never set (gemmakit.kernels.build sets them "
+              "from gguf-py when it loads the kernel)");
+  return tables;
+}
+
+}  // namespace gemmakit_ggml
+
+// The grid types' lookup tables, from gguf-py (build.py): each a uint8 tensor of the table's bytes.
+void ggml_set_tables(torch::Tensor iq2xxs, torch::Tensor iq2xs, torch::Tensor iq2s, torch::Tensor iq1s,
+                     torch::Tensor iq3xxs, torch::Tensor iq3s, torch::Tensor ksigns) {
+  using gemmakit_ggml::tables;
+  auto put = [](const torch::Tensor& t, void* dst, size_t bytes, const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kUInt8 && t.is_contiguous() &&
+                    size_t(t.numel()) == bytes, "ggml_set_tables: ", what, " must be ", bytes, " contiguous bytes");
+    std::memcpy(dst, t.data_ptr<uint8_t>(), bytes);
+  };
+  put(iq2xxs, tables.iq2xxs, sizeof tables.iq2xxs, "iq2xxs");
+  put(iq2xs, tables.iq2xs, sizeof tables.iq2xs, "iq2xs");
+  put(iq2s, tables.iq2s, sizeof tables.iq2s, "iq2s");
+  put(iq1s, tables.iq1s, sizeof tables.iq1s, "iq1s");
+  put(iq3xxs, tables.iq3xxs, sizeof tables.iq3xxs, "iq3xxs");
+  put(iq3s, tables.iq3s, sizeof tables.iq3s, "iq3s");
+  put(ksigns, tables.ksigns, sizeof tables.ksigns, "ksigns");
+  tables.ready = true;
 }

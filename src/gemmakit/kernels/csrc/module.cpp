@@ -17,6 +17,8 @@ torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, st
 torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K);
 void ggml_dequantize_into(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor out);
 std::string ggml_simd();
+void ggml_set_tables(torch::Tensor iq2xxs, torch::Tensor iq2xs, torch::Tensor iq2s, torch::Tensor iq1s,
+                     torch::Tensor iq3xxs, torch::Tensor iq3s, torch::Tensor ksigns);
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias, double scale,
                                double softcap);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, double offset);
@@ -29,6 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ggml_matmul", &ggml_matmul, "x @ concat(W_i)^T for raw GGML block rows W_i (float32 activations)");
   m.def("ggml_dequantize", &ggml_dequantize, "raw GGML block rows -> float32, bit-identical to ggml");
   m.def("ggml_dequantize_into", &ggml_dequantize_into, "ggml_dequantize into a given [N, K] float32 or bfloat16 tensor");
+  m.def("ggml_set_tables", &ggml_set_tables, "the IQ types' grids and sign table, as uint8 tensors of their bytes");
   m.def("ggml_simd", &ggml_simd, "the SIMD path ggml_matmul was built with: avx512, avx2 or scalar");
   m.def("decode_attention", &decode_attention, "softmax(cap(scale q.k) + bias) @ v for one query per row");
   m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2) + eps) * (offset + weight), float32");
