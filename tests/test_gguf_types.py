@@ -15,6 +15,7 @@
   that gets every other 32 weights' scale 1/8 too large is 18-21% off (the mixture: 8.8%), one that
   swaps the half-blocks 70-100% (test_the_bound_catches_a_wrong_decoder); the quantisation error
   itself (llama.cpp's logits on the F32 source) is 16-105%.
+* Where llama-cpp-python is installed, the recorded logits are checked against its live ones.
 """
 
 from __future__ import annotations
@@ -159,3 +160,14 @@ def test_the_bound_catches_a_wrong_decoder(qtype, wrong):
     bound = BOUND.get(qtype, 0.03)
     assert _rel(got, _expected(qtype)) > 1.5 * bound
     assert _rel(_expected("MXFP4_F32" if qtype == "MXFP4" else "F32"), _expected(qtype)) > 3 * bound
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_recorded_logits_are_llama_cpp_s_live(qtype):
+    """The record is what this llama.cpp computes on the files now (to its 3 recorded decimals)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(_path(qtype)), logits_all=True, n_ctx=64, n_batch=64, verbose=False,
+                          n_threads=2, type_k=0, type_v=0)
+    llm.eval(RECORD["ids"])
+    live = torch.tensor(np.asarray(llm.scores[:len(RECORD["ids"])]), dtype=torch.float64)
+    assert (live - _expected(qtype)).abs().max().item() < 2e-3
