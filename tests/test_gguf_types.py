@@ -8,7 +8,7 @@
   runs the type) or decodes it; either way its decoding equals gguf-py's reference bit for bit.
 * gemmakit's logits, whether it dequantises the file or keeps its blocks, track llama.cpp's. The
   quantisation is the same on both sides, but llama.cpp rounds activations to 8 bits in its block
-  products (Q8_K for the 256-weight types, Q8_0 for MXFP4 and Q8_0) and gemmakit keeps float32, so
+  products (to Q8_K or Q8_0 blocks, as each type's dot product takes them) and gemmakit keeps float32, so
   the two differ by a few percent whatever the weights: measured relative L2 1.1-1.6% on the
   Gemma 3 files and 2.7% on the mixture (llama.cpp on the mixture widened to F32 is within 0.03%
   of gemmakit), the top token the same at every position. The bounds are 3% and 4.5%. A decoder
