@@ -28,7 +28,7 @@ import time
 PROMPT_TOKENS = 512
 NEW_TOKENS = 256
 MODES = ("llama.cpp", "gemmakit-gguf-compile", "gemmakit-gguf", "gemmakit-gguf-f32prefill", "gemmakit-gguf-bf16prefill",
-         "gemmakit-gguf-kvint8",
+         "gemmakit-gguf-kvint8", "gemmakit-gguf-int8act", "gemmakit-gguf-f32act",
          "gemmakit-float32", "gemmakit-bfloat16", "gemmakit-int8", "gemmakit-int4", "transformers-float32",
          "gemmakit-hfbf16", "transformers-hfbf16")
 # The *-hfbf16 modes run the same weights as a bfloat16 Hugging Face directory (how most Gemma
@@ -58,13 +58,16 @@ def run_gemmakit(path: str, mode: str, threads: int) -> dict:
     prefill_dtype = ("bfloat16" if kind.endswith("-bf16prefill") else "float32" if kind.endswith("-f32prefill")
                      else "auto")
     kv_cache = "int8" if kind.endswith("-kvint8") else "auto"
-    for suffix in ("-compile", "-bf16prefill", "-f32prefill", "-kvint8"):
+    # the block kernel's decode activations (auto by default; -int8act: 8-bit for every type)
+    activations = "int8" if kind.endswith("-int8act") else "float32" if kind.endswith("-f32act") else "auto"
+    for suffix in ("-compile", "-bf16prefill", "-f32prefill", "-kvint8", "-int8act", "-f32act"):
         kind = kind.removesuffix(suffix)
     t0 = time.perf_counter()
     if kind == HF_BF16:
         options = LoadOptions()  # the defaults: bf16 matrices kept as they are
     elif kind in ("int8", "int4", "gguf"):  # gguf: the file's blocks as they are
-        options = LoadOptions(quant=kind, compile=compiled, prefill_dtype=prefill_dtype, kv_cache=kv_cache)
+        options = LoadOptions(quant=kind, compile=compiled, prefill_dtype=prefill_dtype, kv_cache=kv_cache,
+                              activations=activations)
     else:
         options = LoadOptions(dtype=kind, quant="none", compile=compiled)
     model, tok, report = load_model(_hf_bf16_dir() if kind == HF_BF16 else path, options)

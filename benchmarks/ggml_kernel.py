@@ -72,7 +72,7 @@ def main() -> None:
         assert GGML_QUANT_SIZES[qtype][1] * N * K // GGML_QUANT_SIZES[qtype][0] == raw_bytes
         for M in Ms:
             x = torch.randn(M, K)
-            t_new = best_time(lambda: ext.ggml_matmul(x, [raw], [int(qtype)], K), args.repeat)
+            t_new = best_time(lambda: ext.ggml_matmul(x, [raw], [int(qtype)], K, 0), args.repeat)
             t_old = best_time(lambda: F.linear(x, dense), args.repeat)
             print(f"{name:6} {f'{N}x{K}':>13} {M:>3} | {raw_bytes / 1e6:7.1f} {t_new * 1e3:8.2f} "
                   f"{raw_bytes / t_new / 1e9:6.1f} | {dense_bytes / 1e6:8.1f} {t_old * 1e3:10.2f} "

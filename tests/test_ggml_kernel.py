@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from test_ggml_quant import QUANT_TYPES, random_blocks
 
@@ -24,6 +25,8 @@ def ext():
 # 16-bit float matrices run on the same kernel, in place (a bfloat16 or float16 checkpoint's)
 PLAIN16 = {T.F16: torch.float16, T.BF16: torch.bfloat16}
 KERNEL_TYPES = [*QUANT_TYPES, *PLAIN16]
+# multiplied straight from their blocks under AVX2/AVX-512 (ggml_matmul.cpp's fused_row); the rest are decoded
+FUSED = {T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, *PLAIN16}
 
 
 def blocks_of(qtype: T, rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -79,6 +82,39 @@ def test_matmul_matches_float64(ext, qtype: T, M: int) -> None:
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
     y = kernels.ggml_matmul(x, [raw], [int(qtype)], K)
     assert_close(y, reference(x, [(raw, int(qtype))], K))
+
+
+def int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel's int8 activations see it: each 32 rounded to the nearest multiple of d =
+    max|x| / 127 (llama.cpp's Q8_0 for activations), computed here in torch."""
+    blocks = x.view(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inv) * d).view_as(x)
+
+
+QUANTISED = [t for t in KERNEL_TYPES if t not in PLAIN16]
+
+
+@pytest.mark.parametrize("qtype", QUANTISED, ids=lambda t: t.name)
+@pytest.mark.parametrize("M", [1, 2, 5])
+@pytest.mark.parametrize("K", [768, 800])
+def test_int8_activations(ext, qtype: T, M: int, K: int) -> None:
+    """activations=2: the dequantised weights times the int8-rounded activations, up to float32
+    rounding (the integer dot products themselves are exact); 1 (auto) is that for the types the
+    kernel decodes and the float32 product for the ones it multiplies in registers."""
+    if K % GGML_QUANT_SIZES[qtype][0]:
+        pytest.skip("K=800 is not a whole number of 256-blocks")
+    raw = blocks_of(qtype, 70, K, seed=M + int(qtype))
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M + K))
+    ref8 = reference(int8_rounded(x), [(raw, int(qtype))], K)
+    y8 = kernels.ggml_matmul(x, [raw], [int(qtype)], K, activations=2)
+    assert_close(y8, ref8)
+    y32 = kernels.ggml_matmul(x, [raw], [int(qtype)], K, activations=0)
+    assert not torch.allclose(y8, y32, rtol=0, atol=1e-6 * y32.abs().max().item())  # it did round
+    auto = kernels.ggml_matmul(x, [raw], [int(qtype)], K, activations=1)
+    decoded = ext.ggml_simd() == "scalar" or qtype not in FUSED
+    assert torch.equal(auto, y8 if decoded else y32)
 
 
 def test_matmul_large_parallel(ext) -> None:
@@ -141,21 +177,21 @@ def test_errors(ext) -> None:
     x = torch.randn(2, 256)
     q8 = blocks_of(T.Q8_0, 10, 256, 9)
     with pytest.raises(RuntimeError, match="unsupported GGML type 10"):
-        ext.ggml_matmul(x, [q8], [10], 256)  # Q2_K is not a type the kernel runs
+        ext.ggml_matmul(x, [q8], [10], 256, 0)  # Q2_K is not a type the kernel runs
     with pytest.raises(RuntimeError, match="unsupported GGML type 99"):
         ext.ggml_dequantize(q8, 99, 256)
     with pytest.raises(RuntimeError, match="row of K=256 weights has 272 bytes"):
-        ext.ggml_matmul(x, [q8[:, :-34].contiguous()], [int(T.Q8_0)], 256)
+        ext.ggml_matmul(x, [q8[:, :-34].contiguous()], [int(T.Q8_0)], 256, 0)
     with pytest.raises(RuntimeError, match="row of K=256 weights has 144 bytes"):
-        ext.ggml_matmul(x, [q8], [int(T.Q4_K)], 256)  # Q8_0 rows passed as Q4_K
+        ext.ggml_matmul(x, [q8], [int(T.Q4_K)], 256, 0)  # Q8_0 rows passed as Q4_K
     with pytest.raises(RuntimeError, match="K=250"):
         ext.ggml_dequantize(q8, int(T.Q8_0), 250)
     with pytest.raises(RuntimeError, match="x has 256 columns but K=512"):
-        ext.ggml_matmul(x, [q8], [int(T.Q8_0)], 512)
+        ext.ggml_matmul(x, [q8], [int(T.Q8_0)], 512, 0)
     with pytest.raises(RuntimeError, match="one type per matrix"):
-        ext.ggml_matmul(x, [q8, q8], [int(T.Q8_0)], 256)
+        ext.ggml_matmul(x, [q8, q8], [int(T.Q8_0)], 256, 0)
     with pytest.raises(RuntimeError, match="uint8"):
-        ext.ggml_matmul(x, [q8.view(torch.int8)], [int(T.Q8_0)], 256)
+        ext.ggml_matmul(x, [q8.view(torch.int8)], [int(T.Q8_0)], 256, 0)
     # the torch fallback refuses the same inputs
     with pytest.raises(ValueError, match="unsupported GGML type 10"):
         kernels.ggml_matmul_fallback(x, [q8], [10], 256)

@@ -32,6 +32,7 @@ from gemmakit.kernels.gemm import HALF_TYPES
 from gemmakit.models.assistant import AssistantModel
 from gemmakit.models.decoder import GemmaModel
 from gemmakit.models.encoder import EmbeddingModel
+from gemmakit.quant import ggml_ops
 from gemmakit.quant.grouped import GGMLWeight, set_prefill_dtype
 from gemmakit.quant.linear import default_compute_dtype, quantize_model, requantize_blocks
 from gemmakit.vision.generate import prepare_vision
@@ -78,6 +79,7 @@ def checked_device(device: str | torch.device) -> torch.device:
 QUANTS = ("auto", "none", "gguf", "int8", "int4")
 KV_CACHES = ("auto", "int8")
 PREFILL_DTYPES = ("auto", "float32", "bfloat16")
+ACTIVATIONS = tuple(ggml_ops.ACTIVATIONS)  # the block kernel's: auto, float32, int8
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class LoadOptions:
     quant: str = "auto"
     kv_cache: str = "auto"
     prefill_dtype: str = "auto"
+    activations: str = "auto"
     device: torch.device = torch.device("cpu")
     compile: bool = False
     adapter: Path | None = None
@@ -110,7 +113,8 @@ class LoadOptions:
         set_(self, "mmproj", self.mmproj if self.mmproj in (None, False) else Path(self.mmproj))
         for name, value, allowed, what in (("quant", self.quant, QUANTS, "quantisation"),
                                            ("kv_cache", self.kv_cache, KV_CACHES, "KV cache storage"),
-                                           ("prefill_dtype", self.prefill_dtype, PREFILL_DTYPES, "prefill dtype")):
+                                           ("prefill_dtype", self.prefill_dtype, PREFILL_DTYPES, "prefill dtype"),
+                                           ("activations", self.activations, ACTIVATIONS, "kernel activations")):
             if value not in allowed:
                 raise InvalidRequestError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
         if self.quant == "gguf" and self.adapter is not None:
@@ -129,6 +133,7 @@ class LoadReport:
     weights: str  # how the weights are held: "gguf" (quantised blocks), "int8"/"int4", a float dtype,
     #               or "bfloat16 (float32 compute)" for 16-bit matrices kept on the block kernel
     prefill_dtype: str  # "float32" or "bfloat16": what a prompt's products of quantised weights run in
+    activations: str  # the block kernel's activations: "auto", "float32" or "int8" (ggml_ops.ACTIVATIONS)
     kv_cache: str  # "float" (the model's dtype) or "int8"
     seconds: float
 
@@ -143,7 +148,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
          device: str | torch.device = "cpu", progress: bool = False, config=None,
          adapter: str | Path | None = None, quant: str | None = None, compile: bool = False,
          kv_cache: str = "auto", prefill_dtype: str = "auto", matformer=None,
-         mmproj: str | Path | bool | None = None):
+         mmproj: str | Path | bool | None = None, activations: str = "auto"):
     """Load ``(model, tokenizer)`` from a .gguf file, a checkpoint directory, a gemma_pytorch
     ``.ckpt``, or the default model (:func:`load_model` also says what it decided).
 
@@ -170,6 +175,12 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     float32 rounding). ``"auto"`` (the default) is bfloat16 for quantised (8-bit or fewer) weights
     on a CPU with bfloat16 dot products (AVX512_BF16 or AMX), float32 for everything else;
     the report's ``prefill_dtype`` says which was chosen.
+    ``activations`` is what the block kernel multiplies quantised weights by in decode-sized
+    products: "float32" keeps the reference numerics (the dequantised model up to float32
+    rounding); "int8" rounds each 32 activations to 8 bits with one scale, as llama.cpp does, and
+    multiplies integers; "auto" (the default) does that only for the block types the kernel decodes
+    rather than multiplies in registers (Q2_K, Q3_K, IQ4_*, the IQ1-IQ3, TQ and MXFP4 types), where
+    it is the faster one (docs/quantisation-and-speed.md has the figures).
     ``matformer`` loads a Gemma 3n E4B checkpoint as a smaller model nested in it: a named plan
     (``"e2b"``, see :data:`gemmakit.checkpoints.matformer.PLANS`), the path of a JSON plan, or its dict
     (``{"ffn_hidden_dims": [...], "layers_to_skip": [...]}``).
@@ -180,7 +191,7 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     """
     options = LoadOptions(dtype=dtype, quant=quant or "auto", kv_cache=kv_cache, prefill_dtype=prefill_dtype,
                           device=device, compile=compile, adapter=adapter, config=config, matformer=matformer,
-                          mmproj=mmproj)
+                          mmproj=mmproj, activations=activations)
     model, tokenizer, _ = load_model(source, options, progress=progress)
     return model, tokenizer
 
@@ -221,6 +232,7 @@ def load_model(source: str | Path | None = None, options: LoadOptions = LoadOpti
         model = quantize_model(model, quant, dtype=dtype,
                                embedding_owner=model.decoder if isinstance(model, EmbeddingModel) else None)
     prefill = _set_prefill_dtype(model, options.prefill_dtype, keep or quantised, options.on_cpu)
+    _set_activations(model, options.activations)
     decoder = getattr(model, "decoder", model)  # a vision model's language decoder holds the caches
     decoder.kv_int8 = options.kv_cache == "int8"
     if options.compile:
@@ -235,6 +247,7 @@ def load_model(source: str | Path | None = None, options: LoadOptions = LoadOpti
     forget_unused_code()  # ~85 MB of libtorch's code ran once, at import; a generation uses ~20 MB
     weights = _kept_format(model) if keep else (quant if quantised else str(model.dtype).removeprefix("torch."))
     report = LoadReport(source=str(checkpoint.source), weights=weights, prefill_dtype=prefill,
+                        activations=options.activations,
                         kv_cache="int8" if decoder.kv_int8 else "float", seconds=time.perf_counter() - t0)
     return Loaded(model, checkpoint.tokenizer, report)
 
@@ -257,6 +270,16 @@ def settle_for_serving(model) -> int:
     decoder = getattr(model, "decoder", model)  # a vision model's text decoder holds the big weights
     return decoder.move_weights_to_huge_pages() if hasattr(decoder, "move_weights_to_huge_pages") else 0
 
+
+
+def _set_activations(model, requested: str) -> None:
+    """Apply ``load(activations=...)`` to every GGML-block weight (16-bit ones stay float32)."""
+    weights = [m for m in model.modules() if isinstance(m, GGMLWeight)]
+    if requested == "int8" and not any(set(w.types) - set(HALF_TYPES.values()) for w in weights):
+        raise InvalidRequestError("--activations int8 applies to quantised blocks (a quantised .gguf's, or "
+                                  "--quant int8 or int4); this model has none")
+    for w in weights:
+        w.activations = ggml_ops.ACTIVATIONS[requested]
 
 
 def _set_prefill_dtype(model, requested: str, quantised: bool, on_cpu: bool) -> str:

@@ -71,6 +71,12 @@ def add_prefill_dtype_arg(p: argparse.ArgumentParser) -> None:
                         "products (AVX512_BF16, AMX), moving logits by less than the quantisation's own error; "
                         "float32 is the reference numerics; auto (default) = bfloat16 where the CPU has those "
                         "instructions, else float32")
+    p.add_argument("--activations", choices=["auto", "float32", "int8"], default="auto",
+                   help="what decode steps multiply quantised blocks by: int8 rounds each 32 activations to "
+                        "8 bits and multiplies integers, as llama.cpp does (logits move by ~0.5%%); float32 is "
+                        "the reference numerics; auto (default) = int8 for the block types gemmakit decodes "
+                        "rather than multiplies in registers (Q2_K, Q3_K, IQ*, TQ*, MXFP4), where it is faster, "
+                        "float32 for the rest")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +140,7 @@ def load_model(args):
                               quant=getattr(args, "quant", "none"), compile=getattr(args, "compile", False),
                               kv_cache=getattr(args, "kv_cache", "auto"),
                               prefill_dtype=getattr(args, "prefill_dtype", "auto"),
+                              activations=getattr(args, "activations", "auto"),
                               matformer=getattr(args, "matformer", None), mmproj=getattr(args, "mmproj", False))
     return api.load_model(args.model, options, progress=sys.stderr.isatty())
 

@@ -46,5 +46,5 @@ def run(args) -> int:
     run_server(args.model, args.host, args.port, args.api_key, args.max_batch, args.dtype, args.max_seq_len, kv_bytes,
                adapter=args.adapter, draft_model=args.draft_model, draft_tokens=args.draft_tokens,
                quant=args.quant, device=args.device, kv_cache=args.kv_cache, prefill_dtype=args.prefill_dtype,
-               matformer=args.matformer, mmproj=args.mmproj)
+               matformer=args.matformer, mmproj=args.mmproj, activations=args.activations)
     return 0

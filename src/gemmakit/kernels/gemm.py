@@ -95,7 +95,7 @@ def _half_precision_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return None
     K = weight.shape[1]
     y = ext.ggml_matmul(x.reshape(rows, K).float().contiguous(), [weight.view(torch.uint8)],
-                        [HALF_TYPES[weight.dtype]], K)
+                        [HALF_TYPES[weight.dtype]], K, 0)
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])

@@ -190,7 +190,7 @@ def _part(ext, module: nn.Module):
     """One linear layer as a DecodePart, or None where the eager layer does something else."""
     if type(module) is GroupedLinear:
         w = module.w
-        return ext.DecodePart.ggml(w.parts(), w.types, w.in_features) if type(w) is GGMLWeight else None
+        return ext.DecodePart.ggml(w.parts(), w.types, w.in_features, w.activations) if type(w) is GGMLWeight else None
     if type(module) in (Linear, nn.Linear) and module.bias is None and module.weight.dtype == torch.float32:
         return ext.DecodePart.dense(module.weight.detach())
     return None

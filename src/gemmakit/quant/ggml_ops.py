@@ -17,6 +17,12 @@ from gemmakit.quant.ggml import PACKABLE_TYPES, dequantize
 
 _ggml_op = None
 
+# ggml_matmul's activations, as the kernel numbers them: float32 keeps the products equal to
+# dequantise-then-matmul; int8 rounds each block of 32 activations to 8 bits (llama.cpp's Q8_0) and
+# multiplies integers; auto does that only for the block types the kernel decodes rather than
+# multiplies in registers, where the integer dot is the faster one (kernels/csrc/ggml_matmul.cpp).
+ACTIVATIONS = {"float32": 0, "auto": 1, "int8": 2}
+
 
 def register_custom_op() -> None:
     """The block matmul as the torch operator ``gemmakit::ggml_matmul``, which torch.compile can
@@ -27,29 +33,32 @@ def register_custom_op() -> None:
     build.kernel()
 
     @torch.library.custom_op("gemmakit::ggml_matmul", mutates_args=())
-    def ggml_op(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
-        return _ggml_dispatch(x, blocks, types, K)
+    def ggml_op(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int,
+                activations: int) -> torch.Tensor:
+        return _ggml_dispatch(x, blocks, types, K, activations)
 
     @ggml_op.register_fake
-    def _(x, blocks, types, K):
+    def _(x, blocks, types, K, activations):
         return x.new_empty(x.shape[0], sum(b.shape[0] for b in blocks))
 
     _ggml_op = ggml_op
 
 
-def ggml_matmul(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
+def ggml_matmul(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int,
+                activations: int = 0) -> torch.Tensor:
     """``x [M, K]`` times several raw GGML matrices at once: ``[M, sum N_i]`` float32.
 
     ``blocks[i]`` is matrix i's rows exactly as the GGUF file stores them, ``[N_i, row_bytes]`` uint8,
     of GGML type ``types[i]``; the outputs are concatenated along the last dim in that order (so
-    q/k/v in different types run as one call). The result equals dequantise-then-matmul up to float32
-    rounding; the weights are never expanded.
+    q/k/v in different types run as one call). With ``activations`` 0 (float32) the result equals
+    dequantise-then-matmul up to float32 rounding; 1 and 2 round the activations to 8 bits where the
+    kernel runs (ACTIVATIONS). The weights are never expanded.
     """
     x = x.to(torch.float32).contiguous()
     types = [int(t) for t in types]
     if torch.compiler.is_compiling():
-        return torch.ops.gemmakit.ggml_matmul(x, list(blocks), types, int(K))
-    return _ggml_dispatch(x, blocks, types, int(K))
+        return torch.ops.gemmakit.ggml_matmul(x, list(blocks), types, int(K), int(activations))
+    return _ggml_dispatch(x, blocks, types, int(K), int(activations))
 
 
 def ggml_dequantize(blocks: torch.Tensor, ggml_type: int, K: int) -> torch.Tensor:
@@ -88,10 +97,11 @@ def _dequantize_parts(blocks: list[torch.Tensor], types: list[int], K: int,
     return w
 
 
-def _ggml_dispatch(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int) -> torch.Tensor:
+def _ggml_dispatch(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int,
+                   activations: int = 0) -> torch.Tensor:
     ext = build.kernel() if x.device.type == "cpu" else None
     if ext is not None:
-        return ext.ggml_matmul(x, [b.contiguous() for b in blocks], types, K)
+        return ext.ggml_matmul(x, [b.contiguous() for b in blocks], types, K, activations)
     return ggml_matmul_fallback(x, blocks, types, K)
 
 
@@ -122,12 +132,13 @@ def ggml_rows(blocks: torch.Tensor, index: torch.Tensor, ggml_type: int, K: int)
 
 
 def ggml_linear(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], K: int,
-                compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                compute_dtype: torch.dtype = torch.float32, activations: int = 0) -> torch.Tensor:
     """``x [M, K] @ W^T`` for GGML-block parts: the block kernel for a few rows (decode reads each
     weight once, so bytes decide), a dequantised layer and a float GEMM for many (prefill is
     compute bound, and a float GEMM beats any dequantise-as-you-go loop there), in ``compute_dtype``
-    (float32, or bfloat16 by request: see ``gemm.linear``)."""
+    (float32, or bfloat16 by request: see ``gemm.linear``); the kernel's ``activations`` as
+    ``ggml_matmul`` takes them."""
     if x.shape[0] <= KERNEL_MAX_ROWS or torch.compiler.is_compiling():
-        return ggml_matmul(x, blocks, types, K)
+        return ggml_matmul(x, blocks, types, K, activations)
     weight = _dequantize_parts(blocks, types, K, compute_dtype)
     return linear(x.to(torch.float32).contiguous(), weight, compute_dtype=compute_dtype)

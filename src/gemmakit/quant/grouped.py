@@ -92,6 +92,7 @@ class GGMLWeight(nn.Module):
     """
 
     prefill_dtype = torch.float32  # a prompt's GEMM dtype (see _dtype_for); load(prefill_dtype=...) sets it
+    activations = 0  # the block kernel's activations (ggml_ops.ACTIVATIONS); load(activations=...) sets it
 
     def __init__(self, parts: list[GGMLBlocks]) -> None:
         super().__init__()
@@ -111,7 +112,8 @@ class GGMLWeight(nn.Module):
         """``x [..., K] @ W^T -> [..., N]`` in x's dtype (computed in float32; a prompt's products in
         ``prefill_dtype``)."""
         flat = x.reshape(-1, self.in_features)
-        y = ggml_linear(flat, self.parts(), self.types, self.in_features, self._dtype_for(x, flat.shape[0]))
+        y = ggml_linear(flat, self.parts(), self.types, self.in_features, self._dtype_for(x, flat.shape[0]),
+                        self.activations)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _dtype_for(self, x: torch.Tensor, rows: int) -> torch.dtype:
@@ -150,7 +152,8 @@ class GGMLExperts(GGMLWeight):
         in ``prefill_dtype`` where ``prompt`` (the rows come from a prompt) and there are at least
         PREFILL_MIN_ROWS of them, as GGMLWeight decides for a prompt's products."""
         dtype = self.prefill_dtype if prompt and x.shape[0] >= PREFILL_MIN_ROWS else torch.float32
-        return ggml_linear(x, [b[expert] for b in self.parts()], self.types, self.in_features, dtype)
+        return ggml_linear(x, [b[expert] for b in self.parts()], self.types, self.in_features, dtype,
+                           self.activations)
 
     def extra_repr(self) -> str:
         return f"{self.num_experts} experts of {super().extra_repr()}"

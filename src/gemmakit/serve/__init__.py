@@ -24,7 +24,7 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
                max_seq_len: int | None = None, max_kv_bytes: int | None = None, adapter: str | None = None,
                draft_model: str | None = None, draft_tokens: int = 4, quant: str = "auto",
                device: str = "cpu", kv_cache: str = "auto", prefill_dtype: str = "auto",
-               matformer: str | None = None, mmproj: str | bool | None = None) -> None:
+               matformer: str | None = None, mmproj: str | bool | None = None, activations: str = "auto") -> None:
     """Load a model, start the engine and serve it with uvicorn until interrupted."""
     try:
         import uvicorn
@@ -37,7 +37,7 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
 
     model, tokenizer, report = load_model(model_source, LoadOptions(
         dtype=dtype, adapter=adapter, quant=quant, device=device, kv_cache=kv_cache, prefill_dtype=prefill_dtype,
-        matformer=matformer, mmproj=mmproj))
+        matformer=matformer, mmproj=mmproj, activations=activations))
     draft = (load_model(draft_model, LoadOptions(dtype=dtype, device=device, mmproj=False)).model
              if draft_model else None)  # a drafter drafts text, whatever lies beside it
     for loaded in (model, draft):

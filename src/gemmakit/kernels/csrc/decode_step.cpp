@@ -8,7 +8,8 @@
 #include <cmath>
 #include <cstring>
 
-torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
+torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K,
+                          int64_t activations);
 torch::Tensor decode_attention_cached(torch::Tensor q, torch::Tensor k, torch::Tensor k_scale, torch::Tensor v,
                                       torch::Tensor v_scale, torch::Tensor bias, double scale, double softcap);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, double offset);
@@ -21,7 +22,7 @@ namespace {
 torch::Tensor apply_part(const DecodePart& p, const torch::Tensor& x) {
   switch (p.kind) {
     case 0:
-      return ggml_matmul(x, p.tensors, p.types, p.K);
+      return ggml_matmul(x, p.tensors, p.types, p.K, p.activations);
     case 1:
       return at::linear(x, p.tensors[0]);
   }

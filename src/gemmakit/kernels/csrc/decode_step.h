@@ -21,6 +21,7 @@ struct DecodePart {
   std::vector<torch::Tensor> tensors;  // GGML: blocks per matrix; dense: {weight}
   std::vector<int64_t> types;          // GGML types, one per matrix
   int64_t K = 0;
+  int64_t activations = 0;             // GGML: ggml_matmul's activations (0 float32, 1 auto, 2 int8)
 };
 
 struct DecodeProjection {

@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -370,16 +371,126 @@ struct Mat {
   const uint8_t* data;
   int64_t type, N, row_bytes, col0, row0;
   TypeInfo info;
+  bool fused;  // multiplied straight from its blocks (else decoded a tile at a time)
+  bool int8;   // its decoded codes meet 8-bit activations (QuantX)
 };
+
+// ------------------------------------------------------------------------------------ int8 activations
+//
+// The decoded (non-fused) types can also multiply 8-bit activations, as llama.cpp does: each row of x
+// is rounded per block of 32 to int8 codes with one float scale (x ~ dx * xq; llama.cpp's Q8_0), and
+// a group's codes . xq is an integer dot product, scaled once: scale_g * dx_b * (codes_g . xq_g).
+// AVX-512 VNNI's vpdpbusd multiplies unsigned by signed bytes, so the weight codes go in as c + 128
+// (c ^ 0x80) and each 4-byte lane starts from -128 * (its four xq's sum), which leaves exactly
+// codes . xq. AVX2 multiplies |c| by xq carrying c's sign (vpmaddubsw, no saturation: 2 * 128 * 127
+// < 2^15). Offsets (w = scale * code + offset) take the sums of the rounded activations, so that the
+// product is the dequantised weights' times the rounded x, as llama.cpp's is.
+struct QuantX {
+  std::vector<int8_t> q;      // [M, K]
+  std::vector<float> d;       // [M, K / 32]
+  std::vector<int32_t> bias;  // [M, K / 4]: -128 * the sum of each 4 consecutive q
+  std::vector<float> sum32, sum16;  // [M, K / 32], [M, K / 16]: d * the sum of q over each group
+};
+
+void quantize_x(const float* x, int64_t M, int64_t K, QuantX* out) {
+  out->q.resize(M * K);
+  out->d.resize(M * K / 32);
+  out->bias.resize(M * K / 4);
+  out->sum32.resize(M * K / 32);
+  out->sum16.resize(M * K / 16);
+  for (int64_t b = 0; b < M * K / 32; ++b) {
+    const float* p = x + 32 * b;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(p[j]));
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    out->d[b] = d;
+    int8_t* q = out->q.data() + 32 * b;
+    for (int j = 0; j < 32; ++j) q[j] = int8_t(std::nearbyint(p[j] * id));
+    int32_t half[2] = {0, 0};
+    for (int j = 0; j < 8; ++j) {
+      const int32_t four = q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3];
+      out->bias[8 * b + j] = -128 * four;
+      half[j / 4] += four;
+    }
+    out->sum16[2 * b] = d * float(half[0]);
+    out->sum16[2 * b + 1] = d * float(half[1]);
+    out->sum32[b] = d * float(half[0] + half[1]);
+  }
+}
+
+// out[m] = sum_g scale[g] * dx * (codes_g . xq[m]_g) for MB rows of quantised x; codes contiguous.
+template <int MB, int GS>
+inline void int_dot_rows(const int8_t* c, const float* scale, const QuantX& xq, int64_t m0, int64_t K, float* out) {
+  const int8_t* q = xq.q.data() + m0 * K;
+  const float* dx = xq.d.data() + m0 * (K / 32);
+  int64_t k = 0;
+#if defined(GK_AVX512) && defined(__AVX512VNNI__)
+  const int32_t* bias = xq.bias.data() + m0 * (K / 4);
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  // lane l (4 weights) of a 64-weight step: its group of the step's 64 / GS, and its block of 32
+  const __m512i by_group = GS == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                    : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i by_block = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (; k + 64 <= K; k += 64) {
+    const __m512i cu = _mm512_xor_si512(_mm512_loadu_si512(c + k), flip);
+    const __m512 s = _mm512_permutexvar_ps(by_group, _mm512_castps128_ps512(_mm_loadu_ps(scale + k / GS)));
+    for (int m = 0; m < MB; ++m) {
+      const __m512i t = _mm512_dpbusd_epi32(_mm512_loadu_si512(bias + m * (K / 4) + k / 4), cu,
+                                            _mm512_loadu_si512(q + m * K + k));
+      const __m512 d = _mm512_permutexvar_ps(by_block, _mm512_castps128_ps512(_mm_loadu_ps(dx + m * (K / 32) + k / 32)));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s, d), acc[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
+#elif defined(GK_AVX2)
+  __m256 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (; k + 32 <= K; k += 32) {
+    const __m256i cv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + k));
+    const __m256i ca = _mm256_abs_epi8(cv);
+    const __m256 s = GS == 32 ? _mm256_set1_ps(scale[k / 32])
+                              : _mm256_set_m128(_mm_set1_ps(scale[k / 16 + 1]), _mm_set1_ps(scale[k / 16]));
+    for (int m = 0; m < MB; ++m) {
+      const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + k)), cv);
+      const __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(ca, xv), ones);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(s, _mm256_set1_ps(dx[m * (K / 32) + k / 32])), acc[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    out[m] = _mm_cvtss_f32(lo);
+  }
+#else
+  for (int m = 0; m < MB; ++m) out[m] = 0.f;
+#endif
+  for (; k < K; k += GS) {  // the rest (and the portable build): one group at a time
+    for (int m = 0; m < MB; ++m) {
+      int32_t t = 0;
+      for (int j = 0; j < GS; ++j) t += int32_t(c[k + j]) * q[m * K + k + j];
+      out[m] += scale[k / GS] * dx[m * (K / 32) + k / 32] * float(t);
+    }
+  }
+}
 
 template <int MB>
 inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* offset, const float* x,
-                      const float* xsum, int64_t K, int64_t G, float* y, int64_t ldy) {
+                      const float* xsum, const QuantX* xq, int64_t m0, int64_t K, int64_t G, float* y, int64_t ldy) {
   float out[MB];
-  if (mat.info.group == 16)
+  if (mat.int8) {
+    if (mat.info.group == 16)
+      int_dot_rows<MB, 16>(c.q, scale, *xq, m0, K, out);
+    else
+      int_dot_rows<MB, 32>(c.q, scale, *xq, m0, K, out);
+  } else if (mat.info.group == 16) {
     dot_rows<MB, 16>(c, scale, x, K, out);
-  else
+  } else {
     dot_rows<MB, 32>(c, scale, x, K, out);
+  }
   if (mat.info.has_offset) {
     for (int m = 0; m < MB; ++m) {
       const float* xs = xsum + m * G;
@@ -832,12 +943,13 @@ constexpr int64_t kStreams = 4, kStreamMinBytes = 1 << 20;
 
 // Rows [r0, r1) of one matrix, all M rows of x: decode a tile of rows once (into L1), then run
 // every block of up to four rows of x over it.
-void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const float* xsum32, const float* xsum16, int64_t M,
+void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const float* xsum32, const float* xsum16,
+                 const QuantX* xq, int64_t M,
                  int64_t K, float* y, int64_t ldy, std::vector<int8_t>& codes, std::vector<float>& sc,
                  std::vector<float>& off) {
   const int64_t nb = K / mat.info.block;
 #if defined(GK_AVX512) || defined(GK_AVX2)
-  if (has_fused(mat.type)) {
+  if (mat.fused) {
     const float* xsum = xsum32;
     const int64_t G32 = K / 32;
     const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
@@ -881,7 +993,9 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
     return;
   }
   const int64_t G = K / mat.info.group;
-  const float* xsum = mat.info.group == 16 ? xsum16 : xsum32;  // sums of x per group, for the offsets
+  // sums of x per group, for the offsets (of the rounded x where that meets the codes)
+  const float* xsum = mat.int8 ? (mat.info.group == 16 ? xq->sum16.data() : xq->sum32.data())
+                               : (mat.info.group == 16 ? xsum16 : xsum32);
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(32, kTileBytes / K));
   codes.resize(tile * K);
   sc.resize(tile * G);
@@ -900,8 +1014,12 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
         for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
       }
 #endif
-      rows[i] = decode_row(mat.type, mat.data + r * mat.row_bytes, nb, codes.data() + i * K, sc.data() + i * G,
-                           off.data() + i * G);
+      int8_t* mine = codes.data() + i * K;
+      rows[i] = decode_row(mat.type, mat.data + r * mat.row_bytes, nb, mine, sc.data() + i * G, off.data() + i * G);
+      if (mat.int8 && rows[i].gstride != mat.info.group) {  // the integer dot reads the codes contiguous
+        for (int64_t g = 0; g < G; ++g) std::memcpy(mine + g * mat.info.group, rows[i].q + g * rows[i].gstride, mat.info.group);
+        rows[i] = {mine, mat.info.group};
+      }
     }
     int64_t m = 0;
     for (; m < M; m += 4) {
@@ -912,10 +1030,10 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
         const float* xm = x + m * K;
         const float* xs = xsum ? xsum + m * G : nullptr;
         switch (mb) {
-          case 4: dot_block<4>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, yr, ldy); break;
-          case 3: dot_block<3>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, yr, ldy); break;
-          case 2: dot_block<2>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, yr, ldy); break;
-          default: dot_block<1>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, K, G, yr, ldy); break;
+          case 4: dot_block<4>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, xq, m, K, G, yr, ldy); break;
+          case 3: dot_block<3>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, xq, m, K, G, yr, ldy); break;
+          case 2: dot_block<2>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, xq, m, K, G, yr, ldy); break;
+          default: dot_block<1>(mat, rows[i], sc.data() + i * G, off.data() + i * G, xm, xs, xq, m, K, G, yr, ldy); break;
         }
       }
     }
@@ -984,7 +1102,12 @@ inline void dequant_row(Codes c, const float* scale, const float* offset, int64_
 }  // namespace
 
 // y = x @ [W_0; W_1; ...]^T where W_i is blocks[i] (raw GGML rows of type types[i], K inputs each).
-torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K) {
+// activations: 0 float32 (the result equals dequantise-then-matmul up to float32 rounding); 1 int8 for
+// the types the kernel decodes rather than multiplies in registers (where the integer dot is the
+// faster one); 2 int8 for every quantised type (F16/BF16 stay float32).
+torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K,
+                          int64_t activations) {
+  TORCH_CHECK(activations >= 0 && activations <= 2, "ggml_matmul: activations must be 0 (float32), 1 (auto) or 2 (int8)");
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "ggml_matmul: x must be a contiguous [M, K] float32 CPU tensor, got ", x.scalar_type(), " of shape ",
               x.sizes());
@@ -994,15 +1117,26 @@ torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, st
   const int64_t M = x.size(0);
   std::vector<Mat> mats;
   int64_t total = 0;
-  bool any_offset32 = false, any_offset16 = false;
+  bool any_offset32 = false, any_offset16 = false, any_int8 = false;
   for (size_t i = 0; i < blocks.size(); ++i) {
     const TypeInfo info = checked_type(types[i]);
     const std::string what = "ggml_matmul: blocks[" + std::to_string(i) + "]";
     check_blocks(blocks[i], info, K, what.c_str());
-    mats.push_back({blocks[i].data_ptr<uint8_t>(), types[i], blocks[i].size(0), blocks[i].size(1), total, total, info});
+#if defined(GK_AVX512) || defined(GK_AVX2)
+    const bool simd = true;
+#else
+    const bool simd = false;  // the portable build decodes every type, in float32 unless int8 is forced
+#endif
+    const bool plain = is_plain16(types[i]);
+    const bool fused = simd && has_fused(types[i]) && !(activations == 2 && !plain);
+    const bool int8 = !plain && !fused && (activations == 2 || (activations == 1 && simd));
+    any_int8 = any_int8 || int8;
+    any_offset32 = any_offset32 || (info.has_offset && info.group == 32 && !int8);
+    any_offset16 = any_offset16 || (info.has_offset && info.group == 16 && !int8);
+    mats.push_back({blocks[i].data_ptr<uint8_t>(), types[i], blocks[i].size(0), blocks[i].size(1), total, total, info,
+                    fused, int8});
     total += blocks[i].size(0);
-    any_offset32 = any_offset32 || (info.has_offset && info.group == 32);
-    any_offset16 = any_offset16 || (info.has_offset && info.group == 16);
+
   }
   auto y = torch::empty({M, total}, x.options());
   if (M == 0 || total == 0) return y;
@@ -1026,13 +1160,15 @@ torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, st
   if (any_offset16) group_sums(16, xsum16);
   const float* xs32 = any_offset32 ? xsum32.data() : nullptr;
   const float* xs16 = any_offset16 ? xsum16.data() : nullptr;
+  QuantX xq;
+  if (any_int8) quantize_x(xp, M, K, &xq);
   const int64_t grain = std::max<int64_t>(16, (1 << 16) / K);
   at::parallel_for(0, total, grain, [&](int64_t n0, int64_t n1) {
     std::vector<int8_t> codes;
     std::vector<float> sc, off;
     for (const Mat& mat : mats) {
       const int64_t r0 = std::max(n0, mat.row0) - mat.row0, r1 = std::min(n1, mat.row0 + mat.N) - mat.row0;
-      if (r0 < r1) matmul_rows(mat, r0, r1, xp, xs32, xs16, M, K, yp, total, codes, sc, off);
+      if (r0 < r1) matmul_rows(mat, r0, r1, xp, xs32, xs16, any_int8 ? &xq : nullptr, M, K, yp, total, codes, sc, off);
     }
   });
   return y;

@@ -13,7 +13,8 @@
 #include <string>
 #include <vector>
 
-torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K);
+torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K,
+                          int64_t activations);
 torch::Tensor ggml_dequantize(torch::Tensor blocks, int64_t type, int64_t K);
 void ggml_dequantize_into(torch::Tensor blocks, int64_t type, int64_t K, torch::Tensor out);
 std::string ggml_simd();
@@ -28,7 +29,8 @@ torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up);
 torch::Tensor ggml_quantize(torch::Tensor w, int64_t type);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("ggml_matmul", &ggml_matmul, "x @ concat(W_i)^T for raw GGML block rows W_i (float32 activations)");
+  m.def("ggml_matmul", &ggml_matmul, "x @ concat(W_i)^T for raw GGML block rows W_i; activations 0 float32, "
+        "1 int8 where the kernel decodes the type, 2 int8 for every quantised type");
   m.def("ggml_dequantize", &ggml_dequantize, "raw GGML block rows -> float32, bit-identical to ggml");
   m.def("ggml_dequantize_into", &ggml_dequantize_into, "ggml_dequantize into a given [N, K] float32 or bfloat16 tensor");
   m.def("ggml_set_tables", &ggml_set_tables, "the IQ types' grids and sign table, as uint8 tensors of their bytes");
@@ -46,9 +48,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("piece_to_id", [](const BPEVocab& v, const std::string& p) { return v.piece_to_id(p); })
       .def("__len__", &BPEVocab::size);
   py::class_<DecodePart>(m, "DecodePart", "one part of a projection: GGML blocks or a dense matrix")
-      .def_static("ggml", [](std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K) {
+      .def_static("ggml", [](std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K,
+                             int64_t activations) {
         DecodePart p;
-        p.kind = 0, p.tensors = std::move(blocks), p.types = std::move(types), p.K = K;
+        p.kind = 0, p.tensors = std::move(blocks), p.types = std::move(types), p.K = K, p.activations = activations;
         return p;
       })
       .def_static("dense", [](torch::Tensor weight) {
