@@ -3,7 +3,7 @@ matrix dequantised (what ``--quant none`` runs): time and the bytes of weights s
 
     PYTHONPATH=src python benchmarks/ggml_kernel.py [--threads 2] [--repeat 5] [--types Q8_0,Q4_K]
 
-Each matrix is ~100-180 MB as blocks, 4 bytes a weight as floats (bigger than any cache), as in
+Each matrix is ~30-180 MB as blocks, 4 bytes a weight as floats (bigger than any cache), as in
 decoding: every weight is read once per call. GB/s counts the bytes each side's weights occupy;
 near the machine's memory bandwidth both are bound by it, and the speedup is the bytes saved.
 Gw/s is the kernel's weights multiplied per second: for a decoded-then-dotted type, what bounds it
@@ -47,8 +47,8 @@ def best_time(fn, repeat: int) -> float:
 
 def big_blocks(qtype: T, N: int, K: int) -> torch.Tensor:
     """Random valid blocks, made 4096 rows at a time and tiled (random_blocks is slow for 100 MB)."""
-    tile = random_blocks(qtype, 4096, K, seed=int(qtype))
-    return torch.from_numpy(np.tile(tile, (N // 4096, 1)))
+    tile = random_blocks(qtype, min(N, 4096), K, seed=int(qtype))
+    return torch.from_numpy(np.tile(tile, (max(1, N // 4096), 1)))
 
 
 def main() -> None:
@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--types", default=",".join(t.name for t in TYPES))
     ap.add_argument("--rows", default="1,4", help="comma-separated M values")
+    ap.add_argument("--n", type=int, default=0,
+                    help="output rows of every matrix (a multiple of 4096, or fewer): e.g. 512 for a matrix "
+                         "that stays in cache, where the decode and the dot, not memory, set the time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ext = build.kernel()
@@ -69,6 +72,7 @@ def main() -> None:
     for name in args.types.split(","):
         qtype = T[name]
         N, K = SHAPES.get(qtype, (65536, 2048))
+        N = args.n or N
         raw = big_blocks(qtype, N, K)
         dense = ggml_ops.ggml_dequantize(raw, int(qtype), K)
         raw_bytes, dense_bytes = raw.numel(), dense.numel() * dense.element_size()
