@@ -3,9 +3,11 @@ matrix dequantised (what ``--quant none`` runs): time and the bytes of weights s
 
     PYTHONPATH=src python benchmarks/ggml_kernel.py [--threads 2] [--repeat 5] [--types Q8_0,Q4_K]
 
-Each matrix is ~100-180 MB as blocks, 4 bytes a weight as floats (bigger than any cache), as in
+Each matrix is ~30-180 MB as blocks, 4 bytes a weight as floats (bigger than any cache), as in
 decoding: every weight is read once per call. GB/s counts the bytes each side's weights occupy;
 near the machine's memory bandwidth both are bound by it, and the speedup is the bytes saved.
+Gw/s is the kernel's weights multiplied per second: for a decoded-then-dotted type, what bounds it
+below the bandwidth is the decode.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from gemmakit.quant import ggml_ops  # noqa: E402
 
 SHAPES = {T.Q8_0: (262144, 640)}  # the default model's tied LM head; the rest are 65536 x 2048
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+TYPES += [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0, T.MXFP4]  # decoded, then dotted (ggml_kquants.cpp)
 
 
 def best_time(fn, repeat: int) -> float:
@@ -44,8 +47,8 @@ def best_time(fn, repeat: int) -> float:
 
 def big_blocks(qtype: T, N: int, K: int) -> torch.Tensor:
     """Random valid blocks, made 4096 rows at a time and tiled (random_blocks is slow for 100 MB)."""
-    tile = random_blocks(qtype, 4096, K, seed=int(qtype))
-    return torch.from_numpy(np.tile(tile, (N // 4096, 1)))
+    tile = random_blocks(qtype, min(N, 4096), K, seed=int(qtype))
+    return torch.from_numpy(np.tile(tile, (max(1, N // 4096), 1)))
 
 
 def main() -> None:
@@ -54,6 +57,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--types", default=",".join(t.name for t in TYPES))
     ap.add_argument("--rows", default="1,4", help="comma-separated M values")
+    ap.add_argument("--n", type=int, default=0,
+                    help="output rows of every matrix (a multiple of 4096, or fewer): e.g. 512 for a matrix "
+                         "that stays in cache, where the decode and the dot, not memory, set the time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ext = build.kernel()
@@ -61,11 +67,12 @@ def main() -> None:
         sys.exit("the CPU kernel is unavailable")
     Ms = [int(m) for m in args.rows.split(",")]
     print(f"threads={args.threads} simd={ext.ggml_simd()}  best of {args.repeat}")
-    print(f"{'type':6} {'N x K':>13} {'M':>3} | {'raw MB':>7} {'ggml ms':>8} {'GB/s':>6} | "
+    print(f"{'type':6} {'N x K':>13} {'M':>3} | {'raw MB':>7} {'ggml ms':>8} {'GB/s':>6} {'Gw/s':>5} | "
           f"{'float MB':>8} {'float ms':>10} {'GB/s':>6} | speedup")
     for name in args.types.split(","):
         qtype = T[name]
         N, K = SHAPES.get(qtype, (65536, 2048))
+        N = args.n or N
         raw = big_blocks(qtype, N, K)
         dense = ggml_ops.ggml_dequantize(raw, int(qtype), K)
         raw_bytes, dense_bytes = raw.numel(), dense.numel() * dense.element_size()
@@ -75,7 +82,7 @@ def main() -> None:
             t_new = best_time(lambda: ext.ggml_matmul(x, [raw], [int(qtype)], K, 0), args.repeat)
             t_old = best_time(lambda: F.linear(x, dense), args.repeat)
             print(f"{name:6} {f'{N}x{K}':>13} {M:>3} | {raw_bytes / 1e6:7.1f} {t_new * 1e3:8.2f} "
-                  f"{raw_bytes / t_new / 1e9:6.1f} | {dense_bytes / 1e6:8.1f} {t_old * 1e3:10.2f} "
+                  f"{raw_bytes / t_new / 1e9:6.1f} {N * K / t_new / 1e9:5.2f} | {dense_bytes / 1e6:8.1f} {t_old * 1e3:10.2f} "
                   f"{dense_bytes / t_old / 1e9:6.1f} | {t_old / t_new:5.2f}x", flush=True)
 
 

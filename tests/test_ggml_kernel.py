@@ -3,6 +3,7 @@ gemmakit.quant.ggml.dequantize, and matmuls against a float64 reference, for eve
 
 from __future__ import annotations
 
+import gguf
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES
@@ -25,6 +26,7 @@ def ext():
 # 16-bit float matrices run on the same kernel, in place (a bfloat16 or float16 checkpoint's)
 PLAIN16 = {T.F16: torch.float16, T.BF16: torch.bfloat16}
 KERNEL_TYPES = [*QUANT_TYPES, *PLAIN16]
+KERNEL_TYPES += [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0, T.MXFP4]  # ggml_kquants.cpp
 # multiplied straight from their blocks under AVX2/AVX-512 (ggml_matmul.cpp's fused_row); the rest are decoded
 FUSED = {T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, *PLAIN16}
 
@@ -62,6 +64,16 @@ def test_dequantize_bit_identical(ext, qtype: T) -> None:
     raw = blocks_of(qtype, 301, 768, seed=1 + int(qtype))
     assert torch.equal(ext.ggml_dequantize(raw, int(qtype), 768).view(torch.int32),
                        dequantize(raw, qtype, (301, 768)).view(torch.int32))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # gguf-py's inf for exponent 255
+def test_mxfp4_every_exponent(ext) -> None:
+    """MXFP4's E8M0 block scale over all 256 exponents (0 and 1 are float32 subnormals, 255 takes the
+    largest codes to inf) decodes exactly as gguf-py does."""
+    raw = blocks_of(T.MXFP4, 8, 1024, seed=5)  # 256 blocks
+    raw.view(-1, 17)[:, 0] = torch.arange(256, dtype=torch.uint8)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), T.MXFP4))
+    assert torch.equal(ext.ggml_dequantize(raw, int(T.MXFP4), 1024).view(torch.int32), ref.view(torch.int32))
 
 
 @pytest.mark.parametrize("qtype", list(PLAIN16), ids=lambda t: t.name)
@@ -176,8 +188,8 @@ def test_kernel_disabled_uses_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_errors(ext) -> None:
     x = torch.randn(2, 256)
     q8 = blocks_of(T.Q8_0, 10, 256, 9)
-    with pytest.raises(RuntimeError, match="unsupported GGML type 10"):
-        ext.ggml_matmul(x, [q8], [10], 256, 0)  # Q2_K is not a type the kernel runs
+    with pytest.raises(RuntimeError, match="unsupported GGML type 9"):
+        ext.ggml_matmul(x, [q8], [9], 256, 0)  # Q8_1 (an activation format) is not a type the kernel runs
     with pytest.raises(RuntimeError, match="unsupported GGML type 99"):
         ext.ggml_dequantize(q8, 99, 256)
     with pytest.raises(RuntimeError, match="row of K=256 weights has 272 bytes"):
@@ -193,8 +205,8 @@ def test_errors(ext) -> None:
     with pytest.raises(RuntimeError, match="uint8"):
         ext.ggml_matmul(x, [q8.view(torch.int8)], [int(T.Q8_0)], 256, 0)
     # the torch fallback refuses the same inputs
-    with pytest.raises(ValueError, match="unsupported GGML type 10"):
-        kernels.ggml_matmul_fallback(x, [q8], [10], 256)
+    with pytest.raises(ValueError, match="unsupported GGML type 9"):
+        kernels.ggml_matmul_fallback(x, [q8], [9], 256)
     with pytest.raises(ValueError, match=r"must be \[N, 144\]"):
         kernels.ggml_matmul_fallback(x, [q8], [int(T.Q4_K)], 256)
 

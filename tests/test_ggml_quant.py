@@ -20,10 +20,11 @@ from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.quant import ggml
 from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize
 
-# The types the block kernel runs (tests/test_ggml_kernel.py takes this list), then those read at load.
+# The types the block kernel decodes itself (tests/test_ggml_kernel.py takes this list), then those
+# of its block families that quant/ggml.py also unpacks with torch (the fallback's dequantisation).
 QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
-LOAD_ONLY_TYPES = [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
-ALL_TYPES = [*QUANT_TYPES, *LOAD_ONLY_TYPES]
+TORCH_FAMILY_TYPES = [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
+ALL_TYPES = [*QUANT_TYPES, *TORCH_FAMILY_TYPES]
 # Decoded by gguf-py itself where the kernel is not built (quant/ggml.py): the block kernel's own
 # decoders for them are tested in test_ggml_kernel.py.
 REFERENCE_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0, T.MXFP4]
@@ -66,7 +67,11 @@ def assert_bit_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
 
 def test_supported_types() -> None:
     assert SUPPORTED_TYPES == {int(t) for t in (T.F32, T.F16, T.BF16, *ALL_TYPES, *REFERENCE_TYPES)}
-    assert ggml.PACKABLE_TYPES.isdisjoint(int(t) for t in LOAD_ONLY_TYPES)
+    # every quantised type with a torch unpacker, and the ternary types and MXFP4, stay as blocks
+    # on the kernel (the loader dequantises none of them); F32 never does
+    assert {int(t) for t in (*ALL_TYPES, T.TQ1_0, T.TQ2_0, T.MXFP4)} <= ggml.PACKABLE_TYPES <= SUPPORTED_TYPES
+    assert int(T.F32) not in ggml.PACKABLE_TYPES
+    assert all(ggml.packable(t, (64, 512)) and not ggml.packable(t, (512,)) for t in TORCH_FAMILY_TYPES)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)

@@ -1,5 +1,5 @@
-"""The real 270M quantised by llama.cpp itself into the types read at load (Q2_K, Q3_K, IQ4_NL,
-IQ4_XS): gemmakit loads each file, and its logits track llama.cpp's on the same file.
+"""The real 270M quantised by llama.cpp itself into Q2_K, Q3_K, IQ4_NL and IQ4_XS (kept as blocks on
+the kernel, ggml_kquants.cpp): gemmakit loads each file, and its logits track llama.cpp's on the same file.
 
 llama.cpp rounds activations to 8 bits in its block products and gemmakit does not, so the two
 differ by a few percent; both differ from the float model by far more (measured relative error to

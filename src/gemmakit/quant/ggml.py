@@ -241,12 +241,13 @@ def _decoder(unpack: Callable, group: int) -> _Kernel:
     return decode
 
 
-# Types read into floats at load (no block kernel for them yet): every tensor is dequantised.
-_LOAD_ONLY: dict[int, tuple[Callable, int]] = {
+# Types the block kernel decodes in a family of its own (kernels/csrc/ggml_kquants.cpp): these
+# unpackers are the torch fallback's dequantisation of them.
+_FAMILY_CODES: dict[int, tuple[Callable, int]] = {
     _T.Q2_K: (_c_q2_k, 16), _T.Q3_K: (_c_q3_k, 16), _T.IQ4_NL: (_c_iq4_nl, 32), _T.IQ4_XS: (_c_iq4_xs, 32),
 }
 
-_KERNELS: dict[int, _Kernel] = {t: _decoder(unpack, group) for t, (unpack, group) in {**_CODES, **_LOAD_ONLY}.items()}
+_KERNELS: dict[int, _Kernel] = {t: _decoder(unpack, group) for t, (unpack, group) in {**_CODES, **_FAMILY_CODES}.items()}
 
 
 def _reference_decoder(ggml_type: int) -> _Kernel:
@@ -363,7 +364,7 @@ def dequantize(
 # would, since each weight widens exactly (HALF_TYPES, kernels/gemm.py: GGML's F16 and BF16 codes).
 _PLAIN16 = tuple(HALF_TYPES.values())
 # Types the block kernel decodes with its block families (kernels/csrc/ggml_blocks.h) and keeps packed.
-_FAMILY_TYPES: tuple[int, ...] = ()
+_FAMILY_TYPES: tuple[int, ...] = (*_FAMILY_CODES, _T.TQ1_0, _T.TQ2_0, _T.MXFP4)
 PACKABLE_TYPES: frozenset[int] = frozenset((*(int(t) for t in (*_CODES, *_FAMILY_TYPES)), *_PLAIN16))
 
 
