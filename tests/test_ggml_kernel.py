@@ -66,6 +66,31 @@ def test_dequantize_bit_identical(ext, qtype: T) -> None:
                        dequantize(raw, qtype, (301, 768)).view(torch.int32))
 
 
+@pytest.mark.parametrize("qtype", [T.TQ1_0, T.TQ2_0, T.MXFP4], ids=lambda t: t.name)
+def test_gguf_quantised_blocks(ext, qtype: T) -> None:
+    """Blocks as gguf-py's quantiser writes them (random bytes reach digit patterns and codes a real
+    file never holds; these are the ones it does): decoded as gguf-py decodes them, and multiplied."""
+    w = torch.randn(64, 768, generator=torch.Generator().manual_seed(2)).numpy() * 0.05
+    raw = torch.from_numpy(gguf.quants.quantize(w, qtype))
+    ref = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype))
+    assert torch.equal(ext.ggml_dequantize(raw, int(qtype), 768).view(torch.int32), ref.view(torch.int32))
+    x = torch.randn(3, 768, generator=torch.Generator().manual_seed(3))
+    assert_close(kernels.ggml_matmul(x, [raw], [int(qtype)], 768), x.double() @ ref.double().T)
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_kquants_family_in_one_call(ext, M: int) -> None:
+    """ggml_kquants.cpp's types in one call with fused ones: Q2_K's offsets on sums of x per 16 next
+    to Q4_1's per 32, and every row as in a call of its own matrix."""
+    K = 512
+    kinds = [T.Q2_K, T.Q4_1, T.IQ4_NL, T.Q3_K, T.TQ1_0, T.MXFP4, T.IQ4_XS, T.TQ2_0]
+    mats = [(blocks_of(t, 17 + 3 * i, K, 30 + i), int(t)) for i, t in enumerate(kinds)]
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    y = kernels.ggml_matmul(x, [b for b, _ in mats], [t for _, t in mats], K)
+    assert_close(y, reference(x, mats, K))
+    assert torch.equal(y, torch.cat([kernels.ggml_matmul(x, [b], [t], K) for b, t in mats], dim=1))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # gguf-py's inf for exponent 255
 def test_mxfp4_every_exponent(ext) -> None:
     """MXFP4's E8M0 block scale over all 256 exponents (0 and 1 are float32 subnormals, 255 takes the

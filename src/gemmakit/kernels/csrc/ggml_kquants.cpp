@@ -2,7 +2,7 @@
 // decoded into int8 codes and per-group scales (ggml_blocks.h), which ggml_matmul.cpp multiplies and
 // dequantises.
 //
-// Block layouts (byte offsets in one block) and what a weight is, in ggml's roundings:
+// Block layouts (bytes a block, then its fields in order) and what a weight is, in ggml's roundings:
 //   Q2_K   84  scales[16] (lo nibble sc, hi m) | qs[64] 2-bit | d | dmin   w = (d*sc)*q - (dmin*m), 16 a group
 //   Q3_K  110  hmask[32] | qs[64] 2-bit | scales[12] 16x 6-bit | d         w = (d*(sc-32)) * (q - 4*!h), 16 a group
 //   IQ4_NL 18  d | qs[16] nibbles                                         w = d * level[q]
