@@ -1,13 +1,15 @@
 """Decode-size matmuls on raw GGML blocks (ggml_matmul) vs torch's float32 matmul on the same
 matrix dequantised (what ``--quant none`` runs): time and the bytes of weights streamed per second.
 
-    PYTHONPATH=src python benchmarks/ggml_kernel.py [--threads 2] [--repeat 5] [--types Q8_0,Q4_K]
+    PYTHONPATH=src python benchmarks/ggml_kernel.py [--threads 2] [--repeat 5] [--types Q8_0,Q4_K] \
+        [--activations float32,int8]
 
 Each matrix is ~30-180 MB as blocks, 4 bytes a weight as floats (bigger than any cache), as in
 decoding: every weight is read once per call. GB/s counts the bytes each side's weights occupy;
 near the machine's memory bandwidth both are bound by it, and the speedup is the bytes saved.
 Gw/s is the kernel's weights multiplied per second: for a decoded-then-dotted type, what bounds it
-below the bandwidth is the decode.
+below the bandwidth is the decode. ``--activations`` times the kernel's products with each kind
+of activations (ggml_ops.ACTIVATIONS: float32, auto, int8), one line each.
 """
 
 from __future__ import annotations
@@ -60,14 +62,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=0,
                     help="output rows of every matrix (a multiple of 4096, or fewer): e.g. 512 for a matrix "
                          "that stays in cache, where the decode and the dot, not memory, set the time")
+    ap.add_argument("--activations", default="float32,int8",
+                    help="comma-separated: float32, auto, int8 (the kernel's activations; one line each)")
     args = ap.parse_args()
+    modes = args.activations.split(",")
     torch.set_num_threads(args.threads)
     ext = build.kernel()
     if ext is None:
         sys.exit("the CPU kernel is unavailable")
     Ms = [int(m) for m in args.rows.split(",")]
     print(f"threads={args.threads} simd={ext.ggml_simd()}  best of {args.repeat}")
-    print(f"{'type':6} {'N x K':>13} {'M':>3} | {'raw MB':>7} {'ggml ms':>8} {'GB/s':>6} {'Gw/s':>5} | "
+    print(f"{'type':6} {'N x K':>13} {'M':>3} {'acts':>7} | {'raw MB':>7} {'ggml ms':>8} {'GB/s':>6} {'Gw/s':>5} | "
           f"{'float MB':>8} {'float ms':>10} {'GB/s':>6} | speedup")
     for name in args.types.split(","):
         qtype = T[name]
@@ -79,11 +84,13 @@ def main() -> None:
         assert GGML_QUANT_SIZES[qtype][1] * N * K // GGML_QUANT_SIZES[qtype][0] == raw_bytes
         for M in Ms:
             x = torch.randn(M, K)
-            t_new = best_time(lambda: ext.ggml_matmul(x, [raw], [int(qtype)], K, 0), args.repeat)
             t_old = best_time(lambda: F.linear(x, dense), args.repeat)
-            print(f"{name:6} {f'{N}x{K}':>13} {M:>3} | {raw_bytes / 1e6:7.1f} {t_new * 1e3:8.2f} "
-                  f"{raw_bytes / t_new / 1e9:6.1f} {N * K / t_new / 1e9:5.2f} | {dense_bytes / 1e6:8.1f} {t_old * 1e3:10.2f} "
-                  f"{dense_bytes / t_old / 1e9:6.1f} | {t_old / t_new:5.2f}x", flush=True)
+            for mode in modes:
+                code = ggml_ops.ACTIVATIONS[mode]
+                t_new = best_time(lambda: ext.ggml_matmul(x, [raw], [int(qtype)], K, code), args.repeat)
+                print(f"{name:6} {f'{N}x{K}':>13} {M:>3} {mode:>7} | {raw_bytes / 1e6:7.1f} {t_new * 1e3:8.2f} "
+                      f"{raw_bytes / t_new / 1e9:6.1f} {N * K / t_new / 1e9:5.2f} | {dense_bytes / 1e6:8.1f} "
+                      f"{t_old * 1e3:10.2f} {dense_bytes / t_old / 1e9:6.1f} | {t_old / t_new:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -477,6 +477,23 @@ inline void int_dot_rows(const int8_t* c, const float* scale, const QuantX& xq, 
   }
 }
 
+// sum_g a[g] * b[g] (a row's offsets by the sums of x: G is K / 16 or K / 32), in vector lanes.
+inline float dot_floats(const float* a, const float* b, int64_t G) {
+  int64_t g = 0;
+  float t = 0.f;
+#if defined(GK_AVX512)
+  __m512 acc = _mm512_setzero_ps();
+  for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + g), _mm512_loadu_ps(b + g), acc);
+  t = _mm512_reduce_add_ps(acc);
+#elif defined(GK_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + g), _mm256_loadu_ps(b + g), acc);
+  t = hsum256(acc);
+#endif
+  for (; g < G; ++g) t += a[g] * b[g];
+  return t;
+}
+
 template <int MB>
 inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* offset, const float* x,
                       const float* xsum, const QuantX* xq, int64_t m0, int64_t K, int64_t G, float* y, int64_t ldy) {
@@ -491,14 +508,8 @@ inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* 
   } else {
     dot_rows<MB, 32>(c, scale, x, K, out);
   }
-  if (mat.info.has_offset) {
-    for (int m = 0; m < MB; ++m) {
-      const float* xs = xsum + m * G;
-      float t = 0.f;
-      for (int64_t g = 0; g < G; ++g) t += offset[g] * xs[g];
-      out[m] += t;
-    }
-  }
+  if (mat.info.has_offset)
+    for (int m = 0; m < MB; ++m) out[m] += dot_floats(offset, xsum + m * G, G);
   for (int m = 0; m < MB; ++m) y[m * ldy] = out[m];
 }
 
