@@ -24,6 +24,7 @@ def ext():
 # 16-bit float matrices run on the same kernel, in place (a bfloat16 or float16 checkpoint's)
 PLAIN16 = {T.F16: torch.float16, T.BF16: torch.bfloat16}
 KERNEL_TYPES = [*QUANT_TYPES, *PLAIN16]
+KERNEL_TYPES += [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S]  # ggml_iq2.cpp
 
 
 def blocks_of(qtype: T, rows: int, cols: int, seed: int) -> torch.Tensor:
