@@ -41,12 +41,111 @@ inline void put8(uint64_t g, uint32_t signs, int8_t* out) {
   std::memcpy(out, &v, 8);
 }
 
+#if defined(GK_AVX2) && !defined(GK_AVX512)
+// 32 sign bits -> 32 bytes, 0xFF where the bit is set.
+inline __m256i sign_bytes(uint32_t signs) {
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int(signs)),
+                                        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                          0x0101010101010101, 0));
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+#endif
+
 // 32 codes from 4 grid words and their 32 sign bits (grid word i's in bits 8i..8i+7).
 inline void put32(uint64_t g0, uint64_t g1, uint64_t g2, uint64_t g3, uint32_t signs, int8_t* out) {
+#if defined(GK_AVX512)
+  const __m256i g = _mm256_set_epi64x(int64_t(g3), int64_t(g2), int64_t(g1), int64_t(g0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm256_mask_sub_epi8(g, __mmask32(signs), _mm256_setzero_si256(), g));
+#elif defined(GK_AVX2)
+  const __m256i g = _mm256_set_epi64x(int64_t(g3), int64_t(g2), int64_t(g1), int64_t(g0));
+  const __m256i m = sign_bytes(signs);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi8(_mm256_xor_si256(g, m), m));
+#else
   put8(g0, signs, out);
   put8(g1, signs >> 8, out + 8);
   put8(g2, signs >> 16, out + 16);
   put8(g3, signs >> 24, out + 24);
+#endif
+}
+
+// The sign bytes of a block's 32 grid points from their 7-bit indices: ksigns[i] is i with an eighth
+// bit that makes the parity even, which AVX2 computes for the whole block at once (8 or 16 indices a
+// register, the parity by three shift-xors), else the bytes are looked up. signs[j] is group j's 32
+// bits (grid point 4j + i's byte i).
+#if defined(GK_AVX512) || defined(GK_AVX2)
+// Each lane's 7-bit values (none above bit 6 of any byte) with the parity bit set in bit 7.
+inline __m256i with_parity(__m256i s) {
+  __m256i x = _mm256_xor_si256(s, _mm256_srli_epi32(s, 4));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 2));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 1));  // bit 0 of each byte: the parity of its bits 0..6
+  return _mm256_or_si256(s, _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi8(1)), 7));
+}
+#endif
+
+// IQ2_XXS: each group's 4 indices in bits 0..27 of its second 32-bit word.
+inline void xxs_signs(const Tables& t, const uint8_t* qs, uint32_t signs[8]) {
+#if defined(GK_AVX512) || defined(GK_AVX2)
+  alignas(32) uint64_t lanes[8];
+  for (int h = 0; h < 2; ++h) {
+    const __m256i a = _mm256_srli_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * h)), 32);
+    __m256i v = _mm256_and_si256(a, _mm256_set1_epi64x(0x7F));  // index i moved to byte i
+    v = _mm256_or_si256(v, _mm256_and_si256(_mm256_slli_epi64(a, 1), _mm256_set1_epi64x(0x7F00)));
+    v = _mm256_or_si256(v, _mm256_and_si256(_mm256_slli_epi64(a, 2), _mm256_set1_epi64x(0x7F0000)));
+    v = _mm256_or_si256(v, _mm256_and_si256(_mm256_slli_epi64(a, 3), _mm256_set1_epi64x(0x7F000000)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 4 * h), with_parity(v));
+  }
+  for (int j = 0; j < 8; ++j) signs[j] = uint32_t(lanes[j]);
+#else
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t a = load_u32(qs + 8 * j + 4);
+    signs[j] = uint32_t(t.ksigns[a & 127]) | uint32_t(t.ksigns[(a >> 7) & 127]) << 8 |
+               uint32_t(t.ksigns[(a >> 14) & 127]) << 16 | uint32_t(t.ksigns[(a >> 21) & 127]) << 24;
+  }
+#endif
+}
+
+// IQ2_XS: each 16-bit word's index in its top 7 bits.
+inline void xs_signs(const Tables& t, const uint8_t* qs, uint32_t signs[8]) {
+#if defined(GK_AVX512) || defined(GK_AVX2)
+  const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+  const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32));
+  const __m256i s0 = with_parity(_mm256_srli_epi16(w0, 9)), s1 = with_parity(_mm256_srli_epi16(w1, 9));
+  // 16-bit lanes (all under 256) to bytes; packus interleaves the 128-bit halves, the permute restores the order
+  const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packus_epi16(s0, s1), 0xD8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(signs), bytes);
+#else
+  for (int j = 0; j < 8; ++j) {
+    uint32_t v = 0;
+    for (int i = 0; i < 4; ++i) v |= uint32_t(t.ksigns[load_u16(qs + 8 * j + 2 * i) >> 9]) << (8 * i);
+    signs[j] = v;
+  }
+#endif
+}
+
+// The 16 scales of an IQ2_XS / IQ2_S block from its 8 bytes of 4-bit s (low nibble first).
+inline void scales16(float d, const uint8_t* sc, float* out) {
+#if defined(GK_AVX512) || defined(GK_AVX2)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc)), m = _mm_set1_epi8(0x0F);
+  const __m128i s = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+#if defined(GK_AVX512)
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(s));
+  _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(d), _mm512_add_ps(_mm512_set1_ps(0.5f), f)),
+                                      _mm512_set1_ps(0.25f)));
+#else
+  for (int h = 0; h < 2; ++h) {
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h ? _mm_srli_si128(s, 8) : s));
+    _mm256_storeu_ps(out + 8 * h, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(d), _mm256_add_ps(_mm256_set1_ps(0.5f), f)),
+                                                _mm256_set1_ps(0.25f)));
+  }
+#endif
+#else
+  for (int j = 0; j < 8; ++j) {
+    out[2 * j] = group_scale(d, sc[j] & 15);
+    out[2 * j + 1] = group_scale(d, sc[j] >> 4);
+  }
+#endif
 }
 
 void decode_xxs(const uint8_t* row, int64_t nb, int8_t* codes, float* scale) {
@@ -54,13 +153,12 @@ void decode_xxs(const uint8_t* row, int64_t nb, int8_t* codes, float* scale) {
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* p = row + 66 * b;
     const float d = fp16_to_f32(p);
+    uint32_t signs[8];
+    xxs_signs(t, p + 2, signs);
     for (int j = 0; j < 8; ++j) {
       const uint8_t* q = p + 2 + 8 * j;
-      const uint32_t aux = load_u32(q + 4);
-      scale[8 * b + j] = group_scale(d, aux >> 28);
-      const uint32_t signs = uint32_t(t.ksigns[aux & 127]) | uint32_t(t.ksigns[(aux >> 7) & 127]) << 8 |
-                             uint32_t(t.ksigns[(aux >> 14) & 127]) << 16 | uint32_t(t.ksigns[(aux >> 21) & 127]) << 24;
-      put32(t.iq2xxs[q[0]], t.iq2xxs[q[1]], t.iq2xxs[q[2]], t.iq2xxs[q[3]], signs, codes + 256 * b + 32 * j);
+      scale[8 * b + j] = group_scale(d, q[7] >> 4);
+      put32(t.iq2xxs[q[0]], t.iq2xxs[q[1]], t.iq2xxs[q[2]], t.iq2xxs[q[3]], signs[j], codes + 256 * b + 32 * j);
     }
   }
 }
@@ -70,15 +168,13 @@ void decode_xs(const uint8_t* row, int64_t nb, int8_t* codes, float* scale) {
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* p = row + 74 * b;
     const float d = fp16_to_f32(p);
+    scales16(d, p + 66, scale + 16 * b);
+    uint32_t signs[8];
+    xs_signs(t, p + 2, signs);
     for (int j = 0; j < 8; ++j) {
-      const uint8_t s = p[66 + j];
-      scale[16 * b + 2 * j] = group_scale(d, s & 15);
-      scale[16 * b + 2 * j + 1] = group_scale(d, s >> 4);
       uint16_t w[4];
       std::memcpy(w, p + 2 + 8 * j, 8);
-      const uint32_t signs = uint32_t(t.ksigns[w[0] >> 9]) | uint32_t(t.ksigns[w[1] >> 9]) << 8 |
-                             uint32_t(t.ksigns[w[2] >> 9]) << 16 | uint32_t(t.ksigns[w[3] >> 9]) << 24;
-      put32(t.iq2xs[w[0] & 511], t.iq2xs[w[1] & 511], t.iq2xs[w[2] & 511], t.iq2xs[w[3] & 511], signs,
+      put32(t.iq2xs[w[0] & 511], t.iq2xs[w[1] & 511], t.iq2xs[w[2] & 511], t.iq2xs[w[3] & 511], signs[j],
             codes + 256 * b + 32 * j);
     }
   }
@@ -90,9 +186,8 @@ void decode_s(const uint8_t* row, int64_t nb, int8_t* codes, float* scale) {
     const uint8_t* p = row + 82 * b;
     const float d = fp16_to_f32(p);
     const uint8_t *qs = p + 2, *sg = p + 34, *qh = p + 66, *sc = p + 74;
+    scales16(d, sc, scale + 16 * b);
     for (int j = 0; j < 8; ++j) {
-      scale[16 * b + 2 * j] = group_scale(d, sc[j] & 15);
-      scale[16 * b + 2 * j + 1] = group_scale(d, sc[j] >> 4);
       const uint8_t* q = qs + 4 * j;
       const uint32_t h = qh[j];
       put32(t.iq2s[q[0] | (h & 3) << 8], t.iq2s[q[1] | (h & 12) << 6], t.iq2s[q[2] | (h & 48) << 4],
