@@ -12,6 +12,9 @@
 //     then 8 bytes of s, the low nibble for the first 16 of each 32 weights, the high for the second.
 //   IQ2_S (82 bytes, groups of 16): 32 low bytes of 10-bit grid indices, 32 bytes of plain sign bits,
 //     8 bytes of the indices' top two bits (two for each of 4 grid points), then s as in IQ2_XS.
+// Decoding runs for every weight of every decode step, as costly as the dot with one row of x: with
+// AVX-512 / AVX2 a group's 4 grid words go into one register and are negated under the 32 sign bits
+// (a mask register, or xor-and-subtract with the bits spread to bytes), one store for 32 codes.
 
 #include "ggml_blocks.h"
 
