@@ -5,11 +5,11 @@ matrix dequantised (what ``--quant none`` runs): time and the bytes of weights s
         [--activations float32,int8]
 
 Each matrix is ~30-180 MB as blocks, 4 bytes a weight as floats (bigger than any cache), as in
-decoding: every weight is read once per call. GB/s counts the bytes each side's weights occupy;
-near the machine's memory bandwidth both are bound by it, and the speedup is the bytes saved.
-Gw/s is the kernel's weights multiplied per second: for a decoded-then-dotted type, what bounds it
-below the bandwidth is the decode. ``--activations`` times the kernel's products with each kind
-of activations (ggml_ops.ACTIVATIONS: float32, auto, int8), one line each.
+decoding: every weight is read once per call. GB/s counts the bytes each side's weights occupy, Gw/s
+the weights (10^9 a second); near the machine's memory bandwidth both are bound by it, and the
+speedup is the bytes saved. For a decoded-then-dotted type, what bounds Gw/s below the bandwidth is
+the decode. ``--activations`` times the kernel's products with each kind of activations
+(ggml_ops.ACTIVATIONS: float32, auto, int8), one line each.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from gemmakit.quant import ggml_ops  # noqa: E402
 SHAPES = {T.Q8_0: (262144, 640)}  # the default model's tied LM head; the rest are 65536 x 2048
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 TYPES += [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0, T.MXFP4]  # decoded, then dotted (ggml_kquants.cpp)
+TYPES += [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S]  # ggml_iq2.cpp
+SHAPES.update({t: (131072, 2048) for t in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S)})  # 2-2.6 bits a weight: twice the rows
 
 
 def best_time(fn, repeat: int) -> float:
@@ -72,7 +74,7 @@ def main() -> None:
         sys.exit("the CPU kernel is unavailable")
     Ms = [int(m) for m in args.rows.split(",")]
     print(f"threads={args.threads} simd={ext.ggml_simd()}  best of {args.repeat}")
-    print(f"{'type':6} {'N x K':>13} {'M':>3} {'acts':>7} | {'raw MB':>7} {'ggml ms':>8} {'GB/s':>6} {'Gw/s':>5} | "
+    print(f"{'type':7} {'N x K':>13} {'M':>3} {'acts':>7} | {'raw MB':>7} {'ggml ms':>8} {'GB/s':>6} {'Gw/s':>5} | "
           f"{'float MB':>8} {'float ms':>10} {'GB/s':>6} | speedup")
     for name in args.types.split(","):
         qtype = T[name]
@@ -88,7 +90,7 @@ def main() -> None:
             for mode in modes:
                 code = ggml_ops.ACTIVATIONS[mode]
                 t_new = best_time(lambda: ext.ggml_matmul(x, [raw], [int(qtype)], K, code), args.repeat)
-                print(f"{name:6} {f'{N}x{K}':>13} {M:>3} {mode:>7} | {raw_bytes / 1e6:7.1f} {t_new * 1e3:8.2f} "
+                print(f"{name:7} {f'{N}x{K}':>13} {M:>3} {mode:>7} | {raw_bytes / 1e6:7.1f} {t_new * 1e3:8.2f} "
                       f"{raw_bytes / t_new / 1e9:6.1f} {N * K / t_new / 1e9:5.2f} | {dense_bytes / 1e6:8.1f} "
                       f"{t_old * 1e3:10.2f} {dense_bytes / t_old / 1e9:6.1f} | {t_old / t_new:5.2f}x", flush=True)
 
