@@ -24,6 +24,7 @@ def ext():
 # 16-bit float matrices run on the same kernel, in place (a bfloat16 or float16 checkpoint's)
 PLAIN16 = {T.F16: torch.float16, T.BF16: torch.bfloat16}
 KERNEL_TYPES = [*QUANT_TYPES, *PLAIN16]
+KERNEL_TYPES += [T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
 
 
 def blocks_of(qtype: T, rows: int, cols: int, seed: int) -> torch.Tensor:

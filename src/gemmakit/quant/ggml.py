@@ -363,7 +363,7 @@ def dequantize(
 # would, since each weight widens exactly (HALF_TYPES, kernels/gemm.py: GGML's F16 and BF16 codes).
 _PLAIN16 = tuple(HALF_TYPES.values())
 # Types the block kernel decodes with its block families (kernels/csrc/ggml_blocks.h) and keeps packed.
-_FAMILY_TYPES: tuple[int, ...] = ()
+_FAMILY_TYPES: tuple[int, ...] = (_T.IQ3_XXS, _T.IQ3_S, _T.IQ1_S, _T.IQ1_M)
 PACKABLE_TYPES: frozenset[int] = frozenset((*(int(t) for t in (*_CODES, *_FAMILY_TYPES)), *_PLAIN16))
 
 
