@@ -30,6 +30,7 @@ from gemmakit.quant import ggml_ops  # noqa: E402
 
 SHAPES = {T.Q8_0: (262144, 640)}  # the default model's tied LM head; the rest are 65536 x 2048
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+TYPES += [T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
 
 
 def best_time(fn, repeat: int) -> float:
@@ -61,7 +62,7 @@ def main() -> None:
         sys.exit("the CPU kernel is unavailable")
     Ms = [int(m) for m in args.rows.split(",")]
     print(f"threads={args.threads} simd={ext.ggml_simd()}  best of {args.repeat}")
-    print(f"{'type':6} {'N x K':>13} {'M':>3} | {'raw MB':>7} {'ggml ms':>8} {'GB/s':>6} | "
+    print(f"{'type':7} {'N x K':>13} {'M':>3} | {'raw MB':>7} {'ggml ms':>8} {'GB/s':>6} {'Gw/s':>5} | "
           f"{'float MB':>8} {'float ms':>10} {'GB/s':>6} | speedup")
     for name in args.types.split(","):
         qtype = T[name]
@@ -74,8 +75,8 @@ def main() -> None:
             x = torch.randn(M, K)
             t_new = best_time(lambda: ext.ggml_matmul(x, [raw], [int(qtype)], K), args.repeat)
             t_old = best_time(lambda: F.linear(x, dense), args.repeat)
-            print(f"{name:6} {f'{N}x{K}':>13} {M:>3} | {raw_bytes / 1e6:7.1f} {t_new * 1e3:8.2f} "
-                  f"{raw_bytes / t_new / 1e9:6.1f} | {dense_bytes / 1e6:8.1f} {t_old * 1e3:10.2f} "
+            print(f"{name:7} {f'{N}x{K}':>13} {M:>3} | {raw_bytes / 1e6:7.1f} {t_new * 1e3:8.2f} "
+                  f"{raw_bytes / t_new / 1e9:6.1f} {N * K / t_new / 1e9:5.1f} | {dense_bytes / 1e6:8.1f} {t_old * 1e3:10.2f} "
                   f"{dense_bytes / t_old / 1e9:6.1f} | {t_old / t_new:5.2f}x", flush=True)
 
 

@@ -22,8 +22,6 @@
 // shifts and the widening to codes are a few vector operations per 32 weights.
 
 #include "ggml_blocks.h"
-#undef GK_AVX512 // SCALARTEST
-#undef GK_AVX2 // SCALARTEST
 
 namespace gemmakit_ggml {
 
