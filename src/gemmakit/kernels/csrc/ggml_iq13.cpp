@@ -46,10 +46,8 @@ inline uint32_t iq3xxs_signs(const Tables& t, uint32_t word) {
 }
 
 #if defined(GK_AVX512) || defined(GK_AVX2)
-// Eight 4-weight grid entries -> 32 codes, weight j negated where bit j of `signs` is set.
-inline void iq3_group(const uint32_t* grid, const int idx[8], uint32_t signs, int8_t* out) {
-  const __m256i g = _mm256_setr_epi32(int(grid[idx[0]]), int(grid[idx[1]]), int(grid[idx[2]]), int(grid[idx[3]]),
-                                      int(grid[idx[4]]), int(grid[idx[5]]), int(grid[idx[6]]), int(grid[idx[7]]));
+// 32 grid bytes (eight 4-weight entries) -> 32 codes, weight j negated where bit j of `signs` is set.
+inline void iq3_store(__m256i g, uint32_t signs, int8_t* out) {
 #if defined(GK_AVX512)
   const __m256i c = _mm256_mask_sub_epi8(g, __mmask32(signs), _mm256_setzero_si256(), g);
 #else
@@ -64,15 +62,38 @@ inline void iq3_group(const uint32_t* grid, const int idx[8], uint32_t signs, in
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), c);
 }
 
-// Four 8-weight IQ1 grid entries (-1/0/1 bytes) -> 32 codes 8 * grid + shift, shift a byte of +-1 per entry.
-inline void iq1_group(const uint64_t* grid, const int idx[4], const int64_t shift[4], int8_t* out) {
-  const __m256i g = _mm256_setr_epi64x(int64_t(grid[idx[0]]), int64_t(grid[idx[1]]), int64_t(grid[idx[2]]),
-                                       int64_t(grid[idx[3]]));
-  const __m256i s = _mm256_setr_epi64x(shift[0], shift[1], shift[2], shift[3]);
-  // sign_epi8(8, g) is 8 * g for g in {-1, 0, 1}
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), g), s));
+// The eight grid indices of a group of 32 weights, 8-bit (`qs`) or with a 9th bit each in `qh`.
+inline __m256i iq3_index(const uint8_t* qs) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs)));
 }
-#else
+inline __m256i iq3_index(const uint8_t* qs, uint32_t qh) {  // bit k of qh -> bit 8 of index k
+  const __m256i hi = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(int(qh)), _mm256_setr_epi32(8, 7, 6, 5, 4, 3, 2, 1)),
+                                      _mm256_set1_epi32(256));
+  return _mm256_or_si256(iq3_index(qs), hi);
+}
+
+inline __m256i iq3_grid(const uint32_t* grid, __m256i idx) {
+  return _mm256_i32gather_epi32(reinterpret_cast<const int*>(grid), idx, 4);
+}
+
+// Four 8-weight IQ1 entries -> 32 codes 8 * grid + shift, `shift` a byte of +-1 per weight.
+inline void iq1_store(const uint64_t* grid, __m256i idx, __m256i shift, int8_t* out) {
+  const __m256i g = _mm256_i64gather_epi64(reinterpret_cast<const long long*>(grid), idx, 8);
+  // sign_epi8(8, g) is 8 * g for g in {-1, 0, 1}
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), g), shift));
+}
+
+// Four IQ1 indices: 8 bits each from `qs`, 3 high bits each from the low bits of the lanes of `h_shifted`.
+inline __m256i iq1_index(const uint8_t* qs, __m256i h_shifted) {
+  const __m256i lo = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(int(load_u32(qs))));
+  return _mm256_or_si256(lo, _mm256_slli_epi64(_mm256_and_si256(h_shifted, _mm256_set1_epi64x(7)), 8));
+}
+#endif
+
+#if !(defined(GK_AVX512) || defined(GK_AVX2))
+// A shift of +1/8 (bit clear) or -1/8 (bit set) as 8 bytes of its code offset, +1 or -1.
+inline int64_t iq1_shift(uint32_t negative) { return negative ? -1 : 0x0101010101010101ll; }
+
 inline void iq3_group(const uint32_t* grid, const int idx[8], uint32_t signs, int8_t* out) {
   for (int k = 0; k < 8; ++k) {
     const uint32_t g = grid[idx[k]];
@@ -92,9 +113,6 @@ inline void iq1_group(const uint64_t* grid, const int idx[4], const int64_t shif
 }
 #endif
 
-// A shift of +1/8 (bit clear) or -1/8 (bit set) as 8 bytes of its code offset, +1 or -1.
-inline int64_t iq1_shift(uint32_t negative) { return negative ? -1 : 0x0101010101010101ll; }
-
 void decode_iq3xxs(const Tables& t, const uint8_t* row, int64_t nb, int8_t* codes, float* scale) {
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* p = row + 98 * b;
@@ -103,9 +121,14 @@ void decode_iq3xxs(const Tables& t, const uint8_t* row, int64_t nb, int8_t* code
     for (int g = 0; g < 8; ++g) {
       const uint32_t word = load_u32(p + 66 + 4 * g);
       scale[8 * b + g] = d * (0.5f + float(word >> 28)) * 0.5f;
+      int8_t* out = codes + kBlock * b + 32 * g;
+#if defined(GK_AVX512) || defined(GK_AVX2)
+      iq3_store(iq3_grid(t.iq3xxs, iq3_index(qs + 8 * g)), iq3xxs_signs(t, word), out);
+#else
       int idx[8];
       for (int k = 0; k < 8; ++k) idx[k] = qs[8 * g + k];
-      iq3_group(t.iq3xxs, idx, iq3xxs_signs(t, word), codes + kBlock * b + 32 * g);
+      iq3_group(t.iq3xxs, idx, iq3xxs_signs(t, word), out);
+#endif
     }
   }
 }
@@ -117,9 +140,14 @@ void decode_iq3s(const Tables& t, const uint8_t* row, int64_t nb, int8_t* codes,
     const uint8_t *qs = p + 2, *qh = p + 66, *signs = p + 74, *sc = p + 106;
     for (int g = 0; g < 8; ++g) {
       scale[8 * b + g] = d * float(1 + 2 * ((sc[g / 2] >> (4 * (g % 2))) & 0x0F));
+      int8_t* out = codes + kBlock * b + 32 * g;
+#if defined(GK_AVX512) || defined(GK_AVX2)
+      iq3_store(iq3_grid(t.iq3s, iq3_index(qs + 8 * g, qh[g])), load_u32(signs + 4 * g), out);
+#else
       int idx[8];
       for (int k = 0; k < 8; ++k) idx[k] = qs[8 * g + k] | ((qh[g] >> k) & 1) << 8;
-      iq3_group(t.iq3s, idx, load_u32(signs + 4 * g), codes + kBlock * b + 32 * g);
+      iq3_group(t.iq3s, idx, load_u32(signs + 4 * g), out);
+#endif
     }
   }
 }
@@ -133,11 +161,17 @@ void decode_iq1s(const Tables& t, const uint8_t* row, int64_t nb, int8_t* codes,
       const uint32_t h = load_u16(p + 34 + 2 * g);
       const float dl = d * float(2 * ((h >> 12) & 7) + 1);
       scale[8 * b + g] = dl * 0.125f;
+      int8_t* out = codes + kBlock * b + 32 * g;
+#if defined(GK_AVX512) || defined(GK_AVX2)
+      const __m256i hs = _mm256_srlv_epi64(_mm256_set1_epi64x(h), _mm256_setr_epi64x(0, 3, 6, 9));
+      iq1_store(t.iq1s, iq1_index(qs + 4 * g, hs), _mm256_set1_epi8(h & 0x8000 ? -1 : 1), out);
+#else
       const int64_t s = iq1_shift(h & 0x8000);
       const int64_t shift[4] = {s, s, s, s};
       int idx[4];
       for (int k = 0; k < 4; ++k) idx[k] = qs[4 * g + k] | ((h >> (3 * k)) & 7) << 8;
-      iq1_group(t.iq1s, idx, shift, codes + kBlock * b + 32 * g);
+      iq1_group(t.iq1s, idx, shift, out);
+#endif
     }
   }
 }
@@ -157,6 +191,14 @@ void decode_iq1m(const Tables& t, const uint8_t* row, int64_t nb, int8_t* codes,
       scale[16 * b + 2 * g] = d * float(2 * (w & 7) + 1) * 0.125f;
       scale[16 * b + 2 * g + 1] = d * float(2 * ((w >> 3) & 7) + 1) * 0.125f;
       const uint32_t h = load_u16(qh + 2 * g);  // a nibble per grid entry
+      int8_t* out = codes + kBlock * b + 32 * g;
+#if defined(GK_AVX512) || defined(GK_AVX2)
+      const __m256i hs = _mm256_srlv_epi64(_mm256_set1_epi64x(h), _mm256_setr_epi64x(0, 4, 8, 12));
+      // +1 per byte, or -1 where the entry's bit 3 is set
+      const __m256i neg = _mm256_cmpeq_epi64(_mm256_and_si256(hs, _mm256_set1_epi64x(8)), _mm256_set1_epi64x(8));
+      const __m256i shift = _mm256_sub_epi8(_mm256_set1_epi8(1), _mm256_and_si256(neg, _mm256_set1_epi8(2)));
+      iq1_store(t.iq1s, iq1_index(qs + 4 * g, hs), shift, out);
+#else
       int idx[4];
       int64_t shift[4];
       for (int k = 0; k < 4; ++k) {
@@ -164,7 +206,8 @@ void decode_iq1m(const Tables& t, const uint8_t* row, int64_t nb, int8_t* codes,
         idx[k] = qs[4 * g + k] | (n & 7) << 8;
         shift[k] = iq1_shift(n & 8);
       }
-      iq1_group(t.iq1s, idx, shift, codes + kBlock * b + 32 * g);
+      iq1_group(t.iq1s, idx, shift, out);
+#endif
     }
   }
 }
