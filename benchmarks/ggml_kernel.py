@@ -3,8 +3,9 @@ matrix dequantised (what ``--quant none`` runs): time and the bytes of weights s
 
     PYTHONPATH=src python benchmarks/ggml_kernel.py [--threads 2] [--repeat 5] [--types Q8_0,Q4_K]
 
-Each matrix is ~100-180 MB as blocks, 4 bytes a weight as floats (bigger than any cache), as in
-decoding: every weight is read once per call. GB/s counts the bytes each side's weights occupy;
+Each matrix is ~100-180 MB as blocks (the IQ types 26-58 MB), 4 bytes a weight as floats, as in
+decoding: every weight is read once per call. GB/s counts the bytes each side's weights occupy
+(Gw/s: weights per second, the decode's measure when a type's arithmetic, not memory, bounds it);
 near the machine's memory bandwidth both are bound by it, and the speedup is the bytes saved.
 """
 
@@ -76,8 +77,8 @@ def main() -> None:
             t_new = best_time(lambda: ext.ggml_matmul(x, [raw], [int(qtype)], K), args.repeat)
             t_old = best_time(lambda: F.linear(x, dense), args.repeat)
             print(f"{name:7} {f'{N}x{K}':>13} {M:>3} | {raw_bytes / 1e6:7.1f} {t_new * 1e3:8.2f} "
-                  f"{raw_bytes / t_new / 1e9:6.1f} {N * K / t_new / 1e9:5.1f} | {dense_bytes / 1e6:8.1f} {t_old * 1e3:10.2f} "
-                  f"{dense_bytes / t_old / 1e9:6.1f} | {t_old / t_new:5.2f}x", flush=True)
+                  f"{raw_bytes / t_new / 1e9:6.1f} {N * K / t_new / 1e9:5.1f} | {dense_bytes / 1e6:8.1f} "
+                  f"{t_old * 1e3:10.2f} {dense_bytes / t_old / 1e9:6.1f} | {t_old / t_new:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":
