@@ -4,7 +4,7 @@ matrix dequantised (what ``--quant none`` runs): time and the bytes of weights s
     PYTHONPATH=src python benchmarks/ggml_kernel.py [--threads 2] [--repeat 5] [--types Q8_0,Q4_K] \
         [--activations float32,int8]
 
-Each matrix is ~30-180 MB as blocks, 4 bytes a weight as floats (bigger than any cache), as in
+Each matrix is ~30-180 MB as blocks (the IQ types 26-58 MB), 4 bytes a weight as floats (bigger than any cache), as in
 decoding: every weight is read once per call. GB/s counts the bytes each side's weights occupy, Gw/s
 the weights (10^9 a second); near the machine's memory bandwidth both are bound by it, and the
 speedup is the bytes saved. For a decoded-then-dotted type, what bounds Gw/s below the bandwidth is
@@ -37,6 +37,7 @@ TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 TYPES += [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0, T.MXFP4]  # decoded, then dotted (ggml_kquants.cpp)
 TYPES += [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S]  # ggml_iq2.cpp
 SHAPES.update({t: (131072, 2048) for t in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S)})  # 2-2.6 bits a weight: twice the rows
+TYPES += [T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]  # ggml_iq13.cpp
 
 
 def best_time(fn, repeat: int) -> float:

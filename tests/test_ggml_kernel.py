@@ -28,6 +28,7 @@ PLAIN16 = {T.F16: torch.float16, T.BF16: torch.bfloat16}
 KERNEL_TYPES = [*QUANT_TYPES, *PLAIN16]
 KERNEL_TYPES += [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0, T.MXFP4]  # ggml_kquants.cpp
 KERNEL_TYPES += [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S]  # ggml_iq2.cpp
+KERNEL_TYPES += [T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]  # ggml_iq13.cpp
 # multiplied straight from their blocks under AVX2/AVX-512 (ggml_matmul.cpp's fused_row); the rest are decoded
 FUSED = {T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, *PLAIN16}
 

@@ -366,6 +366,7 @@ _PLAIN16 = tuple(HALF_TYPES.values())
 # Types the block kernel decodes with its block families (kernels/csrc/ggml_blocks.h) and keeps packed.
 _FAMILY_TYPES: tuple[int, ...] = (*_FAMILY_CODES, _T.TQ1_0, _T.TQ2_0, _T.MXFP4)
 _FAMILY_TYPES += (_T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S)  # ggml_iq2.cpp
+_FAMILY_TYPES += (_T.IQ3_XXS, _T.IQ3_S, _T.IQ1_S, _T.IQ1_M)  # ggml_iq13.cpp
 PACKABLE_TYPES: frozenset[int] = frozenset((*(int(t) for t in (*_CODES, *_FAMILY_TYPES)), *_PLAIN16))
 
 
