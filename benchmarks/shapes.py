@@ -15,7 +15,7 @@ weights in a Hugging Face directory -> llama.cpp's convert_hf_to_gguf.py (DIR: l
 e.g. vendor/llama.cpp of llama-cpp-python's sdist, `pip download --no-binary :all: --no-deps
 llama-cpp-python`) -> a bf16 GGUF -> llama-cpp-python's llama_model_quantize -> each ``--ftype``
 (default Q4_K_M). The types llama.cpp refuses to make without an importance matrix (IQ1_*, IQ2_*,
-Q2_K_S) get a uniform one: the weights are random, so no input column matters more than another.
+IQ3_* with --pure, Q2_K_S) get a uniform one: the weights are random, so no input column matters more than another.
 ``--layers N`` keeps the first N layers (every size within a layer unchanged, K/V not shared) where
 the whole model would not fit the disk or the time: tokens/s then scale with the layer count, the
 head and embedding aside.
@@ -38,8 +38,8 @@ from pathlib import Path
 
 SHAPES = {"e2b": "gemma4-e2b", "e4b": "gemma4-e4b", "26b-a4b": "gemma4-26b-a4b", "31b": "gemma4-31b",
           "12b": "gemma4-12b", "gemma3-4b": "gemma3-4b"}
-# llama.cpp's quantiser stops on these without an importance matrix
-NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S"}
+# llama.cpp's quantiser stops on these without an importance matrix (the IQ3 ones where --pure)
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M"}
 
 
 def _random_tensors(config, seed: int):
