@@ -17,6 +17,7 @@ import gemmakit
 import gemmakit.models.decoder as decoder
 import gemmakit.models.fused_decode as fused_decode
 from gemmakit.api import LoadOptions, load_model
+from gemmakit.errors import InvalidRequestError
 from gemmakit.kernels.build import kernel
 from gemmakit.kernels.gemm import bf16_supported
 from tiny import random_model, tiny_config, write_gguf
@@ -296,3 +297,29 @@ def test_fused_step_with_an_int8_kv_cache_equals_eager(family, head_dim, monkeyp
     assert torch.equal(fused, eager)
     for a, b in zip(fused_cache.layers, eager_cache.layers):
         assert a.quantised and all(torch.equal(x, y) for x, y in zip(a._tensors(), b._tensors()))
+
+
+def test_int8_activations_reach_both_steps(tmp_path, monkeypatch) -> None:
+    """load(activations="int8"): the fused and the eager steps multiply the same rounded activations
+    (equal logits), and those move the float32 activations' logits by about 8-bit rounding."""
+    config = tiny_config("gemma3", num_layers=4, intermediate_size=256, hidden_size=256)
+    path = write_gguf(tmp_path / "m.gguf", random_model(config, seed=3), quant="Q5_0")
+    exact, _ = gemmakit.load(path, activations="float32")
+    rounded, _ = gemmakit.load(path, activations="int8")
+    fused, served = _decode_logits(rounded, PROMPTS, True, monkeypatch)
+    eager, _ = _decode_logits(rounded, PROMPTS, False, monkeypatch)
+    assert served == STEPS and torch.equal(fused, eager)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        a, b = exact(ids), rounded(ids)
+    rel = ((b - a).norm() / a.norm()).item()
+    assert 1e-4 < rel < 5e-2, rel
+
+
+def test_int8_activations_need_quantised_blocks(tmp_path) -> None:
+    config = tiny_config("gemma3", num_layers=2, intermediate_size=256, hidden_size=256)
+    path = write_gguf(tmp_path / "m.gguf", random_model(config, seed=3))
+    with pytest.raises(InvalidRequestError, match="--activations int8 applies to quantised"):
+        gemmakit.load(path, activations="int8")
+    with pytest.raises(InvalidRequestError, match="unknown kernel activations 'int4'"):
+        gemmakit.load(path, activations="int4")

@@ -84,7 +84,7 @@ def run(args) -> int:
             "stats": {"prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
                       "load_s": round(report.seconds, 4),
                       "weights": report.weights, "weight_bytes": _weight_bytes(model),
-                      "prefill_dtype": report.prefill_dtype,
+                      "prefill_dtype": report.prefill_dtype, "activations": report.activations,
                       # (moved at the 32nd decoding step: gemmakit/huge_pages.py)
                       "huge_page_bytes": getattr(getattr(model, "decoder", model), "weights_in_huge_pages", 0),
                       "prefill_tokens_per_s": round(s.prefill_tokens_per_s, 2),
