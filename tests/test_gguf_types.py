@@ -7,14 +7,16 @@
 * gemmakit either keeps each such tensor as its blocks (the file's bytes, when the block kernel
   runs the type) or decodes it; either way its decoding equals gguf-py's reference bit for bit.
 * gemmakit's logits, whether it dequantises the file or keeps its blocks, track llama.cpp's. The
-  quantisation is the same on both sides, but llama.cpp rounds activations to 8 bits in its block
-  products (to Q8_K or Q8_0 blocks, as each type's dot product takes them) and gemmakit keeps float32, so
-  the two differ by a few percent whatever the weights: measured relative L2 1.1-1.6% on the
-  Gemma 3 files and 2.7% on the mixture (llama.cpp on the mixture widened to F32 is within 0.03%
-  of gemmakit), the top token the same at every position. The bounds are 3% and 4.5%. A decoder
-  that gets every other 32 weights' scale 1/8 too large is 18-21% off (the mixture: 8.8%), one that
-  swaps the half-blocks 70-100% (test_the_bound_catches_a_wrong_decoder); the quantisation error
-  itself (llama.cpp's logits on the F32 source) is 16-105%.
+  quantisation is the same on both sides, but the activations are rounded differently: llama.cpp
+  rounds them to 8 bits per 256 (Q8_K) for the K and IQ types and per 32 (Q8_0) for IQ4_NL, MXFP4
+  and Q8_0; gemmakit keeps float32 (``activations="float32"``), or rounds per 32 (the default for
+  the types it decodes before their products). Measured relative L2: 1.1-1.6% float32, 0.9-1.9%
+  by default, on the Gemma 3 files; 2.7% and 2.9% on the mixture (1.6% with every product on int8,
+  as llama.cpp runs it; llama.cpp on the mixture widened to F32 is within 0.03% of gemmakit); the
+  top token the same at every position. The bounds are 3% and 4.5%. A decoder that gets every
+  other 32 weights' scale 1/8 too large is 18-21% off (the mixture: 8.8%), one that swaps the
+  half-blocks 70-100% (test_the_bound_catches_a_wrong_decoder); the quantisation error itself
+  (llama.cpp's logits on the F32 source) is 16-105%.
 * Where llama-cpp-python is installed, the recorded logits are checked against its live ones.
 """
 
