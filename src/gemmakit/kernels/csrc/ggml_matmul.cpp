@@ -545,21 +545,18 @@ inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* 
 // or the sign trick (AVX2) of int_dot_rows. Scales and offsets are the floats decode_row computes,
 // and the offsets meet QuantX::sum32, so the product is the decoded int8 path's up to float32 rounding.
 
+#if defined(GK_AVX512) || defined(GK_AVX2)
 // Q4_K / Q5_K: the 8 six-bit scales and mins of a block (12 bytes at s) as floats, 4 bytes at a time.
-inline void k_scales8(const uint8_t* s, float* sc, float* mn) {
+inline void k_scales8(const uint8_t* s, __m256* sc, __m256* mn) {
   const uint32_t u0 = load_u32(s), u1 = load_u32(s + 4), u2 = load_u32(s + 8);
-  uint32_t w[4];
-  w[0] = u0 & 0x3F3F3F3F;                                           // scales 0-3
-  w[1] = (u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4);        // scales 4-7
-  w[2] = u1 & 0x3F3F3F3F;                                           // mins 0-3
-  w[3] = ((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4);  // mins 4-7
-  uint8_t b[16];
-  std::memcpy(b, w, 16);
-  for (int j = 0; j < 8; ++j) {
-    sc[j] = float(b[j]);
-    mn[j] = float(b[8 + j]);
-  }
+  const __m128i v = _mm_set_epi32(int(((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4)),  // mins 4-7
+                                  int(u1 & 0x3F3F3F3F),                                              // mins 0-3
+                                  int((u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4)),         // scales 4-7
+                                  int(u0 & 0x3F3F3F3F));                                             // scales 0-3
+  *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+  *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v)));
 }
+#endif
 
 #if defined(GK_AVX512) && defined(__AVX512VNNI__)
 #define GK_INT8_ROWS 1
@@ -595,10 +592,10 @@ void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, in
       const __m512i idx[4] = {pair_index(0, 1), pair_index(2, 3), pair_index(4, 5), pair_index(6, 7)};
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* p = row + bytes * b;
-        float scs[8], mns[8];
-        k_scales8(p + 4, scs, mns);
-        const __m256 sv = _mm256_mul_ps(_mm256_set1_ps(fp16_to_f32(p)), _mm256_loadu_ps(scs));
-        const __m256 mv = _mm256_mul_ps(_mm256_set1_ps(-fp16_to_f32(p + 2)), _mm256_loadu_ps(mns));  // -(dmin * m)
+        __m256 scs, mns;
+        k_scales8(p + 4, &scs, &mns);
+        const __m256 sv = _mm256_mul_ps(_mm256_set1_ps(fp16_to_f32(p)), scs);
+        const __m256 mv = _mm256_mul_ps(_mm256_set1_ps(-fp16_to_f32(p + 2)), mns);  // -(dmin * m)
         __m512 f[MB];
         for (int m = 0; m < MB; ++m) {
           f[m] = _mm512_castps256_ps512(_mm256_mul_ps(sv, _mm256_loadu_ps(dx + m * G32 + 8 * b)));
@@ -752,10 +749,10 @@ void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, in
       const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* p = row + bytes * b;
-        float scs[8], mns[8];
-        k_scales8(p + 4, scs, mns);
-        const __m256 sv = _mm256_mul_ps(_mm256_set1_ps(fp16_to_f32(p)), _mm256_loadu_ps(scs));
-        const __m256 mv = _mm256_mul_ps(_mm256_set1_ps(-fp16_to_f32(p + 2)), _mm256_loadu_ps(mns));  // -(dmin * m)
+        __m256 scs, mns;
+        k_scales8(p + 4, &scs, &mns);
+        const __m256 sv = _mm256_mul_ps(_mm256_set1_ps(fp16_to_f32(p)), scs);
+        const __m256 mv = _mm256_mul_ps(_mm256_set1_ps(-fp16_to_f32(p + 2)), mns);  // -(dmin * m)
         __m256 f[MB];
         for (int m = 0; m < MB; ++m) {
           f[m] = _mm256_mul_ps(sv, _mm256_loadu_ps(dx + m * G32 + 8 * b));
