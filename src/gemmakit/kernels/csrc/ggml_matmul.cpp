@@ -393,13 +393,14 @@ struct Mat {
   int64_t type, N, row_bytes, col0, row0;
   TypeInfo info;
   bool fused;  // multiplied straight from its blocks (else decoded a tile at a time)
-  bool int8;   // its decoded codes meet 8-bit activations (QuantX)
+  bool int8;   // its codes meet 8-bit activations (QuantX)
 };
 
 // ------------------------------------------------------------------------------------ int8 activations
 //
-// The decoded (non-fused) types can also multiply 8-bit activations, as llama.cpp does: each row of x
-// is rounded per block of 32 to int8 codes with one float scale (x ~ dx * xq; llama.cpp's Q8_0), and
+// The decoded (non-fused) types can also multiply 8-bit activations, as llama.cpp does (and, with
+// activations=2, the fused ones: "int8, fused" below): each row of x is rounded per block of 32 to
+// int8 codes with one float scale (x ~ dx * xq; llama.cpp's Q8_0), and
 // a group's codes . xq is an integer dot product, scaled once: scale_g * dx_b * (codes_g . xq_g).
 // AVX-512 VNNI's vpdpbusd multiplies unsigned by signed bytes, so the weight codes go in as c + 128
 // (c ^ 0x80) and each 4-byte lane starts from -128 * (its four xq's sum), which leaves exactly
@@ -536,13 +537,14 @@ inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* 
 
 // ------------------------------------------------------------------------------------ int8, fused
 //
-// With int8 activations, Q4_K, Q5_K, Q6_K and Q8_0 are multiplied straight from their blocks too:
-// the codes are unpacked in registers into bytes and meet xq in integer dot products of 4 bytes a
-// lane (vpdpbusd with AVX-512 VNNI, else vpmaddubsw + vpmaddwd), each lane then scaled by its
-// group's scale times its block's dx. The 4- and 5-bit K-quant codes are unsigned (0..31), so they
-// go in as they are; Q6_K's go in before the -32 (0..63), their lanes starting from -32 * the sum
-// of their four xq (QuantX::bias / 4); Q8_0's signed codes take the c ^ 0x80 / bias trick (VNNI)
-// or the sign trick (AVX2) of int_dot_rows. Scales and offsets are the floats decode_row computes,
+// With int8 activations (activations=2), the types with a fused path are multiplied straight from
+// their blocks too: the codes are unpacked in registers into bytes and meet xq in integer dot products
+// of 4 bytes a lane (vpdpbusd with AVX-512 VNNI or AVX-VNNI, else vpmaddubsw + vpmaddwd), each lane
+// then scaled by its group's scale times its block's dx. Unsigned codes (Q4_K, Q5_K, Q4_1, Q5_1:
+// 0..31) go in as they are; the others go in unsigned too, c + 128 for Q8_0 (VNNI; AVX2 takes the
+// sign trick of int_dot_rows) and before the -32 / -8 / -16 of Q6_K / Q4_0 / Q5_0, their lanes
+// starting from that constant times the sum of their four xq (QuantX::bias, shifted right by 0 /
+// 2 / 4 / 3). Scales and offsets are the floats decode_row computes,
 // and the offsets meet QuantX::sum32, so the product is the decoded int8 path's up to float32 rounding.
 
 #if defined(GK_AVX512) || defined(GK_AVX2)
@@ -558,16 +560,119 @@ inline void k_scales8(const uint8_t* s, __m256* sc, __m256* mn) {
 }
 #endif
 
+// The 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): bytes a block, where the codes start,
+// and the shift that turns QuantX::bias (-128 * a lane's sum of xq) into the lane's start: the codes
+// go in unsigned (Q8_0's as c ^ 0x80, Q4_0's / Q5_0's before their -8 / -16), -1 where they need none.
+template <int64_t TYPE>
+struct Small {
+  static constexpr bool five = TYPE == Q5_0 || TYPE == Q5_1, has_min = TYPE == Q4_1 || TYPE == Q5_1;
+  static constexpr int64_t bytes = TYPE == Q8_0 ? 34 : TYPE == Q4_0 ? 18 : TYPE == Q4_1 ? 20 : TYPE == Q5_0 ? 22 : 24;
+  static constexpr int64_t qs_at = TYPE == Q8_0 || TYPE == Q4_0 ? 2 : TYPE == Q4_1 ? 4 : TYPE == Q5_0 ? 6 : 8;
+  static constexpr int shift = TYPE == Q8_0 ? 0 : TYPE == Q4_0 ? 4 : TYPE == Q5_0 ? 3 : -1;
+};
+
+// One block at p as int8 codes (decode_small's), for the blocks after the last whole vector step.
+template <int64_t TYPE>
+inline void small_codes(const uint8_t* p, int8_t* c) {
+  using S = Small<TYPE>;
+  if constexpr (TYPE == Q8_0)
+    std::memcpy(c, p + 2, 32);
+  else
+    decode_small(p + S::qs_at, S::five ? load_u32(p + (S::has_min ? 4 : 2)) : 0, S::five,
+                 TYPE == Q4_0 ? 8 : TYPE == Q5_0 ? 16 : 0, c);
+}
+
+// tail[m] += block b's product, one block in scalar code.
+template <int64_t TYPE, int MB>
+inline void small_tail(const uint8_t* p, int64_t b, const QuantX& xq, int64_t m0, int64_t K, float* tail) {
+  int8_t c[32];
+  small_codes<TYPE>(p, c);
+  const float w = fp16_to_f32(p);
+  const int64_t G32 = K / 32;
+  for (int m = 0; m < MB; ++m) {
+    const int8_t* qm = xq.q.data() + (m0 + m) * K + 32 * b;
+    int32_t t = 0;
+    for (int j = 0; j < 32; ++j) t += int32_t(c[j]) * qm[j];
+    tail[m] += w * xq.d[(m0 + m) * G32 + b] * float(t);
+    if constexpr (Small<TYPE>::has_min) tail[m] += fp16_to_f32(p + 2) * xq.sum32[(m0 + m) * G32 + b];
+  }
+}
+
 #if defined(GK_AVX512) && defined(__AVX512VNNI__)
 #define GK_INT8_ROWS 1
-inline bool has_int8_row(int64_t t) { return t == Q4_K || t == Q5_K || t == Q6_K || t == Q8_0; }
+inline bool has_int8_row(int64_t t) { return has_fused(t) && !is_plain16(t); }
 
 // Lanes l of the result: v[idx[l]] for idx = {a x8, b x8} (two groups of 32 in one zmm of lanes).
 inline __m512i pair_index(int a, int b) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(a)), _mm256_set1_epi32(b), 1);
 }
 
-// out[m] = row . (dx * xq)[m0 + m] (+ the offsets) for one row of raw blocks of Q4_K/Q5_K/Q6_K/Q8_0.
+// The fp16 at p's bits.
+inline int16_t f16_bits(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return int16_t(h);
+}
+
+// The 32 codes of the block at p as unsigned bytes (see Small).
+template <int64_t TYPE>
+GK_INLINE inline __m256i small_u8(const uint8_t* p) {
+  using S = Small<TYPE>;
+  if constexpr (TYPE == Q8_0)
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)), _mm256_set1_epi8(char(0x80)));
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + S::qs_at));
+  __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+  if constexpr (S::five) u = _mm256_mask_add_epi8(u, __mmask32(load_u32(p + (S::has_min ? 4 : 2))), u, _mm256_set1_epi8(16));
+  return u;
+}
+
+// acc/tail (+)= one row of 32-weight blocks times xq: four blocks a step, their scales (and mins) in
+// one register, two blocks a zmm of lanes.
+template <int64_t TYPE, int MB>
+GK_INLINE inline void int8_small(const uint8_t* row, int64_t nb, const QuantX& xq, int64_t m0, int64_t K,
+                                 __m512 (&acc)[2][MB], float (&tail)[MB]) {
+  using S = Small<TYPE>;
+  const int8_t* q = xq.q.data() + m0 * K;
+  const float* dx = xq.d.data() + m0 * (K / 32);
+  const float* s32 = xq.sum32.data() + m0 * (K / 32);
+  const int32_t* bias = xq.bias.data() + m0 * (K / 4);
+  const int64_t G32 = K / 32;
+  const __m512i idx[2] = {pair_index(0, 1), pair_index(2, 3)};
+  __m128 off[MB];
+  for (int m = 0; m < MB; ++m) off[m] = _mm_setzero_ps();
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) {
+    const uint8_t* p = row + S::bytes * b;
+    constexpr int64_t B = S::bytes;
+    const __m128 w = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, f16_bits(p + 3 * B), f16_bits(p + 2 * B), f16_bits(p + B), f16_bits(p)));
+    __m512 f[MB];
+    for (int m = 0; m < MB; ++m) f[m] = _mm512_castps128_ps512(_mm_mul_ps(w, _mm_loadu_ps(dx + m * G32 + b)));
+    if constexpr (S::has_min) {
+      const __m128 mn = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, f16_bits(p + 3 * B + 2), f16_bits(p + 2 * B + 2),
+                                                   f16_bits(p + B + 2), f16_bits(p + 2)));
+      for (int m = 0; m < MB; ++m) off[m] = _mm_fmadd_ps(mn, _mm_loadu_ps(s32 + m * G32 + b), off[m]);
+    }
+    for (int s = 0; s < 2; ++s) {
+      const __m512i codes =
+          _mm512_inserti64x4(_mm512_castsi256_si512(small_u8<TYPE>(p + 2 * s * B)), small_u8<TYPE>(p + (2 * s + 1) * B), 1);
+      const int64_t k = 32 * (b + 2 * s);
+      for (int m = 0; m < MB; ++m) {
+        __m512i start = _mm512_setzero_si512();
+        if constexpr (S::shift >= 0) start = _mm512_srai_epi32(_mm512_loadu_si512(bias + m * (K / 4) + k / 4), S::shift);
+        const __m512i t = _mm512_dpbusd_epi32(start, codes, _mm512_loadu_si512(q + m * K + k));
+        acc[s][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx[s], f[m]), acc[s][m]);
+      }
+    }
+  }
+  for (; b < nb; ++b) small_tail<TYPE, MB>(row + S::bytes * b, b, xq, m0, K, tail);
+  for (int m = 0; m < MB; ++m) {
+    __m128 o = _mm_add_ps(off[m], _mm_movehl_ps(off[m], off[m]));
+    o = _mm_add_ss(o, _mm_movehdup_ps(o));
+    tail[m] += _mm_cvtss_f32(o);
+  }
+}
+
+// out[m] = row . (dx * xq)[m0 + m] (+ the offsets) for one row of raw blocks of a type with a fused path.
 template <int MB>
 void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, int64_t m0, int64_t K, float* out) {
   const int8_t* q = xq.q.data() + m0 * K;
@@ -576,7 +681,7 @@ void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, in
   const int64_t G32 = K / 32;
   __m512 acc[2][MB];
   __m256 off[MB];
-  float tail[MB];  // Q8_0's last blocks, one at a time
+  float tail[MB];  // the 32-weight blocks' offsets and last blocks
   for (int m = 0; m < MB; ++m) {
     tail[m] = 0.f;
     acc[0][m] = acc[1][m] = _mm512_setzero_ps();
@@ -663,46 +768,11 @@ void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, in
       }
       break;
     }
-    case Q8_0: {
-      const __m512i flip = _mm512_set1_epi8(char(0x80));
-      const __m512i idx[2] = {pair_index(0, 1), pair_index(2, 3)};
-      int64_t b = 0;
-      for (; b + 4 <= nb; b += 4) {  // four blocks a step: their scales in one register
-        const uint8_t* p = row + 34 * b;
-        auto h16 = [](const uint8_t* a) {
-          uint16_t h;
-          std::memcpy(&h, a, 2);
-          return int16_t(h);
-        };
-        const __m128 w = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h16(p + 102), h16(p + 68), h16(p + 34), h16(p)));
-        __m512 f[MB];
-        for (int m = 0; m < MB; ++m) f[m] = _mm512_castps128_ps512(_mm_mul_ps(w, _mm_loadu_ps(dx + m * G32 + b)));
-        for (int s = 0; s < 2; ++s) {
-          const uint8_t* ps = p + 68 * s;
-          const __m512i codes = _mm512_xor_si512(
-              _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ps + 2))),
-                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ps + 36)), 1),
-              flip);
-          const int64_t k = 32 * (b + 2 * s);
-          for (int m = 0; m < MB; ++m) {
-            const __m512i t = _mm512_dpbusd_epi32(_mm512_loadu_si512(bias + m * (K / 4) + k / 4), codes,
-                                                  _mm512_loadu_si512(q + m * K + k));
-            acc[s][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx[s], f[m]), acc[s][m]);
-          }
-        }
-      }
-      for (; b < nb; ++b) {
-        const uint8_t* p = row + 34 * b;
-        const int8_t* c = reinterpret_cast<const int8_t*>(p + 2);
-        const float w = fp16_to_f32(p);
-        for (int m = 0; m < MB; ++m) {
-          int32_t t = 0;
-          for (int j = 0; j < 32; ++j) t += int32_t(c[j]) * q[m * K + 32 * b + j];
-          tail[m] += w * dx[m * G32 + b] * float(t);
-        }
-      }
-      break;
-    }
+    case Q8_0: int8_small<Q8_0, MB>(row, nb, xq, m0, K, acc, tail); break;
+    case Q4_0: int8_small<Q4_0, MB>(row, nb, xq, m0, K, acc, tail); break;
+    case Q4_1: int8_small<Q4_1, MB>(row, nb, xq, m0, K, acc, tail); break;
+    case Q5_0: int8_small<Q5_0, MB>(row, nb, xq, m0, K, acc, tail); break;
+    case Q5_1: int8_small<Q5_1, MB>(row, nb, xq, m0, K, acc, tail); break;
     default:
       TORCH_CHECK(false, "ggml kernel: no int8 row kernel for GGML type ", type);
   }
@@ -715,7 +785,7 @@ void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, in
 }
 #elif defined(GK_AVX2)
 #define GK_INT8_ROWS 1
-inline bool has_int8_row(int64_t t) { return t == Q4_K || t == Q5_K || t == Q6_K || t == Q8_0; }
+inline bool has_int8_row(int64_t t) { return has_fused(t) && !is_plain16(t); }
 
 // u (unsigned bytes) . s (signed bytes), 4 bytes a lane: AVX-VNNI's vpdpbusd, else vpmaddubsw (whose
 // pair sums stay below 2^15 here: |u| <= 128, |s| <= 127) and vpmaddwd.
@@ -727,7 +797,60 @@ inline __m256i udot(__m256i u, __m256i s) {
 #endif
 }
 
-// out[m] = row . (dx * xq)[m0 + m] (+ the offsets) for one row of raw blocks of Q4_K/Q5_K/Q6_K/Q8_0.
+// acc/tail (+)= one row of 32-weight blocks times xq, a block at a time (blocks b and b+1 into the
+// accumulator sets 0 and NA - 1). Q8_0's codes take the sign trick; the rest go in unsigned (Small),
+// the fifth bits made bytes by a shuffle and compare.
+template <int64_t TYPE, int MB, int NA>
+GK_INLINE inline void int8_small(const uint8_t* row, int64_t nb, const QuantX& xq, int64_t m0, int64_t K,
+                                 __m256 (&acc)[NA][MB], float (&tail)[MB]) {
+  using S = Small<TYPE>;
+  const int8_t* q = xq.q.data() + m0 * K;
+  const float* dx = xq.d.data() + m0 * (K / 32);
+  const float* s32 = xq.sum32.data() + m0 * (K / 32);
+  const int32_t* bias = xq.bias.data() + m0 * (K / 4);
+  const int64_t G32 = K / 32;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), b10 = _mm256_set1_epi8(0x10);
+  const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe), ones = _mm256_set1_epi64x(-1);
+  auto block = [&](int64_t b, __m256* a) GK_INLINE {
+    const uint8_t* p = row + S::bytes * b;
+    const float w = fp16_to_f32(p);
+    if constexpr (TYPE == Q8_0) {
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+      const __m256i ca = _mm256_abs_epi8(c);
+      for (int m = 0; m < MB; ++m) {
+        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + 32 * b)), c);
+        a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(udot(ca, xs)), _mm256_set1_ps(w * dx[m * G32 + b]), a[m]);
+      }
+    } else {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + S::qs_at));
+      __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+      if constexpr (S::five) {
+        const int qh = int(load_u32(p + (S::has_min ? 4 : 2)));
+        const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), spread), others), ones);
+        u = _mm256_or_si256(u, _mm256_and_si256(set, b10));
+      }
+      for (int m = 0; m < MB; ++m) {
+        __m256i t = udot(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + 32 * b)));
+        if constexpr (S::shift >= 0)
+          t = _mm256_add_epi32(t, _mm256_srai_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + m * (K / 4) + 8 * b)), S::shift));
+        a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(w * dx[m * G32 + b]), a[m]);
+      }
+      if constexpr (S::has_min) {
+        const float mn = fp16_to_f32(p + 2);
+        for (int m = 0; m < MB; ++m) tail[m] += mn * s32[m * G32 + b];
+      }
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    block(b, acc[0]);
+    block(b + 1, acc[NA - 1]);
+  }
+  if (b < nb) block(b, acc[0]);
+}
+
+// out[m] = row . (dx * xq)[m0 + m] (+ the offsets) for one row of raw blocks of a type with a fused path.
 template <int MB>
 void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, int64_t m0, int64_t K, float* out) {
   const int8_t* q = xq.q.data() + m0 * K;
@@ -736,9 +859,11 @@ void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, in
   const int64_t G32 = K / 32;
   constexpr int NA = MB == 1 ? 2 : 1;  // two accumulator sets for one row of x (overlapping chains)
   __m256 acc[NA][MB], off[MB];
+  float tail[MB];  // the 32-weight blocks' offsets
   for (int m = 0; m < MB; ++m) {
     for (int a = 0; a < NA; ++a) acc[a][m] = _mm256_setzero_ps();
     off[m] = _mm256_setzero_ps();
+    tail[m] = 0.f;
   }
   switch (type) {
     case Q4_K:
@@ -820,25 +945,11 @@ void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, in
       }
       break;
     }
-    case Q8_0: {
-      auto block = [&](int64_t b, __m256* a) GK_INLINE {
-        const uint8_t* p = row + 34 * b;
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
-        const __m256i ca = _mm256_abs_epi8(c);
-        const float w = fp16_to_f32(p);
-        for (int m = 0; m < MB; ++m) {
-          const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + 32 * b)), c);
-          a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(udot(ca, xs)), _mm256_set1_ps(w * dx[m * G32 + b]), a[m]);
-        }
-      };
-      int64_t b = 0;
-      for (; b + 2 <= nb; b += 2) {
-        block(b, acc[0]);
-        block(b + 1, acc[NA - 1]);
-      }
-      if (b < nb) block(b, acc[0]);
-      break;
-    }
+    case Q8_0: int8_small<Q8_0, MB, NA>(row, nb, xq, m0, K, acc, tail); break;
+    case Q4_0: int8_small<Q4_0, MB, NA>(row, nb, xq, m0, K, acc, tail); break;
+    case Q4_1: int8_small<Q4_1, MB, NA>(row, nb, xq, m0, K, acc, tail); break;
+    case Q5_0: int8_small<Q5_0, MB, NA>(row, nb, xq, m0, K, acc, tail); break;
+    case Q5_1: int8_small<Q5_1, MB, NA>(row, nb, xq, m0, K, acc, tail); break;
     default:
       TORCH_CHECK(false, "ggml kernel: no int8 row kernel for GGML type ", type);
   }
@@ -848,7 +959,7 @@ void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, in
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
     lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    out[m] = _mm_cvtss_f32(lo);
+    out[m] = _mm_cvtss_f32(lo) + tail[m];
   }
 }
 #endif
