@@ -156,6 +156,18 @@ def test_int8_activations(ext, qtype: T, M: int, K: int) -> None:
     assert torch.equal(auto, y8 if decoded else y32)
 
 
+@pytest.mark.parametrize("M", [3, 4, 6])
+def test_int8_activations_mixed_call(ext, M: int) -> None:
+    """activations=2 for the fused types mixed in one call (each multiplied from its blocks with int8
+    activations), every remainder of M by four: the dequantised weights times the rounded x."""
+    K = 1024
+    kinds = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K]
+    mats = [(blocks_of(t, 21 + 2 * i, K, 40 + i), int(t)) for i, t in enumerate(kinds)]
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(40 + M))
+    y = kernels.ggml_matmul(x, [b for b, _ in mats], [t for _, t in mats], K, activations=2)
+    assert_close(y, reference(int8_rounded(x), mats, K))
+
+
 def test_matmul_large_parallel(ext) -> None:
     """Enough rows for several tasks per thread and many row tiles, and a short K (one block)."""
     for K, N in [(2048, 700), (32, 1000)]:

@@ -393,13 +393,14 @@ struct Mat {
   int64_t type, N, row_bytes, col0, row0;
   TypeInfo info;
   bool fused;  // multiplied straight from its blocks (else decoded a tile at a time)
-  bool int8;   // its decoded codes meet 8-bit activations (QuantX)
+  bool int8;   // its codes meet 8-bit activations (QuantX)
 };
 
 // ------------------------------------------------------------------------------------ int8 activations
 //
-// The decoded (non-fused) types can also multiply 8-bit activations, as llama.cpp does: each row of x
-// is rounded per block of 32 to int8 codes with one float scale (x ~ dx * xq; llama.cpp's Q8_0), and
+// The decoded (non-fused) types can also multiply 8-bit activations, as llama.cpp does (and, with
+// activations=2, the fused ones: "int8, fused" below): each row of x is rounded per block of 32 to
+// int8 codes with one float scale (x ~ dx * xq; llama.cpp's Q8_0), and
 // a group's codes . xq is an integer dot product, scaled once: scale_g * dx_b * (codes_g . xq_g).
 // AVX-512 VNNI's vpdpbusd multiplies unsigned by signed bytes, so the weight codes go in as c + 128
 // (c ^ 0x80) and each 4-byte lane starts from -128 * (its four xq's sum), which leaves exactly
@@ -533,6 +534,435 @@ inline void dot_block(const Mat& mat, Codes c, const float* scale, const float* 
     for (int m = 0; m < MB; ++m) out[m] += dot_floats(offset, xsum + m * G, G);
   for (int m = 0; m < MB; ++m) y[m * ldy] = out[m];
 }
+
+// ------------------------------------------------------------------------------------ int8, fused
+//
+// With int8 activations (activations=2), the types with a fused path are multiplied straight from
+// their blocks too: the codes are unpacked in registers into bytes and meet xq in integer dot products
+// of 4 bytes a lane (vpdpbusd with AVX-512 VNNI or AVX-VNNI, else vpmaddubsw + vpmaddwd), each lane
+// then scaled by its group's scale times its block's dx. Unsigned codes (Q4_K, Q5_K, Q4_1, Q5_1:
+// 0..31) go in as they are; the others go in unsigned too, c + 128 for Q8_0 (VNNI; AVX2 takes the
+// sign trick of int_dot_rows) and before the -32 / -8 / -16 of Q6_K / Q4_0 / Q5_0, their lanes
+// starting from that constant times the sum of their four xq (QuantX::bias, shifted right by 0 /
+// 2 / 4 / 3). Scales and offsets are the floats decode_row computes,
+// and the offsets meet QuantX::sum32, so the product is the decoded int8 path's up to float32 rounding.
+
+#if defined(GK_AVX512) || defined(GK_AVX2)
+// Q4_K / Q5_K: the 8 six-bit scales and mins of a block (12 bytes at s) as floats, 4 bytes at a time.
+inline void k_scales8(const uint8_t* s, __m256* sc, __m256* mn) {
+  const uint32_t u0 = load_u32(s), u1 = load_u32(s + 4), u2 = load_u32(s + 8);
+  const __m128i v = _mm_set_epi32(int(((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4)),  // mins 4-7
+                                  int(u1 & 0x3F3F3F3F),                                              // mins 0-3
+                                  int((u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4)),         // scales 4-7
+                                  int(u0 & 0x3F3F3F3F));                                             // scales 0-3
+  *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+  *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v)));
+}
+#endif
+
+// The 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): bytes a block, where the codes start,
+// and the shift that turns QuantX::bias (-128 * a lane's sum of xq) into the lane's start: the codes
+// go in unsigned (Q8_0's as c ^ 0x80, Q4_0's / Q5_0's before their -8 / -16), -1 where they need none.
+template <int64_t TYPE>
+struct Small {
+  static constexpr bool five = TYPE == Q5_0 || TYPE == Q5_1, has_min = TYPE == Q4_1 || TYPE == Q5_1;
+  static constexpr int64_t bytes = TYPE == Q8_0 ? 34 : TYPE == Q4_0 ? 18 : TYPE == Q4_1 ? 20 : TYPE == Q5_0 ? 22 : 24;
+  static constexpr int64_t qs_at = TYPE == Q8_0 || TYPE == Q4_0 ? 2 : TYPE == Q4_1 ? 4 : TYPE == Q5_0 ? 6 : 8;
+  static constexpr int shift = TYPE == Q8_0 ? 0 : TYPE == Q4_0 ? 4 : TYPE == Q5_0 ? 3 : -1;
+};
+
+// One block at p as int8 codes (decode_small's), for the blocks after the last whole vector step.
+template <int64_t TYPE>
+inline void small_codes(const uint8_t* p, int8_t* c) {
+  using S = Small<TYPE>;
+  if constexpr (TYPE == Q8_0)
+    std::memcpy(c, p + 2, 32);
+  else
+    decode_small(p + S::qs_at, S::five ? load_u32(p + (S::has_min ? 4 : 2)) : 0, S::five,
+                 TYPE == Q4_0 ? 8 : TYPE == Q5_0 ? 16 : 0, c);
+}
+
+// tail[m] += block b's product, one block in scalar code.
+template <int64_t TYPE, int MB>
+inline void small_tail(const uint8_t* p, int64_t b, const QuantX& xq, int64_t m0, int64_t K, float* tail) {
+  int8_t c[32];
+  small_codes<TYPE>(p, c);
+  const float w = fp16_to_f32(p);
+  const int64_t G32 = K / 32;
+  for (int m = 0; m < MB; ++m) {
+    const int8_t* qm = xq.q.data() + (m0 + m) * K + 32 * b;
+    int32_t t = 0;
+    for (int j = 0; j < 32; ++j) t += int32_t(c[j]) * qm[j];
+    tail[m] += w * xq.d[(m0 + m) * G32 + b] * float(t);
+    if constexpr (Small<TYPE>::has_min) tail[m] += fp16_to_f32(p + 2) * xq.sum32[(m0 + m) * G32 + b];
+  }
+}
+
+#if defined(GK_AVX512) && defined(__AVX512VNNI__)
+#define GK_INT8_ROWS 1
+inline bool has_int8_row(int64_t t) { return has_fused(t) && !is_plain16(t); }
+
+// Lanes l of the result: v[idx[l]] for idx = {a x8, b x8} (two groups of 32 in one zmm of lanes).
+inline __m512i pair_index(int a, int b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(a)), _mm256_set1_epi32(b), 1);
+}
+
+// The fp16 at p's bits.
+inline int16_t f16_bits(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return int16_t(h);
+}
+
+// The 32 codes of the block at p as unsigned bytes (see Small).
+template <int64_t TYPE>
+GK_INLINE inline __m256i small_u8(const uint8_t* p) {
+  using S = Small<TYPE>;
+  if constexpr (TYPE == Q8_0)
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)), _mm256_set1_epi8(char(0x80)));
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + S::qs_at));
+  __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+  if constexpr (S::five) u = _mm256_mask_add_epi8(u, __mmask32(load_u32(p + (S::has_min ? 4 : 2))), u, _mm256_set1_epi8(16));
+  return u;
+}
+
+// acc/tail (+)= one row of 32-weight blocks times xq: four blocks a step, their scales (and mins) in
+// one register, two blocks a zmm of lanes.
+template <int64_t TYPE, int MB>
+GK_INLINE inline void int8_small(const uint8_t* row, int64_t nb, const QuantX& xq, int64_t m0, int64_t K,
+                                 __m512 (&acc)[2][MB], float (&tail)[MB]) {
+  using S = Small<TYPE>;
+  const int8_t* q = xq.q.data() + m0 * K;
+  const float* dx = xq.d.data() + m0 * (K / 32);
+  const float* s32 = xq.sum32.data() + m0 * (K / 32);
+  const int32_t* bias = xq.bias.data() + m0 * (K / 4);
+  const int64_t G32 = K / 32;
+  const __m512i idx[2] = {pair_index(0, 1), pair_index(2, 3)};
+  __m128 off[MB];
+  for (int m = 0; m < MB; ++m) off[m] = _mm_setzero_ps();
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) {
+    const uint8_t* p = row + S::bytes * b;
+    constexpr int64_t B = S::bytes;
+    const __m128 w = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, f16_bits(p + 3 * B), f16_bits(p + 2 * B), f16_bits(p + B), f16_bits(p)));
+    __m512 f[MB];
+    for (int m = 0; m < MB; ++m) f[m] = _mm512_castps128_ps512(_mm_mul_ps(w, _mm_loadu_ps(dx + m * G32 + b)));
+    if constexpr (S::has_min) {
+      const __m128 mn = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, f16_bits(p + 3 * B + 2), f16_bits(p + 2 * B + 2),
+                                                   f16_bits(p + B + 2), f16_bits(p + 2)));
+      for (int m = 0; m < MB; ++m) off[m] = _mm_fmadd_ps(mn, _mm_loadu_ps(s32 + m * G32 + b), off[m]);
+    }
+    for (int s = 0; s < 2; ++s) {
+      const __m512i codes =
+          _mm512_inserti64x4(_mm512_castsi256_si512(small_u8<TYPE>(p + 2 * s * B)), small_u8<TYPE>(p + (2 * s + 1) * B), 1);
+      const int64_t k = 32 * (b + 2 * s);
+      for (int m = 0; m < MB; ++m) {
+        __m512i start = _mm512_setzero_si512();
+        if constexpr (S::shift >= 0) start = _mm512_srai_epi32(_mm512_loadu_si512(bias + m * (K / 4) + k / 4), S::shift);
+        const __m512i t = _mm512_dpbusd_epi32(start, codes, _mm512_loadu_si512(q + m * K + k));
+        acc[s][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx[s], f[m]), acc[s][m]);
+      }
+    }
+  }
+  for (; b < nb; ++b) small_tail<TYPE, MB>(row + S::bytes * b, b, xq, m0, K, tail);
+  for (int m = 0; m < MB; ++m) {
+    __m128 o = _mm_add_ps(off[m], _mm_movehl_ps(off[m], off[m]));
+    o = _mm_add_ss(o, _mm_movehdup_ps(o));
+    tail[m] += _mm_cvtss_f32(o);
+  }
+}
+
+// out[m] = row . (dx * xq)[m0 + m] (+ the offsets) for one row of raw blocks of a type with a fused path.
+template <int MB>
+void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, int64_t m0, int64_t K, float* out) {
+  const int8_t* q = xq.q.data() + m0 * K;
+  const float* dx = xq.d.data() + m0 * (K / 32);
+  const int32_t* bias = xq.bias.data() + m0 * (K / 4);
+  const int64_t G32 = K / 32;
+  __m512 acc[2][MB];
+  __m256 off[MB];
+  float tail[MB];  // the 32-weight blocks' offsets and last blocks
+  for (int m = 0; m < MB; ++m) {
+    tail[m] = 0.f;
+    acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+    off[m] = _mm256_setzero_ps();
+  }
+  switch (type) {
+    case Q4_K:
+    case Q5_K: {
+      const bool five = type == Q5_K;
+      const int64_t bytes = five ? 176 : 144;
+      const float* s32 = xq.sum32.data() + m0 * G32;
+      const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+      const __m512i idx[4] = {pair_index(0, 1), pair_index(2, 3), pair_index(4, 5), pair_index(6, 7)};
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + bytes * b;
+        __m256 scs, mns;
+        k_scales8(p + 4, &scs, &mns);
+        const __m256 sv = _mm256_mul_ps(_mm256_set1_ps(fp16_to_f32(p)), scs);
+        const __m256 mv = _mm256_mul_ps(_mm256_set1_ps(-fp16_to_f32(p + 2)), mns);  // -(dmin * m)
+        __m512 f[MB];
+        for (int m = 0; m < MB; ++m) {
+          f[m] = _mm512_castps256_ps512(_mm256_mul_ps(sv, _mm256_loadu_ps(dx + m * G32 + 8 * b)));
+          off[m] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(s32 + m * G32 + 8 * b), off[m]);
+        }
+        const uint8_t* qs = p + (five ? 48 : 16);
+        const __m256i hb = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)) : _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          // 32 bytes: low nibbles are group 2c, high nibbles group 2c+1; bit 2c (2c+1) of qh their fifth
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+          __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          if (five) {
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c + 1), one), 4));
+          }
+          const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+          for (int m = 0; m < MB; ++m) {
+            const __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes,
+                                                  _mm512_loadu_si512(q + m * K + 256 * b + 64 * c));
+            acc[c & 1][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx[c], f[m]), acc[c & 1][m]);
+          }
+        }
+      }
+      break;
+    }
+    case Q6_K: {
+      const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+      const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+      // lanes of 64 weights -> their group of 16 among the block's: step s of the block covers 4s..4s+3
+      __m512i idx[4];
+      for (int s = 0; s < 4; ++s)
+        idx[s] = _mm512_add_epi32(_mm512_set1_epi32(4 * s), _mm512_srli_epi32(
+                     _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2));
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + 210 * b;
+        const __m512 sv = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)))),
+            _mm512_set1_ps(fp16_to_f32(p + 208)));
+        __m512 f[MB];
+        for (int m = 0; m < MB; ++m)
+          f[m] = _mm512_mul_ps(sv, _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps(dx + m * G32 + 8 * b))));
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* ql = p + 64 * h;
+          const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+          const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+          const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h));
+          // the codes (before the -32) at 0-31, 32-63, 64-95, 96-127 of this half-block
+          const __m256i c0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
+          const __m256i c1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
+          const __m256i c2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m30));
+          const __m256i c3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                             _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+          const __m512i codes[2] = {_mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1),
+                                    _mm512_inserti64x4(_mm512_castsi256_si512(c2), c3, 1)};
+          for (int s = 0; s < 2; ++s) {
+            const int64_t k = 256 * b + 128 * h + 64 * s;
+            for (int m = 0; m < MB; ++m) {
+              const __m512i start = _mm512_srai_epi32(_mm512_loadu_si512(bias + m * (K / 4) + k / 4), 2);
+              const __m512i t = _mm512_dpbusd_epi32(start, codes[s], _mm512_loadu_si512(q + m * K + k));
+              acc[s][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx[2 * h + s], f[m]), acc[s][m]);
+            }
+          }
+        }
+      }
+      break;
+    }
+    case Q8_0: int8_small<Q8_0, MB>(row, nb, xq, m0, K, acc, tail); break;
+    case Q4_0: int8_small<Q4_0, MB>(row, nb, xq, m0, K, acc, tail); break;
+    case Q4_1: int8_small<Q4_1, MB>(row, nb, xq, m0, K, acc, tail); break;
+    case Q5_0: int8_small<Q5_0, MB>(row, nb, xq, m0, K, acc, tail); break;
+    case Q5_1: int8_small<Q5_1, MB>(row, nb, xq, m0, K, acc, tail); break;
+    default:
+      TORCH_CHECK(false, "ggml kernel: no int8 row kernel for GGML type ", type);
+  }
+  for (int m = 0; m < MB; ++m) {
+    __m128 o = _mm_add_ps(_mm256_castps256_ps128(off[m]), _mm256_extractf128_ps(off[m], 1));
+    o = _mm_add_ps(o, _mm_movehl_ps(o, o));
+    o = _mm_add_ss(o, _mm_movehdup_ps(o));
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + _mm_cvtss_f32(o) + tail[m];
+  }
+}
+#elif defined(GK_AVX2)
+#define GK_INT8_ROWS 1
+inline bool has_int8_row(int64_t t) { return has_fused(t) && !is_plain16(t); }
+
+// u (unsigned bytes) . s (signed bytes), 4 bytes a lane: AVX-VNNI's vpdpbusd, else vpmaddubsw (whose
+// pair sums stay below 2^15 here: |u| <= 128, |s| <= 127) and vpmaddwd.
+inline __m256i udot(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// acc/tail (+)= one row of 32-weight blocks times xq, a block at a time (blocks b and b+1 into the
+// accumulator sets 0 and NA - 1). Q8_0's codes take the sign trick; the rest go in unsigned (Small),
+// the fifth bits made bytes by a shuffle and compare.
+template <int64_t TYPE, int MB, int NA>
+GK_INLINE inline void int8_small(const uint8_t* row, int64_t nb, const QuantX& xq, int64_t m0, int64_t K,
+                                 __m256 (&acc)[NA][MB], float (&tail)[MB]) {
+  using S = Small<TYPE>;
+  const int8_t* q = xq.q.data() + m0 * K;
+  const float* dx = xq.d.data() + m0 * (K / 32);
+  const float* s32 = xq.sum32.data() + m0 * (K / 32);
+  const int32_t* bias = xq.bias.data() + m0 * (K / 4);
+  const int64_t G32 = K / 32;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), b10 = _mm256_set1_epi8(0x10);
+  const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe), ones = _mm256_set1_epi64x(-1);
+  auto block = [&](int64_t b, __m256* a) GK_INLINE {
+    const uint8_t* p = row + S::bytes * b;
+    const float w = fp16_to_f32(p);
+    if constexpr (TYPE == Q8_0) {
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+      const __m256i ca = _mm256_abs_epi8(c);
+      for (int m = 0; m < MB; ++m) {
+        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + 32 * b)), c);
+        a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(udot(ca, xs)), _mm256_set1_ps(w * dx[m * G32 + b]), a[m]);
+      }
+    } else {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + S::qs_at));
+      __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+      if constexpr (S::five) {
+        const int qh = int(load_u32(p + (S::has_min ? 4 : 2)));
+        const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), spread), others), ones);
+        u = _mm256_or_si256(u, _mm256_and_si256(set, b10));
+      }
+      for (int m = 0; m < MB; ++m) {
+        __m256i t = udot(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + 32 * b)));
+        if constexpr (S::shift >= 0)
+          t = _mm256_add_epi32(t, _mm256_srai_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + m * (K / 4) + 8 * b)), S::shift));
+        a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(w * dx[m * G32 + b]), a[m]);
+      }
+      if constexpr (S::has_min) {
+        const float mn = fp16_to_f32(p + 2);
+        for (int m = 0; m < MB; ++m) tail[m] += mn * s32[m * G32 + b];
+      }
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    block(b, acc[0]);
+    block(b + 1, acc[NA - 1]);
+  }
+  if (b < nb) block(b, acc[0]);
+}
+
+// out[m] = row . (dx * xq)[m0 + m] (+ the offsets) for one row of raw blocks of a type with a fused path.
+template <int MB>
+void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, int64_t m0, int64_t K, float* out) {
+  const int8_t* q = xq.q.data() + m0 * K;
+  const float* dx = xq.d.data() + m0 * (K / 32);
+  const int32_t* bias = xq.bias.data() + m0 * (K / 4);
+  const int64_t G32 = K / 32;
+  constexpr int NA = MB == 1 ? 2 : 1;  // two accumulator sets for one row of x (overlapping chains)
+  __m256 acc[NA][MB], off[MB];
+  float tail[MB];  // the 32-weight blocks' offsets
+  for (int m = 0; m < MB; ++m) {
+    for (int a = 0; a < NA; ++a) acc[a][m] = _mm256_setzero_ps();
+    off[m] = _mm256_setzero_ps();
+    tail[m] = 0.f;
+  }
+  switch (type) {
+    case Q4_K:
+    case Q5_K: {
+      const bool five = type == Q5_K;
+      const int64_t bytes = five ? 176 : 144;
+      const float* s32 = xq.sum32.data() + m0 * G32;
+      const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + bytes * b;
+        __m256 scs, mns;
+        k_scales8(p + 4, &scs, &mns);
+        const __m256 sv = _mm256_mul_ps(_mm256_set1_ps(fp16_to_f32(p)), scs);
+        const __m256 mv = _mm256_mul_ps(_mm256_set1_ps(-fp16_to_f32(p + 2)), mns);  // -(dmin * m)
+        __m256 f[MB];
+        for (int m = 0; m < MB; ++m) {
+          f[m] = _mm256_mul_ps(sv, _mm256_loadu_ps(dx + m * G32 + 8 * b));
+          off[m] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(s32 + m * G32 + 8 * b), off[m]);
+        }
+        const uint8_t* qs = p + (five ? 48 : 16);
+        const __m256i hb = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)) : _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          // 32 bytes: low nibbles are group 2c, high nibbles group 2c+1; bit 2c (2c+1) of qh their fifth
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+          __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          if (five) {
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c + 1), one), 4));
+          }
+          const __m256i g0 = _mm256_set1_epi32(2 * c), g1 = _mm256_set1_epi32(2 * c + 1);
+          for (int m = 0; m < MB; ++m) {
+            const int8_t* qm = q + m * K + 256 * b + 64 * c;
+            const __m256i t0 = udot(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qm)));
+            const __m256i t1 = udot(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qm + 32)));
+            acc[0][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), _mm256_permutevar8x32_ps(f[m], g0), acc[0][m]);
+            acc[NA - 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), _mm256_permutevar8x32_ps(f[m], g1), acc[NA - 1][m]);
+          }
+        }
+      }
+      break;
+    }
+    case Q6_K: {
+      const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+      const __m256i twice = _mm256_set_epi32(3, 3, 2, 2, 1, 1, 0, 0);
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = row + 210 * b;
+        const __m256 d = _mm256_set1_ps(fp16_to_f32(p + 208));
+        const __m256 sv[2] = {
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 192)))), d),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 200)))), d)};
+        for (int h = 0; h < 2; ++h) {
+          // this half's 8 groups of 16 times their blocks' dx
+          __m256 f[MB];
+          for (int m = 0; m < MB; ++m)
+            f[m] = _mm256_mul_ps(sv[h], _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(dx + m * G32 + 8 * b + 4 * h)), twice));
+          const uint8_t* ql = p + 64 * h;
+          const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+          const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+          const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h));
+          // the codes (before the -32) at 0-31, 32-63, 64-95, 96-127 of this half-block
+          const __m256i c[4] = {
+              _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
+              _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
+              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m30)),
+              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30))};
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) {
+            const int64_t k = 256 * b + 128 * h + 32 * j;
+            const __m256i g = _mm256_set_epi32(2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j);
+            for (int m = 0; m < MB; ++m) {
+              const __m256i start = _mm256_srai_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + m * (K / 4) + k / 4)), 2);
+              const __m256i t = _mm256_add_epi32(start, udot(c[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + k))));
+              acc[(j & 1) * (NA - 1)][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_permutevar8x32_ps(f[m], g),
+                                                           acc[(j & 1) * (NA - 1)][m]);
+            }
+          }
+        }
+      }
+      break;
+    }
+    case Q8_0: int8_small<Q8_0, MB, NA>(row, nb, xq, m0, K, acc, tail); break;
+    case Q4_0: int8_small<Q4_0, MB, NA>(row, nb, xq, m0, K, acc, tail); break;
+    case Q4_1: int8_small<Q4_1, MB, NA>(row, nb, xq, m0, K, acc, tail); break;
+    case Q5_0: int8_small<Q5_0, MB, NA>(row, nb, xq, m0, K, acc, tail); break;
+    case Q5_1: int8_small<Q5_1, MB, NA>(row, nb, xq, m0, K, acc, tail); break;
+    default:
+      TORCH_CHECK(false, "ggml kernel: no int8 row kernel for GGML type ", type);
+  }
+  for (int m = 0; m < MB; ++m) {
+    __m256 s = _mm256_add_ps(acc[0][m], off[m]);
+    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[a][m]);
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    out[m] = _mm_cvtss_f32(lo) + tail[m];
+  }
+}
+#endif
 
 #if defined(GK_AVX512)
 // ------------------------------------------------------------------------------------ fused (AVX-512)
@@ -973,6 +1403,28 @@ constexpr int64_t kPrefetchBytes = 16384, kTileBytes = 16384;
 // 712 MB matrix at 18-19 GB/s in one run, 25 in four, 23.5 in eight (a pure read: 28).
 constexpr int64_t kStreams = 4, kStreamMinBytes = 1 << 20;
 
+#if defined(GK_AVX512) || defined(GK_AVX2)
+// one_row(r, row) for the rows [r0, r1) of a row-at-a-time kernel, each prefetched `ahead` rows early,
+// in kStreams interleaved runs where the rows are big enough.
+template <typename F>
+inline void stream_rows(const Mat& mat, int64_t r0, int64_t r1, F&& one_row) {
+  const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
+  const int64_t streams = (r1 - r0) * mat.row_bytes >= kStreamMinBytes ? kStreams : 1;
+  const int64_t run = (r1 - r0 + streams - 1) / streams;  // rows per stream (the last may be short)
+  for (int64_t i = 0; i < run; ++i)
+    for (int64_t s = 0; s < streams; ++s) {
+      const int64_t r = r0 + s * run + i;
+      if (r >= r1) continue;
+      const uint8_t* row = mat.data + r * mat.row_bytes;
+      if (r + ahead < mat.N) {
+        const char* p = reinterpret_cast<const char*>(row + ahead * mat.row_bytes);
+        for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+      }
+      one_row(r, row);
+    }
+}
+#endif
+
 // Rows [r0, r1) of one matrix, all M rows of x: decode a tile of rows once (into L1), then run
 // every block of up to four rows of x over it.
 void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const float* xsum32, const float* xsum16,
@@ -984,13 +1436,7 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
   if (mat.fused) {
     const float* xsum = xsum32;
     const int64_t G32 = K / 32;
-    const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
-    auto one_row = [&](int64_t r) {
-      const uint8_t* row = mat.data + r * mat.row_bytes;
-      if (r + ahead < mat.N) {
-        const char* p = reinterpret_cast<const char*>(row + ahead * mat.row_bytes);
-        for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
-      }
+    stream_rows(mat, r0, r1, [&](int64_t r, const uint8_t* row) {
       for (int64_t m = 0; m < M; m += 4) {
         float out[4];
         const int64_t mb = std::min<int64_t>(4, M - m);
@@ -1002,14 +1448,25 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
         }
         for (int64_t j = 0; j < mb; ++j) y[(m + j) * ldy + mat.col0 + r] = out[j];
       }
-    };
-    const int64_t streams = (r1 - r0) * mat.row_bytes >= kStreamMinBytes ? kStreams : 1;
-    const int64_t run = (r1 - r0 + streams - 1) / streams;  // rows per stream (the last may be short)
-    for (int64_t i = 0; i < run; ++i)
-      for (int64_t s = 0; s < streams; ++s) {
-        const int64_t r = r0 + s * run + i;
-        if (r < r1) one_row(r);
+    });
+    return;
+  }
+#endif
+#if defined(GK_INT8_ROWS)
+  if (mat.int8 && has_int8_row(mat.type)) {
+    stream_rows(mat, r0, r1, [&](int64_t r, const uint8_t* row) {
+      for (int64_t m = 0; m < M; m += 4) {
+        float out[4];
+        const int64_t mb = std::min<int64_t>(4, M - m);
+        switch (mb) {
+          case 4: int8_row<4>(mat.type, row, nb, *xq, m, K, out); break;
+          case 3: int8_row<3>(mat.type, row, nb, *xq, m, K, out); break;
+          case 2: int8_row<2>(mat.type, row, nb, *xq, m, K, out); break;
+          default: int8_row<1>(mat.type, row, nb, *xq, m, K, out); break;
+        }
+        for (int64_t j = 0; j < mb; ++j) y[(m + j) * ldy + mat.col0 + r] = out[j];
       }
+    });
     return;
   }
 #endif
