@@ -6,10 +6,11 @@
 // The model keeps each quantised matrix as the file's own bytes ([N, row_bytes] uint8), so decoding
 // a token streams 0.56-1.06 bytes per weight instead of the 1.1-1.3 of int8 codes + float scales.
 // Every block format is "small integer codes with a float scale (and maybe an offset) per group of 16
-// or 32 weights". With AVX-512 or AVX2 each row is multiplied straight from its blocks, the codes
-// unpacked in registers (the "fused" sections below: table lookups on AVX-512, codes widened to
-// floats with one scale per group on AVX2). The portable path works in two cache-resident stages
-// per tile of output rows:
+// or 32 weights". With AVX-512 or AVX2 the types decoded in this file are multiplied straight from
+// their blocks, the codes unpacked in registers (the "fused" sections below: table lookups on
+// AVX-512, codes widened to floats with one scale per group on AVX2; with int8 activations, integer
+// dots). The block families' types (ggml_blocks.h), and every type on the portable path, work in two
+// cache-resident stages per tile of output rows:
 //
 //   1. decode: unpack the tile's bit fields into int8 codes (in L1), and the group scales/offsets
 //      into floats, computed exactly as ggml does (d * sc, dmin * m rounded to float32 first).
@@ -17,9 +18,11 @@
 //   2. dot: y[m] += scale_g * (codes_g . x[m]_g) for up to four rows of x per pass, with the offset
 //      terms added as offset_g * sum(x[m]_g) from per-group sums of x computed once per call.
 //
-// Activations stay float32: the result equals dequantise-then-matmul up to float32 rounding. Rows of
-// all matrices of one call (e.g. q, k and v in different types) are split together over torch's
-// intra-op threads. ggml_dequantize() uses the same decoders and reproduces
+// With float32 activations the result equals dequantise-then-matmul up to float32 rounding; with
+// int8 activations (the "int8 activations" section: each 32 rounded to 8 bits with a scale, as
+// llama.cpp does) it equals the dequantised weights times the rounded activations, and the dots are
+// integer. Which types take which is ggml_matmul's `activations` argument. Rows of all matrices of
+// one call (e.g. q, k and v in different types) are split together over torch's intra-op threads. ggml_dequantize() uses the same decoders and reproduces
 // gemmakit.quant.ggml.dequantize bit for bit: code * scale, then + offset, two roundings (never fused).
 
 #include <torch/types.h>  // not torch/extension.h: no pybind11 here, a third of the compile time
