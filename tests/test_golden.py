@@ -53,7 +53,8 @@ def test_cli_generate_json_matches_golden(real_model_path, golden):
     assert result["token_ids"][:n] == case["greedy_ids"][:n]
     assert set(result["stats"]) == {"prompt_tokens", "generated_tokens", "load_s", "prefill_tokens_per_s",
                                     "decode_tokens_per_s", "weights", "weight_bytes", "prefill_dtype",
-                                    "huge_page_bytes"}
+                                    "activations", "huge_page_bytes"}
+    assert result["stats"]["activations"] == "auto"
     # the default: the file's quantised blocks kept as they are, so the weights are the file's bytes
     # (about a quarter of float32's 1.07 GB); unpacked int8 codes would exceed the file
     assert result["stats"]["weights"] == "gguf"
