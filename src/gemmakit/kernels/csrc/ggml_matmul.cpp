@@ -1407,23 +1407,29 @@ constexpr int64_t kPrefetchBytes = 16384, kTileBytes = 16384;
 constexpr int64_t kStreams = 4, kStreamMinBytes = 1 << 20;
 
 #if defined(GK_AVX512) || defined(GK_AVX2)
+// How many rows ahead of the one being multiplied to prefetch, and the prefetch of row r + ahead.
+inline int64_t rows_ahead(const Mat& mat) { return std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes); }
+
+inline void prefetch_row(const Mat& mat, int64_t r, int64_t ahead) {
+  if (r + ahead < mat.N) {
+    const char* p = reinterpret_cast<const char*>(mat.data + (r + ahead) * mat.row_bytes);
+    for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+  }
+}
+
 // one_row(r, row) for the rows [r0, r1) of a row-at-a-time kernel, each prefetched `ahead` rows early,
 // in kStreams interleaved runs where the rows are big enough.
 template <typename F>
 inline void stream_rows(const Mat& mat, int64_t r0, int64_t r1, F&& one_row) {
-  const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
+  const int64_t ahead = rows_ahead(mat);
   const int64_t streams = (r1 - r0) * mat.row_bytes >= kStreamMinBytes ? kStreams : 1;
   const int64_t run = (r1 - r0 + streams - 1) / streams;  // rows per stream (the last may be short)
   for (int64_t i = 0; i < run; ++i)
     for (int64_t s = 0; s < streams; ++s) {
       const int64_t r = r0 + s * run + i;
       if (r >= r1) continue;
-      const uint8_t* row = mat.data + r * mat.row_bytes;
-      if (r + ahead < mat.N) {
-        const char* p = reinterpret_cast<const char*>(row + ahead * mat.row_bytes);
-        for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
-      }
-      one_row(r, row);
+      prefetch_row(mat, r, ahead);
+      one_row(r, mat.data + r * mat.row_bytes);
     }
 }
 #endif
@@ -1494,17 +1500,14 @@ void matmul_rows(const Mat& mat, int64_t r0, int64_t r1, const float* x, const f
   off.resize(tile * G);
   std::vector<Codes> rows(tile);
 #if defined(GK_AVX512) || defined(GK_AVX2)
-  const int64_t ahead = std::max<int64_t>(2, kPrefetchBytes / mat.row_bytes);
+  const int64_t ahead = rows_ahead(mat);
 #endif
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     const int64_t t1 = std::min(r1, t0 + tile);
     for (int64_t r = t0; r < t1; ++r) {
       const int64_t i = r - t0;
 #if defined(GK_AVX512) || defined(GK_AVX2)
-      if (r + ahead < mat.N) {
-        const char* p = reinterpret_cast<const char*>(mat.data + (r + ahead) * mat.row_bytes);
-        for (int64_t o = 0; o < mat.row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
-      }
+      prefetch_row(mat, r, ahead);
 #endif
       int8_t* mine = codes.data() + i * K;
       rows[i] = decode_row(mat.type, mat.data + r * mat.row_bytes, nb, mine, sc.data() + i * G, off.data() + i * G);
