@@ -60,7 +60,7 @@ def test_logits_match_transformers(dequantised, which):
 def test_quantised_blocks_compute_the_same_model():
     """Loaded as it is stored (the file's Q8_0 blocks on the block kernel), the same model up to
     float32 rounding in another order, which this small random model amplifies to ~2e-4."""
-    model, _ = gemmakit.load(FILE, prefill_dtype="float32")
+    model, _ = gemmakit.load(FILE, prefill_dtype="float32", activations="float32")
     assert any(type(m).__name__ == "GroupedLinear" for m in model.modules())
     got = model(torch.tensor([RECORDED["ids"]]))[0]
     assert (got - torch.tensor(RECORDED["transformers"])).abs().max().item() <= 1e-3

@@ -9,10 +9,10 @@
 * gemmakit's logits, whether it dequantises the file or keeps its blocks, track llama.cpp's. The
   quantisation is the same on both sides, but the activations are rounded differently: llama.cpp
   rounds them to 8 bits per 256 (Q8_K) for the K and IQ types and per 32 (Q8_0) for IQ4_NL, MXFP4
-  and Q8_0; gemmakit keeps float32 (``activations="float32"``), or rounds per 32 (the default for
-  the types it decodes before their products). Measured relative L2: 1.1-1.6% float32, 0.9-1.9%
-  by default, on the Gemma 3 files; 2.7% and 2.9% on the mixture (1.6% with every product on int8,
-  as llama.cpp runs it; llama.cpp on the mixture widened to F32 is within 0.03% of gemmakit); the
+  and Q8_0; gemmakit keeps float32 (``activations="float32"``), or rounds per 32 (the default on
+  AVX2 and AVX-512 builds). Measured relative L2: 1.1-1.6% float32, 0.9-1.9% with int8, on the
+  Gemma 3 files; 2.7% float32 on the mixture and 1.6% with int8 (every product on int8, as llama.cpp
+  runs it; llama.cpp on the mixture widened to F32 is within 0.03% of gemmakit); the
   top token the same at every position. The bounds are 3% and 4.5%. A decoder that gets every
   other 32 weights' scale 1/8 too large is 18-21% off (the mixture: 8.8%), one that swaps the
   half-blocks 70-100% (test_the_bound_catches_a_wrong_decoder); the quantisation error itself

@@ -116,5 +116,5 @@ def test_real_model_int8(real_model_path, golden, tmp_path):
     except at near-ties, where the golden tests also stop comparing)."""
     out = tmp_path / "270m-q8.gguf"
     quantize_checkpoint(real_model_path, out, "int8")
-    model, _ = gemmakit.load(out)
+    model, _ = gemmakit.load(out, activations="float32")  # the requantisation's own error
     assert_greedy_matches_golden(model, golden, near_tie=0.02)

@@ -1597,9 +1597,12 @@ inline void dequant_row(Codes c, const float* scale, const float* offset, int64_
 }  // namespace
 
 // y = x @ [W_0; W_1; ...]^T where W_i is blocks[i] (raw GGML rows of type types[i], K inputs each).
-// activations: 0 float32 (the result equals dequantise-then-matmul up to float32 rounding); 1 int8 for
-// the types the kernel decodes rather than multiplies in registers (where the integer dot is the
-// faster one); 2 int8 for every quantised type (F16/BF16 stay float32).
+// activations: 0 float32 (the result equals dequantise-then-matmul up to float32 rounding); 1 (auto)
+// int8 wherever the integer dot is the faster one; 2 int8 for every quantised type (F16/BF16 stay
+// float32). Auto is int8 for every quantised type on the AVX2 and AVX-512 builds but one: Q8_0 with
+// several rows of x on AVX2, where the float dot reuses each widened block across the rows and the
+// integer one pays a sign fix-up per row and block (~15% slower at 4-8 rows; benchmarks/RESULTS.md).
+// The portable build keeps float32, its integer dot being scalar.
 torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K,
                           int64_t activations) {
   TORCH_CHECK(activations >= 0 && activations <= 2, "ggml_matmul: activations must be 0 (float32), 1 (auto) or 2 (int8)");
@@ -1610,6 +1613,11 @@ torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, st
   TORCH_CHECK(!blocks.empty() && blocks.size() == types.size(), "ggml_matmul: need one type per matrix (got ",
               blocks.size(), " matrices and ", types.size(), " types)");
   const int64_t M = x.size(0);
+#if !defined(GK_AVX512) && defined(GK_AVX2)
+  const bool avx2_only = true;
+#else
+  const bool avx2_only = false;
+#endif
   std::vector<Mat> mats;
   int64_t total = 0;
   bool any_offset32 = false, any_offset16 = false, any_int8 = false;
@@ -1623,8 +1631,9 @@ torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, st
     const bool simd = false;  // the portable build decodes every type, in float32 unless int8 is forced
 #endif
     const bool plain = is_plain16(types[i]);
-    const bool fused = simd && has_fused(types[i]) && !(activations == 2 && !plain);
-    const bool int8 = !plain && !fused && (activations == 2 || (activations == 1 && simd));
+    const bool want_int8 = activations == 2 || (activations == 1 && simd && !(avx2_only && types[i] == Q8_0 && M > 1));
+    const bool fused = simd && has_fused(types[i]) && !(want_int8 && !plain);
+    const bool int8 = !plain && !fused && want_int8;
     any_int8 = any_int8 || int8;
     any_offset32 = any_offset32 || (info.has_offset && info.group == 32 && !int8);
     any_offset16 = any_offset16 || (info.has_offset && info.group == 16 && !int8);
