@@ -140,8 +140,8 @@ QUANTISED = [t for t in KERNEL_TYPES if t not in PLAIN16]
 @pytest.mark.parametrize("K", [768, 800])
 def test_int8_activations(ext, qtype: T, M: int, K: int) -> None:
     """activations=2: the dequantised weights times the int8-rounded activations, up to float32
-    rounding (the integer dot products themselves are exact); 1 (auto) is that wherever the SIMD
-    builds have it faster: every type but Q8_0 with several rows on AVX2, and none in the portable build."""
+    rounding (the integer dot products themselves are exact); 1 (auto) is that on the SIMD builds
+    and the float32 product in the portable one."""
     if K % GGML_QUANT_SIZES[qtype][0]:
         pytest.skip("K=800 is not a whole number of 256-blocks")
     raw = blocks_of(qtype, 70, K, seed=M + int(qtype))
@@ -152,9 +152,19 @@ def test_int8_activations(ext, qtype: T, M: int, K: int) -> None:
     y32 = kernels.ggml_matmul(x, [raw], [int(qtype)], K, activations=0)
     assert not torch.allclose(y8, y32, rtol=0, atol=1e-6 * y32.abs().max().item())  # it did round
     auto = kernels.ggml_matmul(x, [raw], [int(qtype)], K, activations=1)
-    simd = ext.ggml_simd()
-    float_auto = simd == "scalar" or (simd == "avx2" and qtype == T.Q8_0 and M > 1)
-    assert torch.equal(auto, y32 if float_auto else y8)
+    assert torch.equal(auto, y32 if ext.ggml_simd() == "scalar" else y8)
+
+
+@pytest.mark.parametrize("qtype", QUANTISED, ids=lambda t: t.name)
+def test_default_activations_do_not_depend_on_the_batch(ext, qtype: T) -> None:
+    """The default (auto) products give each row of x the same numbers alone as among 6 rows (every
+    remainder of the 4-row passes), so that a sequence decodes alike in any batch."""
+    K = 512
+    raw = blocks_of(qtype, 37, K, seed=int(qtype))
+    x = torch.randn(6, K, generator=torch.Generator().manual_seed(int(qtype)))
+    together = kernels.ggml_matmul(x, [raw], [int(qtype)], K, activations=1)
+    for m in range(6):
+        assert torch.equal(together[m:m + 1], kernels.ggml_matmul(x[m:m + 1], [raw], [int(qtype)], K, activations=1))
 
 
 @pytest.mark.parametrize("M", [3, 4, 6])

@@ -178,9 +178,8 @@ def load(source: str | Path | None = None, dtype: str | torch.dtype | None = Non
     ``activations`` is what the block kernel multiplies quantised weights by in decode-sized
     products: "float32" keeps the reference numerics (the dequantised model up to float32
     rounding); "int8" rounds each 32 activations to 8 bits with one scale, as llama.cpp does, and
-    multiplies integers (faster for every type); "auto" (the default) does that wherever it is the
-    faster: for every quantised type on AVX2 and AVX-512 CPUs, but Q8_0 in batched steps on AVX2
-    (docs/quantisation-and-speed.md has the figures).
+    multiplies integers (faster for every type); "auto" (the default) does that on AVX2 and AVX-512
+    CPUs and keeps float32 elsewhere (docs/quantisation-and-speed.md has the figures).
     ``matformer`` loads a Gemma 3n E4B checkpoint as a smaller model nested in it: a named plan
     (``"e2b"``, see :data:`gemmakit.checkpoints.matformer.PLANS`), the path of a JSON plan, or its dict
     (``{"ffn_hidden_dims": [...], "layers_to_skip": [...]}``).

@@ -74,8 +74,8 @@ def add_prefill_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activations", choices=["auto", "float32", "int8"], default="auto",
                    help="what decode steps multiply quantised blocks by: int8 rounds each 32 activations to "
                         "8 bits and multiplies integers, as llama.cpp does (logits move by ~2%%; 1.1-2.2x faster "
-                        "products, Q4_K the most); float32 is the reference numerics; auto (default) = int8 wherever "
-                        "it is the faster (every quantised type on AVX2 and AVX-512 CPUs), else float32")
+                        "products, Q4_K the most); float32 is the reference numerics; auto (default) = int8 on CPUs "
+                        "with AVX2 or AVX-512, else float32")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

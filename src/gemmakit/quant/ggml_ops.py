@@ -19,8 +19,8 @@ _ggml_op = None
 
 # ggml_matmul's activations, as the kernel numbers them: float32 keeps the products equal to
 # dequantise-then-matmul; int8 rounds each block of 32 activations to 8 bits (llama.cpp's Q8_0) and
-# multiplies integers; auto does that wherever the integer dot is the faster one: every quantised
-# type on the AVX2 and AVX-512 builds except Q8_0 with several rows on AVX2 (kernels/csrc/ggml_matmul.cpp).
+# multiplies integers; auto does that on the AVX2 and AVX-512 builds, where the integer dot is the
+# faster one, and keeps float32 in the portable build (kernels/csrc/ggml_matmul.cpp).
 ACTIVATIONS = {"float32": 0, "auto": 1, "int8": 2}
 
 

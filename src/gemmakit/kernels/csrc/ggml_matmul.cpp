@@ -860,7 +860,9 @@ void int8_row(int64_t type, const uint8_t* row, int64_t nb, const QuantX& xq, in
   const float* dx = xq.d.data() + m0 * (K / 32);
   const int32_t* bias = xq.bias.data() + m0 * (K / 4);
   const int64_t G32 = K / 32;
-  constexpr int NA = MB == 1 ? 2 : 1;  // two accumulator sets for one row of x (overlapping chains)
+  // Two accumulator sets (overlapping chains) for every row count alike, so that a row of x gets the
+  // same sums in any batch (one set for several rows would save registers but change the order).
+  constexpr int NA = 2;
   __m256 acc[NA][MB], off[MB];
   float tail[MB];  // the 32-weight blocks' offsets
   for (int m = 0; m < MB; ++m) {
@@ -1599,10 +1601,10 @@ inline void dequant_row(Codes c, const float* scale, const float* offset, int64_
 // y = x @ [W_0; W_1; ...]^T where W_i is blocks[i] (raw GGML rows of type types[i], K inputs each).
 // activations: 0 float32 (the result equals dequantise-then-matmul up to float32 rounding); 1 (auto)
 // int8 wherever the integer dot is the faster one; 2 int8 for every quantised type (F16/BF16 stay
-// float32). Auto is int8 for every quantised type on the AVX2 and AVX-512 builds but one: Q8_0 with
-// several rows of x on AVX2, where the float dot reuses each widened block across the rows and the
-// integer one pays a sign fix-up per row and block (~15% slower at 4-8 rows; benchmarks/RESULTS.md).
-// The portable build keeps float32, its integer dot being scalar.
+// float32). Auto is int8 for every quantised type on the AVX2 and AVX-512 builds, float32 in the
+// portable one (its integer dot is scalar). One choice for every row count, so that a sequence's
+// logits do not depend on the batch it decodes in (speculative rounds, serving), even where the
+// float dot is the faster: Q8_0 with 4-8 rows on AVX2, by ~15% (benchmarks/RESULTS.md).
 torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types, int64_t K,
                           int64_t activations) {
   TORCH_CHECK(activations >= 0 && activations <= 2, "ggml_matmul: activations must be 0 (float32), 1 (auto) or 2 (int8)");
@@ -1613,11 +1615,6 @@ torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, st
   TORCH_CHECK(!blocks.empty() && blocks.size() == types.size(), "ggml_matmul: need one type per matrix (got ",
               blocks.size(), " matrices and ", types.size(), " types)");
   const int64_t M = x.size(0);
-#if !defined(GK_AVX512) && defined(GK_AVX2)
-  const bool avx2_only = true;
-#else
-  const bool avx2_only = false;
-#endif
   std::vector<Mat> mats;
   int64_t total = 0;
   bool any_offset32 = false, any_offset16 = false, any_int8 = false;
@@ -1631,7 +1628,7 @@ torch::Tensor ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> blocks, st
     const bool simd = false;  // the portable build decodes every type, in float32 unless int8 is forced
 #endif
     const bool plain = is_plain16(types[i]);
-    const bool want_int8 = activations == 2 || (activations == 1 && simd && !(avx2_only && types[i] == Q8_0 && M > 1));
+    const bool want_int8 = activations == 2 || (activations == 1 && simd);
     const bool fused = simd && has_fused(types[i]) && !(want_int8 && !plain);
     const bool int8 = !plain && !fused && want_int8;
     any_int8 = any_int8 || int8;
