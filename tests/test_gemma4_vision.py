@@ -1,0 +1,99 @@
+"""Gemma 4 vision: the encoder, its preprocessing and whole multimodal models against transformers.
+
+Tiny random-weight configs (16 px patches, 3x3 pooling, 2 encoder layers, widths 32) are built by
+transformers; the encoder is compared on its own with patch grids of several aspect ratios padded
+to a budget, the preprocessing on Pillow-drawn images, and whole Gemma4ForConditionalGeneration
+models saved with save_pretrained and read back through gemmakit.load.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from gemmakit.checkpoints.gemma4_vision import vision_config_from_hf
+from gemmakit.models.gemma4_vision import Gemma4VisionModel, MultimodalEmbedder
+
+transformers = pytest.importorskip("transformers")
+
+VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, patch_size=16, position_embedding_size=64, pooling_kernel_size=3)
+
+
+def picture(kind: int, size: tuple[int, int]) -> Image.Image:
+    """A colour gradient with shapes and text, ``size`` = (width, height)."""
+    w, h = size
+    x = np.zeros((h, w, 3))
+    x[..., 0] = np.linspace(0, 255, w)[None]
+    x[..., 1] = np.linspace(255 * (kind % 2), 255 * ((kind + 1) % 2), h)[:, None]
+    x[..., 2] = 40 * kind
+    im = Image.fromarray(x.astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    d.ellipse((5 + 3 * kind, 5, w // 2, h // 2), fill=(250, 30 * kind, 10))
+    d.rectangle((w // 2, h // 2, w - 4, h - 4), outline=(0, 0, 255), width=3)
+    d.text((4, h - 16), f"img {kind}", fill=(255, 255, 255))
+    return im
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial norms and position tables (transformers initialises them to ones)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+
+
+def _padded_grids(grids: list[tuple[int, int]], budget_patches: int, seed: int = 1):
+    """Random pixels in [0, 1] ``[N, P, 768]`` and positions ``[N, P, 2]`` for (width, height) patch
+    grids, padded with zeros / (-1, -1) to ``budget_patches``, as the processor lays them out."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.zeros(len(grids), budget_patches, 3 * 16 * 16)
+    positions = torch.full((len(grids), budget_patches, 2), -1, dtype=torch.long)
+    for i, (w, h) in enumerate(grids):
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        positions[i, : w * h] = torch.stack([xs.flatten(), ys.flatten()], -1)
+        pixels[i, : w * h] = torch.rand(w * h, 3 * 16 * 16, generator=g)
+    return pixels, positions
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    from transformers import Gemma4TextConfig, Gemma4VisionConfig as HFVisionConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4MultimodalEmbedder, Gemma4VisionModel as HFVision
+
+    hf_config = HFVisionConfig(**VISION, standardize=True)
+    hf = HFVision(hf_config).eval()
+    embed = Gemma4MultimodalEmbedder(hf_config, Gemma4TextConfig(hidden_size=40)).eval()
+    _randomise(hf)
+    _randomise(embed, 1)
+    with torch.no_grad():  # the standardising buffers are not parameters
+        hf.std_bias.copy_(torch.randn(32) * 0.5)
+        hf.std_scale.copy_(torch.rand(32) + 0.5)
+    ours = Gemma4VisionModel(vision_config_from_hf(hf_config.to_dict()))
+    assert ours.config.standardize and ours.config.num_kv_heads == 2
+    ours_embed = MultimodalEmbedder(32, 40, 1e-6)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ours_embed.load_state_dict(embed.state_dict(), strict=True)
+    return hf, embed, ours.eval(), ours_embed.eval()
+
+
+@pytest.mark.parametrize("grids, budget", [
+    ([(6, 9), (12, 3)], 70),   # tall and wide, padded to a 70-token budget (630 patches)
+    ([(9, 9), (15, 6), (3, 21)], 140),  # square, wide and very tall in one padded batch
+    ([(30, 21)], 70),  # a full budget: no padding at all
+])
+def test_encoder_features_match_transformers(encoders, grids, budget):
+    hf, embed, ours, ours_embed = encoders
+    pixels, positions = _padded_grids(grids, budget * 9)
+    with torch.no_grad():
+        theirs = hf(pixel_values=pixels, pixel_position_ids=positions).last_hidden_state
+        theirs_projected = embed(theirs)
+        mine = ours(pixels, positions)
+        mine_projected = torch.cat([ours_embed(t) for t in mine])
+    assert [t.shape[0] for t in mine] == [w * h // 9 for w, h in grids]
+    mine = torch.cat(mine)
+    assert mine.shape == theirs.shape
+    assert (mine - theirs).abs().max() <= 1e-4 * max(1.0, theirs.abs().max())
+    assert (mine_projected - theirs_projected).abs().max() <= 1e-4
