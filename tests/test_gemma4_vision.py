@@ -31,8 +31,8 @@ def picture(kind: int, size: tuple[int, int]) -> Image.Image:
     x[..., 2] = 40 * kind
     im = Image.fromarray(x.astype(np.uint8))
     d = ImageDraw.Draw(im)
-    d.ellipse((5 + 3 * kind, 5, w // 2, h // 2), fill=(250, 30 * kind, 10))
-    d.rectangle((w // 2, h // 2, w - 4, h - 4), outline=(0, 0, 255), width=3)
+    d.ellipse((w // 8, h // 8, w // 2, h // 2), fill=(250, 30 * kind, 10))
+    d.rectangle((w // 2, h // 2, w - 1, h - 1), outline=(0, 0, 255), width=max(1, min(w, h) // 10))
     d.text((4, h - 16), f"img {kind}", fill=(255, 255, 255))
     return im
 
@@ -97,3 +97,29 @@ def test_encoder_features_match_transformers(encoders, grids, budget):
     assert mine.shape == theirs.shape
     assert (mine - theirs).abs().max() <= 1e-4 * max(1.0, theirs.abs().max())
     assert (mine_projected - theirs_projected).abs().max() <= 1e-4
+
+
+SIZES = [(80, 60), (200, 50), (40, 300), (1000, 10), (30, 30), (480, 320)]  # (width, height)
+
+
+@pytest.mark.parametrize("budget", [70, 140, 280])
+def test_preprocessing_matches_transformers(budget):
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from gemmakit.vision.gemma4_preprocess import preprocess
+
+    images = [picture(i, size) for i, size in enumerate(SIZES)]
+    theirs = Gemma4ImageProcessorPil(max_soft_tokens=budget)(images, return_tensors="pt")
+    pixels, positions, tokens = preprocess(images, max_soft_tokens=budget)
+    assert tokens == list(theirs["num_soft_tokens_per_image"])
+    assert torch.equal(positions, theirs["image_position_ids"].long())
+    assert pixels.shape == theirs["pixel_values"].shape
+    assert (pixels - theirs["pixel_values"]).abs().max() <= 1e-6
+
+
+def test_preprocessing_refuses_an_unknown_budget():
+    from gemmakit.errors import InvalidRequestError
+    from gemmakit.vision.gemma4_preprocess import preprocess
+
+    with pytest.raises(InvalidRequestError, match="one of"):
+        preprocess([picture(0, (64, 64))], max_soft_tokens=100)

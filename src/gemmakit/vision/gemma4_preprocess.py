@@ -1,0 +1,111 @@
+"""Gemma 4's image preprocessing and prompt layout, equal to transformers' Gemma4ImageProcessor
+(its Pillow backend) and Gemma4Processor.
+
+Unlike PaliGemma and Gemma 3 an image is not squashed to a square: it is resized (bicubic),
+keeping its aspect ratio, to the largest size whose sides are multiples of ``kernel * patch``
+(3 x 16 = 48 px) with at most ``max_soft_tokens * kernel^2`` patches; bytes are scaled by 1/255
+and not normalised (the encoder maps [0, 1] to [-1, 1] itself). The image is cut into 16x16 patches
+(row-major, each flattened as [row, column, channel]) with their (x, y) grid positions, and padded
+to the budget with zero patches at position (-1, -1). Each image becomes ``patches / kernel^2``
+soft tokens, placed in the prompt as ``<boi>`` + that many image tokens + ``<eoi>``.
+
+Sources: transformers 5.23 ``models/gemma4`` (image_processing_pil_gemma4.py:
+get_aspect_ratio_preserving_size, convert_image_to_patches, pad_along_first_dim, _preprocess;
+processing_gemma4.py: replace_image_token).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gemmakit.errors import InvalidRequestError, TokenizerError
+from gemmakit.models.gemma4_vision import SOFT_TOKEN_BUDGETS
+from gemmakit.vision.preprocess import ImageSource, load_image
+
+
+def target_size(height: int, width: int, patch_size: int, max_patches: int, kernel: int) -> tuple[int, int]:
+    """(height, width) in pixels: the largest multiples of ``kernel * patch_size`` near the image's
+    aspect ratio with at most ``max_patches`` patches. A side too thin to keep one cell gets one,
+    and the other side its whole-number aspect ratio in cells (capped at the budget's)."""
+    cell = kernel * patch_size
+    factor = math.sqrt(max_patches * patch_size**2 / (height * width))
+    h, w = int(math.floor(factor * height / cell)) * cell, int(math.floor(factor * width / cell)) * cell
+    if h == 0 and w == 0:
+        raise InvalidRequestError(f"a {width}x{height} image cannot be resized to a whole {cell}-pixel cell")
+    longest = (max_patches // kernel**2) * cell
+    if h == 0:
+        h, w = cell, min(int(math.floor(width / height)) * cell, longest)
+    elif w == 0:
+        h, w = min(int(math.floor(height / width)) * cell, longest), cell
+    if h * w > max_patches * patch_size**2:
+        raise InvalidRequestError(f"a {width}x{height} image does not fit {max_patches} patches of {patch_size} px")
+    return h, w
+
+
+def image_patches(image: Image.Image, patch_size: int = 16, max_soft_tokens: int = 280,
+                  kernel: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """One RGB image -> patches ``[P, patch^2 * 3]`` float32 in [0, 1] and positions ``[P, 2]`` (x, y)."""
+    h, w = target_size(image.height, image.width, patch_size, max_soft_tokens * kernel**2, kernel)
+    if (h, w) != (image.height, image.width):
+        image = image.resize((w, h), resample=Image.Resampling.BICUBIC)  # uint8, as the reference
+    x = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)  # [H, W, 3]
+    rows, cols = h // patch_size, w // patch_size
+    patches = x.reshape(rows, patch_size, cols, patch_size, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, -1)
+    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    return patches, np.stack([xs.ravel(), ys.ravel()], axis=-1)
+
+
+def preprocess(images: list[ImageSource], max_soft_tokens: int = 280, patch_size: int = 16,
+               kernel: int = 3) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Images -> ``pixel_values [N, max_soft_tokens * kernel^2, patch^2 * 3]``, their positions
+    ``[N, ..., 2]`` (-1 = padding) and each image's number of soft tokens."""
+    if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
+        raise InvalidRequestError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
+    budget = max_soft_tokens * kernel**2
+    pixels = np.zeros((len(images), budget, 3 * patch_size**2), dtype=np.float32)
+    positions = np.full((len(images), budget, 2), -1, dtype=np.int64)
+    tokens = []
+    for i, source in enumerate(images):
+        patches, pos = image_patches(load_image(source), patch_size, max_soft_tokens, kernel)
+        pixels[i, : len(patches)], positions[i, : len(pos)] = patches, pos
+        tokens.append(len(patches) // kernel**2)
+    return torch.from_numpy(pixels), torch.from_numpy(positions), tokens
+
+
+def spec_for(config) -> dict:
+    """``preprocess``'s keyword arguments for a :class:`~gemmakit.models.gemma4_vision.Gemma4MultimodalConfig`."""
+    return {"max_soft_tokens": config.max_soft_tokens, "patch_size": config.vision.patch_size,
+            "kernel": config.vision.pooling_kernel_size}
+
+
+def expand_image_tokens(ids: list[int], config, soft_tokens: list[int]) -> list[int]:
+    """Replace the i-th ``image_token_id`` in ``ids`` by ``boi``, ``soft_tokens[i]`` image tokens, ``eoi``."""
+    marks = [i for i, t in enumerate(ids) if t == config.image_token_id]
+    if len(marks) != len(soft_tokens):
+        raise InvalidRequestError(f"the prompt marks {len(marks)} image(s) but {len(soft_tokens)} image(s) were given")
+    out: list[int] = []
+    start = 0
+    for mark, n in zip(marks, soft_tokens):
+        out += ids[start:mark] + [config.boi_token_id] + [config.image_token_id] * n + [config.eoi_token_id]
+        start = mark + 1
+    return out + ids[start:]
+
+
+def build_prompt(config, tokenizer, text: str, soft_tokens: list[int]) -> list[int]:
+    """Token ids of ``text`` with each image's soft tokens: the text marks images with the image
+    token's piece (as the chat template does); without any marker, one per image goes first."""
+    try:
+        piece = tokenizer.id_to_piece(config.image_token_id)
+    except Exception:
+        raise TokenizerError(f"the tokenizer has no token {config.image_token_id} (the model's image token)") from None
+    if piece not in text:
+        text = piece * len(soft_tokens) + text
+    ids = tokenizer.encode(text, add_bos=True)
+    if ids.count(config.image_token_id) != text.count(piece):
+        raise TokenizerError(f"the tokenizer does not encode {piece!r} as the image token {config.image_token_id}; "
+                             "is this the model's own tokenizer?")
+    return expand_image_tokens(ids, config, soft_tokens)
