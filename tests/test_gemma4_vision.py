@@ -19,7 +19,7 @@ from gemmakit.models.gemma4_vision import Gemma4VisionModel, MultimodalEmbedder
 transformers = pytest.importorskip("transformers")
 
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, patch_size=16, position_embedding_size=64, pooling_kernel_size=3)
+              num_key_value_heads=2, head_dim=8, patch_size=16, position_embedding_size=128, pooling_kernel_size=3)
 
 
 def picture(kind: int, size: tuple[int, int]) -> Image.Image:
@@ -123,3 +123,97 @@ def test_preprocessing_refuses_an_unknown_budget():
 
     with pytest.raises(InvalidRequestError, match="one of"):
         preprocess([picture(0, (64, 64))], max_soft_tokens=100)
+
+
+IMAGE, BOI, EOI, VIDEO = 290, 291, 292, 293  # vision specials inside the tiny vocabulary
+TEXT = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, global_head_dim=32, sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+            hidden_size_per_layer_input=8, vocab_size_per_layer_input=300, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module", params=["vision", None])
+def pair(request, tmp_path_factory):
+    """(transformers model, gemmakit model) from one tiny Gemma4ForConditionalGeneration; with
+    ``use_bidirectional_attention`` "vision" (soft tokens attend both ways on sliding layers) or not."""
+    import gemmakit
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    config = Gemma4Config(text_config={**TEXT, "use_bidirectional_attention": request.param},
+                          vision_config=VISION, audio_config=None, image_token_id=IMAGE, boi_token_id=BOI,
+                          eoi_token_id=EOI, video_token_id=VIDEO)
+    torch.manual_seed(0)
+    hf = Gemma4ForConditionalGeneration(config).eval()
+    _randomise(hf.model.vision_tower, 2)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layer_scalar"):
+                p.copy_(torch.rand(p.shape) + 0.5)
+    path = tmp_path_factory.mktemp("gemma4-vision")
+    hf.save_pretrained(path)
+    model, _ = gemmakit.load(path)
+    return hf, model
+
+
+def _prompt(soft_tokens: list[int]) -> list[int]:
+    from gemmakit.vision.gemma4_preprocess import expand_image_tokens
+
+    class Ids:  # the config fields expand_image_tokens reads
+        image_token_id, boi_token_id, eoi_token_id = IMAGE, BOI, EOI
+
+    text = [2, 17, 40, 5]
+    for i in range(len(soft_tokens)):
+        text += [IMAGE, 60 + i, 61, 62]
+    return expand_image_tokens(text + [99, 100], Ids, soft_tokens)
+
+
+def _transformers_logits(hf, ids: list[int], pixels, positions) -> torch.Tensor:
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        return hf(input_ids=input_ids, pixel_values=pixels, image_position_ids=positions,
+                  mm_token_type_ids=(input_ids == IMAGE).long()).logits[0]
+
+
+@pytest.mark.parametrize("sizes, budget", [
+    ([(80, 60)], 70),
+    ([(200, 50), (40, 90)], 70),  # wide and tall: different soft-token counts in one prompt
+    ([(60, 60), (150, 40)], 140),
+])
+def test_logits_match_transformers(pair, sizes, budget):
+    from gemmakit.vision.gemma4_preprocess import preprocess
+
+    hf, ours = pair
+    pixels, positions, tokens = preprocess([picture(i, s) for i, s in enumerate(sizes)], max_soft_tokens=budget)
+    assert len(set(tokens)) == len(tokens)  # the images really differ in size
+    ids = _prompt(tokens)
+    theirs = _transformers_logits(hf, ids, pixels, positions)
+    with torch.no_grad():
+        mine = ours(torch.tensor([ids]), pixels, positions)[0]
+    assert (mine - theirs).abs().max() <= 1e-4
+
+
+def test_cached_decoding_after_an_image_prompt_equals_transformers(pair):
+    from gemmakit.vision.gemma4_preprocess import preprocess
+
+    hf, ours = pair
+    pixels, positions, tokens = preprocess([picture(1, (90, 70)), picture(2, (50, 120))], max_soft_tokens=70)
+    ids = _prompt(tokens)
+    full = ids + [7, 8, 9]
+    theirs = _transformers_logits(hf, full, pixels, positions)
+    cache = ours.new_cache(1, len(full))
+    with torch.no_grad():
+        steps = [ours(torch.tensor([ids]), pixels, positions, cache=cache)[0]]
+        steps += [ours(torch.tensor([[t]]), cache=cache)[0] for t in full[len(ids):]]
+    assert (torch.cat(steps) - theirs).abs().max() <= 1e-4
+
+
+def test_image_token_count_must_match_the_images(pair):
+    from gemmakit.errors import InvalidRequestError
+    from gemmakit.vision.gemma4_preprocess import preprocess
+
+    _, ours = pair
+    pixels, positions, tokens = preprocess([picture(0, (80, 60))], max_soft_tokens=70)
+    with pytest.raises(InvalidRequestError, match="soft tokens"):
+        ours(torch.tensor([_prompt([tokens[0] - 1])]), pixels, positions)
+    with pytest.raises(InvalidRequestError, match="no pixel_values"):
+        ours(torch.tensor([_prompt(tokens)]))

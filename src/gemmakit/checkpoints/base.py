@@ -22,6 +22,7 @@ from gemmakit.models.assistant import AssistantConfig, AssistantModel
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import GemmaModel
 from gemmakit.models.encoder import EmbeddingConfig, EmbeddingModel
+from gemmakit.models.gemma4_vision import Gemma4MultimodalConfig, Gemma4VisionLanguageModel
 from gemmakit.models.moe import Experts
 from gemmakit.models.multimodal import MultimodalConfig, VisionLanguageModel
 from gemmakit.quant.ggml import HALF_TYPES, GGMLBlocks, packable
@@ -192,4 +193,6 @@ def _model_class(config) -> type:
         return AssistantModel
     if isinstance(config, EmbeddingConfig):  # a bidirectional decoder with pooling and projections
         return EmbeddingModel
+    if isinstance(config, Gemma4MultimodalConfig):  # Gemma 4's own vision encoder (models/gemma4_vision.py)
+        return Gemma4VisionLanguageModel
     return VisionLanguageModel if isinstance(config, MultimodalConfig) else GemmaModel

@@ -223,6 +223,10 @@ class PatchEmbedder(nn.Module):
         self.position_embedding_table = nn.Parameter(torch.ones(2, config.position_embedding_size, config.hidden_size))
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows = self.position_embedding_table.shape[1]
+        if int(positions.max()) >= rows:
+            raise InvalidRequestError(f"a patch grid {int(positions.max()) + 1} patches long exceeds this encoder's "
+                                      f"position table ({rows}); use a smaller soft-token budget")
         h = self.input_proj((2 * (patches - 0.5)).to(self.input_proj.weight.dtype))  # [P, hidden]
         return h + self.position_embedding_table[0][positions[:, 0]] + self.position_embedding_table[1][positions[:, 1]]
 
