@@ -125,11 +125,11 @@ def test_preprocessing_refuses_an_unknown_budget():
         preprocess([picture(0, (64, 64))], max_soft_tokens=100)
 
 
-IMAGE, BOI, EOI, VIDEO = 290, 291, 292, 293  # vision specials inside the tiny vocabulary
-TEXT = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+IMAGE, BOI, EOI, VIDEO = 299, 300, 301, 302  # vision specials appended to the tiny vocabulary
+TEXT = dict(vocab_size=303, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
             num_key_value_heads=1, head_dim=16, global_head_dim=32, sliding_window=8,
             layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
-            hidden_size_per_layer_input=8, vocab_size_per_layer_input=300, max_position_embeddings=512)
+            hidden_size_per_layer_input=8, vocab_size_per_layer_input=303, max_position_embeddings=512)
 
 
 @pytest.fixture(scope="module", params=["vision", None])
@@ -138,6 +138,7 @@ def pair(request, tmp_path_factory):
     ``use_bidirectional_attention`` "vision" (soft tokens attend both ways on sliding layers) or not."""
     import gemmakit
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
     config = Gemma4Config(text_config={**TEXT, "use_bidirectional_attention": request.param},
                           vision_config=VISION, audio_config=None, image_token_id=IMAGE, boi_token_id=BOI,
@@ -151,8 +152,25 @@ def pair(request, tmp_path_factory):
                 p.copy_(torch.rand(p.shape) + 0.5)
     path = tmp_path_factory.mktemp("gemma4-vision")
     hf.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    Gemma4ImageProcessorPil(max_soft_tokens=70).save_pretrained(path)  # the budget prompts get
     model, _ = gemmakit.load(path)
+    assert model.config.max_soft_tokens == 70
     return hf, model
+
+
+def _tokenizer():
+    from tiny import tiny_vocab
+
+    from gemmakit.tokenizer import Tokenizer, build_model_proto
+
+    pieces, scores, types = tiny_vocab()
+    pieces += ["<|image|>", "<|image>", "<image|>", "<|video|>"]
+    scores += [0.0] * 4
+    types += [3] * 4
+    proto = build_model_proto(pieces, scores, types, bos=(2, "<bos>"), eos=(1, "<eos>"), pad=(0, "<pad>"),
+                              unk=(3, "<unk>"))
+    return Tokenizer._from_proto(proto, source="tiny-gemma4-vision", types=types)
 
 
 def _prompt(soft_tokens: list[int]) -> list[int]:
@@ -217,3 +235,33 @@ def test_image_token_count_must_match_the_images(pair):
         ours(torch.tensor([_prompt([tokens[0] - 1])]), pixels, positions)
     with pytest.raises(InvalidRequestError, match="no pixel_values"):
         ours(torch.tensor([_prompt(tokens)]))
+
+
+def test_generate_with_images_equals_transformers_greedy(pair):
+    from gemmakit.api import stream_generation
+    from gemmakit.vision.gemma4_preprocess import build_prompt, preprocess
+
+    hf, ours = pair
+    tokenizer = _tokenizer()
+    images = [picture(0, (120, 80)), picture(3, (40, 100))]
+    text = "look <|image|> and then <|image|> here"
+    result = None
+    for _, result in stream_generation(ours, tokenizer, text, max_tokens=6, images=images, stop_ids=frozenset()):
+        pass
+    pixels, positions, tokens = preprocess(images, max_soft_tokens=ours.config.max_soft_tokens)
+    ids = build_prompt(ours.config, tokenizer, text, tokens)
+    assert result.prompt_ids == ids
+    assert ids.count(BOI) == ids.count(EOI) == 2 and ids.count(IMAGE) == sum(tokens)
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=input_ids, pixel_values=pixels, image_position_ids=positions,
+                             mm_token_type_ids=(input_ids == IMAGE).long(), max_new_tokens=6, do_sample=False)
+    assert result.token_ids == theirs[0, len(ids):].tolist()
+
+
+def test_prompt_without_markers_puts_the_images_first(pair):
+    from gemmakit.vision.gemma4_preprocess import build_prompt
+
+    _, ours = pair
+    ids = build_prompt(ours.config, _tokenizer(), "hello", [3, 2])
+    assert ids[:10] == [2, BOI, IMAGE, IMAGE, IMAGE, EOI, BOI, IMAGE, IMAGE, EOI]

@@ -41,6 +41,7 @@ from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import DecoderAddOn, GemmaModel
 from gemmakit.models.layers import RMSNorm, unit_rms
+from gemmakit.models.multimodal import ImagePrompt
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # the processor's allowed max_soft_tokens
 
@@ -116,7 +117,8 @@ class Gemma4MultimodalConfig:
         return dataclasses.replace(self, **changes)
 
     def num_parameters(self) -> int:
-        return self.text.num_parameters() + self.vision.num_parameters() + self.vision.hidden_size * self.text.hidden_size
+        embedder = self.vision.hidden_size * self.text.hidden_size
+        return self.text.num_parameters() + self.vision.num_parameters() + embedder
 
 
 class ClippableLinear(nn.Module):
@@ -128,7 +130,8 @@ class ClippableLinear(nn.Module):
         self.clipped = config.use_clipped_linears
         if self.clipped:
             for name in ("input_min", "input_max", "output_min", "output_max"):
-                setattr(self, name, nn.Parameter(torch.tensor(float("inf") if name.endswith("max") else -float("inf"))))
+                bound = float("inf") if name.endswith("max") else -float("inf")
+                setattr(self, name, nn.Parameter(torch.tensor(bound)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.clipped:
@@ -273,9 +276,10 @@ class Gemma4VisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
         c = self.config
-        if pixel_values.dim() != 3 or pixel_values.shape[-1] != c.patch_dim or positions.shape != (*pixel_values.shape[:2], 2):
-            raise InvalidRequestError(f"pixel_values {tuple(pixel_values.shape)} and positions {tuple(positions.shape)} "
-                                      f"must be [N, P, {c.patch_dim}] and [N, P, 2]")
+        if (pixel_values.dim() != 3 or pixel_values.shape[-1] != c.patch_dim
+                or positions.shape != (*pixel_values.shape[:2], 2)):
+            raise InvalidRequestError(f"pixel_values {tuple(pixel_values.shape)} and positions "
+                                      f"{tuple(positions.shape)} must be [N, P, {c.patch_dim}] and [N, P, 2]")
         out = []
         for patches, pos in zip(pixel_values, positions):
             real = (pos != -1).all(-1)  # padding patches are (-1, -1)
@@ -364,3 +368,21 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
         # PLE reads the pad token's row at soft-token positions, its projection the spliced embeddings
         return self.decoder(text_ids, cache=cache, positions=positions, last_only=last_only, inputs_embeds=h,
                             groups=groups)
+
+
+class Gemma4ImagePrompt(ImagePrompt):
+    """:class:`~gemmakit.models.multimodal.ImagePrompt` for Gemma 4: binds the patches and their
+    positions to the prefill (one call, so every image's group is whole); decode steps are text."""
+
+    def __init__(self, model: Gemma4VisionLanguageModel, pixel_values: torch.Tensor,
+                 image_positions: torch.Tensor) -> None:
+        super().__init__(model, pixel_values)
+        self.image_positions = image_positions
+
+    def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                 positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        if self._prefilled:
+            return self.model(input_ids, cache=cache, positions=positions, last_only=last_only)
+        self._prefilled = True
+        return self.model(input_ids, self.pixel_values, self.image_positions, cache=cache, positions=positions,
+                          last_only=last_only)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from gemmakit.errors import InvalidRequestError, TokenizerError
-from gemmakit.models.gemma4_vision import SOFT_TOKEN_BUDGETS
+from gemmakit.models.gemma4_vision import SOFT_TOKEN_BUDGETS, Gemma4ImagePrompt
 from gemmakit.vision.preprocess import ImageSource, load_image
 
 
@@ -109,3 +109,22 @@ def build_prompt(config, tokenizer, text: str, soft_tokens: list[int]) -> list[i
         raise TokenizerError(f"the tokenizer does not encode {piece!r} as the image token {config.image_token_id}; "
                              "is this the model's own tokenizer?")
     return expand_image_tokens(ids, config, soft_tokens)
+
+
+def prepare(model, tokenizer, prompt, images, pan_and_scan: bool = False):
+    """:func:`gemmakit.vision.generate.prepare_vision` for a Gemma 4 multimodal model: ``(model
+    for the engine, prompt, engine kwargs)``, every check made before any model work."""
+    if pan_and_scan:
+        raise InvalidRequestError("pan & scan is a Gemma 3 option; Gemma 4 keeps each image's aspect ratio")
+    if not images:
+        return model.decoder, prompt, {}  # without images, the text decoder alone
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("a prompt with images must be text (image tokens are placed for you)")
+    if tokenizer is None:
+        raise TokenizerError("this model has no tokenizer; a prompt with images needs one")
+    pixels, positions, tokens = preprocess(list(images), **spec_for(model.config))
+    ids = build_prompt(model.config, tokenizer, prompt, tokens)
+    context = model.config.max_position_embeddings
+    if len(ids) >= context:
+        raise InvalidRequestError(f"the prompt with its images is {len(ids)} tokens; the model's context is {context}")
+    return Gemma4ImagePrompt(model, pixels.to(model.dtype), positions), ids, {"prefill_chunk": len(ids)}

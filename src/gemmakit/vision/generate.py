@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gemmakit.errors import InvalidRequestError, TokenizerError
+from gemmakit.models.gemma4_vision import Gemma4VisionLanguageModel
 from gemmakit.models.multimodal import ImagePrompt, VisionLanguageModel
 from gemmakit.vision.prompt import build_prompt
 
@@ -13,6 +14,10 @@ def prepare_vision(model, tokenizer, prompt, images, pan_and_scan: bool = False)
     Every check (model kind, image files, placeholder counts, context length) happens here, before
     the engine starts, so bad input never fails half-way through a generation.
     """
+    if isinstance(model, Gemma4VisionLanguageModel):  # its own encoder, processor and prompt layout
+        from gemmakit.vision.gemma4_preprocess import prepare
+
+        return prepare(model, tokenizer, prompt, images, pan_and_scan)
     is_vlm = isinstance(model, VisionLanguageModel)
     if not images:
         if pan_and_scan:
