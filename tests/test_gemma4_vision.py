@@ -233,7 +233,7 @@ def test_image_token_count_must_match_the_images(pair):
     pixels, positions, tokens = preprocess([picture(0, (80, 60))], max_soft_tokens=70)
     with pytest.raises(InvalidRequestError, match="soft tokens"):
         ours(torch.tensor([_prompt([tokens[0] - 1])]), pixels, positions)
-    with pytest.raises(InvalidRequestError, match="no pixel_values"):
+    with pytest.raises(InvalidRequestError, match="no image pixel values"):
         ours(torch.tensor([_prompt(tokens)]))
 
 
@@ -265,3 +265,59 @@ def test_prompt_without_markers_puts_the_images_first(pair):
     _, ours = pair
     ids = build_prompt(ours.config, _tokenizer(), "hello", [3, 2])
     assert ids[:10] == [2, BOI, IMAGE, IMAGE, IMAGE, EOI, BOI, IMAGE, IMAGE, EOI]
+
+
+def _video(frames: int = 7, size: tuple[int, int] = (96, 64)) -> np.ndarray:
+    """``[T, H, W, 3]`` uint8: a picture whose shapes move a little every frame."""
+    out = []
+    for t in range(frames):
+        im = picture(t % 4, size)
+        ImageDraw.Draw(im).rectangle((4 * t, 2 * t, 4 * t + 12, 2 * t + 9), fill=(20 * t, 200, 90))
+        out.append(np.asarray(im))
+    return np.stack(out)
+
+
+def test_frame_sampling_matches_transformers():
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+
+    from gemmakit.vision.gemma4_preprocess import sample_frames
+
+    for total, n in ((100, 32), (33, 32), (7, 3), (32, 32)):
+        theirs = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=24), num_frames=n)
+        assert sample_frames(total, n) == theirs.tolist()
+
+
+def test_video_pixel_values_match_transformers():
+    pytest.importorskip("torchvision")  # transformers' Gemma4VideoProcessor resizes with torchvision
+    from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from gemmakit.vision.gemma4_preprocess import video_inputs
+
+    video = _video(9, (100, 60))
+    theirs = Gemma4VideoProcessor(num_frames=4)(
+        [video], video_metadata=[VideoMetadata(total_num_frames=9, fps=12)], return_tensors="pt")
+    pixels, positions, tokens, times = video_inputs(video, fps=12, num_frames=4)
+    assert torch.equal(positions, theirs["video_position_ids"].long())
+    assert (pixels - theirs["pixel_values_videos"]).abs().max() <= 1e-6
+    assert tokens == theirs["num_soft_tokens_per_video"][0]
+
+
+def test_video_and_image_logits_match_transformers(pair):
+    from gemmakit.vision.gemma4_preprocess import build_video_prompt, preprocess, video_inputs
+
+    hf, ours = pair
+    tokenizer = _tokenizer()
+    frames, frame_positions, per_frame, times = video_inputs(_video(7), fps=2, num_frames=3)
+    assert times == [0.0, 1.0, 2.0] and len(frames) == 3
+    pixels, positions, tokens = preprocess([picture(2, (70, 90))], max_soft_tokens=70)
+    ids = build_video_prompt(ours.config, tokenizer, "<|image|> then <|video|> so", [(per_frame, times)], tokens)
+    assert ids.count(VIDEO) == 3 * per_frame and ids.count(BOI) == 4 and ids.count(IMAGE) == tokens[0]
+    input_ids = torch.tensor([ids])
+    types = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
+    with torch.no_grad():
+        theirs = hf(input_ids=input_ids, pixel_values=pixels, image_position_ids=positions,
+                    pixel_values_videos=frames, video_position_ids=frame_positions,
+                    num_frames_per_video=torch.tensor([3]), mm_token_type_ids=types).logits[0]
+        mine = ours(input_ids, pixels, positions, video_values=frames, video_positions=frame_positions)[0]
+    assert (mine - theirs).abs().max() <= 1e-4

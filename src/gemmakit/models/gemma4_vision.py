@@ -322,6 +322,21 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
         """Soft tokens ``[tokens_i, text hidden]`` per image, from the processor's padded patches."""
         return [self.embed_vision(t) for t in self.vision(pixel_values, positions)]
 
+    def _splice(self, h: torch.Tensor, slots: torch.Tensor, pixels: torch.Tensor | None,
+                positions: torch.Tensor | None, kind: str) -> torch.Tensor:
+        """``h`` with the soft tokens of ``pixels`` (images, or video frames) written at ``slots``."""
+        if pixels is None:
+            if bool(slots.any()):
+                raise InvalidRequestError(f"the prompt has {kind} tokens but no {kind} pixel values were given")
+            return h
+        if positions is None:
+            raise InvalidRequestError(f"Gemma 4 {kind}s need their patch positions")
+        features = torch.cat(self.image_features(pixels.to(self.device), positions.to(self.device)))
+        if int(slots.sum()) != features.shape[0]:
+            raise InvalidRequestError(f"{pixels.shape[0]} {kind}(s) make {features.shape[0]} soft tokens "
+                                      f"but the prompt has {int(slots.sum())} {kind} tokens")
+        return h.masked_scatter(slots[..., None], features.to(h.dtype))
+
     def _soft_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         mask = input_ids == self.config.image_token_id
         if self.config.video_token_id is not None:
@@ -349,20 +364,15 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,  # [B, T], from 0; -1 marks left padding
         last_only: bool = False,
+        video_values: torch.Tensor | None = None,  # [F, P, patch_dim]: every video's frames, in order
+        video_positions: torch.Tensor | None = None,  # [F, P, 2]
     ) -> torch.Tensor:
         soft = self._soft_token_mask(input_ids)
         text_ids = torch.where(soft, self.config.pad_token_id, input_ids)
         h = self.decoder.embed_tokens(text_ids)  # [B, T, hidden]
-        if pixel_values is not None:
-            if image_positions is None:
-                raise InvalidRequestError("Gemma 4 images need their patch positions (image_positions)")
-            features = torch.cat(self.image_features(pixel_values.to(self.device), image_positions.to(self.device)))
-            if int(soft.sum()) != features.shape[0]:
-                raise InvalidRequestError(f"{pixel_values.shape[0]} image(s) make {features.shape[0]} soft tokens "
-                                          f"but the prompt has {int(soft.sum())} image tokens")
-            h = h.masked_scatter(soft[..., None], features.to(h.dtype))
-        elif bool(soft.any()):
-            raise InvalidRequestError("the prompt has image tokens but no pixel_values were given")
+        h = self._splice(h, input_ids == self.config.image_token_id, pixel_values, image_positions, "image")
+        if self.config.video_token_id is not None:
+            h = self._splice(h, input_ids == self.config.video_token_id, video_values, video_positions, "video")
         start = cache.length if cache is not None else 0
         groups = self.attention_groups(input_ids, start)
         # PLE reads the pad token's row at soft-token positions, its projection the spliced embeddings

@@ -9,9 +9,17 @@ and not normalised (the encoder maps [0, 1] to [-1, 1] itself). The image is cut
 to the budget with zero patches at position (-1, -1). Each image becomes ``patches / kernel^2``
 soft tokens, placed in the prompt as ``<boi>`` + that many image tokens + ``<eoi>``.
 
+A video is a list of frames (decoded by the caller), of which ``num_frames`` (32) are taken evenly
+(frame ``i * total // n``); each is an image of ``max_soft_tokens`` (70) soft tokens, resized by
+torch's antialiased bicubic on the uint8 frame (as torchvision does on the CPU) and scaled by
+dividing by 255. The prompt writes each frame as ``mm:ss <boi>`` + its video tokens + ``<eoi>``,
+the frames joined by spaces, the time being the frame's index over the video's fps (24 if unknown).
+
 Sources: transformers 5.23 ``models/gemma4`` (image_processing_pil_gemma4.py:
 get_aspect_ratio_preserving_size, convert_image_to_patches, pad_along_first_dim, _preprocess;
-processing_gemma4.py: replace_image_token).
+video_processing_gemma4.py; processing_gemma4.py: replace_image_token, replace_video_token),
+``video_utils.py`` (default_sample_indices_fn) and torchvision's v2 ``resize_image`` (the native
+uint8 bicubic path on the CPU).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from gemmakit.errors import InvalidRequestError, TokenizerError
@@ -128,3 +137,69 @@ def prepare(model, tokenizer, prompt, images, pan_and_scan: bool = False):
     if len(ids) >= context:
         raise InvalidRequestError(f"the prompt with its images is {len(ids)} tokens; the model's context is {context}")
     return Gemma4ImagePrompt(model, pixels.to(model.dtype), positions), ids, {"prefill_chunk": len(ids)}
+
+
+def sample_frames(total: int, num_frames: int = 32) -> list[int]:
+    """Indices of ``num_frames`` frames spread evenly over ``total`` (all of them when fewer)."""
+    if total <= 0:
+        raise InvalidRequestError("the video has no frames")
+    n = min(num_frames, total)
+    return [i * total // n for i in range(n)]
+
+
+def video_inputs(frames, fps: float | None = None, num_frames: int | None = 32, max_soft_tokens: int = 70,
+                 patch_size: int = 16, kernel: int = 3) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
+    """A video's frames (``[T, H, W, 3]`` uint8, or a list of RGB images) -> ``pixel_values [F, budget,
+    patch^2 * 3]``, positions ``[F, budget, 2]``, soft tokens per frame and each frame's time in
+    seconds; ``num_frames`` None keeps every frame."""
+    if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
+        raise InvalidRequestError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
+    if not isinstance(frames, np.ndarray):
+        frames = np.stack([np.asarray(load_image(f)) for f in frames])
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise InvalidRequestError(f"video frames must be [T, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
+    indices = list(range(len(frames))) if num_frames is None else sample_frames(len(frames), num_frames)
+    video = torch.from_numpy(np.ascontiguousarray(frames[indices])).permute(0, 3, 1, 2)  # [F, 3, H, W] uint8
+    budget = max_soft_tokens * kernel**2
+    h, w = target_size(video.shape[2], video.shape[3], patch_size, budget, kernel)
+    if (h, w) != tuple(video.shape[2:]):
+        video = F.interpolate(video, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    x = video.float() / 255  # [F, 3, h, w]
+    rows, cols = h // patch_size, w // patch_size
+    patches = x.reshape(len(x), 3, rows, patch_size, cols, patch_size).permute(0, 2, 4, 3, 5, 1)
+    pixels = torch.zeros(len(x), budget, 3 * patch_size**2)
+    pixels[:, : rows * cols] = patches.reshape(len(x), rows * cols, -1)
+    ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    positions = torch.full((len(x), budget, 2), -1, dtype=torch.long)
+    positions[:, : rows * cols] = torch.stack([xs.flatten(), ys.flatten()], -1)
+    rate = fps or 24
+    return pixels, positions, rows * cols // kernel**2, [i / rate for i in indices]
+
+
+def video_text(config, tokenizer, tokens_per_frame: int, timestamps: list[float]) -> str:
+    """What replaces a video's marker in the prompt: ``mm:ss <boi><video>...<eoi>`` per frame."""
+    boi, eoi, video = (tokenizer.id_to_piece(config.boi_token_id), tokenizer.id_to_piece(config.eoi_token_id),
+                       tokenizer.id_to_piece(config.video_token_id))
+    return " ".join(f"{int(t // 60):02d}:{int(t % 60):02d} {boi}{video * tokens_per_frame}{eoi}" for t in timestamps)
+
+
+def build_video_prompt(config, tokenizer, text: str, videos: list[tuple[int, list[float]]],
+                       soft_tokens: list[int] = ()) -> list[int]:
+    """Token ids of ``text`` whose video markers (the video token's piece) stand for ``videos``
+    (``(tokens_per_frame, timestamps)`` each) and whose image markers for images of ``soft_tokens``."""
+    if config.video_token_id is None:
+        raise InvalidRequestError("this model's config names no video token")
+    piece = tokenizer.id_to_piece(config.video_token_id)
+    if text.count(piece) != len(videos):
+        if piece in text:
+            raise InvalidRequestError(f"the prompt marks {text.count(piece)} video(s) but {len(videos)} were given")
+        text = piece * len(videos) + text
+    parts = text.split(piece)
+    text = parts[0] + "".join(video_text(config, tokenizer, n, times) + rest
+                              for (n, times), rest in zip(videos, parts[1:]))
+    if soft_tokens:
+        return build_prompt(config, tokenizer, text, list(soft_tokens))
+    ids = tokenizer.encode(text, add_bos=True)
+    if ids.count(config.video_token_id) != sum(n * len(times) for n, times in videos):
+        raise TokenizerError(f"the tokenizer does not encode {piece!r} as the video token {config.video_token_id}")
+    return ids
