@@ -134,7 +134,7 @@ TEXT = dict(vocab_size=303, hidden_size=32, intermediate_size=64, num_hidden_lay
 
 @pytest.fixture(scope="module", params=["vision", None])
 def pair(request, tmp_path_factory):
-    """(transformers model, gemmakit model) from one tiny Gemma4ForConditionalGeneration; with
+    """(transformers model, gemmakit model, its directory) from one tiny Gemma4ForConditionalGeneration; with
     ``use_bidirectional_attention`` "vision" (soft tokens attend both ways on sliding layers) or not."""
     import gemmakit
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
@@ -156,7 +156,7 @@ def pair(request, tmp_path_factory):
     Gemma4ImageProcessorPil(max_soft_tokens=70).save_pretrained(path)  # the budget prompts get
     model, _ = gemmakit.load(path)
     assert model.config.max_soft_tokens == 70
-    return hf, model
+    return hf, model, path
 
 
 def _tokenizer():
@@ -200,7 +200,7 @@ def _transformers_logits(hf, ids: list[int], pixels, positions) -> torch.Tensor:
 def test_logits_match_transformers(pair, sizes, budget):
     from gemmakit.vision.gemma4_preprocess import preprocess
 
-    hf, ours = pair
+    hf, ours, _ = pair
     pixels, positions, tokens = preprocess([picture(i, s) for i, s in enumerate(sizes)], max_soft_tokens=budget)
     assert len(set(tokens)) == len(tokens)  # the images really differ in size
     ids = _prompt(tokens)
@@ -213,7 +213,7 @@ def test_logits_match_transformers(pair, sizes, budget):
 def test_cached_decoding_after_an_image_prompt_equals_transformers(pair):
     from gemmakit.vision.gemma4_preprocess import preprocess
 
-    hf, ours = pair
+    hf, ours, _ = pair
     pixels, positions, tokens = preprocess([picture(1, (90, 70)), picture(2, (50, 120))], max_soft_tokens=70)
     ids = _prompt(tokens)
     full = ids + [7, 8, 9]
@@ -229,7 +229,7 @@ def test_image_token_count_must_match_the_images(pair):
     from gemmakit.errors import InvalidRequestError
     from gemmakit.vision.gemma4_preprocess import preprocess
 
-    _, ours = pair
+    _, ours, _ = pair
     pixels, positions, tokens = preprocess([picture(0, (80, 60))], max_soft_tokens=70)
     with pytest.raises(InvalidRequestError, match="soft tokens"):
         ours(torch.tensor([_prompt([tokens[0] - 1])]), pixels, positions)
@@ -241,7 +241,7 @@ def test_generate_with_images_equals_transformers_greedy(pair):
     from gemmakit.api import stream_generation
     from gemmakit.vision.gemma4_preprocess import build_prompt, preprocess
 
-    hf, ours = pair
+    hf, ours, _ = pair
     tokenizer = _tokenizer()
     images = [picture(0, (120, 80)), picture(3, (40, 100))]
     text = "look <|image|> and then <|image|> here"
@@ -262,7 +262,7 @@ def test_generate_with_images_equals_transformers_greedy(pair):
 def test_prompt_without_markers_puts_the_images_first(pair):
     from gemmakit.vision.gemma4_preprocess import build_prompt
 
-    _, ours = pair
+    _, ours, _ = pair
     ids = build_prompt(ours.config, _tokenizer(), "hello", [3, 2])
     assert ids[:10] == [2, BOI, IMAGE, IMAGE, IMAGE, EOI, BOI, IMAGE, IMAGE, EOI]
 
@@ -306,7 +306,7 @@ def test_video_pixel_values_match_transformers():
 def test_video_and_image_logits_match_transformers(pair):
     from gemmakit.vision.gemma4_preprocess import build_video_prompt, preprocess, video_inputs
 
-    hf, ours = pair
+    hf, ours, _ = pair
     tokenizer = _tokenizer()
     frames, frame_positions, per_frame, times = video_inputs(_video(7), fps=2, num_frames=3)
     assert times == [0.0, 1.0, 2.0] and len(frames) == 3
@@ -321,3 +321,15 @@ def test_video_and_image_logits_match_transformers(pair):
                     num_frames_per_video=torch.tensor([3]), mm_token_type_ids=types).logits[0]
         mine = ours(input_ids, pixels, positions, video_values=frames, video_positions=frame_positions)[0]
     assert (mine - theirs).abs().max() <= 1e-4
+
+
+def test_convert_writes_the_text_decoder(pair, tmp_path):
+    import gemmakit
+    from gemmakit.convert import convert
+
+    _, ours, source = pair
+    out = convert(source, tmp_path / "text")
+    text, _ = gemmakit.load(out)
+    ids = torch.tensor([[2, 17, 40, 5, 60, 61, 62, 99]])
+    with torch.no_grad():
+        assert (text(ids) - ours(ids)).abs().max() <= 1e-5

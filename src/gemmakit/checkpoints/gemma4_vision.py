@@ -10,6 +10,7 @@ read. The soft-token budget comes from ``processor_config.json`` / ``preprocesso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,16 @@ def open_gemma4_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkp
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
                       tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
                       file_names=mapping, packed=packed)
+
+
+def text_decoder_checkpoint(checkpoint: Checkpoint) -> Checkpoint:
+    """A Gemma 4 multimodal checkpoint's text decoder alone (what ``convert`` writes); any other as it is."""
+    if not isinstance(checkpoint.config, Gemma4MultimodalConfig):
+        return checkpoint
+
+    def text(names):
+        return {ours.removeprefix("decoder."): v for ours, v in names.items() if ours.startswith("decoder.")}
+
+    config = checkpoint.config.text.replace(group_layer_kinds=("global", "local"))  # no images: no groups
+    return dataclasses.replace(checkpoint, config=config, tensors=text(checkpoint.tensors),
+                               file_names=text(checkpoint.file_names), packed=text(checkpoint.packed))
