@@ -333,3 +333,32 @@ def test_convert_writes_the_text_decoder(pair, tmp_path):
     ids = torch.tensor([[2, 17, 40, 5, 60, 61, 62, 99]])
     with torch.no_grad():
         assert (text(ids) - ours(ids)).abs().max() <= 1e-5
+
+
+def test_clipped_linears_match_transformers():
+    from transformers import Gemma4VisionConfig as HFVisionConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionModel as HFVision
+
+    hf_config = HFVisionConfig(**{**VISION, "num_hidden_layers": 1}, use_clipped_linears=True)
+    hf = HFVision(hf_config).eval()
+    _randomise(hf, 3)
+    with torch.no_grad():  # finite bounds that bite (transformers starts them at -inf / inf)
+        for name, b in hf.named_buffers():
+            if name.endswith(("_min", "_max")):
+                b.fill_(-0.5 if name.endswith("_min") else 0.4)
+    ours = Gemma4VisionModel(vision_config_from_hf(hf_config.to_dict()))
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    pixels, positions = _padded_grids([(6, 6), (9, 3)], 70 * 9)
+    with torch.no_grad():
+        theirs = hf(pixel_values=pixels, pixel_position_ids=positions).last_hidden_state
+        mine = torch.cat(ours(pixels, positions))
+    assert (mine - theirs).abs().max() <= 1e-4 * max(1.0, theirs.abs().max())
+    assert ours.config.num_parameters() == sum(t.numel() for t in hf.state_dict().values())
+
+
+def test_parameter_count_is_transformers(pair):
+    hf, ours, _ = pair
+    # the saved tensors (layer_scalar is a buffer there), the tied head once
+    theirs = sum(t.numel() for name, t in hf.state_dict().items() if name != "lm_head.weight")
+    counted = sum(p.numel() for p in ours.parameters())
+    assert (ours.config.num_parameters(), counted) == (theirs, theirs)

@@ -81,8 +81,9 @@ class Gemma4VisionConfig:
     def num_parameters(self) -> int:
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * hd
-        layer = attn + 3 * d * f + 4 * d
-        return self.patch_dim * d + 2 * self.position_embedding_size * d + self.num_layers * layer
+        layer = attn + 3 * d * f + 4 * d + (7 * 4 if self.use_clipped_linears else 0)  # 4 bounds per projection
+        standardize = 2 * d if self.standardize else 0
+        return self.patch_dim * d + 2 * self.position_embedding_size * d + self.num_layers * layer + standardize
 
 
 @dataclass(frozen=True)
