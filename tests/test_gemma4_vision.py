@@ -362,3 +362,35 @@ def test_parameter_count_is_transformers(pair):
     theirs = sum(t.numel() for name, t in hf.state_dict().items() if name != "lm_head.weight")
     counted = sum(p.numel() for p in ours.parameters())
     assert (ours.config.num_parameters(), counted) == (theirs, theirs)
+
+
+def test_served_chat_with_an_image_equals_the_plain_api(pair):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import base64
+    import io
+
+    from live_server import live_server
+
+    from gemmakit.api import stream_generation
+    from gemmakit.chat import render_chat
+    from gemmakit.serve import build_app
+
+    _, ours, _ = pair
+    tokenizer = _tokenizer()
+    image = picture(1, (90, 60))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    result = None
+    prompt = render_chat([{"role": "user", "content": [{"type": "text", "text": "what is it"}]}])
+    for _, result in stream_generation(ours, tokenizer, prompt, max_tokens=5, images=[image], stop_ids=frozenset()):
+        pass
+    with live_server(build_app(ours, tokenizer, "gemma4", max_batch=2)) as base:
+        reply = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+            "model": "gemma4", "max_tokens": 5, "temperature": 0, "ignore_eos": True, "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "what is it"}]}]}).json()
+    assert reply["usage"]["prompt_tokens"] == len(result.prompt_ids)
+    assert reply["usage"]["completion_tokens"] == 5
+    assert reply["choices"][0]["message"]["content"] == result.text
