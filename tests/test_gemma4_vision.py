@@ -394,3 +394,21 @@ def test_served_chat_with_an_image_equals_the_plain_api(pair):
     assert reply["usage"]["prompt_tokens"] == len(result.prompt_ids)
     assert reply["usage"]["completion_tokens"] == 5
     assert reply["choices"][0]["message"]["content"] == result.text
+
+
+def test_left_padded_batch_equals_one_by_one(pair):
+    from gemmakit.vision.gemma4_preprocess import preprocess
+
+    _, ours, _ = pair
+    images = [picture(0, (200, 50)), picture(1, (60, 60)), picture(2, (40, 90))]
+    pixels, positions, tokens = preprocess(images, max_soft_tokens=70)
+    rows = [_prompt(tokens[:1]), _prompt(tokens[1:])]  # one image, then two
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    pos = torch.stack([torch.arange(T) - (T - len(r)) for r in rows]).clamp(min=-1)
+    with torch.no_grad():
+        batch = ours(ids, pixels, positions, positions=pos)
+        alone = [ours(torch.tensor([rows[0]]), pixels[:1], positions[:1])[0],
+                 ours(torch.tensor([rows[1]]), pixels[1:], positions[1:])[0]]
+    for i, row in enumerate(rows):
+        assert (batch[i, T - len(row):] - alone[i]).abs().max() <= 1e-4
