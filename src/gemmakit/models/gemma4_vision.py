@@ -16,7 +16,8 @@ The encoder then runs, per image:
 * the multimodal embedder: an RMSNorm without scale, then a bias-free projection to the text width.
 
 Padding patches never take part (keys hidden, no soft token), so the encoder reads each image's real
-patches alone. In the decoder each image's run of soft tokens attends both ways, on sliding-window
+patches alone. A video is its sampled frames, each encoded as an image into its own run of
+``video_token_id`` placeholders. In the decoder each image's (or frame's) run of soft tokens attends both ways, on sliding-window
 layers only (global layers stay causal): :attr:`ModelConfig.group_layer_kinds`. The soft tokens are
 not scaled by sqrt(hidden); their per-layer embeddings (PLE) read the pad token's row.
 
@@ -305,7 +306,9 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
 
     ``input_ids`` hold each image's soft-token placeholders (``image_token_id``, as many as its
     pooled grid has cells) between ``boi`` and ``eoi``, in the order of ``pixel_values``; build them
-    with :func:`gemmakit.vision.gemma4_preprocess.build_prompt`.
+    with :func:`gemmakit.vision.gemma4_preprocess.build_prompt`. Video frames go the same way as
+    ``video_values`` / ``video_positions`` into the ``video_token_id`` placeholders
+    (:func:`~gemmakit.vision.gemma4_preprocess.build_video_prompt`).
     """
 
     def __init__(self, config: Gemma4MultimodalConfig) -> None:
