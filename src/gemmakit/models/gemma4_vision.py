@@ -17,9 +17,10 @@ The encoder then runs, per image:
 
 Padding patches never take part (keys hidden, no soft token), so the encoder reads each image's real
 patches alone. A video is its sampled frames, each encoded as an image into its own run of
-``video_token_id`` placeholders. In the decoder each image's (or frame's) run of soft tokens attends both ways, on sliding-window
-layers only (global layers stay causal): :attr:`ModelConfig.group_layer_kinds`. The soft tokens are
-not scaled by sqrt(hidden); their per-layer embeddings (PLE) read the pad token's row.
+``video_token_id`` placeholders. In the decoder each image's (or frame's) run of soft tokens
+attends both ways, on sliding-window layers only (global layers stay causal):
+:attr:`ModelConfig.group_layer_kinds`. The soft tokens are not scaled by sqrt(hidden); their
+per-layer embeddings (PLE) read the pad token's row.
 
 Sources: transformers 5.23 ``models/gemma4`` (modeling_gemma4.py: Gemma4VisionPatchEmbedder,
 Gemma4VisionRotaryEmbedding, apply_multidimensional_rope, Gemma4VisionAttention / EncoderLayer,
