@@ -1,0 +1,172 @@
+"""Audio: log-mel features, audio files, and Gemma 4's audio encoder against transformers.
+
+Inputs are generated waveforms (sines, chirps, noise bursts, silence gaps) and, where espeak-ng is
+installed, a short synthesised sentence written as a WAV file in the test's directory. The oracle
+for the features is transformers' own extractors: their public call rounds samples to float32 and
+takes its FFT in float32, so the spectra are also compared with the extractors' spectrogram step fed
+float64 samples, which is the same algorithm without that rounding noise.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from gemmakit.audio.features import GEMMA3N_AUDIO, GEMMA4_AUDIO, log_mel, spec_from_hf
+from gemmakit.errors import InvalidRequestError
+
+transformers = pytest.importorskip("transformers")
+
+SR = 16_000
+
+
+def clips(floor: float = 3e-3, seed: int = 0) -> list[np.ndarray]:
+    """A sine, a chirp and a noise burst between silences, of three lengths, with a faint noise floor
+    (real recordings have one; without it the quietest bins are all float32 round-off)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(0.73 * SR)) / SR
+    sine = 0.5 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 2500 * t)
+    t = np.arange(int(1.31 * SR)) / SR
+    chirp = 0.3 * np.sin(2 * np.pi * (200 + 3000 * t) * t)
+    burst = np.zeros(9001)
+    burst[3000:5000] = rng.normal(0, 0.2, 2000)
+    return [(x + floor * rng.normal(size=x.shape)).astype(np.float32) for x in (sine, chirp, burst)]
+
+
+def extractor(family: str):
+    if family == "gemma4":
+        return transformers.Gemma4AudioFeatureExtractor(), GEMMA4_AUDIO
+    return transformers.Gemma3nAudioFeatureExtractor(), GEMMA3N_AUDIO
+
+
+def float64_spectrogram(ext, wave: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The extractor's spectrogram step on ``wave`` zero-padded to ``length``, in float64 throughout
+    (its Hann window is stored in float32, whose rounding alone moves quiet bins by ~2e-4)."""
+    ext.window = transformers.audio_utils.window_function(ext.frame_length)  # periodic Hann, float64
+    padded = np.zeros(length)
+    padded[: len(wave)] = wave.astype(np.float64)
+    real = (np.arange(length) < len(wave)).astype(np.int64)
+    return ext._extract_spectrogram(padded, real)
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma3n"])
+def test_features_equal_the_extractors_spectrogram(family):
+    ext, spec = extractor(family)
+    waves = clips(floor=0.0)  # no noise floor needed in float64
+    feats, mask = log_mel(waves, spec)
+    length = -(-max(len(w) for w in waves) // 128) * 128
+    for i, w in enumerate(waves):
+        want, want_mask = float64_spectrogram(ext, w, length)
+        if family == "gemma4":
+            want = want * want_mask[:, None]
+        assert feats.shape[1:] == want.shape
+        assert np.array_equal(mask[i].numpy(), want_mask)
+        assert np.abs(feats[i].numpy() - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma3n"])
+def test_features_equal_the_extractor_batched_and_alone(family):
+    ext, spec = extractor(family)
+    waves = clips()
+    want = ext(waves, return_tensors="np")
+    feats, mask = log_mel(waves, spec)
+    assert feats.shape == want["input_features"].shape and feats.dtype == torch.float32
+    assert np.array_equal(mask.numpy(), want["input_features_mask"])
+    # Gemma 3n's pre-emphasis cancels most of the low bins' energy, where the extractor's float32
+    # arithmetic then leaves ~1e-3 of round-off; the float64 test above holds both to 1e-4.
+    assert np.abs(feats.numpy() - want["input_features"]).max() <= (1e-4 if family == "gemma4" else 2e-3)
+    for i, w in enumerate(waves):  # one at a time: padded to 128 samples only
+        alone, alone_mask = log_mel([w], spec)
+        n = alone.shape[1]
+        assert torch.equal(alone_mask[0], mask[i, :n])
+        # Gemma 3n counts a frame when its first sample is audio, so in a longer batch a clip gains
+        # the frames that run from its last samples into the padding; Gemma 4 wants whole frames.
+        assert not mask[i, n:].any() or family == "gemma3n"
+        assert torch.allclose(alone[0], feats[i, :n], atol=1e-5)
+
+
+def test_features_cut_at_thirty_seconds_and_reject_bad_clips():
+    long = np.random.default_rng(1).normal(0, 0.1, 31 * SR).astype(np.float32)
+    feats, mask = log_mel([long], GEMMA4_AUDIO)
+    want = transformers.Gemma4AudioFeatureExtractor()([long], return_tensors="np")
+    assert feats.shape == want["input_features"].shape
+    assert np.array_equal(mask.numpy(), want["input_features_mask"])
+    with pytest.raises(InvalidRequestError, match="mono"):
+        log_mel([np.zeros((100, 2))])
+    with pytest.raises(InvalidRequestError, match="empty"):
+        log_mel([np.zeros(0)])
+
+
+def test_spec_from_preprocessor_config():
+    ext = transformers.Gemma3nAudioFeatureExtractor(feature_size=64, per_bin_mean=[0.5] * 64,
+                                                    per_bin_stddev=[2.0] * 64)
+    spec = spec_from_hf(ext.to_dict(), "gemma3n")
+    assert spec.num_mel_bins == 64 and spec.per_bin_mean == (0.5,) * 64
+    waves = clips(floor=1e-2)
+    feats, mask = log_mel(waves, spec)
+    want = ext(waves, return_tensors="np")
+    assert np.abs(feats.numpy() - want["input_features"]).max() <= 2e-3
+    assert spec_from_hf(transformers.Gemma4AudioFeatureExtractor().to_dict(), "gemma4") == GEMMA4_AUDIO
+
+
+# --- audio files ---------------------------------------------------------------------------------
+
+def test_audio_files_are_read_downmixed_and_resampled(tmp_path):
+    sf = pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    from gemmakit.audio.io import load_audio
+
+    rate = 44_100
+    t = np.arange(int(0.5 * rate)) / rate
+    stereo = np.stack([0.4 * np.sin(2 * np.pi * 1000 * t), 0.2 * np.sin(2 * np.pi * 1000 * t)], axis=1)
+    for name in ("tone.wav", "tone.flac"):
+        sf.write(tmp_path / name, stereo, rate)
+        x = load_audio(tmp_path / name)
+        assert x.dtype == np.float32 and abs(len(x) - 8000) <= 1
+        spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+        assert abs(np.argmax(spectrum) * SR / len(x) - 1000) < 5  # the tone stays at 1 kHz
+        assert abs(np.sqrt(2) * x[2000:6000].std() - 0.3) < 0.01  # the mean of the two channels
+        assert np.array_equal(load_audio((tmp_path / name).read_bytes()), x)
+    same = load_audio(stereo[:, 0].astype(np.float32), source_rate=SR)
+    assert np.array_equal(same, stereo[:, 0].astype(np.float32))
+
+
+def test_unreadable_audio_files_give_one_line_errors(tmp_path):
+    pytest.importorskip("soundfile")
+    from gemmakit.audio.io import load_audio
+
+    (tmp_path / "notes.wav").write_text("not audio at all")
+    for source in (tmp_path / "missing.wav", tmp_path / "notes.wav", b"\x00\x01garbage"):
+        with pytest.raises(InvalidRequestError) as info:
+            load_audio(source)
+        assert "cannot read audio" in str(info.value) and "\n" not in str(info.value)
+
+
+def speech_wav(tmp_path) -> "Path":
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    path = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "Gemma listens to a short sentence."], check=True,
+                   capture_output=True, timeout=60)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma3n"])
+def test_generated_speech_features(tmp_path, family):
+    pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    from gemmakit.audio.io import load_audio
+
+    speech = load_audio(speech_wav(tmp_path))  # espeak-ng writes 22050 Hz
+    assert 0.5 * SR < len(speech) < 10 * SR
+    ext, spec = extractor(family)
+    feats, mask = log_mel([speech], spec)
+    want = ext([speech.astype(np.float64)], return_tensors="np")
+    assert np.array_equal(mask.numpy(), want["input_features_mask"])
+    exact, _ = float64_spectrogram(ext, speech, -(-len(speech) // 128) * 128)
+    exact = exact * mask[0].numpy()[:, None] if family == "gemma4" else exact
+    assert exact.shape == feats.shape[1:] and np.abs(feats[0].numpy() - exact).max() <= 1e-4
