@@ -9,6 +9,7 @@ float64 samples, which is the same algorithm without that rounding noise.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -170,3 +171,116 @@ def test_generated_speech_features(tmp_path, family):
     exact, _ = float64_spectrogram(ext, speech, -(-len(speech) // 128) * 128)
     exact = exact * mask[0].numpy()[:, None] if family == "gemma4" else exact
     assert exact.shape == feats.shape[1:] and np.abs(feats[0].numpy() - exact).max() <= 1e-4
+
+
+# --- Gemma 4's audio tower -----------------------------------------------------------------------
+
+G4_TEXT = dict(vocab_size=300, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=24, hidden_size_per_layer_input=8, vocab_size_per_layer_input=300,
+               layer_types=["sliding_attention", "full_attention"], sliding_window=16, max_position_embeddings=128)
+# 128 first-layer channels: transformers sizes the subsampler for as many mel bins, so real features fit.
+G4_AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 4],
+                conv_kernel_size=5, output_proj_dims=24)
+WINDOWS = {"published": dict(attention_chunk_size=4, attention_context_left=5, attention_context_right=0),
+           "lookahead": dict(attention_chunk_size=3, attention_context_left=4, attention_context_right=2)}
+
+
+def randomise(*modules: torch.nn.Module, clip: float | None = None) -> None:
+    """Move every weight off its initial value (norm scales of one, zero per-dim scales) and give the
+    clipped linears finite ranges, so that each of them matters."""
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+            for name, b in module.named_buffers():
+                if clip is not None and name.endswith(("input_min", "output_min")):
+                    b.fill_(-clip)
+                elif clip is not None and name.endswith(("input_max", "output_max")):
+                    b.fill_(clip)
+
+
+@pytest.fixture(scope="module", params=sorted(WINDOWS))
+def gemma4_audio(request, tmp_path_factory):
+    from transformers.models.gemma4 import configuration_gemma4 as c4
+
+    torch.manual_seed(0)
+    audio = c4.Gemma4AudioConfig(**G4_AUDIO, **WINDOWS[request.param])
+    model = transformers.Gemma4ForConditionalGeneration(
+        c4.Gemma4Config(text_config=G4_TEXT, audio_config=audio.to_dict(), vision_config=None)).eval()
+    randomise(model.model.audio_tower, model.model.embed_audio, clip=1.5)
+    path = tmp_path_factory.mktemp(f"gemma4_audio_{request.param}")
+    model.save_pretrained(path)
+    return model, path
+
+
+def speech_or_clips(tmp_path) -> list[np.ndarray]:
+    waves = clips()[:2]
+    if shutil.which("espeak-ng") and pytest.importorskip("soxr"):
+        from gemmakit.audio.io import load_audio
+        waves.append(load_audio(speech_wav(tmp_path)))
+    return waves
+
+
+def test_gemma4_audio_tower_matches_transformers(gemma4_audio, tmp_path):
+    from gemmakit.checkpoints.hf_audio import load_audio_tower
+    from gemmakit.models.gemma4_audio import soft_tokens_per_clip
+
+    model, path = gemma4_audio
+    tower = load_audio_tower(path)
+    feats, mask = log_mel(speech_or_clips(tmp_path), GEMMA4_AUDIO)  # three lengths, padded
+    with torch.no_grad():
+        want = model.model.get_audio_features(feats, mask, return_dict=True)
+        tokens, valid = tower(feats, mask)
+        hidden, _ = tower.encoder(feats, mask)
+    assert torch.equal(valid, want.attention_mask)
+    assert (hidden - want.last_hidden_state).abs().max() <= 1e-4  # padding positions too
+    assert (tokens - want.pooler_output).abs().max() <= 1e-4
+    assert tokens.shape[-1] == G4_TEXT["hidden_size"]
+    per_clip = soft_tokens_per_clip(tokens, valid)
+    assert [len(t) for t in per_clip] == valid.sum(1).tolist()
+    assert (torch.cat(per_clip) - want.pooler_output[want.attention_mask]).abs().max() <= 1e-4
+
+
+def test_gemma4_audio_batched_equals_one_at_a_time(gemma4_audio, tmp_path):
+    from gemmakit.checkpoints.hf_audio import load_audio_tower
+
+    model, path = gemma4_audio
+    tower = load_audio_tower(path)
+    waves = speech_or_clips(tmp_path)
+    feats, mask = log_mel(waves, GEMMA4_AUDIO)
+    with torch.no_grad():
+        tokens, valid = tower(feats, mask)
+        for i, w in enumerate(waves):
+            f, m = log_mel([w], GEMMA4_AUDIO)
+            alone, alone_valid = tower(f, m)
+            want = model.model.get_audio_features(f, m, return_dict=True).pooler_output
+            n = int(alone_valid.sum())
+            assert n == int(valid[i].sum())
+            assert (alone[0][alone_valid[0]] - tokens[i][valid[i]]).abs().max() <= 1e-5
+            assert (alone[0][alone_valid[0]] - want[0][alone_valid[0]]).abs().max() <= 1e-4
+
+
+def test_gemma4_audio_checkpoint_errors(gemma4_audio, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from gemmakit.checkpoints.hf_audio import gemma4_audio_name, load_audio_tower
+    from gemmakit.errors import CheckpointError, UnsupportedModelError
+
+    _, path = gemma4_audio
+    names = load_file(path / "model.safetensors")
+    audio = [n for n in names if gemma4_audio_name(n)]
+    assert audio and all(n.startswith(("model.audio_tower.", "model.embed_audio.")) for n in audio)
+    assert not any(gemma4_audio_name(n) for n in names if n.startswith("model.language_model."))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((path / "config.json").read_text())
+    save_file({n: t for n, t in names.items() if "layers.1.lconv1d.linear_end" not in n}, broken / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing: encoder.layers.1.conv.out.weight"):
+        load_audio_tower(broken)
+    raw = json.loads((path / "config.json").read_text())
+    raw.pop("audio_config")
+    (broken / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedModelError, match="no audio tower"):
+        load_audio_tower(broken)
+    with pytest.raises(InvalidRequestError, match="expected"):
+        load_audio_tower(path)(torch.zeros(1, 20, 64))
