@@ -284,3 +284,14 @@ def test_gemma4_audio_checkpoint_errors(gemma4_audio, tmp_path):
         load_audio_tower(broken)
     with pytest.raises(InvalidRequestError, match="expected"):
         load_audio_tower(path)(torch.zeros(1, 20, 64))
+
+
+def test_stacked_features_of_single_clips_equal_the_gemma4_batch():
+    from gemmakit.audio.features import stack_features
+
+    waves = clips()
+    feats, mask = stack_features([log_mel([w], GEMMA4_AUDIO) for w in waves])
+    batch, batch_mask = log_mel(waves, GEMMA4_AUDIO)
+    assert torch.equal(mask, batch_mask) and torch.allclose(feats, batch, atol=1e-5)
+    with pytest.raises(InvalidRequestError):
+        stack_features([])

@@ -194,3 +194,23 @@ def log_mel(waveforms: Sequence[Waveform], spec: MelSpec = GEMMA4_AUDIO) -> tupl
     if spec.zero_padded_frames:
         feats = feats * mask[..., None]
     return feats.to(torch.float32), mask
+
+
+def stack_features(clips: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of clips taken one at a time (each ``log_mel([wave])``: ``[1, T_i, mels]`` and
+    ``[1, T_i]``), zero-padded into one batch ``[N, T, mels]`` with its mask ``[N, T]``.
+
+    A batch engine wants this rather than ``log_mel`` of all waveforms at once: Gemma 3n's
+    extractor gives a clip in a longer batch a few extra frames (those starting in its last samples
+    and running into the padding), so only features taken alone make a clip's tokens independent of
+    its batch.
+    """
+    if not clips:
+        raise InvalidRequestError("no audio clips given")
+    length = max(f.shape[1] for f, _ in clips)
+    feats = torch.zeros(len(clips), length, clips[0][0].shape[-1], dtype=clips[0][0].dtype)
+    mask = torch.zeros(len(clips), length, dtype=torch.bool)
+    for i, (f, m) in enumerate(clips):
+        feats[i, : f.shape[1]] = f[0] * m[0, :, None]
+        mask[i, : m.shape[1]] = m[0]
+    return feats, mask

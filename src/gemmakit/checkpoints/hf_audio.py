@@ -69,6 +69,11 @@ def _block_name(rest: str, table: dict[str, str]) -> str | None:
     return rest.replace(".linear.weight", ".weight")  # a clipped linear's matrix sits one level down
 
 
+def _subsampler_name(index: str, part: str) -> str:
+    # gemmakit keeps the convolutions and the norms' scales in two lists
+    return f"encoder.subsample.convs.{index}.weight" if part == "conv" else f"encoder.subsample.norms.{index}"
+
+
 def gemma4_audio_name(name: str) -> str | None:
     """The :class:`Gemma4AudioTower` parameter a transformers Gemma 4 tensor name fills."""
     if (rest := _strip(name, _EMBEDDER)) is not None:
@@ -76,7 +81,7 @@ def gemma4_audio_name(name: str) -> str | None:
     if (rest := _strip(name, _TOWER)) is None:
         return None
     if m := re.fullmatch(r"subsample_conv_projection\.layer([01])\.(conv|norm)\.weight", rest):
-        return f"encoder.subsample.{'convs' if m[2] == 'conv' else 'norms'}.{m[1]}" + (".weight" if m[2] == "conv" else "")
+        return _subsampler_name(m[1], m[2])
     if rest == "subsample_conv_projection.input_proj_linear.weight":
         return "encoder.subsample.proj.weight"
     if rest in ("output_proj.weight", "output_proj.bias"):
@@ -97,7 +102,7 @@ def gemma3n_audio_name(name: str) -> str | None:
     if (rest := _strip(name, _TOWER)) is None:
         return None
     if m := re.fullmatch(r"subsample_conv_projection\.conv_([01])\.(conv|norm)\.weight", rest):
-        return f"encoder.subsample.{'convs' if m[2] == 'conv' else 'norms'}.{m[1]}" + (".weight" if m[2] == "conv" else "")
+        return _subsampler_name(m[1], m[2])
     if rest == "subsample_conv_projection.input_proj_linear.weight":
         return "encoder.subsample.proj.weight"
     if m := re.fullmatch(r"conformer\.(\d+)\.(.+)", rest):
@@ -158,6 +163,12 @@ def gemma3n_audio_config_from_hf(raw: dict[str, Any], source: str = "config.json
             logit_cap=n("conf_attention_logit_cap", 50.0), rms_norm_eps=n("rms_norm_eps", 1e-6),
             gradient_clipping=n("gradient_clipping", 1e10), key_scale=1.0, gemma4_window=False,
             masked_logit=None, mask_conv_input=True, clipped_linears=False)
+        vocab, offset = n("vocab_size", 128), n("vocab_offset", 262_144 + 128)
+        # Padding takes the embedding of the text vocabulary's last id, the audio vocabulary's last.
+        padding = int(text.get("vocab_size", offset + vocab)) - 1 - offset
+        if not 0 <= padding < vocab:
+            raise CheckpointError(f"{source}: the text vocabulary's last id is not an audio token "
+                                  f"(audio ids {offset}..{offset + vocab - 1})")
         pairs = lambda key, default: tuple(tuple(int(v) for v in p) for p in a.get(key, default))  # noqa: E731
         return Gemma3nAudioConfig(
             conformer=conformer, num_mel_bins=n("input_feat_size", 128),
@@ -165,7 +176,7 @@ def gemma3n_audio_config_from_hf(raw: dict[str, Any], source: str = "config.json
             conv_kernels=pairs("sscp_conv_kernel_size", ((3, 3), (3, 3))),
             conv_strides=pairs("sscp_conv_stride_size", ((2, 2), (2, 2))),
             group_norm_eps=n("sscp_conv_group_norm_eps", 1e-3), reduction_factor=n("conf_reduction_factor", 4),
-            vocab_size=n("vocab_size", 128), text_hidden_size=int(text.get("hidden_size", 2048)),
+            vocab_size=vocab, padding_index=padding, text_hidden_size=int(text.get("hidden_size", 2048)),
             eps=n("rms_norm_eps", 1e-6), soft_tokens=int(raw.get("audio_soft_tokens_per_image", 188)))
     except ValueError as exc:
         raise CheckpointError(f"{source}: invalid audio_config ({exc})") from None
