@@ -295,3 +295,38 @@ def test_stacked_features_of_single_clips_equal_the_gemma4_batch():
     assert torch.equal(mask, batch_mask) and torch.allclose(feats, batch, atol=1e-5)
     with pytest.raises(InvalidRequestError):
         stack_features([])
+
+
+def test_audio_files_to_soft_tokens(gemma4_audio, tmp_path):
+    sf = pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    from gemmakit.audio.encode import audio_soft_tokens
+    from gemmakit.audio.io import load_audio
+    from gemmakit.checkpoints.hf_audio import load_audio_tower
+
+    model, path = gemma4_audio
+    tower = load_audio_tower(path)
+    waves = clips()[:2]
+    sf.write(tmp_path / "a.wav", waves[0], SR)
+    sf.write(tmp_path / "b.flac", np.repeat(waves[1][::2, None], 2, axis=1), SR // 2)  # 8 kHz stereo
+    sources = [tmp_path / "a.wav", (tmp_path / "b.flac").read_bytes()]
+    tokens = audio_soft_tokens(tower, sources)
+    for source, got in zip(sources, tokens):
+        f, m = log_mel([load_audio(source)], GEMMA4_AUDIO)
+        with torch.no_grad():
+            want = model.model.get_audio_features(f, m, return_dict=True)
+        assert got.shape == (int(want.attention_mask.sum()), G4_TEXT["hidden_size"])
+        assert (got - want.pooler_output[want.attention_mask]).abs().max() <= 1e-4
+
+
+def test_gemma4_audio_tower_runs_in_bfloat16(gemma4_audio):
+    from gemmakit.checkpoints.hf_audio import load_audio_tower
+
+    _, path = gemma4_audio
+    full, half = load_audio_tower(path), load_audio_tower(path, dtype=torch.bfloat16)
+    feats, mask = log_mel(clips(), GEMMA4_AUDIO)
+    with torch.no_grad():
+        want, valid = full(feats, mask)
+        got, got_valid = half(feats.bfloat16(), mask)
+    assert got.dtype == torch.bfloat16 and torch.equal(valid, got_valid)
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()

@@ -117,3 +117,33 @@ def test_gemma3n_audio_prompt_tokens_pad_with_the_last_audio_token(gemma3n_audio
                               ".pos_proj.weight") == "encoder.layers.1.attn.rel_k.weight"
     assert gemma3n_audio_name("model.language_model.layers.0.mlp.up_proj.weight") is None
     assert np.isfinite(prompt.numpy()).all()
+
+
+def test_gemma3n_audio_soft_tokens_from_samples(gemma3n_audio):
+    from gemmakit.audio.encode import audio_soft_tokens
+    from gemmakit.checkpoints.hf_audio import load_audio_tower
+
+    encoder, embedder, path, _ = gemma3n_audio
+    tower = load_audio_tower(path)
+    waves = clips()
+    got = audio_soft_tokens(tower, waves)
+    assert [t.shape for t in got] == [(188, G3N_TEXT["hidden_size"])] * 3
+    for w, tokens in zip(waves, got):
+        f, m = log_mel([w], GEMMA3N_AUDIO)
+        with torch.no_grad():
+            _, valid, want = reference(encoder, embedder, f, m)
+        n = int(valid.sum())
+        assert (tokens[:n] - want[0, :n]).abs().max() <= 1e-4
+
+
+def test_gemma3n_audio_tower_runs_in_bfloat16(gemma3n_audio):
+    from gemmakit.checkpoints.hf_audio import load_audio_tower
+
+    _, _, path, _ = gemma3n_audio
+    full, half = load_audio_tower(path), load_audio_tower(path, dtype=torch.bfloat16)
+    feats, mask = log_mel(clips(), GEMMA3N_AUDIO)
+    with torch.no_grad():
+        want, valid = full(feats, mask)
+        got, got_valid = half(feats.bfloat16(), mask)
+    assert got.dtype == torch.bfloat16 and torch.equal(valid, got_valid)
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()

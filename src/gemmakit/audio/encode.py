@@ -1,0 +1,38 @@
+"""Audio clips to the soft tokens a Gemma 4 or Gemma 3n decoder reads in place of audio placeholders.
+
+:func:`audio_soft_tokens` takes files (or bytes, or samples), reads each at 16 kHz
+(:mod:`.io`), takes its log-mel features alone (:mod:`.features`), runs the padded batch through
+the audio tower (models/gemma4_audio.py, models/gemma3n_audio.py) and returns each clip's tokens:
+as many as its audio gives for Gemma 4 (one per 40 ms), always ``soft_tokens`` (188) for Gemma 3n,
+whose prompts reserve that many placeholders per clip.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from gemmakit.audio.features import GEMMA3N_AUDIO, GEMMA4_AUDIO, MelSpec, log_mel, stack_features
+from gemmakit.audio.io import AudioSource, load_audio
+from gemmakit.models.gemma3n_audio import Gemma3nAudioTower
+from gemmakit.models.gemma4_audio import Gemma4AudioTower, soft_tokens_per_clip
+
+
+def default_spec(tower: Gemma4AudioTower | Gemma3nAudioTower) -> MelSpec:
+    spec = GEMMA3N_AUDIO if isinstance(tower, Gemma3nAudioTower) else GEMMA4_AUDIO
+    return spec.replace(num_mel_bins=tower.config.num_mel_bins)
+
+
+@torch.no_grad()
+def audio_soft_tokens(tower: Gemma4AudioTower | Gemma3nAudioTower, sources: Sequence[AudioSource],
+                      spec: MelSpec | None = None) -> list[torch.Tensor]:
+    """Each clip's soft tokens ``[n_i, text_hidden]``, in the tower's dtype and device."""
+    spec = spec or default_spec(tower)
+    clips = [log_mel([load_audio(s, spec.sampling_rate)], spec) for s in sources]
+    feats, mask = stack_features(clips)
+    param = next(tower.parameters())
+    feats, mask = feats.to(param.device, param.dtype), mask.to(param.device)
+    if isinstance(tower, Gemma3nAudioTower):
+        return list(tower.prompt_tokens(feats, mask).unbind(0))
+    return soft_tokens_per_clip(*tower(feats, mask))
