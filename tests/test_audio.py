@@ -330,3 +330,16 @@ def test_gemma4_audio_tower_runs_in_bfloat16(gemma4_audio):
         got, got_valid = half(feats.bfloat16(), mask)
     assert got.dtype == torch.bfloat16 and torch.equal(valid, got_valid)
     assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_feature_settings_from_a_checkpoint_directory(gemma4_audio, tmp_path):
+    from gemmakit.audio.encode import spec_for
+    from gemmakit.checkpoints.hf_audio import load_audio_tower
+
+    _, path = gemma4_audio
+    tower = load_audio_tower(path)
+    assert spec_for(tmp_path, tower) == GEMMA4_AUDIO  # nothing there: the defaults
+    transformers.Gemma4AudioFeatureExtractor(mel_floor=1e-4, per_bin_mean=[0.1] * 128).save_pretrained(tmp_path)
+    spec = spec_for(tmp_path, tower)
+    assert spec.mel_floor == 1e-4 and spec.per_bin_mean == (0.1,) * 128
+    assert spec.replace(mel_floor=1e-3, per_bin_mean=None) == GEMMA4_AUDIO

@@ -9,12 +9,15 @@ whose prompts reserve that many placeholders per clip.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from gemmakit.audio.features import GEMMA3N_AUDIO, GEMMA4_AUDIO, MelSpec, log_mel, stack_features
+from gemmakit.audio.features import GEMMA3N_AUDIO, GEMMA4_AUDIO, MelSpec, log_mel, spec_from_hf, stack_features
 from gemmakit.audio.io import AudioSource, load_audio
+from gemmakit.errors import CheckpointError
 from gemmakit.models.gemma3n_audio import Gemma3nAudioTower
 from gemmakit.models.gemma4_audio import Gemma4AudioTower, soft_tokens_per_clip
 
@@ -22,6 +25,23 @@ from gemmakit.models.gemma4_audio import Gemma4AudioTower, soft_tokens_per_clip
 def default_spec(tower: Gemma4AudioTower | Gemma3nAudioTower) -> MelSpec:
     spec = GEMMA3N_AUDIO if isinstance(tower, Gemma3nAudioTower) else GEMMA4_AUDIO
     return spec.replace(num_mel_bins=tower.config.num_mel_bins)
+
+
+def spec_for(directory: str | Path, tower: Gemma4AudioTower | Gemma3nAudioTower) -> MelSpec:
+    """The feature settings a checkpoint directory's ``preprocessor_config.json`` (or the
+    ``feature_extractor`` part of its ``processor_config.json``) gives, else the family's defaults."""
+    family = "gemma3n" if isinstance(tower, Gemma3nAudioTower) else "gemma4"
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc})") from None
+        if "feature_size" in raw.get("feature_extractor", raw):
+            return spec_from_hf(raw, family)
+    return default_spec(tower)
 
 
 @torch.no_grad()
