@@ -8,8 +8,10 @@ into one. Both packages come with ``pip install 'gemmakit[audio]'``.
 
 from __future__ import annotations
 
+import importlib
 import io
 from pathlib import Path
+from types import ModuleType
 from typing import Union
 
 import numpy as np
@@ -21,9 +23,9 @@ AudioSource = Union[str, Path, bytes, np.ndarray]
 SAMPLING_RATE = 16_000  # what Gemma 4's and Gemma 3n's feature extractors expect
 
 
-def _require(name: str):  # noqa: ANN202 - a module
+def _require(name: str) -> ModuleType:
     try:
-        return __import__(name)
+        return importlib.import_module(name)
     except ImportError:
         raise InvalidRequestError(f"audio input needs the {name!r} package: pip install 'gemmakit[audio]'") from None
 
