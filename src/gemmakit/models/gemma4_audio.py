@@ -114,8 +114,10 @@ class Gemma4AudioConfig:
         return dataclasses.replace(self, **changes)
 
     @property
-    def subsampled_bins(self) -> int:  # frequency bins after the two stride-2 convolutions
-        return -(-(-(-self.num_mel_bins // 2)) // 2)
+    def subsampled_bins(self) -> int:
+        """Frequency bins after the two stride-2 convolutions (each rounds up)."""
+        half = -(-self.num_mel_bins // 2)
+        return -(-half // 2)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
