@@ -27,6 +27,7 @@ Sources:
   [g4]  transformers 5.23, models/gemma4/modeling_gemma4.py (Gemma4AudioModel, Gemma4AudioLayer,
         Gemma4AudioAttention, Gemma4AudioSubSampleConvProjection, Gemma4MultimodalEmbedder) and
         configuration_gemma4.py (Gemma4AudioConfig defaults)
+  [mtmd] llama.cpp tools/mtmd/clip.cpp, the Gemma 4 audio projector's blocked attention mask
   [usm] "Google USM: Scaling Automatic Speech Recognition Beyond 100 Languages" (arXiv 2303.01037)
   [cf]  "Conformer: Convolution-augmented Transformer for Speech Recognition" (arXiv 2005.08100)
 """
@@ -63,8 +64,9 @@ class ConformerConfig:
     gradient_clipping: float = 1e10  # activations are clamped to +-this between sublayers
     # Where the two families differ:
     key_scale: float = math.log(1 + math.e) / math.log(2)  # Gemma 4 scales keys, Gemma 3n does not (1.0)
-    # Gemma 4 attends to keys q-(left-2) .. q+(right-1) and its sinusoids run over context//2 .. 0;
-    # Gemma 3n attends to q-(left-1) .. q+right and its sinusoids run over left-1 .. -right.
+    # Gemma 4 attends to keys q-(left-2) .. q+(right-1) and its sinusoids run over context//2 .. 0
+    # ([g4], and [mtmd] builds the same mask); Gemma 3n attends to q-(left-1) .. q+right and its
+    # sinusoids run over left-1 .. -right.
     gemma4_window: bool = True
     masked_logit: float | None = -1e9  # None: the dtype's lowest value
     mask_conv_input: bool = False  # zero padding frames before the light convolution (Gemma 3n)
