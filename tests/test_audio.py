@@ -13,6 +13,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,7 +149,7 @@ def test_unreadable_audio_files_give_one_line_errors(tmp_path):
         assert "cannot read audio" in str(info.value) and "\n" not in str(info.value)
 
 
-def speech_wav(tmp_path) -> "Path":
+def speech_wav(tmp_path: Path) -> Path:
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed")
     path = tmp_path / "speech.wav"
