@@ -346,3 +346,14 @@ def test_feature_settings_from_a_checkpoint_directory(gemma4_audio, tmp_path):
     spec = spec_for(tmp_path, tower)
     assert spec.mel_floor == 1e-4 and spec.per_bin_mean == (0.1,) * 128
     assert spec.replace(mel_floor=1e-3, per_bin_mean=None) == GEMMA4_AUDIO
+
+
+def test_gemma4_soft_token_count_equals_the_masks():
+    from gemmakit.audio.encode import gemma4_soft_token_count
+
+    ext = transformers.Gemma4AudioFeatureExtractor()
+    lengths = [161, 480, 1000, 12_345, 16_000, 16_001, 160 * 77 + 5, 480_000, 500_000]
+    for n in lengths:
+        mask = ext([np.zeros(n, dtype=np.float32)], return_tensors="np")["input_features_mask"][0]
+        assert gemma4_soft_token_count(n) == int(mask[::2][::2].sum()), n
+    assert gemma4_soft_token_count(480_000) == 750

@@ -56,3 +56,18 @@ def audio_soft_tokens(tower: Gemma4AudioTower | Gemma3nAudioTower, sources: Sequ
     if isinstance(tower, Gemma3nAudioTower):
         return list(tower.prompt_tokens(feats, mask).unbind(0))
     return soft_tokens_per_clip(*tower(feats, mask))
+
+
+def gemma4_soft_token_count(num_samples: int, spec: MelSpec = GEMMA4_AUDIO) -> int:
+    """How many soft tokens (audio placeholders) Gemma 4 gives a clip of ``num_samples`` samples at
+    ``spec.sampling_rate``, without computing them: its whole frames, then two halvings that round
+    up. Clips are cut to ``spec.max_samples`` first (30 s: 750 tokens)."""
+    if spec.max_samples:
+        num_samples = min(num_samples, spec.max_samples)
+    pad = spec.frame_length // 2 if spec.semicausal else 0
+    frames = (num_samples + pad - spec.frame_length - 1) // spec.hop_length + 1  # frames of real samples only
+    if frames <= 0:
+        return 0
+    for _ in range(2):
+        frames = -(-frames // 2)
+    return frames
