@@ -140,8 +140,13 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
         model = _model_class(checkpoint.config)(checkpoint.config)
     expected = {name: p for name, p in model.named_parameters()}
     # integer tables (an assistant's token order) are filled too, keeping their dtype
-    indices = {name: b for name, b in model.named_buffers() if not b.is_floating_point()}
+    # (non-persistent buffers, such as an audio tower's attention windows, are the model's own)
+    saved = set(model.state_dict(keep_vars=True))
+    indices = {name: b for name, b in model.named_buffers() if not b.is_floating_point() and name in saved}
     expected.update(indices)
+    # float buffers the checkpoint stores (an audio tower's clip ranges) are filled as buffers
+    stored = {name: b for name, b in model.named_buffers() if b.is_floating_point() and name in checkpoint.tensors}
+    expected.update(stored)
     shown = checkpoint.file_names.get
     missing = sorted(set(expected) - set(checkpoint.tensors))
     if missing:
@@ -174,6 +179,9 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
             module_name, _, param_name = name.rpartition(".")
             if name in indices:
                 setattr(model.get_submodule(module_name), param_name, tensor.to(device, indices[name].dtype))
+                continue
+            if name in stored:
+                setattr(model.get_submodule(module_name), param_name, tensor.to(device, dtype))
                 continue
             # Assign rather than copy: the loader's fresh tensor becomes the parameter, so no
             # second buffer of the model's size is ever allocated or touched.

@@ -3,8 +3,9 @@ of checkpoints/gemma4.py, the vision encoder and the multimodal embedder (models
 
 Names as transformers 5.23's Gemma4ForConditionalGeneration saves them: ``model.language_model.*``
 (the decoder), ``model.vision_tower.*`` (whose module tree ours mirrors) and
-``model.embed_vision.embedding_projection.weight``. An audio tower, if the file has one, is not
-read. The soft-token budget comes from ``processor_config.json`` / ``preprocessor_config.json``
+``model.embed_vision.embedding_projection.weight``. An audio tower (``audio_config``,
+``model.audio_tower.*`` and ``model.embed_audio.*``) is read with checkpoints/hf_audio.py's names;
+its clip ranges are optional (a range the file lacks clips nothing). The soft-token budget comes from ``processor_config.json`` / ``preprocessor_config.json``
 (``max_soft_tokens``, else ``image_seq_length``) when the directory has them.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from gemmakit.checkpoints import gemma4
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
+from gemmakit.checkpoints.hf_audio import gemma4_audio_config_from_hf, gemma4_audio_name
 from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles, header_of
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.gemma4_vision import Gemma4MultimodalConfig, Gemma4VisionConfig
@@ -26,6 +28,7 @@ _VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")
 _EMBED_PREFIXES = ("model.embed_vision.", "embed_vision.")
 # transformers' Gemma4Config defaults
 IMAGE_TOKEN, BOI, EOI, VIDEO_TOKEN = 258_880, 255_999, 258_882, 258_884
+AUDIO_TOKEN, BOA, EOA = 258_881, 256_000, 258_883
 
 
 def is_gemma4_vision(raw: dict[str, Any]) -> bool:
@@ -63,6 +66,9 @@ def multimodal_config_from_hf(raw: dict[str, Any], source: str = "config.json",
     # create_masks_for_vision_model); global layers stay causal
     text = gemma4.config_from_hf(text_raw, source).replace(name=name, group_layer_kinds=("local",))
     video = raw.get("video_token_id", VIDEO_TOKEN)
+    audio = None
+    if isinstance(raw.get("audio_config"), dict):
+        audio = gemma4_audio_config_from_hf(raw, source)
     try:
         return Gemma4MultimodalConfig(
             text=text, vision=vision_config_from_hf(raw["vision_config"], source),
@@ -70,7 +76,11 @@ def multimodal_config_from_hf(raw: dict[str, Any], source: str = "config.json",
             eoi_token_id=int(raw.get("eoi_token_id", EOI)), video_token_id=None if video is None else int(video),
             pad_token_id=int(text_raw.get("pad_token_id") or 0),
             bidirectional_images=text_raw.get("use_bidirectional_attention") == "vision",
-            max_soft_tokens=int(max_soft_tokens or 280), name=name)
+            max_soft_tokens=int(max_soft_tokens or 280), name=name, audio=audio,
+            audio_token_id=None if audio is None else int(raw.get("audio_token_id") or AUDIO_TOKEN),
+            boa_token_id=None if audio is None else int(raw.get("boa_token_id") or BOA),
+            # transformers' config spells this one eoa_token_index
+            eoa_token_id=None if audio is None else int(raw.get("eoa_token_id") or raw.get("eoa_token_index") or EOA))
     except ValueError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
 
@@ -133,6 +143,9 @@ def open_gemma4_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkp
     mapping = {f"decoder.{ours}": theirs for ours, theirs in text_mapping.items()}
     mapping.update(vision_names(config, find(_VISION_PREFIXES, "patch_embedder.input_proj.weight"),
                                 find(_EMBED_PREFIXES, "embedding_projection.weight")))
+    if config.audio is not None:
+        mapping.update({f"audio_tower.{ours}": name for name in sorted(available)
+                        if (ours := gemma4_audio_name(name)) is not None})
     missing = [theirs for theirs in mapping.values() if theirs not in available]
     if missing:
         raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"

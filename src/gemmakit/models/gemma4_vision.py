@@ -22,10 +22,16 @@ attends both ways, on sliding-window layers only (global layers stay causal):
 :attr:`ModelConfig.group_layer_kinds`. The soft tokens are not scaled by sqrt(hidden); their
 per-layer embeddings (PLE) read the pad token's row.
 
+A checkpoint with an audio tower (models/gemma4_audio.py) also takes audio: each clip's soft tokens
+(one per 40 ms) fill its run of ``audio_token_id`` placeholders between ``boa`` and ``eoa``. Audio
+runs stay causal on every layer (transformers groups only image and video tokens) and, like the
+image tokens, read the pad token's embedding row for PLE.
+
 Sources: transformers 5.23 ``models/gemma4`` (modeling_gemma4.py: Gemma4VisionPatchEmbedder,
 Gemma4VisionRotaryEmbedding, apply_multidimensional_rope, Gemma4VisionAttention / EncoderLayer,
 Gemma4VisionPooler, Gemma4VisionModel, Gemma4MultimodalEmbedder, create_masks_for_vision_model,
-Gemma4Model.forward; configuration_gemma4.py: Gemma4VisionConfig's defaults).
+Gemma4Model.forward and get_placeholder_mask; configuration_gemma4.py: Gemma4VisionConfig's defaults,
+Gemma4Config's audio token ids; processing_gemma4.py: replace_audio_token, mm_token_type_ids).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from gemmakit.kernels.gemm import Linear
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import DecoderAddOn, GemmaModel
+from gemmakit.models.gemma4_audio import Gemma4AudioConfig, Gemma4AudioTower, soft_tokens_per_clip
 from gemmakit.models.layers import RMSNorm, unit_rms
 from gemmakit.models.multimodal import ImagePrompt
 
@@ -103,6 +110,10 @@ class Gemma4MultimodalConfig:
     max_soft_tokens: int = 280  # the processor's default budget per image
     name: str = "custom"
     layout: str = "gemma4"
+    audio: Gemma4AudioConfig | None = None  # None: a checkpoint without an audio tower
+    audio_token_id: int | None = None
+    boa_token_id: int | None = None
+    eoa_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_soft_tokens not in SOFT_TOKEN_BUDGETS:
@@ -319,6 +330,12 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
         self.embed_vision = MultimodalEmbedder(config.vision.hidden_size, config.text.hidden_size,
                                                config.vision.rms_norm_eps)
         self.decoder = GemmaModel(config.text)
+        self.audio_tower = None
+        if config.audio is not None:
+            # built on the CPU even inside the loader's meta skeleton: the tower's attention windows and
+            # relative positions are buffers made from the config, which no checkpoint holds
+            with torch.device("cpu"):
+                self.audio_tower = Gemma4AudioTower(config.audio)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return self.decoder.new_cache(batch, max_len)
@@ -343,10 +360,34 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
         return h.masked_scatter(slots[..., None], features.to(h.dtype))
 
     def _soft_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Image and video placeholders: the tokens that attend in groups."""
         mask = input_ids == self.config.image_token_id
         if self.config.video_token_id is not None:
             mask |= input_ids == self.config.video_token_id
         return mask
+
+    def _audio_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.config.audio_token_id is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == self.config.audio_token_id
+
+    def _splice_audio(self, h: torch.Tensor, slots: torch.Tensor, features: torch.Tensor | None,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        """``h`` with each clip's real soft tokens written, in order, at the audio ``slots``."""
+        if features is None:
+            if bool(slots.any()):
+                raise InvalidRequestError("the prompt has audio tokens but no audio features were given")
+            return h
+        if self.audio_tower is None:
+            raise InvalidRequestError("this Gemma 4 checkpoint has no audio tower; it cannot take audio")
+        param = next(self.audio_tower.parameters())
+        tokens, valid = self.audio_tower(features.to(param.device, param.dtype),
+                                         None if mask is None else mask.to(param.device))
+        tokens = torch.cat(soft_tokens_per_clip(tokens, valid))
+        if int(slots.sum()) != tokens.shape[0]:
+            raise InvalidRequestError(f"{features.shape[0]} audio clip(s) make {tokens.shape[0]} soft tokens "
+                                      f"but the prompt has {int(slots.sum())} audio tokens")
+        return h.masked_scatter(slots[..., None], tokens.to(h.device, h.dtype))
 
     def attention_groups(self, input_ids: torch.Tensor, start: int) -> torch.Tensor | None:
         """Per-token group ids ``[B, T]`` (-1 = causal): one group per run of soft tokens, whose id
@@ -371,13 +412,17 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
         last_only: bool = False,
         video_values: torch.Tensor | None = None,  # [F, P, patch_dim]: every video's frames, in order
         video_positions: torch.Tensor | None = None,  # [F, P, 2]
+        audio_features: torch.Tensor | None = None,  # [A, frames, mel bins]: every clip, in prompt order
+        audio_mask: torch.Tensor | None = None,  # [A, frames], True = a real frame
     ) -> torch.Tensor:
-        soft = self._soft_token_mask(input_ids)
+        audio = self._audio_mask(input_ids)
+        soft = self._soft_token_mask(input_ids) | audio
         text_ids = torch.where(soft, self.config.pad_token_id, input_ids)
         h = self.decoder.embed_tokens(text_ids)  # [B, T, hidden]
         h = self._splice(h, input_ids == self.config.image_token_id, pixel_values, image_positions, "image")
         if self.config.video_token_id is not None:
             h = self._splice(h, input_ids == self.config.video_token_id, video_values, video_positions, "video")
+        h = self._splice_audio(h, audio, audio_features, audio_mask)
         start = cache.length if cache is not None else 0
         groups = self.attention_groups(input_ids, start)
         # PLE reads the pad token's row at soft-token positions, its projection the spliced embeddings
@@ -389,10 +434,12 @@ class Gemma4ImagePrompt(ImagePrompt):
     """:class:`~gemmakit.models.multimodal.ImagePrompt` for Gemma 4: binds the patches and their
     positions to the prefill (one call, so every image's group is whole); decode steps are text."""
 
-    def __init__(self, model: Gemma4VisionLanguageModel, pixel_values: torch.Tensor,
-                 image_positions: torch.Tensor) -> None:
+    def __init__(self, model: Gemma4VisionLanguageModel, pixel_values: torch.Tensor | None,
+                 image_positions: torch.Tensor | None, audio_features: torch.Tensor | None = None,
+                 audio_mask: torch.Tensor | None = None) -> None:
         super().__init__(model, pixel_values)
         self.image_positions = image_positions
+        self.audio_features, self.audio_mask = audio_features, audio_mask
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                  positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -400,4 +447,4 @@ class Gemma4ImagePrompt(ImagePrompt):
             return self.model(input_ids, cache=cache, positions=positions, last_only=last_only)
         self._prefilled = True
         return self.model(input_ids, self.pixel_values, self.image_positions, cache=cache, positions=positions,
-                          last_only=last_only)
+                          last_only=last_only, audio_features=self.audio_features, audio_mask=self.audio_mask)

@@ -1,0 +1,127 @@
+"""Gemma 4 with audio: a whole Gemma4ForConditionalGeneration (vision and audio towers) against transformers.
+
+A tiny random-weight model is saved by transformers and read back through gemmakit.load; its
+float32 logits are compared with transformers' for prompts holding one clip, two clips, and a clip
+beside an image. Clips are generated waveforms (tests/test_audio.py's sines, chirps and bursts).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_audio import G4_AUDIO, WINDOWS, clips, randomise
+from test_gemma4_vision import BOI, EOI, IMAGE, TEXT, VIDEO, VISION, _randomise, picture
+
+from gemmakit.audio.features import GEMMA4_AUDIO, log_mel
+
+transformers = pytest.importorskip("transformers")
+
+AUDIO, BOA, EOA = 303, 304, 305  # audio specials after the vision ones
+MEDIA_TEXT = {**TEXT, "vocab_size": 306, "vocab_size_per_layer_input": 306, "use_bidirectional_attention": "vision"}
+
+
+def tokenizer():
+    from tiny import tiny_vocab
+
+    from gemmakit.tokenizer import Tokenizer, build_model_proto
+
+    pieces, scores, types = tiny_vocab()
+    pieces += ["<|image|>", "<|image>", "<image|>", "<|video|>", "<|audio|>", "<|audio>", "<audio|>"]
+    scores += [0.0] * 7
+    types += [3] * 7
+    proto = build_model_proto(pieces, scores, types, bos=(2, "<bos>"), eos=(1, "<eos>"), pad=(0, "<pad>"),
+                              unk=(3, "<unk>"))
+    return Tokenizer._from_proto(proto, source="tiny-gemma4-media", types=types)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, gemmakit model, directory) of one tiny Gemma 4 with vision and audio."""
+    import gemmakit
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    config = Gemma4Config(text_config=MEDIA_TEXT, vision_config=VISION,
+                          audio_config={**G4_AUDIO, **WINDOWS["published"]}, image_token_id=IMAGE,
+                          boi_token_id=BOI, eoi_token_id=EOI, video_token_id=VIDEO, audio_token_id=AUDIO,
+                          boa_token_id=BOA, eoa_token_index=EOA)
+    torch.manual_seed(0)
+    hf = Gemma4ForConditionalGeneration(config).eval()
+    _randomise(hf.model.vision_tower, 2)
+    randomise(hf.model.audio_tower, hf.model.embed_audio, clip=1.5)
+    with torch.no_grad():
+        for name, p in hf.model.language_model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layer_scalar"):
+                p.copy_(torch.rand(p.shape) + 0.5)
+    path = tmp_path_factory.mktemp("gemma4-media")
+    hf.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    Gemma4ImageProcessorPil(max_soft_tokens=70).save_pretrained(path)
+    model, _ = gemmakit.load(path)
+    return hf, model, path
+
+
+def _transformers_logits(hf, ids, feats, mask, pixels=None, positions=None) -> torch.Tensor:
+    input_ids = torch.tensor([ids])
+    types = (input_ids == IMAGE).long() + 3 * (input_ids == AUDIO).long()
+    with torch.no_grad():
+        return hf(input_ids=input_ids, input_features=feats, input_features_mask=mask, pixel_values=pixels,
+                  image_position_ids=positions, mm_token_type_ids=types).logits[0]
+
+
+@pytest.mark.parametrize("picks", [[0], [1, 2]])  # one clip; two clips of different lengths
+def test_audio_logits_match_transformers(pair, picks):
+    from gemmakit.audio.prompt import build_media_prompt
+
+    hf, ours, _ = pair
+    waves = [clips()[i] for i in picks]
+    feats, mask = log_mel(waves, GEMMA4_AUDIO)
+    with torch.no_grad():
+        counts = hf.model.get_audio_features(feats, mask, return_dict=True).attention_mask.sum(1).tolist()
+    text = "hear " + " and ".join("<|audio|>" for _ in picks) + " now"
+    ids = build_media_prompt(ours.config, tokenizer(), text, [], counts)
+    assert ids.count(BOA) == ids.count(EOA) == len(picks) and ids.count(AUDIO) == sum(counts)
+    theirs = _transformers_logits(hf, ids, feats, mask)
+    with torch.no_grad():
+        mine = ours(torch.tensor([ids]), audio_features=feats, audio_mask=mask)[0]
+    assert (mine - theirs).abs().max() <= 1e-4
+
+
+def test_audio_beside_an_image_matches_transformers(pair):
+    from gemmakit.audio.encode import gemma4_soft_token_count
+    from gemmakit.audio.prompt import build_media_prompt
+    from gemmakit.vision.gemma4_preprocess import preprocess
+
+    hf, ours, _ = pair
+    wave = clips()[0]
+    feats, mask = log_mel([wave], GEMMA4_AUDIO)
+    pixels, positions, tokens = preprocess([picture(1, (80, 60))], max_soft_tokens=70)
+    ids = build_media_prompt(ours.config, tokenizer(), "see <|image|> hear <|audio|> say",
+                             tokens, [gemma4_soft_token_count(len(wave))])
+    assert ids.count(IMAGE) == tokens[0] and ids.count(BOI) == 1 and ids.count(BOA) == 1
+    theirs = _transformers_logits(hf, ids, feats, mask, pixels, positions)
+    with torch.no_grad():
+        mine = ours(torch.tensor([ids]), pixels, positions, audio_features=feats, audio_mask=mask)[0]
+    assert (mine - theirs).abs().max() <= 1e-4
+
+
+def test_prompt_without_markers_puts_images_then_audio_first(pair):
+    from gemmakit.audio.prompt import build_media_prompt
+
+    _, ours, _ = pair
+    ids = build_media_prompt(ours.config, tokenizer(), "hello", [2], [3])
+    assert ids[:10] == [2, BOI, IMAGE, IMAGE, EOI, BOA, AUDIO, AUDIO, AUDIO, EOA]
+
+
+def test_audio_token_count_must_match_the_clips(pair):
+    from gemmakit.audio.prompt import build_media_prompt
+    from gemmakit.errors import InvalidRequestError
+
+    _, ours, _ = pair
+    feats, mask = log_mel([clips()[0]], GEMMA4_AUDIO)
+    ids = build_media_prompt(ours.config, tokenizer(), "<|audio|>", [], [5])
+    with pytest.raises(InvalidRequestError, match="soft tokens"):
+        ours(torch.tensor([ids]), audio_features=feats, audio_mask=mask)
+    with pytest.raises(InvalidRequestError, match="no audio features"):
+        ours(torch.tensor([ids]))
