@@ -125,3 +125,82 @@ def test_audio_token_count_must_match_the_clips(pair):
         ours(torch.tensor([ids]), audio_features=feats, audio_mask=mask)
     with pytest.raises(InvalidRequestError, match="no audio features"):
         ours(torch.tensor([ids]))
+
+
+def _wav(tmp_path):
+    """A spoken sentence from espeak-ng where it is installed, else a generated clip, as a WAV file."""
+    sf = pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    import shutil
+
+    if shutil.which("espeak-ng"):
+        from test_audio import speech_wav
+
+        return speech_wav(tmp_path)
+    path = tmp_path / "clip.wav"
+    sf.write(path, clips()[1], 16_000)
+    return path
+
+
+def test_cli_generate_with_audio_equals_transformers_greedy(pair, capsys, tmp_path):
+    import json
+
+    from gemmakit.audio.io import load_audio
+    from gemmakit.cli import main
+
+    hf, _, path = pair
+    wav = _wav(tmp_path)
+    args = ["generate", "--model", str(path), "--audio", str(wav), "--image", str(tmp_path / "p.png"),
+            "--json", "-n", "5", "what is said <|audio|> here"]
+    picture(2, (70, 50)).save(tmp_path / "p.png")
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    ids = out["prompt_ids"]
+    assert ids.count(BOA) == 1 and ids.count(BOI) == 1 and ids.index(BOI) < ids.index(BOA)
+    from gemmakit.vision.gemma4_preprocess import preprocess
+
+    feats, mask = log_mel([load_audio(wav)], GEMMA4_AUDIO)
+    pixels, positions, _ = preprocess([tmp_path / "p.png"], max_soft_tokens=70)
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=input_ids, input_features=feats, input_features_mask=mask,
+                             pixel_values=pixels, image_position_ids=positions,
+                             mm_token_type_ids=(input_ids == IMAGE).long() + 3 * (input_ids == AUDIO).long(),
+                             max_new_tokens=5, do_sample=False)
+    got = out["token_ids"]  # the CLI stops at an end token, as may transformers
+    assert got and got == theirs[0, len(ids):len(ids) + len(got)].tolist()
+
+
+def test_cli_refuses_audio_for_a_model_without_an_audio_tower(pair, capsys, tmp_path):
+    import json
+    import shutil
+
+    from gemmakit.cli import main
+
+    _, _, path = pair
+    wav = _wav(tmp_path)
+    bare = tmp_path / "no-audio"
+    shutil.copytree(path, bare)
+    raw = json.loads((bare / "config.json").read_text())
+    raw.pop("audio_config")
+    (bare / "config.json").write_text(json.dumps(raw))
+    assert main(["generate", "--model", str(bare), "--audio", str(wav), "-n", "2", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "no audio tower" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["generate", "--model", str(path), "--audio", str(tmp_path / "missing.wav"), "x"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_chat_attaches_audio(pair, capsys, monkeypatch, tmp_path):
+    import io
+
+    from gemmakit.cli import main
+
+    _, _, path = pair
+    wav = _wav(tmp_path)
+    script = f"/audio {tmp_path / 'missing.wav'}\n/audio {wav}\nwhat is said\nand now\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["chat", "--model", str(path), "-n", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "no such file" in err and f"(audio attached: {wav})" in err
+    assert "Traceback" not in err

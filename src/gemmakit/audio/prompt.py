@@ -53,3 +53,19 @@ def build_media_prompt(config, tokenizer, text: str, image_tokens: list[int], au
         raise TokenizerError(f"the tokenizer does not encode {piece!r} as the audio token {config.audio_token_id}; "
                              "is this the model's own tokenizer?")
     return expand_audio_tokens(ids, config, audio_tokens)
+
+
+def audio_inputs(sources, spec=None, num_mel_bins: int = 128):
+    """``(features [N, T, mels], mask [N, T], soft-token counts)`` of audio files, bytes or samples,
+    each read at 16 kHz and featurised alone; every unreadable clip fails here, before model work."""
+    from gemmakit.audio.encode import gemma4_soft_token_count
+    from gemmakit.audio.features import GEMMA4_AUDIO, log_mel, stack_features
+    from gemmakit.audio.io import load_audio
+
+    spec = spec or GEMMA4_AUDIO.replace(num_mel_bins=num_mel_bins)
+    waves = [load_audio(s, spec.sampling_rate) for s in sources]
+    counts = [gemma4_soft_token_count(len(w), spec) for w in waves]
+    if not all(counts):
+        raise InvalidRequestError("an audio clip is too short to give any soft token (under 40 ms)")
+    features, mask = stack_features([log_mel([w], spec) for w in waves])
+    return features, mask, counts

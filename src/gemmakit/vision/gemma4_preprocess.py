@@ -120,23 +120,36 @@ def build_prompt(config, tokenizer, text: str, soft_tokens: list[int]) -> list[i
     return expand_image_tokens(ids, config, soft_tokens)
 
 
-def prepare(model, tokenizer, prompt, images, pan_and_scan: bool = False):
+def prepare(model, tokenizer, prompt, images, pan_and_scan: bool = False, audio=None):
     """:func:`gemmakit.vision.generate.prepare_vision` for a Gemma 4 multimodal model: ``(model
-    for the engine, prompt, engine kwargs)``, every check made before any model work."""
+    for the engine, prompt, engine kwargs)``, every check made before any model work. ``audio``
+    (files, bytes or samples) needs the checkpoint's audio tower."""
     if pan_and_scan:
         raise InvalidRequestError("pan & scan is a Gemma 3 option; Gemma 4 keeps each image's aspect ratio")
-    if not images:
-        return model.decoder, prompt, {}  # without images, the text decoder alone
+    if audio and model.audio_tower is None:
+        raise InvalidRequestError("this Gemma 4 checkpoint has no audio tower; it cannot take audio")
+    if not images and not audio:
+        return model.decoder, prompt, {}  # without media, the text decoder alone
     if not isinstance(prompt, str):
-        raise InvalidRequestError("a prompt with images must be text (image tokens are placed for you)")
+        raise InvalidRequestError("a prompt with images or audio must be text (their tokens are placed for you)")
     if tokenizer is None:
-        raise TokenizerError("this model has no tokenizer; a prompt with images needs one")
-    pixels, positions, tokens = preprocess(list(images), **spec_for(model.config))
-    ids = build_prompt(model.config, tokenizer, prompt, tokens)
+        raise TokenizerError("this model has no tokenizer; a prompt with images or audio needs one")
+    pixels = positions = features = mask = None
+    tokens, counts = [], []
+    if images:
+        pixels, positions, tokens = preprocess(list(images), **spec_for(model.config))
+        pixels = pixels.to(model.dtype)
+    if audio:
+        from gemmakit.audio.prompt import audio_inputs
+
+        features, mask, counts = audio_inputs(list(audio), num_mel_bins=model.config.audio.num_mel_bins)
+    from gemmakit.audio.prompt import build_media_prompt
+
+    ids = build_media_prompt(model.config, tokenizer, prompt, tokens, counts)
     context = model.config.max_position_embeddings
     if len(ids) >= context:
-        raise InvalidRequestError(f"the prompt with its images is {len(ids)} tokens; the model's context is {context}")
-    return Gemma4ImagePrompt(model, pixels.to(model.dtype), positions), ids, {"prefill_chunk": len(ids)}
+        raise InvalidRequestError(f"the prompt with its media is {len(ids)} tokens; the model's context is {context}")
+    return Gemma4ImagePrompt(model, pixels, positions, features, mask), ids, {"prefill_chunk": len(ids)}
 
 
 def sample_frames(total: int, num_frames: int = 32) -> list[int]:
