@@ -172,18 +172,11 @@ def test_cli_generate_with_audio_equals_transformers_greedy(pair, capsys, tmp_pa
 
 
 def test_cli_refuses_audio_for_a_model_without_an_audio_tower(pair, capsys, tmp_path):
-    import json
-    import shutil
-
     from gemmakit.cli import main
 
     _, _, path = pair
     wav = _wav(tmp_path)
-    bare = tmp_path / "no-audio"
-    shutil.copytree(path, bare)
-    raw = json.loads((bare / "config.json").read_text())
-    raw.pop("audio_config")
-    (bare / "config.json").write_text(json.dumps(raw))
+    bare = _bare(path, tmp_path)
     assert main(["generate", "--model", str(bare), "--audio", str(wav), "-n", "2", "x"]) == 2
     err = capsys.readouterr().err
     assert "no audio tower" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -204,3 +197,81 @@ def test_chat_attaches_audio(pair, capsys, monkeypatch, tmp_path):
     err = capsys.readouterr().err
     assert "no such file" in err and f"(audio attached: {wav})" in err
     assert "Traceback" not in err
+
+
+def _bare(path, tmp_path):
+    """A copy of the tiny model whose config names no audio tower: gemmakit reads it without one."""
+    import json
+    import shutil
+
+    bare = tmp_path / "no-audio"
+    shutil.copytree(path, bare)
+    raw = json.loads((bare / "config.json").read_text())
+    raw.pop("audio_config")
+    (bare / "config.json").write_text(json.dumps(raw))
+    return bare
+
+
+def _audio_messages(data: str, fmt: str = "wav") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": "what is said"},
+                                         {"type": "input_audio", "input_audio": {"data": data, "format": fmt}}]}]
+
+
+def test_served_chat_with_audio_equals_the_plain_api(pair, tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import base64
+
+    from live_server import live_server
+
+    from gemmakit.api import stream_generation
+    from gemmakit.chat import render_chat
+    from gemmakit.serve import build_app
+
+    _, ours, _ = pair
+    tok = tokenizer()
+    wav = _wav(tmp_path)
+    data = base64.b64encode(wav.read_bytes()).decode()
+    prompt = render_chat([{"role": "user", "content": "what is said<|audio|>"}])
+    result = None
+    for _, result in stream_generation(ours, tok, prompt, max_tokens=5, audio=[wav], stop_ids=frozenset()):
+        pass
+    assert result.prompt_ids.count(BOA) == 1
+    with live_server(build_app(ours, tok, "gemma4", max_batch=2)) as base:
+        url = f"{base}/v1/chat/completions"
+        reply = httpx.post(url, timeout=60, json={"model": "gemma4", "max_tokens": 5, "temperature": 0,
+                                                  "ignore_eos": True, "messages": _audio_messages(data)}).json()
+        assert reply["usage"]["prompt_tokens"] == len(result.prompt_ids)
+        assert reply["choices"][0]["message"]["content"] == result.text
+        bad = {"undecodable base64": _audio_messages("@@not*base64@@"),
+               "not audio": _audio_messages(base64.b64encode(b"hello, no sound here").decode()),
+               "unknown format": _audio_messages(data, "midi"),
+               "no data": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"format": "wav"}}]}],
+               "extra key": [{"role": "user", "content": [
+                   {"type": "input_audio", "input_audio": {"data": data, "format": "wav", "rate": 8000}}]}]}
+        for why, messages in bad.items():
+            r = httpx.post(url, json={"messages": messages, "max_tokens": 2}, timeout=60)
+            assert r.status_code == 400, why
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["message"], why
+        ok = httpx.post(url, json={"messages": _audio_messages(data), "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200  # the server keeps serving
+
+
+def test_audio_to_a_model_without_an_audio_tower_is_400(pair, tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import base64
+
+    import gemmakit
+    from live_server import live_server
+
+    from gemmakit.serve import build_app
+
+    _, _, path = pair
+    data = base64.b64encode(_wav(tmp_path).read_bytes()).decode()
+    model, tok = gemmakit.load(_bare(path, tmp_path))
+    with live_server(build_app(model, tok, "gemma4", max_batch=1)) as base:
+        r = httpx.post(f"{base}/v1/chat/completions", json={"messages": _audio_messages(data), "max_tokens": 2},
+                       timeout=60)
+    assert r.status_code == 400 and "does not accept audio" in r.json()["error"]["message"]
