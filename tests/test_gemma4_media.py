@@ -72,7 +72,7 @@ def _transformers_logits(hf, ids, feats, mask, pixels=None, positions=None) -> t
 
 @pytest.mark.parametrize("picks", [[0], [1, 2]])  # one clip; two clips of different lengths
 def test_audio_logits_match_transformers(pair, picks):
-    from gemmakit.audio.prompt import build_media_prompt
+    from gemmakit.vision.gemma4_preprocess import build_media_prompt
 
     hf, ours, _ = pair
     waves = [clips()[i] for i in picks]
@@ -90,7 +90,7 @@ def test_audio_logits_match_transformers(pair, picks):
 
 def test_audio_beside_an_image_matches_transformers(pair):
     from gemmakit.audio.encode import gemma4_soft_token_count
-    from gemmakit.audio.prompt import build_media_prompt
+    from gemmakit.vision.gemma4_preprocess import build_media_prompt
     from gemmakit.vision.gemma4_preprocess import preprocess
 
     hf, ours, _ = pair
@@ -107,7 +107,7 @@ def test_audio_beside_an_image_matches_transformers(pair):
 
 
 def test_prompt_without_markers_puts_images_then_audio_first(pair):
-    from gemmakit.audio.prompt import build_media_prompt
+    from gemmakit.vision.gemma4_preprocess import build_media_prompt
 
     _, ours, _ = pair
     ids = build_media_prompt(ours.config, tokenizer(), "hello", [2], [3])
@@ -115,7 +115,7 @@ def test_prompt_without_markers_puts_images_then_audio_first(pair):
 
 
 def test_audio_token_count_must_match_the_clips(pair):
-    from gemmakit.audio.prompt import build_media_prompt
+    from gemmakit.vision.gemma4_preprocess import build_media_prompt
     from gemmakit.errors import InvalidRequestError
 
     _, ours, _ = pair
@@ -275,3 +275,45 @@ def test_audio_to_a_model_without_an_audio_tower_is_400(pair, tmp_path):
         r = httpx.post(f"{base}/v1/chat/completions", json={"messages": _audio_messages(data), "max_tokens": 2},
                        timeout=60)
     assert r.status_code == 400 and "does not accept audio" in r.json()["error"]["message"]
+
+
+def test_transcriptions_route(pair, tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import gemmakit
+    from live_server import live_server
+
+    from gemmakit.chat import render_chat
+    from gemmakit.serve import build_app
+    from gemmakit.serve.routes.audio import instruction
+
+    _, ours, path = pair
+    tok = tokenizer()
+    wav = _wav(tmp_path)
+    prompt = render_chat([{"role": "user", "content": instruction("English", None)}])
+    expected = gemmakit.generate(ours, tok, prompt, max_tokens=256, audio=[wav])  # the server's default
+    assert expected  # the tiny model says something, so equal replies mean the same clip arrived
+    files = {"file": ("speech.wav", wav.read_bytes(), "audio/wav")}
+    with live_server(build_app(ours, tok, "gemma4", max_batch=1)) as base:
+        url = f"{base}/v1/audio/transcriptions"
+        r = httpx.post(url, data={"model": "gemma4", "language": "English"}, files=files, timeout=60)
+        assert r.status_code == 200 and r.json() == {"text": expected}
+        r = httpx.post(url, data={"model": "gemma4", "language": "English", "response_format": "text"},
+                       files=files, timeout=60)
+        assert r.status_code == 200 and r.text == expected
+        refused = {"temperature": ({"model": "gemma4", "temperature": "0.2"}, files),
+                   "response_format": ({"model": "gemma4", "response_format": "srt"}, files),
+                   "file": ({"model": "gemma4"}, {"file": ("x.wav", b"no sound at all", "audio/wav")})}
+        for param, (data, upload) in refused.items():
+            r = httpx.post(url, data=data, files=upload, timeout=60)
+            assert r.status_code == 400, param
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["param"] == param, param
+        assert "temperature" in httpx.post(url, data=refused["temperature"][0], files=files,
+                                           timeout=60).json()["error"]["message"]
+        r = httpx.post(url, json={"model": "gemma4"}, timeout=60)
+        assert r.status_code == 400 and "multipart" in r.json()["error"]["message"]
+    model, tok2 = gemmakit.load(_bare(path, tmp_path))
+    with live_server(build_app(model, tok2, "gemma4", max_batch=1)) as base:
+        r = httpx.post(f"{base}/v1/audio/transcriptions", data={"model": "gemma4"}, files=files, timeout=60)
+        assert r.status_code == 400 and "does not accept audio" in r.json()["error"]["message"]

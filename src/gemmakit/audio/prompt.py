@@ -1,14 +1,14 @@
-"""Gemma 4 prompts with audio clips (and images): where each clip's soft tokens go.
+"""Gemma 4 prompts with audio clips: where each clip's soft tokens go, and the clips' features.
 
 The processor puts ``boa``, one ``audio_token_id`` per soft token, then ``eoa`` where the text has
-the audio token's piece (``<|audio|>``, as the chat template writes it); a prompt without any
-marker gets one per clip in front, after the images' (as gemma4_preprocess.build_prompt places
-those). Source: transformers 5.23 models/gemma4/processing_gemma4.py (replace_audio_token).
+the audio token's piece (``<|audio|>``, as the chat template writes it). Prompts with images and
+clips together are built by gemmakit.vision.gemma4_preprocess.build_media_prompt. Source:
+transformers 5.23 models/gemma4/processing_gemma4.py (replace_audio_token).
 """
 
 from __future__ import annotations
 
-from gemmakit.errors import InvalidRequestError, TokenizerError
+from gemmakit.errors import InvalidRequestError
 
 
 def expand_audio_tokens(ids: list[int], config, soft_tokens: list[int]) -> list[int]:
@@ -22,37 +22,6 @@ def expand_audio_tokens(ids: list[int], config, soft_tokens: list[int]) -> list[
         out += ids[start:mark] + [config.boa_token_id] + [config.audio_token_id] * n + [config.eoa_token_id]
         start = mark + 1
     return out + ids[start:]
-
-
-def build_media_prompt(config, tokenizer, text: str, image_tokens: list[int], audio_tokens: list[int]) -> list[int]:
-    """Token ids of ``text`` with each image's and each clip's soft tokens in place.
-
-    ``config`` is a :class:`~gemmakit.models.gemma4_vision.Gemma4MultimodalConfig`; ``image_tokens`` /
-    ``audio_tokens`` are the soft-token counts of the images and clips, in prompt order.
-    """
-    from gemmakit.vision.gemma4_preprocess import build_prompt
-
-    if audio_tokens:
-        if config.audio_token_id is None:
-            raise InvalidRequestError("this model has no audio tower; it cannot take audio")
-        try:
-            piece = tokenizer.id_to_piece(config.audio_token_id)
-        except Exception:
-            raise TokenizerError(f"the tokenizer has no token {config.audio_token_id} (the model's audio token)") from None
-        if piece not in text:
-            text = piece * len(audio_tokens) + text
-            if image_tokens:  # images first, as build_prompt would have put them
-                image = tokenizer.id_to_piece(config.image_token_id)
-                if image not in text:
-                    text = image * len(image_tokens) + text
-        marks = text.count(piece)
-    ids = build_prompt(config, tokenizer, text, image_tokens) if image_tokens else tokenizer.encode(text, add_bos=True)
-    if not audio_tokens:
-        return ids
-    if ids.count(config.audio_token_id) != marks:
-        raise TokenizerError(f"the tokenizer does not encode {piece!r} as the audio token {config.audio_token_id}; "
-                             "is this the model's own tokenizer?")
-    return expand_audio_tokens(ids, config, audio_tokens)
 
 
 def audio_inputs(sources, spec=None, num_mel_bins: int = 128):

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from gemmakit.api import stream_generation
+from gemmakit.api import generate, stream_generation
 from gemmakit.chat import render_chat
 from gemmakit.engine.sampling import SamplingParams
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
@@ -70,8 +70,6 @@ class AudioClip(bytes):
 
 def decode_audio(part: AudioPart) -> AudioClip:
     """The bytes of an ``input_audio`` part holding a readable clip."""
-    from gemmakit.audio.io import load_audio
-
     if part.format not in AUDIO_FORMATS:
         raise FieldError(f"input_audio.format must be one of {', '.join(AUDIO_FORMATS)} (got {part.format!r})",
                          "messages", "invalid_audio")
@@ -81,10 +79,17 @@ def decode_audio(part: AudioPart) -> AudioClip:
         data = base64.b64decode("".join(part.data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise FieldError("the input_audio data is invalid base64", "messages", "invalid_audio") from None
+    return read_clip(data, "messages")
+
+
+def read_clip(data: bytes, param: str) -> AudioClip:
+    """``data`` as a clip, decoded now: bytes that are no clip are a 400 before any model work."""
+    from gemmakit.audio.io import load_audio
+
     try:
-        load_audio(data)  # decode now: bytes that are no clip are a 400 before any model work
+        load_audio(data)
     except Exception as exc:  # InvalidRequestError from soundfile's failures, or a missing package
-        raise FieldError(f"the audio cannot be read: {exc}", "messages", "invalid_audio") from None
+        raise FieldError(f"the audio cannot be read: {exc}", param, "invalid_audio") from None
     return AudioClip(data)
 
 
@@ -139,6 +144,11 @@ class VisionRunner:
             raise FieldError(f"the prompt has {len(ids)} tokens but the model's context is {self.context} tokens",
                              "messages", "context_length_exceeded")
         return prompt, images, ids
+
+    def transcribe(self, prompt: str, clip: bytes, max_tokens: int) -> str:
+        """The greedy reply to ``prompt`` (which marks the clip with ``<|audio|>``), in turn with chat requests."""
+        with self._lock:
+            return generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens, audio=[clip])
 
     def submit(self, prompt: str, images: list[bytes], prompt_ids: list[int], common: Common,
                on_event: Callable[[Event], None], grammar=None) -> RequestHandle:

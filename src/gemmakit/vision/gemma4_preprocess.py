@@ -120,6 +120,38 @@ def build_prompt(config, tokenizer, text: str, soft_tokens: list[int]) -> list[i
     return expand_image_tokens(ids, config, soft_tokens)
 
 
+def build_media_prompt(config, tokenizer, text: str, image_tokens: list[int], audio_tokens: list[int]) -> list[int]:
+    """Token ids of ``text`` with each image's and each clip's soft tokens in place.
+
+    ``config`` is a :class:`~gemmakit.models.gemma4_vision.Gemma4MultimodalConfig`; ``image_tokens`` /
+    ``audio_tokens`` are the soft-token counts of the images and clips, in prompt order. A prompt
+    without audio markers gets one per clip in front, after the images'.
+    """
+    if audio_tokens:
+        if config.audio_token_id is None:
+            raise InvalidRequestError("this model has no audio tower; it cannot take audio")
+        try:
+            piece = tokenizer.id_to_piece(config.audio_token_id)
+        except Exception:
+            raise TokenizerError(f"the tokenizer has no token {config.audio_token_id} (the model's audio token)") from None
+        if piece not in text:
+            text = piece * len(audio_tokens) + text
+            if image_tokens:  # images first, as build_prompt would have put them
+                image = tokenizer.id_to_piece(config.image_token_id)
+                if image not in text:
+                    text = image * len(image_tokens) + text
+        marks = text.count(piece)
+    ids = build_prompt(config, tokenizer, text, image_tokens) if image_tokens else tokenizer.encode(text, add_bos=True)
+    if not audio_tokens:
+        return ids
+    if ids.count(config.audio_token_id) != marks:
+        raise TokenizerError(f"the tokenizer does not encode {piece!r} as the audio token {config.audio_token_id}; "
+                             "is this the model's own tokenizer?")
+    from gemmakit.audio.prompt import expand_audio_tokens
+
+    return expand_audio_tokens(ids, config, audio_tokens)
+
+
 def prepare(model, tokenizer, prompt, images, pan_and_scan: bool = False, audio=None):
     """:func:`gemmakit.vision.generate.prepare_vision` for a Gemma 4 multimodal model: ``(model
     for the engine, prompt, engine kwargs)``, every check made before any model work. ``audio``
@@ -143,8 +175,6 @@ def prepare(model, tokenizer, prompt, images, pan_and_scan: bool = False, audio=
         from gemmakit.audio.prompt import audio_inputs
 
         features, mask, counts = audio_inputs(list(audio), num_mel_bins=model.config.audio.num_mel_bins)
-    from gemmakit.audio.prompt import build_media_prompt
-
     ids = build_media_prompt(model.config, tokenizer, prompt, tokens, counts)
     context = model.config.max_position_embeddings
     if len(ids) >= context:
