@@ -15,6 +15,7 @@ import torch
 
 from gemmakit.checkpoints import build_model, open_checkpoint
 from gemmakit.checkpoints.base import parameter_shapes
+from gemmakit.checkpoints.gemma4_vision import text_decoder_checkpoint
 from gemmakit.checkpoints.hf_writer import DEFAULT_SHARD_BYTES, save_recurrent_gemma, write_hf_directory
 from gemmakit.checkpoints.safetensors import hf_names
 from gemmakit.errors import CheckpointError, InvalidRequestError
@@ -38,6 +39,7 @@ def convert(source: str | Path | None, destination: str | Path, dtype: torch.dty
     if isinstance(checkpoint.config, AssistantConfig):
         raise InvalidRequestError(f"{checkpoint.source} is a Gemma 4 assistant drafter, read only from its Hugging "
                                   "Face directory as it is; use it as --draft-model for its Gemma 4 model")
+    checkpoint = text_decoder_checkpoint(checkpoint)  # Gemma 4 with images: its text decoder (Gemma4ForCausalLM)
     if checkpoint.config.family == "recurrentgemma":  # its own transformers layout (checkpoints/recurrent_gemma.py)
         if destination.is_dir():
             destination.rmdir()  # empty (checked above)

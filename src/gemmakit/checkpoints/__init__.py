@@ -14,6 +14,7 @@ from gemmakit.checkpoints.base import Checkpoint, build_model
 from gemmakit.checkpoints.embedding_gemma2 import is_embedding_gemma2, open_embedding_gemma2_directory
 from gemmakit.checkpoints.gemma_pytorch import open_gemma_pytorch_checkpoint
 from gemmakit.checkpoints.gguf import open_gguf_checkpoint
+from gemmakit.checkpoints.gemma4_vision import is_gemma4_vision, open_gemma4_vision_directory
 from gemmakit.checkpoints.hf_vision import is_vision_config, open_hf_vision_directory
 from gemmakit.checkpoints.matformer import slice_checkpoint
 from gemmakit.checkpoints.mmproj import attach_mmproj, mmproj_beside
@@ -110,6 +111,8 @@ def _open_directory(path: Path) -> Checkpoint:
             return open_embedding_gemma2_directory(path, raw)
         if is_vision_config(raw):  # PaliGemma / Gemma 3 with its vision tower
             return open_hf_vision_directory(path, raw)
+        if is_gemma4_vision(raw):  # Gemma 4 with its vision encoder
+            return open_gemma4_vision_directory(path, raw)
         return open_hf_directory(path, raw)
     # a vision file beside the model is not a second model (open_checkpoint attaches it)
     ggufs = [p for p in sorted(path.glob("*.gguf")) if not p.name.startswith("mmproj-")]

@@ -22,6 +22,7 @@ from gemmakit.models.assistant import AssistantConfig, AssistantModel
 from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import GemmaModel
 from gemmakit.models.encoder import EmbeddingConfig, EmbeddingModel
+from gemmakit.models.gemma4_vision import Gemma4MultimodalConfig, Gemma4VisionLanguageModel
 from gemmakit.models.moe import Experts
 from gemmakit.models.multimodal import MultimodalConfig, VisionLanguageModel
 from gemmakit.quant.ggml import HALF_TYPES, GGMLBlocks, packable
@@ -139,8 +140,13 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
         model = _model_class(checkpoint.config)(checkpoint.config)
     expected = {name: p for name, p in model.named_parameters()}
     # integer tables (an assistant's token order) are filled too, keeping their dtype
-    indices = {name: b for name, b in model.named_buffers() if not b.is_floating_point()}
+    # (non-persistent buffers, such as an audio tower's attention windows, are the model's own)
+    saved = set(model.state_dict(keep_vars=True))
+    indices = {name: b for name, b in model.named_buffers() if not b.is_floating_point() and name in saved}
     expected.update(indices)
+    # float buffers the checkpoint stores (an audio tower's clip ranges) are filled as buffers
+    stored = {name: b for name, b in model.named_buffers() if b.is_floating_point() and name in checkpoint.tensors}
+    expected.update(stored)
     shown = checkpoint.file_names.get
     missing = sorted(set(expected) - set(checkpoint.tensors))
     if missing:
@@ -174,6 +180,9 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
             if name in indices:
                 setattr(model.get_submodule(module_name), param_name, tensor.to(device, indices[name].dtype))
                 continue
+            if name in stored:
+                setattr(model.get_submodule(module_name), param_name, tensor.to(device, dtype))
+                continue
             # Assign rather than copy: the loader's fresh tensor becomes the parameter, so no
             # second buffer of the model's size is ever allocated or touched.
             tensor = tensor.to(device=device, dtype=dtype).contiguous()
@@ -192,4 +201,6 @@ def _model_class(config) -> type:
         return AssistantModel
     if isinstance(config, EmbeddingConfig):  # a bidirectional decoder with pooling and projections
         return EmbeddingModel
+    if isinstance(config, Gemma4MultimodalConfig):  # Gemma 4's own vision encoder (models/gemma4_vision.py)
+        return Gemma4VisionLanguageModel
     return VisionLanguageModel if isinstance(config, MultimodalConfig) else GemmaModel

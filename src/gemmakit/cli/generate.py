@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
                    help="a JSON schema file: the output is one JSON value valid under it (constrained decoding)")
     add_decode_args(g)
     add_image_args(g)
+    g.add_argument("--audio", metavar="FILE", action="append", default=None,
+                   help="an audio clip (wav, flac, mp3, ...) for a Gemma 4 model with its audio tower; "
+                        "repeat for several; <|audio|> in the prompt marks where each goes")
     add_mmproj_args(g)
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the text to continue ('-' reads standard input)")
@@ -57,6 +60,11 @@ def run(args) -> int:
     images = args.image or []
     for path in images:  # a bad image fails before the model is loaded
         load_image(path)
+    clips = args.audio or []
+    if clips:
+        from gemmakit.audio.io import load_audio
+
+        clips = [load_audio(path) for path in clips]  # so does a bad clip
     grammar = _json_schema(args.json_schema) if args.json_schema else None  # so does a bad schema file
     model, tokenizer, report = load_model(args)
     if tokenizer is None:
@@ -66,12 +74,13 @@ def run(args) -> int:
         prompt = fim_prompt(tokenizer, args.fim_prefix or "", args.fim_suffix or "")
         stop_ids = fim_stop_ids(tokenizer)
     if getattr(args, "draft_model", None):
-        if fim or images or grammar:
-            raise invalid("--draft-model works with plain text prompts, not with images, fill-in-the-middle "
+        if fim or images or clips or grammar:
+            raise invalid("--draft-model works with plain text prompts, not with images, audio, fill-in-the-middle "
                           "or --json-schema")
         return _generate_speculative(args, model, tokenizer, prompt)
     result = None
     for piece, result in stream_generation(model, tokenizer, prompt, stop_ids=stop_ids, images=images or None,
+                                           audio=clips or None,
                                            pan_and_scan=args.pan_and_scan, grammar=grammar,
                                            **sampling_kwargs(args)):
         if not args.json and piece:

@@ -262,7 +262,8 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
     if "global" in kinds:
         g = c.kind_plans["global"]
         cos, sin = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, g.rope_scaling, dtype, g.rope_proportion)
-        k_groups = groups
+        groups_g = groups if "global" in c.group_layer_kinds else None
+        k_groups = groups_g
         if fresh:
             if cache is not None:
                 cache.global_positions[:, :T] = positions
@@ -275,21 +276,22 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
                 end = cache.length + positions.shape[1]
                 cache.global_positions[:, cache.length:end] = positions
                 k_pos = cache.global_positions[:, :end]
-                if groups is not None:
-                    cache.global_groups[:, cache.length:end] = groups
+                if groups_g is not None:
+                    cache.global_groups[:, cache.length:end] = groups_g
                     k_groups = cache.global_groups[:, :end]
                 write = Append(cache.length)
-            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, groups, k_groups), write)
+            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, groups_g, k_groups), write)
     if "local" in kinds:
         lp = c.kind_plans["local"]
         window = lp.window
+        groups_l = groups if "local" in c.group_layer_kinds else None
         cos, sin = rope_cos_sin(positions, lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype, lp.rope_proportion)
         if fresh and T <= (window or T):
             mask = attention_mask(positions, positions, window)
             slots, skip = cache.ring_slots(T) if cache is not None else (None, 0)
             out["local"] = StepContext(cos, sin, mask, FreshCausal(slots, skip))
         elif cache is None:
-            mask = attention_mask(positions, positions, window, groups, groups, bypass)
+            mask = attention_mask(positions, positions, window, groups_l, groups_l, bypass)
             out["local"] = StepContext(cos, sin, mask, Uncached())
         elif positions.shape[1] == 1 and (cache.window == window or cache.length < cache.window):
             # One new token (decoding): the slot it overwrites holds the position one full window
@@ -298,14 +300,14 @@ def step_contexts(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
             # concatenation every layer.
             slots, _ = cache.ring_slots(1)
             k_pos = cache.ring_positions.index_copy(1, slots, positions)
-            k_groups = None if groups is None else cache.ring_groups.index_copy(1, slots, groups)
-            mask = attention_mask(positions, k_pos, window, groups, k_groups, bypass)
+            k_groups = None if groups_l is None else cache.ring_groups.index_copy(1, slots, groups_l)
+            mask = attention_mask(positions, k_pos, window, groups_l, k_groups, bypass)
             out["local"] = StepContext(cos, sin, mask, RingWrite(slots, write_first=True))
         else:
             k_pos = torch.cat([cache.ring_positions, positions], dim=1)
-            k_groups = None if groups is None else torch.cat([cache.ring_groups, groups], dim=1)
+            k_groups = None if groups_l is None else torch.cat([cache.ring_groups, groups_l], dim=1)
             slots, skip = cache.ring_slots(positions.shape[1])
-            mask = attention_mask(positions, k_pos, window, groups, k_groups, bypass)
+            mask = attention_mask(positions, k_pos, window, groups_l, k_groups, bypass)
             out["local"] = StepContext(cos, sin, mask, RingWrite(slots, skip))
     return out
 
@@ -346,17 +348,19 @@ def static_step_contexts(config: ModelConfig, positions: torch.Tensor, index: to
         g = c.kind_plans["global"]
         cos, sin = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, g.rope_scaling, dtype, g.rope_proportion)
         global_positions.index_copy_(1, index, positions)
-        if groups is not None:
-            global_groups.index_copy_(1, index, groups)
-        mask = attention_mask(positions, global_positions, None, groups, global_groups)
+        groups_g = groups if "global" in c.group_layer_kinds else None
+        if groups_g is not None:
+            global_groups.index_copy_(1, index, groups_g)
+        mask = attention_mask(positions, global_positions, None, groups_g, global_groups)
         out["global"] = StepContext(cos, sin, mask, StaticWrite(index))
     if "local" in kinds:
         lp = c.kind_plans["local"]
         cos, sin = rope_cos_sin(positions, lp.rotary_dim, lp.rope_theta, lp.rope_scaling, dtype, lp.rope_proportion)
         slots = index % ring_positions.shape[1]
+        groups_l = groups if "local" in c.group_layer_kinds else None
         k_pos = ring_positions.index_copy(1, slots, positions)
-        k_groups = None if groups is None else ring_groups.index_copy(1, slots, groups)
-        mask = attention_mask(positions, k_pos, lp.window, groups, k_groups, c.group_bypasses_window)
+        k_groups = None if groups_l is None else ring_groups.index_copy(1, slots, groups_l)
+        mask = attention_mask(positions, k_pos, lp.window, groups_l, k_groups, c.group_bypasses_window)
         out["local"] = StepContext(cos, sin, mask, StaticWrite(slots))
     return out
 

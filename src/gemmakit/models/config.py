@@ -113,6 +113,9 @@ class ModelConfig:
     # Vision prompts (models/multimodal.py): whether a bidirectional group of tokens ignores the
     # sliding window (PaliGemma 2's prefix-LM) or stays bounded by it (Gemma 3's images).
     group_bypasses_window: bool = False
+    # which layer kinds honour those groups (Gemma 4's images: sliding-window layers only, its
+    # global layers stay causal)
+    group_layer_kinds: tuple[LayerKind, ...] = ("global", "local")
     name: str = "custom"
     extra: tuple[tuple[str, object], ...] = field(default=())  # format-specific facts kept for export
     # Griffin (RecurrentGemma) switches; the defaults leave Gemma 1/2/3 untouched.

@@ -65,6 +65,7 @@ def build_app(model, tokenizer, name: str, api_key: str | None = None, max_batch
     """
     from gemmakit.engine.scheduler import Engine
     from gemmakit.models.encoder import EmbeddingModel
+    from gemmakit.models.gemma4_vision import Gemma4VisionLanguageModel
     from gemmakit.models.multimodal import VisionLanguageModel
     from gemmakit.serve.app import create_app
 
@@ -75,7 +76,7 @@ def build_app(model, tokenizer, name: str, api_key: str | None = None, max_batch
             raise InvalidRequestError("--draft-model speeds up generation; an embedding model does not generate")
         return create_app(None, tokenizer, name, api_key=api_key, embedder=EmbeddingRunner(model))
     vision = None
-    if isinstance(model, VisionLanguageModel):
+    if isinstance(model, (VisionLanguageModel, Gemma4VisionLanguageModel)):
         from gemmakit.serve.vision import VisionRunner
 
         vision = VisionRunner(model, tokenizer)

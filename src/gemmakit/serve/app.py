@@ -5,6 +5,7 @@ with a tiny model; ``gemmakit serve`` with a real one). Routes (serve/routes/):
 
     POST /v1/chat/completions   POST /v1/completions   POST /v1/responses   POST /v1/embeddings
     GET /v1/models   GET /health   POST /tokenize   POST /detokenize   GET /metrics (Prometheus text)
+    POST /v1/audio/transcriptions (Gemma 4 with its audio tower)
 
 A generative model is served by an engine and an embedding model by an embedder
 (serve/embeddings.py); each kind's routes answer the other kind's model with a 400.
@@ -24,7 +25,7 @@ from gemmakit.engine.scheduler import Engine
 from gemmakit.serve.dependencies import require_api_key, require_generation
 from gemmakit.serve.errors import install_handlers
 from gemmakit.serve.middleware import ServeMiddleware
-from gemmakit.serve.routes import chat, completions, embeddings, health_metrics, models, responses, tokenize
+from gemmakit.serve.routes import audio, chat, completions, embeddings, health_metrics, models, responses, tokenize
 from gemmakit.serve.state import ServerState
 
 MAX_BODY_BYTES = 32 * 2**20  # room for several images as data: URIs
@@ -61,7 +62,7 @@ def create_app(engine: Engine | None, tokenizer, model_name: str, api_key: str |
     app.add_middleware(ServeMiddleware, state=state)
     app.include_router(health_metrics.health)  # open: load balancers probe it without the key
     guarded = [Depends(require_api_key)]
-    for router in (chat.router, completions.router, responses.router):
+    for router in (chat.router, completions.router, responses.router, audio.router):
         app.include_router(router, dependencies=[*guarded, Depends(require_generation)])
     for router in (embeddings.router, models.router, tokenize.router, health_metrics.metrics):
         app.include_router(router, dependencies=guarded)

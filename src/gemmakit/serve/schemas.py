@@ -114,6 +114,14 @@ class ImagePart(Body):
     url: Any = None
 
 
+class AudioPart(Body):
+    """OpenAI's ``input_audio`` part: base64 ``data`` and its ``format``, checked and decoded by serve/vision.py."""
+
+    type: str = "input_audio"
+    data: Any = None
+    format: Any = None
+
+
 class FunctionCall(Body):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -129,7 +137,7 @@ class ToolCallEntry(Body):
 
 class Message(Body):
     role: Any = None  # render_chat names a wrong one
-    content: str | list[TextPart | ImagePart]
+    content: str | list[TextPart | ImagePart | AudioPart]
     tool_calls: tuple[ToolCallEntry, ...] | None = None  # assistant
     tool_call_id: str | None = None  # tool
     name: str | None = None  # tool: the function's name (OpenAI's older field)
@@ -160,6 +168,16 @@ def _image_part(part: dict, path: str) -> ImagePart:
             raise invalid(f"'{where}' {detail!r} is not supported: every image is resized to the model's "
                           "vision input (give 'auto' or leave it out)", where)
     return ImagePart(type=part["type"], url=value)
+
+
+def _audio_part(part: dict, path: str) -> AudioPart:
+    """OpenAI's ``{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}``."""
+    _no_other_keys(part, ("type", "input_audio"), path)
+    value = part.get("input_audio")
+    if not isinstance(value, dict):
+        raise invalid(f"'{path}.input_audio' must be an object with 'data' (base64) and 'format'", f"{path}.input_audio")
+    _no_other_keys(value, ("data", "format"), f"{path}.input_audio")
+    return AudioPart(data=value.get("data"), format=value.get("format"))
 
 
 def _tool_calls(value: Any, where: str) -> tuple[ToolCallEntry, ...]:
@@ -207,7 +225,7 @@ def _messages(value: Any) -> list[Message]:
                        f"messages[{i}]")
         content = m.get("content")
         if isinstance(content, list):
-            parts: list[TextPart | ImagePart] = []
+            parts: list[TextPart | ImagePart | AudioPart] = []
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
@@ -215,6 +233,8 @@ def _messages(value: Any) -> list[Message]:
                     parts.append(TextPart(text=part["text"]))
                 elif kind in IMAGE_PARTS:
                     parts.append(_image_part(part, f"messages[{i}].content[{j}]"))
+                elif kind == "input_audio":
+                    parts.append(_audio_part(part, f"messages[{i}].content[{j}]"))
                 else:
                     raise invalid(f"messages[{i}] has a content part of unknown type {kind!r}", "messages")
             content = parts
@@ -247,8 +267,8 @@ def _messages(value: Any) -> list[Message]:
 Messages = Annotated[list[Message], BeforeValidator(_messages)]
 
 
-def chat_dicts(messages: list[Message], on_image: Callable[[ImagePart], dict | None]) -> list[dict[str, Any]]:
-    """``messages`` as render_chat takes them; ``on_image(part)`` says what an image part becomes.
+def chat_dicts(messages: list[Message], on_image: Callable[[ImagePart | AudioPart], dict | None]) -> list[dict[str, Any]]:
+    """``messages`` as render_chat takes them; ``on_image(part)`` says what an image (or audio) part becomes.
 
     It returns a part to keep, None to drop it, or raises: text-only and vision requests share
     this walk and differ only there. Calls, call ids and thoughts are kept under OpenAI's keys.
@@ -272,7 +292,10 @@ def chat_dicts(messages: list[Message], on_image: Callable[[ImagePart], dict | N
 
 def text_chat(messages: list[Message], accepts_images: bool) -> list[dict[str, Any]]:
     """``messages`` as render_chat takes them with each content a string (text parts joined)."""
-    def refuse(part: ImagePart) -> None:
+    def refuse(part: ImagePart | AudioPart) -> None:
+        if isinstance(part, AudioPart):
+            raise FieldError("this model does not accept audio (it needs a Gemma 4 checkpoint with its audio tower)",
+                             "messages")
         raise FieldError("this model does not accept images" if not accepts_images
                          else "images are not supported by this server yet", "messages")
 

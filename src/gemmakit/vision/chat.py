@@ -10,13 +10,14 @@ from __future__ import annotations
 from PIL import Image
 
 from gemmakit.errors import InvalidRequestError
+from gemmakit.models.gemma4_vision import Gemma4VisionLanguageModel
 from gemmakit.models.multimodal import VisionLanguageModel
 from gemmakit.vision.preprocess import load_image
 
 
 class ChatImages:
     def __init__(self, model) -> None:
-        self.vision = model.config if isinstance(model, VisionLanguageModel) else None
+        self.vision = model.config if isinstance(model, (VisionLanguageModel, Gemma4VisionLanguageModel)) else None
         self._attached: list[Image.Image] = []  # all images in the history, in order
         self._pending = 0  # attached since the last user message
 

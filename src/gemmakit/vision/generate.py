@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from gemmakit.errors import InvalidRequestError, TokenizerError
+from gemmakit.models.gemma4_vision import Gemma4VisionLanguageModel
 from gemmakit.models.multimodal import ImagePrompt, VisionLanguageModel
 from gemmakit.vision.prompt import build_prompt
 
 
-def prepare_vision(model, tokenizer, prompt, images, pan_and_scan: bool = False):
+def prepare_vision(model, tokenizer, prompt, images, pan_and_scan: bool = False, audio=None):
     """``(model_for_engine, prompt, engine_kwargs)`` for a request; text-only requests pass through.
 
     Every check (model kind, image files, placeholder counts, context length) happens here, before
     the engine starts, so bad input never fails half-way through a generation.
     """
+    if isinstance(model, Gemma4VisionLanguageModel):  # its own encoder, processor and prompt layout
+        from gemmakit.vision.gemma4_preprocess import prepare
+
+        return prepare(model, tokenizer, prompt, images, pan_and_scan, audio)
+    if audio:
+        raise InvalidRequestError("this model has no audio tower; audio needs a Gemma 4 checkpoint with one")
     is_vlm = isinstance(model, VisionLanguageModel)
     if not images:
         if pan_and_scan:
