@@ -70,20 +70,27 @@ class MobileNetConfig:
 
 
 @functools.cache
-def timm_module():
-    """timm, imported once, or a one-line error saying how to get it."""
+def import_torchvision() -> None:
+    """Import torchvision (timm needs it) if it is installed, also where its C++ operators do not
+    load beside this torch (PyPI's CUDA wheel next to a CPU torch): there its import fails where it
+    registers a fake kernel for ``nms``. Neither timm nor transformers runs those operators, so
+    declaring the two it names lets the import through; the rest of torchvision is Python."""
     try:
-        import torchvision  # noqa: F401  (timm imports it; with it its C++ operators, if its build has them)
+        import torchvision  # noqa: F401
     except ImportError:
         pass
     except RuntimeError:
-        # A torchvision whose C++ operators do not load beside this torch (a CUDA wheel next to a CPU
-        # torch) fails on import where it registers a fake kernel for "nms". timm needs none of those
-        # operators, so declaring the two it names lets the import through.
         lib = torch.library.Library("torchvision", "FRAGMENT")
         for op in ("nms", "qnms"):
             lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        timm_module.torchvision_ops = lib  # the definitions live as long as this object
+        import_torchvision.operators = lib  # the definitions live as long as this object
+        import torchvision  # noqa: F401, F811
+
+
+@functools.cache
+def timm_module():
+    """timm, imported once, or a one-line error saying how to get it."""
+    import_torchvision()
     try:
         import timm
     except ImportError:
