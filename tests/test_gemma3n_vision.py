@@ -237,3 +237,16 @@ def test_directory_without_preprocessor_uses_the_towers_defaults(pair, tmp_path)
     model, _ = gemmakit.load(tmp_path)
     spec = spec_for(model.config)
     assert (spec.size, spec.mean, spec.std, spec.resample) == (768, (0.0,) * 3, (1.0,) * 3, Image.Resampling.BILINEAR)
+
+
+def test_without_timm_the_directory_is_its_text_decoder(pair, monkeypatch):
+    from gemmakit.checkpoints import gemma3n_vision
+    from gemmakit.models.decoder import GemmaModel
+
+    hf, _, _, path = pair
+    monkeypatch.setattr(gemma3n_vision, "timm_available", lambda: False)
+    model, _ = gemmakit.load(path)
+    assert isinstance(model, GemmaModel) and model.config.family == "gemma3n"
+    ids = torch.tensor([[2, 40, 50, 60, 70, 80, 90, 100, 110, BOI]])
+    with torch.no_grad():
+        assert (model(ids) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4

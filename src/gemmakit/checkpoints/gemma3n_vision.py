@@ -18,12 +18,11 @@ processing_gemma3n.py) and ``models/auto/image_processing_auto.py``:
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from gemmakit.checkpoints import gemma3n
-from gemmakit.errors import CheckpointError
-from gemmakit.models.mobilenet import EmbedderConfig, MobileNetConfig
+from gemmakit.errors import CheckpointError, UnsupportedModelError
+from gemmakit.models.mobilenet import EmbedderConfig, MobileNetConfig, timm_module
 from gemmakit.models.multimodal import MultimodalConfig
 
 TOWER_PREFIX = "model.vision_tower.timm_model."
@@ -35,8 +34,15 @@ _DEFAULTS = {"image_token_id": 262_145, "boi_token_id": 255_999, "eoi_token_id":
 def is_gemma3n_vision(raw: dict[str, Any]) -> bool:
     """A Gemma 3n checkpoint with its vision tower, and timm to build it. Without timm the directory
     opens as its text decoder alone (checkpoints/safetensors.py), as before vision was supported."""
-    return (raw.get("model_type") == "gemma3n" and isinstance(raw.get("vision_config"), dict)
-            and importlib.util.find_spec("timm") is not None)
+    return raw.get("model_type") == "gemma3n" and isinstance(raw.get("vision_config"), dict) and timm_available()
+
+
+def timm_available() -> bool:
+    try:
+        timm_module()
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def multimodal_config_from_hf(raw: dict[str, Any], source: str, preprocessor: dict[str, Any]) -> MultimodalConfig:

@@ -93,8 +93,9 @@ def timm_module():
     import_torchvision()
     try:
         import timm
-    except ImportError:
-        raise UnsupportedModelError("Gemma 3n's vision tower needs timm: pip install 'gemmakit[vision]'") from None
+    except ImportError as exc:  # timm itself, or the torchvision it imports
+        raise UnsupportedModelError(f"Gemma 3n's vision tower needs timm and torchvision ({exc}): "
+                                    "pip install 'gemmakit[vision]'") from None
     return timm
 
 
