@@ -114,8 +114,13 @@ def _pixels(model, n: int) -> torch.Tensor:
 
 
 def _hf_logits(hf, ids, pixel_values):
+    """transformers' logits, its tower run on one image at a time as gemmakit's is (models/mobilenet.py:
+    the convolutions' float32 sums depend on the batch, by ~3e-5 on features and ~2e-4 on logits here)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
     with torch.no_grad():
-        return hf(input_ids=ids, pixel_values=pixel_values).logits
+        features = torch.cat([hf.model.get_image_features(image[None]).pooler_output for image in pixel_values])
+        return hf(input_ids=ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).logits
 
 
 def test_the_config_reads_the_tower_and_the_prompt_layout(pair):
@@ -173,7 +178,24 @@ def test_batched_rows_with_an_image_each(pair):
     hf, model, tokenizer, _ = pair
     ids = torch.tensor([build_prompt(model.config, tokenizer, t, [0]) for t in ("look here", "what see")])
     pixel_values = _pixels(model, 2)
-    assert (model(ids, pixel_values=pixel_values) - _hf_logits(hf, ids, pixel_values)).abs().max().item() <= 1e-4
+    batched = model(ids, pixel_values=pixel_values)
+    assert (batched - _hf_logits(hf, ids, pixel_values)).abs().max().item() <= 1e-4
+    for row in range(2):  # equal to one request at a time
+        alone = model(ids[row:row + 1], pixel_values=pixel_values[row:row + 1])
+        assert (batched[row:row + 1] - alone).abs().max().item() <= 1e-4
+
+
+def test_cli_generate_with_an_image(pair, capsys, tmp_path):
+    import json
+
+    from gemmakit.cli import main
+
+    _, _, _, path = pair
+    picture(3).save(tmp_path / "p.png")
+    assert main(["generate", "--model", str(path), "--image", str(tmp_path / "p.png"), "--json", "-n", "4",
+                 "caption"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 4 and out["prompt_ids"].count(IMAGE) == TOKENS
 
 
 def test_greedy_with_cache_equals_transformers(pair):

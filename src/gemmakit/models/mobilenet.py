@@ -116,7 +116,10 @@ class MobileNetTower(nn.Module):
             raise UnsupportedModelError(f"timm cannot build {config.architecture!r} ({exc})") from None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        grid = self.timm_model.forward_features(pixel_values)  # [N, hidden, s, s]
+        # One image at a time: the convolutions' float32 sums then do not depend on which images share
+        # a batch (at two images they move features by ~3e-5, logits by ~2e-4); an image is a big
+        # enough batch of work on its own.
+        grid = torch.cat([self.timm_model.forward_features(image[None]) for image in pixel_values])  # [N, hidden, s, s]
         if grid.shape[1] != self.config.hidden_size:
             raise UnsupportedModelError(f"the vision tower gives {grid.shape[1]} channels, the config says "
                                         f"{self.config.hidden_size}")
