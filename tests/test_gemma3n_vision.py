@@ -120,7 +120,8 @@ def _hf_logits(hf, ids, pixel_values):
 
     with torch.no_grad():
         features = torch.cat([hf.model.get_image_features(image[None]).pooler_output for image in pixel_values])
-        return hf(input_ids=ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).logits
+        images = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        return hf(input_ids=ids, mm_encoder_outputs=images).logits
 
 
 def test_the_config_reads_the_tower_and_the_prompt_layout(pair):
