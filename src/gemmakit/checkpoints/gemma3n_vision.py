@@ -65,6 +65,10 @@ def multimodal_config_from_hf(raw: dict[str, Any], source: str, preprocessor: di
         audio = EmbedderConfig(hidden_size=int(a.get("hidden_size", 1536)), vocab_size=int(a.get("vocab_size", 128)),
                                vocab_offset=int(a.get("vocab_offset", 262_272)),
                                rms_norm_eps=float(a.get("rms_norm_eps", 1e-6)))
+        resample = preprocessor.get("resample", 3 if preprocessor else None)  # SiglipImageProcessor's: bicubic
+        if resample not in (None, 0, 1, 2, 3, 4, 5):  # PIL's filters
+            raise CheckpointError(f"{source}: the image processor's resample must be one of PIL's filters 0-5, "
+                                  f"got {resample!r}")
         tokens = int(raw.get("vision_soft_tokens_per_image", 256))
         ids = {key: int(raw.get(key) if raw.get(key) is not None else default) for key, default in _DEFAULTS.items()}
     except (TypeError, ValueError) as exc:
@@ -74,7 +78,7 @@ def multimodal_config_from_hf(raw: dict[str, Any], source: str, preprocessor: di
     return MultimodalConfig(
         text=text.replace(name=name), vision=vision, layout="gemma3", projector="embedder",
         image_attention="causal", tokens_per_image=tokens, name=name, image_mean=(0.0, 0.0, 0.0),
-        image_std=(1.0, 1.0, 1.0), audio_embedder=audio, **ids)
+        image_std=(1.0, 1.0, 1.0), image_resample=resample, audio_embedder=audio, **ids)
 
 
 def vision_names(available: set[str] | frozenset[str], source: str) -> dict[str, str]:

@@ -108,22 +108,16 @@ def preprocessor_config(directory: Path) -> dict[str, Any] | None:
     return raw
 
 
-def image_normalisation(directory: Path) -> dict[str, Any]:
-    """The image processor's ``image_mean`` / ``image_std`` (``do_normalize: false``: mean 0, std 1)
-    and ``resample`` filter from ``preprocessor_config.json``, if the directory has one (the
-    config's defaults, 0.5 and the layout's filter, otherwise)."""
+def image_normalisation(directory: Path) -> dict[str, tuple[float, float, float]]:
+    """The image processor's ``image_mean`` / ``image_std`` from ``preprocessor_config.json``, if the
+    directory has one (the config's defaults, 0.5, otherwise); ``do_normalize: false`` is mean 0, std 1."""
     raw = preprocessor_config(directory)
     path = directory / "preprocessor_config.json"
     if raw is None:
         return {}
-    found: dict[str, Any] = {}
-    resample = raw.get("resample")
-    if resample is not None:
-        if resample not in (0, 1, 2, 3, 4, 5):  # PIL's filters: nearest, lanczos, bilinear, bicubic, box, hamming
-            raise CheckpointError(f"{path}: resample must be one of PIL's filters 0-5, got {resample!r}")
-        found["image_resample"] = int(resample)
     if raw.get("do_normalize") is False:
-        return {**found, "image_mean": (0.0, 0.0, 0.0), "image_std": (1.0, 1.0, 1.0)}
+        return {"image_mean": (0.0, 0.0, 0.0), "image_std": (1.0, 1.0, 1.0)}
+    found = {}
     for key in ("image_mean", "image_std"):
         value = raw.get(key)
         if value is None:
@@ -141,7 +135,7 @@ def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint
         preprocessor = preprocessor_config(directory)
         config = gemma3n_vision.multimodal_config_from_hf(raw, source, preprocessor or {})
         if preprocessor is not None:  # a SiglipImageProcessor: its defaults where the file is silent
-            defaults = {"image_mean": (0.5,) * 3, "image_std": (0.5,) * 3, "image_resample": 3}
+            defaults = {"image_mean": (0.5,) * 3, "image_std": (0.5,) * 3}
             config = config.replace(**{**defaults, **image_normalisation(directory)})
     else:
         config = multimodal_config_from_hf(raw, source).replace(**image_normalisation(directory))
