@@ -2,8 +2,9 @@
 
 An image becomes ``tokens_per_image`` soft tokens: the tower's features (SigLIP's patches, or
 Gemma 3n's MobileNet-v5 grid, models/mobilenet.py), projected to the decoder's width, written into
-the embedding sequence where the prompt holds image placeholder ids. The decoder is the text model unchanged; the only vision-specific thing it sees is an
-attention *group* per token (models/attention.py), which makes some tokens attend both ways:
+the embedding sequence where the prompt holds image placeholder ids. The decoder is the text model
+unchanged; the only vision-specific thing it sees is an attention *group* per token
+(models/attention.py), which makes some tokens attend both ways:
 
 * PaliGemma 1 and 2 (``image_attention="prefix"``): prefix-LM. The whole prompt (images, ``<bos>``,
   prefix, newline) is one bidirectional group; generated tokens are causal. Positions start at 1,
