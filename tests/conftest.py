@@ -12,6 +12,12 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))  # for `import tiny`
 GOLDEN = TESTS / "data" / "gemma3_270m_golden.json"
 
+# transformers imports torchvision whenever it is installed (the vision extra brings it for timm);
+# let that import work where torchvision's C++ operators do not load (see import_torchvision)
+from gemmakit.models.mobilenet import import_torchvision  # noqa: E402
+
+import_torchvision()
+
 
 # Fixtures that load the real 270M model: a test that asks for one takes seconds, so it is `slow`.
 _REAL_MODEL_FIXTURES = {"real_model_path", "real_model", "real_gguf", "gemma_hf_tokenizer", "embedding_gemma"}

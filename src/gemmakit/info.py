@@ -67,9 +67,11 @@ def describe(source: str | None, context: int | None = None, matformer=None) -> 
     params = (embedding or config).num_parameters()
     if hasattr(config, "vision"):  # a vision-language model: report its decoder, and the tower beside it
         v = config.vision
-        extra["vision"] = {"image_size": v.image_size, "patch_size": v.patch_size, "layers": v.num_layers,
-                           "hidden_size": v.hidden_size, "tokens_per_image": config.tokens_per_image,
-                           "parameters": v.num_parameters()}
+        # a SigLIP ViT has patches and layers; Gemma 3n's MobileNet-v5 is named by its timm architecture
+        shape = ({"architecture": v.architecture} if hasattr(v, "architecture")
+                 else {"patch_size": v.patch_size, "layers": v.num_layers})
+        extra["vision"] = {"image_size": v.image_size, **shape, "hidden_size": v.hidden_size,
+                           "tokens_per_image": config.tokens_per_image, "parameters": v.num_parameters()}
         config = config.text
     if hasattr(config, "backbone_hidden_size"):  # an assistant drafter: its layers keep no cache
         extra["assistant"] = {"target_hidden_size": config.backbone_hidden_size,

@@ -1,5 +1,6 @@
-"""Hugging Face vision-language directories: PaliGemmaForConditionalGeneration (PaliGemma 1 and 2)
-and Gemma3ForConditionalGeneration (Gemma 3 4B/12B/27B with its SigLIP tower).
+"""Hugging Face vision-language directories: PaliGemmaForConditionalGeneration (PaliGemma 1 and 2),
+Gemma3ForConditionalGeneration (Gemma 3 4B/12B/27B with its SigLIP tower) and
+Gemma3nForConditionalGeneration (its MobileNet-v5 tower: checkpoints/gemma3n_vision.py).
 
 The decoder's names come from :mod:`gemmakit.checkpoints.safetensors`; this module adds the vision
 tower and the projector, in both the layout transformers >= 4.52 saves (``model.vision_tower...``)
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gemmakit.checkpoints import gemma3n_vision
 from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
 from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles, config_from_hf, header_of, hf_names
 from gemmakit.errors import CheckpointError, UnsupportedModelError
@@ -27,6 +29,8 @@ _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 
 
 def is_vision_config(raw: dict[str, Any]) -> bool:
+    if gemma3n_vision.is_gemma3n_vision(raw):
+        return True
     return raw.get("model_type") in VISION_MODEL_TYPES and isinstance(raw.get("vision_config"), dict)
 
 
@@ -90,19 +94,32 @@ def vision_names(config: MultimodalConfig, vision_prefix: str, projector_prefix:
     return names
 
 
-def image_normalisation(directory: Path) -> dict[str, tuple[float, float, float]]:
-    """The image processor's ``image_mean`` / ``image_std`` from ``preprocessor_config.json``, if the
-    directory has one (the config's defaults, 0.5, otherwise)."""
+def preprocessor_config(directory: Path) -> dict[str, Any] | None:
+    """``preprocessor_config.json`` of the directory, or None without one."""
     path = directory / "preprocessor_config.json"
     if not path.is_file():
-        return {}
+        return None
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read it ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return raw
+
+
+def image_normalisation(directory: Path) -> dict[str, tuple[float, float, float]]:
+    """The image processor's ``image_mean`` / ``image_std`` from ``preprocessor_config.json``, if the
+    directory has one (the config's defaults, 0.5, otherwise); ``do_normalize: false`` is mean 0, std 1."""
+    raw = preprocessor_config(directory)
+    path = directory / "preprocessor_config.json"
+    if raw is None:
+        return {}
+    if raw.get("do_normalize") is False:
+        return {"image_mean": (0.0, 0.0, 0.0), "image_std": (1.0, 1.0, 1.0)}
     found = {}
     for key in ("image_mean", "image_std"):
-        value = raw.get(key) if isinstance(raw, dict) else None
+        value = raw.get(key)
         if value is None:
             continue
         values = [value] * 3 if isinstance(value, (int, float)) else value
@@ -113,7 +130,15 @@ def image_normalisation(directory: Path) -> dict[str, tuple[float, float, float]
 
 
 def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint:
-    config = multimodal_config_from_hf(raw, str(directory / "config.json")).replace(**image_normalisation(directory))
+    source = str(directory / "config.json")
+    if gemma3n_vision.is_gemma3n_vision(raw):
+        preprocessor = preprocessor_config(directory)
+        config = gemma3n_vision.multimodal_config_from_hf(raw, source, preprocessor or {})
+        if preprocessor is not None:  # a SiglipImageProcessor: its defaults where the file is silent
+            defaults = {"image_mean": (0.5,) * 3, "image_std": (0.5,) * 3}
+            config = config.replace(**{**defaults, **image_normalisation(directory)})
+    else:
+        config = multimodal_config_from_hf(raw, source).replace(**image_normalisation(directory))
     files = _ShardedFiles(directory)
     available = files.names()
 
@@ -125,10 +150,14 @@ def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint
 
     text_prefix = find(_PREFIXES, "embed_tokens.weight")
     text_mapping = hf_names(config.text, text_prefix)
+    if config.projector == "embedder":
+        vision_mapping = gemma3n_vision.vision_names(available, str(directory))
+    else:
+        vision_mapping = vision_names(config, find(_VISION_PREFIXES, "embeddings.patch_embedding.weight"),
+                                      find(_PROJECTOR_PREFIXES, "linear.weight" if config.projector == "linear"
+                                           else "mm_input_projection_weight"))
     mapping = {f"decoder.{ours}": theirs for ours, theirs in text_mapping.items()}
-    mapping.update(vision_names(config, find(_VISION_PREFIXES, "embeddings.patch_embedding.weight"),
-                                find(_PROJECTOR_PREFIXES, "linear.weight" if config.projector == "linear"
-                                     else "mm_input_projection_weight")))
+    mapping.update(vision_mapping)
     missing = [theirs for theirs in mapping.values() if theirs not in available]
     if missing:
         raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"

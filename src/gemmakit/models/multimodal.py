@@ -1,9 +1,10 @@
-"""Vision-language models: a SigLIP tower and a projector in front of the one Gemma decoder.
+"""Vision-language models: a vision tower and a projector in front of the one Gemma decoder.
 
-An image becomes ``tokens_per_image`` soft tokens: SigLIP patch features, projected to the
-decoder's width, written into the embedding sequence where the prompt holds image placeholder
-ids. The decoder is the text model unchanged; the only vision-specific thing it sees is an
-attention *group* per token (models/attention.py), which makes some tokens attend both ways:
+An image becomes ``tokens_per_image`` soft tokens: the tower's features (SigLIP's patches, or
+Gemma 3n's MobileNet-v5 grid, models/mobilenet.py), projected to the decoder's width, written into
+the embedding sequence where the prompt holds image placeholder ids. The decoder is the text model
+unchanged; the only vision-specific thing it sees is an attention *group* per token
+(models/attention.py), which makes some tokens attend both ways:
 
 * PaliGemma 1 and 2 (``image_attention="prefix"``): prefix-LM. The whole prompt (images, ``<bos>``,
   prefix, newline) is one bidirectional group; generated tokens are causal. Positions start at 1,
@@ -11,6 +12,9 @@ attention *group* per token (models/attention.py), which makes some tokens atten
 * Gemma 3 (``image_attention="per_image"``): each image's run of soft tokens is one group; text
   stays causal. The 64x64 patch grid is average-pooled to 16x16 = 256 tokens, then RMSNorm'd and
   projected without bias.
+* Gemma 3n (``image_attention="causal"``): image tokens are causal like text. The tower is timm's
+  MobileNet-v5 and the projector the multimodal embedder (``projector="embedder"``), which also
+  embeds the ids of the vision and audio towers' own vocabularies when a prompt holds them.
 
 Image soft tokens are not scaled by sqrt(hidden) as text embeddings are (checked against
 transformers 5.23, where the scale lives in the embedding module and features are spliced after).
@@ -38,6 +42,7 @@ from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig, preset
 from gemmakit.models.decoder import DecoderAddOn, GemmaModel
 from gemmakit.models.layers import RMSNorm
+from gemmakit.models.mobilenet import EmbedderConfig, MobileNetConfig, MobileNetTower, MultimodalEmbedder
 from gemmakit.models.siglip import SiglipConfig, SiglipVisionModel, so400m
 
 
@@ -46,10 +51,10 @@ class MultimodalConfig:
     """A vision-language model: decoder config, vision config and how images enter the prompt."""
 
     text: ModelConfig
-    vision: SiglipConfig
+    vision: SiglipConfig | MobileNetConfig
     layout: Literal["paligemma", "gemma3"]  # prompt layout (gemmakit/vision/prompt.py)
-    projector: Literal["linear", "pooled_rmsnorm"]
-    image_attention: Literal["prefix", "per_image"]
+    projector: Literal["linear", "pooled_rmsnorm", "embedder"]
+    image_attention: Literal["prefix", "per_image", "causal"]
     tokens_per_image: int
     image_token_id: int
     position_offset: int = 0  # PaliGemma counts positions from 1
@@ -59,6 +64,8 @@ class MultimodalConfig:
     # the image processor's per-channel normalisation (every published PaliGemma and Gemma 3: 0.5)
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_resample: int | None = None  # the processor's PIL resampling filter; None: the layout's
+    audio_embedder: EmbedderConfig | None = None  # Gemma 3n: embeds the audio vocabulary's ids in a prompt
 
     def __post_init__(self) -> None:
         if self.projector == "linear" and self.tokens_per_image != self.vision.num_patches:
@@ -80,9 +87,18 @@ class MultimodalConfig:
     def replace(self, **changes: object) -> "MultimodalConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def pan_and_scan(self) -> bool:
+        """Whether the image processor offers Gemma 3's pan & scan crops."""
+        return self.layout == "gemma3" and self.projector == "pooled_rmsnorm"
+
     def num_parameters(self) -> int:
         v, d = self.vision.hidden_size, self.text.hidden_size
-        proj = v * d + (d if self.projector == "linear" else v)
+        if self.projector == "embedder":
+            embedders = [self.vision.embedder, *([self.audio_embedder] if self.audio_embedder else [])]
+            proj = sum(e.vocab_size * e.hidden_size + 2 * e.hidden_size + e.hidden_size * d for e in embedders)
+        else:
+            proj = v * d + (d if self.projector == "linear" else v)
         return self.text.num_parameters() + self.vision.num_parameters() + proj
 
 
@@ -125,8 +141,16 @@ class VisionLanguageModel(DecoderAddOn):
     def __init__(self, config: MultimodalConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision = SiglipVisionModel(config.vision)
-        self.projector = LinearProjector(config) if config.projector == "linear" else PooledProjector(config)
+        text_hidden = config.text.hidden_size
+        if isinstance(config.vision, MobileNetConfig):
+            self.vision = MobileNetTower(config.vision)
+        else:
+            self.vision = SiglipVisionModel(config.vision)
+        if config.projector == "embedder":
+            self.projector = MultimodalEmbedder(config.vision.embedder, text_hidden)
+        else:
+            self.projector = LinearProjector(config) if config.projector == "linear" else PooledProjector(config)
+        self.audio_embedder = MultimodalEmbedder(config.audio_embedder, text_hidden) if config.audio_embedder else None
         self.decoder = GemmaModel(config.text)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -136,9 +160,20 @@ class VisionLanguageModel(DecoderAddOn):
         """Soft tokens ``[N, tokens_per_image, text hidden]`` for images ``[N, 3, S, S]``."""
         return self.projector(self.vision(pixel_values))
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's token embeddings ``[B, T, hidden]``, except for ids of a tower's own
+        vocabulary (Gemma 3n), which that tower's embedder gives."""
+        h = self.decoder.embed_tokens(input_ids)
+        for embedder in (self.projector, self.audio_embedder):
+            if isinstance(embedder, MultimodalEmbedder):
+                h = embedder.splice_hard_tokens(input_ids, h)
+        return h
+
     def attention_groups(self, input_ids: torch.Tensor, start: int, with_images: bool,
                          positions: torch.Tensor) -> torch.Tensor | None:
         """Per-token group ids ``[B, T]`` (-1 = causal) for this call; see the module docstring."""
+        if self.config.image_attention == "causal":
+            return None
         if self.config.image_attention == "prefix":
             if not with_images:
                 return None  # after the prompt, generated tokens are causal
@@ -166,7 +201,7 @@ class VisionLanguageModel(DecoderAddOn):
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         placeholders = input_ids == self.config.image_token_id
-        h = self.decoder.embed_tokens(torch.where(placeholders, 0, input_ids))  # [B, T, hidden]
+        h = self.embed_tokens(torch.where(placeholders, 0, input_ids))  # [B, T, hidden]
         if pixel_values is not None:
             features = self.image_features(pixel_values.to(self.device))  # [N, tokens, hidden]
             if int(placeholders.sum()) != features.shape[0] * features.shape[1]:
@@ -180,7 +215,8 @@ class VisionLanguageModel(DecoderAddOn):
             groups = self.attention_groups(input_ids, start, pixel_values is not None, positions)
         if self.config.position_offset:
             positions = torch.where(positions >= 0, positions + self.config.position_offset, positions)
-        return self.decoder(None, cache=cache, positions=positions, last_only=last_only, inputs_embeds=h,
+        # the ids go along for Gemma 3n's per-layer embeddings, which read them beside ``h``
+        return self.decoder(input_ids, cache=cache, positions=positions, last_only=last_only, inputs_embeds=h,
                             groups=groups)
 
 

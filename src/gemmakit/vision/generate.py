@@ -37,8 +37,8 @@ def prepare_vision(model, tokenizer, prompt, images, pan_and_scan: bool = False,
         raise InvalidRequestError("a prompt with images must be text (image tokens are placed for you)")
     if tokenizer is None:
         raise TokenizerError("this model has no tokenizer; a prompt with images needs one")
-    if pan_and_scan and model.config.layout != "gemma3":
-        raise InvalidRequestError("pan & scan is a Gemma 3 option; PaliGemma sees one fixed-size view")
+    if pan_and_scan and not model.config.pan_and_scan:
+        raise InvalidRequestError("pan & scan is a Gemma 3 option; PaliGemma and Gemma 3n see one fixed-size view")
     from gemmakit.vision.preprocess import preprocess, spec_for  # PIL, tens of ms: only requests with images
 
     pixel_values, crops = preprocess(list(images), spec_for(model.config), pan_and_scan)

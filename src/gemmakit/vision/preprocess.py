@@ -39,6 +39,8 @@ class ImageSpec:
 def spec_for(config) -> ImageSpec:
     """The processor settings of a :class:`~gemmakit.models.multimodal.MultimodalConfig`."""
     resample = Image.Resampling.BICUBIC if config.layout == "paligemma" else Image.Resampling.BILINEAR
+    if config.image_resample is not None:
+        resample = Image.Resampling(config.image_resample)
     return ImageSpec(size=config.vision.image_size, resample=resample, mean=tuple(config.image_mean),
                      std=tuple(config.image_std))
 
