@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.checkpoints import gemma4
-from gemmakit.checkpoints.base import Checkpoint, TensorLoader, half_precision_matrices
+from gemmakit.checkpoints.base import Checkpoint
 from gemmakit.checkpoints.hf_audio import gemma4_audio_config_from_hf, gemma4_audio_name
-from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles, header_of
+from gemmakit.checkpoints.hf_vision import multimodal_checkpoint
+from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.gemma4_vision import Gemma4MultimodalConfig, Gemma4VisionConfig
-from gemmakit.tokenizer import Tokenizer
 
 _VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")
 _EMBED_PREFIXES = ("model.embed_vision.", "embed_vision.")
@@ -146,18 +146,7 @@ def open_gemma4_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkp
     if config.audio is not None:
         mapping.update({f"audio_tower.{ours}": name for name in sorted(available)
                         if (ours := gemma4_audio_name(name)) is not None})
-    missing = [theirs for theirs in mapping.values() if theirs not in available]
-    if missing:
-        raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"
-                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    tensors: dict[str, TensorLoader] = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in mapping.items()}
-    # the decoder's 16-bit matrices may stay as stored (half_precision_matrices); the encoder keeps the float path
-    text_tensors = {ours: tensors[f"decoder.{ours}"] for ours in text_mapping}
-    packed = {f"decoder.{ours}": load for ours, load in
-              half_precision_matrices(config.text, text_tensors, header_of(files, text_mapping)).items()}
-    return Checkpoint(config=config, tensors=tensors, source=str(directory),
-                      tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
-                      file_names=mapping, packed=packed)
+    return multimodal_checkpoint(directory, config, files, mapping, text_mapping, available, file_names=mapping)
 
 
 def text_decoder_checkpoint(checkpoint: Checkpoint) -> Checkpoint:

@@ -158,16 +158,23 @@ def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint
                                            else "mm_input_projection_weight"))
     mapping = {f"decoder.{ours}": theirs for ours, theirs in text_mapping.items()}
     mapping.update(vision_mapping)
+    return multimodal_checkpoint(directory, config, files, mapping, text_mapping, available)
+
+
+def multimodal_checkpoint(directory: Path, config, files, mapping: dict[str, str], text_mapping: dict[str, str],
+                          available, file_names: dict[str, str] | None = None) -> Checkpoint:
+    """The checkpoint of a decoder (``decoder.*`` in ``mapping``, its own names in ``text_mapping``)
+    with encoders beside it, every tensor of ``mapping`` (ours -> the file's) present in ``available``."""
     missing = [theirs for theirs in mapping.values() if theirs not in available]
     if missing:
         raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:3])}"
                               + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     tensors: dict[str, TensorLoader] = {ours: (lambda n=theirs: files.get(n)) for ours, theirs in mapping.items()}
     # the language decoder's 16-bit matrices may stay as stored (see half_precision_matrices); the
-    # vision tower and projector keep the float path
+    # encoders and projectors keep the float path
     text_tensors = {ours: tensors[f"decoder.{ours}"] for ours in text_mapping}
     packed = {f"decoder.{ours}": load for ours, load in
               half_precision_matrices(config.text, text_tensors, header_of(files, text_mapping)).items()}
     return Checkpoint(config=config, tensors=tensors, source=str(directory),
                       tokenizer=Tokenizer.from_directory(directory), metadata={"format": "safetensors"},
-                      packed=packed)
+                      packed=packed, file_names=file_names or {})

@@ -50,7 +50,7 @@ from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import DecoderAddOn, GemmaModel
 from gemmakit.models.gemma4_audio import Gemma4AudioConfig, Gemma4AudioTower, soft_tokens_per_clip
 from gemmakit.models.layers import RMSNorm, unit_rms
-from gemmakit.models.multimodal import ImagePrompt
+from gemmakit.models.multimodal import ImagePrompt, WrapsTextConfig
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # the processor's allowed max_soft_tokens
 
@@ -96,7 +96,7 @@ class Gemma4VisionConfig:
 
 
 @dataclass(frozen=True)
-class Gemma4MultimodalConfig:
+class Gemma4MultimodalConfig(WrapsTextConfig):
     """A Gemma 4 decoder with its vision encoder, and how images enter the prompt."""
 
     text: ModelConfig
@@ -118,17 +118,6 @@ class Gemma4MultimodalConfig:
     def __post_init__(self) -> None:
         if self.max_soft_tokens not in SOFT_TOKEN_BUDGETS:
             raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {self.max_soft_tokens}")
-
-    @property
-    def family(self) -> str:
-        return self.text.family
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.text.max_position_embeddings
-
-    def replace(self, **changes: object) -> "Gemma4MultimodalConfig":
-        return dataclasses.replace(self, **changes)
 
     def num_parameters(self) -> int:
         embedder = self.vision.hidden_size * self.text.hidden_size

@@ -46,8 +46,25 @@ from gemmakit.models.mobilenet import EmbedderConfig, MobileNetConfig, MobileNet
 from gemmakit.models.siglip import SiglipConfig, SiglipVisionModel, so400m
 
 
+class WrapsTextConfig:
+    """What a multimodal config answers for its text decoder's config (``self.text``)."""
+
+    text: ModelConfig
+
+    @property
+    def family(self) -> str:
+        return self.text.family
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.text.max_position_embeddings
+
+    def replace(self, **changes: object):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
-class MultimodalConfig:
+class MultimodalConfig(WrapsTextConfig):
     """A vision-language model: decoder config, vision config and how images enter the prompt."""
 
     text: ModelConfig
@@ -75,17 +92,6 @@ class MultimodalConfig:
             if side * side != self.tokens_per_image or self.vision.patches_per_side % side:
                 raise ValueError(f"{self.tokens_per_image} tokens cannot pool a "
                                  f"{self.vision.patches_per_side}x{self.vision.patches_per_side} patch grid")
-
-    @property
-    def family(self) -> str:
-        return self.text.family
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.text.max_position_embeddings
-
-    def replace(self, **changes: object) -> "MultimodalConfig":
-        return dataclasses.replace(self, **changes)
 
     @property
     def pan_and_scan(self) -> bool:
