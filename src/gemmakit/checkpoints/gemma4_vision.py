@@ -19,7 +19,7 @@ from typing import Any
 from gemmakit.checkpoints import gemma4
 from gemmakit.checkpoints.base import Checkpoint
 from gemmakit.checkpoints.hf_audio import gemma4_audio_config_from_hf, gemma4_audio_name
-from gemmakit.checkpoints.hf_vision import multimodal_checkpoint
+from gemmakit.checkpoints.hf_vision import multimodal_checkpoint, prefix_finder
 from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles
 from gemmakit.errors import CheckpointError, UnsupportedModelError
 from gemmakit.models.gemma4_vision import Gemma4MultimodalConfig, Gemma4VisionConfig
@@ -132,12 +132,7 @@ def open_gemma4_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkp
     config = multimodal_config_from_hf(raw, str(directory / "config.json"), processor_budget(directory))
     files = _ShardedFiles(directory)
     available = files.names()
-
-    def find(prefixes: tuple[str, ...], probe: str) -> str:
-        for p in prefixes:
-            if p + probe in available:
-                return p
-        raise CheckpointError(f"{directory}: no {probe} under any known prefix {prefixes}")
+    find = prefix_finder(directory, available)
 
     text_mapping = gemma4.hf_names(config.text, find(_PREFIXES, "embed_tokens.weight"))
     mapping = {f"decoder.{ours}": theirs for ours, theirs in text_mapping.items()}

@@ -141,13 +141,7 @@ def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint
         config = multimodal_config_from_hf(raw, source).replace(**image_normalisation(directory))
     files = _ShardedFiles(directory)
     available = files.names()
-
-    def find(prefixes: tuple[str, ...], probe: str) -> str:
-        for p in prefixes:
-            if p + probe in available:
-                return p
-        raise CheckpointError(f"{directory}: no {probe} under any known prefix {prefixes}")
-
+    find = prefix_finder(directory, available)
     text_prefix = find(_PREFIXES, "embed_tokens.weight")
     text_mapping = hf_names(config.text, text_prefix)
     if config.projector == "embedder":
@@ -159,6 +153,16 @@ def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint
     mapping = {f"decoder.{ours}": theirs for ours, theirs in text_mapping.items()}
     mapping.update(vision_mapping)
     return multimodal_checkpoint(directory, config, files, mapping, text_mapping, available)
+
+
+def prefix_finder(directory: Path, available):
+    """``find(prefixes, probe)``: the first of ``prefixes`` under which the checkpoint has ``probe``."""
+    def find(prefixes: tuple[str, ...], probe: str) -> str:
+        for p in prefixes:
+            if p + probe in available:
+                return p
+        raise CheckpointError(f"{directory}: no {probe} under any known prefix {prefixes}")
+    return find
 
 
 def multimodal_checkpoint(directory: Path, config, files, mapping: dict[str, str], text_mapping: dict[str, str],

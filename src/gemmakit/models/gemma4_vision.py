@@ -50,7 +50,7 @@ from gemmakit.models.config import ModelConfig
 from gemmakit.models.decoder import DecoderAddOn, GemmaModel
 from gemmakit.models.gemma4_audio import Gemma4AudioConfig, Gemma4AudioTower, soft_tokens_per_clip
 from gemmakit.models.layers import RMSNorm, unit_rms
-from gemmakit.models.multimodal import ImagePrompt, WrapsTextConfig
+from gemmakit.models.multimodal import ImagePrompt, WrapsTextConfig, run_groups
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # the processor's allowed max_soft_tokens
 
@@ -383,13 +383,7 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
         is the timeline column where the run starts (unique across calls and images)."""
         if not self.config.bidirectional_images:
             return None
-        soft = self._soft_token_mask(input_ids)
-        if not bool(soft.any()):
-            return None
-        previous = F.pad(soft, (1, 0), value=False)[:, :-1]
-        column = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        run_start = torch.where(soft & ~previous, column, -1)
-        return torch.where(soft, torch.cummax(run_start, dim=1).values, -1)
+        return run_groups(self._soft_token_mask(input_ids), start)
 
     def forward(
         self,

@@ -46,6 +46,18 @@ from gemmakit.models.mobilenet import EmbedderConfig, MobileNetConfig, MobileNet
 from gemmakit.models.siglip import SiglipConfig, SiglipVisionModel, so400m
 
 
+def run_groups(soft: torch.Tensor, start: int) -> torch.Tensor | None:
+    """Group ids ``[B, T]`` (-1 = causal) of a call's soft tokens ``soft [B, T]``: one group per run,
+    whose id is the timeline column where the run starts (unique across forward calls and images);
+    None when the call has none."""
+    if not bool(soft.any()):
+        return None
+    previous = F.pad(soft, (1, 0), value=False)[:, :-1]
+    column = torch.arange(start, start + soft.shape[1], device=soft.device).expand_as(soft)
+    run_start = torch.where(soft & ~previous, column, -1)
+    return torch.where(soft, torch.cummax(run_start, dim=1).values, -1)
+
+
 class WrapsTextConfig:
     """What a multimodal config answers for its text decoder's config (``self.text``)."""
 
@@ -184,14 +196,7 @@ class VisionLanguageModel(DecoderAddOn):
             if not with_images:
                 return None  # after the prompt, generated tokens are causal
             return torch.where(positions >= 0, 0, -1)
-        is_image = input_ids == self.config.image_token_id
-        if not bool(is_image.any()):
-            return None
-        previous = F.pad(is_image, (1, 0), value=False)[:, :-1]
-        column = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        run_start = torch.where(is_image & ~previous, column, -1)
-        # A run's id is the timeline column where it starts: unique across forward calls and images.
-        return torch.where(is_image, torch.cummax(run_start, dim=1).values, -1)
+        return run_groups(input_ids == self.config.image_token_id, start)
 
     def forward(
         self,
