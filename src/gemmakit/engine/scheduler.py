@@ -11,6 +11,12 @@ sequence holds one row. Every iteration of the loop
 4. runs one decode step for every sequence that has a sampled token to feed;
 5. samples per sequence with its own parameters and generator, and reports tokens as events.
 
+A request with images or audio carries its prompt's embeddings, computed once by the towers
+before it is submitted (:class:`~gemmakit.models.multimodal.PromptMedia`): its prefill chunks read
+them in place of the token embeddings (never splitting a run of soft tokens that attend both
+ways), and the prefix cache matches its soft tokens by their media's digest. Its decode steps are
+text, so media and text requests share the batch.
+
 A sequence with a grammar (engine/grammar.py) samples under its own token mask; constrained
 and free sequences share the batch. The masks of a step are computed on a worker thread while
 its forward pass runs, and applied to each row by the sampler.
@@ -37,6 +43,7 @@ from gemmakit.engine.sampling import SamplingParams, apply_penalties, argmax, ma
 from gemmakit.engine.stopping import TokenOutput
 from gemmakit.errors import InvalidRequestError
 from gemmakit.heap import return_freed_heap
+from gemmakit.models.multimodal import MediaModel, PromptMedia
 from gemmakit.models.row_cache import RowKVCache
 
 
@@ -57,6 +64,7 @@ class Request:
     logprobs: int | None = None  # None: off; k: the chosen token's logprob plus the k best
     grammar: Grammar | CompiledGrammar | None = None  # what the output must match (each choice its own state)
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob plus the k best (scoring)
+    media: PromptMedia | None = None  # the prompt's images/audio, spliced in (a model with media towers)
 
 
 @dataclass
@@ -100,6 +108,7 @@ class _Sequence:
     handle: RequestHandle
     index: int
     tokens: list[int]  # prompt + generated
+    keys: list  # what the prefix cache compares per prompt position (PromptMedia.keys; else the ids)
     prompt_len: int
     max_new: int
     generator: torch.Generator
@@ -144,6 +153,11 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_seq_len: int | None = None,
                  prefill_chunk: int = 256, max_kv_bytes: int | None = None) -> None:
+        # a model with media towers: its decoder runs the batch, the towers ran before submit
+        self.media_model = model if isinstance(model, MediaModel) else None
+        if self.media_model is not None:
+            model = model.decoder
+        self.position_offset = getattr(self.media_model.config, "position_offset", 0) if self.media_model else 0
         self.model = model
         self.tokenizer = tokenizer
         config = model.config
@@ -160,7 +174,8 @@ class Engine:
                     f"max_kv_bytes {max_kv_bytes} holds no sequence of {self.max_seq_len} tokens "
                     f"(one needs {per_row} bytes); raise it or lower max_seq_len")
         self.rows = rows
-        self.cache = RowKVCache(config, rows, self.max_seq_len, model.dtype, model.device, kv_int8=kv_int8)
+        self.cache = RowKVCache(config, rows, self.max_seq_len + self.position_offset, model.dtype, model.device,
+                                kv_int8=kv_int8)
         self.default_stop_ids = tokenizer.stop_ids() if tokenizer is not None else frozenset()
         self.stats = EngineStats()
         self._ids = itertools.count(1)
@@ -196,6 +211,12 @@ class Engine:
             raise InvalidRequestError("stop strings need a model with a tokenizer")
         if any(not 0 <= t < vocab for t, _ in request.params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
+        if request.media is not None:
+            if self.media_model is None:
+                raise InvalidRequestError("this model takes no images or audio (it has no media towers)")
+            if len(request.media) != len(prompt):
+                raise InvalidRequestError(f"the prompt's media cover {len(request.media)} positions, "
+                                          f"the prompt has {len(prompt)}")
         grammar = request.grammar
         if isinstance(grammar, Grammar):
             grammar = self.compile_grammar(grammar)
@@ -209,6 +230,7 @@ class Engine:
             seed = None if request.params.seed is None else request.params.seed + i
             seqs.append(_Sequence(
                 handle=handle, index=i, tokens=list(prompt), prompt_len=len(prompt), max_new=max_new,
+                keys=list(request.media.keys) if request.media is not None else list(prompt),
                 generator=make_generator(seed),
                 output=TokenOutput(stop_ids, request.stop,
                                    self.tokenizer.stream_decoder() if self.tokenizer is not None else None),
@@ -309,7 +331,7 @@ class Engine:
             seq = self._waiting.popleft()
             # a scored prompt is computed whole: cached keys/values come without their logits
             row, reuse = (min(free, key=lambda r: self._row_used[r]), 0) if seq.scores else self._pick_row(
-                free, seq.tokens)
+                free, seq)
             self.cache.truncate(row, reuse)
             self._row_tokens[row] = self._row_tokens[row][:reuse]
             self._owner[row] = seq
@@ -318,15 +340,24 @@ class Engine:
                 seq.handle.cached_tokens = reuse
             self.stats.cached_tokens_total += reuse
 
-    def _pick_row(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
-        """The free row holding the longest reusable prefix of ``prompt`` (else the least recently used)."""
+    def _pick_row(self, free: list[int], seq: _Sequence) -> tuple[int, int]:
+        """The free row holding the longest reusable prefix of ``seq``'s prompt (else the least recently used)."""
         best_row, best_len = min(free, key=lambda r: self._row_used[r]), 0
+        if self.position_offset:  # PaliGemma: its whole prompt is one group (and column 0 is never written)
+            return best_row, 0
+        prompt = seq.keys
+        groups = seq.handle.request.media.groups if seq.handle.request.media is not None else None
         for r in free:
             held = self._row_tokens[r]
             n = 0
             limit = min(len(held), len(prompt) - 1)  # the last prompt token is always computed: its logits
             while n < limit and held[n] == prompt[n]:
                 n += 1
+            if groups is not None and 0 < n < len(prompt) and int(groups[n]) >= 0 and groups[n] == groups[n - 1]:
+                # the cached half of a group saw its other half: reuse it only if that is the same too
+                end = _group_end(groups, n)
+                if held[n:end] != prompt[n:end]:
+                    n = int(groups[n])
             if n > best_len and self.cache.holds_prefix(r, n):
                 best_row, best_len = r, n
         return best_row, best_len
@@ -341,7 +372,7 @@ class Engine:
 
     def _prefill_rows(self, seqs: list[_Sequence], size: int, score: bool) -> int:
         """One chunk of at most ``size`` tokens of each of ``seqs``, left-padded into one forward pass."""
-        chunks = [s.tokens[s.fed:min(s.fed + size, s.prompt_len)] for s in seqs]
+        chunks = [s.tokens[s.fed:_chunk_end(s, size)] for s in seqs]
         ending = [i for i, (s, c) in enumerate(zip(seqs, chunks)) if s.fed + len(c) == s.prompt_len]
         logits, masks = self._forward_and_masks(seqs, chunks, ending, every_position=score)
         produced = 0
@@ -350,7 +381,7 @@ class Engine:
         for i, (seq, chunk) in enumerate(zip(seqs, chunks)):
             if score:
                 self._score(seq, logits[i, logits.shape[1] - len(chunk):])
-            self._row_tokens[seq.row].extend(chunk)
+            self._row_tokens[seq.row].extend(seq.keys[seq.fed:seq.fed + len(chunk)])
             seq.fed += len(chunk)
             self.stats.prefilled_tokens_total += len(chunk)
             if seq.fed == seq.prompt_len:
@@ -428,10 +459,34 @@ class Engine:
             r = seq.row - lo
             ids[r, T - len(chunk):] = torch.tensor(chunk, dtype=torch.long)
             positions[r, T - len(chunk):] = torch.arange(seq.fed, seq.fed + len(chunk))
+        media = self._media_inputs(seqs, chunks, ids, T, lo)
+        if self.position_offset:
+            positions = torch.where(positions >= 0, positions + self.position_offset, positions)
         logits = self.model(ids.to(device), cache=self.cache.view(lo, hi), positions=positions.to(device),
-                            last_only=not every_position)  # [rows, 1 or T, V]
+                            last_only=not every_position, **media)  # [rows, 1 or T, V]
         index = torch.tensor([s.row - lo for s in seqs], device=logits.device)
         return logits[index].float() if every_position else logits[index, -1].float()
+
+    def _media_inputs(self, seqs: list[_Sequence], chunks: list[list[int]], ids: torch.Tensor, T: int,
+                      lo: int) -> dict[str, torch.Tensor]:
+        """The decoder's ``inputs_embeds`` and ``groups`` for a call whose prompt chunks read media
+        (``ids`` becomes the decoder's ids there), or ``{}``; other rows are embedded as text."""
+        reading = [(s, c) for s, c in zip(seqs, chunks)
+                   if s.handle.request.media is not None and s.fed < s.prompt_len]
+        if not reading and (self.media_model is None or self.media_model.plain_text_embedding):
+            return {}
+        h = self.media_model.embed_text(ids.to(self.model.device))  # [rows, T, hidden]
+        groups = torch.full(ids.shape, -1, dtype=torch.long)
+        for seq, chunk in reading:
+            media, r, a, b = seq.handle.request.media, seq.row - lo, seq.fed, seq.fed + len(chunk)
+            h[r, T - len(chunk):] = media.embeds[a:b].to(h.dtype)
+            ids[r, T - len(chunk):] = media.ids[a:b].cpu()
+            if media.groups is not None:
+                groups[r, T - len(chunk):] = media.groups[a:b].cpu()
+        out = {"inputs_embeds": h}
+        if bool((groups >= 0).any()):
+            out["groups"] = groups.to(self.model.device)
+        return out
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor, token: int | None = None, mask=None) -> int:
         """Pick the next token of ``seq`` from ``logits [V]`` (unless ``token`` is already picked,
@@ -540,6 +595,27 @@ class Engine:
             if not done.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
                 raise TimeoutError("the engine did not finish in time")
         return results
+
+
+def _chunk_end(seq: _Sequence, size: int) -> int:
+    """Where ``seq``'s next prefill chunk of at most ``size`` tokens ends: never inside a group of
+    soft tokens that attend both ways (each must be computed whole), so before such a group, or past
+    its end where it starts the chunk."""
+    end = min(seq.fed + size, seq.prompt_len)
+    media = seq.handle.request.media
+    if media is None or media.groups is None or end == seq.prompt_len:
+        return end
+    groups = media.groups
+    if int(groups[end]) >= 0 and groups[end] == groups[end - 1]:  # the cut falls inside a group
+        start = int(groups[end])
+        end = start if start > seq.fed else _group_end(groups, end)
+    return end
+
+
+def _group_end(groups: torch.Tensor, i: int) -> int:
+    """One past the last position of the group that position ``i`` is in."""
+    later = (groups[i:] != groups[i]).nonzero()
+    return i + int(later[0]) if len(later) else len(groups)
 
 
 def _plain_greedy_picks(seqs: list[_Sequence], logits: torch.Tensor) -> list[int | None]:

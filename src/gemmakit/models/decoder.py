@@ -239,7 +239,7 @@ class GemmaModel(nn.Module):
         if isinstance(cache, RowKVCache):
             if with_hidden:
                 raise ValueError("the serving cache's forward returns logits only")
-            return self._forward_rows(input_ids, cache, positions, last_only)
+            return self._forward_rows(input_ids, cache, positions, last_only, inputs_embeds, groups)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
         start = cache.length if cache is not None else 0
@@ -421,18 +421,19 @@ class GemmaModel(nn.Module):
         return softcap(logits, self.config.final_logit_softcap)
 
     def _forward_rows(self, input_ids: torch.Tensor, cache: RowKVCache, positions: torch.Tensor,
-                      last_only: bool) -> torch.Tensor:
+                      last_only: bool, inputs_embeds: torch.Tensor | None = None,
+                      groups: torch.Tensor | None = None) -> torch.Tensor:
         """Forward over a cache whose rows advance independently (the serving engine's batches)."""
-        h = self.embed_tokens(input_ids)  # [B, T, hidden]
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, hidden]
         per_layer = self.per_layer_inputs(input_ids, h)
         self._settle_for_decoding(h, lambda: int(positions.max()) >= h.shape[1])  # (a row continues)
-        contexts = cache.contexts(positions, h.dtype)
+        contexts = cache.contexts(positions, h.dtype, groups)
         fused = fused_hidden(self, h, contexts, cache) if h.shape[1] == 1 else None
         if fused is not None:  # the layers and final norm as one C++ call (models/fused_decode.py)
-            cache.advance(positions)
+            cache.advance(positions, groups)
             return self._logits(fused)
         h = self._blocks(h, contexts, cache.layers, False, per_layer)
-        cache.advance(positions)
+        cache.advance(positions, groups)
         if last_only:
             h = h[..., -1:, :]
         return self._head(h)

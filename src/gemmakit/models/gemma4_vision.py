@@ -47,10 +47,10 @@ from gemmakit.errors import InvalidRequestError
 from gemmakit.kernels.gemm import Linear
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig
-from gemmakit.models.decoder import DecoderAddOn, GemmaModel
+from gemmakit.models.decoder import GemmaModel
 from gemmakit.models.gemma4_audio import Gemma4AudioConfig, Gemma4AudioTower, soft_tokens_per_clip
 from gemmakit.models.layers import RMSNorm, unit_rms
-from gemmakit.models.multimodal import ImagePrompt, WrapsTextConfig, run_groups
+from gemmakit.models.multimodal import ImagePrompt, MediaModel, WrapsTextConfig, run_groups
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # the processor's allowed max_soft_tokens
 
@@ -302,7 +302,7 @@ class MultimodalEmbedder(nn.Module):
         return self.embedding_projection(unit_rms(x.float(), self.eps).to(self.embedding_projection.weight.dtype))
 
 
-class Gemma4VisionLanguageModel(DecoderAddOn):
+class Gemma4VisionLanguageModel(MediaModel):
     """``model(input_ids, pixel_values=..., image_positions=...)`` -> logits ``[B, T, vocab]``.
 
     ``input_ids`` hold each image's soft-token placeholders (``image_token_id``, as many as its
@@ -348,7 +348,13 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
                                       f"but the prompt has {int(slots.sum())} {kind} tokens")
         return h.masked_scatter(slots[..., None], features.to(h.dtype))
 
-    def _soft_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def soft_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._group_token_mask(input_ids) | self._audio_mask(input_ids)
+
+    def prompt_groups(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        return self.attention_groups(input_ids, 0)
+
+    def _group_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Image and video placeholders: the tokens that attend in groups."""
         mask = input_ids == self.config.image_token_id
         if self.config.video_token_id is not None:
@@ -383,7 +389,21 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
         is the timeline column where the run starts (unique across calls and images)."""
         if not self.config.bidirectional_images:
             return None
-        return run_groups(self._soft_token_mask(input_ids), start)
+        return run_groups(self._group_token_mask(input_ids), start)
+
+    def embed_media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                    image_positions: torch.Tensor | None = None, video_values: torch.Tensor | None = None,
+                    video_positions: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
+                    audio_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(decoder ids, input embeddings [B, T, hidden])``: the media's soft tokens at their
+        placeholders, whose ids become the pad token's (what the per-layer embeddings read there)."""
+        audio = self._audio_mask(input_ids)
+        text_ids = torch.where(self._group_token_mask(input_ids) | audio, self.config.pad_token_id, input_ids)
+        h = self.decoder.embed_tokens(text_ids)  # [B, T, hidden]
+        h = self._splice(h, input_ids == self.config.image_token_id, pixel_values, image_positions, "image")
+        if self.config.video_token_id is not None:
+            h = self._splice(h, input_ids == self.config.video_token_id, video_values, video_positions, "video")
+        return text_ids, self._splice_audio(h, audio, audio_features, audio_mask)
 
     def forward(
         self,
@@ -398,14 +418,8 @@ class Gemma4VisionLanguageModel(DecoderAddOn):
         audio_features: torch.Tensor | None = None,  # [A, frames, mel bins]: every clip, in prompt order
         audio_mask: torch.Tensor | None = None,  # [A, frames], True = a real frame
     ) -> torch.Tensor:
-        audio = self._audio_mask(input_ids)
-        soft = self._soft_token_mask(input_ids) | audio
-        text_ids = torch.where(soft, self.config.pad_token_id, input_ids)
-        h = self.decoder.embed_tokens(text_ids)  # [B, T, hidden]
-        h = self._splice(h, input_ids == self.config.image_token_id, pixel_values, image_positions, "image")
-        if self.config.video_token_id is not None:
-            h = self._splice(h, input_ids == self.config.video_token_id, video_values, video_positions, "video")
-        h = self._splice_audio(h, audio, audio_features, audio_mask)
+        text_ids, h = self.embed_media(input_ids, pixel_values, image_positions, video_values, video_positions,
+                                       audio_features, audio_mask)
         start = cache.length if cache is not None else 0
         groups = self.attention_groups(input_ids, start)
         # PLE reads the pad token's row at soft-token positions, its projection the spliced embeddings
@@ -427,7 +441,11 @@ class Gemma4ImagePrompt(ImagePrompt):
     def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                  positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         if self._prefilled:
-            return self.model(input_ids, cache=cache, positions=positions, last_only=last_only)
+            return self.decode_text(input_ids, cache, positions, last_only)
         self._prefilled = True
         return self.model(input_ids, self.pixel_values, self.image_positions, cache=cache, positions=positions,
                           last_only=last_only, audio_features=self.audio_features, audio_mask=self.audio_mask)
+
+    def embed_prompt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.embed_media(input_ids, self.pixel_values, self.image_positions,
+                                      audio_features=self.audio_features, audio_mask=self.audio_mask)

@@ -29,6 +29,7 @@ Sources for the presets:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,6 +57,64 @@ def run_groups(soft: torch.Tensor, start: int) -> torch.Tensor | None:
     column = torch.arange(start, start + soft.shape[1], device=soft.device).expand_as(soft)
     run_start = torch.where(soft & ~previous, column, -1)
     return torch.where(soft, torch.cummax(run_start, dim=1).values, -1)
+
+
+@dataclass(frozen=True, eq=False)
+class PromptMedia:
+    """A prompt's media as the batching engine splices it into its prefill chunks: computed once per
+    request (the towers run before admission), read a chunk at a time.
+
+    ``keys`` name each position for the prefix cache: a text token is its id; a soft token is
+    ``(digest, run length, offset)``, the digest that of its run's embeddings, so a later prompt
+    reuses cached keys/values only where it holds the same image or clip at the same place.
+    """
+
+    embeds: torch.Tensor  # [L, hidden]: the prompt's input embeddings, soft tokens spliced in
+    ids: torch.Tensor  # [L]: the ids the decoder reads beside them (per-layer embeddings)
+    groups: torch.Tensor | None  # [L]: attention group per position (-1 causal; else the group's first position)
+    keys: tuple  # [L]: see above
+
+    @classmethod
+    def of(cls, embeds: torch.Tensor, ids: torch.Tensor, soft: torch.Tensor,
+           groups: torch.Tensor | None) -> PromptMedia:
+        """From one prompt's embeddings ``[L, hidden]``, decoder ids ``[L]``, soft-token mask ``[L]`` and groups."""
+        keys: list = ids.tolist()
+        flags = soft.tolist()
+        i = 0
+        while i < len(flags):
+            if not flags[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(flags) and flags[j]:
+                j += 1
+            digest = hashlib.blake2b(embeds[i:j].detach().float().cpu().numpy().tobytes(), digest_size=16).digest()
+            keys[i:j] = [(digest, j - i, k) for k in range(j - i)]
+            i = j
+        return cls(embeds.detach(), ids, groups, tuple(keys))
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+
+class MediaModel(DecoderAddOn):
+    """A decoder with media towers in front (Gemma 3, PaliGemma, Gemma 3n, Gemma 4): what the
+    batching engine asks of it beyond its decoder."""
+
+    plain_text_embedding = True  # whether embed_text is the decoder's own token embedding
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``[B, T, hidden]`` of ids read as text (generated tokens, text prompts):
+        a placeholder id the sampler picks is embedded as the token it is, with no media behind it."""
+        return self.decoder.embed_tokens(input_ids)
+
+    def soft_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where ``input_ids`` hold placeholders that media fill."""
+        raise NotImplementedError
+
+    def prompt_groups(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Attention groups ``[B, L]`` of whole prompts ``[B, L]`` starting at position 0 (None: causal)."""
+        raise NotImplementedError
 
 
 class WrapsTextConfig:
@@ -149,7 +208,7 @@ class PooledProjector(nn.Module):
         return torch.matmul(self.norm(pooled), self.weight).type_as(patches)
 
 
-class VisionLanguageModel(DecoderAddOn):
+class VisionLanguageModel(MediaModel):
     """``model(input_ids, pixel_values=...)`` -> logits ``[B, T, vocab]``.
 
     ``input_ids`` hold ``tokens_per_image`` placeholder ids per image, in the order of
@@ -187,6 +246,35 @@ class VisionLanguageModel(DecoderAddOn):
                 h = embedder.splice_hard_tokens(input_ids, h)
         return h
 
+    @property
+    def plain_text_embedding(self) -> bool:
+        return not isinstance(self.projector, MultimodalEmbedder) and self.audio_embedder is None
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def soft_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.config.image_token_id
+
+    def prompt_groups(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.attention_groups(input_ids, 0, True, positions)
+
+    def embed_media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings ``[B, T, hidden]`` with the soft tokens of ``pixel_values`` at the placeholders."""
+        placeholders = self.soft_token_mask(input_ids)
+        h = self.embed_tokens(torch.where(placeholders, 0, input_ids))  # [B, T, hidden]
+        if pixel_values is not None:
+            features = self.image_features(pixel_values.to(self.device))  # [N, tokens, hidden]
+            if int(placeholders.sum()) != features.shape[0] * features.shape[1]:
+                raise InvalidRequestError(
+                    f"{features.shape[0]} image(s) need {features.shape[0] * features.shape[1]} image tokens "
+                    f"but the prompt has {int(placeholders.sum())}")
+            h = h.masked_scatter(placeholders[..., None], features.to(h.dtype))
+        elif bool(placeholders.any()):
+            raise InvalidRequestError("the prompt has image tokens but no pixel_values were given")
+        return h
+
     def attention_groups(self, input_ids: torch.Tensor, start: int, with_images: bool,
                          positions: torch.Tensor) -> torch.Tensor | None:
         """Per-token group ids ``[B, T]`` (-1 = causal) for this call; see the module docstring."""
@@ -211,17 +299,7 @@ class VisionLanguageModel(DecoderAddOn):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        placeholders = input_ids == self.config.image_token_id
-        h = self.embed_tokens(torch.where(placeholders, 0, input_ids))  # [B, T, hidden]
-        if pixel_values is not None:
-            features = self.image_features(pixel_values.to(self.device))  # [N, tokens, hidden]
-            if int(placeholders.sum()) != features.shape[0] * features.shape[1]:
-                raise InvalidRequestError(
-                    f"{features.shape[0]} image(s) need {features.shape[0] * features.shape[1]} image tokens "
-                    f"but the prompt has {int(placeholders.sum())}")
-            h = h.masked_scatter(placeholders[..., None], features.to(h.dtype))
-        elif bool(placeholders.any()):
-            raise InvalidRequestError("the prompt has image tokens but no pixel_values were given")
+        h = self.embed_media(input_ids, pixel_values)
         if groups is None:
             groups = self.attention_groups(input_ids, start, pixel_values is not None, positions)
         if self.config.position_offset:
@@ -236,7 +314,8 @@ class ImagePrompt:
 
     The engine calls ``model(ids, cache=..., positions=..., last_only=...)`` for the prefill and
     then once per new token; this binds the pixel values to the prefill (which must be one call,
-    so that every bidirectional group is whole) and lets decode steps through as plain text.
+    so that every bidirectional group is whole) and runs decode steps as text: a generated
+    placeholder id is a token like any other (:meth:`MediaModel.embed_text`).
     """
 
     def __init__(self, model: VisionLanguageModel, pixel_values: torch.Tensor) -> None:
@@ -254,9 +333,35 @@ class ImagePrompt:
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                  positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        pixel_values = None if self._prefilled else self.pixel_values
+        if self._prefilled:
+            return self.decode_text(input_ids, cache, positions, last_only)
         self._prefilled = True
-        return self.model(input_ids, pixel_values, cache=cache, positions=positions, last_only=last_only)
+        return self.model(input_ids, self.pixel_values, cache=cache, positions=positions, last_only=last_only)
+
+    def decode_text(self, input_ids: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None,
+                    last_only: bool) -> torch.Tensor:
+        """A step after the prompt: its ids are text, whatever they are."""
+        offset = getattr(self.model.config, "position_offset", 0)  # PaliGemma's positions count from 1
+        if offset:
+            if positions is None:
+                start = cache.length if cache is not None else 0
+                positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            positions = torch.where(positions >= 0, positions + offset, positions)
+        return self.model.decoder(input_ids, cache=cache, positions=positions, last_only=last_only,
+                                  inputs_embeds=self.model.embed_text(input_ids))
+
+    def embed_prompt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(decoder ids, input embeddings)`` of the bound prompt ``[1, L]`` with its media spliced in."""
+        return input_ids, self.model.embed_media(input_ids, self.pixel_values)
+
+    @torch.inference_mode()
+    def prompt_media(self, ids: list[int]) -> PromptMedia:
+        """The prompt ``ids`` with this request's media, as the batching engine takes it (the towers run here)."""
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        decoder_ids, h = self.embed_prompt(x)
+        groups = self.model.prompt_groups(x)
+        return PromptMedia.of(h[0], decoder_ids[0], self.model.soft_token_mask(x)[0],
+                              None if groups is None else groups[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ its keys at its own columns, chosen from the positions of the new tokens:
 - padding (position ``-1``) goes to one extra "trash" slot at the end that no mask ever shows.
 
 Masks stay a pure function of stored positions (``attention_mask``), so nothing else changes.
-A row can be cut back to a prefix (``truncate``), which is what prefix caching needs.
+A row can be cut back to a prefix (``truncate``), which is what prefix caching needs. Each slot
+also keeps its token's attention group (-1: causal; media soft tokens attend both ways within
+theirs, ``ModelConfig.group_layer_kinds``), written with its position.
 
 Recurrent (Griffin) layers keep one :class:`~gemmakit.models.cache.RecurrentState` row per
 sequence. Padding steps leave it untouched (see :mod:`gemmakit.models.griffin`) and position 0
@@ -39,7 +41,8 @@ class RowKVCache:
         self.max_len = max_len
         self.window = min(config.sliding_window or max_len, max_len)
         if _views is not None:  # a slice of another cache's rows, sharing its storage
-            self.layers, self.global_positions, self.ring_positions, self.recurrent_len = _views
+            (self.layers, self.global_positions, self.ring_positions, self.recurrent_len, self.global_groups,
+             self.ring_groups) = _views
             self.rows = self.global_positions.shape[0]
             return
         self.rows = rows
@@ -48,6 +51,8 @@ class RowKVCache:
                                                                      device, extra_slots=1, kv_int8=kv_int8)
         self.global_positions = torch.full((rows, max_len + 1), -1, dtype=torch.long, device=device)
         self.ring_positions = torch.full((rows, self.window + 1), -1, dtype=torch.long, device=device)
+        self.global_groups = torch.full_like(self.global_positions, -1)
+        self.ring_groups = torch.full_like(self.ring_positions, -1)
         # Positions read by each row's recurrent state (-1: cut back, holds no usable prefix).
         self.recurrent_len = torch.zeros(rows, dtype=torch.long, device=device)
 
@@ -64,7 +69,8 @@ class RowKVCache:
                   for c in self.layers]
         return RowKVCache(self.config, 0, self.max_len, torch.float32,
                           _views=(layers, self.global_positions[start:stop], self.ring_positions[start:stop],
-                                  self.recurrent_len[start:stop]))
+                                  self.recurrent_len[start:stop], self.global_groups[start:stop],
+                                  self.ring_groups[start:stop]))
 
     def truncate(self, row: int, length: int) -> None:
         """Forget every position >= ``length`` in ``row`` (``0`` empties it)."""
@@ -93,9 +99,14 @@ class RowKVCache:
 
     # --- used by GemmaModel.forward -------------------------------------------------------------
 
-    def contexts(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, StepContext]:
-        """Rotary tables, masks and write slots of one step; ``positions`` ``[B, T]``, -1 = padding."""
+    def contexts(self, positions: torch.Tensor, dtype: torch.dtype,
+                 groups: torch.Tensor | None = None) -> dict[str, StepContext]:
+        """Rotary tables, masks and write slots of one step; ``positions`` ``[B, T]``, -1 = padding;
+        ``groups`` ``[B, T]`` the tokens' attention groups (None: all causal)."""
         c = self.config
+        if groups is None:
+            groups = torch.full_like(positions, -1)
+        groups = torch.where(positions >= 0, groups, -1)
         if int(positions.max()) >= self.max_len:
             raise InvalidRequestError(f"a sequence would exceed the cache size of {self.max_len} tokens")
         real = positions >= 0
@@ -110,9 +121,12 @@ class RowKVCache:
             slots = torch.where(real, positions, self.max_len)  # [B, T]
             self.global_positions.scatter_(1, slots, positions)
             self.global_positions[:, self.max_len] = -1
+            self.global_groups.scatter_(1, slots, groups)
             length = int(positions.max()) + 1  # no real query sees a column past its own position
             k_pos = self.global_positions[:, :length]
-            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None),
+            q_groups, k_groups = ((groups, self.global_groups[:, :length]) if "global" in c.group_layer_kinds
+                                  else (None, None))
+            out["global"] = StepContext(cos, sin, attention_mask(positions, k_pos, None, q_groups, k_groups),
                                         RowWrite(slots, length, write_first=True))
         if "local" in kinds:
             lp = c.kind_plans["local"]
@@ -127,19 +141,26 @@ class RowKVCache:
                 # no longer sees; so write first and attend to the ring in place (no copy).
                 self.ring_positions.scatter_(1, slots, positions)
                 self.ring_positions[:, self.window] = -1
+                self.ring_groups.scatter_(1, slots, groups)
                 k_pos, self._pending_ring = self.ring_positions[:, :self.window], None
+                k_groups = self.ring_groups[:, :self.window]
             else:
                 k_pos = torch.cat([self.ring_positions[:, :self.window], positions], dim=1)
+                k_groups = torch.cat([self.ring_groups[:, :self.window], groups], dim=1)
                 self._pending_ring = slots
-            out["local"] = StepContext(cos, sin, attention_mask(positions, k_pos, lp.window),
+            self._pending_groups = groups
+            q_groups, k_groups = (groups, k_groups) if "local" in c.group_layer_kinds else (None, None)
+            mask = attention_mask(positions, k_pos, lp.window, q_groups, k_groups, c.group_bypasses_window)
+            out["local"] = StepContext(cos, sin, mask,
                                        RowWrite(slots, self.window, write_first=self._pending_ring is None))
         return out
 
-    def advance(self, positions: torch.Tensor) -> None:
+    def advance(self, positions: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         """After every layer ran: record which positions the rings now hold."""
         if "local" in self.config.layer_kinds and self._pending_ring is not None:
             self.ring_positions.scatter_(1, self._pending_ring, positions)
             self.ring_positions[:, self.window] = -1
+            self.ring_groups.scatter_(1, self._pending_ring, self._pending_groups)
         if "recurrent" in self.config.layer_kinds:
             last = positions.max(dim=1).values  # [B]; -1 for a row that only padded
             self.recurrent_len.copy_(torch.where(last >= 0, last + 1, self.recurrent_len))

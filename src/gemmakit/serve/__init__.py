@@ -60,13 +60,12 @@ def build_app(model, tokenizer, name: str, api_key: str | None = None, max_batch
     """The app for a loaded model: a batching engine, plus the one-at-a-time image path for vision
     models; for an embedding model, the embedding runner alone.
 
-    The engine's per-row cache holds no image embeddings, so a vision model's engine runs its text
-    decoder (text completions) and its chat requests go through :class:`~gemmakit.serve.vision.VisionRunner`.
+    A media model's chat requests have their images and audio placed, checked and run through the
+    towers by :class:`~gemmakit.serve.vision.VisionRunner`, then join the engine's batch.
     """
     from gemmakit.engine.scheduler import Engine
     from gemmakit.models.encoder import EmbeddingModel
-    from gemmakit.models.gemma4_vision import Gemma4VisionLanguageModel
-    from gemmakit.models.multimodal import VisionLanguageModel
+    from gemmakit.models.multimodal import MediaModel
     from gemmakit.serve.app import create_app
 
     if isinstance(model, EmbeddingModel):
@@ -75,19 +74,20 @@ def build_app(model, tokenizer, name: str, api_key: str | None = None, max_batch
         if draft is not None:
             raise InvalidRequestError("--draft-model speeds up generation; an embedding model does not generate")
         return create_app(None, tokenizer, name, api_key=api_key, embedder=EmbeddingRunner(model))
-    vision = None
-    if isinstance(model, (VisionLanguageModel, Gemma4VisionLanguageModel)):
-        from gemmakit.serve.vision import VisionRunner
-
-        vision = VisionRunner(model, tokenizer)
-        model = model.decoder
+    media_model = isinstance(model, MediaModel)
     speculative = None
     if draft is not None:
         from gemmakit.engine.speculative import drafting_model
         from gemmakit.serve.speculative import SpeculativeRunner
 
-        speculative = SpeculativeRunner(model, drafting_model(draft), tokenizer, draft_tokens)
+        speculative = SpeculativeRunner(model.decoder if media_model else model, drafting_model(draft), tokenizer,
+                                        draft_tokens)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, max_kv_bytes=max_kv_bytes,
                     **engine_options)
+    vision = None
+    if media_model:
+        from gemmakit.serve.vision import VisionRunner
+
+        vision = VisionRunner(model, tokenizer, engine)
     return create_app(engine, tokenizer, name, api_key=api_key, accepts_images=vision is not None, vision=vision,
                       speculative=speculative)

@@ -60,7 +60,7 @@ class ChatPlan:
 
 @dataclass(frozen=True)
 class PreparedChat:
-    """A chat request ready to submit: prompt ids, images for the vision runner (or None), the
+    """A chat request ready to submit: prompt ids, its rendered text and media (or None), the
     generation fields with a forced call's grammar, and the plan that reads the replies."""
 
     prompt: list[int]
@@ -76,9 +76,8 @@ async def prepare_chat(state: ServerState, body: ChatRequest) -> PreparedChat:
     common = body.common(state.default_max_tokens)
     if plan.constraint is not None:
         common = dataclasses.replace(common, constraint=plan.constraint)
-    if state.vision is not None:  # a vision model's chat, images or not: its one-at-a-time path
-        text, images, ids = await asyncio.to_thread(state.vision.prepare, body.messages, common,
-                                                    body.logprobs, plan)  # decodes the images
+    if state.vision is not None:  # a media model's chat, images or not: placed and checked here
+        text, images, ids = await asyncio.to_thread(state.vision.prepare, body.messages, plan)  # decodes the media
         return PreparedChat(ids, (text, images), common, plan)
     text = plan.render(text_chat(body.messages, state.accepts_images), state.tokenizer)
     return PreparedChat(state.tokenizer.encode(text, add_bos=True), None, common, plan)

@@ -53,8 +53,8 @@ async def run(state: ServerState, request: HTTPRequest, prompt: list[int], commo
               reply: Callable[[], ReplyParser | None] | None = None):
     """Submit ``prompt`` to the path that serves it and answer with the whole completion or its stream.
 
-    ``images`` (rendered text, image bytes) sends it to the vision runner; greedy requests go to
-    the speculative runner when there is one; everything else to the batching engine. ``echo``
+    ``images`` (rendered text, media bytes) has the media towers run first (serve/vision.py); greedy
+    text requests go to the speculative runner when there is one; everything else to the batching engine. ``echo``
     with ``logprobs`` has the engine score the prompt. ``reply`` makes each chat choice's parser
     (reasoning, content and tool calls apart; chat/tools.py).
     """
@@ -74,15 +74,16 @@ async def submit(state: ServerState, prompt: list[int], common: Common, logprobs
     grammar = await compiled_grammar(state, common)
     stream = _Stream(asyncio.get_running_loop())
     plain = grammar is None and echo is None and common.max_tokens > 0
-    if images is not None:
-        handle = state.vision.submit(images[0], images[1], prompt, common, stream.on_event, grammar)
-    elif plain and state.speculative is not None and state.speculative.accepts(common, logprobs):
+    media = None
+    if images is not None:  # the towers run once, on a worker thread, before the request is queued
+        media = await asyncio.to_thread(state.vision.media, images[0], images[1], prompt)
+    if media is None and plain and state.speculative is not None and state.speculative.accepts(common, logprobs):
         handle = state.speculative.submit(prompt, common, stream.on_event)
     else:
         engine_request = Request(prompt_ids=tuple(prompt), max_tokens=common.max_tokens, params=common.params,
                                  n=common.n, stop=common.stop, logprobs=logprobs,
                                  stop_ids=frozenset() if common.ignore_eos else None, grammar=grammar,
-                                 prompt_logprobs=logprobs if echo is not None else None)
+                                 prompt_logprobs=logprobs if echo is not None else None, media=media)
         handle = state.engine.submit(engine_request, stream.on_event)
     return handle, stream
 

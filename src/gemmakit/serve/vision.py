@@ -1,11 +1,10 @@
-"""Chat completions with images for vision models (PaliGemma, Gemma 3 multimodal).
+"""Chat completions with images and audio for models with media towers (PaliGemma, Gemma 3,
+Gemma 3n, Gemma 4).
 
-The batching engine's per-row cache has no place for image embeddings, so a vision model's chat
-requests take a simpler path: the one-request-at-a-time generation of the API and CLI
-(:func:`gemmakit.api.stream_generation` with ``images=``), run in a worker thread under a lock.
-Its events have the engine's shape (:class:`~gemmakit.engine.scheduler.Event` through a
-:class:`~gemmakit.engine.scheduler.RequestHandle`), so the app streams and collects them with the
-same code as text requests.
+A request's media are decoded and checked when it arrives (:meth:`VisionRunner.prepare`), then
+run through the towers once on a worker thread (:meth:`VisionRunner.media`); the request goes to
+the batching engine with those embeddings (:class:`~gemmakit.models.multimodal.PromptMedia`),
+where it shares the batch with text requests and every sampling option applies.
 
 Images arrive as OpenAI ``image_url`` content parts holding ``data:`` URIs; the server has no
 network, so remote URLs are refused. Everything (URI, base64, image bytes, placeholders, length)
@@ -21,16 +20,13 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
-from collections.abc import Callable
 from typing import Any
 
-from gemmakit.api import generate, stream_generation
 from gemmakit.chat import render_chat
-from gemmakit.engine.sampling import SamplingParams
-from gemmakit.engine.scheduler import Event, Request, RequestHandle
-from gemmakit.engine.stopping import StopStrings
+from gemmakit.engine.scheduler import Event, Request
+from gemmakit.models.multimodal import PromptMedia
 from gemmakit.serve.errors import FieldError
-from gemmakit.serve.schemas import AudioPart, Common, ImagePart, Message, chat_dicts
+from gemmakit.serve.schemas import AudioPart, ImagePart, Message, chat_dicts
 from gemmakit.vision.generate import prepare_vision
 from gemmakit.vision.preprocess import load_image
 
@@ -118,23 +114,22 @@ def vision_chat(messages: list[Message], layout: str,
 
 
 class VisionRunner:
-    """Runs one vision request at a time in worker threads; the lock keeps them in turn."""
+    """Prepares a media model's chat requests for the batching engine: renders and checks them,
+    and runs their media through the towers (one request's at a time: the lock bounds the memory
+    of the towers' activations)."""
 
-    def __init__(self, model, tokenizer) -> None:
+    def __init__(self, model, tokenizer, engine=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.engine = engine
         self.layout = model.config.layout
         self.accepts_audio = getattr(model, "audio_tower", None) is not None
         self.context = model.config.max_position_embeddings
         self._lock = threading.Lock()
 
-    def prepare(self, messages: list[Message], common: Common | None = None, logprobs: bool = False,
-                plan=None) -> tuple[str, list[bytes], list[int]]:
-        """``(rendered prompt, images, prompt ids)`` of a chat request's messages (``common`` and ``logprobs``
-        its other fields, ``plan`` its tools and template variables (a ChatPlan); None for /tokenize);
-        raises FieldError/GemmakitError for bad input."""
-        if common is not None:
-            _check_supported(common, logprobs)
+    def prepare(self, messages: list[Message], plan=None) -> tuple[str, list[bytes], list[int]]:
+        """``(rendered prompt, images, prompt ids)`` of a chat request's messages (``plan`` its tools
+        and template variables, a ChatPlan; None for /tokenize); raises FieldError/GemmakitError for bad input."""
         chat, images = vision_chat(messages, self.layout, self.accepts_audio)
         prompt = plan.render(chat, self.tokenizer) if plan is not None else render_chat(chat, tokenizer=self.tokenizer)
         _, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, *_split(images))
@@ -145,60 +140,36 @@ class VisionRunner:
                              "messages", "context_length_exceeded")
         return prompt, images, ids
 
-    def transcribe(self, prompt: str, clip: bytes, max_tokens: int) -> str:
-        """The greedy reply to ``prompt`` (which marks the clip with ``<|audio|>``), in turn with chat requests."""
+    def media(self, prompt: str, images: list[bytes], prompt_ids: list[int]) -> PromptMedia | None:
+        """The embeddings of a prepared prompt with its media (the towers run here), None without media."""
+        if not images:
+            return None
         with self._lock:
-            return generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens, audio=[clip])
+            bound, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, *_split(images))
+            if list(ids) != list(prompt_ids):
+                raise ValueError("the prompt's ids changed between its checks and its media")
+            return bound.prompt_media(ids)
 
-    def submit(self, prompt: str, images: list[bytes], prompt_ids: list[int], common: Common,
-               on_event: Callable[[Event], None], grammar=None) -> RequestHandle:
-        request = Request(prompt_ids=tuple(prompt_ids), max_tokens=common.max_tokens, params=common.params,
-                          stop=common.stop, stop_ids=frozenset() if common.ignore_eos else None, grammar=grammar)
-        handle = RequestHandle(0, request, on_event)
-        threading.Thread(target=self._run, args=(handle, prompt, images), daemon=True,
-                         name="gemmakit-vision").start()
-        return handle
+    def transcribe(self, prompt: str, clip: bytes, max_tokens: int) -> str:
+        """The greedy reply to ``prompt`` (which marks the clip with ``<|audio|>``), from the batching engine."""
+        _, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, None, False, [clip])
+        request = Request(prompt_ids=tuple(ids), max_tokens=max_tokens, media=self.media(prompt, [AudioClip(clip)], ids))
+        pieces: list[str] = []
+        done = threading.Event()
+        failure: list[str] = []
 
-    def _run(self, handle: RequestHandle, prompt: str, images: list[bytes]) -> None:
-        request, emit = handle.request, handle.on_event
-        stop_ids = request.stop_ids if request.stop_ids is not None else self.tokenizer.stop_ids()
-        if request.grammar is not None:
-            stop_ids = stop_ids | request.grammar.eos_ids
-        p: SamplingParams = request.params
-        stopper = StopStrings(request.stop)
-        finish = "length"
-        try:
-            with self._lock:
-                if handle.cancelled:
-                    emit(Event(0, finish_reason="cancelled"))
-                    return
-                seen = 0
-                result = None
-                for piece, result in stream_generation(
-                        self.model, self.tokenizer, prompt, max_tokens=request.max_tokens,
-                        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
-                        stop_ids=stop_ids, images=_split(images)[0], audio=_split(images)[2],
-                        grammar=request.grammar):
-                    new = result.token_ids[seen:]
-                    seen = len(result.token_ids)
-                    handle.completion_tokens = seen
-                    if new and new[-1] in stop_ids:
-                        finish = "stop"
-                    text, stopped = stopper.push(piece)
-                    if text or new:
-                        emit(Event(0, token_id=new[-1] if new else None, text=text))
-                    if stopped:
-                        finish = "stop"
-                        break
-                    if handle.cancelled:
-                        emit(Event(0, finish_reason="cancelled"))
-                        return
-                if request.grammar is not None and seen < request.max_tokens:  # the output is complete
-                    finish = "stop"
-                tail = stopper.flush()  # empty after a stop string
-                emit(Event(0, text=tail, finish_reason=finish))
-        except Exception as exc:  # reported to the client as a server error, the server keeps serving
-            emit(Event(0, finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+        def on_event(ev: Event) -> None:
+            pieces.append(ev.text)
+            if ev.finish_reason is not None:
+                if ev.finish_reason == "error":
+                    failure.append(ev.error or "the generation failed")
+                done.set()
+
+        self.engine.submit(request, on_event)
+        done.wait()
+        if failure:
+            raise RuntimeError(failure[0])
+        return "".join(pieces)
 
 
 def _split(media: list[bytes]) -> tuple[list[bytes] | None, bool, list[bytes] | None]:
@@ -206,15 +177,3 @@ def _split(media: list[bytes]) -> tuple[list[bytes] | None, bool, list[bytes] | 
     images = [m for m in media if not isinstance(m, AudioClip)]
     audio = [bytes(m) for m in media if isinstance(m, AudioClip)]
     return images or None, False, audio or None
-
-
-def _check_supported(common: Common, logprobs: bool) -> None:
-    """The simple path samples with temperature, top-k, top-p and seed only; refuse the rest loudly."""
-    if common.n != 1:
-        raise FieldError("this vision model's server generates one choice per request ('n' must be 1)", "n")
-    if logprobs:
-        raise FieldError("logprobs are not available for vision models", "logprobs")
-    p, default = common.params, SamplingParams()
-    for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"):
-        if getattr(p, name) != getattr(default, name):
-            raise FieldError(f"'{name}' is not supported for vision models", name)
