@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from test_gemma4_media import pair  # noqa: F401 (a fixture: the tiny Gemma 4 with vision and audio)
-from test_vision import TXT, VIS, _hf_model, _tokenizer, picture
+from test_vision import TXT, VIS, _hf_model, _sharpen, _tokenizer, picture
 
 import gemmakit
 from gemmakit.api import stream_generation
@@ -25,18 +25,6 @@ from gemmakit.vision.generate import prepare_vision
 transformers = pytest.importorskip("transformers")
 
 IMAGE, SOI, EOI, SOFT = 299, 300, 301, 302
-
-
-def _sharpen(hf) -> None:
-    """A strong projector and sharp logits, so that the tokens depend on the image."""
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-            if "multi_modal_projector" in name:
-                p.normal_(0.0, 1.0)
-            if name.endswith("language_model.norm.weight"):
-                p.fill_(20.0)
 
 
 def _gemma3_wide():

@@ -23,7 +23,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from live_server import live_server  # noqa: E402
-from test_vision import _hf_model, _tokenizer, picture  # noqa: E402
+from test_vision import _hf_model, _sharpen, _tokenizer, picture  # noqa: E402
 from tiny import random_model, tiny_config, write_gguf  # noqa: E402
 
 import gemmakit  # noqa: E402
@@ -49,14 +49,7 @@ def image_messages(url: str) -> list[dict]:
 def served(request, tmp_path_factory):
     torch.manual_seed(0)
     hf = _hf_model(request.param).eval()
-    with torch.no_grad():  # a strong projector and sharp logits, so Gemma 3's samples depend on the image
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-            if "multi_modal_projector" in name:
-                p.normal_(0.0, 1.0)
-            if name.endswith("language_model.norm.weight"):
-                p.fill_(20.0)
+    _sharpen(hf)  # so that Gemma 3's samples depend on the image
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
     _tokenizer().save_pretrained(path)

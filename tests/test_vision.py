@@ -56,6 +56,18 @@ def _tokenizer():
     return Tokenizer._from_proto(proto, source="tiny-vision", types=types)
 
 
+def _sharpen(hf) -> None:
+    """A strong projector and sharp logits, so that the tokens depend on the image."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)
+            if "multi_modal_projector" in name:
+                p.normal_(0.0, 1.0)
+            if name.endswith("language_model.norm.weight"):
+                p.fill_(20.0)
+
+
 def _hf_model(kind: str):
     from transformers import (Gemma2Config, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                               GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig)
