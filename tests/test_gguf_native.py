@@ -76,9 +76,10 @@ def test_real_model_golden_with_native_weights(golden, real_model_path) -> None:
 def test_real_model_int8_activations_stay_near_float32(golden, real_model_path) -> None:
     """The default activations (int8 on AVX2 and AVX-512 builds, rounded as llama.cpp's Q8_0): the
     logits of every golden step, fed one token at a time as decoding does, stay within the measured
-    distance of float32 activations' (2.0% relative L2, 96% top-1 over 128 positions;
+    distance of float32 activations' (2.0-2.3% relative L2 on average, 96% top-1 over 128 positions;
     docs/quantisation-and-speed.md), and greedy decoding keeps the reference's ids up to int8's
-    near-ties."""
+    near-ties. A single position's error has a long tail that moves with the CPU's summation order
+    (4.5-6.5% measured on three CPUs), so the worst position has a looser bound than the mean."""
     exact, _ = gemmakit.load(real_model_path, activations="float32")
     default, _ = gemmakit.load(real_model_path)
     errors, agree, steps = [], 0, 0
@@ -86,14 +87,16 @@ def test_real_model_int8_activations_stay_near_float32(golden, real_model_path) 
         ids = case["prompt_ids"] + case["greedy_ids"]
         n = len(case["prompt_ids"])
         a, b = stepwise_logits(exact, ids, n), stepwise_logits(default, ids, n)
-        errors.append(((b - a).norm(dim=-1) / a.norm(dim=-1)).max().item())
+        errors.append((b - a).norm(dim=-1) / a.norm(dim=-1))
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         steps += a.shape[0]
+    errors = torch.cat(errors)
     ext = kernel()
     if ext is not None and ext.ggml_simd() != "scalar":
-        assert 1e-3 < max(errors) < 0.05 and agree >= 0.9 * steps, (errors, agree, steps)
+        mean, worst = errors.mean().item(), errors.max().item()
+        assert 1e-3 < mean < 0.03 and worst < 0.1 and agree >= 0.9 * steps, (mean, worst, agree, steps)
     else:
-        assert max(errors) < 1e-5  # the portable build's auto keeps float32
+        assert errors.max().item() < 1e-5  # the portable build's auto keeps float32
     assert_greedy_matches_golden(default, golden, near_tie=INT8_NEAR_TIE)
 
 

@@ -139,8 +139,11 @@ def test_convert_dequantises_the_experts_and_info_reads_them(loaded, tmp_path):
     out = convert(path, tmp_path / "hf")
     from_hf, _ = gemmakit.load(out)
     assert all(e.gate_up_proj.dtype == torch.float32 for e in _experts(from_hf))
+    a, b = from_hf.state_dict(), dequantised.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     ids = torch.tensor([IDS])
-    assert torch.equal(from_hf(ids), dequantised(ids))
+    # The same weights; their expert matmuls may sum in another order where the layouts differ.
+    torch.testing.assert_close(from_hf(ids), dequantised(ids), rtol=0, atol=1e-5)
     report = describe(str(path))
     assert report["experts"] == {"count": 8, "per_token": 2, "width": 256}
     assert report["file_bytes"] == path.stat().st_size
