@@ -9,6 +9,9 @@ Tiny random-weight Gemma 3, PaliGemma and Gemma 4 (vision and audio) models save
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import pytest
 import torch
 
@@ -96,6 +99,42 @@ def test_batched_media_requests_equal_one_at_a_time(vlm, chunk):
     finally:
         engine.shutdown()
     assert [g[0] for g in got] == expected + expected
+
+
+def _first_step_logprobs(engine: Engine, request: Request) -> dict[int, float]:
+    """The top logprobs of ``request``'s first generated token, through ``engine``."""
+    events = []
+    done = threading.Event()
+
+    def on_event(ev):
+        events.append(ev)
+        if ev.finish_reason is not None:
+            done.set()
+
+    engine.start()
+    engine.submit(request, on_event)
+    assert done.wait(120)
+    return dict(events[0].top_logprobs)
+
+
+def test_prefill_chunks_keep_each_image_whole(vlm):
+    """Chunks of 3 tokens would cut every image's run of soft tokens; the engine ends each chunk
+    before or after the run, so the first step's logprobs equal those of the prompt read whole
+    (tokens alone are too coarse to show a cut run: its logits move, its argmax may not)."""
+    kind, model, tokenizer = vlm
+    prompt, images, _ = _cases(kind)[1 if kind != "paligemma" else 0]
+    request = _request(model, tokenizer, prompt, images, max_tokens=1)
+    request = dataclasses.replace(request, logprobs=5)
+    got = {}
+    for chunk in (256, 3):
+        engine = Engine(model, tokenizer, max_batch=2, prefill_chunk=chunk)
+        try:
+            got[chunk] = _first_step_logprobs(engine, request)
+        finally:
+            engine.shutdown()
+    assert got[3].keys() == got[256].keys()
+    for token, logprob in got[256].items():
+        assert abs(got[3][token] - logprob) < 1e-4, (token, got[3][token], logprob)
 
 
 def test_prefix_cache_tells_images_apart(vlm):
