@@ -2,8 +2,9 @@
 
 app.py builds the FastAPI app from routes/ (one router per concern); schemas.py holds the request
 models, generation.py turns a submitted request into a JSON answer or an SSE stream, errors.py and
-middleware.py answer every error in OpenAI's format; vision.py and speculative.py are the
-one-at-a-time paths for image and --draft-model requests.
+middleware.py answer every error in OpenAI's format; vision.py places a media model's images and
+audio and runs its towers before the request joins the engine's batch; speculative.py is the
+one-at-a-time path for --draft-model requests.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def run_server(model_source: str | None = None, host: str = "127.0.0.1", port: i
 def build_app(model, tokenizer, name: str, api_key: str | None = None, max_batch: int = 8,
               max_seq_len: int | None = None, max_kv_bytes: int | None = None, draft=None, draft_tokens: int = 4,
               **engine_options):
-    """The app for a loaded model: a batching engine, plus the one-at-a-time image path for vision
-    models; for an embedding model, the embedding runner alone.
+    """The app for a loaded model: a batching engine (with ``draft``, plus the one-at-a-time
+    speculative path for greedy requests); for an embedding model, the embedding runner alone.
 
     A media model's chat requests have their images and audio placed, checked and run through the
     towers by :class:`~gemmakit.serve.vision.VisionRunner`, then join the engine's batch.

@@ -39,8 +39,8 @@ def create_app(engine: Engine | None, tokenizer, model_name: str, api_key: str |
     it with the app.
 
     ``speculative`` (a :class:`~gemmakit.serve.speculative.SpeculativeRunner`) serves greedy requests
-    with a draft model. ``vision`` (a :class:`~gemmakit.serve.vision.VisionRunner`) serves a vision model's chat
-    requests, images or not, one at a time; ``engine`` then runs its text decoder for the rest.
+    with a draft model. ``vision`` (a :class:`~gemmakit.serve.vision.VisionRunner`) prepares a media model's
+    chat requests (their images and audio through the towers) for ``engine``, which batches them with the rest.
     A request body over ``max_body_bytes`` is refused with a 413 before it is parsed.
     """
     state = ServerState(engine=engine, tokenizer=tokenizer, model_name=model_name, api_key=api_key,

@@ -14,7 +14,7 @@ from gemmakit.serve.errors import FieldError
 
 @dataclass
 class ServerState:
-    """The engine, the tokenizer, the one-at-a-time runners and the HTTP counters of one app.
+    """The engine, the tokenizer, the media and speculative runners and the HTTP counters of one app.
 
     A generative model has an ``engine``; an embedding model has an ``embedder`` instead
     (serve/embeddings.py), and the routes of the other kind answer 400 saying which it is."""
