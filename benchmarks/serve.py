@@ -1,37 +1,48 @@
-"""Serving throughput: N concurrent streaming clients against `gemmakit serve` on the default model.
+"""Serving throughput: N concurrent streaming clients against `gemmakit serve`.
 
     PYTHONPATH=src python benchmarks/serve.py --clients 1 4 16
+    PYTHONPATH=src python benchmarks/serve.py --vision --clients 1 8   # images beside text
     python benchmarks/serve.py --url http://127.0.0.1:8000 --clients 16   # a server you started
 
-Each client sends `--requests` completions one after another (distinct prompts, `--max-tokens`
+Each client sends `--requests` requests one after another (distinct prompts, `--max-tokens`
 tokens each, end-of-turn ignored so every answer has the same length) and streams the answer.
 Reported per client count: total output tokens/s over the wall time, and time to first token
 (p50, p99) over all requests. Without --url the script starts the server itself on a free
 loopback port, with --max-batch as large as the largest client count.
+
+By default the server runs the default model and the clients send completions. With --vision it
+runs a random-weight Gemma 3 with a SigLIP tower (built by transformers, which the test extras
+install; the tests' tiny tokenizer), and each client count runs twice: every client sending text
+chats, then every other client sending a 224x224 PNG with each chat ("mixed"). The image requests
+run through the tower once each and then decode in the same batch as the text ones, so the mixed
+round's tokens/s stays near the text round's at every client count.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import statistics
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # live_server helper
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # live_server, the vision test helpers
 
 
-def one_request(url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """Stream one completion; return (seconds to first token, tokens received)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+def one_request(url: str, route: str, body: dict) -> tuple[float, int]:
+    """Stream one request; return (seconds to first token, tokens received)."""
+    body = {**body, "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, tokens = None, 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with httpx.stream("POST", url + route, json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -44,15 +55,26 @@ def one_request(url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     return ttft or 0.0, tokens
 
 
-def run(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+def completion(c: int, k: int, max_tokens: int) -> tuple[str, dict]:
+    prompt = f"Story {c}-{k}: a traveller from the city number {c * 31 + k} walks into the old forest and"
+    return "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens}
+
+
+def chat(c: int, k: int, max_tokens: int, image_uri: str | None) -> tuple[str, dict]:
+    content = [{"type": "text", "text": f"tell story {c}-{k} about the city {c * 31 + k}"}]
+    if image_uri is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image_uri}})
+    return "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+
+
+def run(url: str, clients: int, requests: int, body: Callable[[int, int], tuple[str, dict]]) -> dict:
     ttfts: list[float] = []
     total = [0]
     lock = threading.Lock()
 
     def client(c: int) -> None:
         for k in range(requests):
-            prompt = f"Story {c}-{k}: a traveller from the city number {c * 31 + k} walks into the old forest and"
-            ttft, n = one_request(url, prompt, max_tokens)
+            ttft, n = one_request(url, *body(c, k))
             with lock:
                 ttfts.append(ttft)
                 total[0] += n
@@ -71,6 +93,40 @@ def run(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "ttft_p99_s": round(p99, 3)}
 
 
+def vision_model(directory: Path):
+    """A random-weight Gemma 3 with a SigLIP tower (224 px, 16 px patches, 49 soft tokens an image)
+    and an 8-layer, 512-wide decoder, saved by transformers with the tests' tokenizer and loaded."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    import gemmakit
+    from test_vision import _tokenizer
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                                image_size=224, patch_size=16)
+    text = Gemma3TextConfig(vocab_size=tokenizer.vocab_size, hidden_size=512, intermediate_size=2048,
+                            num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+                            max_position_embeddings=1024, sliding_window=256, query_pre_attn_scalar=128,
+                            hidden_activation="gelu_pytorch_tanh")
+    soi, eoi, soft = (tokenizer.token_to_id(p) for p in ("<start_of_image>", "<end_of_image>", "<image_soft_token>"))
+    hf = Gemma3ForConditionalGeneration(Gemma3Config(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), mm_tokens_per_image=49, image_token_index=soft,
+        boi_token_index=soi, eoi_token_index=eoi)).eval()
+    hf.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return gemmakit.load(directory)
+
+
+def png_uri(k: int) -> str:
+    from test_vision import picture
+
+    buffer = io.BytesIO()
+    picture(k, (224, 224)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="a running server (default: start one on the default model)")
@@ -78,26 +134,49 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--vision", action="store_true",
+                    help="serve a random-weight Gemma 3 with a vision tower; half the clients send images")
     args = ap.parse_args()
+    text = lambda c, k: completion(c, k, args.max_tokens)  # noqa: E731
     if args.url:
         for n in args.clients:
-            print(json.dumps(run(args.url, n, args.requests, args.max_tokens)), flush=True)
+            print(json.dumps(run(args.url, n, args.requests, text)), flush=True)
         return
     import torch
 
     import gemmakit
-    from gemmakit.engine.scheduler import Engine
-    from gemmakit.serve.app import create_app
+    from gemmakit.models.mobilenet import import_torchvision
+    from gemmakit.serve import build_app
     from live_server import live_server
 
-    model, tokenizer = gemmakit.load(dtype=args.dtype)
-    engine = Engine(model, tokenizer, max_batch=max(args.clients), max_seq_len=512)
-    print(f"# default model, {args.dtype}, torch threads {torch.get_num_threads()}, "
-          f"max_batch {engine.rows}, KV cache {engine.cache.nbytes() / 2**20:.0f} MiB", flush=True)
-    with live_server(create_app(engine, tokenizer, "gemma")) as url:
-        one_request(url, "warm up", 4)
-        for n in args.clients:
-            print(json.dumps(run(url, n, args.requests, args.max_tokens)), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.vision:
+            import_torchvision()
+            model, tokenizer = vision_model(Path(tmp))
+            name = "random Gemma 3 with vision"
+        else:
+            model, tokenizer = gemmakit.load(dtype=args.dtype)
+            name = f"default model, {args.dtype}"
+        app = build_app(model, tokenizer, "gemma", max_batch=max(args.clients), max_seq_len=512)
+        engine = app.state.gemmakit.engine
+        print(f"# {name}, torch threads {torch.get_num_threads()}, max_batch {engine.rows}, "
+              f"KV cache {engine.cache.nbytes() / 2**20:.0f} MiB", flush=True)
+        with live_server(app) as url:
+            if not args.vision:
+                one_request(url, *completion(0, 0, 4))
+                for n in args.clients:
+                    print(json.dumps(run(url, n, args.requests, text)), flush=True)
+                return
+            images = [png_uri(k) for k in range(8)]
+            one_request(url, *chat(0, 0, 4, images[0]))
+            for n in args.clients:
+                for mixed in (False, True):
+                    def body(c, k):
+                        return chat(c, k, args.max_tokens, images[(c + k) % 8] if mixed and c % 2 == 0 else None)
+
+                    stats = run(url, n, args.requests, body)
+                    stats["images"] = sum(c % 2 == 0 for c in range(n)) * args.requests if mixed else 0
+                    print(json.dumps(stats), flush=True)
 
 
 if __name__ == "__main__":
