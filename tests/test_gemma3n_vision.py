@@ -60,7 +60,7 @@ def _hf_model(sliding_window: int = 6):
 
     text = Gemma3nTextConfig(
         vocab_size=VOCAB, vocab_size_per_layer_input=TEXT, hidden_size=64, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=sliding_window, max_position_embeddings=256,
+        num_key_value_heads=2, head_dim=16, sliding_window=sliding_window, max_position_embeddings=512,
         hidden_size_per_layer_input=8, laurel_rank=8, num_hidden_layers=5,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         num_kv_shared_layers=2, intermediate_size=96,
@@ -232,8 +232,10 @@ def test_info_reports_the_tower(pair):
     assert report["vision"]["tokens_per_image"] == TOKENS
     tower = sum(p.numel() for p in hf.model.vision_tower.parameters())
     assert report["vision"]["parameters"] == tower
-    skipped = ("lm_head", ".audio_tower.")  # the head is tied; gemmakit does not read the audio tower
+    skipped = ("lm_head", ".audio_tower.", ".embed_audio.")  # the head is tied; the audio tower has its own line
     assert report["parameters"] == sum(p.numel() for n, p in hf.named_parameters() if not any(s in n for s in skipped))
+    audio = [p.numel() for n, p in hf.named_parameters() if ".audio_tower." in n or ".embed_audio." in n]
+    assert report["audio"]["parameters"] == sum(audio) and report["audio"]["tokens_per_clip"] == 188
 
 
 # --- preprocessing equals transformers' processor --------------------------------------------------

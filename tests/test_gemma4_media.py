@@ -292,7 +292,7 @@ def test_transcriptions_route(pair, tmp_path):
     _, ours, path = pair
     tok = tokenizer()
     wav = _wav(tmp_path)
-    prompt = render_chat([{"role": "user", "content": instruction("English", None)}])
+    prompt = render_chat([{"role": "user", "content": instruction("English", None, "<|audio|>")}])
     expected = gemmakit.generate(ours, tok, prompt, max_tokens=256, audio=[wav])  # the server's default
     assert expected  # the tiny model says something, so equal replies mean the same clip arrived
     files = {"file": ("speech.wav", wav.read_bytes(), "audio/wav")}

@@ -280,7 +280,7 @@ def _video(frames: int = 7, size: tuple[int, int] = (96, 64)) -> np.ndarray:
 def test_frame_sampling_matches_transformers():
     from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
-    from gemmakit.vision.gemma4_preprocess import sample_frames
+    from gemmakit.vision.video import sample_frames
 
     for total, n in ((100, 32), (33, 32), (7, 3), (32, 32)):
         theirs = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=24), num_frames=n)

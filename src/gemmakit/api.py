@@ -330,11 +330,12 @@ def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max
                       stop_ids: frozenset[int] | None = None, images: list | None = None,
                       pan_and_scan: bool = False, json_schema=None,
                       grammar: Grammar | CompiledGrammar | None = None,
-                      audio: list | None = None) -> Iterator[tuple[str, Generation]]:
+                      audio: list | None = None, videos: list | None = None) -> Iterator[tuple[str, Generation]]:
     """Yield ``(new_text, generation_so_far)`` as tokens are produced (the engine of the API and CLI).
 
     ``images`` (paths, bytes or PIL images) need a vision-language model; see gemmakit.vision.
-    ``audio`` (paths, bytes or 16 kHz samples) needs a Gemma 4 checkpoint with its audio tower.
+    ``audio`` (paths, bytes or 16 kHz samples) needs a Gemma 4 or Gemma 3n checkpoint with its audio
+    tower; ``videos`` (files, bytes or ``[T, H, W, 3]`` uint8 frames) a Gemma 4 model with vision.
     ``json_schema`` (a dict, its JSON text, or a pydantic model class) makes the output one JSON
     value that validates against it; ``grammar`` (a :class:`~gemmakit.engine.grammar.Grammar`:
     a regex, a choice, a Lark or GBNF grammar) constrains it likewise. The generation ends when
@@ -352,7 +353,7 @@ def stream_generation(model: GemmaModel, tokenizer, prompt: str | list[int], max
         vocab = getattr(model, "decoder", model).config.vocab_size  # a vision model's text decoder
         compiled = GrammarCompiler.for_tokenizer(tokenizer, vocab).compile(grammar)
     # the vision add-on: checks everything before any work
-    model, prompt, chunk = prepare_vision(model, tokenizer, prompt, images, pan_and_scan, audio)
+    model, prompt, chunk = prepare_vision(model, tokenizer, prompt, images, pan_and_scan, audio, videos)
     if isinstance(prompt, str):
         _require_tokenizer(tokenizer)
         if not prompt:

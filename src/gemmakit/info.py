@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gemmakit.checkpoints import open_checkpoint
 from gemmakit.checkpoints.matformer import resolve_plan, slice_config
 from gemmakit.models.cache import kv_int8_groups
@@ -40,6 +42,17 @@ def _config_for(source: str | None) -> tuple[ModelConfig, dict[str, Any]]:
     if path.is_file():
         extra["file_bytes"] = path.stat().st_size
     return checkpoint.config, extra
+
+
+def audio_parameters(audio) -> int:
+    """Parameters of the audio tower (encoder and embedder) that ``audio`` describes, counted on a
+    skeleton with no storage."""
+    from gemmakit.models.gemma3n_audio import Gemma3nAudioConfig, Gemma3nAudioTower
+    from gemmakit.models.gemma4_audio import Gemma4AudioTower
+
+    with torch.device("meta"):
+        tower = (Gemma3nAudioTower if isinstance(audio, Gemma3nAudioConfig) else Gemma4AudioTower)(audio)
+    return sum(p.numel() for p in tower.parameters())
 
 
 def describe(source: str | None, context: int | None = None, matformer=None) -> dict[str, Any]:
@@ -72,6 +85,11 @@ def describe(source: str | None, context: int | None = None, matformer=None) -> 
                  else {"patch_size": v.patch_size, "layers": v.num_layers})
         extra["vision"] = {"image_size": v.image_size, **shape, "hidden_size": v.hidden_size,
                            "tokens_per_image": config.tokens_per_image, "parameters": v.num_parameters()}
+        if (audio := getattr(config, "audio", None)) is not None:  # Gemma 4 / Gemma 3n's Conformer
+            extra["audio"] = {"layers": audio.conformer.num_layers, "hidden_size": audio.conformer.hidden_size,
+                              # Gemma 3n reserves a fixed count a clip; Gemma 4 one token per 40 ms
+                              "tokens_per_clip": getattr(audio, "soft_tokens", None),
+                              "parameters": audio_parameters(audio)}
         config = config.text
     if hasattr(config, "backbone_hidden_size"):  # an assistant drafter: its layers keep no cache
         extra["assistant"] = {"target_hidden_size": config.backbone_hidden_size,
@@ -172,6 +190,11 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"vision       SigLIP {v['image_size']}px / {v['patch_size']}, {v['layers']} layers x "
                      f"{v['hidden_size']}, {v['tokens_per_image']} tokens per image, "
                      f"{v['parameters'] / 1e6:.0f}M parameters (included above)")
+    if "audio" in r:
+        a = r["audio"]
+        per = f"{a['tokens_per_clip']} tokens per clip" if a["tokens_per_clip"] else "25 tokens a second"
+        lines.append(f"audio        Conformer, {a['layers']} layers x {a['hidden_size']}, {per}, "
+                     f"{a['parameters'] / 1e6:.0f}M parameters (not included above)")
     if "matformer" in r:
         m = r["matformer"]
         skipped = f" (skipping {', '.join(map(str, m['skipped']))})" if m["skipped"] else ""

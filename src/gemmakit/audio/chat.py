@@ -1,7 +1,8 @@
 """Audio in `gemmakit chat`: `/audio FILE` attaches a clip to the next user message.
 
-Gemma 4 marks a clip inside the user turn with its audio token's piece, ``<|audio|>``, as its chat
-template does; the whole history, clips included, is re-rendered each turn.
+A clip is marked inside the user turn with the model's audio token's piece (Gemma 4's ``<|audio|>``,
+Gemma 3n's ``<audio_soft_token>``), as its chat template does; the whole history, clips included,
+is re-rendered each turn.
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from gemmakit.errors import InvalidRequestError
-from gemmakit.models.gemma4_vision import Gemma4VisionLanguageModel
-
-AUDIO_MARK = "<|audio|>"
+from gemmakit.models.multimodal import MediaModel
 
 
 class ChatAudio:
-    def __init__(self, model) -> None:
-        self.enabled = isinstance(model, Gemma4VisionLanguageModel) and model.audio_tower is not None
+    def __init__(self, model, tokenizer) -> None:
+        self.marker = model.audio_marker(tokenizer) if isinstance(model, MediaModel) else None
+        self.enabled = self.marker is not None
         self._attached: list[np.ndarray] = []  # every clip in the history, in order (16 kHz samples)
         self._pending = 0  # attached since the last user message
 
@@ -26,7 +26,8 @@ class ChatAudio:
         if not path:
             raise InvalidRequestError("usage: /audio FILE")
         if not self.enabled:
-            raise InvalidRequestError("this model has no audio tower; audio needs a Gemma 4 checkpoint with one")
+            raise InvalidRequestError("this model has no audio tower; audio needs a Gemma 4 or Gemma 3n checkpoint "
+                                      "with one")
         self._attached.append(load_audio(path))
         self._pending += 1
         return f"(audio attached: {path})"
@@ -34,7 +35,7 @@ class ChatAudio:
     def mark(self, text: str) -> str:
         """The user message with a marker for each clip attached since the last one."""
         pending, self._pending = self._pending, 0
-        return AUDIO_MARK * pending + text
+        return self.marker * pending + text if pending else text
 
     def all(self) -> list[np.ndarray]:
         return list(self._attached)

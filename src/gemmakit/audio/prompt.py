@@ -1,9 +1,11 @@
-"""Gemma 4 prompts with audio clips: where each clip's soft tokens go, and the clips' features.
+"""Prompts with audio clips: where each clip's soft tokens go, and the clips' features.
 
-The processor puts ``boa``, one ``audio_token_id`` per soft token, then ``eoa`` where the text has
-the audio token's piece (``<|audio|>``, as the chat template writes it). Prompts with images and
-clips together are built by gemmakit.vision.gemma4_preprocess.build_media_prompt. Source:
-transformers 5.23 models/gemma4/processing_gemma4.py (replace_audio_token).
+Gemma 4's processor puts ``boa``, one ``audio_token_id`` per soft token, then ``eoa`` where the text
+has the audio token's piece (``<|audio|>``, as the chat template writes it). Prompts with images and
+clips together are built by gemmakit.vision.gemma4_preprocess.build_media_prompt. Gemma 3n's
+(``<audio_soft_token>``, a fixed 188 tokens a clip) are built by gemmakit.vision.prompt.build_prompt.
+Sources: transformers 5.23 models/gemma4/processing_gemma4.py and models/gemma3n/processing_gemma3n.py
+(replace_audio_token).
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ def expand_audio_tokens(ids: list[int], config, soft_tokens: list[int]) -> list[
     return out + ids[start:]
 
 
-def audio_inputs(sources, spec=None, num_mel_bins: int = 128):
+def audio_inputs(sources, spec=None, num_mel_bins: int = 128, tokens_per_clip: int | None = None):
     """``(features [N, T, mels], mask [N, T], soft-token counts)`` of audio files, bytes or samples,
-    each read at 16 kHz and featurised alone; every unreadable clip fails here, before model work."""
+    each read at 16 kHz and featurised alone; every unreadable clip fails here, before model work.
+    ``tokens_per_clip``: Gemma 3n's fixed count (and its features); None: Gemma 4's, from each clip's length."""
     from gemmakit.audio.encode import gemma4_soft_token_count
-    from gemmakit.audio.features import GEMMA4_AUDIO, log_mel, stack_features
+    from gemmakit.audio.features import GEMMA3N_AUDIO, GEMMA4_AUDIO, log_mel, stack_features
     from gemmakit.audio.io import load_audio
 
-    spec = spec or GEMMA4_AUDIO.replace(num_mel_bins=num_mel_bins)
+    spec = spec or (GEMMA4_AUDIO if tokens_per_clip is None else GEMMA3N_AUDIO).replace(num_mel_bins=num_mel_bins)
     waves = [load_audio(s, spec.sampling_rate) for s in sources]
-    counts = [gemma4_soft_token_count(len(w), spec) for w in waves]
+    counts = ([gemma4_soft_token_count(len(w), spec) for w in waves] if tokens_per_clip is None
+              else [tokens_per_clip if len(w) else 0 for w in waves])
     if not all(counts):
         raise InvalidRequestError("an audio clip is too short to give any soft token (under 40 ms)")
     features, mask = stack_features([log_mel([w], spec) for w in waves])

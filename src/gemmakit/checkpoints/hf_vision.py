@@ -131,21 +131,23 @@ def image_normalisation(directory: Path) -> dict[str, tuple[float, float, float]
 
 def open_hf_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkpoint:
     source = str(directory / "config.json")
+    files = _ShardedFiles(directory)
+    available = files.names()
+    with_audio = False
     if gemma3n_vision.is_gemma3n_vision(raw):
         preprocessor = preprocessor_config(directory)
-        config = gemma3n_vision.multimodal_config_from_hf(raw, source, preprocessor or {})
+        with_audio = gemma3n_vision.has_audio_tower(available)
+        config = gemma3n_vision.multimodal_config_from_hf(raw, source, preprocessor or {}, with_audio)
         if preprocessor is not None:  # a SiglipImageProcessor: its defaults where the file is silent
             defaults = {"image_mean": (0.5,) * 3, "image_std": (0.5,) * 3}
             config = config.replace(**{**defaults, **image_normalisation(directory)})
     else:
         config = multimodal_config_from_hf(raw, source).replace(**image_normalisation(directory))
-    files = _ShardedFiles(directory)
-    available = files.names()
     find = prefix_finder(directory, available)
     text_prefix = find(_PREFIXES, "embed_tokens.weight")
     text_mapping = hf_names(config.text, text_prefix)
     if config.projector == "embedder":
-        vision_mapping = gemma3n_vision.vision_names(available, str(directory))
+        vision_mapping = gemma3n_vision.vision_names(available, str(directory), with_audio)
     else:
         vision_mapping = vision_names(config, find(_VISION_PREFIXES, "embeddings.patch_embedding.weight"),
                                       find(_PROJECTOR_PREFIXES, "linear.weight" if config.projector == "linear"

@@ -45,7 +45,7 @@ def run(args) -> int:
     settle_for_serving(model)  # a chat waits for its user anyway: no reply pays the huge-page copy
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     images = ChatImages(model)
-    clips = ChatAudio(model)
+    clips = ChatAudio(model, tokenizer)
     interactive = sys.stdin.isatty()
     if interactive:
         print("gemmakit chat: /reset clears the history, /image PATH attaches an image, /audio FILE a clip, /exit or Ctrl-D quits.",

@@ -36,8 +36,13 @@ def add_parser(sub) -> None:
     add_decode_args(g)
     add_image_args(g)
     g.add_argument("--audio", metavar="FILE", action="append", default=None,
-                   help="an audio clip (wav, flac, mp3, ...) for a Gemma 4 model with its audio tower; "
-                        "repeat for several; <|audio|> in the prompt marks where each goes")
+                   help="an audio clip (wav, flac, mp3, ...) for a Gemma 4 or Gemma 3n model with its audio tower; "
+                        "repeat for several; the model's audio marker in the prompt (<|audio|>, <audio_soft_token>) "
+                        "marks where each goes, else they come first")
+    g.add_argument("--video", metavar="FILE", action="append", default=None,
+                   help="a video file (mp4, webm, mkv, ...; needs pip install 'gemmakit[video]') for a Gemma 4 "
+                        "model with vision: 32 frames taken evenly, 70 soft tokens each; repeat for several; "
+                        "<|video|> in the prompt marks where each goes, else they come first")
     add_mmproj_args(g)
     g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the text to continue ('-' reads standard input)")
@@ -65,6 +70,12 @@ def run(args) -> int:
         from gemmakit.audio.io import load_audio
 
         clips = [load_audio(path) for path in clips]  # so does a bad clip
+    videos = args.video or []
+    if videos:
+        from gemmakit.vision.video import probe_video
+
+        for path in videos:  # and a file that is no video
+            probe_video(path)
     grammar = _json_schema(args.json_schema) if args.json_schema else None  # so does a bad schema file
     model, tokenizer, report = load_model(args)
     if tokenizer is None:
@@ -74,13 +85,13 @@ def run(args) -> int:
         prompt = fim_prompt(tokenizer, args.fim_prefix or "", args.fim_suffix or "")
         stop_ids = fim_stop_ids(tokenizer)
     if getattr(args, "draft_model", None):
-        if fim or images or clips or grammar:
-            raise invalid("--draft-model works with plain text prompts, not with images, audio, fill-in-the-middle "
-                          "or --json-schema")
+        if fim or images or clips or videos or grammar:
+            raise invalid("--draft-model works with plain text prompts, not with images, audio, video, "
+                          "fill-in-the-middle or --json-schema")
         return _generate_speculative(args, model, tokenizer, prompt)
     result = None
     for piece, result in stream_generation(model, tokenizer, prompt, stop_ids=stop_ids, images=images or None,
-                                           audio=clips or None,
+                                           audio=clips or None, videos=videos or None,
                                            pan_and_scan=args.pan_and_scan, grammar=grammar,
                                            **sampling_kwargs(args)):
         if not args.json and piece:

@@ -433,10 +433,11 @@ class Gemma4ImagePrompt(ImagePrompt):
 
     def __init__(self, model: Gemma4VisionLanguageModel, pixel_values: torch.Tensor | None,
                  image_positions: torch.Tensor | None, audio_features: torch.Tensor | None = None,
-                 audio_mask: torch.Tensor | None = None) -> None:
-        super().__init__(model, pixel_values)
+                 audio_mask: torch.Tensor | None = None, video_values: torch.Tensor | None = None,
+                 video_positions: torch.Tensor | None = None) -> None:
+        super().__init__(model, pixel_values, audio_features, audio_mask)
         self.image_positions = image_positions
-        self.audio_features, self.audio_mask = audio_features, audio_mask
+        self.video_values, self.video_positions = video_values, video_positions
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                  positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -444,8 +445,9 @@ class Gemma4ImagePrompt(ImagePrompt):
             return self.decode_text(input_ids, cache, positions, last_only)
         self._prefilled = True
         return self.model(input_ids, self.pixel_values, self.image_positions, cache=cache, positions=positions,
-                          last_only=last_only, audio_features=self.audio_features, audio_mask=self.audio_mask)
+                          last_only=last_only, video_values=self.video_values, video_positions=self.video_positions,
+                          audio_features=self.audio_features, audio_mask=self.audio_mask)
 
     def embed_prompt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.embed_media(input_ids, self.pixel_values, self.image_positions,
-                                      audio_features=self.audio_features, audio_mask=self.audio_mask)
+        return self.model.embed_media(input_ids, self.pixel_values, self.image_positions, self.video_values,
+                                      self.video_positions, self.audio_features, self.audio_mask)

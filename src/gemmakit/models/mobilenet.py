@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.library
@@ -145,13 +145,22 @@ class MultimodalEmbedder(nn.Module):
         """Soft tokens ``[N, tokens, width]`` -> ``[N, tokens, text hidden]``."""
         return self._project(self.soft_embedding_norm(features * self.config.hidden_size**0.5))
 
+    def embed_hard(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids of this vocabulary (from 0) -> ``[..., text hidden]``."""
+        return self._project(self.hard_embedding_norm(self.embedding(ids)))
+
     def splice_hard_tokens(self, input_ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """``h [B, T, text hidden]`` with the rows of this vocabulary's ids replaced by their embeddings."""
-        c = self.config
-        mine = (input_ids >= c.vocab_offset) & (input_ids < c.vocab_offset + c.vocab_size)
-        if not bool(mine.any()):
-            return h
-        rows = self._project(self.hard_embedding_norm(self.embedding(input_ids[mine] - c.vocab_offset)))
-        out = h.clone()
-        out[mine] = rows.to(h.dtype)
-        return out
+        return splice_vocabulary(input_ids, h, self.config, self.embed_hard)
+
+
+def splice_vocabulary(input_ids: torch.Tensor, h: torch.Tensor, vocabulary: EmbedderConfig,
+                      embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``h [B, T, text hidden]`` with the rows of ``vocabulary``'s ids (a tower's own, at its offset)
+    replaced by ``embed(ids - offset)``."""
+    c = vocabulary
+    mine = (input_ids >= c.vocab_offset) & (input_ids < c.vocab_offset + c.vocab_size)
+    if not bool(mine.any()):
+        return h
+    out = h.clone()
+    out[mine] = embed(input_ids[mine] - c.vocab_offset).to(h.dtype)
+    return out

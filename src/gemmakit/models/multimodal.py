@@ -14,7 +14,9 @@ unchanged; the only vision-specific thing it sees is an attention *group* per to
   projected without bias.
 * Gemma 3n (``image_attention="causal"``): image tokens are causal like text. The tower is timm's
   MobileNet-v5 and the projector the multimodal embedder (``projector="embedder"``), which also
-  embeds the ids of the vision and audio towers' own vocabularies when a prompt holds them.
+  embeds the ids of the vision and audio towers' own vocabularies when a prompt holds them. With
+  its audio tower (models/gemma3n_audio.py), each clip fills its 188 ``audio_token_id``
+  placeholders, causal too, and the tower's embedder embeds the audio vocabulary's ids.
 
 Image soft tokens are not scaled by sqrt(hidden) as text embeddings are (checked against
 transformers 5.23, where the scale lives in the embedding module and features are spliced after).
@@ -42,8 +44,10 @@ from gemmakit.kernels.gemm import Linear
 from gemmakit.models.cache import KVCache
 from gemmakit.models.config import ModelConfig, preset
 from gemmakit.models.decoder import DecoderAddOn, GemmaModel
+from gemmakit.models.gemma3n_audio import Gemma3nAudioConfig, Gemma3nAudioTower
 from gemmakit.models.layers import RMSNorm
-from gemmakit.models.mobilenet import EmbedderConfig, MobileNetConfig, MobileNetTower, MultimodalEmbedder
+from gemmakit.models.mobilenet import (EmbedderConfig, MobileNetConfig, MobileNetTower, MultimodalEmbedder,
+                                       splice_vocabulary)
 from gemmakit.models.siglip import SiglipConfig, SiglipVisionModel, so400m
 
 
@@ -103,6 +107,13 @@ class MediaModel(DecoderAddOn):
 
     plain_text_embedding = True  # whether embed_text is the decoder's own token embedding
 
+    def audio_marker(self, tokenizer) -> str | None:
+        """The piece that marks a clip in a prompt, as the model's chat template writes it (Gemma 4's
+        ``<|audio|>``, Gemma 3n's ``<audio_soft_token>``); None for a model without an audio tower."""
+        if getattr(self, "audio_tower", None) is None:  # (a submodule: no class attribute may shadow it)
+            return None
+        return tokenizer.id_to_piece(self.config.audio_token_id)
+
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``[B, T, hidden]`` of ids read as text (generated tokens, text prompts):
         a placeholder id the sampler picks is embedded as the token it is, with no media behind it."""
@@ -154,6 +165,12 @@ class MultimodalConfig(WrapsTextConfig):
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_resample: int | None = None  # the processor's PIL resampling filter; None: the layout's
     audio_embedder: EmbedderConfig | None = None  # Gemma 3n: embeds the audio vocabulary's ids in a prompt
+    # Gemma 3n's audio tower (whose embedder then embeds those ids): each clip fills its run of
+    # ``audio.soft_tokens`` ``audio_token_id`` placeholders between ``boa`` and ``eoa``
+    audio: Gemma3nAudioConfig | None = None
+    audio_token_id: int | None = None
+    boa_token_id: int | None = None
+    eoa_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.projector == "linear" and self.tokens_per_image != self.vision.num_patches:
@@ -172,7 +189,8 @@ class MultimodalConfig(WrapsTextConfig):
     def num_parameters(self) -> int:
         v, d = self.vision.hidden_size, self.text.hidden_size
         if self.projector == "embedder":
-            embedders = [self.vision.embedder, *([self.audio_embedder] if self.audio_embedder else [])]
+            # (with the audio tower, its embedder is the tower's: counted with it, in info's audio line)
+            embedders = [self.vision.embedder, *([self.audio_embedder] if self.audio_embedder and not self.audio else [])]
             proj = sum(e.vocab_size * e.hidden_size + 2 * e.hidden_size + e.hidden_size * d for e in embedders)
         else:
             proj = v * d + (d if self.projector == "linear" else v)
@@ -227,7 +245,14 @@ class VisionLanguageModel(MediaModel):
             self.projector = MultimodalEmbedder(config.vision.embedder, text_hidden)
         else:
             self.projector = LinearProjector(config) if config.projector == "linear" else PooledProjector(config)
-        self.audio_embedder = MultimodalEmbedder(config.audio_embedder, text_hidden) if config.audio_embedder else None
+        self.audio_embedder = self.audio_tower = None
+        if config.audio is not None:
+            # built on the CPU even inside the loader's meta skeleton: the Conformer's attention windows
+            # are buffers made from the config, which no checkpoint holds
+            with torch.device("cpu"):
+                self.audio_tower = Gemma3nAudioTower(config.audio)
+        elif config.audio_embedder:
+            self.audio_embedder = MultimodalEmbedder(config.audio_embedder, text_hidden)
         self.decoder = GemmaModel(config.text)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -244,26 +269,39 @@ class VisionLanguageModel(MediaModel):
         for embedder in (self.projector, self.audio_embedder):
             if isinstance(embedder, MultimodalEmbedder):
                 h = embedder.splice_hard_tokens(input_ids, h)
+        if self.audio_tower is not None:
+            embedder = self.audio_tower.embedder
+            h = splice_vocabulary(input_ids, h, self.config.audio_embedder, lambda ids: embedder(hard_ids=ids))
         return h
 
     @property
     def plain_text_embedding(self) -> bool:
-        return not isinstance(self.projector, MultimodalEmbedder) and self.audio_embedder is None
+        return (not isinstance(self.projector, MultimodalEmbedder) and self.audio_embedder is None
+                and self.audio_tower is None)
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
     def soft_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.config.image_token_id
+        return (input_ids == self.config.image_token_id) | self._audio_slots(input_ids)
+
+    def _audio_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.config.audio_token_id is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == self.config.audio_token_id
 
     def prompt_groups(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return self.attention_groups(input_ids, 0, True, positions)
 
-    def embed_media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Input embeddings ``[B, T, hidden]`` with the soft tokens of ``pixel_values`` at the placeholders."""
-        placeholders = self.soft_token_mask(input_ids)
-        h = self.embed_tokens(torch.where(placeholders, 0, input_ids))  # [B, T, hidden]
+    def embed_media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                    audio_features: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings ``[B, T, hidden]`` with the soft tokens of ``pixel_values`` (and of the
+        clips' ``audio_features``) at the placeholders."""
+        audio = self._audio_slots(input_ids)
+        placeholders = input_ids == self.config.image_token_id
+        h = self.embed_tokens(torch.where(placeholders | audio, 0, input_ids))  # [B, T, hidden]
+        h = self._splice_audio(h, audio, audio_features, audio_mask)
         if pixel_values is not None:
             features = self.image_features(pixel_values.to(self.device))  # [N, tokens, hidden]
             if int(placeholders.sum()) != features.shape[0] * features.shape[1]:
@@ -274,6 +312,23 @@ class VisionLanguageModel(MediaModel):
         elif bool(placeholders.any()):
             raise InvalidRequestError("the prompt has image tokens but no pixel_values were given")
         return h
+
+    def _splice_audio(self, h: torch.Tensor, slots: torch.Tensor, features: torch.Tensor | None,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        """``h`` with each clip's ``audio.soft_tokens`` tokens (real ones, then padding) at the audio ``slots``."""
+        if features is None:
+            if bool(slots.any()):
+                raise InvalidRequestError("the prompt has audio tokens but no audio features were given")
+            return h
+        if self.audio_tower is None:
+            raise InvalidRequestError("this model has no audio tower; it cannot take audio")
+        param = next(self.audio_tower.parameters())
+        tokens = self.audio_tower.prompt_tokens(features.to(param.device, param.dtype),
+                                                None if mask is None else mask.to(param.device))
+        if int(slots.sum()) != tokens.shape[0] * tokens.shape[1]:
+            raise InvalidRequestError(f"{tokens.shape[0]} audio clip(s) need {tokens.shape[0] * tokens.shape[1]} "
+                                      f"audio tokens but the prompt has {int(slots.sum())}")
+        return h.masked_scatter(slots[..., None], tokens.to(h.device, h.dtype))
 
     def attention_groups(self, input_ids: torch.Tensor, start: int, with_images: bool,
                          positions: torch.Tensor) -> torch.Tensor | None:
@@ -294,12 +349,14 @@ class VisionLanguageModel(MediaModel):
         positions: torch.Tensor | None = None,  # [B, T], from 0; -1 marks left padding
         last_only: bool = False,
         groups: torch.Tensor | None = None,  # override the attention groups (e.g. prefix + suffix)
+        audio_features: torch.Tensor | None = None,  # [A, frames, mel bins]: every clip, in prompt order (Gemma 3n)
+        audio_mask: torch.Tensor | None = None,  # [A, frames], True = a real frame
     ) -> torch.Tensor:
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        h = self.embed_media(input_ids, pixel_values)
+        h = self.embed_media(input_ids, pixel_values, audio_features, audio_mask)
         if groups is None:
             groups = self.attention_groups(input_ids, start, pixel_values is not None, positions)
         if self.config.position_offset:
@@ -318,9 +375,11 @@ class ImagePrompt:
     placeholder id is a token like any other (:meth:`MediaModel.embed_text`).
     """
 
-    def __init__(self, model: VisionLanguageModel, pixel_values: torch.Tensor) -> None:
+    def __init__(self, model: VisionLanguageModel, pixel_values: torch.Tensor | None,
+                 audio_features: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None) -> None:
         self.model = model
         self.pixel_values = pixel_values
+        self.audio_features, self.audio_mask = audio_features, audio_mask
         self.config = model.config.text
         self._prefilled = False
 
@@ -336,7 +395,8 @@ class ImagePrompt:
         if self._prefilled:
             return self.decode_text(input_ids, cache, positions, last_only)
         self._prefilled = True
-        return self.model(input_ids, self.pixel_values, cache=cache, positions=positions, last_only=last_only)
+        return self.model(input_ids, self.pixel_values, cache=cache, positions=positions, last_only=last_only,
+                          audio_features=self.audio_features, audio_mask=self.audio_mask)
 
     def decode_text(self, input_ids: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None,
                     last_only: bool) -> torch.Tensor:
@@ -352,7 +412,7 @@ class ImagePrompt:
 
     def embed_prompt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(decoder ids, input embeddings)`` of the bound prompt ``[1, L]`` with its media spliced in."""
-        return input_ids, self.model.embed_media(input_ids, self.pixel_values)
+        return input_ids, self.model.embed_media(input_ids, self.pixel_values, self.audio_features, self.audio_mask)
 
     @torch.inference_mode()
     def prompt_media(self, ids: list[int]) -> PromptMedia:

@@ -122,6 +122,14 @@ class AudioPart(Body):
     format: Any = None
 
 
+class VideoPart(Body):
+    """vLLM's ``video_url`` part: ``{"video_url": {"url": "data:video/mp4;base64,..."}}``, checked and
+    decoded by serve/vision.py."""
+
+    type: str = "video_url"
+    url: Any = None
+
+
 class FunctionCall(Body):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -137,7 +145,7 @@ class ToolCallEntry(Body):
 
 class Message(Body):
     role: Any = None  # render_chat names a wrong one
-    content: str | list[TextPart | ImagePart | AudioPart]
+    content: str | list[TextPart | ImagePart | AudioPart | VideoPart]
     tool_calls: tuple[ToolCallEntry, ...] | None = None  # assistant
     tool_call_id: str | None = None  # tool
     name: str | None = None  # tool: the function's name (OpenAI's older field)
@@ -178,6 +186,16 @@ def _audio_part(part: dict, path: str) -> AudioPart:
         raise invalid(f"'{path}.input_audio' must be an object with 'data' (base64) and 'format'", f"{path}.input_audio")
     _no_other_keys(value, ("data", "format"), f"{path}.input_audio")
     return AudioPart(data=value.get("data"), format=value.get("format"))
+
+
+def _video_part(part: dict, path: str) -> VideoPart:
+    """vLLM's ``{"type": "video_url", "video_url": {"url": ...}}`` (or the url string itself)."""
+    _no_other_keys(part, ("type", "video_url"), path)
+    value = part.get("video_url")
+    if isinstance(value, dict):
+        _no_other_keys(value, ("url",), f"{path}.video_url")
+        value = value.get("url")
+    return VideoPart(url=value)
 
 
 def _tool_calls(value: Any, where: str) -> tuple[ToolCallEntry, ...]:
@@ -225,7 +243,7 @@ def _messages(value: Any) -> list[Message]:
                        f"messages[{i}]")
         content = m.get("content")
         if isinstance(content, list):
-            parts: list[TextPart | ImagePart | AudioPart] = []
+            parts: list[TextPart | ImagePart | AudioPart | VideoPart] = []
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
@@ -235,6 +253,8 @@ def _messages(value: Any) -> list[Message]:
                     parts.append(_image_part(part, f"messages[{i}].content[{j}]"))
                 elif kind == "input_audio":
                     parts.append(_audio_part(part, f"messages[{i}].content[{j}]"))
+                elif kind == "video_url":
+                    parts.append(_video_part(part, f"messages[{i}].content[{j}]"))
                 else:
                     raise invalid(f"messages[{i}] has a content part of unknown type {kind!r}", "messages")
             content = parts
@@ -267,7 +287,7 @@ def _messages(value: Any) -> list[Message]:
 Messages = Annotated[list[Message], BeforeValidator(_messages)]
 
 
-def chat_dicts(messages: list[Message], on_image: Callable[[ImagePart | AudioPart], dict | None]) -> list[dict[str, Any]]:
+def chat_dicts(messages: list[Message], on_image: Callable[[ImagePart | AudioPart | VideoPart], dict | None]) -> list[dict[str, Any]]:
     """``messages`` as render_chat takes them; ``on_image(part)`` says what an image (or audio) part becomes.
 
     It returns a part to keep, None to drop it, or raises: text-only and vision requests share
@@ -292,9 +312,12 @@ def chat_dicts(messages: list[Message], on_image: Callable[[ImagePart | AudioPar
 
 def text_chat(messages: list[Message], accepts_images: bool) -> list[dict[str, Any]]:
     """``messages`` as render_chat takes them with each content a string (text parts joined)."""
-    def refuse(part: ImagePart | AudioPart) -> None:
+    def refuse(part: ImagePart | AudioPart | VideoPart) -> None:
         if isinstance(part, AudioPart):
-            raise FieldError("this model does not accept audio (it needs a Gemma 4 checkpoint with its audio tower)",
+            raise FieldError("this model does not accept audio (it needs a Gemma 4 or Gemma 3n checkpoint with its "
+                             "audio tower)", "messages")
+        if isinstance(part, VideoPart):
+            raise FieldError("this model does not accept video (it needs a Gemma 4 checkpoint with its vision tower)",
                              "messages")
         raise FieldError("this model does not accept images" if not accepts_images
                          else "images are not supported by this server yet", "messages")

@@ -11,8 +11,9 @@ network, so remote URLs are refused. Everything (URI, base64, image bytes, place
 is checked before the request is accepted, so bad input is an HTTP 400 and never a failed stream.
 
 Audio arrives as OpenAI ``input_audio`` parts (base64 ``data`` and a ``format``) for a Gemma 4
-checkpoint with its audio tower; each becomes the audio marker ``<|audio|>`` where it stood in its
-turn, and its clip is decoded (and checked) with the images.
+or Gemma 3n checkpoint with its audio tower; each becomes the model's audio marker (``<|audio|>``,
+``<audio_soft_token>``) where it stood in its turn, and its clip is decoded (and checked) with the
+images.
 """
 
 from __future__ import annotations
@@ -26,34 +27,40 @@ from gemmakit.chat import render_chat
 from gemmakit.engine.scheduler import Event, Request
 from gemmakit.models.multimodal import PromptMedia
 from gemmakit.serve.errors import FieldError
-from gemmakit.serve.schemas import AudioPart, ImagePart, Message, chat_dicts
+from gemmakit.serve.schemas import AudioPart, ImagePart, Message, VideoPart, chat_dicts
 from gemmakit.vision.generate import prepare_vision
 from gemmakit.vision.preprocess import load_image
 
 
-def decode_data_uri(url: Any) -> bytes:
-    """The bytes of a ``data:[<mime>][;base64],<data>`` URI holding a readable image."""
+def decode_data_uri(url: Any, kind: str = "image", example: str = "image/png") -> bytes:
+    """The bytes of a ``data:[<mime>][;base64],<data>`` URI holding a readable image (or, with
+    ``kind="video"``, a video)."""
     if not isinstance(url, str) or not url:
-        raise FieldError("an image_url part needs a 'url' string (a data: URI)", "messages")
+        raise FieldError(f"a {kind}_url part needs a 'url' string (a data: URI)", "messages")
     if not url.startswith("data:"):
         scheme = url.split(":", 1)[0] if ":" in url else "a bare path"
-        raise FieldError(f"only data: URIs are accepted for images (got {scheme}); this server has no network "
-                         "access, so send the image inline as data:image/png;base64,...", "messages",
-                         "invalid_image_url")
+        raise FieldError(f"only data: URIs are accepted for {kind}s (got {scheme}); this server has no network "
+                         f"access, so send the {kind} inline as data:{example};base64,...", "messages",
+                         f"invalid_{kind}_url")
     header, sep, payload = url[5:].partition(",")
     if not sep:
-        raise FieldError("the image data: URI has no ',' before its data", "messages", "invalid_image_url")
+        raise FieldError(f"the {kind} data: URI has no ',' before its data", "messages", f"invalid_{kind}_url")
     if not header.endswith(";base64"):
-        raise FieldError("the image data: URI must be base64-encoded (data:image/...;base64,...)", "messages",
-                         "invalid_image_url")
+        raise FieldError(f"the {kind} data: URI must be base64-encoded (data:{kind}/...;base64,...)", "messages",
+                         f"invalid_{kind}_url")
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise FieldError("the image data: URI holds invalid base64", "messages", "invalid_image") from None
-    try:
-        load_image(data)  # decode now: non-image bytes are a 400 before any model work
-    except Exception as exc:  # InvalidRequestError from Pillow's failures
-        raise FieldError(f"the image cannot be read: {exc}", "messages", "invalid_image") from None
+        raise FieldError(f"the {kind} data: URI holds invalid base64", "messages", f"invalid_{kind}") from None
+    try:  # decode now: bytes of something else are a 400 before any model work
+        if kind == "video":
+            from gemmakit.vision.video import probe_video
+
+            probe_video(data)
+        else:
+            load_image(data)
+    except Exception as exc:  # InvalidRequestError from Pillow's or FFmpeg's failures
+        raise FieldError(f"the {kind} cannot be read: {exc}", "messages", f"invalid_{kind}") from None
     return data
 
 
@@ -62,6 +69,10 @@ AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "aiff")  # what libsndfile
 
 class AudioClip(bytes):
     """A decoded ``input_audio`` clip among a request's media, told apart from image bytes by its type."""
+
+
+class VideoClip(bytes):
+    """A ``video_url`` part's video among a request's media."""
 
 
 def decode_audio(part: AudioPart) -> AudioClip:
@@ -89,24 +100,31 @@ def read_clip(data: bytes, param: str) -> AudioClip:
     return AudioClip(data)
 
 
-def vision_chat(messages: list[Message], layout: str,
-                accepts_audio: bool = False) -> tuple[list[dict[str, Any]], list[bytes]]:
+def vision_chat(messages: list[Message], layout: str, audio_marker: str | None = None,
+                video_marker: str | None = None) -> tuple[list[dict[str, Any]], list[bytes]]:
     """``messages`` for render_chat plus the decoded images and clips (:class:`AudioClip`), in the
     order they appear.
 
     Gemma 3 marks each image inside its turn with ``<start_of_image>`` (render_chat's ``image``
     part); PaliGemma takes its images before the whole prompt, so its parts leave no marker, as in
-    ``gemmakit chat``.
+    ``gemmakit chat``. A clip becomes ``audio_marker`` and a video ``video_marker`` (None: the
+    model takes none).
     """
     images: list[bytes] = []
 
-    def take(part: ImagePart | AudioPart) -> dict | None:
+    def take(part: ImagePart | AudioPart | VideoPart) -> dict | None:
+        if isinstance(part, VideoPart):
+            if video_marker is None:
+                raise FieldError("this model does not accept video (it needs a Gemma 4 checkpoint with its "
+                                 "vision tower)", "messages")
+            images.append(VideoClip(decode_data_uri(part.url, "video", "video/mp4")))
+            return {"type": "text", "text": video_marker}
         if isinstance(part, AudioPart):
-            if not accepts_audio:
-                raise FieldError("this model does not accept audio (it needs a Gemma 4 checkpoint with its "
-                                 "audio tower)", "messages")
+            if audio_marker is None:
+                raise FieldError("this model does not accept audio (it needs a Gemma 4 or Gemma 3n checkpoint "
+                                 "with its audio tower)", "messages")
             images.append(decode_audio(part))
-            return {"type": "text", "text": "<|audio|>"}
+            return {"type": "text", "text": audio_marker}
         images.append(decode_data_uri(part.url))
         return {"type": "image"} if layout == "gemma3" else None
 
@@ -123,14 +141,16 @@ class VisionRunner:
         self.tokenizer = tokenizer
         self.engine = engine
         self.layout = model.config.layout
-        self.accepts_audio = getattr(model, "audio_tower", None) is not None
+        self.audio_marker = model.audio_marker(tokenizer) if tokenizer is not None else None
+        video = getattr(model.config, "video_token_id", None)
+        self.video_marker = tokenizer.id_to_piece(video) if tokenizer is not None and video is not None else None
         self.context = model.config.max_position_embeddings
         self._lock = threading.Lock()
 
     def prepare(self, messages: list[Message], plan=None) -> tuple[str, list[bytes], list[int]]:
         """``(rendered prompt, images, prompt ids)`` of a chat request's messages (``plan`` its tools
         and template variables, a ChatPlan; None for /tokenize); raises FieldError/GemmakitError for bad input."""
-        chat, images = vision_chat(messages, self.layout, self.accepts_audio)
+        chat, images = vision_chat(messages, self.layout, self.audio_marker, self.video_marker)
         prompt = plan.render(chat, self.tokenizer) if plan is not None else render_chat(chat, tokenizer=self.tokenizer)
         _, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, *_split(images))
         if not isinstance(ids, list):  # text only (Gemma 3): its text decoder reads the prompt
@@ -151,7 +171,7 @@ class VisionRunner:
             return bound.prompt_media(ids)
 
     def transcribe(self, prompt: str, clip: bytes, max_tokens: int) -> str:
-        """The greedy reply to ``prompt`` (which marks the clip with ``<|audio|>``), from the batching engine."""
+        """The greedy reply to ``prompt`` (which marks the clip with :attr:`audio_marker`), from the batching engine."""
         _, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, None, False, [clip])
         request = Request(prompt_ids=tuple(ids), max_tokens=max_tokens, media=self.media(prompt, [AudioClip(clip)], ids))
         pieces: list[str] = []
@@ -172,8 +192,9 @@ class VisionRunner:
         return "".join(pieces)
 
 
-def _split(media: list[bytes]) -> tuple[list[bytes] | None, bool, list[bytes] | None]:
-    """prepare_vision's ``images``, ``pan_and_scan`` and ``audio`` from a request's media."""
-    images = [m for m in media if not isinstance(m, AudioClip)]
+def _split(media: list[bytes]) -> tuple[list[bytes] | None, bool, list[bytes] | None, list[bytes] | None]:
+    """prepare_vision's ``images``, ``pan_and_scan``, ``audio`` and ``videos`` from a request's media."""
+    images = [m for m in media if not isinstance(m, (AudioClip, VideoClip))]
     audio = [bytes(m) for m in media if isinstance(m, AudioClip)]
-    return images or None, False, audio or None
+    videos = [bytes(m) for m in media if isinstance(m, VideoClip)]
+    return images or None, False, audio or None, videos or None

@@ -34,6 +34,7 @@ from PIL import Image
 from gemmakit.errors import InvalidRequestError, TokenizerError
 from gemmakit.models.gemma4_vision import SOFT_TOKEN_BUDGETS, Gemma4ImagePrompt
 from gemmakit.vision.preprocess import ImageSource, load_image
+from gemmakit.vision.video import load_video
 
 
 def target_size(height: int, width: int, patch_size: int, max_patches: int, kernel: int) -> tuple[int, int]:
@@ -152,15 +153,16 @@ def build_media_prompt(config, tokenizer, text: str, image_tokens: list[int], au
     return expand_audio_tokens(ids, config, audio_tokens)
 
 
-def prepare(model, tokenizer, prompt, images, pan_and_scan: bool = False, audio=None):
+def prepare(model, tokenizer, prompt, images, pan_and_scan: bool = False, audio=None, videos=None):
     """:func:`gemmakit.vision.generate.prepare_vision` for a Gemma 4 multimodal model: ``(model
     for the engine, prompt, engine kwargs)``, every check made before any model work. ``audio``
-    (files, bytes or samples) needs the checkpoint's audio tower."""
+    (files, bytes or samples) needs the checkpoint's audio tower; ``videos`` (files, bytes or
+    frames, gemmakit.vision.video) give 32 frames each at 70 soft tokens a frame."""
     if pan_and_scan:
         raise InvalidRequestError("pan & scan is a Gemma 3 option; Gemma 4 keeps each image's aspect ratio")
     if audio and model.audio_tower is None:
         raise InvalidRequestError("this Gemma 4 checkpoint has no audio tower; it cannot take audio")
-    if not images and not audio:
+    if not images and not audio and not videos:
         return model.decoder, prompt, {}  # without media, the text decoder alone
     if not isinstance(prompt, str):
         raise InvalidRequestError("a prompt with images or audio must be text (their tokens are placed for you)")
@@ -175,34 +177,44 @@ def prepare(model, tokenizer, prompt, images, pan_and_scan: bool = False, audio=
         from gemmakit.audio.prompt import audio_inputs
 
         features, mask, counts = audio_inputs(list(audio), num_mel_bins=model.config.audio.num_mel_bins)
+    video_values = video_positions = None
+    if videos:
+        spec = {**spec_for(model.config), "max_soft_tokens": VIDEO_SOFT_TOKENS}
+        inputs = [frame_inputs(*load_video(v), **spec) for v in videos]
+        video_values = torch.cat([v[0] for v in inputs]).to(model.dtype)
+        video_positions = torch.cat([v[1] for v in inputs])
+        layout = [(v[2], v[3]) for v in inputs]
+        prompt = expand_video_markers(model.config, tokenizer, prompt, layout)
     ids = build_media_prompt(model.config, tokenizer, prompt, tokens, counts)
+    if videos:
+        check_video_tokens(model.config, tokenizer, ids, layout)
     context = model.config.max_position_embeddings
     if len(ids) >= context:
         raise InvalidRequestError(f"the prompt with its media is {len(ids)} tokens; the model's context is {context}")
-    return Gemma4ImagePrompt(model, pixels, positions, features, mask), ids, {"prefill_chunk": len(ids)}
+    bound = Gemma4ImagePrompt(model, pixels, positions, features, mask, video_values, video_positions)
+    return bound, ids, {"prefill_chunk": len(ids)}
 
 
-def sample_frames(total: int, num_frames: int = 32) -> list[int]:
-    """Indices of ``num_frames`` frames spread evenly over ``total`` (all of them when fewer)."""
-    if total <= 0:
-        raise InvalidRequestError("the video has no frames")
-    n = min(num_frames, total)
-    return [i * total // n for i in range(n)]
+VIDEO_SOFT_TOKENS = 70  # Gemma4VideoProcessor's budget a frame
 
 
-def video_inputs(frames, fps: float | None = None, num_frames: int | None = 32, max_soft_tokens: int = 70,
+def video_inputs(frames, fps: float | None = None, num_frames: int | None = 32, max_soft_tokens: int = VIDEO_SOFT_TOKENS,
                  patch_size: int = 16, kernel: int = 3) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
-    """A video's frames (``[T, H, W, 3]`` uint8, or a list of RGB images) -> ``pixel_values [F, budget,
-    patch^2 * 3]``, positions ``[F, budget, 2]``, soft tokens per frame and each frame's time in
-    seconds; ``num_frames`` None keeps every frame."""
+    """A video (a file, its bytes, frames ``[T, H, W, 3]`` uint8 or a list of RGB images) ->
+    ``pixel_values [F, budget, patch^2 * 3]``, positions ``[F, budget, 2]``, soft tokens per frame and
+    each frame's time in seconds; ``num_frames`` None keeps every frame."""
+    if isinstance(frames, (list, tuple)):
+        frames = np.stack([np.asarray(load_image(f)) for f in frames])
+    taken, times = load_video(frames, num_frames, fps)
+    return frame_inputs(taken, times, max_soft_tokens, patch_size, kernel)
+
+
+def frame_inputs(frames: np.ndarray, times: list[float], max_soft_tokens: int = VIDEO_SOFT_TOKENS, patch_size: int = 16,
+                 kernel: int = 3) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
+    """:func:`video_inputs` of the frames already taken (``[F, H, W, 3]`` uint8) at ``times``."""
     if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
         raise InvalidRequestError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
-    if not isinstance(frames, np.ndarray):
-        frames = np.stack([np.asarray(load_image(f)) for f in frames])
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise InvalidRequestError(f"video frames must be [T, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
-    indices = list(range(len(frames))) if num_frames is None else sample_frames(len(frames), num_frames)
-    video = torch.from_numpy(np.ascontiguousarray(frames[indices])).permute(0, 3, 1, 2)  # [F, 3, H, W] uint8
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [F, 3, H, W] uint8
     budget = max_soft_tokens * kernel**2
     h, w = target_size(video.shape[2], video.shape[3], patch_size, budget, kernel)
     if (h, w) != tuple(video.shape[2:]):
@@ -215,8 +227,7 @@ def video_inputs(frames, fps: float | None = None, num_frames: int | None = 32, 
     ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     positions = torch.full((len(x), budget, 2), -1, dtype=torch.long)
     positions[:, : rows * cols] = torch.stack([xs.flatten(), ys.flatten()], -1)
-    rate = fps or 24
-    return pixels, positions, rows * cols // kernel**2, [i / rate for i in indices]
+    return pixels, positions, rows * cols // kernel**2, list(times)
 
 
 def video_text(config, tokenizer, tokens_per_frame: int, timestamps: list[float]) -> str:
@@ -230,19 +241,28 @@ def build_video_prompt(config, tokenizer, text: str, videos: list[tuple[int, lis
                        soft_tokens: list[int] = ()) -> list[int]:
     """Token ids of ``text`` whose video markers (the video token's piece) stand for ``videos``
     (``(tokens_per_frame, timestamps)`` each) and whose image markers for images of ``soft_tokens``."""
+    text = expand_video_markers(config, tokenizer, text, videos)
+    ids = build_prompt(config, tokenizer, text, list(soft_tokens)) if soft_tokens else tokenizer.encode(text, add_bos=True)
+    check_video_tokens(config, tokenizer, ids, videos)
+    return ids
+
+
+def expand_video_markers(config, tokenizer, text: str, videos: list[tuple[int, list[float]]]) -> str:
+    """``text`` with each video marker (the video token's piece; one per video in front where it
+    has none) replaced by its frames' text (:func:`video_text`)."""
     if config.video_token_id is None:
-        raise InvalidRequestError("this model's config names no video token")
+        raise InvalidRequestError("this model's config names no video token; it cannot take video")
     piece = tokenizer.id_to_piece(config.video_token_id)
     if text.count(piece) != len(videos):
         if piece in text:
             raise InvalidRequestError(f"the prompt marks {text.count(piece)} video(s) but {len(videos)} were given")
         text = piece * len(videos) + text
     parts = text.split(piece)
-    text = parts[0] + "".join(video_text(config, tokenizer, n, times) + rest
+    return parts[0] + "".join(video_text(config, tokenizer, n, times) + rest
                               for (n, times), rest in zip(videos, parts[1:]))
-    if soft_tokens:
-        return build_prompt(config, tokenizer, text, list(soft_tokens))
-    ids = tokenizer.encode(text, add_bos=True)
+
+
+def check_video_tokens(config, tokenizer, ids: list[int], videos: list[tuple[int, list[float]]]) -> None:
     if ids.count(config.video_token_id) != sum(n * len(times) for n, times in videos):
-        raise TokenizerError(f"the tokenizer does not encode {piece!r} as the video token {config.video_token_id}")
-    return ids
+        raise TokenizerError(f"the tokenizer does not encode {tokenizer.id_to_piece(config.video_token_id)!r} "
+                             f"as the video token {config.video_token_id}; is this the model's own tokenizer?")

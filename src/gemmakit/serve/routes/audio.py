@@ -44,10 +44,10 @@ def form_fields(content_type: str, body: bytes) -> dict[str, tuple[str | None, b
     return fields
 
 
-def instruction(language: str | None, prompt: str | None) -> str:
+def instruction(language: str | None, prompt: str | None, marker: str) -> str:
     where = f" in {language} into {language} text" if language else " into text"
     context = f"It follows: {prompt}\n" if prompt else ""
-    return f"{context}Transcribe the following speech segment{where}.<|audio|>"
+    return f"{context}Transcribe the following speech segment{where}.{marker}"
 
 
 @router.post("/v1/audio/transcriptions")
@@ -67,11 +67,12 @@ async def transcriptions(request: Request, state: State):
     if response_format not in ("json", "text"):
         raise FieldError(f"response_format {response_format!r} is not supported (json or text)", "response_format")
     runner = state.vision
-    if runner is None or not runner.accepts_audio:
-        raise FieldError("this model does not accept audio (it needs a Gemma 4 checkpoint with its audio tower)",
-                         "file")
+    if runner is None or runner.audio_marker is None:
+        raise FieldError("this model does not accept audio (it needs a Gemma 4 or Gemma 3n checkpoint with its "
+                         "audio tower)", "file")
     clip = await asyncio.to_thread(read_clip, fields["file"][1], "file")  # libsndfile knows the format by its bytes
-    prompt = render_chat([{"role": "user", "content": instruction(text.get("language"), text.get("prompt"))}],
+    prompt = render_chat([{"role": "user", "content": instruction(text.get("language"), text.get("prompt"),
+                                                                             runner.audio_marker)}],
                          tokenizer=state.tokenizer)
     result = await asyncio.to_thread(runner.transcribe, prompt, bytes(clip), state.default_max_tokens)
     if response_format == "text":
