@@ -190,3 +190,25 @@ def test_served_video_url_equals_the_plain_api(pair, clip):
                     "https://example.com/v.mp4", "data:video/mp4;base64,@@@"):
             r = httpx.post(url, timeout=60, json={"max_tokens": 2, "messages": messages(bad)})
             assert r.status_code == 400 and r.json()["error"]["message"], bad
+
+
+def test_chat_attaches_a_video(pair, clip, capsys, monkeypatch, tmp_path):
+    """`/video FILE` marks the next message; the reply is the plain API's for the rendered history."""
+    import io
+
+    from gemmakit.api import stream_generation
+    from gemmakit.chat import render_chat
+    from gemmakit.cli import main
+
+    _, ours, path = pair
+    (tmp_path / "bad.mp4").write_bytes(b"junk")
+    script = f"/video {tmp_path / 'bad.mp4'}\n/video {clip}\nwhat happens\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["chat", "--model", str(path), "-n", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "cannot read video file" in captured.err and f"(video attached: {clip})" in captured.err
+    assert "Traceback" not in captured.err
+    tokenizer = _tokenizer()
+    prompt = render_chat([{"role": "user", "content": "<|video|>what happens"}], tokenizer=tokenizer)
+    expected = "".join(p for p, _ in stream_generation(ours, tokenizer, prompt, max_tokens=3, videos=[clip]))
+    assert captured.out == expected + "\n"

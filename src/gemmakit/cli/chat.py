@@ -33,7 +33,7 @@ def run(args) -> int:
     from gemmakit.api import require_generative, settle_for_serving, stream_generation
     from gemmakit.chat import pretrained_warning, render_chat
     from gemmakit.chat.thinking import ThoughtSplitter
-    from gemmakit.audio.chat import ChatAudio
+    from gemmakit.cli.attachments import chat_audio, chat_videos
     from gemmakit.vision.chat import ChatImages
 
     model, tokenizer, report = load_model(args)
@@ -45,10 +45,11 @@ def run(args) -> int:
     settle_for_serving(model)  # a chat waits for its user anyway: no reply pays the huge-page copy
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     images = ChatImages(model)
-    clips = ChatAudio(model, tokenizer)
+    clips, videos = chat_audio(model, tokenizer), chat_videos(model, tokenizer)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("gemmakit chat: /reset clears the history, /image PATH attaches an image, /audio FILE a clip, /exit or Ctrl-D quits.",
+        print("gemmakit chat: /reset clears the history, /image PATH attaches an image, /audio FILE a clip, "
+              "/video FILE a video, /exit or Ctrl-D quits.",
               file=sys.stderr)
     while True:
         try:
@@ -64,6 +65,7 @@ def run(args) -> int:
             history = history[:1] if args.system else []
             images.reset()
             clips.reset()
+            videos.reset()
             print("(history cleared)", file=sys.stderr)
             continue
         if text.startswith("/image"):
@@ -72,17 +74,19 @@ def run(args) -> int:
             except GemmakitError as exc:  # a bad image costs the user nothing but this line
                 print_error(exc)
             continue
-        if text.startswith("/audio"):
+        attachments = next((a for a in (clips, videos) if text.startswith("/" + a.command)), None)
+        if attachments is not None:
             try:
-                print(clips.attach(text[len("/audio"):].strip()), file=sys.stderr)
-            except GemmakitError as exc:  # so does a bad clip
+                print(attachments.attach(text[len(attachments.command) + 1:].strip()), file=sys.stderr)
+            except GemmakitError as exc:  # so does a bad clip or video
                 print_error(exc)
             continue
-        history.append({"role": "user", "content": clips.mark(images.mark(text))})
+        history.append({"role": "user", "content": videos.mark(clips.mark(images.mark(text)))})
         prompt = render_chat(history, tokenizer=tokenizer, enable_thinking=args.think is not None)
         splitter = ThoughtSplitter()
         pieces = stream_generation(model, tokenizer, prompt, images=images.all() or None, audio=clips.all() or None,
-                                   pan_and_scan=args.pan_and_scan, **sampling_kwargs(args))
+                                   videos=videos.all() or None, pan_and_scan=args.pan_and_scan,
+                                   **sampling_kwargs(args))
         for piece, _ in pieces:
             _show(splitter.push(piece), args.think)
         _show(splitter.flush(), args.think)
