@@ -72,6 +72,15 @@ def _request(model, tokenizer, prompt, images=None, audio=None, max_tokens=6, **
                    params=SamplingParams(**params))
 
 
+def batched(model, tokenizer, requests: list[Request], chunk: int = 256, max_batch: int = 3) -> list[list[int]]:
+    """Each request's tokens (its first choice), all run together through one engine."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=chunk)
+    try:
+        return [g[0] for g in engine.generate(requests)]
+    finally:
+        engine.shutdown()
+
+
 def _cases(kind: str) -> list[tuple[str, list | None, dict]]:
     """(prompt, images, sampling) of requests mixing images and text, greedy and sampled."""
     def chat(k: int, images: int) -> str:
@@ -93,12 +102,8 @@ def test_batched_media_requests_equal_one_at_a_time(vlm, chunk):
     if kind != "paligemma":  # the image matters: the same question about another picture differs
         assert expected[0] != _one_at_a_time(model, tokenizer, cases[0][0], [picture(5)])
     requests = [_request(model, tokenizer, p, images, **s) for p, images, s in cases]
-    engine = Engine(model, tokenizer, max_batch=3, prefill_chunk=chunk)  # (3 cuts inside every image but for the rule)
-    try:
-        got = engine.generate(requests + requests)  # the second round meets rows holding the first's prompts
-    finally:
-        engine.shutdown()
-    assert [g[0] for g in got] == expected + expected
+    # (chunks of 3 cut inside every image but for the rule); the second round meets rows holding the first's prompts
+    assert batched(model, tokenizer, requests + requests, chunk) == expected + expected
 
 
 def _first_step_logprobs(engine: Engine, request: Request) -> dict[int, float]:
@@ -219,9 +224,4 @@ def test_gemma4_images_and_audio_batched_equal_one_at_a_time(pair):
     expected = [_one_at_a_time(model, tok, p, images, audio, **s) for p, (_, images, audio, s) in zip(prompts, cases)]
     requests = [_request(model, tok, p, images, audio, **s) for p, (_, images, audio, s) in zip(prompts, cases)]
     for chunk in (256, 5):
-        engine = Engine(model, tok, max_batch=3, prefill_chunk=chunk)
-        try:
-            got = engine.generate(requests)
-        finally:
-            engine.shutdown()
-        assert [g[0] for g in got] == expected, chunk
+        assert batched(model, tok, requests, chunk) == expected, chunk

@@ -91,9 +91,7 @@ def test_batched_clips_equal_one_at_a_time(pair):
     """Two clips of different lengths in one prompt, and prompts of one clip each batched by the
     engine, against each request alone."""
     from test_audio import clips
-    from test_engine_media import _one_at_a_time, _request
-
-    from gemmakit.engine.scheduler import Engine
+    from test_engine_media import _one_at_a_time, _request, batched
 
     _, model, tokenizer, _ = pair
     sound = clips()
@@ -105,12 +103,7 @@ def test_batched_clips_equal_one_at_a_time(pair):
     expected = [_one_at_a_time(model, tokenizer, p, images, audio, **s) for p, images, audio, s in cases]
     requests = [_request(model, tokenizer, p, images, audio, **s) for p, images, audio, s in cases]
     for chunk in (256, 7):
-        engine = Engine(model, tokenizer, max_batch=3, prefill_chunk=chunk)
-        try:
-            got = engine.generate(requests)
-        finally:
-            engine.shutdown()
-        assert [g[0] for g in got] == expected, chunk
+        assert batched(model, tokenizer, requests, chunk) == expected, chunk
 
 
 def test_cli_generate_with_a_clip(pair, capsys, tmp_path):

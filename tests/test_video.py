@@ -126,9 +126,11 @@ def test_cli_generate_with_a_video(pair, clip, capsys, tmp_path):
 
 
 def test_video_requests_batched_equal_one_at_a_time(pair, clip, tmp_path):
+    from test_engine_media import batched
+
     from gemmakit.api import stream_generation
     from gemmakit.engine.sampling import SamplingParams
-    from gemmakit.engine.scheduler import Engine, Request
+    from gemmakit.engine.scheduler import Request
     from gemmakit.vision.generate import prepare_vision
 
     _, ours, _ = pair
@@ -150,12 +152,7 @@ def test_video_requests_batched_equal_one_at_a_time(pair, clip, tmp_path):
         ids = ids if videos else tokenizer.encode(prompt, add_bos=True)
         requests.append(Request(prompt_ids=tuple(ids), max_tokens=5, stop_ids=frozenset(), params=SamplingParams(),
                                 media=bound.prompt_media(ids) if videos else None))
-    engine = Engine(ours, tokenizer, max_batch=3, prefill_chunk=16)
-    try:
-        got = engine.generate(requests)
-    finally:
-        engine.shutdown()
-    assert [g[0] for g in got] == expected
+    assert batched(ours, tokenizer, requests, chunk=16) == expected
 
 
 def test_served_video_url_equals_the_plain_api(pair, clip):

@@ -349,7 +349,7 @@ class Gemma4VisionLanguageModel(MediaModel):
         return h.masked_scatter(slots[..., None], features.to(h.dtype))
 
     def soft_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._group_token_mask(input_ids) | self._audio_mask(input_ids)
+        return self._group_token_mask(input_ids) | self.audio_slots(input_ids)
 
     def prompt_groups(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         return self.attention_groups(input_ids, 0)
@@ -361,28 +361,8 @@ class Gemma4VisionLanguageModel(MediaModel):
             mask |= input_ids == self.config.video_token_id
         return mask
 
-    def _audio_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.config.audio_token_id is None:
-            return torch.zeros_like(input_ids, dtype=torch.bool)
-        return input_ids == self.config.audio_token_id
-
-    def _splice_audio(self, h: torch.Tensor, slots: torch.Tensor, features: torch.Tensor | None,
-                      mask: torch.Tensor | None) -> torch.Tensor:
-        """``h`` with each clip's real soft tokens written, in order, at the audio ``slots``."""
-        if features is None:
-            if bool(slots.any()):
-                raise InvalidRequestError("the prompt has audio tokens but no audio features were given")
-            return h
-        if self.audio_tower is None:
-            raise InvalidRequestError("this Gemma 4 checkpoint has no audio tower; it cannot take audio")
-        param = next(self.audio_tower.parameters())
-        tokens, valid = self.audio_tower(features.to(param.device, param.dtype),
-                                         None if mask is None else mask.to(param.device))
-        tokens = torch.cat(soft_tokens_per_clip(tokens, valid))
-        if int(slots.sum()) != tokens.shape[0]:
-            raise InvalidRequestError(f"{features.shape[0]} audio clip(s) make {tokens.shape[0]} soft tokens "
-                                      f"but the prompt has {int(slots.sum())} audio tokens")
-        return h.masked_scatter(slots[..., None], tokens.to(h.device, h.dtype))
+    def audio_tokens(self, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat(soft_tokens_per_clip(*self.audio_tower(features, mask)))  # each clip's real tokens
 
     def attention_groups(self, input_ids: torch.Tensor, start: int) -> torch.Tensor | None:
         """Per-token group ids ``[B, T]`` (-1 = causal): one group per run of soft tokens, whose id
@@ -397,7 +377,7 @@ class Gemma4VisionLanguageModel(MediaModel):
                     audio_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(decoder ids, input embeddings [B, T, hidden])``: the media's soft tokens at their
         placeholders, whose ids become the pad token's (what the per-layer embeddings read there)."""
-        audio = self._audio_mask(input_ids)
+        audio = self.audio_slots(input_ids)
         text_ids = torch.where(self._group_token_mask(input_ids) | audio, self.config.pad_token_id, input_ids)
         h = self.decoder.embed_tokens(text_ids)  # [B, T, hidden]
         h = self._splice(h, input_ids == self.config.image_token_id, pixel_values, image_positions, "image")

@@ -127,6 +127,33 @@ class MediaModel(DecoderAddOn):
         """Attention groups ``[B, L]`` of whole prompts ``[B, L]`` starting at position 0 (None: causal)."""
         raise NotImplementedError
 
+    def audio_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where ``input_ids`` hold audio placeholders (none for a config without an audio token)."""
+        if getattr(self.config, "audio_token_id", None) is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == self.config.audio_token_id
+
+    def audio_tokens(self, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The soft tokens ``[n, hidden]`` of clips' features ``[A, frames, mels]``, in prompt order."""
+        raise NotImplementedError
+
+    def _splice_audio(self, h: torch.Tensor, slots: torch.Tensor, features: torch.Tensor | None,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        """``h`` with the clips' soft tokens written, in order, at the audio ``slots``."""
+        if features is None:
+            if bool(slots.any()):
+                raise InvalidRequestError("the prompt has audio tokens but no audio features were given")
+            return h
+        if getattr(self, "audio_tower", None) is None:
+            raise InvalidRequestError("this checkpoint has no audio tower; it cannot take audio")
+        param = next(self.audio_tower.parameters())
+        tokens = self.audio_tokens(features.to(param.device, param.dtype),
+                                   None if mask is None else mask.to(param.device))
+        if int(slots.sum()) != tokens.shape[0]:
+            raise InvalidRequestError(f"{features.shape[0]} audio clip(s) make {tokens.shape[0]} soft tokens "
+                                      f"but the prompt has {int(slots.sum())} audio tokens")
+        return h.masked_scatter(slots[..., None], tokens.to(h.device, h.dtype))
+
 
 class WrapsTextConfig:
     """What a multimodal config answers for its text decoder's config (``self.text``)."""
@@ -283,12 +310,7 @@ class VisionLanguageModel(MediaModel):
         return self.embed_tokens(input_ids)
 
     def soft_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return (input_ids == self.config.image_token_id) | self._audio_slots(input_ids)
-
-    def _audio_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.config.audio_token_id is None:
-            return torch.zeros_like(input_ids, dtype=torch.bool)
-        return input_ids == self.config.audio_token_id
+        return (input_ids == self.config.image_token_id) | self.audio_slots(input_ids)
 
     def prompt_groups(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -298,7 +320,7 @@ class VisionLanguageModel(MediaModel):
                     audio_features: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings ``[B, T, hidden]`` with the soft tokens of ``pixel_values`` (and of the
         clips' ``audio_features``) at the placeholders."""
-        audio = self._audio_slots(input_ids)
+        audio = self.audio_slots(input_ids)
         placeholders = input_ids == self.config.image_token_id
         h = self.embed_tokens(torch.where(placeholders | audio, 0, input_ids))  # [B, T, hidden]
         h = self._splice_audio(h, audio, audio_features, audio_mask)
@@ -313,22 +335,9 @@ class VisionLanguageModel(MediaModel):
             raise InvalidRequestError("the prompt has image tokens but no pixel_values were given")
         return h
 
-    def _splice_audio(self, h: torch.Tensor, slots: torch.Tensor, features: torch.Tensor | None,
-                      mask: torch.Tensor | None) -> torch.Tensor:
-        """``h`` with each clip's ``audio.soft_tokens`` tokens (real ones, then padding) at the audio ``slots``."""
-        if features is None:
-            if bool(slots.any()):
-                raise InvalidRequestError("the prompt has audio tokens but no audio features were given")
-            return h
-        if self.audio_tower is None:
-            raise InvalidRequestError("this model has no audio tower; it cannot take audio")
-        param = next(self.audio_tower.parameters())
-        tokens = self.audio_tower.prompt_tokens(features.to(param.device, param.dtype),
-                                                None if mask is None else mask.to(param.device))
-        if int(slots.sum()) != tokens.shape[0] * tokens.shape[1]:
-            raise InvalidRequestError(f"{tokens.shape[0]} audio clip(s) need {tokens.shape[0] * tokens.shape[1]} "
-                                      f"audio tokens but the prompt has {int(slots.sum())}")
-        return h.masked_scatter(slots[..., None], tokens.to(h.device, h.dtype))
+    def audio_tokens(self, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # every clip fills its audio.soft_tokens places: its real tokens, then padding
+        return self.audio_tower.prompt_tokens(features, mask).flatten(0, 1)
 
     def attention_groups(self, input_ids: torch.Tensor, start: int, with_images: bool,
                          positions: torch.Tensor) -> torch.Tensor | None:
