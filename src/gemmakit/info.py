@@ -44,14 +44,33 @@ def _config_for(source: str | None) -> tuple[ModelConfig, dict[str, Any]]:
     return checkpoint.config, extra
 
 
+def vision_report(config) -> dict[str, Any]:
+    """What ``info`` says of a multimodal config's vision tower (its kind, shape and parameters)."""
+    from gemmakit.models.gemma4_vision import UnifiedVisionConfig
+
+    v = config.vision
+    if hasattr(v, "architecture"):  # Gemma 3n's MobileNet-v5, named by its timm architecture
+        tower, patch, layers = f"timm {v.architecture}", None, 0
+    elif isinstance(v, UnifiedVisionConfig):  # the Gemma 4 12B: no encoder
+        tower, patch, layers = "patch projection (no encoder)", v.patch_size * v.pooling_kernel_size, 0
+    else:
+        tower, patch, layers = "SigLIP" if hasattr(v, "image_size") else "Gemma 4 ViT", v.patch_size, v.num_layers
+    # Gemma 4 keeps each image's aspect ratio: its budget bounds the tokens an image gets
+    tokens = getattr(config, "tokens_per_image", None) or config.max_soft_tokens
+    return {"tower": tower, "image_size": getattr(v, "image_size", None), "patch_size": patch, "layers": layers,
+            "hidden_size": v.hidden_size, "tokens_per_image": tokens, "parameters": v.num_parameters()}
+
+
 def audio_parameters(audio) -> int:
     """Parameters of the audio tower (encoder and embedder) that ``audio`` describes, counted on a
     skeleton with no storage."""
     from gemmakit.models.gemma3n_audio import Gemma3nAudioConfig, Gemma3nAudioTower
     from gemmakit.models.gemma4_audio import Gemma4AudioTower
+    from gemmakit.models.gemma4_vision import FrameEmbedder, UnifiedAudioConfig
 
+    kind = {Gemma3nAudioConfig: Gemma3nAudioTower, UnifiedAudioConfig: FrameEmbedder}.get(type(audio), Gemma4AudioTower)
     with torch.device("meta"):
-        tower = (Gemma3nAudioTower if isinstance(audio, Gemma3nAudioConfig) else Gemma4AudioTower)(audio)
+        tower = kind(audio)
     return sum(p.numel() for p in tower.parameters())
 
 
@@ -79,14 +98,11 @@ def describe(source: str | None, context: int | None = None, matformer=None) -> 
     context = context or config.max_position_embeddings
     params = (embedding or config).num_parameters()
     if hasattr(config, "vision"):  # a vision-language model: report its decoder, and the tower beside it
-        v = config.vision
-        # a SigLIP ViT has patches and layers; Gemma 3n's MobileNet-v5 is named by its timm architecture
-        shape = ({"architecture": v.architecture} if hasattr(v, "architecture")
-                 else {"patch_size": v.patch_size, "layers": v.num_layers})
-        extra["vision"] = {"image_size": v.image_size, **shape, "hidden_size": v.hidden_size,
-                           "tokens_per_image": config.tokens_per_image, "parameters": v.num_parameters()}
+        extra["vision"] = vision_report(config)
         if (audio := getattr(config, "audio", None)) is not None:  # Gemma 4 / Gemma 3n's Conformer
-            extra["audio"] = {"layers": audio.conformer.num_layers, "hidden_size": audio.conformer.hidden_size,
+            conformer = getattr(audio, "conformer", None)  # (none for the 12B's frame projection)
+            extra["audio"] = {"layers": conformer.num_layers if conformer else 0,
+                              "hidden_size": conformer.hidden_size if conformer else audio.frame_samples,
                               # Gemma 3n reserves a fixed count a clip; Gemma 4 one token per 40 ms
                               "tokens_per_clip": getattr(audio, "soft_tokens", None),
                               "parameters": audio_parameters(audio)}
@@ -187,13 +203,17 @@ def format_report(r: dict[str, Any]) -> str:
                      f"keys/values (no cache of its own); {head}")
     if "vision" in r:
         v = r["vision"]
-        lines.append(f"vision       SigLIP {v['image_size']}px / {v['patch_size']}, {v['layers']} layers x "
-                     f"{v['hidden_size']}, {v['tokens_per_image']} tokens per image, "
+        size = f" {v['image_size']}px" if v["image_size"] else ""
+        patch = f" / {v['patch_size']}" if v["patch_size"] else ""
+        lines.append(f"vision       {v['tower']}{size}{patch}, {v['layers']} layers x {v['hidden_size']}, "
+                     f"{'up to ' if not v['image_size'] else ''}{v['tokens_per_image']} tokens per image, "
                      f"{v['parameters'] / 1e6:.0f}M parameters (included above)")
     if "audio" in r:
         a = r["audio"]
         per = f"{a['tokens_per_clip']} tokens per clip" if a["tokens_per_clip"] else "25 tokens a second"
-        lines.append(f"audio        Conformer, {a['layers']} layers x {a['hidden_size']}, {per}, "
+        tower = (f"Conformer, {a['layers']} layers x {a['hidden_size']}" if a["layers"]
+                 else f"frame projection (no encoder), {a['hidden_size']} samples a token")
+        lines.append(f"audio        {tower}, {per}, "
                      f"{a['parameters'] / 1e6:.0f}M parameters (not included above)")
     if "matformer" in r:
         m = r["matformer"]

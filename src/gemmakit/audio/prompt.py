@@ -42,3 +42,21 @@ def audio_inputs(sources, spec=None, num_mel_bins: int = 128, tokens_per_clip: i
         raise InvalidRequestError("an audio clip is too short to give any soft token (under 40 ms)")
     features, mask = stack_features([log_mel([w], spec) for w in waves])
     return features, mask, counts
+
+
+def audio_frames(sources, frame_samples: int = 640):
+    """Gemma 4 12B's audio input: ``(frames [N, T, frame_samples], mask [N, T], frames per clip)`` of
+    files, bytes or samples read at 16 kHz; each clip zero-padded to whole frames (its last partial
+    frame is real) and the batch to its longest clip, as Gemma4UnifiedAudioFeatureExtractor does."""
+    import torch
+
+    from gemmakit.audio.io import load_audio
+
+    waves = [load_audio(s) for s in sources]
+    counts = [-(-len(w) // frame_samples) for w in waves]
+    frames = torch.zeros(len(waves), max(counts), frame_samples)
+    mask = torch.zeros(len(waves), max(counts), dtype=torch.bool)
+    for i, (w, n) in enumerate(zip(waves, counts)):
+        frames[i].view(-1)[: len(w)] = torch.from_numpy(w)
+        mask[i, :n] = True
+    return frames, mask, counts

@@ -22,7 +22,8 @@ from gemmakit.checkpoints.hf_audio import gemma4_audio_config_from_hf, gemma4_au
 from gemmakit.checkpoints.hf_vision import multimodal_checkpoint, prefix_finder
 from gemmakit.checkpoints.safetensors import _PREFIXES, _ShardedFiles
 from gemmakit.errors import CheckpointError, UnsupportedModelError
-from gemmakit.models.gemma4_vision import Gemma4MultimodalConfig, Gemma4VisionConfig
+from gemmakit.models.gemma4_vision import (Gemma4MultimodalConfig, Gemma4VisionConfig, UnifiedAudioConfig,
+                                           UnifiedVisionConfig)
 
 _VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")
 _EMBED_PREFIXES = ("model.embed_vision.", "embed_vision.")
@@ -32,7 +33,23 @@ AUDIO_TOKEN, BOA, EOA = 258_881, 256_000, 258_883
 
 
 def is_gemma4_vision(raw: dict[str, Any]) -> bool:
-    return raw.get("model_type") == "gemma4" and isinstance(raw.get("vision_config"), dict)
+    return raw.get("model_type") in ("gemma4", "gemma4_unified") and isinstance(raw.get("vision_config"), dict)
+
+
+def unified_vision_config_from_hf(raw: dict[str, Any], source: str = "config.json") -> UnifiedVisionConfig:
+    """The 12B's encoder-free image embedding from a Gemma4UnifiedVisionConfig dict."""
+    try:
+        config = UnifiedVisionConfig(
+            mm_embed_dim=int(raw.get("mm_embed_dim", 3840)), mm_posemb_size=int(raw.get("mm_posemb_size", 1120)),
+            patch_size=int(raw.get("patch_size", 16)), pooling_kernel_size=int(raw.get("pooling_kernel_size", 3)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)))
+        projected = int(raw.get("output_proj_dims", config.mm_embed_dim))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: invalid vision_config ({exc})") from None
+    if projected != config.mm_embed_dim:  # the embedder projects what the patch projection gives
+        raise CheckpointError(f"{source}: vision_config.output_proj_dims {projected} differs from mm_embed_dim "
+                              f"{config.mm_embed_dim}")
+    return config
 
 
 def vision_config_from_hf(raw: dict[str, Any], source: str = "config.json") -> Gemma4VisionConfig:
@@ -62,20 +79,29 @@ def multimodal_config_from_hf(raw: dict[str, Any], source: str = "config.json",
                               max_soft_tokens: int | None = None) -> Gemma4MultimodalConfig:
     text_raw = gemma4.text_config(raw)
     name = str(raw.get("_name_or_path") or "gemma4")
-    # soft tokens attend both ways on sliding-window layers only (transformers'
-    # create_masks_for_vision_model); global layers stay causal
-    text = gemma4.config_from_hf(text_raw, source).replace(name=name, group_layer_kinds=("local",))
+    unified = raw.get("model_type") == "gemma4_unified"
+    text = gemma4.config_from_hf(text_raw, source).replace(name=name)
+    if unified:  # each image's (or frame's) run attends both ways on every layer, past the window too
+        # (transformers' Gemma4UnifiedModel.forward: block_sequence_ids OR-ed into both masks)
+        text = text.replace(group_layer_kinds=("global", "local"), group_bypasses_window=True)
+        vision = unified_vision_config_from_hf(raw["vision_config"], source)
+    else:  # on sliding-window layers only (create_masks_for_vision_model); global layers stay causal
+        text = text.replace(group_layer_kinds=("local",))
+        vision = vision_config_from_hf(raw["vision_config"], source)
     video = raw.get("video_token_id", VIDEO_TOKEN)
     audio = None
     if isinstance(raw.get("audio_config"), dict):
-        audio = gemma4_audio_config_from_hf(raw, source)
+        audio = (UnifiedAudioConfig(frame_samples=int(raw["audio_config"].get("audio_embed_dim", 640)),
+                                    text_hidden_size=text.hidden_size,
+                                    rms_norm_eps=float(raw["audio_config"].get("rms_norm_eps", 1e-6)))
+                 if unified else gemma4_audio_config_from_hf(raw, source))
     try:
         return Gemma4MultimodalConfig(
-            text=text, vision=vision_config_from_hf(raw["vision_config"], source),
+            text=text, vision=vision,
             image_token_id=int(raw.get("image_token_id", IMAGE_TOKEN)), boi_token_id=int(raw.get("boi_token_id", BOI)),
             eoi_token_id=int(raw.get("eoi_token_id", EOI)), video_token_id=None if video is None else int(video),
             pad_token_id=int(text_raw.get("pad_token_id") or 0),
-            bidirectional_images=text_raw.get("use_bidirectional_attention") == "vision",
+            bidirectional_images=text_raw.get("use_bidirectional_attention", "vision" if unified else None) == "vision",
             max_soft_tokens=int(max_soft_tokens or 280), name=name, audio=audio,
             audio_token_id=None if audio is None else int(raw.get("audio_token_id") or AUDIO_TOKEN),
             boa_token_id=None if audio is None else int(raw.get("boa_token_id") or BOA),
@@ -102,6 +128,24 @@ def processor_budget(directory: Path) -> int | None:
         if value is not None:
             return int(value)
     return None
+
+
+_UNIFIED_VISION = ("patch_ln1.weight", "patch_ln1.bias", "patch_dense.weight", "patch_dense.bias", "patch_ln2.weight",
+                   "patch_ln2.bias", "pos_embedding", "pos_norm.weight", "pos_norm.bias")
+
+
+def unified_names(config: Gemma4MultimodalConfig, available) -> dict[str, str]:
+    """Our names of the 12B's image (and audio) embedders -> the file's. Saved files hold them as
+    ``model.vision_embedder.*`` and ``model.embed_vision.embedding_projection``; the model in memory
+    as ``model.embed_vision.*`` with the projection under ``multimodal_embedder.``: both are read."""
+    saved = "model.vision_embedder.patch_dense.weight" in available
+    vision, projection = (("model.vision_embedder.", "model.embed_vision.") if saved else
+                          ("model.embed_vision.", "model.embed_vision.multimodal_embedder."))
+    out = {f"vision.{n}": vision + n for n in _UNIFIED_VISION}
+    out["embed_vision.embedding_projection.weight"] = projection + "embedding_projection.weight"
+    if config.audio is not None:
+        out["audio_tower.embedding_projection.weight"] = "model.embed_audio.embedding_projection.weight"
+    return out
 
 
 def vision_names(config: Gemma4MultimodalConfig, vision_prefix: str, embed_prefix: str) -> dict[str, str]:
@@ -136,9 +180,12 @@ def open_gemma4_vision_directory(directory: Path, raw: dict[str, Any]) -> Checkp
 
     text_mapping = gemma4.hf_names(config.text, find(_PREFIXES, "embed_tokens.weight"))
     mapping = {f"decoder.{ours}": theirs for ours, theirs in text_mapping.items()}
-    mapping.update(vision_names(config, find(_VISION_PREFIXES, "patch_embedder.input_proj.weight"),
-                                find(_EMBED_PREFIXES, "embedding_projection.weight")))
-    if config.audio is not None:
+    if isinstance(config.vision, UnifiedVisionConfig):
+        mapping.update(unified_names(config, available))
+    else:
+        mapping.update(vision_names(config, find(_VISION_PREFIXES, "patch_embedder.input_proj.weight"),
+                                    find(_EMBED_PREFIXES, "embedding_projection.weight")))
+    if config.audio is not None and not isinstance(config.audio, UnifiedAudioConfig):  # (the 12B's: unified_names)
         mapping.update({f"audio_tower.{ours}": name for name in sorted(available)
                         if (ours := gemma4_audio_name(name)) is not None})
     return multimodal_checkpoint(directory, config, files, mapping, text_mapping, available, file_names=mapping)

@@ -96,11 +96,47 @@ class Gemma4VisionConfig:
 
 
 @dataclass(frozen=True)
+class UnifiedVisionConfig:
+    """Gemma 4 12B's encoder-free image embedding (transformers' Gemma4UnifiedVisionConfig): every
+    48-pixel patch (a 3x3 block of the 16-pixel ones) is one soft token, from a projection of its
+    pixels and a factorised 2-D position table, with no attention between patches."""
+
+    mm_embed_dim: int = 3840
+    mm_posemb_size: int = 1120  # rows of the position table, per axis
+    patch_size: int = 16
+    pooling_kernel_size: int = 3  # patches merged per side into one soft token
+    rms_norm_eps: float = 1e-6
+    layer_norm_eps: float = 1e-5  # torch's LayerNorm default, which transformers keeps
+    num_channels: int = 3
+
+    @property
+    def hidden_size(self) -> int:  # what the multimodal embedder projects from
+        return self.mm_embed_dim
+
+    @property
+    def patch_dim(self) -> int:
+        return self.num_channels * (self.patch_size * self.pooling_kernel_size) ** 2
+
+    def num_parameters(self) -> int:
+        d = self.mm_embed_dim
+        return 2 * self.patch_dim + self.patch_dim * d + d + 2 * d + 2 * self.mm_posemb_size * d + 2 * d
+
+
+@dataclass(frozen=True)
+class UnifiedAudioConfig:
+    """Gemma 4 12B's audio: each frame of ``frame_samples`` raw 16 kHz samples is one soft token."""
+
+    frame_samples: int = 640
+    text_hidden_size: int = 3840
+    rms_norm_eps: float = 1e-6
+
+
+@dataclass(frozen=True)
 class Gemma4MultimodalConfig(WrapsTextConfig):
     """A Gemma 4 decoder with its vision encoder, and how images enter the prompt."""
 
     text: ModelConfig
-    vision: Gemma4VisionConfig
+    vision: Gemma4VisionConfig | UnifiedVisionConfig
     image_token_id: int
     boi_token_id: int
     eoi_token_id: int
@@ -110,7 +146,7 @@ class Gemma4MultimodalConfig(WrapsTextConfig):
     max_soft_tokens: int = 280  # the processor's default budget per image
     name: str = "custom"
     layout: str = "gemma4"
-    audio: Gemma4AudioConfig | None = None  # None: a checkpoint without an audio tower
+    audio: Gemma4AudioConfig | UnifiedAudioConfig | None = None  # None: a checkpoint without an audio tower
     audio_token_id: int | None = None
     boa_token_id: int | None = None
     eoa_token_id: int | None = None
@@ -302,6 +338,49 @@ class MultimodalEmbedder(nn.Module):
         return self.embedding_projection(unit_rms(x.float(), self.eps).to(self.embedding_projection.weight.dtype))
 
 
+class PatchProjection(nn.Module):
+    """The 12B's image embedding before the multimodal embedder: LayerNorm, a biased projection,
+    LayerNorm, plus ``table[x, 0] + table[y, 1]``, LayerNorm; one token per real patch."""
+
+    def __init__(self, config: UnifiedVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, eps = config.mm_embed_dim, config.layer_norm_eps
+        self.patch_ln1 = nn.LayerNorm(config.patch_dim, eps=eps)
+        self.patch_dense = Linear(config.patch_dim, d)
+        self.patch_ln2 = nn.LayerNorm(d, eps=eps)
+        self.pos_embedding = nn.Parameter(torch.zeros(config.mm_posemb_size, 2, d))
+        self.pos_norm = nn.LayerNorm(d, eps=eps)
+
+    def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        """``[tokens_i, mm_embed_dim]`` per image of padded patches ``[N, P, patch_dim]`` at ``positions [N, P, 2]``."""
+        out = []
+        for patches, pos in zip(pixel_values, positions):
+            real = (pos != -1).all(-1)
+            xy = pos[real].long()
+            if xy.numel() and int(xy.max()) >= self.config.mm_posemb_size:
+                raise InvalidRequestError(f"a patch position {int(xy.max())} is past the position table "
+                                          f"({self.config.mm_posemb_size} per axis)")
+            h = self.patch_ln2(self.patch_dense(self.patch_ln1(patches[real].to(self.patch_dense.weight.dtype))))
+            out.append(self.pos_norm(h + self.pos_embedding[xy[:, 0], 0] + self.pos_embedding[xy[:, 1], 1]))
+        return out
+
+
+class FrameEmbedder(MultimodalEmbedder):
+    """The 12B's audio "tower": each frame of raw samples, RMS-normed without scale and projected,
+    is one soft token; ``tower(frames [A, T, samples], mask [A, T])`` -> ``(tokens, mask)``."""
+
+    def __init__(self, config: UnifiedAudioConfig) -> None:
+        super().__init__(config.frame_samples, config.text_hidden_size, config.rms_norm_eps)
+        self.config = config
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = super().forward(frames)
+        if mask is None:
+            mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+        return tokens, mask
+
+
 class Gemma4VisionLanguageModel(MediaModel):
     """``model(input_ids, pixel_values=..., image_positions=...)`` -> logits ``[B, T, vocab]``.
 
@@ -315,12 +394,15 @@ class Gemma4VisionLanguageModel(MediaModel):
     def __init__(self, config: Gemma4MultimodalConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision = Gemma4VisionModel(config.vision)
+        unified = isinstance(config.vision, UnifiedVisionConfig)  # the 12B: no encoder
+        self.vision = PatchProjection(config.vision) if unified else Gemma4VisionModel(config.vision)
         self.embed_vision = MultimodalEmbedder(config.vision.hidden_size, config.text.hidden_size,
                                                config.vision.rms_norm_eps)
         self.decoder = GemmaModel(config.text)
         self.audio_tower = None
-        if config.audio is not None:
+        if isinstance(config.audio, UnifiedAudioConfig):
+            self.audio_tower = FrameEmbedder(config.audio)
+        elif config.audio is not None:
             # built on the CPU even inside the loader's meta skeleton: the tower's attention windows and
             # relative positions are buffers made from the config, which no checkpoint holds
             with torch.device("cpu"):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from gemmakit.errors import InvalidRequestError, TokenizerError
-from gemmakit.models.gemma4_vision import SOFT_TOKEN_BUDGETS, Gemma4ImagePrompt
+from gemmakit.models.gemma4_vision import SOFT_TOKEN_BUDGETS, Gemma4ImagePrompt, UnifiedAudioConfig, UnifiedVisionConfig
 from gemmakit.vision.preprocess import ImageSource, load_image
 from gemmakit.vision.video import load_video
 
@@ -70,11 +70,17 @@ def image_patches(image: Image.Image, patch_size: int = 16, max_soft_tokens: int
 
 
 def preprocess(images: list[ImageSource], max_soft_tokens: int = 280, patch_size: int = 16,
-               kernel: int = 3) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+               kernel: int = 3, merged: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Images -> ``pixel_values [N, max_soft_tokens * kernel^2, patch^2 * 3]``, their positions
-    ``[N, ..., 2]`` (-1 = padding) and each image's number of soft tokens."""
+    ``[N, ..., 2]`` (-1 = padding) and each image's number of soft tokens. ``merged`` (the 12B's
+    processor): resized as video frames are, one ``kernel * patch``-pixel patch a soft token,
+    ``[N, max_soft_tokens, (kernel * patch)^2 * 3]``."""
     if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
         raise InvalidRequestError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
+    if merged:
+        parts = [frame_inputs(np.asarray(load_image(s))[None], [0.0], max_soft_tokens, patch_size, kernel, True)
+                 for s in images]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), [p[2] for p in parts]
     budget = max_soft_tokens * kernel**2
     pixels = np.zeros((len(images), budget, 3 * patch_size**2), dtype=np.float32)
     positions = np.full((len(images), budget, 2), -1, dtype=np.int64)
@@ -89,7 +95,7 @@ def preprocess(images: list[ImageSource], max_soft_tokens: int = 280, patch_size
 def spec_for(config) -> dict:
     """``preprocess``'s keyword arguments for a :class:`~gemmakit.models.gemma4_vision.Gemma4MultimodalConfig`."""
     return {"max_soft_tokens": config.max_soft_tokens, "patch_size": config.vision.patch_size,
-            "kernel": config.vision.pooling_kernel_size}
+            "kernel": config.vision.pooling_kernel_size, "merged": isinstance(config.vision, UnifiedVisionConfig)}
 
 
 def expand_image_tokens(ids: list[int], config, soft_tokens: list[int]) -> list[int]:
@@ -174,9 +180,12 @@ def prepare(model, tokenizer, prompt, images, pan_and_scan: bool = False, audio=
         pixels, positions, tokens = preprocess(list(images), **spec_for(model.config))
         pixels = pixels.to(model.dtype)
     if audio:
-        from gemmakit.audio.prompt import audio_inputs
+        from gemmakit.audio.prompt import audio_frames, audio_inputs
 
-        features, mask, counts = audio_inputs(list(audio), num_mel_bins=model.config.audio.num_mel_bins)
+        if isinstance(model.config.audio, UnifiedAudioConfig):  # the 12B: raw frames, no features
+            features, mask, counts = audio_frames(list(audio), model.config.audio.frame_samples)
+        else:
+            features, mask, counts = audio_inputs(list(audio), num_mel_bins=model.config.audio.num_mel_bins)
     video_values = video_positions = None
     if videos:
         spec = {**spec_for(model.config), "max_soft_tokens": VIDEO_SOFT_TOKENS}
@@ -199,19 +208,20 @@ VIDEO_SOFT_TOKENS = 70  # Gemma4VideoProcessor's budget a frame
 
 
 def video_inputs(frames, fps: float | None = None, num_frames: int | None = 32, max_soft_tokens: int = VIDEO_SOFT_TOKENS,
-                 patch_size: int = 16, kernel: int = 3) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
+                 patch_size: int = 16, kernel: int = 3, merged: bool = False) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
     """A video (a file, its bytes, frames ``[T, H, W, 3]`` uint8 or a list of RGB images) ->
     ``pixel_values [F, budget, patch^2 * 3]``, positions ``[F, budget, 2]``, soft tokens per frame and
     each frame's time in seconds; ``num_frames`` None keeps every frame."""
     if isinstance(frames, (list, tuple)):
         frames = np.stack([np.asarray(load_image(f)) for f in frames])
     taken, times = load_video(frames, num_frames, fps)
-    return frame_inputs(taken, times, max_soft_tokens, patch_size, kernel)
+    return frame_inputs(taken, times, max_soft_tokens, patch_size, kernel, merged)
 
 
 def frame_inputs(frames: np.ndarray, times: list[float], max_soft_tokens: int = VIDEO_SOFT_TOKENS, patch_size: int = 16,
-                 kernel: int = 3) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
-    """:func:`video_inputs` of the frames already taken (``[F, H, W, 3]`` uint8) at ``times``."""
+                 kernel: int = 3, merged: bool = False) -> tuple[torch.Tensor, torch.Tensor, int, list[float]]:
+    """:func:`video_inputs` of the frames already taken (``[F, H, W, 3]`` uint8) at ``times``;
+    ``merged``: one ``kernel * patch``-pixel patch a soft token (see :func:`preprocess`)."""
     if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
         raise InvalidRequestError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [F, 3, H, W] uint8
@@ -220,14 +230,15 @@ def frame_inputs(frames: np.ndarray, times: list[float], max_soft_tokens: int = 
     if (h, w) != tuple(video.shape[2:]):
         video = F.interpolate(video, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
     x = video.float() / 255  # [F, 3, h, w]
-    rows, cols = h // patch_size, w // patch_size
-    patches = x.reshape(len(x), 3, rows, patch_size, cols, patch_size).permute(0, 2, 4, 3, 5, 1)
-    pixels = torch.zeros(len(x), budget, 3 * patch_size**2)
+    step, slots = (patch_size * kernel, max_soft_tokens) if merged else (patch_size, budget)
+    rows, cols = h // step, w // step
+    patches = x.reshape(len(x), 3, rows, step, cols, step).permute(0, 2, 4, 3, 5, 1)
+    pixels = torch.zeros(len(x), slots, 3 * step**2)
     pixels[:, : rows * cols] = patches.reshape(len(x), rows * cols, -1)
     ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    positions = torch.full((len(x), budget, 2), -1, dtype=torch.long)
+    positions = torch.full((len(x), slots, 2), -1, dtype=torch.long)
     positions[:, : rows * cols] = torch.stack([xs.flatten(), ys.flatten()], -1)
-    return pixels, positions, rows * cols // kernel**2, list(times)
+    return pixels, positions, rows * cols // (1 if merged else kernel**2), list(times)
 
 
 def video_text(config, tokenizer, tokens_per_frame: int, timestamps: list[float]) -> str:
