@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/serve.py --clients 1 4 16
     PYTHONPATH=src python benchmarks/serve.py --vision --clients 1 8   # images beside text
+    PYTHONPATH=src python benchmarks/serve.py --audio --clients 1 9    # images and clips beside text
     python benchmarks/serve.py --url http://127.0.0.1:8000 --clients 16   # a server you started
 
 Each client sends `--requests` requests one after another (distinct prompts, `--max-tokens`
@@ -15,7 +16,9 @@ runs a random-weight Gemma 3 with a SigLIP tower (built by transformers, which t
 install; the tests' tiny tokenizer), and each client count runs twice: every client sending text
 chats, then every other client sending a 224x224 PNG with each chat ("mixed"). The image requests
 run through the tower once each and then decode in the same batch as the text ones, so the mixed
-round's tokens/s stays near the text round's at every client count.
+round's tokens/s stays near the text round's at every client count. With --audio the model is a
+random-weight Gemma 4 with vision and audio towers, and in the mixed round one client in three
+sends a 224x224 PNG and one in three a 2-second WAV clip with each chat.
 """
 
 from __future__ import annotations
@@ -60,10 +63,12 @@ def completion(c: int, k: int, max_tokens: int) -> tuple[str, dict]:
     return "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens}
 
 
-def chat(c: int, k: int, max_tokens: int, image_uri: str | None) -> tuple[str, dict]:
+def chat(c: int, k: int, max_tokens: int, image_uri: str | None, clip: str | None = None) -> tuple[str, dict]:
     content = [{"type": "text", "text": f"tell story {c}-{k} about the city {c * 31 + k}"}]
     if image_uri is not None:
         content.insert(0, {"type": "image_url", "image_url": {"url": image_uri}})
+    if clip is not None:
+        content.insert(0, {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}})
     return "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
 
 
@@ -119,6 +124,46 @@ def vision_model(directory: Path):
     return gemmakit.load(directory)
 
 
+def media_model(directory: Path):
+    """A random-weight Gemma 4 with vision and audio towers (8-layer, 512-wide decoder; 2-layer
+    encoders), saved by transformers with the tests' Gemma 4 tokenizer and loaded."""
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    import gemmakit
+    from test_gemma4_media import AUDIO, BOA, EOA, tokenizer
+    from test_gemma4_vision import BOI, EOI, IMAGE, VIDEO
+
+    text = dict(vocab_size=306, hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=128, global_head_dim=256, sliding_window=256,
+                hidden_size_per_layer_input=64, vocab_size_per_layer_input=306, max_position_embeddings=1024,
+                layer_types=["sliding_attention"] * 3 + ["full_attention"] + ["sliding_attention"] * 3
+                + ["full_attention"], use_bidirectional_attention="vision")
+    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=32, patch_size=16, position_embedding_size=1024, pooling_kernel_size=3)
+    audio = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 32],
+                 conv_kernel_size=5, output_proj_dims=128)
+    torch.manual_seed(0)
+    hf = Gemma4ForConditionalGeneration(Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=audio, image_token_id=IMAGE, boi_token_id=BOI,
+        eoi_token_id=EOI, video_token_id=VIDEO, audio_token_id=AUDIO, boa_token_id=BOA, eoa_token_index=EOA)).eval()
+    hf.save_pretrained(directory)
+    tokenizer().save_pretrained(directory)
+    Gemma4ImageProcessorPil(max_soft_tokens=70).save_pretrained(directory)
+    return gemmakit.load(directory)
+
+
+def wav_b64(seconds: float = 2.0) -> str:
+    import numpy as np
+    import soundfile
+
+    t = np.arange(int(16000 * seconds)) / 16000
+    buffer = io.BytesIO()
+    soundfile.write(buffer, (0.3 * np.sin(2 * np.pi * (200 + 800 * t) * t)).astype(np.float32), 16000, format="WAV")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def png_uri(k: int) -> str:
     from test_vision import picture
 
@@ -136,6 +181,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--vision", action="store_true",
                     help="serve a random-weight Gemma 3 with a vision tower; half the clients send images")
+    ap.add_argument("--audio", action="store_true",
+                    help="serve a random-weight Gemma 4 with vision and audio towers; a third of the clients send "
+                         "images, a third audio clips")
     args = ap.parse_args()
     text = lambda c, k: completion(c, k, args.max_tokens)  # noqa: E731
     if args.url:
@@ -150,10 +198,10 @@ def main() -> None:
     from live_server import live_server
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.vision:
+        if args.vision or args.audio:
             import_torchvision()
-            model, tokenizer = vision_model(Path(tmp))
-            name = "random Gemma 3 with vision"
+            model, tokenizer = media_model(Path(tmp)) if args.audio else vision_model(Path(tmp))
+            name = "random Gemma 4 with vision and audio" if args.audio else "random Gemma 3 with vision"
         else:
             model, tokenizer = gemmakit.load(dtype=args.dtype)
             name = f"default model, {args.dtype}"
@@ -162,20 +210,25 @@ def main() -> None:
         print(f"# {name}, torch threads {torch.get_num_threads()}, max_batch {engine.rows}, "
               f"KV cache {engine.cache.nbytes() / 2**20:.0f} MiB", flush=True)
         with live_server(app) as url:
-            if not args.vision:
+            if not (args.vision or args.audio):
                 one_request(url, *completion(0, 0, 4))
                 for n in args.clients:
                     print(json.dumps(run(url, n, args.requests, text)), flush=True)
                 return
             images = [png_uri(k) for k in range(8)]
-            one_request(url, *chat(0, 0, 4, images[0]))
+            clip = wav_b64() if args.audio else None
+            one_request(url, *chat(0, 0, 4, images[0], clip))
+            every = 3 if args.audio else 2  # which clients send an image (c % every == 0), a clip (== 1, --audio)
             for n in args.clients:
                 for mixed in (False, True):
                     def body(c, k):
-                        return chat(c, k, args.max_tokens, images[(c + k) % 8] if mixed and c % 2 == 0 else None)
+                        image = images[(c + k) % 8] if mixed and c % every == 0 else None
+                        return chat(c, k, args.max_tokens, image, clip if mixed and args.audio and c % 3 == 1 else None)
 
                     stats = run(url, n, args.requests, body)
-                    stats["images"] = sum(c % 2 == 0 for c in range(n)) * args.requests if mixed else 0
+                    stats["images"] = sum(c % every == 0 for c in range(n)) * args.requests if mixed else 0
+                    if args.audio:
+                        stats["clips"] = sum(c % 3 == 1 for c in range(n)) * args.requests if mixed else 0
                     print(json.dumps(stats), flush=True)
 
 

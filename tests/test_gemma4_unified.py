@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Gemma4UnifiedForConditionalGeneration"):
     pytest.skip("this transformers has no gemma4_unified", allow_module_level=True)
 
+from test_gemma4_media import tokenizer  # noqa: E402 (the same specials at the same ids)
 from test_gemma4_vision import picture  # noqa: E402
 
 import gemmakit  # noqa: E402
@@ -30,21 +31,6 @@ TEXT = dict(vocab_size=306, hidden_size=32, intermediate_size=64, num_hidden_lay
             layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
             pad_token_id=0, use_bidirectional_attention="vision")
 VISION = dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=24, output_proj_dims=24, mm_posemb_size=80)
-
-
-def tokenizer():
-    from tiny import tiny_vocab
-
-    from gemmakit.tokenizer import Tokenizer, build_model_proto
-
-    pieces, scores, types = tiny_vocab()
-    assert len(pieces) == IMAGE
-    pieces += ["<|image|>", "<|image>", "<image|>", "<|video|>", "<|audio|>", "<|audio>", "<audio|>"]
-    scores += [0.0] * 7
-    types += [3] * 7
-    proto = build_model_proto(pieces, scores, types, bos=(2, "<bos>"), eos=(1, "<eos>"), pad=(0, "<pad>"),
-                              unk=(3, "<unk>"))
-    return Tokenizer._from_proto(proto, source="tiny-gemma4-unified", types=types)
 
 
 @pytest.fixture(scope="module")
