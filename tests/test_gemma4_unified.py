@@ -19,7 +19,7 @@ if not hasattr(transformers, "Gemma4UnifiedForConditionalGeneration"):
     pytest.skip("this transformers has no gemma4_unified", allow_module_level=True)
 
 from test_gemma4_media import tokenizer  # noqa: E402 (the same specials at the same ids)
-from test_gemma4_vision import picture  # noqa: E402
+from test_gemma4_vision import _padded_grids, picture  # noqa: E402
 
 import gemmakit  # noqa: E402
 
@@ -59,14 +59,7 @@ def pair(tmp_path_factory):
 
 def _image_inputs(grids: list[tuple[int, int]], budget: int = 70, seed: int = 1):
     """Random merged patches ``[N, budget, 6912]`` and positions for (columns, rows) grids of 48-px cells."""
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.zeros(len(grids), budget, 3 * 48 * 48)
-    positions = torch.full((len(grids), budget, 2), -1, dtype=torch.long)
-    for i, (w, h) in enumerate(grids):
-        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        positions[i, : w * h] = torch.stack([xs.flatten(), ys.flatten()], -1)
-        pixels[i, : w * h] = torch.rand(w * h, 3 * 48 * 48, generator=g)
-    return pixels, positions
+    return _padded_grids(grids, budget, seed, patch=48)
 
 
 def _types(ids: torch.Tensor) -> torch.Tensor:

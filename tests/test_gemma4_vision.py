@@ -45,16 +45,16 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
 
 
-def _padded_grids(grids: list[tuple[int, int]], budget_patches: int, seed: int = 1):
-    """Random pixels in [0, 1] ``[N, P, 768]`` and positions ``[N, P, 2]`` for (width, height) patch
-    grids, padded with zeros / (-1, -1) to ``budget_patches``, as the processor lays them out."""
+def _padded_grids(grids: list[tuple[int, int]], budget_patches: int, seed: int = 1, patch: int = 16):
+    """Random pixels in [0, 1] ``[N, P, 3 * patch^2]`` and positions ``[N, P, 2]`` for (width, height)
+    patch grids, padded with zeros / (-1, -1) to ``budget_patches``, as the processor lays them out."""
     g = torch.Generator().manual_seed(seed)
-    pixels = torch.zeros(len(grids), budget_patches, 3 * 16 * 16)
+    pixels = torch.zeros(len(grids), budget_patches, 3 * patch * patch)
     positions = torch.full((len(grids), budget_patches, 2), -1, dtype=torch.long)
     for i, (w, h) in enumerate(grids):
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         positions[i, : w * h] = torch.stack([xs.flatten(), ys.flatten()], -1)
-        pixels[i, : w * h] = torch.rand(w * h, 3 * 16 * 16, generator=g)
+        pixels[i, : w * h] = torch.rand(w * h, 3 * patch * patch, generator=g)
     return pixels, positions
 
 
