@@ -319,3 +319,13 @@ def test_transcriptions_route(pair, tmp_path):
     with live_server(build_app(model, tok2, "gemma4", max_batch=1)) as base:
         r = httpx.post(f"{base}/v1/audio/transcriptions", data={"model": "gemma4"}, files=files, timeout=60)
         assert r.status_code == 400 and "does not accept audio" in r.json()["error"]["message"]
+
+
+def test_info_reports_the_audio_tower(pair):
+    from gemmakit.info import describe
+
+    hf, _, path = pair
+    audio = describe(str(path))["audio"]
+    assert audio["layers"] == G4_AUDIO["num_hidden_layers"] and audio["tokens_per_clip"] is None  # 25 a second
+    assert audio["parameters"] == sum(p.numel() for n, p in hf.model.named_parameters()
+                                      if n.startswith(("audio_tower.", "embed_audio.")))

@@ -412,3 +412,14 @@ def test_left_padded_batch_equals_one_by_one(pair):
                  ours(torch.tensor([rows[1]]), pixels[1:], positions[1:])[0]]
     for i, row in enumerate(rows):
         assert (batch[i, T - len(row):] - alone[i]).abs().max() <= 1e-4
+
+
+def test_info_reports_the_encoder(pair):
+    from gemmakit.info import describe, format_report
+
+    hf, _, path = pair
+    report = describe(str(path))
+    assert report["vision"]["tower"] == "Gemma 4 ViT" and report["vision"]["layers"] == VISION["num_hidden_layers"]
+    assert report["vision"]["tokens_per_image"] == 70  # the processor's budget saved beside the model
+    assert report["vision"]["parameters"] == sum(p.numel() for p in hf.model.vision_tower.parameters())
+    assert "Gemma 4 ViT / 16, 2 layers x 32, up to 70 tokens per image" in format_report(report)
