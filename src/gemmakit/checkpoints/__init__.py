@@ -65,7 +65,7 @@ def open_checkpoint(source: str | Path | None, config: ModelConfig | str | None 
     vision = Path(mmproj) if explicit else None
     if vision is None and mmproj is None and gguf_source:
         vision = mmproj_beside(Path(checkpoint.source))
-        if vision is not None and checkpoint.config.family != "gemma3":
+        if vision is not None and checkpoint.config.family not in ("gemma3", "gemma4"):
             vision = None  # another family's file lying in a shared folder is not this model's
     if vision is not None:
         try:

@@ -1,4 +1,5 @@
-"""llama.cpp's vision files (``mmproj-*.gguf``): a Gemma 3 text GGUF plus its SigLIP tower and projector.
+"""llama.cpp's vision files (``mmproj-*.gguf``): a Gemma 3 text GGUF plus its SigLIP tower and
+projector, or a Gemma 4 one plus its ViT and embedder (``gemma4v``, :func:`attach_gemma4_mmproj`).
 
 llama.cpp keeps a vision-language model in two files: the text decoder as an ordinary GGUF, and
 the vision tower with its projector in a second GGUF of architecture ``clip`` (``general.type``
@@ -39,6 +40,8 @@ from gemmakit.quant.ggml import SUPPORTED_TYPES, dequantize
 
 MMPROJ_ARCHITECTURE = "clip"
 GEMMA3_PROJECTOR = "gemma3"
+GEMMA4_PROJECTOR = "gemma4v"  # Gemma 4's ViT and embedder (the E-series, 26B-A4B and 31B)
+GEMMA4_PIECES = ("<|image|>", "<|image>", "<image|>", "<|video|>")
 DEFAULT_POOLING = 4  # clip.cpp's n_merge for the gemma3 projector when the file names none
 IMAGE_PIECES = ("<image_soft_token>", "<start_of_image>", "<end_of_image>")
 
@@ -76,9 +79,11 @@ def attach_mmproj(text: Checkpoint, path: Path) -> Checkpoint:
                                     "vision file llama.cpp's convert_hf_to_gguf.py --mmproj writes")
     m = f.metadata
     projector = m.get("clip.projector_type", m.get("clip.vision.projector_type"))
+    if m.get("clip.has_vision_encoder", False) and projector == GEMMA4_PROJECTOR:
+        return attach_gemma4_mmproj(text, f)
     if not m.get("clip.has_vision_encoder", False) or projector != GEMMA3_PROJECTOR:
         raise UnsupportedModelError(f"{path}: an mmproj for projector {projector!r}; gemmakit reads Gemma 3's "
-                                    f"({GEMMA3_PROJECTOR!r})")
+                                    f"({GEMMA3_PROJECTOR!r}) and Gemma 4's ({GEMMA4_PROJECTOR!r})")
     if not isinstance(text.config, ModelConfig) or text.config.family != "gemma3":
         raise UnsupportedModelError(f"{path}: a Gemma 3 vision file, but {text.source} is a "
                                     f"{getattr(text.config, 'family', type(text.config).__name__)} model")
@@ -184,3 +189,100 @@ def _tower_tensors(f: GGUFFile, config: MultimodalConfig) -> dict[str, TensorLoa
                 a, b = f"vision.layers.{i}.mlp.fc1.{t}", f"vision.layers.{i}.mlp.fc2.{t}"
                 tensors[a], tensors[b] = tensors[b], tensors[a]
     return tensors
+
+
+# Gemma 4's tower as the converter writes it: its ViT's tensors renamed, the patch projection
+# [hidden, patch^2 * 3] reshaped to a convolution's [hidden, 3, patch, patch] (undone below).
+_GEMMA4_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                 "attn_out": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+_GEMMA4_NORMS = {"ln1": "input_layernorm", "attn_post_norm": "post_attention_layernorm", "ln2": "pre_feedforward_layernorm",
+                 "ffn_post_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+                 "attn_k_norm": "self_attn.k_norm"}
+_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
+
+
+def attach_gemma4_mmproj(text: Checkpoint, f: GGUFFile) -> Checkpoint:
+    """``text`` (a Gemma 4 GGUF's checkpoint) with the vision encoder and embedder of the ``gemma4v``
+    mmproj ``f``: the checkpoint of a Gemma4VisionLanguageModel. The encoder's shape the metadata
+    does not name (head size, KV heads, position table) comes from the tensors'; its audio tower, if
+    the file has one, is not read."""
+    from gemmakit.models.gemma4_vision import Gemma4MultimodalConfig, Gemma4VisionConfig
+
+    if not isinstance(text.config, ModelConfig) or text.config.family != "gemma4":
+        raise UnsupportedModelError(f"{f.path}: a Gemma 4 vision file, but {text.source} is a "
+                                    f"{getattr(text.config, 'family', type(text.config).__name__)} model")
+    tokenizer = text.tokenizer
+    ids = [tokenizer.token_to_id(piece) for piece in GEMMA4_PIECES] if tokenizer is not None else [None]
+    if None in ids[:3]:
+        raise UnsupportedModelError(f"{text.source}: its vocabulary has no Gemma 4 image tokens "
+                                    f"({', '.join(GEMMA4_PIECES[:3])}); {f.path.name} needs its own text GGUF")
+    width = int(_key(f, "clip.vision.projection_dim"))
+    if width != text.config.hidden_size:
+        raise CheckpointError(f"{f.path}: its embedder writes width {width} but {text.source} has width "
+                              f"{text.config.hidden_size}; the two files come from different models")
+    vision_names = {n: t for n, t in f.tensors.items() if n.startswith(("v.", "mm."))}
+    try:
+        heads = int(_key(f, "clip.vision.attention.head_count"))
+        q, k = f.tensors["v.blk.0.attn_q.weight"].shape, f.tensors["v.blk.0.attn_k.weight"].shape
+        head_dim = q[0] // heads
+        vision = Gemma4VisionConfig(
+            hidden_size=int(_key(f, "clip.vision.embedding_length")),
+            intermediate_size=int(_key(f, "clip.vision.feed_forward_length")),
+            num_layers=int(_key(f, "clip.vision.block_count")), num_heads=heads, num_kv_heads=k[0] // head_dim,
+            head_dim=head_dim, patch_size=int(_key(f, "clip.vision.patch_size")),
+            position_embedding_size=f.tensors["v.position_embd.weight"].shape[1],
+            pooling_kernel_size=int(f.metadata.get("clip.vision.projector.scale_factor", 3)),
+            rms_norm_eps=_float32(f.metadata.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
+            use_clipped_linears=any(n.endswith(_BOUNDS) for n in vision_names),
+            standardize="v.std_bias" in vision_names)
+        # soft tokens attend both ways on sliding layers, as every published Gemma 4 does
+        config = Gemma4MultimodalConfig(
+            text=text.config.replace(group_layer_kinds=("local",)), vision=vision, image_token_id=ids[0],
+            boi_token_id=ids[1], eoi_token_id=ids[2], video_token_id=ids[3], name=text.config.name)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{f.path}: invalid Gemma 4 vision metadata ({exc})") from None
+    names = _gemma4_names(vision)
+    unexpected = [n for n in vision_names if n not in names]
+    if unexpected:
+        raise CheckpointError(f"{f.path}: unexpected tensor {unexpected[0]!r} for a Gemma 4 vision encoder "
+                              f"of {vision.num_layers} layers")
+    missing = [n for n in names if n not in f.tensors]
+    if missing:
+        raise CheckpointError(f"{f.path}: missing tensors {', '.join(missing[:3])}"
+                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    tensors: dict[str, TensorLoader] = {f"decoder.{ours}": load for ours, load in text.tensors.items()}
+    for theirs, ours in names.items():
+        t = f.tensors[theirs]
+        if t.ggml_type not in SUPPORTED_TYPES:
+            raise UnsupportedModelError(f"{f.path}: tensor {theirs} uses quantisation type {t.ggml_type} "
+                                        "which gemmakit cannot read")
+        load = _loader(t)
+        if theirs == "v.patch_embd.weight":  # [hidden, 3, p, p] -> [hidden, p * p * 3] (row, column, channel)
+            load = (lambda base=load: base().permute(0, 2, 3, 1).reshape(vision.hidden_size, -1))
+        elif t.shape == (1,) and theirs.endswith(_BOUNDS):
+            load = (lambda base=load: base().reshape(()))
+        tensors[ours] = load
+    return Checkpoint(config=config, tensors=tensors, source=text.source, tokenizer=tokenizer,
+                      native_dtype=text.native_dtype, metadata={**text.metadata, "mmproj": str(f.path)},
+                      file_names={**{f"decoder.{ours}": theirs for ours, theirs in text.file_names.items()},
+                                  **{ours: theirs for theirs, ours in names.items()}},
+                      packed={f"decoder.{ours}": load for ours, load in text.packed.items()})
+
+
+def _gemma4_names(vision) -> dict[str, str]:
+    """The gemma4v mmproj tensor names -> ours (models/gemma4_vision.py's module tree)."""
+    names = {"v.patch_embd.weight": "vision.patch_embedder.input_proj.weight",
+             "v.position_embd.weight": "vision.patch_embedder.position_embedding_table",
+             "mm.input_projection.weight": "embed_vision.embedding_projection.weight"}
+    if vision.standardize:
+        names.update({"v.std_bias": "vision.std_bias", "v.std_scale": "vision.std_scale"})
+    for i in range(vision.num_layers):
+        layer = f"vision.encoder.layers.{i}."
+        for theirs, ours in _GEMMA4_LAYER.items():
+            names[f"v.blk.{i}.{theirs}.weight"] = f"{layer}{ours}.linear.weight"
+            if vision.use_clipped_linears:
+                names.update({f"v.blk.{i}.{theirs}.{b}": f"{layer}{ours}.{b}" for b in _BOUNDS})
+        for theirs, ours in _GEMMA4_NORMS.items():
+            names[f"v.blk.{i}.{theirs}.weight"] = f"{layer}{ours}.weight"
+    return names

@@ -47,7 +47,7 @@ def add_matformer_arg(p: argparse.ArgumentParser) -> None:
 def add_mmproj_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--mmproj", metavar="FILE", default=None,
-                       help="llama.cpp's vision file (mmproj-*.gguf) for a Gemma 3 4B/12B/27B --model GGUF: the two "
+                       help="llama.cpp's vision file (mmproj-*.gguf) for a Gemma 3 4B/12B/27B or Gemma 4 --model GGUF: the two "
                             "run as one vision model (default: the one mmproj-*.gguf beside the model, if any)")
     group.add_argument("--no-mmproj", dest="mmproj", action="store_const", const=False,
                        help="load a GGUF as text only, ignoring an mmproj-*.gguf beside it")

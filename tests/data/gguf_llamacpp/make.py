@@ -4,11 +4,13 @@ independent reference that tests/test_gemma4_gguf.py compares gemmakit with) or,
 transformers' logits on the checkpoint the file was converted from (tests/test_gemma3n_gguf.py).
 ``gemma3-vision/`` holds a tiny Gemma 3 vision-language directory as transformers saves it (``hf/``)
 and what ``convert_hf_to_gguf.py`` makes of it: the text GGUF and, with ``--mmproj``, the vision
-file llama.cpp's tools take with ``--mmproj`` (tests/test_mmproj.py).
+file llama.cpp's tools take with ``--mmproj`` (tests/test_mmproj.py); ``gemma4-vision/`` the same for
+a tiny Gemma 4 with its vision encoder.
 
     pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     PYTHONPATH=llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py \\
-        python tests/data/gguf_llamacpp/make.py llama_cpp_python-0.3.36/vendor/llama.cpp [gemma4] [gemma3n] [gemma3-vision]
+        python tests/data/gguf_llamacpp/make.py llama_cpp_python-0.3.36/vendor/llama.cpp [gemma4] [gemma3n] \
+        [gemma3-vision] [gemma4-vision]
 
 Needs transformers >= 5.5, sentencepiece and llama-cpp-python 0.3.36 (built from source). The
 tokenizer is a 384-piece SentencePiece BPE model trained here, converted to tokenizer.json by
@@ -269,6 +271,58 @@ def gemma3_vision(llama_cpp_dir: str) -> None:
         {"seed": 0, "features": [f.round(6).tolist() for f in features]}) + "\n")
 
 
+GEMMA4_VISION_PIECES = ("<|image|>", "<|image>", "<image|>", "<|video|>")
+GEMMA4_VISION_TEXT = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, head_dim=16,
+                          max_position_embeddings=512, sliding_window=8, final_logit_softcapping=30.0, pad_token_id=0,
+                          eos_token_id=1, bos_token_id=2, num_hidden_layers=4, num_key_value_heads=1,
+                          hidden_size_per_layer_input=16, global_head_dim=32, use_bidirectional_attention="vision",
+                          layer_types=["sliding_attention"] * 3 + ["full_attention"])
+GEMMA4_VISION_TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, patch_size=16, position_embedding_size=128,
+                           pooling_kernel_size=3)
+
+
+def gemma4_vision(llama_cpp_dir: str) -> None:
+    import shutil
+
+    from gemmakit.models.mobilenet import import_torchvision
+
+    import_torchvision()  # (transformers' vision models import it)
+    from transformers import AutoTokenizer, Gemma4Config, Gemma4ForConditionalGeneration
+
+    out = HERE / "gemma4-vision"
+    shutil.rmtree(out, ignore_errors=True)
+    hf = out / "hf"
+    hf.mkdir(parents=True)
+    global VISION_PIECES
+    VISION_PIECES = GEMMA4_VISION_PIECES
+    vocab = tokenizer(hf, vision=True)
+    ids = [AutoTokenizer.from_pretrained(hf).convert_tokens_to_ids(p) for p in GEMMA4_VISION_PIECES]
+    config = Gemma4Config(text_config={**GEMMA4_VISION_TEXT, "vocab_size": vocab, "vocab_size_per_layer_input": vocab},
+                          vision_config=GEMMA4_VISION_TOWER, audio_config=None, image_token_id=ids[0],
+                          boi_token_id=ids[1], eoi_token_id=ids[2], video_token_id=ids[3])
+    model = Gemma4ForConditionalGeneration(config).eval()
+    randomise(model, 21)
+    model.save_pretrained(hf)
+    # the processor's defaults (a 280-token budget), which a GGUF without the directory falls back to
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    Gemma4ImageProcessorPil().save_pretrained(hf)
+    for extra in ("--mmproj",), ():
+        convert(llama_cpp_dir, [str(hf), "--outfile", str(out / ("mmproj-gemma4-vision-f32.gguf" if extra
+                                                                  else "gemma4-vision-f32.gguf")),
+                                "--outtype", "f32", *extra])
+
+
+def convert(llama_cpp_dir: str, args: list[str]) -> None:
+    """convert_hf_to_gguf.py ``args``, in a process where torchvision imports beside a CPU torch
+    (gemmakit's shim: transformers' tokenizer import pulls torchvision in)."""
+    script = ("import os, runpy, sys; from gemmakit.models.mobilenet import import_torchvision; import_torchvision(); "
+              "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    subprocess.run([sys.executable, "-c", script, f"{llama_cpp_dir}/convert_hf_to_gguf.py", *args], check=True)
+
+
 def vision_images(seed: int = 0) -> list[np.ndarray]:
     """Two 32x32 RGB images (uint8 [H, W, 3]) at the tower's own size, so that no resize (where
     llama.cpp's bilinear filter and Pillow's differ) comes between the files and the tower: a
@@ -321,5 +375,6 @@ def llama_cpp_image_features(text: Path, mmproj: Path, images: list[np.ndarray])
 
 
 if __name__ == "__main__":
-    for which in sys.argv[2:] or ["gemma4", "gemma3n", "gemma3-vision"]:
-        {"gemma4": gemma4, "gemma3n": gemma3n, "gemma3-vision": gemma3_vision}[which](sys.argv[1])
+    for which in sys.argv[2:] or ["gemma4", "gemma3n", "gemma3-vision", "gemma4-vision"]:
+        {"gemma4": gemma4, "gemma3n": gemma3n, "gemma3-vision": gemma3_vision,
+         "gemma4-vision": gemma4_vision}[which](sys.argv[1])
