@@ -164,23 +164,27 @@ def _loader(t: GGUFTensor, offset: float = 0.0) -> TensorLoader:
     return load
 
 
-def _tower_tensors(f: GGUFFile, config: MultimodalConfig) -> dict[str, TensorLoader]:
-    names = _file_names(config)
-    unexpected = [n for n in f.tensors if n not in names]
+def _checked_tensors(f: GGUFFile, present, names: dict[str, str], what: str) -> None:
+    """That the file's tensors ``present`` are exactly ``names`` (theirs -> ours), in types gemmakit reads."""
+    unexpected = [n for n in present if n not in names]
     if unexpected:
-        raise CheckpointError(f"{f.path}: unexpected tensor {unexpected[0]!r} for a Gemma 3 vision tower "
-                              f"of {config.vision.num_layers} layers")
+        raise CheckpointError(f"{f.path}: unexpected tensor {unexpected[0]!r} for {what}")
     missing = [n for n in names if n not in f.tensors]
     if missing:
         raise CheckpointError(f"{f.path}: missing tensors {', '.join(missing[:3])}"
                               + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    for theirs in names:
+        if f.tensors[theirs].ggml_type not in SUPPORTED_TYPES:
+            raise UnsupportedModelError(f"{f.path}: tensor {theirs} uses quantisation type "
+                                        f"{f.tensors[theirs].ggml_type} which gemmakit cannot read")
+
+
+def _tower_tensors(f: GGUFFile, config: MultimodalConfig) -> dict[str, TensorLoader]:
+    names = _file_names(config)
+    _checked_tensors(f, f.tensors, names, f"a Gemma 3 vision tower of {config.vision.num_layers} layers")
     tensors = {}
     for theirs, ours in names.items():
-        t = f.tensors[theirs]
-        if t.ggml_type not in SUPPORTED_TYPES:
-            raise UnsupportedModelError(f"{f.path}: tensor {theirs} uses quantisation type {t.ggml_type} "
-                                        "which gemmakit cannot read")
-        tensors[ours] = _loader(t, 1.0 if theirs == "mm.soft_emb_norm.weight" else 0.0)
+        tensors[ours] = _loader(f.tensors[theirs], 1.0 if theirs == "mm.soft_emb_norm.weight" else 0.0)
     d = config.vision.hidden_size
     for i in range(config.vision.num_layers):
         up = f.tensors[f"v.blk.{i}.ffn_up.weight"]
@@ -243,20 +247,10 @@ def attach_gemma4_mmproj(text: Checkpoint, f: GGUFFile) -> Checkpoint:
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{f.path}: invalid Gemma 4 vision metadata ({exc})") from None
     names = _gemma4_names(vision)
-    unexpected = [n for n in vision_names if n not in names]
-    if unexpected:
-        raise CheckpointError(f"{f.path}: unexpected tensor {unexpected[0]!r} for a Gemma 4 vision encoder "
-                              f"of {vision.num_layers} layers")
-    missing = [n for n in names if n not in f.tensors]
-    if missing:
-        raise CheckpointError(f"{f.path}: missing tensors {', '.join(missing[:3])}"
-                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    _checked_tensors(f, vision_names, names, f"a Gemma 4 vision encoder of {vision.num_layers} layers")
     tensors: dict[str, TensorLoader] = {f"decoder.{ours}": load for ours, load in text.tensors.items()}
     for theirs, ours in names.items():
         t = f.tensors[theirs]
-        if t.ggml_type not in SUPPORTED_TYPES:
-            raise UnsupportedModelError(f"{f.path}: tensor {theirs} uses quantisation type {t.ggml_type} "
-                                        "which gemmakit cannot read")
         load = _loader(t)
         if theirs == "v.patch_embd.weight":  # [hidden, 3, p, p] -> [hidden, p * p * 3] (row, column, channel)
             load = (lambda base=load: base().permute(0, 2, 3, 1).reshape(vision.hidden_size, -1))
