@@ -94,7 +94,8 @@ def test_a_failing_row_fails_its_request_only(served, monkeypatch):
     """A row whose sampling raises ends its own request with a 500; the request decoding beside it
     in the same batch finishes with the tokens it gets alone."""
     url, engine, _ = served
-    body = {"model": MODEL, "prompt": "go on", "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+    # long enough that the failing request arrives while it still decodes, even on a fast idle CPU
+    body = {"model": MODEL, "prompt": "go on", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
             "logprobs": 0}
     alone = post(url, "/v1/completions", body).json()["choices"][0]["logprobs"]["tokens"]
 
