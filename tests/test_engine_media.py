@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from test_gemma4_media import pair  # noqa: F401 (a fixture: the tiny Gemma 4 with vision and audio)
-from test_vision import TXT, VIS, _hf_model, _sharpen, _tokenizer, picture
+from test_vision import SOFT, _hf_model, _sharpen, _tokenizer, picture
 
 import gemmakit
 from gemmakit.api import stream_generation
@@ -27,24 +27,13 @@ from gemmakit.vision.generate import prepare_vision
 
 transformers = pytest.importorskip("transformers")
 
-IMAGE, SOI, EOI, SOFT = 299, 300, 301, 302
-
-
-def _gemma3_wide():
-    """Gemma 3 whose sliding window (64) holds whole prompts, so that rows keep reusable prefixes."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
-
-    return Gemma3ForConditionalGeneration(Gemma3Config(
-        vision_config=SiglipVisionConfig(**VIS).to_dict(), mm_tokens_per_image=4, image_token_index=SOFT,
-        boi_token_index=SOI, eoi_token_index=EOI,
-        text_config=Gemma3TextConfig(**{**TXT, "num_hidden_layers": 4}, hidden_activation="gelu_pytorch_tanh",
-                                     sliding_window=64, query_pre_attn_scalar=20).to_dict()))
-
 
 @pytest.fixture(scope="module", params=["gemma3", "gemma3-wide", "paligemma"])
 def vlm(request, tmp_path_factory):
     torch.manual_seed(0)
-    hf = (_gemma3_wide() if request.param == "gemma3-wide" else _hf_model(request.param)).eval()
+    # "gemma3-wide": a sliding window (64) that holds whole prompts, so that rows keep reusable prefixes
+    hf = (_hf_model("gemma3", num_hidden_layers=4, sliding_window=64) if request.param == "gemma3-wide"
+          else _hf_model(request.param)).eval()
     _sharpen(hf)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)

@@ -68,7 +68,8 @@ def _sharpen(hf) -> None:
                 p.fill_(20.0)
 
 
-def _hf_model(kind: str):
+def _hf_model(kind: str, **gemma3_text):
+    """A tiny transformers model of ``kind``; ``gemma3_text`` overrides Gemma 3's decoder settings."""
     from transformers import (Gemma2Config, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                               GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig)
 
@@ -85,8 +86,8 @@ def _hf_model(kind: str):
     return Gemma3ForConditionalGeneration(Gemma3Config(  # 4 soft tokens per image: a 4x4 grid pooled 2x2
         vision_config=SiglipVisionConfig(**VIS).to_dict(), mm_tokens_per_image=4, image_token_index=SOFT,
         boi_token_index=SOI, eoi_token_index=EOI,
-        text_config=Gemma3TextConfig(**{**TXT, "num_hidden_layers": 7}, hidden_activation="gelu_pytorch_tanh",
-                                     sliding_window=8, query_pre_attn_scalar=20).to_dict()))
+        text_config=Gemma3TextConfig(**{**TXT, "num_hidden_layers": 7, "sliding_window": 8, **gemma3_text},
+                                     hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=20).to_dict()))
 
 
 @pytest.fixture(scope="module", params=["paligemma", "paligemma2", "gemma3"])
