@@ -353,7 +353,7 @@ class Engine:
             limit = min(len(held), len(prompt) - 1)  # the last prompt token is always computed: its logits
             while n < limit and held[n] == prompt[n]:
                 n += 1
-            if groups is not None and 0 < n < len(prompt) and int(groups[n]) >= 0 and groups[n] == groups[n - 1]:
+            if groups is not None and 0 < n < len(prompt) and _inside_group(groups, n):
                 # the cached half of a group saw its other half: reuse it only if that is the same too
                 end = _group_end(groups, n)
                 if held[n:end] != prompt[n:end]:
@@ -606,10 +606,15 @@ def _chunk_end(seq: _Sequence, size: int) -> int:
     if media is None or media.groups is None or end == seq.prompt_len:
         return end
     groups = media.groups
-    if int(groups[end]) >= 0 and groups[end] == groups[end - 1]:  # the cut falls inside a group
+    if _inside_group(groups, end):
         start = int(groups[end])
         end = start if start > seq.fed else _group_end(groups, end)
     return end
+
+
+def _inside_group(groups: torch.Tensor, i: int) -> bool:
+    """Whether a cut before position ``i`` (0 < i < len) falls inside a group of soft tokens."""
+    return int(groups[i]) >= 0 and bool(groups[i] == groups[i - 1])
 
 
 def _group_end(groups: torch.Tensor, i: int) -> int:

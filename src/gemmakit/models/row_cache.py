@@ -104,9 +104,7 @@ class RowKVCache:
         """Rotary tables, masks and write slots of one step; ``positions`` ``[B, T]``, -1 = padding;
         ``groups`` ``[B, T]`` the tokens' attention groups (None: all causal)."""
         c = self.config
-        if groups is None:
-            groups = torch.full_like(positions, -1)
-        groups = torch.where(positions >= 0, groups, -1)
+        groups = _slot_groups(positions, groups)
         if int(positions.max()) >= self.max_len:
             raise InvalidRequestError(f"a sequence would exceed the cache size of {self.max_len} tokens")
         real = positions >= 0
@@ -148,7 +146,6 @@ class RowKVCache:
                 k_pos = torch.cat([self.ring_positions[:, :self.window], positions], dim=1)
                 k_groups = torch.cat([self.ring_groups[:, :self.window], groups], dim=1)
                 self._pending_ring = slots
-            self._pending_groups = groups
             q_groups, k_groups = (groups, k_groups) if "local" in c.group_layer_kinds else (None, None)
             mask = attention_mask(positions, k_pos, lp.window, q_groups, k_groups, c.group_bypasses_window)
             out["local"] = StepContext(cos, sin, mask,
@@ -156,11 +153,12 @@ class RowKVCache:
         return out
 
     def advance(self, positions: torch.Tensor, groups: torch.Tensor | None = None) -> None:
-        """After every layer ran: record which positions the rings now hold."""
+        """After every layer ran: record which positions (and groups: those given to :meth:`contexts`)
+        the rings now hold."""
         if "local" in self.config.layer_kinds and self._pending_ring is not None:
             self.ring_positions.scatter_(1, self._pending_ring, positions)
             self.ring_positions[:, self.window] = -1
-            self.ring_groups.scatter_(1, self._pending_ring, self._pending_groups)
+            self.ring_groups.scatter_(1, self._pending_ring, _slot_groups(positions, groups))
         if "recurrent" in self.config.layer_kinds:
             last = positions.max(dim=1).values  # [B]; -1 for a row that only padded
             self.recurrent_len.copy_(torch.where(last >= 0, last + 1, self.recurrent_len))
@@ -170,3 +168,10 @@ class RowKVCache:
         if "global" in self.config.layer_kinds:
             return (self.global_positions[:, :self.max_len] >= 0).sum(1)
         return self.ring_positions.max(dim=1).values + 1
+
+
+def _slot_groups(positions: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """The group each slot of a step records: ``groups`` (None: all causal), -1 for padding."""
+    if groups is None:
+        return torch.full_like(positions, -1)
+    return torch.where(positions >= 0, groups, -1)
