@@ -90,6 +90,21 @@ def test_image_chat_matches_plain_generation(served, client):
     assert reply.choices[0].finish_reason == "length"
 
 
+def test_image_chat_logprobs(served, client):
+    """``logprobs`` apply to image chats as to text ones (they were dropped without a word when
+    image chats ran beside the engine): each generated token's logprob and its top alternatives."""
+    kind, _, model, tokenizer = served
+    image = picture(2)
+    expected = reference(kind, model, tokenizer, image, 6)
+    reply = client.chat.completions.create(model=kind, messages=image_messages(data_uri(image)), max_tokens=6,
+                                           temperature=0, logprobs=True, top_logprobs=3,
+                                           extra_body={"ignore_eos": True})
+    content = reply.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == expected.text and len(content) == 6
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.logprob == max(a.logprob for a in t.top_logprobs) <= 0
+
+
 def test_streamed_image_chat_and_sampling_seed(served, client):
     kind, _, model, tokenizer = served
     image = picture(1)

@@ -17,6 +17,7 @@ from gemmakit.chat import render_chat, turn_format
 from gemmakit.chat.tools import GEMMA4, ReplyParser, ToolSchemaError, ToolSyntax, call_grammar, prompt_messages, \
     tool_syntax
 from gemmakit.engine.grammar import Grammar
+from gemmakit.models.multimodal import ImagePrompt
 from gemmakit.serve.errors import FieldError
 from gemmakit.serve.schemas import ChatRequest, Common, Constraint, text_chat
 from gemmakit.serve.state import ServerState
@@ -60,11 +61,11 @@ class ChatPlan:
 
 @dataclass(frozen=True)
 class PreparedChat:
-    """A chat request ready to submit: prompt ids, its rendered text and media (or None), the
+    """A chat request ready to submit: prompt ids, the model bound to its media (or None), the
     generation fields with a forced call's grammar, and the plan that reads the replies."""
 
     prompt: list[int]
-    images: tuple[str, list[bytes]] | None
+    media: ImagePrompt | None
     common: Common
     plan: ChatPlan
 
@@ -77,7 +78,7 @@ async def prepare_chat(state: ServerState, body: ChatRequest) -> PreparedChat:
     if plan.constraint is not None:
         common = dataclasses.replace(common, constraint=plan.constraint)
     if state.vision is not None:  # a media model's chat, images or not: placed and checked here
-        text, images, ids = await asyncio.to_thread(state.vision.prepare, body.messages, plan)  # decodes the media
-        return PreparedChat(ids, (text, images), common, plan)
+        bound, ids = await asyncio.to_thread(state.vision.prepare, body.messages, plan)  # decodes the media
+        return PreparedChat(ids, bound, common, plan)
     text = plan.render(text_chat(body.messages, state.accepts_images), state.tokenizer)
     return PreparedChat(state.tokenizer.encode(text, add_bos=True), None, common, plan)

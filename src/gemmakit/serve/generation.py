@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 from gemmakit.chat.tools import Piece, ReplyParser, joined, reply_pieces
 from gemmakit.engine.grammar import CompiledGrammar, GrammarError
 from gemmakit.engine.scheduler import Event, Request, RequestHandle
+from gemmakit.models.multimodal import ImagePrompt
 from gemmakit.serve.errors import FieldError, error_response
 from gemmakit.serve.schemas import Common
 from gemmakit.serve.state import ServerState
@@ -49,16 +50,16 @@ class Echo:
 
 
 async def run(state: ServerState, request: HTTPRequest, prompt: list[int], common: Common, logprobs: int | None,
-              chat: bool, images: tuple[str, list[bytes]] | None = None, echo: Echo | None = None,
+              chat: bool, media: ImagePrompt | None = None, echo: Echo | None = None,
               reply: Callable[[], ReplyParser | None] | None = None):
     """Submit ``prompt`` to the path that serves it and answer with the whole completion or its stream.
 
-    ``images`` (rendered text, media bytes) has the media towers run first (serve/vision.py); greedy
+    ``media`` (the model bound to the request's media, serve/vision.py) has the towers run first; greedy
     text requests go to the speculative runner when there is one; everything else to the batching engine. ``echo``
     with ``logprobs`` has the engine score the prompt. ``reply`` makes each chat choice's parser
     (reasoning, content and tool calls apart; chat/tools.py).
     """
-    handle, stream = await submit(state, prompt, common, logprobs, images, echo)
+    handle, stream = await submit(state, prompt, common, logprobs, media, echo)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     answer = _Answer(state, handle, stream, rid, chat, echo, reply)
     if common.stream:
@@ -68,22 +69,22 @@ async def run(state: ServerState, request: HTTPRequest, prompt: list[int], commo
 
 
 async def submit(state: ServerState, prompt: list[int], common: Common, logprobs: int | None = None,
-                 images: tuple[str, list[bytes]] | None = None, echo: Echo | None = None
+                 media: ImagePrompt | None = None, echo: Echo | None = None
                  ) -> tuple[RequestHandle, _Stream]:
     """``prompt`` submitted to the path that serves it: its handle, and the stream its events arrive on."""
     grammar = await compiled_grammar(state, common)
     stream = _Stream(asyncio.get_running_loop())
     plain = grammar is None and echo is None and common.max_tokens > 0
-    media = None
-    if images is not None:  # the towers run once, on a worker thread, before the request is queued
-        media = await asyncio.to_thread(state.vision.media, images[0], images[1], prompt)
-    if media is None and plain and state.speculative is not None and state.speculative.accepts(common, logprobs):
+    embedded = None
+    if media is not None:  # the towers run once, on a worker thread, before the request is queued
+        embedded = await asyncio.to_thread(state.vision.media, media, prompt)
+    if embedded is None and plain and state.speculative is not None and state.speculative.accepts(common, logprobs):
         handle = state.speculative.submit(prompt, common, stream.on_event)
     else:
         engine_request = Request(prompt_ids=tuple(prompt), max_tokens=common.max_tokens, params=common.params,
                                  n=common.n, stop=common.stop, logprobs=logprobs,
                                  stop_ids=frozenset() if common.ignore_eos else None, grammar=grammar,
-                                 prompt_logprobs=logprobs if echo is not None else None, media=media)
+                                 prompt_logprobs=logprobs if echo is not None else None, media=embedded)
         handle = state.engine.submit(engine_request, stream.on_event)
     return handle, stream
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from gemmakit.chat import render_chat
 from gemmakit.engine.scheduler import Event, Request
-from gemmakit.models.multimodal import PromptMedia
+from gemmakit.models.multimodal import ImagePrompt, PromptMedia
 from gemmakit.serve.errors import FieldError
 from gemmakit.serve.schemas import AudioPart, ImagePart, Message, VideoPart, chat_dicts
 from gemmakit.vision.generate import prepare_vision
@@ -147,33 +147,30 @@ class VisionRunner:
         self.context = model.config.max_position_embeddings
         self._lock = threading.Lock()
 
-    def prepare(self, messages: list[Message], plan=None) -> tuple[str, list[bytes], list[int]]:
-        """``(rendered prompt, images, prompt ids)`` of a chat request's messages (``plan`` its tools
-        and template variables, a ChatPlan; None for /tokenize); raises FieldError/GemmakitError for bad input."""
-        chat, images = vision_chat(messages, self.layout, self.audio_marker, self.video_marker)
+    def prepare(self, messages: list[Message], plan=None) -> tuple[ImagePrompt | None, list[int]]:
+        """``(the model bound to the request's media, or None without media; prompt ids)`` of a chat
+        request's messages (``plan`` its tools and template variables, a ChatPlan; None for
+        /tokenize). The media are decoded and preprocessed here, once; raises
+        FieldError/GemmakitError for bad input."""
+        chat, media = vision_chat(messages, self.layout, self.audio_marker, self.video_marker)
         prompt = plan.render(chat, self.tokenizer) if plan is not None else render_chat(chat, tokenizer=self.tokenizer)
-        _, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, *_split(images))
+        bound, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, *_split(media))
         if not isinstance(ids, list):  # text only (Gemma 3): its text decoder reads the prompt
             ids = self.tokenizer.encode(ids, add_bos=True)
         if len(ids) >= self.context:
             raise FieldError(f"the prompt has {len(ids)} tokens but the model's context is {self.context} tokens",
                              "messages", "context_length_exceeded")
-        return prompt, images, ids
+        return (bound if media else None), ids
 
-    def media(self, prompt: str, images: list[bytes], prompt_ids: list[int]) -> PromptMedia | None:
-        """The embeddings of a prepared prompt with its media (the towers run here), None without media."""
-        if not images:
-            return None
+    def media(self, bound: ImagePrompt, ids: list[int]) -> PromptMedia:
+        """The embeddings of a prepared prompt with its media (the towers run here, one request at a time)."""
         with self._lock:
-            bound, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, *_split(images))
-            if list(ids) != list(prompt_ids):
-                raise ValueError("the prompt's ids changed between its checks and its media")
             return bound.prompt_media(ids)
 
     def transcribe(self, prompt: str, clip: bytes, max_tokens: int) -> str:
         """The greedy reply to ``prompt`` (which marks the clip with :attr:`audio_marker`), from the batching engine."""
-        _, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, None, False, [clip])
-        request = Request(prompt_ids=tuple(ids), max_tokens=max_tokens, media=self.media(prompt, [AudioClip(clip)], ids))
+        bound, ids, _ = prepare_vision(self.model, self.tokenizer, prompt, None, False, [clip])
+        request = Request(prompt_ids=tuple(ids), max_tokens=max_tokens, media=self.media(bound, ids))
         pieces: list[str] = []
         done = threading.Event()
         failure: list[str] = []

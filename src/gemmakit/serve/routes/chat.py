@@ -17,6 +17,5 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: Annotated[ChatRequest, json_body(ChatRequest)], state: State):
     chat = await prepare_chat(state, body)
-    logprobs = None if chat.images is not None else body.logprob_count
-    return await run(state, request, chat.prompt, chat.common, logprobs, chat=True, images=chat.images,
+    return await run(state, request, chat.prompt, chat.common, body.logprob_count, chat=True, media=chat.media,
                      reply=chat.plan.parser)

@@ -24,5 +24,5 @@ async def responses(request: Request, body: Annotated[ResponsesRequest, json_bod
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
     chat = await prepare_chat(state, chat_request)
-    handle, stream = await submit(state, chat.prompt, chat.common, images=chat.images)
+    handle, stream = await submit(state, chat.prompt, chat.common, media=chat.media)
     return await ResponseAnswer(state, handle, stream, chat.plan.parser(), body).answer(request)

@@ -20,7 +20,7 @@ router = APIRouter()
 async def tokenize(body: Annotated[TokenizeRequest, json_body(TokenizeRequest)], state: State):
     state.require_tokenizer()
     if body.is_chat and state.vision is not None:  # images placed where their parts are
-        ids = (await asyncio.to_thread(state.vision.prepare, body.messages))[2]
+        ids = (await asyncio.to_thread(state.vision.prepare, body.messages))[1]
     elif body.is_chat:
         text = render_chat(text_chat(body.messages, state.accepts_images), tokenizer=state.tokenizer)
         ids = state.tokenizer.encode(text, add_bos=True)
