@@ -58,7 +58,6 @@ def chat_videos(model, tokenizer) -> Attachments:
         probe_video(path)
         return path
 
-    video = getattr(getattr(model, "config", None), "video_token_id", None) if isinstance(model, MediaModel) else None
-    marker = tokenizer.id_to_piece(video) if video is not None else None
+    marker = model.video_marker(tokenizer) if isinstance(model, MediaModel) else None
     return Attachments("video", marker, load, "this model takes no video; video needs a Gemma 4 checkpoint with "
                        "its vision tower")

@@ -114,6 +114,11 @@ class MediaModel(DecoderAddOn):
             return None
         return tokenizer.id_to_piece(self.config.audio_token_id)
 
+    def video_marker(self, tokenizer) -> str | None:
+        """The piece that marks a video in a prompt (Gemma 4's ``<|video|>``); None for a model that takes none."""
+        video = getattr(self.config, "video_token_id", None)
+        return None if video is None else tokenizer.id_to_piece(video)
+
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``[B, T, hidden]`` of ids read as text (generated tokens, text prompts):
         a placeholder id the sampler picks is embedded as the token it is, with no media behind it."""

@@ -142,8 +142,7 @@ class VisionRunner:
         self.engine = engine
         self.layout = model.config.layout
         self.audio_marker = model.audio_marker(tokenizer) if tokenizer is not None else None
-        video = getattr(model.config, "video_token_id", None)
-        self.video_marker = tokenizer.id_to_piece(video) if tokenizer is not None and video is not None else None
+        self.video_marker = model.video_marker(tokenizer) if tokenizer is not None else None
         self.context = model.config.max_position_embeddings
         self._lock = threading.Lock()
 
